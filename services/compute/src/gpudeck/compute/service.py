@@ -1,0 +1,5 @@
+"""What the compute service serves; its domain APIs arrive with their own issues."""
+
+from gpudeck.kit.runtime import ServiceSpec
+
+SPEC = ServiceSpec(name="compute", migrations=None)

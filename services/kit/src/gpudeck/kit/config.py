@@ -1,0 +1,175 @@
+"""Configuration from the environment, read and validated once at start.
+
+Every setting has one environment variable. `ConfigError` carries a single line that names the
+variable; `gpudeck.kit.runtime` prints it and exits with code 2.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+SERVICES = ("wallet", "compute", "storage", "activity", "node-agent")
+DEFAULT_GRPC_PORTS = {
+    "wallet": 50051,
+    "compute": 50052,
+    "storage": 50053,
+    "activity": 50054,
+    "node-agent": 50055,
+}
+DEFAULT_METRICS_PORTS = {
+    "wallet": 9101,
+    "compute": 9102,
+    "storage": 9103,
+    "activity": 9104,
+    "node-agent": 9105,
+}
+GATEWAY_PORT = 8080
+_NAME = re.compile(r"^[A-Za-z0-9_-]+$")
+
+
+class ConfigError(Exception):
+    """A setting is missing or malformed; the message is one line naming the variable."""
+
+
+def env_key(service: str) -> str:
+    """`node-agent` → `NODE_AGENT`: the service's part of its environment variable names."""
+    return service.upper().replace("-", "_")
+
+
+def require(env: Mapping[str, str], name: str) -> str:
+    value = env.get(name, "").strip()
+    if not value:
+        raise ConfigError(f"{name} is not set")
+    return value
+
+
+def parse_address(name: str, value: str) -> tuple[str, int]:
+    """`host:port` (port 0 means any free port) → (host, port)."""
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ConfigError(f"{name}={value!r} is not a host:port address")
+    return host.strip("[]"), int(port)
+
+
+def address(env: Mapping[str, str], name: str, default: str) -> str:
+    value = env.get(name, "").strip() or default
+    parse_address(name, value)
+    return value
+
+
+def database_url(env: Mapping[str, str], name: str = "GPUDECK_DATABASE_URL") -> str:
+    value = require(env, name)
+    parts = urlsplit(value)
+    if parts.scheme not in ("postgresql", "postgres"):
+        raise ConfigError(f"{name} must be a postgresql:// URL, got {value!r}")
+    try:
+        parts.port  # noqa: B018 - raises on a malformed port
+    except ValueError:
+        raise ConfigError(f"{name} has a malformed port: {value!r}") from None
+    return value
+
+
+def nats_url(env: Mapping[str, str], name: str = "GPUDECK_NATS_URL") -> str:
+    value = require(env, name)
+    for server in value.split(","):
+        parts = urlsplit(server.strip())
+        try:
+            port = parts.port
+        except ValueError:
+            raise ConfigError(f"{name} has a malformed port: {value!r}") from None
+        if parts.scheme not in ("nats", "tls") or not parts.hostname or port is None and ":" in (
+            parts.netloc.rsplit("@", 1)[-1]
+        ):
+            raise ConfigError(f"{name} must be nats://host:port, got {value!r}")
+    return value
+
+
+def name_setting(env: Mapping[str, str], name: str, default: str) -> str:
+    value = env.get(name, "").strip() or default
+    if not _NAME.match(value):
+        raise ConfigError(f"{name}={value!r} may hold only letters, digits, '_' and '-'")
+    return value
+
+
+def number(env: Mapping[str, str], name: str, default: float, *, minimum: float = 0) -> float:
+    raw = env.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ConfigError(f"{name}={raw!r} is not a number") from None
+    if value < minimum:
+        raise ConfigError(f"{name}={raw!r} must be at least {minimum:g}")
+    return value
+
+
+@dataclass(frozen=True)
+class EventsConfig:
+    """Where events go: one JetStream stream holding the subjects `<subject_prefix>.>`."""
+
+    nats_url: str
+    stream: str = "GPUDECK_EVENTS"
+    subject_prefix: str = "gpudeck"
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] = os.environ) -> EventsConfig:
+        return cls(
+            nats_url=nats_url(env),
+            stream=name_setting(env, "GPUDECK_EVENTS_STREAM", cls.stream),
+            subject_prefix=name_setting(env, "GPUDECK_EVENTS_PREFIX", cls.subject_prefix),
+        )
+
+
+@dataclass(frozen=True)
+class ServiceConfig:
+    """What every gRPC service needs to start."""
+
+    service: str
+    database_url: str
+    events: EventsConfig
+    grpc_listen: str
+    metrics_listen: str
+    service_token: str
+    log_level: str = "INFO"
+    shutdown_grace: float = 10.0
+
+    @property
+    def schema(self) -> str:
+        """The PostgreSQL schema this service owns."""
+        return self.service.replace("-", "_")
+
+    @classmethod
+    def from_env(cls, service: str, env: Mapping[str, str] = os.environ) -> ServiceConfig:
+        if service not in SERVICES:
+            raise ConfigError(f"unknown service {service!r}; one of {', '.join(SERVICES)}")
+        key = env_key(service)
+        level = env.get("GPUDECK_LOG_LEVEL", "INFO").strip().upper() or "INFO"
+        if level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+            raise ConfigError(f"GPUDECK_LOG_LEVEL={level!r} is not DEBUG, INFO, WARNING or ERROR")
+        return cls(
+            service=service,
+            database_url=database_url(env),
+            events=EventsConfig.from_env(env),
+            grpc_listen=address(
+                env, f"GPUDECK_{key}_LISTEN", f"127.0.0.1:{DEFAULT_GRPC_PORTS[service]}"
+            ),
+            metrics_listen=address(
+                env, f"GPUDECK_{key}_METRICS_LISTEN", f"127.0.0.1:{DEFAULT_METRICS_PORTS[service]}"
+            ),
+            service_token=require(env, "GPUDECK_SERVICE_TOKEN"),
+            log_level=level,
+            shutdown_grace=number(env, "GPUDECK_SHUTDOWN_GRACE", 10.0),
+        )
+
+
+def service_addresses(env: Mapping[str, str] = os.environ) -> dict[str, str]:
+    """Where each service's gRPC server is, for its callers (GPUDECK_<SERVICE>_ADDR)."""
+    return {
+        s: address(env, f"GPUDECK_{env_key(s)}_ADDR", f"127.0.0.1:{DEFAULT_GRPC_PORTS[s]}")
+        for s in SERVICES
+    }

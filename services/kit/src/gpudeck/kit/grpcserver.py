@@ -1,0 +1,222 @@
+"""The gRPC server every service runs: health, reflection, diagnostics and one interceptor.
+
+The interceptor, per call: takes or makes a request id (metadata `x-request-id`, echoed back and
+put on every log line), refuses a call whose deadline has already passed, checks the internal
+service token (metadata `authorization: Bearer <token>`; health and reflection stay open for
+probes and grpcurl), maps `DomainError`s to status codes, and counts and times the call.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from gpudeck.kit import errors
+from gpudeck.kit.logs import request_id
+from gpudeck.kit.metrics import GRPC_LATENCY, GRPC_REQUESTS
+from gpudeck.proto.kit.v1 import diagnostics_pb2, diagnostics_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+OPEN_SERVICES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
+STATUS = {
+    "INVALID_ARGUMENT": grpc.StatusCode.INVALID_ARGUMENT,
+    "NOT_FOUND": grpc.StatusCode.NOT_FOUND,
+    "ALREADY_EXISTS": grpc.StatusCode.ALREADY_EXISTS,
+    "FAILED_PRECONDITION": grpc.StatusCode.FAILED_PRECONDITION,
+    "ABORTED": grpc.StatusCode.ABORTED,
+    "PERMISSION_DENIED": grpc.StatusCode.PERMISSION_DENIED,
+    "UNAUTHENTICATED": grpc.StatusCode.UNAUTHENTICATED,
+    "UNAVAILABLE": grpc.StatusCode.UNAVAILABLE,
+}
+VERSION = "0.1.0"
+
+
+@dataclass(frozen=True)
+class Registration:
+    """A servicer and the generated function that adds it, with its full service name."""
+
+    add: Callable[[Any, grpc.aio.Server], None]
+    servicer: Any
+    name: str
+
+
+def status_of(exc: errors.DomainError) -> grpc.StatusCode:
+    return STATUS.get(exc.code, grpc.StatusCode.INTERNAL)
+
+
+class KitInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
+    """Request id, deadline, internal token, error mapping and metrics in one wrapper per call."""
+
+    def __init__(self, token: str) -> None:
+        self._expected = f"Bearer {token}".encode()
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(details)
+        if handler is None:
+            return None
+        method: str = details.method
+        metadata = details.invocation_metadata or ()
+        authorized = method.startswith(OPEN_SERVICES) or self._authorized(metadata)
+        if handler.unary_unary is None:  # streaming: checked here, served as is
+            return handler if authorized else _denied(handler)
+        inner = handler.unary_unary
+
+        async def wrapped(req: Any, ctx: grpc.aio.ServicerContext) -> Any:
+            rid = _metadata_value(metadata, "x-request-id") or uuid.uuid4().hex
+            token = request_id.set(rid)
+            started = time.perf_counter()
+            code = "OK"
+            try:
+                if not authorized:
+                    code = "UNAUTHENTICATED"
+                    await ctx.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong service token")
+                remaining = ctx.time_remaining()
+                if remaining is not None and remaining <= 0:
+                    code = "DEADLINE_EXCEEDED"
+                    await ctx.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline already passed")
+                ctx.set_trailing_metadata((("x-request-id", rid),))
+                return await inner(req, ctx)
+            except errors.DomainError as exc:
+                status = status_of(exc)
+                code = status.name
+                await ctx.abort(status, exc.message)
+            except grpc.aio.AbortError:
+                if code == "OK":
+                    code = ctx.code().name if ctx.code() else "UNKNOWN"
+                raise
+            except Exception:
+                code = "INTERNAL"
+                log.exception("unhandled error in %s", method)
+                await ctx.abort(grpc.StatusCode.INTERNAL, "internal error")
+            finally:
+                GRPC_LATENCY.labels(method).observe(time.perf_counter() - started)
+                GRPC_REQUESTS.labels(method, code).inc()
+                request_id.reset(token)
+
+        return grpc.unary_unary_rpc_method_handler(
+            wrapped,
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
+
+    def _authorized(self, metadata: Sequence[tuple[str, Any]]) -> bool:
+        value = _metadata_value(metadata, "authorization")
+        return value is not None and hmac.compare_digest(value.encode(), self._expected)
+
+
+def _denied(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+    """A handler of the same kind as `handler` that refuses the call as unauthenticated."""
+
+    async def deny(_request: Any, ctx: grpc.aio.ServicerContext) -> None:
+        await ctx.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong service token")
+
+    kind = (
+        grpc.unary_stream_rpc_method_handler
+        if handler.unary_stream
+        else grpc.stream_unary_rpc_method_handler
+        if handler.stream_unary
+        else grpc.stream_stream_rpc_method_handler
+    )
+    return kind(
+        deny,
+        request_deserializer=handler.request_deserializer,
+        response_serializer=handler.response_serializer,
+    )
+
+
+def _metadata_value(metadata: Iterable[tuple[str, Any]], key: str) -> str | None:
+    for k, v in metadata:
+        if k == key:
+            return v if isinstance(v, str) else v.decode()
+    return None
+
+
+class DiagnosticsServicer(diagnostics_pb2_grpc.DiagnosticsServicer):
+    def __init__(self, service: str) -> None:
+        self.service = service
+
+    async def Info(  # noqa: N802 - gRPC method name
+        self, request: diagnostics_pb2.InfoRequest, context: grpc.aio.ServicerContext
+    ) -> diagnostics_pb2.InfoResponse:
+        return diagnostics_pb2.InfoResponse(
+            service=self.service,
+            version=VERSION,
+            request_id=request_id.get(),
+            payload=request.payload,
+        )
+
+
+class KitServer:
+    """A grpc.aio server with the kit's interceptor, health, reflection and diagnostics.
+
+    Create, `await start()`, and `await stop(grace)` on shutdown: health turns NOT_SERVING first,
+    then the server stops taking calls and waits up to `grace` seconds for those in flight.
+    """
+
+    def __init__(
+        self,
+        service: str,
+        listen: str,
+        *,
+        token: str,
+        registrations: Sequence[Registration] = (),
+        options: Sequence[tuple[str, Any]] = (),
+    ) -> None:
+        self.service = service
+        self.listen = listen
+        self.token = token
+        self.registrations = [
+            Registration(
+                diagnostics_pb2_grpc.add_DiagnosticsServicer_to_server,
+                DiagnosticsServicer(service),
+                diagnostics_pb2.DESCRIPTOR.services_by_name["Diagnostics"].full_name,
+            ),
+            *registrations,
+        ]
+        self.options = list(options)
+        self.health = health.aio.HealthServicer()
+        self.server: grpc.aio.Server | None = None
+        self.port = 0
+
+    async def start(self) -> int:
+        """Bind and start; return the port (useful when listening on port 0)."""
+        server = grpc.aio.server(
+            interceptors=[KitInterceptor(self.token)],
+            options=[("grpc.so_reuseport", 0), *self.options],
+        )
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        names = [health_pb2.DESCRIPTOR.services_by_name["Health"].full_name]
+        for reg in self.registrations:
+            reg.add(reg.servicer, server)
+            names.append(reg.name)
+        reflection.enable_server_reflection([*names, reflection.SERVICE_NAME], server)
+        try:
+            self.port = server.add_insecure_port(self.listen)
+        except RuntimeError as exc:
+            raise OSError(f"cannot listen on {self.listen}: {exc}") from None
+        if self.port == 0:
+            raise OSError(f"cannot listen on {self.listen}: address in use or not available")
+        await server.start()
+        self.server = server
+        for name in ["", *names]:
+            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        return self.port
+
+    async def stop(self, grace: float) -> None:
+        await self.health.enter_graceful_shutdown()
+        if self.server is not None:
+            await self.server.stop(grace)

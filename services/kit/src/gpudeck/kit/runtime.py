@@ -1,0 +1,174 @@
+"""How every service starts and stops: config → logs → metrics → pool → migrations → events →
+gRPC server → wait for SIGTERM/SIGINT → graceful shutdown.
+
+A service describes itself with a `ServiceSpec`; its `__main__` calls `run(spec)`. Start-up
+failures a person can fix (bad setting, unreachable database, port in use) print one line naming
+the setting and exit with code 2, without a traceback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import sys
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+from psycopg_pool import AsyncConnectionPool
+
+from gpudeck.kit import logs, metrics
+from gpudeck.kit.config import ConfigError, ServiceConfig, env_key
+from gpudeck.kit.db import DatabaseUnavailable, migrate, open_pool
+from gpudeck.kit.events import EventBus, Relay
+from gpudeck.kit.grpcserver import KitServer, Registration
+
+log = logging.getLogger(__name__)
+KIT_MIGRATIONS = Path(__file__).parent / "migrations"
+EXIT_CONFIG = 2
+
+
+class Worker(Protocol):
+    """A background part of a service (an event consumer, a billing loop)."""
+
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
+
+@dataclass
+class ServiceContext:
+    """What a service's `build` gets: its settings, its pool and the event bus."""
+
+    config: ServiceConfig
+    pool: AsyncConnectionPool
+    bus: EventBus
+    env: Mapping[str, str]
+
+
+@dataclass
+class ServiceParts:
+    """What a service's `build` returns: servicers to serve and workers to run beside them."""
+
+    registrations: Sequence[Registration] = ()
+    workers: Sequence[Worker] = ()
+
+
+@dataclass(frozen=True)
+class ServiceSpec:
+    name: str
+    migrations: Path | None
+    build: Callable[[ServiceContext], Awaitable[ServiceParts]] = field(
+        default=lambda ctx: _no_parts()
+    )
+
+
+async def _no_parts() -> ServiceParts:
+    return ServiceParts()
+
+
+class StartupError(Exception):
+    """A start-up failure a person can fix; the message is one line naming the setting."""
+
+
+def fail(message: str) -> None:
+    print(f"gpudeck: {message}", file=sys.stderr, flush=True)
+    raise SystemExit(EXIT_CONFIG)
+
+
+class RunningService:
+    """A started service: call `stop()` to shut it down gracefully."""
+
+    def __init__(self, spec: ServiceSpec, config: ServiceConfig, env: Mapping[str, str]) -> None:
+        self.spec = spec
+        self.config = config
+        self.env = env
+        self.pool: AsyncConnectionPool | None = None
+        self.bus: EventBus | None = None
+        self.relay: Relay | None = None
+        self.server: KitServer | None = None
+        self.workers: list[Worker] = []
+        self.port = 0
+
+    async def start(self) -> None:
+        cfg = self.config
+        key = env_key(cfg.service)
+        try:
+            self.pool = await open_pool(cfg.database_url, name=cfg.service, max_size=20)
+        except DatabaseUnavailable as exc:
+            raise StartupError(f"GPUDECK_DATABASE_URL: cannot connect: {exc}") from None
+        await migrate(self.pool, cfg.schema, KIT_MIGRATIONS, table="kit_migrations")
+        if self.spec.migrations is not None:
+            await migrate(self.pool, cfg.schema, self.spec.migrations)
+        self.bus = EventBus(cfg.events, client_name=cfg.service)
+        await self.bus.start()
+        self.relay = Relay(self.pool, cfg.schema, self.bus)
+        await self.relay.start()
+        parts = await self.spec.build(ServiceContext(cfg, self.pool, self.bus, self.env))
+        self.server = KitServer(
+            cfg.service, cfg.grpc_listen, token=cfg.service_token, registrations=parts.registrations
+        )
+        try:
+            self.port = await self.server.start()
+        except OSError as exc:
+            raise StartupError(f"GPUDECK_{key}_LISTEN: {exc}") from None
+        for worker in parts.workers:
+            await worker.start()
+            self.workers.append(worker)
+        log.info("serving", extra={"listen": cfg.grpc_listen, "port": self.port})
+
+    async def stop(self) -> None:
+        """Health NOT_SERVING, stop taking calls and drain them, stop workers, close pools."""
+        grace = self.config.shutdown_grace
+        if self.server is not None:
+            await self.server.stop(grace)
+        for worker in reversed(self.workers):
+            try:
+                await asyncio.wait_for(worker.stop(), grace)
+            except Exception:
+                log.exception("worker did not stop cleanly")
+        if self.relay is not None:
+            await self.relay.stop()
+        if self.bus is not None:
+            await self.bus.close()
+        if self.pool is not None:
+            await self.pool.close()
+        log.info("stopped")
+
+
+async def _serve(spec: ServiceSpec, config: ServiceConfig, env: Mapping[str, str]) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    running = RunningService(spec, config, env)
+    try:
+        await running.start()
+        await stop.wait()
+        log.info("shutting down")
+    finally:
+        await running.stop()
+
+
+def run(spec: ServiceSpec, env: Mapping[str, str] | None = None) -> None:
+    """Run `spec` until SIGTERM or SIGINT; the entry point of every service's `__main__`."""
+    env = os.environ if env is None else env
+    try:
+        config = ServiceConfig.from_env(spec.name, env)
+    except ConfigError as exc:
+        fail(str(exc))
+        return
+    logs.setup(spec.name, config.log_level)
+    try:
+        metrics.serve(config.metrics_listen)
+    except OSError as exc:
+        fail(f"GPUDECK_{env_key(spec.name)}_METRICS_LISTEN={config.metrics_listen}: {exc.strerror or exc}")
+    try:
+        asyncio.run(_serve(spec, config, env))
+    except StartupError as exc:
+        fail(str(exc))
+    except KeyboardInterrupt:
+        pass

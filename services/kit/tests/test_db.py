@@ -1,0 +1,62 @@
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+
+from gpudeck.kit.db import DatabaseUnavailable, migrate, open_pool
+
+
+def write(folder: Path, name: str, text: str) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / name).write_text(text)
+
+
+async def test_migrations_apply_once_in_order(database_url: str, unique: str, tmp_path: Path) -> None:
+    write(tmp_path, "001_things.sql", "CREATE TABLE things (id int PRIMARY KEY);")
+    write(tmp_path, "002_more.sql", "ALTER TABLE things ADD COLUMN name text;")
+    pool = await open_pool(database_url, min_size=1, max_size=2)
+    try:
+        assert await migrate(pool, unique, tmp_path) == [1, 2]
+        assert await migrate(pool, unique, tmp_path) == []
+        async with pool.connection() as conn:
+            await conn.execute(f"INSERT INTO {unique}.things (id, name) VALUES (1, 'a')")
+    finally:
+        await pool.close()
+
+
+async def test_two_replicas_migrating_at_once_apply_each_file_once(
+    database_url: str, unique: str, tmp_path: Path
+) -> None:
+    write(tmp_path, "001_things.sql", "CREATE TABLE things (id int PRIMARY KEY);")
+    pools = [await open_pool(database_url, min_size=1, max_size=1) for _ in range(2)]
+    try:
+        results = await asyncio.gather(*(migrate(p, unique, tmp_path) for p in pools))
+        assert sorted(results) == [[], [1]]
+    finally:
+        for p in pools:
+            await p.close()
+
+
+async def test_a_failing_migration_leaves_nothing_applied(
+    database_url: str, unique: str, tmp_path: Path
+) -> None:
+    write(tmp_path, "001_ok.sql", "CREATE TABLE ok (id int);")
+    write(tmp_path, "002_bad.sql", "CREATE TABLE broken (id nosuchtype);")
+    pool = await open_pool(database_url, min_size=1, max_size=1)
+    try:
+        with pytest.raises(Exception, match="nosuchtype"):
+            await migrate(pool, unique, tmp_path)
+        async with pool.connection() as conn:
+            cur = await conn.execute(
+                "SELECT count(*) FROM information_schema.tables WHERE table_schema = %s", (unique,)
+            )
+            assert (await cur.fetchone()) == (0,)
+    finally:
+        await pool.close()
+
+
+async def test_unreachable_database_names_the_cause() -> None:
+    with pytest.raises(DatabaseUnavailable, match="127.0.0.1"):
+        await open_pool("postgresql://postgres@127.0.0.1:1/none", timeout=2)

@@ -1,0 +1,1 @@
+"""gpudeck node-agent service."""

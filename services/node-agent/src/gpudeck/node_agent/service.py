@@ -1,0 +1,5 @@
+"""What the node-agent service serves; its domain APIs arrive with their own issues."""
+
+from gpudeck.kit.runtime import ServiceSpec
+
+SPEC = ServiceSpec(name="node-agent", migrations=None)

@@ -1,0 +1,1 @@
+"""gpudeck wallet service."""

@@ -1,0 +1,1 @@
+"""The `gpudeck` command: start the whole stack (`up`) or one service (`serve`)."""
