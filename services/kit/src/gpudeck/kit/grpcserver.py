@@ -74,6 +74,7 @@ class KitInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         if handler.unary_unary is None:  # streaming: checked here, served as is
             return handler if authorized else _denied(handler)
         inner = handler.unary_unary
+        latency = GRPC_LATENCY.labels(method)
 
         async def wrapped(req: Any, ctx: grpc.aio.ServicerContext) -> Any:
             rid = _metadata_value(metadata, "x-request-id") or uuid.uuid4().hex
@@ -103,7 +104,7 @@ class KitInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                 log.exception("unhandled error in %s", method)
                 await ctx.abort(grpc.StatusCode.INTERNAL, "internal error")
             finally:
-                GRPC_LATENCY.labels(method).observe(time.perf_counter() - started)
+                latency.observe(time.perf_counter() - started)
                 GRPC_REQUESTS.labels(method, code).inc()
                 request_id.reset(token)
 
