@@ -29,8 +29,16 @@ async def open_pool(
     max_size: int = 10,
     timeout: float = 10.0,
     name: str = "gpudeck",
+    schema: str | None = None,
 ) -> AsyncConnectionPool:
-    """Open a pool and wait until it holds `min_size` connections; fail fast otherwise."""
+    """Open a pool and wait until it holds `min_size` connections; fail fast otherwise.
+
+    With `schema`, every connection's search_path starts with it, so a service's SQL names its
+    own tables unqualified.
+    """
+    kwargs: dict[str, object] = {"autocommit": True}
+    if schema is not None:
+        kwargs["options"] = f"-c search_path={schema},public"
     pool = AsyncConnectionPool(
         url,
         min_size=min_size,
@@ -38,7 +46,7 @@ async def open_pool(
         open=False,
         name=name,
         timeout=timeout,
-        kwargs={"autocommit": True},
+        kwargs=kwargs,
     )
     try:
         await pool.open(wait=True, timeout=timeout)

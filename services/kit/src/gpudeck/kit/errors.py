@@ -22,10 +22,15 @@ class DomainError(Exception):
 
     code = "INTERNAL"
 
-    def __init__(self, message: str, *, field: str | None = None) -> None:
+    def __init__(
+        self, message: str, *, field: str | None = None, reason: str | None = None
+    ) -> None:
         super().__init__(message)
         self.message = message
         self.field = field
+        # A machine-readable cause finer than the code (e.g. INSUFFICIENT_FUNDS); sent to gRPC
+        # callers as the trailing metadata `x-error-reason`, with `x-error-field` for the field.
+        self.reason = reason
 
 
 class InvalidArgument(DomainError):

@@ -7,7 +7,7 @@ from typing import Any
 
 import grpc
 
-from gpudeck.kit.logs import request_id
+from gpudeck.kit.logs import actor, request_id
 
 DEFAULT_TIMEOUT = 5.0
 
@@ -23,6 +23,9 @@ class _CallDefaults(grpc.aio.UnaryUnaryClientInterceptor, grpc.aio.UnaryStreamCl
         rid = request_id.get()
         if rid and not any(k == "x-request-id" for k, _ in metadata):
             metadata.append(("x-request-id", rid))
+        who = actor.get()
+        if who and not any(k == "x-actor" for k, _ in metadata):
+            metadata.append(("x-actor", who))
         return grpc.aio.ClientCallDetails(
             details.method,
             details.timeout if details.timeout is not None else self._timeout,

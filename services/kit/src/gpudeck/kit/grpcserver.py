@@ -21,7 +21,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from gpudeck.kit import errors
-from gpudeck.kit.logs import request_id
+from gpudeck.kit.logs import actor, request_id
 from gpudeck.kit.metrics import GRPC_LATENCY, GRPC_REQUESTS
 from gpudeck.proto.kit.v1 import diagnostics_pb2, diagnostics_pb2_grpc
 
@@ -79,6 +79,7 @@ class KitInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         async def wrapped(req: Any, ctx: grpc.aio.ServicerContext) -> Any:
             rid = _metadata_value(metadata, "x-request-id") or uuid.uuid4().hex
             token = request_id.set(rid)
+            actor_token = actor.set(_metadata_value(metadata, "x-actor") or "")
             started = time.perf_counter()
             code = "OK"
             try:
@@ -94,7 +95,12 @@ class KitInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             except errors.DomainError as exc:
                 status = status_of(exc)
                 code = status.name
-                await ctx.abort(status, exc.message)
+                trailers = [("x-request-id", rid)]
+                if exc.reason:
+                    trailers.append(("x-error-reason", exc.reason))
+                if exc.field:
+                    trailers.append(("x-error-field", exc.field))
+                await ctx.abort(status, exc.message, tuple(trailers))
             except grpc.aio.AbortError:
                 if code == "OK":
                     code = ctx.code().name if ctx.code() else "UNKNOWN"
@@ -107,6 +113,7 @@ class KitInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                 latency.observe(time.perf_counter() - started)
                 GRPC_REQUESTS.labels(method, code).inc()
                 request_id.reset(token)
+                actor.reset(actor_token)
 
         return grpc.unary_unary_rpc_method_handler(
             wrapped,

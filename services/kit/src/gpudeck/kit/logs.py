@@ -10,6 +10,9 @@ import time
 from typing import Any
 
 request_id: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="")
+# Who a call acts for ("user:<id>", "token:<id>", "service:<name>"), from gRPC metadata `x-actor`;
+# events and audit entries record it.
+actor: contextvars.ContextVar[str] = contextvars.ContextVar("actor", default="")
 
 _RESERVED = set(logging.makeLogRecord({}).__dict__) | {"message", "asctime"}
 
@@ -33,6 +36,9 @@ class JsonFormatter(logging.Formatter):
         rid = request_id.get()
         if rid:
             entry["request_id"] = rid
+        who = actor.get()
+        if who:
+            entry["actor"] = who
         for key, value in record.__dict__.items():
             if key not in _RESERVED and not key.startswith("_"):
                 entry[key] = value

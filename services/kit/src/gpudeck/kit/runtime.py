@@ -97,7 +97,9 @@ class RunningService:
         cfg = self.config
         key = env_key(cfg.service)
         try:
-            self.pool = await open_pool(cfg.database_url, name=cfg.service, max_size=20)
+            self.pool = await open_pool(
+                cfg.database_url, name=cfg.service, max_size=20, schema=cfg.schema
+            )
         except DatabaseUnavailable as exc:
             raise StartupError(f"GPUDECK_DATABASE_URL: cannot connect: {exc}") from None
         await migrate(self.pool, cfg.schema, KIT_MIGRATIONS, table="kit_migrations")

@@ -1,0 +1,157 @@
+"""The wallet's events: their types and how a domain value becomes an envelope.
+
+Published through the outbox (gpudeck.kit.events.Outbox) in the transaction of the change.
+"""
+
+from __future__ import annotations
+
+import uuid
+
+from gpudeck.kit.events import new_event
+from gpudeck.kit.logs import actor as current_actor
+from gpudeck.proto.common.v1.money_pb2 import Money
+from gpudeck.proto.events.v1.envelope_pb2 import Event
+from gpudeck.proto.wallet.v1 import events_pb2 as pb
+from gpudeck.wallet.alerts import hours_remaining
+from gpudeck.wallet.ledger import Kind, PlannedTransaction
+
+SOURCE = "wallet"
+TRANSACTION_EVENT = {
+    Kind.TOPUP: "wallet.topup.completed",
+    Kind.CHARGE: "wallet.charge.posted",
+    Kind.USAGE: "wallet.charge.posted",
+    Kind.REFUND: "wallet.refund.posted",
+    Kind.ADJUSTMENT: "wallet.adjustment.posted",
+    Kind.CREDIT_GRANT: "wallet.credits.granted",
+    Kind.CREDIT_EXPIRY: "wallet.credits.expired",
+}
+
+
+def _event(
+    event_type: str,
+    payload: object,
+    organization_id: uuid.UUID | str,
+    *,
+    project_id: uuid.UUID | str | None = None,
+    actor: str = "",
+) -> Event:
+    return new_event(
+        event_type,
+        payload,  # type: ignore[arg-type]
+        source=SOURCE,
+        organization_id=str(organization_id),
+        project_id=str(project_id or ""),
+        actor=actor or current_actor.get() or "system",
+    )
+
+
+def money(amount: int, currency: str) -> Money:
+    return Money(amount=amount, currency=currency)
+
+
+def transaction_posted(tx: PlannedTransaction) -> Event:
+    request = tx.request
+    payload = pb.TransactionPosted(
+        transaction_id=str(tx.id),
+        kind=request.kind.value,
+        amount=money(tx.amount, tx.currency),
+        balance_after=money(tx.balance_after, tx.currency),
+        resource_type=request.resource_type,
+        resource_id=request.resource_id,
+    )
+    return _event(
+        TRANSACTION_EVENT[request.kind],
+        payload,
+        request.organization_id,
+        project_id=request.project_id,
+        actor=request.actor,
+    )
+
+
+def balance_event(
+    event_type: str,
+    organization_id: uuid.UUID,
+    *,
+    currency: str,
+    balance: int,
+    held_balance: int,
+    run_rate: int,
+    level: str,
+    previous_level: str = "",
+) -> Event:
+    payload = pb.BalanceChanged(
+        balance=money(balance, currency),
+        held_balance=money(held_balance, currency),
+        spendable=money(balance - held_balance, currency),
+        run_rate_per_hour=money(run_rate, currency),
+        level=level,
+        previous_level=previous_level,
+    )
+    hours = hours_remaining(balance, run_rate)
+    if hours is not None:
+        payload.hours_remaining = hours
+    return _event(event_type, payload, organization_id, actor="system")
+
+
+def hold_changed(
+    event_type: str,
+    organization_id: uuid.UUID,
+    hold_id: uuid.UUID,
+    status: str,
+    amount: int,
+    captured: int,
+    currency: str,
+    project_id: uuid.UUID | None = None,
+) -> Event:
+    payload = pb.HoldChanged(
+        hold_id=str(hold_id),
+        status=status,
+        amount=money(amount, currency),
+        captured=money(captured, currency),
+    )
+    return _event(event_type, payload, organization_id, project_id=project_id)
+
+
+def account_changed(
+    event_type: str,
+    organization_id: uuid.UUID | str,
+    *,
+    kind: str,
+    id: uuid.UUID | str,
+    name: str = "",
+    role: str = "",
+    email: str = "",
+    project_id: uuid.UUID | None = None,
+) -> Event:
+    payload = pb.AccountChanged(kind=kind, id=str(id), name=name, role=role, email=email)
+    return _event(event_type, payload, organization_id, project_id=project_id)
+
+
+def meter_changed(
+    event_type: str,
+    organization_id: uuid.UUID,
+    *,
+    meter_id: str,
+    resource_type: str,
+    resource_id: str,
+    hourly_rate: int,
+    total_charged: int,
+    project_id: uuid.UUID | None,
+) -> Event:
+    payload = pb.MeterChanged(
+        meter_id=meter_id,
+        resource_type=resource_type,
+        resource_id=resource_id,
+        hourly_rate=hourly_rate,
+        total_charged=total_charged,
+    )
+    return _event(event_type, payload, organization_id, project_id=project_id)
+
+
+def auto_topup_requested(
+    organization_id: uuid.UUID, pending_id: uuid.UUID, amount: int, currency: str
+) -> Event:
+    payload = pb.AutoTopUpRequested(
+        pending_top_up_id=str(pending_id), amount=money(amount, currency)
+    )
+    return _event("wallet.autotopup.requested", payload, organization_id, actor="system")

@@ -1,0 +1,347 @@
+"""The ledger's rules, in memory: what postings a transfer makes, and whether it may.
+
+A `Book` holds the balances of the accounts a batch touches (loaded and locked by the store).
+`Book.apply(request)` checks one transfer against the balances as they stand after the earlier
+transfers of the batch, and on success moves them and returns the planned transaction; a refused
+transfer changes nothing. Postings of a transaction sum to zero. Charges spend credits before
+cash, the credit that expires first first.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from decimal import Decimal
+from enum import StrEnum
+
+from gpudeck.kit.errors import FailedPrecondition, InvalidArgument
+from gpudeck.wallet.money import check_amount, check_currency, convert, format_micro
+
+PLATFORM_SHARDS = 16
+
+
+class Kind(StrEnum):
+    TOPUP = "topup"
+    CHARGE = "charge"
+    REFUND = "refund"
+    ADJUSTMENT = "adjustment"
+    CREDIT_GRANT = "credit_grant"
+    USAGE = "usage"
+    CREDIT_EXPIRY = "credit_expiry"
+
+
+# Where the other side of each kind's postings goes.
+PLATFORM_ACCOUNT = {
+    Kind.TOPUP: "funding",
+    Kind.CHARGE: "revenue",
+    Kind.USAGE: "revenue",
+    Kind.REFUND: "revenue",
+    Kind.ADJUSTMENT: "adjustments",
+    Kind.CREDIT_GRANT: "credits_issued",
+    Kind.CREDIT_EXPIRY: "credits_expired",
+}
+SPENDING = (Kind.CHARGE, Kind.USAGE)
+
+
+class InsufficientFunds(FailedPrecondition):
+    def __init__(self, message: str) -> None:
+        super().__init__(message, field="amount", reason="INSUFFICIENT_FUNDS")
+
+
+def platform_code(name: str, currency: str, organization_id: uuid.UUID) -> str:
+    shard = organization_id.int % PLATFORM_SHARDS
+    return f"platform:{name}:{currency}:{shard:02d}"
+
+
+@dataclass(frozen=True)
+class SpendLine:
+    """A part of a charge, for the rollups: what resource it paid for."""
+
+    resource_type: str
+    amount: int
+    resource_id: str = ""
+    project_id: uuid.UUID | None = None
+
+
+@dataclass(frozen=True)
+class TransferRequest:
+    key: str
+    organization_id: uuid.UUID
+    kind: Kind
+    amount: int
+    currency: str = ""  # TOPUP: the payment currency; otherwise the wallet's (or empty)
+    description: str = ""
+    project_id: uuid.UUID | None = None
+    resource_type: str = ""
+    resource_id: str = ""
+    credit_expires_at: datetime | None = None
+    credit_source: str = ""
+    reference: str = ""
+    actor: str = ""
+    lines: tuple[SpendLine, ...] = ()
+    # Internal callers (usage billing, hold capture, credit expiry) name the accounts' sources.
+    allow_overdraft: bool = False
+
+    def fingerprint(self) -> bytes:
+        """What identifies the payload, for idempotency: equal requests, equal fingerprints."""
+        payload = {
+            "op": "transfer",
+            "organization_id": str(self.organization_id),
+            "kind": self.kind.value,
+            "amount": self.amount,
+            "currency": self.currency,
+            "description": self.description,
+            "project_id": str(self.project_id or ""),
+            "resource_type": self.resource_type,
+            "resource_id": self.resource_id,
+            "credit_expires_at": self.credit_expires_at.isoformat()
+            if self.credit_expires_at
+            else "",
+            "credit_source": self.credit_source,
+            "reference": self.reference,
+        }
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).digest()
+
+    def spend_lines(self, amount: int) -> tuple[SpendLine, ...]:
+        if self.lines:
+            return self.lines
+        return (SpendLine(self.resource_type or "other", amount, self.resource_id, self.project_id),)
+
+
+def validate(request: TransferRequest) -> TransferRequest:
+    """Check what needs no balances; raise InvalidArgument naming the field."""
+    if not request.key.strip():
+        raise InvalidArgument("idempotency_key is required", field="idempotency_key")
+    if len(request.key) > 200:
+        raise InvalidArgument("idempotency_key is longer than 200 characters", field="idempotency_key")
+    check_amount(request.amount, allow_negative=request.kind is Kind.ADJUSTMENT)
+    if request.currency:
+        check_currency(request.currency)
+    if request.kind is Kind.CREDIT_GRANT and request.credit_source not in (
+        "",
+        "plan",
+        "promotion",
+        "purchase",
+    ):
+        raise InvalidArgument(
+            "credit_source must be plan, promotion or purchase", field="credit_source"
+        )
+    if request.lines and sum(line.amount for line in request.lines) != request.amount:
+        raise InvalidArgument("lines must sum to the amount", field="lines")
+    return request
+
+
+@dataclass
+class Account:
+    id: int
+    balance: int
+    kind: str = "cash"
+    expires_at: datetime | None = None
+    code: str = ""
+
+
+@dataclass
+class Wallet:
+    organization_id: uuid.UUID
+    currency: str
+    cash: Account
+    credits: list[Account]  # unexpired, the first to expire first
+    held_balance: int
+    run_rate: int = 0
+    level: str = "ok"
+
+    @property
+    def credit_total(self) -> int:
+        return sum(c.balance for c in self.credits)
+
+    @property
+    def balance(self) -> int:
+        return self.cash.balance + self.credit_total
+
+    @property
+    def spendable(self) -> int:
+        return self.balance - self.held_balance
+
+
+@dataclass(frozen=True)
+class Posting:
+    account_id: int
+    account_code: str
+    amount: int
+    balance_before: int
+    balance_after: int
+
+
+@dataclass(frozen=True)
+class PlannedTransaction:
+    id: uuid.UUID
+    request: TransferRequest
+    amount: int  # in the wallet currency (for ADJUSTMENT: signed)
+    currency: str
+    payment_amount: int | None
+    payment_currency: str | None
+    exchange_rate: str | None
+    postings: tuple[Posting, ...]
+    balance_after: int
+    credits_after: int
+    spend: tuple[SpendLine, ...] = ()  # what it adds to spending (negative for refunds)
+
+
+@dataclass
+class Book:
+    """The balances one batch works on: wallets by organization, platform accounts by code."""
+
+    wallets: dict[uuid.UUID, Wallet]
+    platform: dict[str, Account]
+    # (payment currency, wallet currency) → rate, for top-ups across currencies.
+    rates: dict[tuple[str, str], Decimal] = field(default_factory=dict)
+    # Credit accounts made for this batch's CREDIT_GRANTs, by idempotency key.
+    new_credit_accounts: dict[str, Account] = field(default_factory=dict)
+
+    def apply(self, request: TransferRequest, transaction_id: uuid.UUID) -> PlannedTransaction:
+        wallet = self.wallets.get(request.organization_id)
+        if wallet is None:
+            raise InvalidArgument(
+                f"organization {request.organization_id} has no wallet", field="organization_id"
+            )
+        amount, payment, rate = self._wallet_amount(request, wallet)
+        other = self.platform[
+            platform_code(PLATFORM_ACCOUNT[request.kind], wallet.currency, request.organization_id)
+        ]
+        legs = self._legs(request, wallet, amount)
+        postings = [_move(acct, delta) for acct, delta in legs]
+        postings.append(_move(other, -sum(delta for _, delta in legs)))
+        wallet.credits = [c for c in wallet.credits if c.balance > 0 or c.kind != "credit"]
+        spend: tuple[SpendLine, ...] = ()
+        if request.kind in SPENDING:
+            spend = request.spend_lines(amount)
+        elif request.kind is Kind.REFUND:
+            spend = tuple(
+                SpendLine(s.resource_type, -s.amount, s.resource_id, s.project_id)
+                for s in request.spend_lines(amount)
+            )
+        return PlannedTransaction(
+            id=transaction_id,
+            request=request,
+            amount=amount,
+            currency=wallet.currency,
+            payment_amount=payment if request.kind is Kind.TOPUP else None,
+            payment_currency=(request.currency or wallet.currency)
+            if request.kind is Kind.TOPUP
+            else None,
+            exchange_rate=rate,
+            postings=tuple(postings),
+            balance_after=wallet.balance,
+            credits_after=wallet.credit_total,
+            spend=spend,
+        )
+
+    def _wallet_amount(self, request: TransferRequest, wallet: Wallet) -> tuple[int, int, str | None]:
+        """The amount in the wallet currency; for top-ups also what was paid and the rate."""
+        currency = request.currency or wallet.currency
+        if currency == wallet.currency:
+            return request.amount, request.amount, None
+        if request.kind is not Kind.TOPUP:
+            raise InvalidArgument(
+                f"currency {currency} is not the wallet currency {wallet.currency}",
+                field="currency",
+            )
+        rate = self.rates.get((currency, wallet.currency))
+        if rate is None:
+            raise FailedPrecondition(
+                f"no exchange rate from {currency} to {wallet.currency} is set",
+                field="currency",
+            )
+        converted = convert(request.amount, rate)
+        if converted <= 0:
+            raise InvalidArgument("amount converts to nothing at the current rate", field="amount")
+        check_amount(converted)
+        return converted, request.amount, format(rate, "f")
+
+    def _legs(
+        self, request: TransferRequest, wallet: Wallet, amount: int
+    ) -> list[tuple[Account, int]]:
+        kind = request.kind
+        if kind in (Kind.TOPUP, Kind.REFUND, Kind.ADJUSTMENT):
+            return [(wallet.cash, amount)]
+        if kind is Kind.CREDIT_GRANT:
+            account = self.new_credit_accounts[request.key]
+            wallet.credits.append(account)
+            wallet.credits.sort(key=_expiry_order)
+            return [(account, amount)]
+        if kind is Kind.CREDIT_EXPIRY:
+            account = next((c for c in wallet.credits if c.id == int(request.reference)), None)
+            if account is None or account.balance < amount:
+                raise FailedPrecondition("credit account has less left than expires")
+            return [(account, -amount)]
+        # CHARGE, USAGE: credits first, then cash.
+        if not request.allow_overdraft and kind is Kind.CHARGE and wallet.spendable < amount:
+            raise InsufficientFunds(
+                f"insufficient funds: spendable {format_micro(wallet.spendable)}"
+                f" {wallet.currency} < amount {format_micro(amount)}"
+            )
+        legs: list[tuple[Account, int]] = []
+        left = amount
+        for credit in wallet.credits:
+            if left == 0:
+                break
+            take = min(credit.balance, left)
+            if take > 0:
+                legs.append((credit, -take))
+                left -= take
+        if left:
+            legs.append((wallet.cash, -left))
+        return legs
+
+
+def _expiry_order(account: Account) -> tuple[bool, float, int]:
+    expires = account.expires_at
+    return (expires is None, expires.timestamp() if expires else 0.0, account.id)
+
+
+def _move(account: Account, delta: int) -> Posting:
+    before = account.balance
+    account.balance = before + delta
+    return Posting(account.id, account.code, delta, before, account.balance)
+
+
+def check_postings(postings: Sequence[Posting]) -> None:
+    """Double entry: a transaction's postings sum to zero."""
+    if sum(p.amount for p in postings) != 0:
+        raise AssertionError("postings do not sum to zero")
+
+
+@dataclass(frozen=True)
+class PostingView:
+    account: str
+    amount: int
+    balance_before: int
+    balance_after: int
+
+
+@dataclass(frozen=True)
+class Transaction:
+    """A committed ledger transaction as callers see it."""
+
+    id: uuid.UUID
+    organization_id: uuid.UUID
+    kind: Kind
+    amount: int
+    currency: str
+    payment_amount: int | None
+    payment_currency: str | None
+    exchange_rate: str | None
+    description: str
+    project_id: uuid.UUID | None
+    resource_type: str
+    resource_id: str
+    reference: str
+    idempotency_key: str
+    actor: str
+    balance_after: int
+    created_at: datetime
+    postings: tuple[PostingView, ...]

@@ -1,0 +1,535 @@
+"""All SQL of the ledger: lock a batch's wallets, plan it with `ledger.Book`, write it at once.
+
+One call of `post_transfers` is one database transaction (the caller's): wallets are locked in
+organization order, then platform accounts in id order, so concurrent batches never deadlock.
+Rows are written with COPY and balances with one set-based UPDATE per table, which is what
+makes a batch of a thousand transfers cost little more than one.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from decimal import Decimal
+from typing import Any
+
+from psycopg import AsyncConnection
+
+from gpudeck.kit.errors import Conflict, DomainError, NotFound
+from gpudeck.kit.events import Outbox
+from gpudeck.proto.events.v1.envelope_pb2 import Event
+from gpudeck.wallet import events
+from gpudeck.wallet.alerts import Thresholds, edge_event, level_for
+from gpudeck.wallet.ids import uuid7
+from gpudeck.wallet.ledger import (
+    PLATFORM_ACCOUNT,
+    Account,
+    Book,
+    Kind,
+    PlannedTransaction,
+    PostingView,
+    Transaction,
+    TransferRequest,
+    Wallet,
+    platform_code,
+    validate,
+)
+
+Conn = AsyncConnection[Any]
+
+
+@dataclass
+class Outcome:
+    """One transfer's result: its transaction, or why it was refused."""
+
+    transaction: Transaction | None = None
+    error: DomainError | None = None
+
+
+@dataclass
+class LockedWallet:
+    wallet: Wallet
+    thresholds: Thresholds
+    auto_topup_below: int = 0
+    auto_topup_amount: int = 0
+
+
+@dataclass
+class Policy:
+    """Settings of the rules the store applies."""
+
+    depletion_seconds: float = 10.0
+
+
+@dataclass
+class Batch:
+    """What one transaction of the store collects before it writes."""
+
+    now: datetime
+    planned: list[PlannedTransaction] = field(default_factory=list)
+    events: list[Event] = field(default_factory=list)
+
+
+LOCK_WALLETS = """
+SELECT w.organization_id, w.currency, a.id, a.code, a.balance, w.held_balance, w.run_rate, w.level,
+       coalesce(t.warning_amount, 0), coalesce(t.critical_amount, 0),
+       coalesce(t.warning_hours, 0), coalesce(t.critical_hours, 0),
+       CASE WHEN u.enabled THEN u.below ELSE 0 END, coalesce(u.amount, 0)
+FROM wallets w
+JOIN ledger_accounts a ON a.id = w.cash_account_id
+LEFT JOIN thresholds t ON t.organization_id = w.organization_id
+LEFT JOIN auto_topups u ON u.organization_id = w.organization_id
+WHERE w.organization_id = ANY(%s)
+ORDER BY w.organization_id
+FOR UPDATE OF w
+"""
+LOAD_CREDITS = """
+SELECT id, organization_id, balance, expires_at, code FROM ledger_accounts
+WHERE organization_id = ANY(%s) AND kind = 'credit' AND balance > 0
+  AND (expires_at IS NULL OR expires_at > %s)
+"""
+LOCK_PLATFORM = """
+SELECT id, code, balance FROM ledger_accounts WHERE code = ANY(%s) ORDER BY id FOR UPDATE
+"""
+FIND_KEYS = """
+SELECT scope, key, fingerprint, result FROM idempotency
+WHERE (scope, key) IN (SELECT * FROM unnest(%s::text[], %s::text[]))
+"""
+LATEST_RATE = """
+SELECT rate FROM exchange_rates WHERE base = %s AND quote = %s ORDER BY as_of DESC, id DESC LIMIT 1
+"""
+NEW_CREDIT_ACCOUNTS = """
+INSERT INTO ledger_accounts (code, organization_id, kind, currency, expires_at, credit_source)
+SELECT 'org:' || o || ':credit:' || k, o, 'credit', c, e, s
+FROM unnest(%s::uuid[], %s::text[], %s::text[], %s::timestamptz[], %s::text[]) AS x(o, k, c, e, s)
+RETURNING id, code
+"""
+
+
+async def db_now(conn: Conn) -> datetime:
+    cur = await conn.execute("SELECT now()")
+    row = await cur.fetchone()
+    assert row is not None
+    return row[0]  # type: ignore[no-any-return]
+
+
+async def lock_wallets(
+    conn: Conn, organization_ids: Iterable[uuid.UUID], now: datetime
+) -> dict[uuid.UUID, LockedWallet]:
+    """Lock the wallets of `organization_ids` (in id order) and load their cash and credits."""
+    ids = sorted(set(organization_ids))
+    if not ids:
+        return {}
+    cur = await conn.execute(LOCK_WALLETS, (ids,))
+    locked: dict[uuid.UUID, LockedWallet] = {}
+    for row in await cur.fetchall():
+        (org, currency, cash_id, code, cash, held, rate, level, wa, ca, wh, ch, below, amount) = row
+        wallet = Wallet(org, currency, Account(cash_id, cash, "cash", None, code), [], held, rate, level)
+        locked[org] = LockedWallet(wallet, Thresholds(wa, ca, wh, ch), below, amount)
+    cur = await conn.execute(LOAD_CREDITS, (list(locked), now))
+    for acct_id, org, balance, expires_at, code in await cur.fetchall():
+        locked[org].wallet.credits.append(Account(acct_id, balance, "credit", expires_at, code))
+    for lw in locked.values():
+        lw.wallet.credits.sort(key=lambda a: (a.expires_at is None, a.expires_at or now, a.id))
+    return locked
+
+
+class LedgerStore:
+    """Posts transfers and reads transactions back; the one writer of balances."""
+
+    def __init__(self, schema: str = "wallet", *, policy: Policy | None = None) -> None:
+        self.outbox = Outbox(schema)
+        self.policy = policy or Policy()
+
+    async def post_transfers(
+        self, conn: Conn, requests: Sequence[TransferRequest], *, now: datetime | None = None
+    ) -> list[Outcome]:
+        """Post `requests` in order within the caller's transaction; a result per request."""
+        batch = Batch(now or await db_now(conn))
+        outcomes: list[Outcome | None] = [None] * len(requests)
+        valid: list[int] = []
+        for i, request in enumerate(requests):
+            try:
+                validate(request)
+                valid.append(i)
+            except DomainError as exc:
+                outcomes[i] = Outcome(error=exc)
+        locked = await lock_wallets(conn, (requests[i].organization_id for i in valid), batch.now)
+        for i in valid:
+            org = requests[i].organization_id
+            if org not in locked:
+                outcomes[i] = Outcome(
+                    error=NotFound(f"organization {org} not found", field="organization_id")
+                )
+        valid = [i for i in valid if outcomes[i] is None]
+        to_plan, replays, same_as = await self._sort_out_keys(conn, requests, valid, outcomes)
+        book = await self._book(conn, [requests[i] for i in to_plan], locked)
+        planned_at: dict[int, PlannedTransaction] = {}
+        for i in to_plan:
+            try:
+                planned_at[i] = book.apply(requests[i], uuid7())
+            except DomainError as exc:
+                outcomes[i] = Outcome(error=exc)
+        batch.planned = list(planned_at.values())
+        await self.write(conn, batch, book, locked)
+        stored = await self.load_transactions(conn, list(replays.values()))
+        for i, tx_id in replays.items():
+            outcomes[i] = Outcome(transaction=stored[tx_id])
+        for i, planned in planned_at.items():
+            outcomes[i] = Outcome(transaction=_view(planned, batch.now))
+        for i, first in same_as.items():
+            outcomes[i] = outcomes[first]
+        return [o if o is not None else Outcome(error=DomainError("not processed")) for o in outcomes]
+
+    async def _sort_out_keys(
+        self,
+        conn: Conn,
+        requests: Sequence[TransferRequest],
+        valid: list[int],
+        outcomes: list[Outcome | None],
+    ) -> tuple[list[int], dict[int, uuid.UUID], dict[int, int]]:
+        """Split `valid` into new requests, retries of earlier calls, and repeats in this batch."""
+        scopes = [str(requests[i].organization_id) for i in valid]
+        keys = [requests[i].key for i in valid]
+        found: dict[tuple[str, str], tuple[bytes, Any]] = {}
+        if valid:
+            cur = await conn.execute(FIND_KEYS, (scopes, keys))
+            for scope, key, fingerprint, result in await cur.fetchall():
+                found[(scope, key)] = (bytes(fingerprint), result)
+        to_plan: list[int] = []
+        replays: dict[int, uuid.UUID] = {}
+        same_as: dict[int, int] = {}
+        first_of: dict[tuple[str, str], tuple[bytes, int]] = {}
+        for i in valid:
+            request = requests[i]
+            scoped = (str(request.organization_id), request.key)
+            fingerprint = request.fingerprint()
+            if scoped in found:
+                earlier, result = found[scoped]
+                if earlier != fingerprint or "transaction_id" not in result:
+                    outcomes[i] = Outcome(error=key_reused(request.key))
+                else:
+                    replays[i] = uuid.UUID(result["transaction_id"])
+            elif scoped in first_of:
+                earlier, j = first_of[scoped]
+                if earlier != fingerprint:
+                    outcomes[i] = Outcome(error=key_reused(request.key))
+                else:
+                    same_as[i] = j
+            else:
+                first_of[scoped] = (fingerprint, i)
+                to_plan.append(i)
+        return to_plan, replays, same_as
+
+    async def _book(
+        self, conn: Conn, requests: Sequence[TransferRequest], locked: dict[uuid.UUID, LockedWallet]
+    ) -> Book:
+        wallets = {org: lw.wallet for org, lw in locked.items()}
+        book = Book(wallets=wallets, platform={})
+        codes = sorted(
+            {
+                platform_code(PLATFORM_ACCOUNT[r.kind], wallets[r.organization_id].currency, r.organization_id)
+                for r in requests
+            }
+        )
+        if codes:
+            cur = await conn.execute(LOCK_PLATFORM, (codes,))
+            for acct_id, code, balance in await cur.fetchall():
+                book.platform[code] = Account(acct_id, balance, "platform", None, code)
+        for r in requests:
+            currency = wallets[r.organization_id].currency
+            if r.kind is Kind.TOPUP and r.currency and r.currency != currency:
+                pair = (r.currency, currency)
+                if pair not in book.rates:
+                    cur = await conn.execute(LATEST_RATE, pair)
+                    row = await cur.fetchone()
+                    if row is not None:
+                        book.rates[pair] = Decimal(row[0])
+        grants = [r for r in requests if r.kind is Kind.CREDIT_GRANT]
+        if grants:
+            cur = await conn.execute(
+                NEW_CREDIT_ACCOUNTS,
+                (
+                    [g.organization_id for g in grants],
+                    [g.key for g in grants],
+                    [wallets[g.organization_id].currency for g in grants],
+                    [g.credit_expires_at for g in grants],
+                    [g.credit_source or "promotion" for g in grants],
+                ),
+            )
+            by_code = {code: acct_id for acct_id, code in await cur.fetchall()}
+            for g in grants:
+                code = f"org:{g.organization_id}:credit:{g.key}"
+                book.new_credit_accounts[g.key] = Account(
+                    by_code[code], 0, "credit", g.credit_expires_at, code
+                )
+        return book
+
+    async def write(
+        self, conn: Conn, batch: Batch, book: Book, locked: dict[uuid.UUID, LockedWallet]
+    ) -> None:
+        """Write the batch's transactions, postings, balances, rollups, keys and events."""
+        planned = batch.planned
+        if planned:
+            await self._copy_rows(conn, batch)
+            await self._update_balances(conn, planned, book, batch.now)
+            await self._roll_up(conn, planned, batch.now)
+            batch.events.extend(events.transaction_posted(p) for p in planned)
+        touched = {p.request.organization_id for p in planned}
+        await self.settle_levels(conn, [locked[o] for o in sorted(touched)], batch)
+        await self.outbox.add_many(conn, batch.events)
+
+    async def _copy_rows(self, conn: Conn, batch: Batch) -> None:
+        cursor = conn.cursor()
+        async with cursor.copy(
+            "COPY transactions (id, organization_id, kind, amount, currency, payment_amount,"
+            " payment_currency, exchange_rate, description, project_id, resource_type,"
+            " resource_id, reference, idempotency_key, actor, balance_after, created_at)"
+            " FROM STDIN"
+        ) as copy:
+            for p in batch.planned:
+                r = p.request
+                await copy.write_row(
+                    (
+                        p.id, r.organization_id, r.kind.value, p.amount, p.currency,
+                        p.payment_amount, p.payment_currency, p.exchange_rate, r.description,
+                        r.project_id, r.resource_type, r.resource_id, r.reference, r.key,
+                        r.actor, p.balance_after, batch.now,
+                    )
+                )  # fmt: skip
+        async with cursor.copy(
+            "COPY postings (transaction_id, account_id, amount, balance_before, balance_after)"
+            " FROM STDIN"
+        ) as copy:
+            for p in batch.planned:
+                for post in p.postings:
+                    await copy.write_row(
+                        (p.id, post.account_id, post.amount, post.balance_before, post.balance_after)
+                    )
+        async with cursor.copy("COPY idempotency (scope, key, fingerprint, result) FROM STDIN") as copy:
+            for p in batch.planned:
+                r = p.request
+                await copy.write_row(
+                    (
+                        str(r.organization_id),
+                        r.key,
+                        r.fingerprint(),
+                        json.dumps({"transaction_id": str(p.id)}),
+                    )
+                )
+
+    async def _update_balances(
+        self, conn: Conn, planned: Sequence[PlannedTransaction], book: Book, now: datetime
+    ) -> None:
+        final: dict[int, int] = {}
+        for p in planned:
+            for post in p.postings:
+                final[post.account_id] = post.balance_after
+        ids = sorted(final)
+        await conn.execute(
+            "UPDATE ledger_accounts a SET balance = v.b"
+            " FROM unnest(%s::bigint[], %s::bigint[]) AS v(id, b) WHERE a.id = v.id",
+            (ids, [final[i] for i in ids]),
+        )
+        orgs = sorted({p.request.organization_id for p in planned})
+        wallets = [book.wallets[o] for o in orgs]
+        await conn.execute(
+            "UPDATE wallets w SET balance = v.b, credits = v.c, changed_at = %s, updated_at = %s"
+            " FROM unnest(%s::uuid[], %s::bigint[], %s::bigint[]) AS v(o, b, c)"
+            " WHERE w.organization_id = v.o",
+            (now, now, orgs, [w.balance for w in wallets], [w.credit_total for w in wallets]),
+        )
+
+    async def _roll_up(self, conn: Conn, planned: Sequence[PlannedTransaction], now: datetime) -> None:
+        day = now.date()
+        daily: dict[tuple[uuid.UUID, str], int] = defaultdict(int)
+        costs: dict[tuple[uuid.UUID, str], tuple[str, uuid.UUID | None, int]] = {}
+        for p in planned:
+            org = p.request.organization_id
+            for line in p.spend:
+                daily[(org, line.resource_type)] += line.amount
+                if line.resource_id:
+                    _, _, total = costs.get((org, line.resource_id), ("", None, 0))
+                    costs[(org, line.resource_id)] = (
+                        line.resource_type,
+                        line.project_id,
+                        total + line.amount,
+                    )
+        if daily:
+            keys = sorted(daily)
+            await conn.execute(
+                "INSERT INTO daily_spend (organization_id, day, resource_type, amount)"
+                " SELECT o, %s, t, a FROM unnest(%s::uuid[], %s::text[], %s::bigint[]) AS v(o, t, a)"
+                " ON CONFLICT (organization_id, day, resource_type)"
+                " DO UPDATE SET amount = daily_spend.amount + excluded.amount",
+                (day, [k[0] for k in keys], [k[1] for k in keys], [daily[k] for k in keys]),
+            )
+        if costs:
+            keys2 = sorted(costs)
+            await conn.execute(
+                "INSERT INTO resource_costs (organization_id, resource_id, resource_type,"
+                " project_id, total, first_charged_at, last_charged_at)"
+                " SELECT o, r, t, p, a, %s, %s"
+                " FROM unnest(%s::uuid[], %s::text[], %s::text[], %s::uuid[], %s::bigint[])"
+                " AS v(o, r, t, p, a)"
+                " ON CONFLICT (organization_id, resource_id) DO UPDATE"
+                " SET total = resource_costs.total + excluded.total,"
+                " last_charged_at = excluded.last_charged_at",
+                (
+                    now,
+                    now,
+                    [k[0] for k in keys2],
+                    [k[1] for k in keys2],
+                    [costs[k][0] for k in keys2],
+                    [costs[k][1] for k in keys2],
+                    [costs[k][2] for k in keys2],
+                ),
+            )
+
+    async def settle_levels(self, conn: Conn, locked: Sequence[LockedWallet], batch: Batch) -> None:
+        """Recompute the level of each wallet; emit one event per edge; fire auto top-ups."""
+        changed_orgs: list[uuid.UUID] = []
+        changed_levels: list[str] = []
+        for lw in locked:
+            w = lw.wallet
+            level = level_for(w.balance, w.run_rate, lw.thresholds, self.policy.depletion_seconds)
+            event_type = edge_event(w.level, level)
+            if event_type is not None:
+                batch.events.append(
+                    events.balance_event(
+                        event_type,
+                        w.organization_id,
+                        currency=w.currency,
+                        balance=w.balance,
+                        held_balance=w.held_balance,
+                        run_rate=w.run_rate,
+                        level=level,
+                        previous_level=w.level,
+                    )
+                )
+                w.level = level
+                changed_orgs.append(w.organization_id)
+                changed_levels.append(level)
+            if lw.auto_topup_below and w.balance < lw.auto_topup_below:
+                await self._request_auto_topup(conn, lw, batch)
+        if changed_orgs:
+            await conn.execute(
+                "UPDATE wallets w SET level = v.l FROM unnest(%s::uuid[], %s::text[]) AS v(o, l)"
+                " WHERE w.organization_id = v.o",
+                (changed_orgs, changed_levels),
+            )
+
+    async def _request_auto_topup(self, conn: Conn, lw: LockedWallet, batch: Batch) -> None:
+        pending_id = uuid7()
+        cur = await conn.execute(
+            "INSERT INTO pending_topups (id, organization_id, amount, currency)"
+            " VALUES (%s, %s, %s, %s) ON CONFLICT DO NOTHING RETURNING id",
+            (pending_id, lw.wallet.organization_id, lw.auto_topup_amount, lw.wallet.currency),
+        )
+        if await cur.fetchone() is not None:
+            batch.events.append(
+                events.auto_topup_requested(
+                    lw.wallet.organization_id, pending_id, lw.auto_topup_amount, lw.wallet.currency
+                )
+            )
+
+    async def load_transactions(
+        self, conn: Conn, ids: Sequence[uuid.UUID]
+    ) -> dict[uuid.UUID, Transaction]:
+        if not ids:
+            return {}
+        cur = await conn.execute(
+            "SELECT id, organization_id, kind, amount, currency, payment_amount, payment_currency,"
+            " exchange_rate, description, project_id, resource_type, resource_id, reference,"
+            " idempotency_key, actor, balance_after, created_at"
+            " FROM transactions WHERE id = ANY(%s)",
+            (list(ids),),
+        )
+        rows = await cur.fetchall()
+        cur = await conn.execute(
+            "SELECT p.transaction_id, a.code, p.amount, p.balance_before, p.balance_after"
+            " FROM postings p JOIN ledger_accounts a ON a.id = p.account_id"
+            " WHERE p.transaction_id = ANY(%s) ORDER BY p.id",
+            (list(ids),),
+        )
+        postings: dict[uuid.UUID, list[PostingView]] = defaultdict(list)
+        for tx_id, code, amount, before, after in await cur.fetchall():
+            postings[tx_id].append(PostingView(code, amount, before, after))
+        return {row[0]: _transaction(row, postings[row[0]]) for row in rows}
+
+
+def key_reused(key: str) -> Conflict:
+    return Conflict(
+        f"idempotency_key {key!r} was already used with a different request",
+        field="idempotency_key",
+        reason="IDEMPOTENCY_KEY_REUSED",
+    )
+
+
+def _transaction(row: Sequence[Any], postings: list[PostingView]) -> Transaction:
+    (tx_id, org, kind, amount, currency, pay_amount, pay_currency, rate, description, project,
+     rtype, rid, reference, key, actor, balance_after, created_at) = row  # fmt: skip
+    return Transaction(
+        id=tx_id,
+        organization_id=org,
+        kind=Kind(kind),
+        amount=amount,
+        currency=currency,
+        payment_amount=pay_amount,
+        payment_currency=pay_currency,
+        exchange_rate=rate,
+        description=description,
+        project_id=project,
+        resource_type=rtype,
+        resource_id=rid,
+        reference=reference,
+        idempotency_key=key,
+        actor=actor,
+        balance_after=balance_after,
+        created_at=created_at,
+        postings=tuple(postings),
+    )
+
+
+def _view(p: PlannedTransaction, now: datetime) -> Transaction:
+    r = p.request
+    return Transaction(
+        id=p.id,
+        organization_id=r.organization_id,
+        kind=r.kind,
+        amount=p.amount,
+        currency=p.currency,
+        payment_amount=p.payment_amount,
+        payment_currency=p.payment_currency,
+        exchange_rate=p.exchange_rate,
+        description=r.description,
+        project_id=r.project_id,
+        resource_type=r.resource_type,
+        resource_id=r.resource_id,
+        reference=r.reference,
+        idempotency_key=r.key,
+        actor=r.actor,
+        balance_after=p.balance_after,
+        created_at=now,
+        postings=tuple(
+            PostingView(x.account_code, x.amount, x.balance_before, x.balance_after)
+            for x in p.postings
+        ),
+    )
+
+
+async def open_wallet(conn: Conn, organization_id: uuid.UUID, currency: str) -> None:
+    """Give a new organization its cash account and wallet row (idempotent)."""
+    await conn.execute(
+        "WITH cash AS ("
+        " INSERT INTO ledger_accounts (code, organization_id, kind, currency)"
+        " VALUES (%s, %s, 'cash', %s) ON CONFLICT (code) DO UPDATE SET code = excluded.code"
+        " RETURNING id)"
+        " INSERT INTO wallets (organization_id, currency, cash_account_id)"
+        " SELECT %s, %s, id FROM cash ON CONFLICT (organization_id) DO NOTHING",
+        (f"org:{organization_id}:cash", organization_id, currency, organization_id, currency),
+    )

@@ -1,0 +1,52 @@
+"""Wallet test fixtures: the wallet schema migrated into this run's database, and organizations."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+
+import pytest
+from psycopg_pool import AsyncConnectionPool
+
+import gpudeck.wallet
+from gpudeck.kit.db import migrate, open_pool
+from gpudeck.kit.runtime import KIT_MIGRATIONS
+from gpudeck.wallet.ledger_store import open_wallet
+
+MIGRATIONS = Path(gpudeck.wallet.__file__).parent / "migrations"
+NewOrg = Callable[..., Awaitable[uuid.UUID]]
+
+
+@pytest.fixture(scope="session")
+async def wallet_pool(database_url: str) -> AsyncIterator[AsyncConnectionPool]:
+    pool = await open_pool(database_url, min_size=2, max_size=30, schema="wallet")
+    await migrate(pool, "wallet", KIT_MIGRATIONS, table="kit_migrations")
+    await migrate(pool, "wallet", MIGRATIONS)
+    yield pool
+    await pool.close()
+
+
+@pytest.fixture
+def new_org(wallet_pool: AsyncConnectionPool) -> NewOrg:
+    """Make an organization with an empty wallet; returns its id."""
+
+    async def make(currency: str = "USD", name: str = "Acme") -> uuid.UUID:
+        org, user = uuid.uuid4(), uuid.uuid4()
+        async with wallet_pool.connection() as conn, conn.transaction():
+            await conn.execute(
+                "INSERT INTO users (id, email) VALUES (%s, %s)", (user, f"{user}@example.com")
+            )
+            await conn.execute(
+                "INSERT INTO organizations (id, name, owner_user_id, currency, kyc_status)"
+                " VALUES (%s, %s, %s, %s, 'verified')",
+                (org, name, user, currency),
+            )
+            await conn.execute(
+                "INSERT INTO memberships (organization_id, user_id, role) VALUES (%s, %s, 'owner')",
+                (org, user),
+            )
+            await open_wallet(conn, org, currency)
+        return org
+
+    return make
