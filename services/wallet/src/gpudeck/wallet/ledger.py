@@ -83,8 +83,10 @@ class TransferRequest:
     reference: str = ""
     actor: str = ""
     lines: tuple[SpendLine, ...] = ()
-    # Internal callers (usage billing, hold capture, credit expiry) name the accounts' sources.
+    # Internal callers only: metered usage and hold captures may overdraw (auto-stop handles
+    # it); billing ticks are atomic with their meters and need no idempotency record.
     allow_overdraft: bool = False
+    record_key: bool = True
 
     def fingerprint(self) -> bytes:
         """What identifies the payload, for idempotency: equal requests, equal fingerprints."""

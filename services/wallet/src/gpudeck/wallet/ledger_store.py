@@ -19,11 +19,12 @@ from typing import Any
 
 from psycopg import AsyncConnection
 
-from gpudeck.kit.errors import Conflict, DomainError, NotFound
+from gpudeck.kit.errors import DomainError, NotFound
 from gpudeck.kit.events import Outbox
 from gpudeck.proto.events.v1.envelope_pb2 import Event
 from gpudeck.wallet import events
 from gpudeck.wallet.alerts import Thresholds, edge_event, level_for
+from gpudeck.wallet.idempotency import key_reused
 from gpudeck.wallet.ids import uuid7
 from gpudeck.wallet.ledger import (
     PLATFORM_ACCOUNT,
@@ -193,10 +194,11 @@ class LedgerStore:
         outcomes: list[Outcome | None],
     ) -> tuple[list[int], dict[int, uuid.UUID], dict[int, int]]:
         """Split `valid` into new requests, retries of earlier calls, and repeats in this batch."""
-        scopes = [str(requests[i].organization_id) for i in valid]
-        keys = [requests[i].key for i in valid]
+        keyed = [i for i in valid if requests[i].record_key]
+        scopes = [str(requests[i].organization_id) for i in keyed]
+        keys = [requests[i].key for i in keyed]
         found: dict[tuple[str, str], tuple[bytes, Any]] = {}
-        if valid:
+        if keyed:
             cur = await conn.execute(FIND_KEYS, (scopes, keys))
             for scope, key, fingerprint, result in await cur.fetchall():
                 found[(scope, key)] = (bytes(fingerprint), result)
@@ -206,6 +208,9 @@ class LedgerStore:
         first_of: dict[tuple[str, str], tuple[bytes, int]] = {}
         for i in valid:
             request = requests[i]
+            if not request.record_key:
+                to_plan.append(i)
+                continue
             scoped = (str(request.organization_id), request.key)
             fingerprint = request.fingerprint()
             if scoped in found:
@@ -313,6 +318,8 @@ class LedgerStore:
         async with cursor.copy("COPY idempotency (scope, key, fingerprint, result) FROM STDIN") as copy:
             for p in batch.planned:
                 r = p.request
+                if not r.record_key:
+                    continue
                 await copy.write_row(
                     (
                         str(r.organization_id),
@@ -423,6 +430,15 @@ class LedgerStore:
                 (changed_orgs, changed_levels),
             )
 
+    async def refresh_levels(
+        self, conn: Conn, organization_ids: Sequence[uuid.UUID], now: datetime
+    ) -> None:
+        """Re-settle the levels of these wallets after a change other than a transfer."""
+        locked = await lock_wallets(conn, organization_ids, now)
+        batch = Batch(now)
+        await self.settle_levels(conn, list(locked.values()), batch)
+        await self.outbox.add_many(conn, batch.events)
+
     async def _request_auto_topup(self, conn: Conn, lw: LockedWallet, batch: Batch) -> None:
         pending_id = uuid7()
         cur = await conn.execute(
@@ -460,14 +476,6 @@ class LedgerStore:
         for tx_id, code, amount, before, after in await cur.fetchall():
             postings[tx_id].append(PostingView(code, amount, before, after))
         return {row[0]: _transaction(row, postings[row[0]]) for row in rows}
-
-
-def key_reused(key: str) -> Conflict:
-    return Conflict(
-        f"idempotency_key {key!r} was already used with a different request",
-        field="idempotency_key",
-        reason="IDEMPOTENCY_KEY_REUSED",
-    )
 
 
 def _transaction(row: Sequence[Any], postings: list[PostingView]) -> Transaction:

@@ -1,0 +1,125 @@
+"""Holds: funds reserved for a pending operation, resolved exactly once.
+
+open ──capture(amount ≤ held)──▶ captured   (the rest is released)
+  ├───void──────────────────────▶ voided
+  └───timeout───────────────────▶ expired
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import uuid
+from dataclasses import asdict, dataclass
+from datetime import datetime
+
+from gpudeck.kit.errors import FailedPrecondition, InvalidArgument
+from gpudeck.wallet.money import check_amount, format_micro
+
+MAX_TIMEOUT_SECONDS = 30 * 24 * 3600
+DEFAULT_TIMEOUT_SECONDS = 15 * 60
+
+
+@dataclass(frozen=True)
+class Hold:
+    id: uuid.UUID
+    organization_id: uuid.UUID
+    amount: int
+    currency: str
+    status: str
+    captured: int
+    description: str
+    project_id: uuid.UUID | None
+    resource_type: str
+    resource_id: str
+    created_at: datetime
+    expires_at: datetime
+    resolved_at: datetime | None
+    transaction_id: uuid.UUID | None = None
+
+    def to_json(self) -> dict[str, object]:
+        return {k: (str(v) if v is not None and not isinstance(v, int) else v) for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_json(cls, data: dict[str, object]) -> Hold:
+        def uid(key: str) -> uuid.UUID | None:
+            value = data.get(key)
+            return uuid.UUID(str(value)) if value else None
+
+        def ts(key: str) -> datetime | None:
+            value = data.get(key)
+            return datetime.fromisoformat(str(value)) if value else None
+
+        return cls(
+            id=uuid.UUID(str(data["id"])),
+            organization_id=uuid.UUID(str(data["organization_id"])),
+            amount=int(str(data["amount"])),
+            currency=str(data["currency"]),
+            status=str(data["status"]),
+            captured=int(str(data["captured"])),
+            description=str(data["description"]),
+            project_id=uid("project_id"),
+            resource_type=str(data["resource_type"]),
+            resource_id=str(data["resource_id"]),
+            created_at=ts("created_at"),  # type: ignore[arg-type]
+            expires_at=ts("expires_at"),  # type: ignore[arg-type]
+            resolved_at=ts("resolved_at"),
+            transaction_id=uid("transaction_id"),
+        )
+
+
+@dataclass(frozen=True)
+class HoldRequest:
+    key: str
+    organization_id: uuid.UUID
+    amount: int
+    timeout_seconds: int = DEFAULT_TIMEOUT_SECONDS
+    description: str = ""
+    project_id: uuid.UUID | None = None
+    resource_type: str = ""
+    resource_id: str = ""
+
+    def validate(self) -> HoldRequest:
+        if not self.key.strip():
+            raise InvalidArgument("idempotency_key is required", field="idempotency_key")
+        check_amount(self.amount)
+        if not 0 < self.timeout_seconds <= MAX_TIMEOUT_SECONDS:
+            raise InvalidArgument(
+                f"timeout_seconds must be between 1 and {MAX_TIMEOUT_SECONDS}",
+                field="timeout_seconds",
+            )
+        return self
+
+    def fingerprint(self) -> bytes:
+        payload = {"op": "hold.create", **{k: str(v) for k, v in asdict(self).items()}}
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).digest()
+
+
+def capture_fingerprint(hold_id: uuid.UUID, amount: int | None) -> bytes:
+    return hashlib.sha256(f"hold.capture:{hold_id}:{amount}".encode()).digest()
+
+
+def void_fingerprint(hold_id: uuid.UUID) -> bytes:
+    return hashlib.sha256(f"hold.void:{hold_id}".encode()).digest()
+
+
+def check_open(hold: Hold) -> None:
+    if hold.status != "open":
+        raise FailedPrecondition(
+            f"hold {hold.id} is already {hold.status}", field="hold_id", reason="HOLD_RESOLVED"
+        )
+
+
+def capture_amount(hold: Hold, amount: int | None) -> int:
+    """How much a capture takes: all when unset; never more than held, never negative."""
+    check_open(hold)
+    if amount is None:
+        return hold.amount
+    if amount < 0:
+        raise InvalidArgument("amount must not be negative", field="amount")
+    if amount > hold.amount:
+        raise InvalidArgument(
+            f"amount {format_micro(amount)} is more than the hold's {format_micro(hold.amount)}",
+            field="amount",
+        )
+    return amount

@@ -1,0 +1,86 @@
+"""Per-second metering: what a running resource owes.
+
+Rounding rule: within one rate segment (from open, or from the last rate change, at time s),
+the amount charged by time t is floor(hourly_rate × µs(t − s) / 3,600,000,000) micro-units.
+Each billing tick charges the difference from what that segment has already been charged, so
+ticks never accumulate rounding error: a meter open for exactly N seconds at one rate is charged
+floor(rate × N / 3600) in total, however many ticks (and restarts) fall in between; when the
+rate is a whole number of micro-units per second (rate divisible by 3600), exactly rate × N / 3600.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from datetime import datetime
+
+from gpudeck.kit.errors import InvalidArgument
+from gpudeck.wallet.money import MAX_AMOUNT
+
+RESOURCE_TYPES = ("pod", "vm", "nfs_volume", "object_storage")
+MICROS_PER_HOUR = 3_600_000_000
+
+
+def owed(hourly_rate: int, start: datetime, end: datetime) -> int:
+    """What a segment at `hourly_rate` owes from `start` to `end`, floored to the micro-unit."""
+    delta = end - start
+    micros = (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
+    if micros <= 0:
+        return 0
+    return hourly_rate * micros // MICROS_PER_HOUR
+
+
+@dataclass(frozen=True)
+class Meter:
+    id: str
+    organization_id: uuid.UUID
+    project_id: uuid.UUID | None
+    resource_id: str
+    resource_type: str
+    hourly_rate: int
+    opened_at: datetime
+    closed_at: datetime | None
+    segment_started_at: datetime
+    segment_charged: int
+    billed_until: datetime
+    total_charged: int
+    currency: str = ""
+
+    def same_resource(self, other: MeterRequest) -> bool:
+        return (
+            self.organization_id == other.organization_id
+            and self.resource_id == other.resource_id
+            and self.resource_type == other.resource_type
+        )
+
+
+@dataclass(frozen=True)
+class MeterRequest:
+    meter_id: str
+    organization_id: uuid.UUID
+    resource_id: str
+    resource_type: str
+    hourly_rate: int
+    project_id: uuid.UUID | None = None
+    at: datetime | None = None
+
+    def validate(self) -> MeterRequest:
+        if not self.meter_id.strip() or len(self.meter_id) > 200:
+            raise InvalidArgument("meter_id is required (at most 200 characters)", field="meter_id")
+        if self.resource_type not in RESOURCE_TYPES:
+            raise InvalidArgument(
+                f"resource_type must be one of {', '.join(RESOURCE_TYPES)}",
+                field="resource_type",
+            )
+        if not self.resource_id.strip():
+            raise InvalidArgument("resource_id is required", field="resource_id")
+        check_rate(self.hourly_rate)
+        return self
+
+
+def check_rate(hourly_rate: int) -> int:
+    if hourly_rate < 0 or hourly_rate > MAX_AMOUNT:
+        raise InvalidArgument(
+            "hourly_rate must be between 0 and 1e15 micro-units", field="hourly_rate"
+        )
+    return hourly_rate

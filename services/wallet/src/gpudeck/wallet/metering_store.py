@@ -1,0 +1,271 @@
+"""All SQL of meters and the billing tick. Lock order: wallet row, then meter rows."""
+
+from __future__ import annotations
+
+import hashlib
+import uuid
+from collections import defaultdict
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any
+
+from psycopg import AsyncConnection
+from psycopg_pool import AsyncConnectionPool
+
+from gpudeck.kit.errors import Conflict, FailedPrecondition, InvalidArgument, NotFound
+from gpudeck.wallet import events
+from gpudeck.wallet.ledger import Kind, SpendLine, TransferRequest
+from gpudeck.wallet.ledger_store import LedgerStore, db_now, lock_wallets
+from gpudeck.wallet.metering import Meter, MeterRequest, check_rate, owed
+
+Conn = AsyncConnection[Any]
+COLUMNS = (
+    "m.id, m.organization_id, m.project_id, m.resource_id, m.resource_type, m.hourly_rate,"
+    " m.opened_at, m.closed_at, m.segment_started_at, m.segment_charged, m.billed_until,"
+    " m.total_charged, w.currency"
+)
+# What each open meter of these organizations owes since its last bill, charged up to %(now)s.
+TICK = """
+WITH due AS (
+    SELECT id,
+           floor(hourly_rate::numeric
+                 * (extract(epoch FROM (%(now)s::timestamptz - segment_started_at)) * 1000000)
+                 / 3600000000)::bigint - segment_charged AS delta
+    FROM meters
+    WHERE organization_id = ANY(%(orgs)s) AND closed_at IS NULL AND billed_until < %(now)s
+)
+UPDATE meters m
+SET segment_charged = m.segment_charged + due.delta,
+    total_charged = m.total_charged + due.delta,
+    billed_until = %(now)s
+FROM due
+WHERE m.id = due.id
+RETURNING m.organization_id, m.project_id, m.resource_type, m.resource_id, due.delta
+"""
+BILLING_LOCK = int.from_bytes(hashlib.sha256(b"gpudeck.wallet.billing").digest()[:8], "big", signed=True)
+
+
+class MeterStore:
+    def __init__(self, ledger: LedgerStore) -> None:
+        self.ledger = ledger
+        self.outbox = ledger.outbox
+
+    async def get(self, conn: Conn, meter_id: str, *, lock: bool = False) -> Meter:
+        cur = await conn.execute(
+            f"SELECT {COLUMNS} FROM meters m JOIN wallets w USING (organization_id)"
+            f" WHERE m.id = %s{' FOR UPDATE OF m' if lock else ''}",
+            (meter_id,),
+        )
+        row = await cur.fetchone()
+        if row is None:
+            raise NotFound(f"meter {meter_id!r} not found", field="meter_id")
+        return Meter(*row)
+
+    async def list(self, conn: Conn, organization_id: uuid.UUID, *, open_only: bool) -> list[Meter]:
+        cur = await conn.execute(
+            f"SELECT {COLUMNS} FROM meters m JOIN wallets w USING (organization_id)"
+            " WHERE m.organization_id = %s AND (NOT %s OR m.closed_at IS NULL)"
+            " ORDER BY m.opened_at DESC",
+            (organization_id, open_only),
+        )
+        return [Meter(*row) for row in await cur.fetchall()]
+
+    async def open(self, conn: Conn, request: MeterRequest) -> Meter:
+        """Start billing a resource; opening an open (or closed) meter again returns it."""
+        request.validate()
+        now = await db_now(conn)
+        at = _not_after(request.at, now)
+        locked = await lock_wallets(conn, [request.organization_id], now)
+        if request.organization_id not in locked:
+            raise NotFound(
+                f"organization {request.organization_id} not found", field="organization_id"
+            )
+        cur = await conn.execute(
+            "INSERT INTO meters (id, organization_id, project_id, resource_id, resource_type,"
+            " hourly_rate, opened_at, segment_started_at, billed_until)"
+            " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s) ON CONFLICT (id) DO NOTHING RETURNING id",
+            (request.meter_id, request.organization_id, request.project_id, request.resource_id,
+             request.resource_type, request.hourly_rate, at, at, at),
+        )  # fmt: skip
+        created = await cur.fetchone() is not None
+        meter = await self.get(conn, request.meter_id)
+        if not created:
+            if not meter.same_resource(request):
+                raise Conflict(
+                    f"meter {request.meter_id!r} is already open for another resource",
+                    field="meter_id",
+                )
+            return meter
+        await self._add_run_rate(conn, meter.organization_id, meter.hourly_rate, now)
+        await self.outbox.add(conn, self._event("wallet.meter.opened", meter))
+        await self.ledger.refresh_levels(conn, [meter.organization_id], now)
+        return meter
+
+    async def update_rate(
+        self, conn: Conn, meter_id: str, hourly_rate: int, at: datetime | None = None
+    ) -> Meter:
+        check_rate(hourly_rate)
+        meter, now = await self._lock(conn, meter_id)
+        if meter.closed_at is not None:
+            raise FailedPrecondition(f"meter {meter_id!r} is closed", field="meter_id")
+        if meter.hourly_rate == hourly_rate:
+            return meter
+        at = _not_before(_not_after(at, now), meter.segment_started_at)
+        await self._settle(conn, meter, at, now)
+        await conn.execute(
+            "UPDATE meters SET hourly_rate = %s, segment_started_at = %s, segment_charged = 0,"
+            " billed_until = %s WHERE id = %s",
+            (hourly_rate, at, at, meter_id),
+        )
+        await self._add_run_rate(conn, meter.organization_id, hourly_rate - meter.hourly_rate, now)
+        updated = await self.get(conn, meter_id)
+        await self.outbox.add(conn, self._event("wallet.meter.updated", updated))
+        await self.ledger.refresh_levels(conn, [meter.organization_id], now)
+        return updated
+
+    async def close(self, conn: Conn, meter_id: str, at: datetime | None = None) -> Meter:
+        """Stop billing: charge up to `at` (refunding what ticks billed past it); idempotent."""
+        meter, now = await self._lock(conn, meter_id)
+        if meter.closed_at is not None:
+            return meter
+        at = _not_before(_not_after(at, now), meter.segment_started_at)
+        await self._settle(conn, meter, at, now)
+        await conn.execute(
+            "UPDATE meters SET closed_at = %s, billed_until = %s WHERE id = %s", (at, at, meter_id)
+        )
+        await self._add_run_rate(conn, meter.organization_id, -meter.hourly_rate, now)
+        closed = await self.get(conn, meter_id)
+        await self.outbox.add(conn, self._event("wallet.meter.closed", closed))
+        await self.ledger.refresh_levels(conn, [meter.organization_id], now)
+        return closed
+
+    async def bill(self, conn: Conn, organization_ids: Sequence[uuid.UUID]) -> int:
+        """Charge these organizations' open meters up to now; return the amount charged."""
+        now = await db_now(conn)
+        await lock_wallets(conn, organization_ids, now)
+        cur = await conn.execute(TICK, {"now": now, "orgs": list(organization_ids)})
+        lines: dict[uuid.UUID, list[SpendLine]] = defaultdict(list)
+        for org, project, rtype, rid, delta in await cur.fetchall():
+            if delta > 0:
+                lines[org].append(SpendLine(rtype, delta, rid, project))
+        requests = [
+            TransferRequest(
+                key=f"usage:{now.isoformat()}:{org}",
+                organization_id=org,
+                kind=Kind.USAGE,
+                amount=sum(line.amount for line in org_lines),
+                description="Metered usage",
+                lines=tuple(org_lines),
+                allow_overdraft=True,
+                record_key=False,
+                actor="system",
+            )
+            for org, org_lines in sorted(lines.items())
+        ]
+        for outcome in await self.ledger.post_transfers(conn, requests, now=now):
+            if outcome.error is not None:
+                raise outcome.error
+        return sum(r.amount for r in requests)
+
+    async def _lock(self, conn: Conn, meter_id: str) -> tuple[Meter, datetime]:
+        meter = await self.get(conn, meter_id)
+        now = await db_now(conn)
+        await lock_wallets(conn, [meter.organization_id], now)
+        return await self.get(conn, meter_id, lock=True), now
+
+    async def _settle(self, conn: Conn, meter: Meter, at: datetime, now: datetime) -> None:
+        """Charge (or refund) the meter's current segment so that it has paid exactly up to `at`."""
+        delta = owed(meter.hourly_rate, meter.segment_started_at, at) - meter.segment_charged
+        if delta == 0:
+            return
+        await conn.execute(
+            "UPDATE meters SET segment_charged = segment_charged + %s,"
+            " total_charged = total_charged + %s WHERE id = %s",
+            (delta, delta, meter.id),
+        )
+        line = SpendLine(meter.resource_type, abs(delta), meter.resource_id, meter.project_id)
+        [outcome] = await self.ledger.post_transfers(
+            conn,
+            [
+                TransferRequest(
+                    key=f"meter:{meter.id}:{meter.segment_started_at.isoformat()}:{at.isoformat()}",
+                    organization_id=meter.organization_id,
+                    kind=Kind.USAGE if delta > 0 else Kind.REFUND,
+                    amount=abs(delta),
+                    description="Metered usage" if delta > 0 else "Metered usage correction",
+                    project_id=meter.project_id,
+                    resource_type=meter.resource_type,
+                    resource_id=meter.resource_id,
+                    lines=(line,),
+                    allow_overdraft=True,
+                    record_key=False,
+                    actor="system",
+                )
+            ],
+            now=now,
+        )
+        if outcome.error is not None:
+            raise outcome.error
+
+    async def _add_run_rate(
+        self, conn: Conn, organization_id: uuid.UUID, delta: int, now: datetime
+    ) -> None:
+        await conn.execute(
+            "UPDATE wallets SET run_rate = run_rate + %s, changed_at = %s, updated_at = %s"
+            " WHERE organization_id = %s",
+            (delta, now, now, organization_id),
+        )
+
+    @staticmethod
+    def _event(event_type: str, meter: Meter) -> Any:
+        return events.meter_changed(
+            event_type,
+            meter.organization_id,
+            meter_id=meter.id,
+            resource_type=meter.resource_type,
+            resource_id=meter.resource_id,
+            hourly_rate=meter.hourly_rate,
+            total_charged=meter.total_charged,
+            project_id=meter.project_id,
+        )
+
+
+async def bill_open_meters(pool: AsyncConnectionPool, store: MeterStore, *, chunk: int = 2000) -> int:
+    """One billing tick: every organization with open meters, `chunk` organizations per commit.
+
+    Only the replica holding the billing lock bills; the others skip the tick. A crash loses
+    nothing: an uncommitted chunk is billed by the next tick from its meters' `billed_until`.
+    """
+    async with pool.connection() as conn:
+        cur = await conn.execute("SELECT pg_try_advisory_lock(%s)", (BILLING_LOCK,))
+        row = await cur.fetchone()
+        if not row or not row[0]:
+            return 0
+        try:
+            cur = await conn.execute(
+                "SELECT DISTINCT organization_id FROM meters WHERE closed_at IS NULL ORDER BY 1"
+            )
+            orgs = [r[0] for r in await cur.fetchall()]
+            total = 0
+            for start in range(0, len(orgs), chunk):
+                async with conn.transaction():
+                    total += await store.bill(conn, orgs[start : start + chunk])
+            return total
+        finally:
+            await conn.execute("SELECT pg_advisory_unlock(%s)", (BILLING_LOCK,))
+
+
+def _not_after(at: datetime | None, now: datetime) -> datetime:
+    if at is None:
+        return now
+    if at.tzinfo is None:
+        raise InvalidArgument("at must carry a time zone", field="at")
+    return min(at, now)
+
+
+def _not_before(at: datetime, start: datetime) -> datetime:
+    if at < start:
+        raise InvalidArgument(
+            f"at {at.isoformat()} is before the meter's current rate began", field="at"
+        )
+    return at
