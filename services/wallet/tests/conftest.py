@@ -10,12 +10,17 @@ import pytest
 from psycopg_pool import AsyncConnectionPool
 
 import gpudeck.wallet
+from gpudeck.kit.config import EventsConfig, ServiceConfig
 from gpudeck.kit.db import migrate, open_pool
-from gpudeck.kit.runtime import KIT_MIGRATIONS
+from gpudeck.kit.grpcclient import channel
+from gpudeck.kit.runtime import KIT_MIGRATIONS, RunningService
+from gpudeck.proto.wallet.v1 import wallet_pb2_grpc
 from gpudeck.wallet.ledger_store import open_wallet
+from gpudeck.wallet.service import SPEC
 
 MIGRATIONS = Path(gpudeck.wallet.__file__).parent / "migrations"
 NewOrg = Callable[..., Awaitable[uuid.UUID]]
+TOKEN = "wallet-test-token"
 
 
 @pytest.fixture(scope="session")
@@ -50,3 +55,30 @@ def new_org(wallet_pool: AsyncConnectionPool) -> NewOrg:
         return org
 
     return make
+
+
+@pytest.fixture(scope="session")
+async def wallet_service(
+    database_url: str, events_config: EventsConfig, wallet_pool: AsyncConnectionPool
+) -> AsyncIterator[RunningService]:
+    """The wallet service running in this process on a free port, billing every 0.2 s."""
+    config = ServiceConfig(
+        service="wallet",
+        database_url=database_url,
+        events=events_config,
+        grpc_listen="127.0.0.1:0",
+        metrics_listen="127.0.0.1:0",
+        service_token=TOKEN,
+        shutdown_grace=2,
+    )
+    env = {"GPUDECK_BILLING_INTERVAL": "0.2", "GPUDECK_DEPLETION_SECONDS": "10"}
+    running = RunningService(SPEC, config, env)
+    await running.start()
+    yield running
+    await running.stop()
+
+
+@pytest.fixture(scope="session")
+async def wallet_stub(wallet_service: RunningService) -> AsyncIterator[wallet_pb2_grpc.WalletServiceStub]:
+    async with channel(f"127.0.0.1:{wallet_service.port}", TOKEN) as ch:
+        yield wallet_pb2_grpc.WalletServiceStub(ch)

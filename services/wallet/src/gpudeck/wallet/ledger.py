@@ -151,7 +151,7 @@ class Wallet:
     organization_id: uuid.UUID
     currency: str
     cash: Account
-    credits: list[Account]  # unexpired, the first to expire first
+    credits: list[Account]  # with a balance left, the first to expire first
     held_balance: int
     run_rate: int = 0
     level: str = "ok"
@@ -203,6 +203,8 @@ class Book:
     rates: dict[tuple[str, str], Decimal] = field(default_factory=dict)
     # Credit accounts made for this batch's CREDIT_GRANTs, by idempotency key.
     new_credit_accounts: dict[str, Account] = field(default_factory=dict)
+    # Credits expiring at or before `now` are not spent (the sweeper moves them out).
+    now: datetime | None = None
 
     def apply(self, request: TransferRequest, transaction_id: uuid.UUID) -> PlannedTransaction:
         wallet = self.wallets.get(request.organization_id)
@@ -241,6 +243,9 @@ class Book:
             credits_after=wallet.credit_total,
             spend=spend,
         )
+
+    def _expired(self, account: Account) -> bool:
+        return bool(self.now and account.expires_at and account.expires_at <= self.now)
 
     def _wallet_amount(self, request: TransferRequest, wallet: Wallet) -> tuple[int, int, str | None]:
         """The amount in the wallet currency; for top-ups also what was paid and the rate."""
@@ -281,9 +286,10 @@ class Book:
                 raise FailedPrecondition("credit account has less left than expires")
             return [(account, -amount)]
         # CHARGE, USAGE: credits first, then cash.
-        if not request.allow_overdraft and kind is Kind.CHARGE and wallet.spendable < amount:
+        spendable = wallet.spendable - sum(c.balance for c in wallet.credits if self._expired(c))
+        if not request.allow_overdraft and kind is Kind.CHARGE and spendable < amount:
             raise InsufficientFunds(
-                f"insufficient funds: spendable {format_micro(wallet.spendable)}"
+                f"insufficient funds: spendable {format_micro(spendable)}"
                 f" {wallet.currency} < amount {format_micro(amount)}"
             )
         legs: list[tuple[Account, int]] = []
@@ -291,6 +297,8 @@ class Book:
         for credit in wallet.credits:
             if left == 0:
                 break
+            if self._expired(credit):
+                continue
             take = min(credit.balance, left)
             if take > 0:
                 legs.append((credit, -take))

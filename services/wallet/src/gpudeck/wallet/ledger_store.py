@@ -91,7 +91,6 @@ FOR UPDATE OF w
 LOAD_CREDITS = """
 SELECT id, organization_id, balance, expires_at, code FROM ledger_accounts
 WHERE organization_id = ANY(%s) AND kind = 'credit' AND balance > 0
-  AND (expires_at IS NULL OR expires_at > %s)
 """
 LOCK_PLATFORM = """
 SELECT id, code, balance FROM ledger_accounts WHERE code = ANY(%s) ORDER BY id FOR UPDATE
@@ -131,7 +130,7 @@ async def lock_wallets(
         (org, currency, cash_id, code, cash, held, rate, level, wa, ca, wh, ch, below, amount) = row
         wallet = Wallet(org, currency, Account(cash_id, cash, "cash", None, code), [], held, rate, level)
         locked[org] = LockedWallet(wallet, Thresholds(wa, ca, wh, ch), below, amount)
-    cur = await conn.execute(LOAD_CREDITS, (list(locked), now))
+    cur = await conn.execute(LOAD_CREDITS, (list(locked),))
     for acct_id, org, balance, expires_at, code in await cur.fetchall():
         locked[org].wallet.credits.append(Account(acct_id, balance, "credit", expires_at, code))
     for lw in locked.values():
@@ -169,6 +168,7 @@ class LedgerStore:
         valid = [i for i in valid if outcomes[i] is None]
         to_plan, replays, same_as = await self._sort_out_keys(conn, requests, valid, outcomes)
         book = await self._book(conn, [requests[i] for i in to_plan], locked)
+        book.now = batch.now
         planned_at: dict[int, PlannedTransaction] = {}
         for i in to_plan:
             try:

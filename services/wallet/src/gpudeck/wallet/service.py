@@ -1,18 +1,30 @@
-"""What the wallet service serves and runs; the domain APIs grow in their own modules."""
+"""The wallet service: what it serves (AccountService, WalletService) and runs beside them."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+from gpudeck.kit.grpcserver import Registration
 from gpudeck.kit.runtime import ServiceContext, ServiceParts, ServiceSpec
-from gpudeck.wallet import demo
+from gpudeck.proto.wallet.v1 import wallet_pb2, wallet_pb2_grpc
+from gpudeck.wallet import demo, workers
+from gpudeck.wallet.deps import Wallet, WalletSettings
+from gpudeck.wallet.servicer import WalletServicer
 
 
 async def build(ctx: ServiceContext) -> ServiceParts:
+    wallet = Wallet(ctx.pool, WalletSettings.from_env(ctx.env))
     token = ctx.env.get("GPUDECK_BOOTSTRAP_TOKEN", "").strip() or None
     if ctx.env.get("GPUDECK_DEMO", "") in ("1", "true", "yes") or token:
         await demo.seed(ctx.pool, bootstrap_token=token)
-    return ServiceParts()
+    registrations = [
+        Registration(
+            wallet_pb2_grpc.add_WalletServiceServicer_to_server,
+            WalletServicer(wallet),
+            wallet_pb2.DESCRIPTOR.services_by_name["WalletService"].full_name,
+        ),
+    ]
+    return ServiceParts(registrations=registrations, workers=workers.loops(wallet))
 
 
 SPEC = ServiceSpec(name="wallet", migrations=Path(__file__).parent / "migrations", build=build)

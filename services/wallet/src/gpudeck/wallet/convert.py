@@ -1,0 +1,123 @@
+"""Between protobuf messages and the wallet's domain values: ids, times, money, transactions."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime
+
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from gpudeck.kit.errors import InvalidArgument
+from gpudeck.proto.common.v1.money_pb2 import Money
+from gpudeck.proto.wallet.v1 import wallet_pb2 as pb
+from gpudeck.wallet.holds import Hold
+from gpudeck.wallet.ledger import Kind, Transaction
+from gpudeck.wallet.metering import Meter
+
+KIND_FROM_PROTO = {
+    pb.TOPUP: Kind.TOPUP,
+    pb.CHARGE: Kind.CHARGE,
+    pb.REFUND: Kind.REFUND,
+    pb.ADJUSTMENT: Kind.ADJUSTMENT,
+    pb.CREDIT_GRANT: Kind.CREDIT_GRANT,
+    pb.USAGE: Kind.USAGE,
+}
+KIND_TO_PROTO = {v: k for k, v in KIND_FROM_PROTO.items()}
+
+
+def parse_id(value: str, field: str) -> uuid.UUID:
+    """A UUID from a request field; InvalidArgument naming the field otherwise."""
+    if not value:
+        raise InvalidArgument(f"{field} is required", field=field)
+    try:
+        return uuid.UUID(value)
+    except ValueError:
+        raise InvalidArgument(f"{field} is not a valid id: {value!r}", field=field) from None
+
+
+def optional_id(value: str, field: str) -> uuid.UUID | None:
+    return parse_id(value, field) if value else None
+
+
+def to_datetime(ts: Timestamp) -> datetime:
+    return ts.ToDatetime(tzinfo=UTC)
+
+
+def optional_time(message: object, field: str) -> datetime | None:
+    """The timestamp `field` of `message` if set."""
+    if message.HasField(field):  # type: ignore[attr-defined]
+        return to_datetime(getattr(message, field))
+    return None
+
+
+def timestamp(value: datetime | None) -> Timestamp | None:
+    if value is None:
+        return None
+    ts = Timestamp()
+    ts.FromDatetime(value)
+    return ts
+
+
+def money(amount: int, currency: str) -> Money:
+    return Money(amount=amount, currency=currency)
+
+
+def transaction(tx: Transaction) -> pb.Transaction:
+    message = pb.Transaction(
+        id=str(tx.id),
+        organization_id=str(tx.organization_id),
+        kind=KIND_TO_PROTO.get(tx.kind, pb.TRANSFER_KIND_UNSPECIFIED),
+        amount=money(tx.amount, tx.currency),
+        exchange_rate=tx.exchange_rate or "",
+        description=tx.description,
+        resource_type=tx.resource_type,
+        resource_id=tx.resource_id,
+        project_id=str(tx.project_id or ""),
+        balance_after=money(tx.balance_after, tx.currency),
+        created_at=timestamp(tx.created_at),
+        idempotency_key=tx.idempotency_key,
+        actor=tx.actor,
+        postings=[
+            pb.Posting(
+                account=p.account,
+                amount=p.amount,
+                balance_before=p.balance_before,
+                balance_after=p.balance_after,
+                currency=tx.currency,
+            )
+            for p in tx.postings
+        ],
+    )
+    if tx.payment_amount is not None:
+        message.payment_amount.CopyFrom(money(tx.payment_amount, tx.payment_currency or ""))
+    return message
+
+
+def hold(h: Hold) -> pb.Hold:
+    return pb.Hold(
+        id=str(h.id),
+        organization_id=str(h.organization_id),
+        amount=money(h.amount, h.currency),
+        status=h.status,
+        captured=money(h.captured, h.currency),
+        description=h.description,
+        created_at=timestamp(h.created_at),
+        expires_at=timestamp(h.expires_at),
+        resolved_at=timestamp(h.resolved_at),
+    )
+
+
+def meter(m: Meter) -> pb.Meter:
+    return pb.Meter(
+        id=m.id,
+        organization_id=str(m.organization_id),
+        project_id=str(m.project_id or ""),
+        resource_id=m.resource_id,
+        resource_type=m.resource_type,
+        hourly_rate=m.hourly_rate,
+        opened_at=timestamp(m.opened_at),
+        closed_at=timestamp(m.closed_at),
+        billed_until=timestamp(m.billed_until),
+        total_charged=m.total_charged,
+        currency=m.currency,
+    )

@@ -1,0 +1,48 @@
+"""What the wallet's servicers and workers share: the pool, the stores and the settings."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from psycopg_pool import AsyncConnectionPool
+
+from gpudeck.kit.config import number
+from gpudeck.wallet.holds_store import HoldStore
+from gpudeck.wallet.ledger_store import LedgerStore, Policy
+from gpudeck.wallet.metering_store import MeterStore
+
+
+@dataclass(frozen=True)
+class WalletSettings:
+    """The wallet's own settings (environment variables in brackets)."""
+
+    billing_interval: float = 10.0  # seconds between billing ticks [GPUDECK_BILLING_INTERVAL]
+    depletion_seconds: float = 10.0  # [GPUDECK_DEPLETION_SECONDS]
+    kyc_topup_limit: int = 500_000_000  # unverified orgs may top up at most this [GPUDECK_KYC_TOPUP_LIMIT]
+    announce_interval: float = 0.25  # how often wallet.balance.changed is considered
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] = os.environ) -> WalletSettings:
+        return cls(
+            billing_interval=number(env, "GPUDECK_BILLING_INTERVAL", cls.billing_interval, minimum=0.05),
+            depletion_seconds=number(env, "GPUDECK_DEPLETION_SECONDS", cls.depletion_seconds),
+            kyc_topup_limit=int(
+                number(env, "GPUDECK_KYC_TOPUP_LIMIT", cls.kyc_topup_limit / 1_000_000) * 1_000_000
+            ),
+        )
+
+
+@dataclass
+class Wallet:
+    pool: AsyncConnectionPool
+    settings: WalletSettings = field(default_factory=WalletSettings)
+    ledger: LedgerStore = field(init=False)
+    holds: HoldStore = field(init=False)
+    meters: MeterStore = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.ledger = LedgerStore(policy=Policy(depletion_seconds=self.settings.depletion_seconds))
+        self.holds = HoldStore(self.ledger)
+        self.meters = MeterStore(self.ledger)

@@ -1,0 +1,198 @@
+"""gRPC ⇄ domain for the ledger, holds and meters: decode, call the store, encode."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import grpc
+
+from gpudeck.kit.errors import InvalidArgument
+from gpudeck.kit.logs import actor
+from gpudeck.proto.wallet.v1 import wallet_pb2 as pb
+from gpudeck.wallet import convert
+from gpudeck.wallet.deps import Wallet
+from gpudeck.wallet.holds import HoldRequest
+from gpudeck.wallet.ledger import TransferRequest
+from gpudeck.wallet.metering import MeterRequest
+
+Ctx = grpc.aio.ServicerContext
+MAX_BATCH = 10_000
+
+
+def transfer_request(m: pb.TransferRequest) -> TransferRequest:
+    kind = convert.KIND_FROM_PROTO.get(m.kind)
+    if kind is None:
+        raise InvalidArgument(
+            "kind must be TOPUP, CHARGE, REFUND, ADJUSTMENT, CREDIT_GRANT or USAGE", field="kind"
+        )
+    if not m.HasField("amount"):
+        raise InvalidArgument("amount is required", field="amount")
+    return TransferRequest(
+        key=m.idempotency_key,
+        organization_id=convert.parse_id(m.organization_id, "organization_id"),
+        kind=kind,
+        amount=m.amount.amount,
+        currency=m.amount.currency.upper(),
+        description=m.description,
+        project_id=convert.optional_id(m.project_id, "project_id"),
+        resource_type=m.resource_type,
+        resource_id=m.resource_id,
+        credit_expires_at=convert.optional_time(m, "credit_expires_at"),
+        credit_source=m.credit_source,
+        reference=m.reference,
+        actor=actor.get(),
+    )
+
+
+class LedgerRpcs:
+    wallet: Wallet
+
+    async def Transfer(self, request: pb.TransferRequest, context: Ctx) -> pb.Transaction:  # noqa: N802
+        transfer = transfer_request(request)
+        async with self.wallet.pool.connection() as conn, conn.transaction():
+            [outcome] = await self.wallet.ledger.post_transfers(conn, [transfer])
+        if outcome.error is not None:
+            raise outcome.error
+        assert outcome.transaction is not None
+        return convert.transaction(outcome.transaction)
+
+    async def TransferBatch(  # noqa: N802
+        self, request: pb.TransferBatchRequest, context: Ctx
+    ) -> pb.TransferBatchResponse:
+        if len(request.transfers) > MAX_BATCH:
+            raise InvalidArgument(f"at most {MAX_BATCH} transfers per batch", field="transfers")
+        results: list[pb.TransferResult | None] = [None] * len(request.transfers)
+        parsed: list[tuple[int, TransferRequest]] = []
+        for i, item in enumerate(request.transfers):
+            try:
+                parsed.append((i, transfer_request(item)))
+            except InvalidArgument as exc:
+                results[i] = pb.TransferResult(error_code=exc.code, error_message=exc.message)
+        async with self.wallet.pool.connection() as conn, conn.transaction():
+            outcomes = await self.wallet.ledger.post_transfers(conn, [t for _, t in parsed])
+        for (i, _), outcome in zip(parsed, outcomes, strict=True):
+            if outcome.error is not None:
+                results[i] = pb.TransferResult(
+                    error_code=outcome.error.code, error_message=outcome.error.message
+                )
+            else:
+                assert outcome.transaction is not None
+                results[i] = pb.TransferResult(transaction=convert.transaction(outcome.transaction))
+        return pb.TransferBatchResponse(results=results)
+
+    async def ListTransactions(  # noqa: N802
+        self, request: pb.ListTransactionsRequest, context: Ctx
+    ) -> pb.ListTransactionsResponse:
+        org = convert.parse_id(request.organization_id, "organization_id")
+        limit = min(max(request.limit or 50, 1), 500)
+        kinds = [convert.KIND_FROM_PROTO[k].value for k in request.kinds if k in convert.KIND_FROM_PROTO]
+        before = convert.optional_id(request.before_id, "before_id")
+        async with self.wallet.pool.connection() as conn:
+            cur = await conn.execute(
+                "SELECT id FROM transactions WHERE organization_id = %s"
+                " AND (%s::uuid IS NULL OR id < %s) AND (cardinality(%s::text[]) = 0 OR kind = ANY(%s))"
+                " ORDER BY id DESC LIMIT %s",
+                (org, before, before, kinds, kinds, limit),
+            )
+            ids = [row[0] for row in await cur.fetchall()]
+            found = await self.wallet.ledger.load_transactions(conn, ids)
+        return pb.ListTransactionsResponse(
+            transactions=[convert.transaction(found[i]) for i in ids]
+        )
+
+    # ------------------------------------------------------------------ holds
+
+    async def CreateHold(self, request: pb.CreateHoldRequest, context: Ctx) -> pb.Hold:  # noqa: N802
+        hold_request = HoldRequest(
+            key=request.idempotency_key,
+            organization_id=convert.parse_id(request.organization_id, "organization_id"),
+            amount=request.amount,
+            timeout_seconds=request.timeout_seconds or HoldRequest.timeout_seconds,
+            description=request.description,
+            project_id=convert.optional_id(request.project_id, "project_id"),
+            resource_type=request.resource_type,
+            resource_id=request.resource_id,
+        )
+        async with self.wallet.pool.connection() as conn, conn.transaction():
+            hold = await self.wallet.holds.create(conn, hold_request)
+        return convert.hold(hold)
+
+    async def CaptureHold(  # noqa: N802
+        self, request: pb.CaptureHoldRequest, context: Ctx
+    ) -> pb.CaptureHoldResponse:
+        hold_id = convert.parse_id(request.hold_id, "hold_id")
+        _require_key(request.idempotency_key)
+        amount = request.amount if request.HasField("amount") else None
+        async with self.wallet.pool.connection() as conn, conn.transaction():
+            hold, tx = await self.wallet.holds.capture(
+                conn, hold_id, amount, request.idempotency_key, actor=actor.get()
+            )
+        response = pb.CaptureHoldResponse(hold=convert.hold(hold))
+        if tx is not None:
+            response.transaction.CopyFrom(convert.transaction(tx))
+        return response
+
+    async def VoidHold(self, request: pb.VoidHoldRequest, context: Ctx) -> pb.Hold:  # noqa: N802
+        hold_id = convert.parse_id(request.hold_id, "hold_id")
+        _require_key(request.idempotency_key)
+        async with self.wallet.pool.connection() as conn, conn.transaction():
+            hold = await self.wallet.holds.void(conn, hold_id, request.idempotency_key)
+        return convert.hold(hold)
+
+    async def GetHold(self, request: pb.GetHoldRequest, context: Ctx) -> pb.Hold:  # noqa: N802
+        hold_id = convert.parse_id(request.hold_id, "hold_id")
+        async with self.wallet.pool.connection() as conn:
+            return convert.hold(await self.wallet.holds.get(conn, hold_id))
+
+    # ------------------------------------------------------------------ meters
+
+    async def OpenMeter(self, request: pb.OpenMeterRequest, context: Ctx) -> pb.Meter:  # noqa: N802
+        meter_request = MeterRequest(
+            meter_id=request.meter_id,
+            organization_id=convert.parse_id(request.organization_id, "organization_id"),
+            resource_id=request.resource_id,
+            resource_type=request.resource_type,
+            hourly_rate=request.hourly_rate,
+            project_id=convert.optional_id(request.project_id, "project_id"),
+            at=convert.optional_time(request, "at"),
+        )
+        async with self.wallet.pool.connection() as conn, conn.transaction():
+            return convert.meter(await self.wallet.meters.open(conn, meter_request))
+
+    async def UpdateMeterRate(  # noqa: N802
+        self, request: pb.UpdateMeterRateRequest, context: Ctx
+    ) -> pb.Meter:
+        at = convert.optional_time(request, "at")
+        async with self.wallet.pool.connection() as conn, conn.transaction():
+            meter = await self.wallet.meters.update_rate(
+                conn, _meter_id(request.meter_id), request.hourly_rate, at
+            )
+        return convert.meter(meter)
+
+    async def CloseMeter(self, request: pb.CloseMeterRequest, context: Ctx) -> pb.Meter:  # noqa: N802
+        at = convert.optional_time(request, "at")
+        async with self.wallet.pool.connection() as conn, conn.transaction():
+            meter = await self.wallet.meters.close(conn, _meter_id(request.meter_id), at)
+        return convert.meter(meter)
+
+    async def ListMeters(  # noqa: N802
+        self, request: pb.ListMetersRequest, context: Ctx
+    ) -> pb.ListMetersResponse:
+        org = convert.parse_id(request.organization_id, "organization_id")
+        async with self.wallet.pool.connection() as conn:
+            meters = await self.wallet.meters.list(conn, org, open_only=request.open_only)
+        return pb.ListMetersResponse(meters=[convert.meter(m) for m in meters])
+
+
+def _require_key(key: str) -> None:
+    if not key.strip():
+        raise InvalidArgument("idempotency_key is required", field="idempotency_key")
+
+
+def _meter_id(value: str) -> str:
+    if not value.strip():
+        raise InvalidArgument("meter_id is required", field="meter_id")
+    return value
+
+
+__all__: list[Any] = ["LedgerRpcs"]

@@ -1,0 +1,159 @@
+from __future__ import annotations
+
+import uuid
+from collections.abc import Awaitable, Callable
+
+import grpc
+import pytest
+
+from gpudeck.proto.common.v1.money_pb2 import Money
+from gpudeck.proto.wallet.v1 import wallet_pb2 as pb
+from gpudeck.proto.wallet.v1.wallet_pb2_grpc import WalletServiceStub
+
+NewOrg = Callable[..., Awaitable[uuid.UUID]]
+USD = 1_000_000
+
+
+def transfer(org: uuid.UUID, kind: int, amount: int, key: str | None = None, **kw: object) -> pb.TransferRequest:
+    return pb.TransferRequest(
+        idempotency_key=key or uuid.uuid4().hex,
+        organization_id=str(org),
+        kind=kind,  # type: ignore[arg-type]
+        amount=Money(amount=amount, currency=str(kw.pop("currency", ""))),
+        **kw,  # type: ignore[arg-type]
+    )
+
+
+async def test_top_up_and_charge(wallet_stub: WalletServiceStub, new_org: NewOrg) -> None:
+    org = await new_org()
+    top = await wallet_stub.Transfer(transfer(org, pb.TOPUP, 50 * USD))
+    assert top.balance_after.amount == 50 * USD
+    charge = await wallet_stub.Transfer(transfer(org, pb.CHARGE, 20 * USD, resource_type="pod"))
+    assert charge.balance_after.amount == 30 * USD
+    assert sum(p.amount for p in charge.postings) == 0
+    assert all(p.balance_after == p.balance_before + p.amount for p in charge.postings)
+
+
+async def test_a_charge_beyond_spendable_is_refused_and_changes_nothing(
+    wallet_stub: WalletServiceStub, new_org: NewOrg
+) -> None:
+    org = await new_org()
+    await wallet_stub.Transfer(transfer(org, pb.TOPUP, 5 * USD))
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await wallet_stub.Transfer(transfer(org, pb.CHARGE, 6 * USD))
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "insufficient funds" in (err.value.details() or "")
+    assert ("x-error-reason", "INSUFFICIENT_FUNDS") in list(err.value.trailing_metadata() or ())
+    again = await wallet_stub.Transfer(transfer(org, pb.CHARGE, 5 * USD))
+    assert again.balance_after.amount == 0
+
+
+async def test_a_retry_with_the_same_key_returns_the_first_result(
+    wallet_stub: WalletServiceStub, new_org: NewOrg
+) -> None:
+    org = await new_org()
+    first = await wallet_stub.Transfer(transfer(org, pb.TOPUP, 7 * USD, key="k1"))
+    second = await wallet_stub.Transfer(transfer(org, pb.TOPUP, 7 * USD, key="k1"))
+    assert second == first
+    listed = await wallet_stub.ListTransactions(pb.ListTransactionsRequest(organization_id=str(org)))
+    assert [t.id for t in listed.transactions] == [first.id]
+
+
+async def test_the_same_key_with_another_payload_is_refused(
+    wallet_stub: WalletServiceStub, new_org: NewOrg
+) -> None:
+    org = await new_org()
+    await wallet_stub.Transfer(transfer(org, pb.TOPUP, 7 * USD, key="k2"))
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await wallet_stub.Transfer(transfer(org, pb.TOPUP, 8 * USD, key="k2"))
+    assert err.value.code() == grpc.StatusCode.ABORTED
+    assert "idempotency_key" in (err.value.details() or "")
+
+
+@pytest.mark.parametrize(
+    ("amount", "field"),
+    [(0, "amount"), (-5, "amount"), (10**18, "amount")],
+)
+async def test_bad_amounts_are_invalid_arguments_naming_the_field(
+    wallet_stub: WalletServiceStub, new_org: NewOrg, amount: int, field: str
+) -> None:
+    org = await new_org()
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await wallet_stub.Transfer(transfer(org, pb.TOPUP, amount))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert field in (err.value.details() or "")
+
+
+async def test_unknown_currency_and_organization(wallet_stub: WalletServiceStub, new_org: NewOrg) -> None:
+    org = await new_org()
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await wallet_stub.Transfer(transfer(org, pb.TOPUP, USD, currency="EUR"))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "currency" in (err.value.details() or "")
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await wallet_stub.Transfer(transfer(uuid.uuid4(), pb.TOPUP, USD))
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+async def test_credits_are_spent_before_cash(wallet_stub: WalletServiceStub, new_org: NewOrg) -> None:
+    org = await new_org()
+    await wallet_stub.Transfer(transfer(org, pb.TOPUP, 10 * USD))
+    await wallet_stub.Transfer(transfer(org, pb.CREDIT_GRANT, 3 * USD, credit_source="promotion"))
+    charge = await wallet_stub.Transfer(transfer(org, pb.CHARGE, 4 * USD))
+    assert charge.balance_after.amount == 9 * USD
+    debits = sorted((p.account.split(":")[2], p.amount) for p in charge.postings if p.amount < 0)
+    assert debits == [("cash", -1 * USD), ("credit", -3 * USD)]
+
+
+async def test_batch_gives_a_result_per_item(wallet_stub: WalletServiceStub, new_org: NewOrg) -> None:
+    org = await new_org()
+    batch = pb.TransferBatchRequest(
+        transfers=[
+            transfer(org, pb.TOPUP, 10 * USD),
+            transfer(org, pb.CHARGE, 4 * USD),
+            transfer(org, pb.CHARGE, 7 * USD),  # only 6 left
+            transfer(org, pb.CHARGE, 0),
+            transfer(org, pb.CHARGE, 6 * USD),
+        ]
+    )
+    results = (await wallet_stub.TransferBatch(batch)).results
+    assert [r.error_code for r in results] == ["", "", "FAILED_PRECONDITION", "INVALID_ARGUMENT", ""]
+    assert results[4].transaction.balance_after.amount == 0
+
+
+async def test_hold_capture_releases_the_rest(wallet_stub: WalletServiceStub, new_org: NewOrg) -> None:
+    org = await new_org()
+    await wallet_stub.Transfer(transfer(org, pb.TOPUP, 10 * USD))
+    hold = await wallet_stub.CreateHold(
+        pb.CreateHoldRequest(idempotency_key="h", organization_id=str(org), amount=8 * USD, timeout_seconds=60)
+    )
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await wallet_stub.Transfer(transfer(org, pb.CHARGE, 3 * USD))
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    captured = await wallet_stub.CaptureHold(
+        pb.CaptureHoldRequest(idempotency_key="c", hold_id=hold.id, amount=5 * USD)
+    )
+    assert captured.hold.status == "captured"
+    assert captured.transaction.balance_after.amount == 5 * USD
+    charge = await wallet_stub.Transfer(transfer(org, pb.CHARGE, 5 * USD))
+    assert charge.balance_after.amount == 0
+
+
+async def test_capture_above_the_hold_and_second_capture_are_refused(
+    wallet_stub: WalletServiceStub, new_org: NewOrg
+) -> None:
+    org = await new_org()
+    await wallet_stub.Transfer(transfer(org, pb.TOPUP, 10 * USD))
+    hold = await wallet_stub.CreateHold(
+        pb.CreateHoldRequest(idempotency_key="h", organization_id=str(org), amount=2 * USD)
+    )
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await wallet_stub.CaptureHold(pb.CaptureHoldRequest(idempotency_key="c1", hold_id=hold.id, amount=3 * USD))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    first = await wallet_stub.CaptureHold(pb.CaptureHoldRequest(idempotency_key="c2", hold_id=hold.id))
+    retried = await wallet_stub.CaptureHold(pb.CaptureHoldRequest(idempotency_key="c2", hold_id=hold.id))
+    assert retried == first
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await wallet_stub.CaptureHold(pb.CaptureHoldRequest(idempotency_key="c3", hold_id=hold.id))
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "already captured" in (err.value.details() or "")
