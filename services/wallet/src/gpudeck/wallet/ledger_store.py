@@ -75,22 +75,23 @@ class Batch:
     events: list[Event] = field(default_factory=list)
 
 
+# Rows of other tables joined to a locked row are read from the statement's snapshot, which may
+# predate the lock wait: so the wallets are locked first, and balances read by a later statement.
 LOCK_WALLETS = """
-SELECT w.organization_id, w.currency, a.id, a.code, a.balance, w.held_balance, w.run_rate, w.level,
+SELECT w.organization_id, w.currency, w.cash_account_id, w.held_balance, w.run_rate, w.level,
        coalesce(t.warning_amount, 0), coalesce(t.critical_amount, 0),
        coalesce(t.warning_hours, 0), coalesce(t.critical_hours, 0),
        CASE WHEN u.enabled THEN u.below ELSE 0 END, coalesce(u.amount, 0)
 FROM wallets w
-JOIN ledger_accounts a ON a.id = w.cash_account_id
 LEFT JOIN thresholds t ON t.organization_id = w.organization_id
 LEFT JOIN auto_topups u ON u.organization_id = w.organization_id
 WHERE w.organization_id = ANY(%s)
 ORDER BY w.organization_id
 FOR UPDATE OF w
 """
-LOAD_CREDITS = """
-SELECT id, organization_id, balance, expires_at, code FROM ledger_accounts
-WHERE organization_id = ANY(%s) AND kind = 'credit' AND balance > 0
+LOAD_ACCOUNTS = """
+SELECT id, organization_id, kind, balance, expires_at, code FROM ledger_accounts
+WHERE organization_id = ANY(%s) AND (kind = 'cash' OR (kind = 'credit' AND balance > 0))
 """
 LOCK_PLATFORM = """
 SELECT id, code, balance FROM ledger_accounts WHERE code = ANY(%s) ORDER BY id FOR UPDATE
@@ -127,12 +128,16 @@ async def lock_wallets(
     cur = await conn.execute(LOCK_WALLETS, (ids,))
     locked: dict[uuid.UUID, LockedWallet] = {}
     for row in await cur.fetchall():
-        (org, currency, cash_id, code, cash, held, rate, level, wa, ca, wh, ch, below, amount) = row
-        wallet = Wallet(org, currency, Account(cash_id, cash, "cash", None, code), [], held, rate, level)
+        (org, currency, cash_id, held, rate, level, wa, ca, wh, ch, below, amount) = row
+        wallet = Wallet(org, currency, Account(cash_id, 0), [], held, rate, level)
         locked[org] = LockedWallet(wallet, Thresholds(wa, ca, wh, ch), below, amount)
-    cur = await conn.execute(LOAD_CREDITS, (list(locked),))
-    for acct_id, org, balance, expires_at, code in await cur.fetchall():
-        locked[org].wallet.credits.append(Account(acct_id, balance, "credit", expires_at, code))
+    cur = await conn.execute(LOAD_ACCOUNTS, (list(locked),))
+    for acct_id, org, kind, balance, expires_at, code in await cur.fetchall():
+        wallet = locked[org].wallet
+        if kind == "cash":
+            wallet.cash = Account(acct_id, balance, "cash", None, code)
+        else:
+            wallet.credits.append(Account(acct_id, balance, "credit", expires_at, code))
     for lw in locked.values():
         lw.wallet.credits.sort(key=lambda a: (a.expires_at is None, a.expires_at or now, a.id))
     return locked
