@@ -3,20 +3,15 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
-import subprocess
 import sys
 import uuid
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
-import grpc
 import pytest
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 from psycopg_pool import AsyncConnectionPool
 
-from gpudeck.cli.embedded import free_port
 from gpudeck.kit.config import EventsConfig
 from gpudeck.kit.grpcclient import channel
 from gpudeck.proto.wallet.v1.wallet_pb2_grpc import WalletServiceStub
@@ -24,9 +19,9 @@ from gpudeck.wallet import audit
 
 sys.path.insert(0, str(Path(__file__).parent))
 import workload  # noqa: E402
+from processes import TOKEN, start_wallet, wait_serving, wallet_env  # noqa: E402
 
 NewOrg = Callable[..., Awaitable[uuid.UUID]]
-TOKEN = "invariant-token"
 
 
 async def assert_books_sound(pool: AsyncConnectionPool, orgs: list[uuid.UUID]) -> None:
@@ -65,31 +60,6 @@ async def test_invariants_hold_after_a_concurrent_workload(
     await assert_acknowledged_are_recorded(wallet_pool, record)
 
 
-def start_wallet(env: dict[str, str]) -> subprocess.Popen[bytes]:
-    return subprocess.Popen(
-        [sys.executable, "-m", "gpudeck.wallet"],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-
-
-async def wait_serving(address: str, timeout: float = 30) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout
-    async with grpc.aio.insecure_channel(address) as ch:
-        stub = health_pb2_grpc.HealthStub(ch)
-        while True:
-            try:
-                reply = await stub.Check(health_pb2.HealthCheckRequest(), timeout=1)
-                if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                    return
-            except grpc.aio.AioRpcError:
-                pass
-            if asyncio.get_running_loop().time() > deadline:
-                raise TimeoutError(f"wallet at {address} did not become SERVING")
-            await asyncio.sleep(0.1)
-
-
 @pytest.mark.slow
 async def test_kill_9_mid_workload_loses_no_acknowledged_call(
     database_url: str,
@@ -97,18 +67,8 @@ async def test_kill_9_mid_workload_loses_no_acknowledged_call(
     wallet_pool: AsyncConnectionPool,
     new_org: NewOrg,
 ) -> None:
-    port = free_port()
-    address = f"127.0.0.1:{port}"
-    env = {
-        **os.environ,
-        "GPUDECK_DATABASE_URL": database_url,
-        "GPUDECK_NATS_URL": events_config.nats_url,
-        "GPUDECK_EVENTS_STREAM": events_config.stream,
-        "GPUDECK_EVENTS_PREFIX": events_config.subject_prefix,
-        "GPUDECK_SERVICE_TOKEN": TOKEN,
-        "GPUDECK_WALLET_LISTEN": address,
-        "GPUDECK_WALLET_METRICS_LISTEN": f"127.0.0.1:{free_port()}",
-    }
+    env = wallet_env(database_url, events_config)
+    address = env["GPUDECK_WALLET_LISTEN"]
     orgs = [await new_org() for _ in range(4)]
     proc = start_wallet(env)
     try:

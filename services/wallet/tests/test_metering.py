@@ -1,0 +1,158 @@
+"""Per-second metering: exact charges across restarts, rate changes and late closes."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import uuid
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+from google.protobuf.timestamp_pb2 import Timestamp
+from psycopg_pool import AsyncConnectionPool
+
+from gpudeck.kit.config import EventsConfig
+from gpudeck.kit.grpcclient import channel
+from gpudeck.proto.common.v1.money_pb2 import Money
+from gpudeck.proto.wallet.v1 import wallet_pb2 as pb
+from gpudeck.proto.wallet.v1.wallet_pb2_grpc import WalletServiceStub
+from gpudeck.wallet import audit
+from gpudeck.wallet.metering import owed
+
+sys.path.insert(0, str(Path(__file__).parent))
+from processes import TOKEN, start_wallet, wait_serving, wallet_env  # noqa: E402
+
+NewOrg = Callable[..., Awaitable[uuid.UUID]]
+
+
+def ts(value: datetime) -> Timestamp:
+    t = Timestamp()
+    t.FromDatetime(value)
+    return t
+
+
+def test_owed_floors_the_cumulative_amount() -> None:
+    start = datetime(2026, 1, 1, tzinfo=UTC)
+    assert owed(36_000_000, start, start + timedelta(seconds=5)) == 50_000
+    assert owed(1_000_003, start, start + timedelta(seconds=5)) == 1388  # 1388.89 floored
+    # Many small steps add up to the same floor as one step: no drift.
+    steps = [owed(1_000_003, start, start + timedelta(milliseconds=250 * i)) for i in range(21)]
+    assert steps[-1] == 1388 and steps == sorted(steps)
+
+
+async def top_up(stub: WalletServiceStub, org: uuid.UUID, amount: int) -> None:
+    await stub.Transfer(
+        pb.TransferRequest(
+            idempotency_key=uuid.uuid4().hex, organization_id=str(org), kind=pb.TOPUP,
+            amount=Money(amount=amount),
+        )
+    )  # fmt: skip
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("rate", [36_000_000, 1_000_003])
+async def test_a_meter_open_n_seconds_across_a_restart_is_charged_rate_times_n(
+    database_url: str,
+    events_config: EventsConfig,
+    wallet_pool: AsyncConnectionPool,
+    new_org: NewOrg,
+    rate: int,
+) -> None:
+    n = 4
+    env = wallet_env(database_url, events_config, GPUDECK_BILLING_INTERVAL="0.3")
+    address = env["GPUDECK_WALLET_LISTEN"]
+    org = await new_org()
+    meter_id = f"pod:{uuid.uuid4()}"
+    proc = start_wallet(env)
+    try:
+        await wait_serving(address)
+        async with channel(address, TOKEN) as ch:
+            stub = WalletServiceStub(ch)
+            await top_up(stub, org, 100_000_000)
+            start = datetime.now(UTC) - timedelta(seconds=1)
+            await stub.OpenMeter(
+                pb.OpenMeterRequest(
+                    meter_id=meter_id, organization_id=str(org), resource_id="pod-1",
+                    resource_type="pod", hourly_rate=rate, at=ts(start),
+                )
+            )  # fmt: skip
+        await asyncio.sleep(1.0)  # some ticks bill
+        proc.terminate()
+        proc.wait(10)
+        proc = start_wallet(env)
+        await wait_serving(address)
+        end = start + timedelta(seconds=n)
+        while datetime.now(UTC) < end + timedelta(seconds=0.7):  # ticks bill past the end
+            await asyncio.sleep(0.2)
+        async with channel(address, TOKEN) as ch:
+            meter = await WalletServiceStub(ch).CloseMeter(
+                pb.CloseMeterRequest(meter_id=meter_id, at=ts(end))
+            )
+    finally:
+        proc.terminate()
+        proc.wait(10)
+    expected = rate * n // 3600
+    assert meter.total_charged == expected
+    async with wallet_pool.connection() as conn:
+        cur = await conn.execute(
+            "SELECT coalesce(sum(CASE WHEN kind = 'refund' THEN -amount ELSE amount END), 0)"
+            " FROM transactions t WHERE organization_id = %s AND kind IN ('usage', 'refund')",
+            (org,),
+        )
+        assert (await cur.fetchone()) == (expected,)
+        cur = await conn.execute("SELECT balance FROM wallets WHERE organization_id = %s", (org,))
+        assert (await cur.fetchone()) == (100_000_000 - expected,)
+        cur = await conn.execute(
+            "SELECT total FROM resource_costs WHERE organization_id = %s AND resource_id = 'pod-1'",
+            (org,),
+        )
+        assert (await cur.fetchone()) == (expected,)
+        assert await audit.check(conn) == []
+
+
+async def test_rate_change_bills_each_segment_at_its_rate(
+    wallet_stub: WalletServiceStub, new_org: NewOrg
+) -> None:
+    org = await new_org()
+    await top_up(wallet_stub, org, 100_000_000)
+    start = datetime.now(UTC) - timedelta(seconds=30)
+    meter_id = f"vm:{uuid.uuid4()}"
+    await wallet_stub.OpenMeter(
+        pb.OpenMeterRequest(
+            meter_id=meter_id, organization_id=str(org), resource_id="vm-1",
+            resource_type="vm", hourly_rate=3_600_000, at=ts(start),
+        )
+    )  # fmt: skip
+    await wallet_stub.UpdateMeterRate(
+        pb.UpdateMeterRateRequest(
+            meter_id=meter_id, hourly_rate=7_200_000, at=ts(start + timedelta(seconds=10))
+        )
+    )
+    closed = await wallet_stub.CloseMeter(
+        pb.CloseMeterRequest(meter_id=meter_id, at=ts(start + timedelta(seconds=20)))
+    )
+    assert closed.total_charged == 10 * 1000 + 10 * 2000
+    again = await wallet_stub.CloseMeter(pb.CloseMeterRequest(meter_id=meter_id))
+    assert again == closed
+
+
+async def test_open_is_idempotent_and_run_rate_follows_meters(
+    wallet_stub: WalletServiceStub, wallet_pool: AsyncConnectionPool, new_org: NewOrg
+) -> None:
+    org = await new_org()
+    request = pb.OpenMeterRequest(
+        meter_id=f"nfs:{uuid.uuid4()}", organization_id=str(org), resource_id="vol-1",
+        resource_type="nfs_volume", hourly_rate=500_000,
+    )  # fmt: skip
+    first = await wallet_stub.OpenMeter(request)
+    second = await wallet_stub.OpenMeter(request)
+    assert first.opened_at == second.opened_at
+    async with wallet_pool.connection() as conn:
+        cur = await conn.execute("SELECT run_rate FROM wallets WHERE organization_id = %s", (org,))
+        assert (await cur.fetchone()) == (500_000,)
+    await wallet_stub.CloseMeter(pb.CloseMeterRequest(meter_id=request.meter_id))
+    async with wallet_pool.connection() as conn:
+        cur = await conn.execute("SELECT run_rate FROM wallets WHERE organization_id = %s", (org,))
+        assert (await cur.fetchone()) == (0,)
