@@ -1,0 +1,61 @@
+"""The gateway's aiohttp application: routes, and what opens at start and closes at shutdown.
+
+/graphql               GraphQL over POST and GET, websockets, and GraphiQL for a browser
+/graphiql/static/...   GraphiQL's JS and CSS
+/healthz               200 {"status": "ok"} while the gateway is up
+/metrics               Prometheus metrics
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+from aiohttp import web
+
+from gpudeck.gateway import graphiql
+from gpudeck.gateway.backends import Backends
+from gpudeck.gateway.config import Settings
+from gpudeck.gateway.metrics import handle_metrics
+from gpudeck.gateway.schema import build_schema
+from gpudeck.gateway.view import GatewayView
+
+BACKENDS = web.AppKey("backends", Backends)
+VIEW = web.AppKey("view", GatewayView)
+
+
+async def handle_healthz(_request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+def make_app(settings: Settings, *, backends: Backends | None = None) -> web.Application:
+    """The application for `settings`; channels open on start-up and close on clean-up.
+
+    Run it with aiohttp's AppRunner (see gpudeck.gateway.__main__) or a test server.
+    """
+    if backends is None:
+        backends = Backends(
+            settings.service_addresses,
+            token=settings.service_token,
+            health_timeout=settings.health_timeout,
+        )
+    view = GatewayView(build_schema(), backends)
+    app = web.Application()
+    app[BACKENDS] = backends
+    app[VIEW] = view
+    app.router.add_route("GET", "/graphql", view)
+    app.router.add_route("POST", "/graphql", view)
+    app.router.add_get("/healthz", handle_healthz)
+    app.router.add_get("/metrics", handle_metrics)
+    graphiql.add_routes(app)
+
+    async def channels(app: web.Application) -> AsyncIterator[None]:
+        await app[BACKENDS].open()
+        yield
+        await app[BACKENDS].close(grace=1.0)
+
+    async def close_websockets(app: web.Application) -> None:
+        await app[VIEW].close_websockets()
+
+    app.cleanup_ctx.append(channels)
+    app.on_shutdown.append(close_websockets)
+    return app

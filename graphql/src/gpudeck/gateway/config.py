@@ -1,0 +1,57 @@
+"""The gateway's settings: environment → a frozen dataclass, validated once at start.
+
+GPUDECK_GATEWAY_LISTEN          host:port to serve HTTP and websockets on (127.0.0.1:8080)
+GPUDECK_<SERVICE>_ADDR          where each service's gRPC server is (gpudeck.kit.config)
+GPUDECK_SERVICE_TOKEN           the internal token sent on every gRPC call (required)
+GPUDECK_GATEWAY_HEALTH_TIMEOUT  deadline of one gRPC health check, in seconds (1)
+GPUDECK_SHUTDOWN_GRACE          seconds to finish requests in flight on SIGTERM (10)
+GPUDECK_LOG_LEVEL               DEBUG, INFO, WARNING or ERROR (INFO)
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from gpudeck.kit.config import (
+    GATEWAY_PORT,
+    ConfigError,
+    address,
+    number,
+    require,
+    service_addresses,
+)
+
+DEFAULT_LISTEN = f"127.0.0.1:{GATEWAY_PORT}"
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+
+
+def log_level(env: Mapping[str, str], name: str = "GPUDECK_LOG_LEVEL") -> str:
+    level = env.get(name, "").strip().upper() or "INFO"
+    if level not in LOG_LEVELS:
+        raise ConfigError(f"{name}={level!r} is not DEBUG, INFO, WARNING or ERROR")
+    return level
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What the gateway needs to start; `from_env` raises `ConfigError` naming the variable."""
+
+    service_token: str
+    listen: str = DEFAULT_LISTEN
+    service_addresses: Mapping[str, str] = field(default_factory=service_addresses)
+    health_timeout: float = 1.0
+    shutdown_grace: float = 10.0
+    log_level: str = "INFO"
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] = os.environ) -> Settings:
+        return cls(
+            listen=address(env, "GPUDECK_GATEWAY_LISTEN", DEFAULT_LISTEN),
+            service_addresses=service_addresses(env),
+            service_token=require(env, "GPUDECK_SERVICE_TOKEN"),
+            health_timeout=number(env, "GPUDECK_GATEWAY_HEALTH_TIMEOUT", 1.0, minimum=0.05),
+            shutdown_grace=number(env, "GPUDECK_SHUTDOWN_GRACE", 10.0),
+            log_level=log_level(env),
+        )

@@ -1,0 +1,112 @@
+"""What a client sees when something fails: every GraphQL error carries `extensions.code`.
+
+    gRPC status / kit DomainError code       extensions.code
+    INVALID_ARGUMENT, OUT_OF_RANGE        →  BAD_USER_INPUT
+    NOT_FOUND                             →  NOT_FOUND
+    ALREADY_EXISTS, ABORTED               →  CONFLICT
+    FAILED_PRECONDITION                   →  FAILED_PRECONDITION
+    PERMISSION_DENIED                     →  FORBIDDEN
+    UNAUTHENTICATED                       →  UNAUTHENTICATED
+    RESOURCE_EXHAUSTED                    →  RATE_LIMITED
+    UNAVAILABLE, DEADLINE_EXCEEDED        →  UNAVAILABLE
+    anything else (INTERNAL, a bug)       →  INTERNAL, message replaced by "internal error"
+
+A resolver raises `GatewayError(message, code=...)` for its own refusals; a gRPC error from a
+service passes through with its details as the message. Syntax and validation errors get
+GRAPHQL_PARSE_FAILED and GRAPHQL_VALIDATION_FAILED. Only INTERNAL errors are logged with their
+traceback; their text never reaches the client.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import grpc  # type: ignore[import-untyped]  # no stubs in the workspace yet
+from graphql import GraphQLError, GraphQLSyntaxError
+
+from gpudeck.kit.errors import DomainError
+
+log = logging.getLogger(__name__)
+
+BAD_USER_INPUT = "BAD_USER_INPUT"
+NOT_FOUND = "NOT_FOUND"
+CONFLICT = "CONFLICT"
+FAILED_PRECONDITION = "FAILED_PRECONDITION"
+FORBIDDEN = "FORBIDDEN"
+UNAUTHENTICATED = "UNAUTHENTICATED"
+RATE_LIMITED = "RATE_LIMITED"
+UNAVAILABLE = "UNAVAILABLE"
+INTERNAL = "INTERNAL"
+PARSE_FAILED = "GRAPHQL_PARSE_FAILED"
+VALIDATION_FAILED = "GRAPHQL_VALIDATION_FAILED"
+INTERNAL_MESSAGE = "internal error"
+
+# By status name, so gRPC status codes and kit DomainError codes share one table.
+CODES = {
+    "INVALID_ARGUMENT": BAD_USER_INPUT,
+    "OUT_OF_RANGE": BAD_USER_INPUT,
+    "NOT_FOUND": NOT_FOUND,
+    "ALREADY_EXISTS": CONFLICT,
+    "ABORTED": CONFLICT,
+    "FAILED_PRECONDITION": FAILED_PRECONDITION,
+    "PERMISSION_DENIED": FORBIDDEN,
+    "UNAUTHENTICATED": UNAUTHENTICATED,
+    "RESOURCE_EXHAUSTED": RATE_LIMITED,
+    "UNAVAILABLE": UNAVAILABLE,
+    "DEADLINE_EXCEEDED": UNAVAILABLE,
+}
+
+
+class GatewayError(Exception):
+    """A refusal a resolver raises on purpose; `code` becomes `extensions.code`."""
+
+    def __init__(self, message: str, *, code: str = BAD_USER_INPUT) -> None:
+        super().__init__(message)
+        self.message = message
+        self.code = code
+
+
+def classify(error: GraphQLError) -> tuple[str, str]:
+    """The `extensions.code` of `error` and the message a client may see."""
+    existing = (error.extensions or {}).get("code")
+    original = error.original_error
+    if isinstance(original, GatewayError):
+        return original.code, original.message
+    if isinstance(original, grpc.aio.AioRpcError):
+        code = CODES.get(original.code().name)
+        return (code, original.details() or code) if code else (INTERNAL, INTERNAL_MESSAGE)
+    if isinstance(original, DomainError):
+        code = CODES.get(original.code)
+        return (code, original.message) if code else (INTERNAL, INTERNAL_MESSAGE)
+    if original is None or isinstance(original, GraphQLError):
+        if isinstance(existing, str):
+            return existing, error.message
+        if isinstance(error, GraphQLSyntaxError) or isinstance(original, GraphQLSyntaxError):
+            return PARSE_FAILED, error.message
+        if error.path is None:
+            return VALIDATION_FAILED, error.message
+    return INTERNAL, INTERNAL_MESSAGE  # a bug, e.g. null for a non-null field
+
+
+def process(errors: list[GraphQLError]) -> None:
+    """Give each error its `extensions.code` (in place) and log the ones a person must look at.
+
+    Called by the schema for every error of every result, subscription events included. An
+    INTERNAL error is logged with its traceback, then its message is replaced; the rest are
+    logged at DEBUG. Idempotent: the same error object (e.g. from the validation cache) may
+    pass more than once.
+    """
+    for error in errors:
+        code, message = classify(error)
+        if code == INTERNAL and error.message != INTERNAL_MESSAGE:
+            original = error.original_error
+            exc_info = (type(original), original, original.__traceback__) if original else None
+            log.error("internal error at %s: %s", _path(error), error.message, exc_info=exc_info)
+        elif code != INTERNAL:
+            log.debug("graphql error", extra={"code": code, "error": error.message})
+        error.extensions = {**(error.extensions or {}), "code": code}
+        error.message = message
+
+
+def _path(error: GraphQLError) -> str:
+    return ".".join(str(p) for p in error.path) if error.path else "operation"

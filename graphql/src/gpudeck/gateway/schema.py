@@ -1,0 +1,93 @@
+"""The schema: root types merged from one module per domain, limits, error codes and metrics.
+
+A new domain adds its module under `types/` and its `Query` / `Mutation` / `Subscription` to the
+tuples below.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import strawberry
+from graphql import GraphQLError
+from strawberry.extensions import (
+    AddValidationRules,
+    MaxAliasesLimiter,
+    MaxTokensLimiter,
+    ParserCache,
+    QueryDepthLimiter,
+    SchemaExtension,
+    ValidationCache,
+)
+from strawberry.schema.schema import DEFAULT_ALLOWED_OPERATION_TYPES
+from strawberry.tools import merge_types
+from strawberry.types import ExecutionContext, ExecutionResult
+from strawberry.types.graphql import OperationType
+
+from gpudeck.gateway import errors
+from gpudeck.gateway.metrics import OperationMetrics
+from gpudeck.gateway.types import health
+
+MAX_DEPTH = 10
+MAX_ALIASES = 30
+MAX_TOKENS = 2000
+CACHE_SIZE = 256
+
+Query = merge_types("Query", (health.Query,))
+Subscription = merge_types("Subscription", (health.Subscription,))
+
+
+def _limits() -> Callable[[], SchemaExtension]:
+    """The depth and alias limits as one factory whose rules are built once: a fresh rule class
+    per request would make every ValidationCache lookup miss."""
+    rules = [
+        *QueryDepthLimiter(max_depth=MAX_DEPTH).validation_rules,
+        *MaxAliasesLimiter(max_alias_count=MAX_ALIASES).validation_rules,
+    ]
+    return lambda: AddValidationRules(rules)
+
+
+class GatewaySchema(strawberry.Schema):
+    """Gives every error its `extensions.code` and logs only the errors a person must look at
+    (see gpudeck.gateway.errors); runs subscriptions only as streams (websockets)."""
+
+    async def execute(
+        self,
+        query: str | None,
+        variable_values: dict[str, Any] | None = None,
+        context_value: Any | None = None,
+        root_value: Any | None = None,
+        operation_name: str | None = None,
+        allowed_operation_types: Iterable[OperationType] | None = None,
+        operation_extensions: dict[str, Any] | None = None,
+    ) -> ExecutionResult:
+        """As Strawberry's, but a subscription sent as a single request (plain HTTP) is refused
+        with InvalidOperationTypeError (HTTP 400) rather than run as a query and failing."""
+        allowed = set(allowed_operation_types or DEFAULT_ALLOWED_OPERATION_TYPES)
+        return await super().execute(
+            query,
+            variable_values=variable_values,
+            context_value=context_value,
+            root_value=root_value,
+            operation_name=operation_name,
+            allowed_operation_types=allowed - {OperationType.SUBSCRIPTION},
+            operation_extensions=operation_extensions,
+        )
+
+    def process_errors(
+        self, errors_: list[GraphQLError], execution_context: ExecutionContext | None = None
+    ) -> None:
+        errors.process(errors_)
+
+
+def build_schema() -> strawberry.Schema:
+    """The gateway's schema. Extensions are factories: each request gets fresh instances."""
+    extensions: list[type[SchemaExtension] | Callable[[], SchemaExtension]] = [
+        lambda: MaxTokensLimiter(max_token_count=MAX_TOKENS),
+        lambda: ParserCache(maxsize=CACHE_SIZE),
+        _limits(),
+        lambda: ValidationCache(maxsize=CACHE_SIZE),
+        OperationMetrics,
+    ]
+    return GatewaySchema(query=Query, subscription=Subscription, extensions=extensions)

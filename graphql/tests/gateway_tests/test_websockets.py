@@ -1,0 +1,135 @@
+"""GraphQL over real websockets, in both protocols: graphql-transport-ws and legacy graphql-ws."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import aiohttp
+from aiohttp import WSMsgType
+
+TRANSPORT_WS = "graphql-transport-ws"
+LEGACY_WS = "graphql-ws"
+WATCH = "subscription { health(intervalSeconds: 0.5) { service status } }"
+
+
+async def receive(ws: aiohttp.ClientWebSocketResponse, *, skip: tuple[str, ...] = ()) -> Any:
+    """The next JSON message, skipping keep-alives of the types in `skip`."""
+    while True:
+        msg = await asyncio.wait_for(ws.receive(), timeout=5)
+        assert msg.type == WSMsgType.TEXT, msg
+        data = msg.json()
+        if data["type"] not in skip:
+            return data
+
+
+def statuses(payload: dict[str, Any]) -> dict[str, str]:
+    return {h["service"]: h["status"] for h in payload["data"]["health"]}
+
+
+async def test_transport_ws_subscription_pushes_health_when_it_changes(fleet, gateway) -> None:
+    async with gateway.ws_connect("/graphql", protocols=[TRANSPORT_WS]) as ws:
+        assert ws.protocol == TRANSPORT_WS
+        await ws.send_json({"type": "connection_init", "payload": {}})
+        assert (await receive(ws))["type"] == "connection_ack"
+        await ws.send_json({"id": "1", "type": "subscribe", "payload": {"query": WATCH}})
+        first = await receive(ws, skip=("ping",))
+        assert first["type"] == "next" and first["id"] == "1"
+        assert set(statuses(first["payload"]).values()) == {"SERVING"}
+
+        await fleet.set_status("compute", serving=False)
+        second = await receive(ws, skip=("ping",))
+        assert statuses(second["payload"])["compute"] == "NOT_SERVING"
+
+        await fleet.stop("wallet")
+        third = await receive(ws, skip=("ping",))
+        assert statuses(third["payload"])["wallet"] == "UNREACHABLE"
+
+        await ws.send_json({"id": "1", "type": "complete"})
+        await ws.send_json({"type": "ping"})
+        assert (await receive(ws))["type"] == "pong"  # still open after completing one
+
+
+async def test_transport_ws_runs_a_query(gateway) -> None:
+    async with gateway.ws_connect("/graphql", protocols=[TRANSPORT_WS]) as ws:
+        await ws.send_json({"type": "connection_init"})
+        assert (await receive(ws))["type"] == "connection_ack"
+        query = "{ health { service status } }"
+        await ws.send_json({"id": "q", "type": "subscribe", "payload": {"query": query}})
+        result = await receive(ws, skip=("ping",))
+        assert result["type"] == "next"
+        assert len(statuses(result["payload"])) == 5
+        assert (await receive(ws, skip=("ping",))) == {"id": "q", "type": "complete"}
+
+
+async def test_legacy_graphql_ws_subscription(fleet, gateway) -> None:
+    async with gateway.ws_connect("/graphql", protocols=[LEGACY_WS]) as ws:
+        assert ws.protocol == LEGACY_WS
+        await ws.send_json({"type": "connection_init", "payload": {}})
+        assert (await receive(ws))["type"] == "connection_ack"
+        await ws.send_json({"id": "7", "type": "start", "payload": {"query": WATCH}})
+        first = await receive(ws, skip=("ka",))
+        assert first["type"] == "data" and first["id"] == "7"
+        assert set(statuses(first["payload"]).values()) == {"SERVING"}
+
+        await fleet.set_status("activity", serving=False)
+        second = await receive(ws, skip=("ka",))
+        assert statuses(second["payload"])["activity"] == "NOT_SERVING"
+
+        await ws.send_json({"id": "7", "type": "stop"})
+        assert (await receive(ws, skip=("ka", "data"))) == {"id": "7", "type": "complete"}
+        await ws.send_json({"type": "connection_terminate"})
+        msg = await asyncio.wait_for(ws.receive(), timeout=5)
+        assert msg.type in (WSMsgType.CLOSE, WSMsgType.CLOSED, WSMsgType.CLOSING)
+
+
+async def test_a_bad_interval_is_refused_with_bad_user_input(gateway) -> None:
+    async with gateway.ws_connect("/graphql", protocols=[TRANSPORT_WS]) as ws:
+        await ws.send_json({"type": "connection_init"})
+        await receive(ws)
+        query = "subscription { health(intervalSeconds: 0) { service } }"
+        await ws.send_json({"id": "1", "type": "subscribe", "payload": {"query": query}})
+        reply = await receive(ws, skip=("ping",))
+        errors = reply["payload"]["errors"] if reply["type"] == "next" else reply["payload"]
+        assert errors[0]["extensions"]["code"] == "BAD_USER_INPUT"
+        assert "intervalSeconds" in errors[0]["message"]
+
+
+async def test_an_unknown_subprotocol_is_refused(gateway) -> None:
+    async with gateway.ws_connect("/graphql", protocols=["nonsense"]) as ws:
+        msg = await asyncio.wait_for(ws.receive(), timeout=5)
+        assert msg.type == WSMsgType.CLOSE
+        assert msg.data == 4406
+
+
+async def test_a_page_on_another_origin_may_not_open_a_websocket(gateway) -> None:
+    resp = await gateway.get(
+        "/graphql",
+        headers={
+            "Origin": "http://evil.example",
+            "Connection": "Upgrade",
+            "Upgrade": "websocket",
+            "Sec-WebSocket-Version": "13",
+            "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ==",
+            "Sec-WebSocket-Protocol": TRANSPORT_WS,
+        },
+    )
+    assert resp.status == 403
+
+
+async def test_shutdown_closes_open_websockets_with_going_away(fleet, start_gateway) -> None:
+    client = await start_gateway(fleet.addresses)
+    session = aiohttp.ClientSession()
+    try:
+        ws = await session.ws_connect(client.make_url("/graphql"), protocols=[TRANSPORT_WS])
+        await ws.send_json({"type": "connection_init"})
+        assert (await receive(ws))["type"] == "connection_ack"
+        await ws.send_json({"id": "1", "type": "subscribe", "payload": {"query": WATCH}})
+        assert (await receive(ws, skip=("ping",)))["type"] == "next"
+        closing = asyncio.create_task(client.close())
+        msg = await asyncio.wait_for(ws.receive(), timeout=5)
+        assert msg.type == WSMsgType.CLOSE
+        assert msg.data == aiohttp.WSCloseCode.GOING_AWAY
+        await asyncio.wait_for(closing, timeout=5)
+    finally:
+        await session.close()
