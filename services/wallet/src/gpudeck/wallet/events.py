@@ -6,6 +6,11 @@ Published through the outbox (gpudeck.kit.events.Outbox) in the transaction of t
 from __future__ import annotations
 
 import uuid
+from collections.abc import Sequence
+from datetime import datetime
+
+from google.protobuf.any_pb2 import Any
+from google.protobuf.timestamp_pb2 import Timestamp
 
 from gpudeck.kit.events import new_event
 from gpudeck.kit.logs import actor as current_actor
@@ -49,23 +54,36 @@ def money(amount: int, currency: str) -> Money:
     return Money(amount=amount, currency=currency)
 
 
-def transaction_posted(tx: PlannedTransaction) -> Event:
-    request = tx.request
-    payload = pb.TransactionPosted(
-        transaction_id=str(tx.id),
-        kind=request.kind.value,
-        amount=money(tx.amount, tx.currency),
-        balance_after=money(tx.balance_after, tx.currency),
-        resource_type=request.resource_type,
-        resource_id=request.resource_id,
-    )
-    return _event(
-        TRANSACTION_EVENT[request.kind],
-        payload,
-        request.organization_id,
-        project_id=request.project_id,
-        actor=request.actor,
-    )
+def transactions_posted(planned: Sequence[PlannedTransaction], now: datetime) -> list[Event]:
+    """One event per transaction, built directly: batches make thousands of them."""
+    stamp = Timestamp()
+    stamp.FromDatetime(now)
+    fallback_actor = current_actor.get() or "system"
+    type_url = "type.googleapis.com/" + pb.TransactionPosted.DESCRIPTOR.full_name
+    out = []
+    for tx in planned:
+        request = tx.request
+        payload = pb.TransactionPosted(
+            transaction_id=str(tx.id),
+            kind=request.kind.value,
+            amount=Money(amount=tx.amount, currency=tx.currency),
+            balance_after=Money(amount=tx.balance_after, currency=tx.currency),
+            resource_type=request.resource_type,
+            resource_id=request.resource_id,
+        )
+        out.append(
+            Event(
+                id=str(uuid.uuid4()),
+                type=TRANSACTION_EVENT[request.kind],
+                source=SOURCE,
+                organization_id=str(request.organization_id),
+                project_id=str(request.project_id or ""),
+                actor=request.actor or fallback_actor,
+                time=stamp,
+                payload=Any(type_url=type_url, value=payload.SerializeToString()),
+            )
+        )
+    return out
 
 
 def balance_event(

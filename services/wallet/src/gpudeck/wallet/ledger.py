@@ -10,13 +10,13 @@ cash, the credit that expires first first.
 from __future__ import annotations
 
 import hashlib
-import json
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from decimal import Decimal
 from enum import StrEnum
+from functools import cached_property
 
 from gpudeck.kit.errors import FailedPrecondition, InvalidArgument
 from gpudeck.wallet.money import check_amount, check_currency, convert, format_micro
@@ -88,30 +88,31 @@ class TransferRequest:
     allow_overdraft: bool = False
     record_key: bool = True
 
+    @cached_property
     def fingerprint(self) -> bytes:
         """What identifies the payload, for idempotency: equal requests, equal fingerprints."""
-        payload = {
-            "op": "transfer",
-            "organization_id": str(self.organization_id),
-            "kind": self.kind.value,
-            "amount": self.amount,
-            "currency": self.currency,
-            "description": self.description,
-            "project_id": str(self.project_id or ""),
-            "resource_type": self.resource_type,
-            "resource_id": self.resource_id,
-            "credit_expires_at": self.credit_expires_at.isoformat()
-            if self.credit_expires_at
-            else "",
-            "credit_source": self.credit_source,
-            "reference": self.reference,
-        }
-        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).digest()
+        parts = (
+            "transfer",
+            str(self.organization_id),
+            self.kind.value,
+            str(self.amount),
+            self.currency,
+            self.description,
+            str(self.project_id or ""),
+            self.resource_type,
+            self.resource_id,
+            self.credit_expires_at.isoformat() if self.credit_expires_at else "",
+            self.credit_source,
+            self.reference,
+        )
+        return hashlib.sha256("\x1f".join(parts).encode()).digest()
 
     def spend_lines(self, amount: int) -> tuple[SpendLine, ...]:
         if self.lines:
             return self.lines
-        return (SpendLine(self.resource_type or "other", amount, self.resource_id, self.project_id),)
+        return (
+            SpendLine(self.resource_type or "other", amount, self.resource_id, self.project_id),
+        )
 
 
 def validate(request: TransferRequest) -> TransferRequest:
@@ -119,7 +120,9 @@ def validate(request: TransferRequest) -> TransferRequest:
     if not request.key.strip():
         raise InvalidArgument("idempotency_key is required", field="idempotency_key")
     if len(request.key) > 200:
-        raise InvalidArgument("idempotency_key is longer than 200 characters", field="idempotency_key")
+        raise InvalidArgument(
+            "idempotency_key is longer than 200 characters", field="idempotency_key"
+        )
     check_amount(request.amount, allow_negative=request.kind is Kind.ADJUSTMENT)
     if request.currency:
         check_currency(request.currency)
@@ -148,21 +151,21 @@ class Account:
 
 @dataclass
 class Wallet:
+    """A wallet as one batch sees it: its totals (kept by deltas) and the accounts it may spend.
+
+    `balance` and `credit_total` come from the locked wallet row and move with every posting;
+    `credits` lists the credit accounts with money left, the first to expire first.
+    """
+
     organization_id: uuid.UUID
     currency: str
     cash: Account
-    credits: list[Account]  # with a balance left, the first to expire first
+    credits: list[Account]
+    balance: int
+    credit_total: int
     held_balance: int
     run_rate: int = 0
     level: str = "ok"
-
-    @property
-    def credit_total(self) -> int:
-        return sum(c.balance for c in self.credits)
-
-    @property
-    def balance(self) -> int:
-        return self.cash.balance + self.credit_total
 
     @property
     def spendable(self) -> int:
@@ -219,6 +222,10 @@ class Book:
         legs = self._legs(request, wallet, amount)
         postings = [_move(acct, delta) for acct, delta in legs]
         postings.append(_move(other, -sum(delta for _, delta in legs)))
+        for acct, delta in legs:
+            wallet.balance += delta
+            if acct.kind == "credit":
+                wallet.credit_total += delta
         wallet.credits = [c for c in wallet.credits if c.balance > 0 or c.kind != "credit"]
         spend: tuple[SpendLine, ...] = ()
         if request.kind in SPENDING:
@@ -247,7 +254,9 @@ class Book:
     def _expired(self, account: Account) -> bool:
         return bool(self.now and account.expires_at and account.expires_at <= self.now)
 
-    def _wallet_amount(self, request: TransferRequest, wallet: Wallet) -> tuple[int, int, str | None]:
+    def _wallet_amount(
+        self, request: TransferRequest, wallet: Wallet
+    ) -> tuple[int, int, str | None]:
         """The amount in the wallet currency; for top-ups also what was paid and the rate."""
         currency = request.currency or wallet.currency
         if currency == wallet.currency:

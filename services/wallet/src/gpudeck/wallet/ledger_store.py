@@ -75,34 +75,52 @@ class Batch:
     events: list[Event] = field(default_factory=list)
 
 
-# Rows of other tables joined to a locked row are read from the statement's snapshot, which may
-# predate the lock wait: so the wallets are locked first, and balances read by a later statement.
+# One statement locks the wallets and their spendable accounts (FOR UPDATE OF both), so a
+# row that changed while we waited for its lock is re-read at its newest version. Accounts made
+# after the statement began (a concurrent credit grant) are not seen: they are not spent by this
+# batch, and the wallet totals stay right because they move by deltas from the locked row.
 LOCK_WALLETS = """
-SELECT w.organization_id, w.currency, w.cash_account_id, w.held_balance, w.run_rate, w.level,
+SELECT w.organization_id, w.currency, w.balance, w.credits, w.held_balance, w.run_rate, w.level,
        coalesce(t.warning_amount, 0), coalesce(t.critical_amount, 0),
        coalesce(t.warning_hours, 0), coalesce(t.critical_hours, 0),
-       CASE WHEN u.enabled THEN u.below ELSE 0 END, coalesce(u.amount, 0)
+       CASE WHEN u.enabled THEN u.below ELSE 0 END, coalesce(u.amount, 0),
+       a.id, a.kind, a.balance, a.expires_at, a.code
 FROM wallets w
+JOIN ledger_accounts a
+  ON a.organization_id = w.organization_id AND (a.kind = 'cash' OR (a.kind = 'credit' AND a.balance > 0))
 LEFT JOIN thresholds t ON t.organization_id = w.organization_id
 LEFT JOIN auto_topups u ON u.organization_id = w.organization_id
 WHERE w.organization_id = ANY(%s)
-ORDER BY w.organization_id
-FOR UPDATE OF w
-"""
-LOAD_ACCOUNTS = """
-SELECT id, organization_id, kind, balance, expires_at, code FROM ledger_accounts
-WHERE organization_id = ANY(%s) AND (kind = 'cash' OR (kind = 'credit' AND balance > 0))
+ORDER BY w.organization_id, a.id
+FOR UPDATE OF w, a
 """
 LOCK_PLATFORM = """
 SELECT id, code, balance FROM ledger_accounts WHERE code = ANY(%s) ORDER BY id FOR UPDATE
 """
 FIND_KEYS = """
-SELECT scope, key, fingerprint, result FROM idempotency
-WHERE (scope, key) IN (SELECT * FROM unnest(%s::text[], %s::text[]))
+SELECT organization_id, idempotency_key, fingerprint, id FROM transactions
+WHERE (organization_id, idempotency_key) IN (SELECT * FROM unnest(%s::uuid[], %s::text[]))
 """
 LATEST_RATE = """
 SELECT rate FROM exchange_rates WHERE base = %s AND quote = %s ORDER BY as_of DESC, id DESC LIMIT 1
 """
+TRANSACTION_COLUMNS = (
+    "id, organization_id, kind, amount, currency, payment_amount, payment_currency,"
+    " exchange_rate, description, project_id, resource_type, resource_id, reference,"
+    " idempotency_key, fingerprint, actor, balance_after, created_at"
+)
+INSERT_TRANSACTIONS = f"""
+INSERT INTO transactions ({TRANSACTION_COLUMNS})
+SELECT * FROM unnest(%s::uuid[], %s::uuid[], %s::text[], %s::bigint[], %s::text[], %s::bigint[],
+    %s::text[], %s::text[], %s::text[], %s::uuid[], %s::text[], %s::text[], %s::text[], %s::text[],
+    %s::bytea[], %s::text[], %s::bigint[], %s::timestamptz[])
+"""
+INSERT_POSTINGS = """
+INSERT INTO postings (transaction_id, account_id, amount, balance_before, balance_after)
+SELECT * FROM unnest(%s::uuid[], %s::bigint[], %s::bigint[], %s::bigint[], %s::bigint[])
+"""
+# Above this many transactions a batch is written with COPY instead of pipelined INSERTs.
+COPY_THRESHOLD = 64
 NEW_CREDIT_ACCOUNTS = """
 INSERT INTO ledger_accounts (code, organization_id, kind, currency, expires_at, credit_source)
 SELECT 'org:' || o || ':credit:' || k, o, 'credit', c, e, s
@@ -128,16 +146,18 @@ async def lock_wallets(
     cur = await conn.execute(LOCK_WALLETS, (ids,))
     locked: dict[uuid.UUID, LockedWallet] = {}
     for row in await cur.fetchall():
-        (org, currency, cash_id, held, rate, level, wa, ca, wh, ch, below, amount) = row
-        wallet = Wallet(org, currency, Account(cash_id, 0), [], held, rate, level)
-        locked[org] = LockedWallet(wallet, Thresholds(wa, ca, wh, ch), below, amount)
-    cur = await conn.execute(LOAD_ACCOUNTS, (list(locked),))
-    for acct_id, org, kind, balance, expires_at, code in await cur.fetchall():
-        wallet = locked[org].wallet
+        org = row[0]
+        lw = locked.get(org)
+        if lw is None:
+            (_, currency, balance, credits, held, rate, level, wa, ca, wh, ch, below, amount) = row[:13]
+            wallet = Wallet(org, currency, Account(0, 0), [], balance, credits, held, rate, level)
+            lw = locked[org] = LockedWallet(wallet, Thresholds(wa, ca, wh, ch), below, amount)
+        acct_id, kind, acct_balance, expires_at, code = row[13:]
+        account = Account(acct_id, acct_balance, kind, expires_at, code)
         if kind == "cash":
-            wallet.cash = Account(acct_id, balance, "cash", None, code)
+            lw.wallet.cash = account
         else:
-            wallet.credits.append(Account(acct_id, balance, "credit", expires_at, code))
+            lw.wallet.credits.append(account)
     for lw in locked.values():
         lw.wallet.credits.sort(key=lambda a: (a.expires_at is None, a.expires_at or now, a.id))
     return locked
@@ -153,8 +173,11 @@ class LedgerStore:
     async def post_transfers(
         self, conn: Conn, requests: Sequence[TransferRequest], *, now: datetime | None = None
     ) -> list[Outcome]:
-        """Post `requests` in order within the caller's transaction; a result per request."""
-        batch = Batch(now or await db_now(conn))
+        """Post `requests` in order within the caller's transaction; a result per request.
+
+        Round trips: one to lock and load the wallets, one (pipelined) for earlier keys and the
+        platform accounts, one (pipelined, or COPY for large batches) to write everything.
+        """
         outcomes: list[Outcome | None] = [None] * len(requests)
         valid: list[int] = []
         for i, request in enumerate(requests):
@@ -163,6 +186,7 @@ class LedgerStore:
                 valid.append(i)
             except DomainError as exc:
                 outcomes[i] = Outcome(error=exc)
+        batch = Batch(now or await db_now(conn))
         locked = await lock_wallets(conn, (requests[i].organization_id for i in valid), batch.now)
         for i in valid:
             org = requests[i].organization_id
@@ -171,9 +195,8 @@ class LedgerStore:
                     error=NotFound(f"organization {org} not found", field="organization_id")
                 )
         valid = [i for i in valid if outcomes[i] is None]
-        to_plan, replays, same_as = await self._sort_out_keys(conn, requests, valid, outcomes)
-        book = await self._book(conn, [requests[i] for i in to_plan], locked)
-        book.now = batch.now
+        book = Book(wallets={org: lw.wallet for org, lw in locked.items()}, platform={}, now=batch.now)
+        to_plan, replays, same_as = await self._read_around(conn, requests, valid, outcomes, book)
         planned_at: dict[int, PlannedTransaction] = {}
         for i in to_plan:
             try:
@@ -191,148 +214,177 @@ class LedgerStore:
             outcomes[i] = outcomes[first]
         return [o if o is not None else Outcome(error=DomainError("not processed")) for o in outcomes]
 
-    async def _sort_out_keys(
+    async def _read_around(
         self,
         conn: Conn,
         requests: Sequence[TransferRequest],
         valid: list[int],
         outcomes: list[Outcome | None],
+        book: Book,
     ) -> tuple[list[int], dict[int, uuid.UUID], dict[int, int]]:
-        """Split `valid` into new requests, retries of earlier calls, and repeats in this batch."""
+        """Find retries by key, lock the platform accounts, read exchange rates, make credit
+        accounts; return (new requests, retries of earlier calls, repeats within this batch)."""
+        wallets = book.wallets
         keyed = [i for i in valid if requests[i].record_key]
-        scopes = [str(requests[i].organization_id) for i in keyed]
-        keys = [requests[i].key for i in keyed]
-        found: dict[tuple[str, str], tuple[bytes, Any]] = {}
-        if keyed:
-            cur = await conn.execute(FIND_KEYS, (scopes, keys))
-            for scope, key, fingerprint, result in await cur.fetchall():
-                found[(scope, key)] = (bytes(fingerprint), result)
+        codes = sorted(
+            {
+                platform_code(
+                    PLATFORM_ACCOUNT[requests[i].kind],
+                    wallets[requests[i].organization_id].currency,
+                    requests[i].organization_id,
+                )
+                for i in valid
+            }
+        )
+        pairs = sorted(
+            {
+                (requests[i].currency, wallets[requests[i].organization_id].currency)
+                for i in valid
+                if requests[i].kind is Kind.TOPUP
+                and requests[i].currency
+                and requests[i].currency != wallets[requests[i].organization_id].currency
+            }
+        )
+        found: dict[tuple[uuid.UUID, str], tuple[bytes | None, uuid.UUID]] = {}
+        async with conn.pipeline():
+            keys_cur = platform_cur = None
+            if keyed:
+                keys_cur = await conn.execute(
+                    FIND_KEYS,
+                    ([requests[i].organization_id for i in keyed], [requests[i].key for i in keyed]),
+                )
+            if codes:
+                platform_cur = await conn.execute(LOCK_PLATFORM, (codes,))
+            rate_curs = [(pair, await conn.execute(LATEST_RATE, pair)) for pair in pairs]
+            if keys_cur is not None:
+                for org, key, fingerprint, tx_id in await keys_cur.fetchall():
+                    found[(org, key)] = (bytes(fingerprint) if fingerprint else None, tx_id)
+            if platform_cur is not None:
+                for acct_id, code, balance in await platform_cur.fetchall():
+                    book.platform[code] = Account(acct_id, balance, "platform", None, code)
+            for pair, cur in rate_curs:
+                row = await cur.fetchone()
+                if row is not None:
+                    book.rates[pair] = Decimal(row[0])
         to_plan: list[int] = []
         replays: dict[int, uuid.UUID] = {}
         same_as: dict[int, int] = {}
-        first_of: dict[tuple[str, str], tuple[bytes, int]] = {}
+        first_of: dict[tuple[uuid.UUID, str], tuple[bytes, int]] = {}
         for i in valid:
             request = requests[i]
             if not request.record_key:
                 to_plan.append(i)
                 continue
-            scoped = (str(request.organization_id), request.key)
-            fingerprint = request.fingerprint()
+            scoped = (request.organization_id, request.key)
+            fingerprint = request.fingerprint
             if scoped in found:
-                earlier, result = found[scoped]
-                if earlier != fingerprint or "transaction_id" not in result:
+                earlier, tx_id = found[scoped]
+                if earlier != fingerprint:
                     outcomes[i] = Outcome(error=key_reused(request.key))
                 else:
-                    replays[i] = uuid.UUID(result["transaction_id"])
+                    replays[i] = tx_id
             elif scoped in first_of:
-                earlier, j = first_of[scoped]
-                if earlier != fingerprint:
+                earlier_fp, j = first_of[scoped]
+                if earlier_fp != fingerprint:
                     outcomes[i] = Outcome(error=key_reused(request.key))
                 else:
                     same_as[i] = j
             else:
                 first_of[scoped] = (fingerprint, i)
                 to_plan.append(i)
+        grants = [requests[i] for i in to_plan if requests[i].kind is Kind.CREDIT_GRANT]
+        if grants:
+            await self._open_credit_accounts(conn, grants, book)
         return to_plan, replays, same_as
 
-    async def _book(
-        self, conn: Conn, requests: Sequence[TransferRequest], locked: dict[uuid.UUID, LockedWallet]
-    ) -> Book:
-        wallets = {org: lw.wallet for org, lw in locked.items()}
-        book = Book(wallets=wallets, platform={})
-        codes = sorted(
-            {
-                platform_code(PLATFORM_ACCOUNT[r.kind], wallets[r.organization_id].currency, r.organization_id)
-                for r in requests
-            }
+    async def _open_credit_accounts(
+        self, conn: Conn, grants: Sequence[TransferRequest], book: Book
+    ) -> None:
+        wallets = book.wallets
+        cur = await conn.execute(
+            NEW_CREDIT_ACCOUNTS,
+            (
+                [g.organization_id for g in grants],
+                [g.key for g in grants],
+                [wallets[g.organization_id].currency for g in grants],
+                [g.credit_expires_at for g in grants],
+                [g.credit_source or "promotion" for g in grants],
+            ),
         )
-        if codes:
-            cur = await conn.execute(LOCK_PLATFORM, (codes,))
-            for acct_id, code, balance in await cur.fetchall():
-                book.platform[code] = Account(acct_id, balance, "platform", None, code)
-        for r in requests:
-            currency = wallets[r.organization_id].currency
-            if r.kind is Kind.TOPUP and r.currency and r.currency != currency:
-                pair = (r.currency, currency)
-                if pair not in book.rates:
-                    cur = await conn.execute(LATEST_RATE, pair)
-                    row = await cur.fetchone()
-                    if row is not None:
-                        book.rates[pair] = Decimal(row[0])
-        grants = [r for r in requests if r.kind is Kind.CREDIT_GRANT]
-        if grants:
-            cur = await conn.execute(
-                NEW_CREDIT_ACCOUNTS,
-                (
-                    [g.organization_id for g in grants],
-                    [g.key for g in grants],
-                    [wallets[g.organization_id].currency for g in grants],
-                    [g.credit_expires_at for g in grants],
-                    [g.credit_source or "promotion" for g in grants],
-                ),
+        by_code = {code: acct_id for acct_id, code in await cur.fetchall()}
+        for g in grants:
+            code = f"org:{g.organization_id}:credit:{g.key}"
+            book.new_credit_accounts[g.key] = Account(
+                by_code[code], 0, "credit", g.credit_expires_at, code
             )
-            by_code = {code: acct_id for acct_id, code in await cur.fetchall()}
-            for g in grants:
-                code = f"org:{g.organization_id}:credit:{g.key}"
-                book.new_credit_accounts[g.key] = Account(
-                    by_code[code], 0, "credit", g.credit_expires_at, code
-                )
-        return book
 
     async def write(
         self, conn: Conn, batch: Batch, book: Book, locked: dict[uuid.UUID, LockedWallet]
     ) -> None:
-        """Write the batch's transactions, postings, balances, rollups, keys and events."""
+        """Write the batch's transactions, postings, balances, rollups and events."""
         planned = batch.planned
         if planned:
+            batch.events.extend(events.transactions_posted(planned, batch.now))
+        touched = sorted({p.request.organization_id for p in planned})
+        await self.settle_levels(conn, [locked[o] for o in touched], batch)
+        if not planned:
+            await self.outbox.add_many(conn, batch.events)
+            return
+        if len(planned) > COPY_THRESHOLD:
             await self._copy_rows(conn, batch)
+            await self.outbox.add_many(conn, batch.events)
+            async with conn.pipeline():
+                await self._update_balances(conn, planned, book, batch.now)
+                await self._roll_up(conn, planned, batch.now)
+            return
+        async with conn.pipeline():
+            await self._insert_rows(conn, batch)
             await self._update_balances(conn, planned, book, batch.now)
             await self._roll_up(conn, planned, batch.now)
-            batch.events.extend(events.transaction_posted(p) for p in planned)
-        touched = {p.request.organization_id for p in planned}
-        await self.settle_levels(conn, [locked[o] for o in sorted(touched)], batch)
-        await self.outbox.add_many(conn, batch.events)
+            await self.outbox.add_many(conn, batch.events)
+
+    @staticmethod
+    def _transaction_rows(batch: Batch) -> list[tuple[Any, ...]]:
+        rows = []
+        for p in batch.planned:
+            r = p.request
+            rows.append(
+                (
+                    p.id, r.organization_id, r.kind.value, p.amount, p.currency,
+                    p.payment_amount, p.payment_currency, p.exchange_rate, r.description,
+                    r.project_id, r.resource_type, r.resource_id, r.reference, r.key,
+                    r.fingerprint if r.record_key else None, r.actor, p.balance_after, batch.now,
+                )
+            )  # fmt: skip
+        return rows
+
+    @staticmethod
+    def _posting_rows(batch: Batch) -> list[tuple[Any, ...]]:
+        return [
+            (p.id, x.account_id, x.amount, x.balance_before, x.balance_after)
+            for p in batch.planned
+            for x in p.postings
+        ]
+
+    async def _insert_rows(self, conn: Conn, batch: Batch) -> None:
+        """Small batches: INSERTs from arrays (they pipeline; COPY does not)."""
+        tx_rows = self._transaction_rows(batch)
+        await conn.execute(INSERT_TRANSACTIONS, [list(col) for col in zip(*tx_rows, strict=True)])
+        post_rows = self._posting_rows(batch)
+        await conn.execute(INSERT_POSTINGS, [list(col) for col in zip(*post_rows, strict=True)])
 
     async def _copy_rows(self, conn: Conn, batch: Batch) -> None:
+        """Large batches: COPY, the fastest way in."""
         cursor = conn.cursor()
-        async with cursor.copy(
-            "COPY transactions (id, organization_id, kind, amount, currency, payment_amount,"
-            " payment_currency, exchange_rate, description, project_id, resource_type,"
-            " resource_id, reference, idempotency_key, actor, balance_after, created_at)"
-            " FROM STDIN"
-        ) as copy:
-            for p in batch.planned:
-                r = p.request
-                await copy.write_row(
-                    (
-                        p.id, r.organization_id, r.kind.value, p.amount, p.currency,
-                        p.payment_amount, p.payment_currency, p.exchange_rate, r.description,
-                        r.project_id, r.resource_type, r.resource_id, r.reference, r.key,
-                        r.actor, p.balance_after, batch.now,
-                    )
-                )  # fmt: skip
+        async with cursor.copy(f"COPY transactions ({TRANSACTION_COLUMNS}) FROM STDIN") as copy:
+            for row in self._transaction_rows(batch):
+                await copy.write_row(row)
         async with cursor.copy(
             "COPY postings (transaction_id, account_id, amount, balance_before, balance_after)"
             " FROM STDIN"
         ) as copy:
-            for p in batch.planned:
-                for post in p.postings:
-                    await copy.write_row(
-                        (p.id, post.account_id, post.amount, post.balance_before, post.balance_after)
-                    )
-        async with cursor.copy("COPY idempotency (scope, key, fingerprint, result) FROM STDIN") as copy:
-            for p in batch.planned:
-                r = p.request
-                if not r.record_key:
-                    continue
-                await copy.write_row(
-                    (
-                        str(r.organization_id),
-                        r.key,
-                        r.fingerprint(),
-                        json.dumps({"transaction_id": str(p.id)}),
-                    )
-                )
+            for row in self._posting_rows(batch):
+                await copy.write_row(row)
 
     async def _update_balances(
         self, conn: Conn, planned: Sequence[PlannedTransaction], book: Book, now: datetime

