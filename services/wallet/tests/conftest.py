@@ -14,7 +14,7 @@ from gpudeck.kit.config import EventsConfig, ServiceConfig
 from gpudeck.kit.db import migrate, open_pool
 from gpudeck.kit.grpcclient import channel
 from gpudeck.kit.runtime import KIT_MIGRATIONS, RunningService
-from gpudeck.proto.wallet.v1 import wallet_pb2_grpc
+from gpudeck.proto.wallet.v1 import account_pb2_grpc, wallet_pb2_grpc
 from gpudeck.wallet.ledger_store import open_wallet
 from gpudeck.wallet.service import SPEC
 
@@ -25,7 +25,7 @@ TOKEN = "wallet-test-token"
 
 @pytest.fixture(scope="session")
 async def wallet_pool(database_url: str) -> AsyncIterator[AsyncConnectionPool]:
-    pool = await open_pool(database_url, min_size=2, max_size=30, schema="wallet")
+    pool = await open_pool(database_url, min_size=1, max_size=8, schema="wallet")
     await migrate(pool, "wallet", KIT_MIGRATIONS, table="kit_migrations")
     await migrate(pool, "wallet", MIGRATIONS)
     yield pool
@@ -79,6 +79,16 @@ async def wallet_service(
 
 
 @pytest.fixture(scope="session")
-async def wallet_stub(wallet_service: RunningService) -> AsyncIterator[wallet_pb2_grpc.WalletServiceStub]:
+async def wallet_stub(
+    wallet_service: RunningService,
+) -> AsyncIterator[wallet_pb2_grpc.WalletServiceStub]:
     async with channel(f"127.0.0.1:{wallet_service.port}", TOKEN) as ch:
         yield wallet_pb2_grpc.WalletServiceStub(ch)
+
+
+@pytest.fixture(scope="session")
+async def account_stub(
+    wallet_service: RunningService,
+) -> AsyncIterator[account_pb2_grpc.AccountServiceStub]:
+    async with channel(f"127.0.0.1:{wallet_service.port}", TOKEN) as ch:
+        yield account_pb2_grpc.AccountServiceStub(ch)

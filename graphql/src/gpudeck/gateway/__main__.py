@@ -10,7 +10,6 @@ import asyncio
 import logging
 import os
 import signal
-import sys
 from collections.abc import Mapping
 
 from aiohttp import web
@@ -19,18 +18,9 @@ from gpudeck.gateway.app import make_app
 from gpudeck.gateway.config import Settings
 from gpudeck.kit import logs
 from gpudeck.kit.config import ConfigError, parse_address
+from gpudeck.kit.startup import StartupError, fail
 
 log = logging.getLogger("gpudeck.gateway")
-EXIT_CONFIG = 2
-
-
-class StartupError(Exception):
-    """The gateway cannot start for a reason a person can fix; one line naming the setting."""
-
-
-def fail(message: str) -> None:
-    print(f"gpudeck: {message}", file=sys.stderr, flush=True)
-    raise SystemExit(EXIT_CONFIG)
 
 
 async def serve(settings: Settings) -> None:
@@ -68,7 +58,6 @@ def main(env: Mapping[str, str] | None = None) -> None:
         settings = Settings.from_env(env)
     except ConfigError as exc:
         fail(str(exc))
-        return
     logs.setup("gateway", settings.log_level)
     try:
         asyncio.run(serve(settings))

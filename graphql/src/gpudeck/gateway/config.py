@@ -18,20 +18,13 @@ from gpudeck.kit.config import (
     GATEWAY_PORT,
     ConfigError,
     address,
+    log_level,
     number,
     require,
     service_addresses,
 )
 
 DEFAULT_LISTEN = f"127.0.0.1:{GATEWAY_PORT}"
-LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
-
-
-def log_level(env: Mapping[str, str], name: str = "GPUDECK_LOG_LEVEL") -> str:
-    level = env.get(name, "").strip().upper() or "INFO"
-    if level not in LOG_LEVELS:
-        raise ConfigError(f"{name}={level!r} is not DEBUG, INFO, WARNING or ERROR")
-    return level
 
 
 @dataclass(frozen=True)

@@ -108,6 +108,13 @@ def number(env: Mapping[str, str], name: str, default: float, *, minimum: float 
     return value
 
 
+def log_level(env: Mapping[str, str], name: str = "GPUDECK_LOG_LEVEL") -> str:
+    level = env.get(name, "").strip().upper() or "INFO"
+    if level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+        raise ConfigError(f"{name}={level!r} is not DEBUG, INFO, WARNING or ERROR")
+    return level
+
+
 @dataclass(frozen=True)
 class EventsConfig:
     """Where events go: one JetStream stream holding the subjects `<subject_prefix>.>`."""
@@ -137,6 +144,7 @@ class ServiceConfig:
     service_token: str
     log_level: str = "INFO"
     shutdown_grace: float = 10.0
+    db_pool_size: int = 8
 
     @property
     def schema(self) -> str:
@@ -148,9 +156,6 @@ class ServiceConfig:
         if service not in SERVICES:
             raise ConfigError(f"unknown service {service!r}; one of {', '.join(SERVICES)}")
         key = env_key(service)
-        level = env.get("GPUDECK_LOG_LEVEL", "INFO").strip().upper() or "INFO"
-        if level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
-            raise ConfigError(f"GPUDECK_LOG_LEVEL={level!r} is not DEBUG, INFO, WARNING or ERROR")
         return cls(
             service=service,
             database_url=database_url(env),
@@ -162,8 +167,9 @@ class ServiceConfig:
                 env, f"GPUDECK_{key}_METRICS_LISTEN", f"127.0.0.1:{DEFAULT_METRICS_PORTS[service]}"
             ),
             service_token=require(env, "GPUDECK_SERVICE_TOKEN"),
-            log_level=level,
+            log_level=log_level(env),
             shutdown_grace=number(env, "GPUDECK_SHUTDOWN_GRACE", 10.0),
+            db_pool_size=int(number(env, "GPUDECK_DB_POOL_SIZE", 8, minimum=2)),
         )
 
 

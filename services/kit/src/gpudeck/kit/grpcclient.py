@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import grpc
@@ -45,6 +45,17 @@ class _CallDefaults(grpc.aio.UnaryUnaryClientInterceptor, grpc.aio.UnaryStreamCl
         return await continuation(self._details(details), request)
 
 
-def channel(address: str, token: str, *, timeout: float = DEFAULT_TIMEOUT) -> grpc.aio.Channel:
-    """An insecure channel to `address` that sends `token` and a default deadline on each call."""
-    return grpc.aio.insecure_channel(address, interceptors=[_CallDefaults(token, timeout)])
+def channel(
+    address: str,
+    token: str,
+    *,
+    timeout: float = DEFAULT_TIMEOUT,
+    options: Sequence[tuple[str, Any]] = (),
+) -> grpc.aio.Channel:
+    """An insecure channel to `address` that sends `token` and a default deadline on each call.
+
+    `options` are gRPC channel arguments, e.g. ("grpc.max_reconnect_backoff_ms", 2000).
+    """
+    return grpc.aio.insecure_channel(
+        address, options=list(options), interceptors=[_CallDefaults(token, timeout)]
+    )

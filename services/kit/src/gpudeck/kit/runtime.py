@@ -12,7 +12,6 @@ import asyncio
 import logging
 import os
 import signal
-import sys
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,10 +24,10 @@ from gpudeck.kit.config import ConfigError, ServiceConfig, env_key
 from gpudeck.kit.db import DatabaseUnavailable, migrate, open_pool
 from gpudeck.kit.events import EventBus, Relay
 from gpudeck.kit.grpcserver import KitServer, Registration
+from gpudeck.kit.startup import StartupError, fail
 
 log = logging.getLogger(__name__)
 KIT_MIGRATIONS = Path(__file__).parent / "migrations"
-EXIT_CONFIG = 2
 
 
 class Worker(Protocol):
@@ -70,15 +69,6 @@ async def _no_parts() -> ServiceParts:
     return ServiceParts()
 
 
-class StartupError(Exception):
-    """A start-up failure a person can fix; the message is one line naming the setting."""
-
-
-def fail(message: str) -> None:
-    print(f"gpudeck: {message}", file=sys.stderr, flush=True)
-    raise SystemExit(EXIT_CONFIG)
-
-
 class RunningService:
     """A started service: call `stop()` to shut it down gracefully."""
 
@@ -98,7 +88,7 @@ class RunningService:
         key = env_key(cfg.service)
         try:
             self.pool = await open_pool(
-                cfg.database_url, name=cfg.service, max_size=20, schema=cfg.schema
+                cfg.database_url, name=cfg.service, max_size=cfg.db_pool_size, schema=cfg.schema
             )
         except DatabaseUnavailable as exc:
             raise StartupError(f"GPUDECK_DATABASE_URL: cannot connect: {exc}") from None
@@ -162,7 +152,6 @@ def run(spec: ServiceSpec, env: Mapping[str, str] | None = None) -> None:
         config = ServiceConfig.from_env(spec.name, env)
     except ConfigError as exc:
         fail(str(exc))
-        return
     logs.setup(spec.name, config.log_level)
     try:
         metrics.serve(config.metrics_listen)

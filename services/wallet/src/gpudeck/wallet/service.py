@@ -6,8 +6,9 @@ from pathlib import Path
 
 from gpudeck.kit.grpcserver import Registration
 from gpudeck.kit.runtime import ServiceContext, ServiceParts, ServiceSpec
-from gpudeck.proto.wallet.v1 import wallet_pb2, wallet_pb2_grpc
+from gpudeck.proto.wallet.v1 import account_pb2, account_pb2_grpc, wallet_pb2, wallet_pb2_grpc
 from gpudeck.wallet import demo, workers
+from gpudeck.wallet.account_rpcs import AccountServicer
 from gpudeck.wallet.deps import Wallet, WalletSettings
 from gpudeck.wallet.servicer import WalletServicer
 
@@ -18,6 +19,11 @@ async def build(ctx: ServiceContext) -> ServiceParts:
     if ctx.env.get("GPUDECK_DEMO", "") in ("1", "true", "yes") or token:
         await demo.seed(ctx.pool, bootstrap_token=token)
     registrations = [
+        Registration(
+            account_pb2_grpc.add_AccountServiceServicer_to_server,
+            AccountServicer(wallet),
+            account_pb2.DESCRIPTOR.services_by_name["AccountService"].full_name,
+        ),
         Registration(
             wallet_pb2_grpc.add_WalletServiceServicer_to_server,
             WalletServicer(wallet),

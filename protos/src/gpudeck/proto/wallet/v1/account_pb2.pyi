@@ -185,10 +185,18 @@ class CreateOrganizationRequest(_message.Message):
     CURRENCY_FIELD_NUMBER: _builtins.int
     OWNER_USER_ID_FIELD_NUMBER: _builtins.int
     IDEMPOTENCY_KEY_FIELD_NUMBER: _builtins.int
+    OWNER_EMAIL_FIELD_NUMBER: _builtins.int
+    OWNER_NAME_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     currency: _builtins.str
     owner_user_id: _builtins.str
+    """The owner: an existing user, or one created from owner_email (with owner_name) when
+    owner_user_id is empty or names no user yet.
+    """
     idempotency_key: _builtins.str
+    """Optional; a retry with the same key (per owner) returns the first organization."""
+    owner_email: _builtins.str
+    owner_name: _builtins.str
     def __init__(
         self,
         *,
@@ -196,10 +204,12 @@ class CreateOrganizationRequest(_message.Message):
         currency: _builtins.str = ...,
         owner_user_id: _builtins.str = ...,
         idempotency_key: _builtins.str = ...,
+        owner_email: _builtins.str = ...,
+        owner_name: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["currency", b"currency", "idempotency_key", b"idempotency_key", "name", b"name", "owner_user_id", b"owner_user_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["currency", b"currency", "idempotency_key", b"idempotency_key", "name", b"name", "owner_email", b"owner_email", "owner_name", b"owner_name", "owner_user_id", b"owner_user_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -372,19 +382,24 @@ class InviteMemberRequest(_message.Message):
     ORGANIZATION_ID_FIELD_NUMBER: _builtins.int
     EMAIL_FIELD_NUMBER: _builtins.int
     ROLE_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
     organization_id: _builtins.str
     email: _builtins.str
+    """a user is created for an address not seen before"""
     role: _builtins.str
+    name: _builtins.str
+    """the new user's name, if one is created"""
     def __init__(
         self,
         *,
         organization_id: _builtins.str = ...,
         email: _builtins.str = ...,
         role: _builtins.str = ...,
+        name: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["email", b"email", "organization_id", b"organization_id", "role", b"role"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["email", b"email", "name", b"name", "organization_id", b"organization_id", "role", b"role"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -461,6 +476,7 @@ class Project(_message.Message):
     NAME_FIELD_NUMBER: _builtins.int
     CREATED_AT_FIELD_NUMBER: _builtins.int
     LAST_USED_AT_FIELD_NUMBER: _builtins.int
+    DELETED_AT_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     organization_id: _builtins.str
     name: _builtins.str
@@ -468,6 +484,8 @@ class Project(_message.Message):
     def created_at(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
     def last_used_at(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def deleted_at(self) -> _timestamp_pb2.Timestamp: ...
     def __init__(
         self,
         *,
@@ -476,10 +494,11 @@ class Project(_message.Message):
         name: _builtins.str = ...,
         created_at: _timestamp_pb2.Timestamp | None = ...,
         last_used_at: _timestamp_pb2.Timestamp | None = ...,
+        deleted_at: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "last_used_at", b"last_used_at"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "deleted_at", b"deleted_at", "last_used_at", b"last_used_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "id", b"id", "last_used_at", b"last_used_at", "name", b"name", "organization_id", b"organization_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "deleted_at", b"deleted_at", "id", b"id", "last_used_at", b"last_used_at", "name", b"name", "organization_id", b"organization_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -495,6 +514,7 @@ class CreateProjectRequest(_message.Message):
     organization_id: _builtins.str
     name: _builtins.str
     idempotency_key: _builtins.str
+    """optional; a retry with the same key returns the first project"""
     def __init__(
         self,
         *,
@@ -591,6 +611,25 @@ class TouchProjectRequest(_message.Message):
 Global___TouchProjectRequest: _TypeAlias = TouchProjectRequest  # noqa: Y015
 
 @_typing.final
+class DeleteProjectRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PROJECT_ID_FIELD_NUMBER: _builtins.int
+    project_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        project_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["project_id", b"project_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeleteProjectRequest: _TypeAlias = DeleteProjectRequest  # noqa: Y015
+
+@_typing.final
 class ApiToken(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -650,7 +689,7 @@ class CreateApiTokenRequest(_message.Message):
     name: _builtins.str
     role: _builtins.str
     created_by: _builtins.str
-    """user id"""
+    """The creating user's id; when given, they must be a member and `role` may not exceed theirs."""
     @_builtins.property
     def expires_at(self) -> _timestamp_pb2.Timestamp: ...
     def __init__(

@@ -99,6 +99,11 @@ class AccountServiceStub:
                 request_serializer=gpudeck_dot_wallet_dot_v1_dot_account__pb2.TouchProjectRequest.SerializeToString,
                 response_deserializer=gpudeck_dot_wallet_dot_v1_dot_account__pb2.Project.FromString,
                 _registered_method=True)
+        self.DeleteProject = channel.unary_unary(
+                '/gpudeck.wallet.v1.AccountService/DeleteProject',
+                request_serializer=gpudeck_dot_wallet_dot_v1_dot_account__pb2.DeleteProjectRequest.SerializeToString,
+                response_deserializer=gpudeck_dot_wallet_dot_v1_dot_account__pb2.Project.FromString,
+                _registered_method=True)
         self.CreateApiToken = channel.unary_unary(
                 '/gpudeck.wallet.v1.AccountService/CreateApiToken',
                 request_serializer=gpudeck_dot_wallet_dot_v1_dot_account__pb2.CreateApiTokenRequest.SerializeToString,
@@ -209,6 +214,13 @@ class AccountServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def DeleteProject(self, request, context):
+        """Soft-deletes a project; refused for the organization's last project or one with open meters.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def CreateApiToken(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -305,6 +317,11 @@ def add_AccountServiceServicer_to_server(servicer, server):
             'TouchProject': grpc.unary_unary_rpc_method_handler(
                     servicer.TouchProject,
                     request_deserializer=gpudeck_dot_wallet_dot_v1_dot_account__pb2.TouchProjectRequest.FromString,
+                    response_serializer=gpudeck_dot_wallet_dot_v1_dot_account__pb2.Project.SerializeToString,
+            ),
+            'DeleteProject': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteProject,
+                    request_deserializer=gpudeck_dot_wallet_dot_v1_dot_account__pb2.DeleteProjectRequest.FromString,
                     response_serializer=gpudeck_dot_wallet_dot_v1_dot_account__pb2.Project.SerializeToString,
             ),
             'CreateApiToken': grpc.unary_unary_rpc_method_handler(
@@ -683,6 +700,33 @@ class AccountService:
             target,
             '/gpudeck.wallet.v1.AccountService/TouchProject',
             gpudeck_dot_wallet_dot_v1_dot_account__pb2.TouchProjectRequest.SerializeToString,
+            gpudeck_dot_wallet_dot_v1_dot_account__pb2.Project.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteProject(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gpudeck.wallet.v1.AccountService/DeleteProject',
+            gpudeck_dot_wallet_dot_v1_dot_account__pb2.DeleteProjectRequest.SerializeToString,
             gpudeck_dot_wallet_dot_v1_dot_account__pb2.Project.FromString,
             options,
             channel_credentials,

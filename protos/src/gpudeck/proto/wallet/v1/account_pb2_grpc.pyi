@@ -48,6 +48,8 @@ class AccountServiceStub:
     ListProjects: _grpc.UnaryUnaryMultiCallable[_account_pb2.ListProjectsRequest, _account_pb2.ListProjectsResponse]
     """Projects, most recently used first."""
     TouchProject: _grpc.UnaryUnaryMultiCallable[_account_pb2.TouchProjectRequest, _account_pb2.Project]
+    DeleteProject: _grpc.UnaryUnaryMultiCallable[_account_pb2.DeleteProjectRequest, _account_pb2.Project]
+    """Soft-deletes a project; refused for the organization's last project or one with open meters."""
     CreateApiToken: _grpc.UnaryUnaryMultiCallable[_account_pb2.CreateApiTokenRequest, _account_pb2.CreateApiTokenResponse]
     ListApiTokens: _grpc.UnaryUnaryMultiCallable[_account_pb2.ListApiTokensRequest, _account_pb2.ListApiTokensResponse]
     RevokeApiToken: _grpc.UnaryUnaryMultiCallable[_account_pb2.RevokeApiTokenRequest, _account_pb2.ApiToken]
@@ -72,6 +74,8 @@ class AccountServiceAsyncStub(AccountServiceStub):
     ListProjects: _aio.UnaryUnaryMultiCallable[_account_pb2.ListProjectsRequest, _account_pb2.ListProjectsResponse]  # type: ignore[assignment]
     """Projects, most recently used first."""
     TouchProject: _aio.UnaryUnaryMultiCallable[_account_pb2.TouchProjectRequest, _account_pb2.Project]  # type: ignore[assignment]
+    DeleteProject: _aio.UnaryUnaryMultiCallable[_account_pb2.DeleteProjectRequest, _account_pb2.Project]  # type: ignore[assignment]
+    """Soft-deletes a project; refused for the organization's last project or one with open meters."""
     CreateApiToken: _aio.UnaryUnaryMultiCallable[_account_pb2.CreateApiTokenRequest, _account_pb2.CreateApiTokenResponse]  # type: ignore[assignment]
     ListApiTokens: _aio.UnaryUnaryMultiCallable[_account_pb2.ListApiTokensRequest, _account_pb2.ListApiTokensResponse]  # type: ignore[assignment]
     RevokeApiToken: _aio.UnaryUnaryMultiCallable[_account_pb2.RevokeApiTokenRequest, _account_pb2.ApiToken]  # type: ignore[assignment]
@@ -171,6 +175,14 @@ class AccountServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _account_pb2.TouchProjectRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_account_pb2.Project, _abc.Awaitable[_account_pb2.Project]]: ...
+
+    @_abc_1.abstractmethod
+    def DeleteProject(
+        self,
+        request: _account_pb2.DeleteProjectRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_account_pb2.Project, _abc.Awaitable[_account_pb2.Project]]:
+        """Soft-deletes a project; refused for the organization's last project or one with open meters."""
 
     @_abc_1.abstractmethod
     def CreateApiToken(

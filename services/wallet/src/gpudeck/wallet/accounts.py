@@ -1,0 +1,267 @@
+"""Accounts: organizations, members and their roles, projects, API tokens and preferences.
+
+What each role may do, how names, emails and settings are checked, and how a token's secret is
+made and kept (only its SHA-256). Plain values and rules; the SQL lives in accounts_store.
+
+Roles, from most to least powerful: owner > admin > billing > member > viewer.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import secrets
+import uuid
+from dataclasses import dataclass
+from datetime import datetime
+
+from gpudeck.kit.errors import InvalidArgument, PermissionDenied
+from gpudeck.wallet.money import check_currency
+
+ROLES = ("owner", "admin", "billing", "member", "viewer")
+RANK = {role: len(ROLES) - i for i, role in enumerate(ROLES)}  # owner 5 … viewer 1
+KYC_STATUSES = ("unverified", "pending", "verified")
+THEMES = ("light", "dark", "system")
+MAX_NAME = 100
+MAX_EMAIL = 254
+TOKEN_PREFIX = "gpd_"
+DEFAULT_PROJECT = "default"
+_EMAIL = re.compile(r"^[^@\s]+@[^@\s.]+(\.[^@\s.]+)+$")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+# ---------------------------------------------------------------------------------- roles
+
+
+def check_role(role: str, *, field: str = "role") -> str:
+    value = role.strip().lower()
+    if value not in RANK:
+        raise InvalidArgument(
+            f"{field} must be one of {', '.join(ROLES)}, got {role!r}", field=field
+        )
+    return value
+
+
+def outranks(role: str, other: str) -> bool:
+    """Whether `role` is strictly more powerful than `other`."""
+    return RANK[role] > RANK[other]
+
+
+def can_see_billing(role: str) -> bool:
+    """Balances, invoices, spend: owner, admin and billing only."""
+    return RANK.get(role, 0) >= RANK["billing"]
+
+
+def can_manage_billing(role: str) -> bool:
+    """Top-ups, plan changes, credits and thresholds: the roles that see billing."""
+    return can_see_billing(role)
+
+
+def can_mutate(role: str) -> bool:
+    """Anything but reading: every role but viewer."""
+    return RANK.get(role, 0) >= RANK["member"]
+
+
+def can_manage_members(role: str) -> bool:
+    """Inviting, removing and changing the roles of members: owner and admin."""
+    return RANK.get(role, 0) >= RANK["admin"]
+
+
+def can_grant(granter: str, role: str) -> bool:
+    """Whether someone with `granter` may hand out `role` (to a member or a token): never above
+    their own."""
+    return can_mutate(granter) and RANK[role] <= RANK.get(granter, 0)
+
+
+def check_grant(granter: str, role: str, *, field: str = "role") -> None:
+    """PermissionDenied unless `granter` may hand out `role`."""
+    if not can_mutate(granter):
+        raise PermissionDenied(f"a {granter} may not grant any role", field=field)
+    if not can_grant(granter, role):
+        raise PermissionDenied(
+            f"{field} {role!r} exceeds the granting user's own role {granter!r}", field=field
+        )
+
+
+# ---------------------------------------------------------------------------------- inputs
+
+
+def check_name(name: str, *, field: str = "name") -> str:
+    """A display name: trimmed, 1 to 100 characters, no control characters."""
+    value = name.strip()
+    if not value:
+        raise InvalidArgument(f"{field} must not be empty", field=field)
+    if len(value) > MAX_NAME:
+        raise InvalidArgument(f"{field} is longer than {MAX_NAME} characters", field=field)
+    if _CONTROL.search(value):
+        raise InvalidArgument(f"{field} contains control characters", field=field)
+    return value
+
+
+def check_email(email: str, *, field: str = "email") -> str:
+    """An address shaped like local@domain.tld, lower-cased."""
+    value = email.strip().lower()
+    if not value:
+        raise InvalidArgument(f"{field} is required", field=field)
+    if len(value) > MAX_EMAIL or not _EMAIL.match(value):
+        raise InvalidArgument(f"{field} is not an email address: {email!r}", field=field)
+    return value
+
+
+def check_kyc_status(status: str, *, field: str = "kyc_status") -> str:
+    value = status.strip().lower()
+    if value not in KYC_STATUSES:
+        raise InvalidArgument(
+            f"{field} must be one of {', '.join(KYC_STATUSES)}, got {status!r}", field=field
+        )
+    return value
+
+
+def check_theme(theme: str, *, field: str = "theme") -> str:
+    value = theme.strip().lower()
+    if value not in THEMES:
+        raise InvalidArgument(
+            f"{field} must be one of {', '.join(THEMES)}, got {theme!r}", field=field
+        )
+    return value
+
+
+def fingerprint(op: str, **fields: object) -> bytes:
+    """What identifies a request's payload for idempotency: equal payloads, equal digests."""
+    payload = {"op": op, **{k: str(v) for k, v in fields.items()}}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).digest()
+
+
+# ---------------------------------------------------------------------------------- tokens
+
+
+def new_secret() -> str:
+    """A fresh token secret: "gpd_" and 40 URL-safe random characters (240 bits)."""
+    return TOKEN_PREFIX + secrets.token_urlsafe(30)
+
+
+def token_digest(secret: str) -> bytes:
+    """How a secret is kept and looked up: its SHA-256. The secret itself is never stored."""
+    return hashlib.sha256(secret.encode()).digest()
+
+
+def check_expiry(expires_at: datetime | None, now: datetime) -> datetime | None:
+    if expires_at is not None and expires_at <= now:
+        raise InvalidArgument("expires_at must be in the future", field="expires_at")
+    return expires_at
+
+
+# ---------------------------------------------------------------------------------- values
+
+
+@dataclass(frozen=True)
+class User:
+    id: uuid.UUID
+    email: str
+    name: str = ""
+
+
+@dataclass(frozen=True)
+class Organization:
+    id: uuid.UUID
+    name: str
+    owner: User
+    currency: str
+    plan_code: str
+    kyc_status: str
+    created_at: datetime
+    team_size: int
+
+
+@dataclass(frozen=True)
+class Member:
+    organization_id: uuid.UUID
+    user: User
+    role: str
+    joined_at: datetime
+
+
+@dataclass(frozen=True)
+class Project:
+    id: uuid.UUID
+    organization_id: uuid.UUID
+    name: str
+    created_at: datetime
+    last_used_at: datetime
+    deleted_at: datetime | None = None
+
+
+@dataclass(frozen=True)
+class ApiToken:
+    id: uuid.UUID
+    organization_id: uuid.UUID
+    name: str
+    role: str
+    created_by: uuid.UUID | None
+    created_at: datetime
+    expires_at: datetime | None = None
+    revoked_at: datetime | None = None
+    last_used_at: datetime | None = None
+
+
+@dataclass(frozen=True)
+class OrganizationRole:
+    organization_id: uuid.UUID
+    name: str
+    role: str
+
+
+@dataclass(frozen=True)
+class Identity:
+    """Who a token is: it acts in its one organization, with its own role, and nowhere else."""
+
+    token_id: uuid.UUID
+    organization_id: uuid.UUID
+    organization_name: str
+    role: str
+    user_id: uuid.UUID | None  # the user who created the token
+    email: str
+    expires_at: datetime | None = None
+
+    @property
+    def organizations(self) -> list[OrganizationRole]:
+        return [OrganizationRole(self.organization_id, self.organization_name, self.role)]
+
+
+PREFERENCE_FIELDS = (
+    "display_currency",
+    "theme",
+    "compact_mode",
+    "email_notifications",
+    "low_balance_notifications",
+)
+
+
+@dataclass(frozen=True)
+class Preferences:
+    organization_id: uuid.UUID
+    user_id: uuid.UUID
+    display_currency: str
+    theme: str = "system"
+    compact_mode: bool = False
+    email_notifications: bool = True
+    low_balance_notifications: bool = True
+
+
+def check_preference_update(values: dict[str, object], fields: list[str]) -> dict[str, object]:
+    """The preferences an update changes, checked: those `fields` names (all when empty)."""
+    for name in fields:
+        if name not in PREFERENCE_FIELDS:
+            raise InvalidArgument(
+                f"fields: unknown preference {name!r}; known: {', '.join(PREFERENCE_FIELDS)}",
+                field="fields",
+            )
+    chosen = {name: values[name] for name in (fields or PREFERENCE_FIELDS)}
+    if "display_currency" in chosen:
+        chosen["display_currency"] = check_currency(
+            str(chosen["display_currency"]), field="display_currency"
+        )
+    if "theme" in chosen:
+        chosen["theme"] = check_theme(str(chosen["theme"]))
+    return chosen
