@@ -225,3 +225,74 @@ class AutoTopUpRequested(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___AutoTopUpRequested: _TypeAlias = AutoTopUpRequested  # noqa: Y015
+
+@_typing.final
+class PlanChanged(_message.Message):
+    """wallet.plan.changed"""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PLAN_CODE_FIELD_NUMBER: _builtins.int
+    PREVIOUS_PLAN_CODE_FIELD_NUMBER: _builtins.int
+    CHARGED_FIELD_NUMBER: _builtins.int
+    CREDITS_GRANTED_FIELD_NUMBER: _builtins.int
+    PERIOD_FIELD_NUMBER: _builtins.int
+    plan_code: _builtins.str
+    previous_plan_code: _builtins.str
+    period: _builtins.str
+    """YYYY-MM: the billing month the fee and credits are for"""
+    @_builtins.property
+    def charged(self) -> _money_pb2.Money:
+        """the monthly fee charged by this change (may be zero)"""
+
+    @_builtins.property
+    def credits_granted(self) -> _money_pb2.Money: ...
+    def __init__(
+        self,
+        *,
+        plan_code: _builtins.str = ...,
+        previous_plan_code: _builtins.str = ...,
+        charged: _money_pb2.Money | None = ...,
+        credits_granted: _money_pb2.Money | None = ...,
+        period: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["charged", b"charged", "credits_granted", b"credits_granted"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["charged", b"charged", "credits_granted", b"credits_granted", "period", b"period", "plan_code", b"plan_code", "previous_plan_code", b"previous_plan_code"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PlanChanged: _TypeAlias = PlanChanged  # noqa: Y015
+
+@_typing.final
+class InvoiceChanged(_message.Message):
+    """wallet.invoice.issued, wallet.invoice.paid"""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    INVOICE_ID_FIELD_NUMBER: _builtins.int
+    PERIOD_FIELD_NUMBER: _builtins.int
+    TOTAL_FIELD_NUMBER: _builtins.int
+    STATUS_FIELD_NUMBER: _builtins.int
+    invoice_id: _builtins.str
+    period: _builtins.str
+    """YYYY-MM"""
+    status: _builtins.str
+    """open, paid"""
+    @_builtins.property
+    def total(self) -> _money_pb2.Money: ...
+    def __init__(
+        self,
+        *,
+        invoice_id: _builtins.str = ...,
+        period: _builtins.str = ...,
+        total: _money_pb2.Money | None = ...,
+        status: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["total", b"total"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["invoice_id", b"invoice_id", "period", b"period", "status", b"status", "total", b"total"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___InvoiceChanged: _TypeAlias = InvoiceChanged  # noqa: Y015

@@ -828,6 +828,7 @@ class UsageRecord(_message.Message):
     LATENCY_MS_FIELD_NUMBER: _builtins.int
     AT_FIELD_NUMBER: _builtins.int
     TRANSACTION_ID_FIELD_NUMBER: _builtins.int
+    UNIT_PRICE_FIELD_NUMBER: _builtins.int
     event_id: _builtins.str
     organization_id: _builtins.str
     project_id: _builtins.str
@@ -836,6 +837,9 @@ class UsageRecord(_message.Message):
     success: _builtins.bool
     latency_ms: _builtins.int
     transaction_id: _builtins.str
+    """the USAGE charge; empty when the cost was zero"""
+    unit_price: _builtins.int
+    """micro-units per 1,000,000 units of quantity"""
     @_builtins.property
     def cost(self) -> _money_pb2.Money: ...
     @_builtins.property
@@ -856,10 +860,11 @@ class UsageRecord(_message.Message):
         latency_ms: _builtins.int = ...,
         at: _timestamp_pb2.Timestamp | None = ...,
         transaction_id: _builtins.str = ...,
+        unit_price: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["at", b"at", "cost", b"cost"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["at", b"at", "cost", b"cost", "dimensions", b"dimensions", "event_id", b"event_id", "latency_ms", b"latency_ms", "meter", b"meter", "organization_id", b"organization_id", "project_id", b"project_id", "quantity", b"quantity", "success", b"success", "transaction_id", b"transaction_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["at", b"at", "cost", b"cost", "dimensions", b"dimensions", "event_id", b"event_id", "latency_ms", b"latency_ms", "meter", b"meter", "organization_id", b"organization_id", "project_id", b"project_id", "quantity", b"quantity", "success", b"success", "transaction_id", b"transaction_id", "unit_price", b"unit_price"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -867,7 +872,15 @@ Global___UsageRecord: _TypeAlias = UsageRecord  # noqa: Y015
 
 @_typing.final
 class GetWalletSummaryRequest(_message.Message):
-    """---------------------------------------------------------------- read models"""
+    """---------------------------------------------------------------- read models
+
+    Read from rollups kept with the ledger, never from the ledger itself. With display_currency
+    set (INR or USD) every amount is in that currency and `conversion` is the stored rate used:
+    when its base is the wallet currency amounts were multiplied by it; when its base is the
+    display currency (only the other direction is stored) they were divided by it. Each amount is
+    converted on its own, rounded half away from zero to the micro-unit. No rate for the pair:
+    FAILED_PRECONDITION naming it.
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -1287,8 +1300,11 @@ class GetResourceCostsRequest(_message.Message):
     ORGANIZATION_ID_FIELD_NUMBER: _builtins.int
     RESOURCE_IDS_FIELD_NUMBER: _builtins.int
     DISPLAY_CURRENCY_FIELD_NUMBER: _builtins.int
+    LIMIT_FIELD_NUMBER: _builtins.int
     organization_id: _builtins.str
     display_currency: _builtins.str
+    limit: _builtins.int
+    """most recently charged first; default 100, at most 1000"""
     @_builtins.property
     def resource_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """empty: all"""
@@ -1299,10 +1315,11 @@ class GetResourceCostsRequest(_message.Message):
         organization_id: _builtins.str = ...,
         resource_ids: _abc.Iterable[_builtins.str] | None = ...,
         display_currency: _builtins.str = ...,
+        limit: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["display_currency", b"display_currency", "organization_id", b"organization_id", "resource_ids", b"resource_ids"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["display_currency", b"display_currency", "limit", b"limit", "organization_id", b"organization_id", "resource_ids", b"resource_ids"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1377,12 +1394,15 @@ class GetUsageAnalyticsRequest(_message.Message):
     TOP_FIELD_NUMBER: _builtins.int
     RECENT_FIELD_NUMBER: _builtins.int
     DISPLAY_CURRENCY_FIELD_NUMBER: _builtins.int
+    METER_FIELD_NUMBER: _builtins.int
     organization_id: _builtins.str
     top: _builtins.int
     """top N models (default 5)"""
     recent: _builtins.int
     """recent records (default 50)"""
     display_currency: _builtins.str
+    meter: _builtins.str
+    """only this meter (e.g. "tokens"); empty: every meter"""
     def __init__(
         self,
         *,
@@ -1390,10 +1410,11 @@ class GetUsageAnalyticsRequest(_message.Message):
         top: _builtins.int = ...,
         recent: _builtins.int = ...,
         display_currency: _builtins.str = ...,
+        meter: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["display_currency", b"display_currency", "organization_id", b"organization_id", "recent", b"recent", "top", b"top"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["display_currency", b"display_currency", "meter", b"meter", "organization_id", b"organization_id", "recent", b"recent", "top", b"top"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1484,14 +1505,20 @@ class UsageAnalytics(_message.Message):
     @_builtins.property
     def today_cost(self) -> _money_pb2.Money: ...
     @_builtins.property
-    def today_by_model(self) -> _containers.RepeatedCompositeFieldContainer[Global___DimensionUsage]: ...
+    def today_by_model(self) -> _containers.RepeatedCompositeFieldContainer[Global___DimensionUsage]:
+        """UTC day so far, largest quantity first"""
+
     @_builtins.property
-    def top_models_30_days(self) -> _containers.RepeatedCompositeFieldContainer[Global___DimensionUsage]: ...
+    def top_models_30_days(self) -> _containers.RepeatedCompositeFieldContainer[Global___DimensionUsage]:
+        """today and the 29 days before"""
+
     @_builtins.property
-    def hourly_48h(self) -> _containers.RepeatedCompositeFieldContainer[Global___HourCount]: ...
+    def hourly_48h(self) -> _containers.RepeatedCompositeFieldContainer[Global___HourCount]:
+        """all 48 hours ending with the current one, oldest first"""
+
     @_builtins.property
     def all_time(self) -> _containers.RepeatedCompositeFieldContainer[Global___DimensionUsage]:
-        """per dimension and value"""
+        """per dimension and value (values that are set)"""
 
     @_builtins.property
     def recent(self) -> _containers.RepeatedCompositeFieldContainer[Global___UsageRecord]: ...
@@ -1892,15 +1919,19 @@ class ListPlansRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     CURRENCY_FIELD_NUMBER: _builtins.int
+    ORGANIZATION_ID_FIELD_NUMBER: _builtins.int
     currency: _builtins.str
+    organization_id: _builtins.str
+    """instead of currency: that organization's wallet currency"""
     def __init__(
         self,
         *,
         currency: _builtins.str = ...,
+        organization_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["currency", b"currency"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["currency", b"currency", "organization_id", b"organization_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1951,19 +1982,37 @@ class PlanStatus(_message.Message):
 
     PLAN_FIELD_NUMBER: _builtins.int
     AVAILABLE_CREDITS_FIELD_NUMBER: _builtins.int
+    CHARGED_FIELD_NUMBER: _builtins.int
+    CREDITS_GRANTED_FIELD_NUMBER: _builtins.int
+    PREVIOUS_PLAN_CODE_FIELD_NUMBER: _builtins.int
+    previous_plan_code: _builtins.str
+    """ChangePlan only"""
     @_builtins.property
     def plan(self) -> Global___Plan: ...
     @_builtins.property
-    def available_credits(self) -> _money_pb2.Money: ...
+    def available_credits(self) -> _money_pb2.Money:
+        """unexpired credits (the wallet's credit part)"""
+
+    @_builtins.property
+    def charged(self) -> _money_pb2.Money:
+        """ChangePlan only: the monthly fee charged and the credits granted by this change (zero when
+        the plan was already paid for this month, for a downgrade, or for a free plan).
+        """
+
+    @_builtins.property
+    def credits_granted(self) -> _money_pb2.Money: ...
     def __init__(
         self,
         *,
         plan: Global___Plan | None = ...,
         available_credits: _money_pb2.Money | None = ...,
+        charged: _money_pb2.Money | None = ...,
+        credits_granted: _money_pb2.Money | None = ...,
+        previous_plan_code: _builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["available_credits", b"available_credits", "plan", b"plan"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["available_credits", b"available_credits", "charged", b"charged", "credits_granted", b"credits_granted", "plan", b"plan"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["available_credits", b"available_credits", "plan", b"plan"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["available_credits", b"available_credits", "charged", b"charged", "credits_granted", b"credits_granted", "plan", b"plan", "previous_plan_code", b"previous_plan_code"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -2032,12 +2081,20 @@ class Invoice(_message.Message):
     STATUS_FIELD_NUMBER: _builtins.int
     ISSUED_AT_FIELD_NUMBER: _builtins.int
     PAID_AT_FIELD_NUMBER: _builtins.int
+    ORGANIZATION_NAME_FIELD_NUMBER: _builtins.int
+    PERIOD_START_FIELD_NUMBER: _builtins.int
+    PERIOD_END_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     organization_id: _builtins.str
     period: _builtins.str
     """YYYY-MM"""
     status: _builtins.str
     """open, paid"""
+    organization_name: _builtins.str
+    period_start: _builtins.str
+    """YYYY-MM-DD, the first day of the period (UTC)"""
+    period_end: _builtins.str
+    """YYYY-MM-DD, the last day of the period (UTC)"""
     @_builtins.property
     def lines(self) -> _containers.RepeatedCompositeFieldContainer[Global___InvoiceLine]: ...
     @_builtins.property
@@ -2057,10 +2114,13 @@ class Invoice(_message.Message):
         status: _builtins.str = ...,
         issued_at: _timestamp_pb2.Timestamp | None = ...,
         paid_at: _timestamp_pb2.Timestamp | None = ...,
+        organization_name: _builtins.str = ...,
+        period_start: _builtins.str = ...,
+        period_end: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["issued_at", b"issued_at", "paid_at", b"paid_at", "total", b"total"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["id", b"id", "issued_at", b"issued_at", "lines", b"lines", "organization_id", b"organization_id", "paid_at", b"paid_at", "period", b"period", "status", b"status", "total", b"total"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["id", b"id", "issued_at", b"issued_at", "lines", b"lines", "organization_id", b"organization_id", "organization_name", b"organization_name", "paid_at", b"paid_at", "period", b"period", "period_end", b"period_end", "period_start", b"period_start", "status", b"status", "total", b"total"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -2093,16 +2153,22 @@ class ListInvoicesResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     INVOICES_FIELD_NUMBER: _builtins.int
+    NEXT_INVOICE_DATE_FIELD_NUMBER: _builtins.int
+    next_invoice_date: _builtins.str
+    """ListInvoices: YYYY-MM-DD, the first day of next month (UTC)"""
     @_builtins.property
-    def invoices(self) -> _containers.RepeatedCompositeFieldContainer[Global___Invoice]: ...
+    def invoices(self) -> _containers.RepeatedCompositeFieldContainer[Global___Invoice]:
+        """newest period first"""
+
     def __init__(
         self,
         *,
         invoices: _abc.Iterable[Global___Invoice] | None = ...,
+        next_invoice_date: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["invoices", b"invoices"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["invoices", b"invoices", "next_invoice_date", b"next_invoice_date"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -2113,15 +2179,19 @@ class GetInvoiceRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     INVOICE_ID_FIELD_NUMBER: _builtins.int
+    ORGANIZATION_ID_FIELD_NUMBER: _builtins.int
     invoice_id: _builtins.str
+    organization_id: _builtins.str
+    """optional scope: another organization's invoice is NOT_FOUND"""
     def __init__(
         self,
         *,
         invoice_id: _builtins.str = ...,
+        organization_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["invoice_id", b"invoice_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["invoice_id", b"invoice_id", "organization_id", b"organization_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -2156,15 +2226,19 @@ class MarkInvoicePaidRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     INVOICE_ID_FIELD_NUMBER: _builtins.int
+    ORGANIZATION_ID_FIELD_NUMBER: _builtins.int
     invoice_id: _builtins.str
+    organization_id: _builtins.str
+    """optional scope"""
     def __init__(
         self,
         *,
         invoice_id: _builtins.str = ...,
+        organization_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["invoice_id", b"invoice_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["invoice_id", b"invoice_id", "organization_id", b"organization_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -2175,15 +2249,19 @@ class RenderInvoicePdfRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     INVOICE_ID_FIELD_NUMBER: _builtins.int
+    ORGANIZATION_ID_FIELD_NUMBER: _builtins.int
     invoice_id: _builtins.str
+    organization_id: _builtins.str
+    """optional scope"""
     def __init__(
         self,
         *,
         invoice_id: _builtins.str = ...,
+        organization_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["invoice_id", b"invoice_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["invoice_id", b"invoice_id", "organization_id", b"organization_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -2210,3 +2288,65 @@ class InvoicePdf(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___InvoicePdf: _TypeAlias = InvoicePdf  # noqa: Y015
+
+@_typing.final
+class AddCreditsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    IDEMPOTENCY_KEY_FIELD_NUMBER: _builtins.int
+    ORGANIZATION_ID_FIELD_NUMBER: _builtins.int
+    AMOUNT_FIELD_NUMBER: _builtins.int
+    REFERENCE_FIELD_NUMBER: _builtins.int
+    EXPIRES_AT_FIELD_NUMBER: _builtins.int
+    idempotency_key: _builtins.str
+    organization_id: _builtins.str
+    reference: _builtins.str
+    """e.g. the payment id"""
+    @_builtins.property
+    def amount(self) -> _money_pb2.Money:
+        """in the wallet currency (currency may be empty)"""
+
+    @_builtins.property
+    def expires_at(self) -> _timestamp_pb2.Timestamp:
+        """unset: the credits never expire"""
+
+    def __init__(
+        self,
+        *,
+        idempotency_key: _builtins.str = ...,
+        organization_id: _builtins.str = ...,
+        amount: _money_pb2.Money | None = ...,
+        reference: _builtins.str = ...,
+        expires_at: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["amount", b"amount", "expires_at", b"expires_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["amount", b"amount", "expires_at", b"expires_at", "idempotency_key", b"idempotency_key", "organization_id", b"organization_id", "reference", b"reference"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AddCreditsRequest: _TypeAlias = AddCreditsRequest  # noqa: Y015
+
+@_typing.final
+class AddCreditsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TRANSACTION_FIELD_NUMBER: _builtins.int
+    AVAILABLE_CREDITS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def transaction(self) -> Global___Transaction: ...
+    @_builtins.property
+    def available_credits(self) -> _money_pb2.Money: ...
+    def __init__(
+        self,
+        *,
+        transaction: Global___Transaction | None = ...,
+        available_credits: _money_pb2.Money | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["available_credits", b"available_credits", "transaction", b"transaction"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["available_credits", b"available_credits", "transaction", b"transaction"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AddCreditsResponse: _TypeAlias = AddCreditsResponse  # noqa: Y015

@@ -194,6 +194,11 @@ class WalletServiceStub:
                 request_serializer=gpudeck_dot_wallet_dot_v1_dot_wallet__pb2.RenderInvoicePdfRequest.SerializeToString,
                 response_deserializer=gpudeck_dot_wallet_dot_v1_dot_wallet__pb2.InvoicePdf.FromString,
                 _registered_method=True)
+        self.AddCredits = channel.unary_unary(
+                '/gpudeck.wallet.v1.WalletService/AddCredits',
+                request_serializer=gpudeck_dot_wallet_dot_v1_dot_wallet__pb2.AddCreditsRequest.SerializeToString,
+                response_deserializer=gpudeck_dot_wallet_dot_v1_dot_wallet__pb2.AddCreditsResponse.FromString,
+                _registered_method=True)
 
 
 class WalletServiceServicer:
@@ -399,6 +404,13 @@ class WalletServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def AddCredits(self, request, context):
+        """Buy credits: a paid CREDIT_GRANT with credit_source "purchase", idempotent by key.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_WalletServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -561,6 +573,11 @@ def add_WalletServiceServicer_to_server(servicer, server):
                     servicer.RenderInvoicePdf,
                     request_deserializer=gpudeck_dot_wallet_dot_v1_dot_wallet__pb2.RenderInvoicePdfRequest.FromString,
                     response_serializer=gpudeck_dot_wallet_dot_v1_dot_wallet__pb2.InvoicePdf.SerializeToString,
+            ),
+            'AddCredits': grpc.unary_unary_rpc_method_handler(
+                    servicer.AddCredits,
+                    request_deserializer=gpudeck_dot_wallet_dot_v1_dot_wallet__pb2.AddCreditsRequest.FromString,
+                    response_serializer=gpudeck_dot_wallet_dot_v1_dot_wallet__pb2.AddCreditsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -1427,6 +1444,33 @@ class WalletService:
             '/gpudeck.wallet.v1.WalletService/RenderInvoicePdf',
             gpudeck_dot_wallet_dot_v1_dot_wallet__pb2.RenderInvoicePdfRequest.SerializeToString,
             gpudeck_dot_wallet_dot_v1_dot_wallet__pb2.InvoicePdf.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AddCredits(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gpudeck.wallet.v1.WalletService/AddCredits',
+            gpudeck_dot_wallet_dot_v1_dot_wallet__pb2.AddCreditsRequest.SerializeToString,
+            gpudeck_dot_wallet_dot_v1_dot_wallet__pb2.AddCreditsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -76,6 +76,8 @@ class WalletServiceStub:
     GenerateInvoices: _grpc.UnaryUnaryMultiCallable[_wallet_pb2.GenerateInvoicesRequest, _wallet_pb2.ListInvoicesResponse]
     MarkInvoicePaid: _grpc.UnaryUnaryMultiCallable[_wallet_pb2.MarkInvoicePaidRequest, _wallet_pb2.Invoice]
     RenderInvoicePdf: _grpc.UnaryUnaryMultiCallable[_wallet_pb2.RenderInvoicePdfRequest, _wallet_pb2.InvoicePdf]
+    AddCredits: _grpc.UnaryUnaryMultiCallable[_wallet_pb2.AddCreditsRequest, _wallet_pb2.AddCreditsResponse]
+    """Buy credits: a paid CREDIT_GRANT with credit_source "purchase", idempotent by key."""
 
 @_typing.type_check_only
 class WalletServiceAsyncStub(WalletServiceStub):
@@ -120,6 +122,8 @@ class WalletServiceAsyncStub(WalletServiceStub):
     GenerateInvoices: _aio.UnaryUnaryMultiCallable[_wallet_pb2.GenerateInvoicesRequest, _wallet_pb2.ListInvoicesResponse]  # type: ignore[assignment]
     MarkInvoicePaid: _aio.UnaryUnaryMultiCallable[_wallet_pb2.MarkInvoicePaidRequest, _wallet_pb2.Invoice]  # type: ignore[assignment]
     RenderInvoicePdf: _aio.UnaryUnaryMultiCallable[_wallet_pb2.RenderInvoicePdfRequest, _wallet_pb2.InvoicePdf]  # type: ignore[assignment]
+    AddCredits: _aio.UnaryUnaryMultiCallable[_wallet_pb2.AddCreditsRequest, _wallet_pb2.AddCreditsResponse]  # type: ignore[assignment]
+    """Buy credits: a paid CREDIT_GRANT with credit_source "purchase", idempotent by key."""
 
 class WalletServiceServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -353,5 +357,13 @@ class WalletServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _wallet_pb2.RenderInvoicePdfRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_wallet_pb2.InvoicePdf, _abc.Awaitable[_wallet_pb2.InvoicePdf]]: ...
+
+    @_abc_1.abstractmethod
+    def AddCredits(
+        self,
+        request: _wallet_pb2.AddCreditsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_wallet_pb2.AddCreditsResponse, _abc.Awaitable[_wallet_pb2.AddCreditsResponse]]:
+        """Buy credits: a paid CREDIT_GRANT with credit_source "purchase", idempotent by key."""
 
 def add_WalletServiceServicer_to_server(servicer: WalletServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

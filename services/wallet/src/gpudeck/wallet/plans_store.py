@@ -1,0 +1,194 @@
+"""All SQL of plans and credits: the catalog, an organization's plan, plan changes, purchases.
+
+Lock order as everywhere: the organization's wallet row first (which serializes its idempotency
+keys), then its organization row. Money moves only through `LedgerStore.post_transfers`, in the
+caller's transaction: a refused transfer raises, and the caller's rollback undoes the rest.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any
+
+from psycopg import AsyncConnection
+
+from gpudeck.kit.errors import FailedPrecondition, InvalidArgument, NotFound
+from gpudeck.wallet import idempotency, plan_events
+from gpudeck.wallet.ledger import Kind, Transaction, TransferRequest, validate
+from gpudeck.wallet.ledger_store import LedgerStore, db_now, lock_wallets
+from gpudeck.wallet.money import check_currency, format_micro
+from gpudeck.wallet.plans import (
+    ChangePlanRequest,
+    Plan,
+    PlanStatus,
+    billing_month,
+    check_plan_code,
+    credits_key,
+    fee_key,
+    plan_change,
+)
+
+Conn = AsyncConnection[Any]
+PURCHASE_SOURCE = "purchase"
+
+CATALOG = {
+    "USD": "SELECT code, name, 'USD', monthly_fee_usd, credits_usd, position FROM plans",
+    "INR": "SELECT code, name, 'INR', monthly_fee_inr, credits_inr, position FROM plans",
+}
+ORGANIZATION = """
+SELECT o.plan_code, w.currency, w.credits, o.kyc_status
+FROM organizations o JOIN wallets w ON w.organization_id = o.id
+WHERE o.id = %s AND o.deleted_at IS NULL
+"""
+
+
+class PlanStore:
+    """Reads the catalog and changes plans; posts fees, plan credits and purchased credits."""
+
+    def __init__(self, ledger: LedgerStore) -> None:
+        self.ledger = ledger
+        self.outbox = ledger.outbox
+
+    async def list_plans(self, conn: Conn, currency: str) -> list[Plan]:
+        code = check_currency(currency)
+        cur = await conn.execute(CATALOG[code] + " ORDER BY position, code")
+        return [Plan(*row) for row in await cur.fetchall()]
+
+    async def plan(self, conn: Conn, code: str, currency: str) -> Plan:
+        """The plan `code` priced in `currency`; InvalidArgument naming plan_code if unknown."""
+        wanted = check_plan_code(code)
+        plans = await self.list_plans(conn, currency)
+        for plan in plans:
+            if plan.code == wanted:
+                return plan
+        known = ", ".join(p.code for p in plans)
+        raise InvalidArgument(f"plan_code must be one of {known}, got {code!r}", field="plan_code")
+
+    async def wallet_currency(self, conn: Conn, organization_id: uuid.UUID) -> str:
+        return (await _organization(conn, organization_id))[1]
+
+    async def status(self, conn: Conn, organization_id: uuid.UUID) -> PlanStatus:
+        """The organization's plan and its available credits (the wallet's unexpired credits)."""
+        plan_code, currency, credits, _ = await _organization(conn, organization_id)
+        return PlanStatus(await self._current(conn, plan_code, currency), credits)
+
+    async def change(self, conn: Conn, request: ChangePlanRequest) -> PlanStatus:
+        """Change the organization's plan by the rule of `plans`; idempotent by request key."""
+        request.validate()
+        org = request.organization_id
+        now = await db_now(conn)
+        locked = await lock_wallets(conn, [org], now)
+        if org not in locked:
+            raise NotFound(f"organization {org} not found", field="organization_id")
+        scope, fingerprint = str(org), request.fingerprint()
+        earlier = await idempotency.recall(conn, scope, request.key, fingerprint)
+        if earlier is not None:
+            return PlanStatus.from_json(earlier)
+        cur = await conn.execute(
+            "SELECT plan_code FROM organizations WHERE id = %s AND deleted_at IS NULL FOR UPDATE",
+            (org,),
+        )
+        row = await cur.fetchone()
+        if row is None:
+            raise NotFound(f"organization {org} not found", field="organization_id")
+        currency = locked[org].wallet.currency
+        target = await self.plan(conn, request.plan_code, currency)
+        previous = await self._current(conn, row[0], currency)
+        paid = await self._paid_this_month(conn, org, target.code, billing_month(now))
+        change = plan_change(org, previous, target, now, paid_this_month=paid, actor=request.actor)
+        await self._post(conn, change.transfers, now)
+        if change.changes_anything:
+            await conn.execute(
+                "UPDATE organizations SET plan_code = %s WHERE id = %s", (target.code, org)
+            )
+            await self.outbox.add(conn, plan_events.plan_changed(change, actor=request.actor))
+        status = PlanStatus(
+            plan=target,
+            available_credits=await _credits(conn, org),
+            charged=change.charged,
+            credits_granted=change.credits_granted,
+            previous_plan_code=previous.code,
+        )
+        await idempotency.remember(conn, scope, request.key, fingerprint, status.to_json())
+        return status
+
+    async def add_credits(
+        self,
+        conn: Conn,
+        request: TransferRequest,
+        *,
+        kyc_limit: int,
+    ) -> tuple[Transaction, int]:
+        """Post a purchase of credits (a CREDIT_GRANT from "purchase"); its transaction and the
+        credits available after it. Above `kyc_limit` the organization must be KYC-verified."""
+        if request.kind is not Kind.CREDIT_GRANT or request.credit_source != PURCHASE_SOURCE:
+            raise InvalidArgument("a purchase is a credit grant from purchase", field="kind")
+        validate(request)
+        _, currency, _, kyc = await _organization(conn, request.organization_id)
+        if request.currency and request.currency != currency:
+            raise InvalidArgument(
+                f"currency {request.currency} is not the wallet currency {currency}",
+                field="currency",
+            )
+        if kyc_limit and request.amount > kyc_limit and kyc != "verified":
+            raise FailedPrecondition(
+                f"purchases above {format_micro(kyc_limit)} {currency} need a KYC-verified"
+                f" organization (kyc_status is {kyc})",
+                field="amount",
+                reason="KYC_REQUIRED",
+            )
+        now = await db_now(conn)
+        expires = request.credit_expires_at
+        if expires is not None and expires <= now:
+            raise InvalidArgument("expires_at must be in the future", field="expires_at")
+        [transaction] = await self._post(conn, [request], now)
+        return transaction, await _credits(conn, request.organization_id)
+
+    async def _post(
+        self, conn: Conn, transfers: Sequence[TransferRequest], now: datetime
+    ) -> list[Transaction]:
+        """Post all of `transfers` or raise the first refusal (the caller rolls back)."""
+        if not transfers:
+            return []
+        outcomes = await self.ledger.post_transfers(conn, transfers, now=now)
+        for outcome in outcomes:
+            if outcome.error is not None:
+                raise outcome.error
+        return [o.transaction for o in outcomes if o.transaction is not None]
+
+    async def _current(self, conn: Conn, plan_code: str, currency: str) -> Plan:
+        """The organization's current plan; a code no longer in the catalog counts as free."""
+        try:
+            return await self.plan(conn, plan_code, currency)
+        except InvalidArgument:
+            return Plan(plan_code, plan_code.title(), currency, 0, 0, 0)
+
+    async def _paid_this_month(
+        self, conn: Conn, organization_id: uuid.UUID, plan_code: str, month: str
+    ) -> bool:
+        """Whether the plan's fee or credits for `month` are already in the ledger (whose
+        transactions are unique by organization and key)."""
+        cur = await conn.execute(
+            "SELECT 1 FROM transactions WHERE organization_id = %s AND idempotency_key = ANY(%s)"
+            " LIMIT 1",
+            (organization_id, [fee_key(plan_code, month), credits_key(plan_code, month)]),
+        )
+        return await cur.fetchone() is not None
+
+
+async def _organization(conn: Conn, organization_id: uuid.UUID) -> tuple[str, str, int, str]:
+    cur = await conn.execute(ORGANIZATION, (organization_id,))
+    row = await cur.fetchone()
+    if row is None:
+        raise NotFound(f"organization {organization_id} not found", field="organization_id")
+    return row[0], row[1], row[2], row[3]
+
+
+async def _credits(conn: Conn, organization_id: uuid.UUID) -> int:
+    cur = await conn.execute(
+        "SELECT credits FROM wallets WHERE organization_id = %s", (organization_id,)
+    )
+    row = await cur.fetchone()
+    return int(row[0]) if row else 0

@@ -1,0 +1,143 @@
+"""Invoices without servers: period math, lines and totals, status, and the PDF."""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import replace
+from datetime import UTC, date, datetime
+
+import pytest
+
+from gpudeck.kit.errors import FailedPrecondition, InvalidArgument
+from gpudeck.wallet import pdf
+from gpudeck.wallet.invoices import (
+    PAID,
+    Invoice,
+    Period,
+    billable_period,
+    build_lines,
+    check_payable,
+    describe,
+    new_invoice,
+    next_invoice_date,
+    parse_period,
+)
+
+USD = 1_000_000
+NOW = datetime(2025, 7, 3, 12, 0, tzinfo=UTC)
+
+
+def invoice(spend: dict[str, int], name: str = "Acme", currency: str = "USD") -> Invoice:
+    return new_invoice(uuid.uuid4(), uuid.uuid4(), name, Period(2025, 6), currency, spend, NOW)
+
+
+def test_a_period_knows_its_days_and_neighbours() -> None:
+    p = parse_period("2024-02")
+    assert (p.start, p.last_day, p.end) == (date(2024, 2, 1), date(2024, 2, 29), date(2024, 3, 1))
+    assert str(Period(2024, 12).next()) == "2025-01"
+    assert str(Period(2025, 1).previous()) == "2024-12"
+    assert Period.of(datetime(2025, 1, 31, 23, 59, tzinfo=UTC)) == Period(2025, 1)
+
+
+@pytest.mark.parametrize("text", ["2025-13", "2025-00", "2025-6", "June", "2025/06", "1999-12", ""])
+def test_a_bad_period_is_an_invalid_argument_naming_the_field(text: str) -> None:
+    with pytest.raises(InvalidArgument) as err:
+        parse_period(text)
+    assert err.value.field == "period"
+
+
+def test_the_billable_period_defaults_to_the_last_complete_month() -> None:
+    assert billable_period("", NOW) == Period(2025, 6)
+    assert billable_period("2025-02", NOW) == Period(2025, 2)
+    assert billable_period("", datetime(2025, 1, 1, tzinfo=UTC)) == Period(2024, 12)
+
+
+@pytest.mark.parametrize("text", ["2025-07", "2025-08", "2031-01"])
+def test_a_period_that_has_not_ended_cannot_be_invoiced(text: str) -> None:
+    with pytest.raises(InvalidArgument) as err:
+        billable_period(text, NOW)
+    assert err.value.field == "period"
+    assert "2025-06" in err.value.message
+
+
+def test_the_next_invoice_is_on_the_first_day_of_next_month() -> None:
+    assert next_invoice_date(NOW) == date(2025, 8, 1)
+    assert next_invoice_date(date(2025, 12, 31)) == date(2026, 1, 1)
+
+
+def test_lines_come_one_per_resource_type_in_a_fixed_order_and_sum_to_the_total() -> None:
+    spend = {"vm": 3 * USD, "pod": 10 * USD, "plan": 49 * USD, "gpu_hours": 1, "api": 0}
+    inv = invoice(spend)
+    assert [x.resource_type for x in inv.lines] == ["plan", "pod", "vm", "gpu_hours"]
+    assert [x.description for x in inv.lines] == [
+        "Plan fees",
+        "GPU pods",
+        "Virtual machines",
+        "Gpu hours",
+    ]
+    assert inv.total == 62 * USD + 1
+    assert inv.status == "open"
+
+
+def test_refunds_beyond_charges_make_a_negative_line() -> None:
+    lines = build_lines({"pod": -2 * USD, "vm": 5 * USD})
+    assert sum(x.amount for x in lines) == 3 * USD
+    assert lines[0].amount == -2 * USD
+
+
+def test_an_empty_month_has_no_lines_and_a_zero_total() -> None:
+    inv = invoice({})
+    assert inv.lines == ()
+    assert inv.total == 0
+
+
+def test_descriptions_of_known_and_unknown_resource_types() -> None:
+    assert describe("nfs_volume") == "NFS volumes"
+    assert describe("object_storage") == "Object storage"
+    assert describe("fine-tuning") == "Fine tuning"
+
+
+def test_lines_survive_their_json() -> None:
+    inv = invoice({"pod": 5, "vm": 7})
+    assert Invoice.lines_from_json(inv.lines_json()) == inv.lines
+
+
+def test_an_invoice_is_paid_once() -> None:
+    inv = invoice({"pod": 5})
+    check_payable(inv)
+    paid = replace(inv, status=PAID, paid_at=NOW)
+    with pytest.raises(FailedPrecondition) as err:
+        check_payable(paid)
+    assert err.value.reason == "INVOICE_ALREADY_PAID"
+
+
+@pytest.mark.parametrize(
+    ("micro", "text"),
+    [
+        (12_500_000, "12.50"),
+        (417, "0.000417"),
+        (1_234_000_000, "1,234.00"),
+        (-1_500_000, "-1.50"),
+        (0, "0.00"),
+    ],
+)
+def test_amounts_are_printed_exactly(micro: int, text: str) -> None:
+    assert pdf.format_amount(micro) == text
+
+
+def test_the_pdf_is_a_pdf_with_the_organization_lines_and_total() -> None:
+    inv = invoice({"pod": 123_456_789, "plan": 49 * USD}, name="Acme Robotics")
+    document = pdf.render(inv)
+    assert document.startswith(b"%PDF-")
+    assert document.rstrip().endswith(b"%%EOF")
+    assert b"Acme Robotics" in document
+    assert b"USD 172.456789" in document
+    assert b"GPU pods" in document and b"Plan fees" in document
+    assert b"2025-06" in document and b"OPEN" in document
+    assert pdf.filename(inv).startswith("invoice-2025-06-") and pdf.filename(inv).endswith(".pdf")
+
+
+def test_the_pdf_survives_names_outside_latin_1() -> None:
+    document = pdf.render(invoice({"pod": USD}, name="Ācme — 株式会社", currency="INR"))
+    assert document.startswith(b"%PDF-")
+    assert b"INR 1.00" in document
