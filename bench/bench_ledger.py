@@ -43,11 +43,18 @@ def pgbench_binary() -> str:
 def pgbench_tps(url: str) -> float:
     params = conninfo_to_dict(url)
     env = {**os.environ}
-    for key, var in (("host", "PGHOST"), ("port", "PGPORT"), ("user", "PGUSER"), ("password", "PGPASSWORD")):
+    for key, var in (
+        ("host", "PGHOST"),
+        ("port", "PGPORT"),
+        ("user", "PGUSER"),
+        ("password", "PGPASSWORD"),
+    ):
         if params.get(key):
             env[var] = str(params[key])
     db = str(params["dbname"])
-    subprocess.run([pgbench_binary(), "-i", "-q", "-s", "10", db], env=env, check=True, capture_output=True)
+    subprocess.run(
+        [pgbench_binary(), "-i", "-q", "-s", "10", db], env=env, check=True, capture_output=True
+    )
     out = subprocess.run(
         [pgbench_binary(), "-c", str(CLIENTS), "-j", "2", "-T", str(int(SECONDS)), db],
         env=env, check=True, capture_output=True, text=True,

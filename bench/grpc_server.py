@@ -19,7 +19,9 @@ async def serve(kind: str, port: int) -> None:
         await kit.start()
     else:
         server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
-        diagnostics_pb2_grpc.add_DiagnosticsServicer_to_server(DiagnosticsServicer("wallet"), server)
+        diagnostics_pb2_grpc.add_DiagnosticsServicer_to_server(
+            DiagnosticsServicer("wallet"), server
+        )
         server.add_insecure_port(f"127.0.0.1:{port}")
         await server.start()
     print("ready", flush=True)

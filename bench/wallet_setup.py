@@ -52,7 +52,9 @@ async def wallet_pool(url: str) -> AsyncConnectionPool:
     return pool
 
 
-async def make_orgs(pool: AsyncConnectionPool, count: int, *, currency: str = "USD") -> list[uuid.UUID]:
+async def make_orgs(
+    pool: AsyncConnectionPool, count: int, *, currency: str = "USD"
+) -> list[uuid.UUID]:
     """`count` organizations with empty wallets, made with plain SQL."""
     orgs = [uuid.uuid4() for _ in range(count)]
     async with pool.connection() as conn, conn.transaction():

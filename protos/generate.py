@@ -24,7 +24,9 @@ IMPORT = re.compile(r"^(from|import) gpudeck\.(?!proto\.)", re.MULTILINE)
 
 
 def generate(out: Path) -> None:
-    sources = sorted(str(p.relative_to(PROTO_ROOT)) for p in (PROTO_ROOT / "gpudeck").rglob("*.proto"))
+    sources = sorted(
+        str(p.relative_to(PROTO_ROOT)) for p in (PROTO_ROOT / "gpudeck").rglob("*.proto")
+    )
     include = str(Path(protoc.__file__).parent / "_proto")
     with tempfile.TemporaryDirectory() as raw:
         args = [

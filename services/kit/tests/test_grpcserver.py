@@ -36,7 +36,9 @@ def _raising(kind: str) -> Any:
 def _add_test_service(_servicer: object, server: grpc.aio.Server) -> None:
     kinds = ["not_found", "invalid", "state", "crash", "slow"]
     handlers = {k: _raising(k) for k in kinds}
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("test.Faults", handlers),))
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler("test.Faults", handlers),)
+    )
 
 
 @pytest.fixture

@@ -18,8 +18,8 @@ from gpudeck.proto.wallet.v1.wallet_pb2_grpc import WalletServiceStub
 from gpudeck.wallet import audit
 
 sys.path.insert(0, str(Path(__file__).parent))
-import workload  # noqa: E402
-from processes import TOKEN, start_wallet, wait_serving, wallet_env  # noqa: E402
+import workload
+from processes import TOKEN, start_wallet, wait_serving, wallet_env
 
 NewOrg = Callable[..., Awaitable[uuid.UUID]]
 

@@ -16,7 +16,9 @@ async def post(pool: AsyncConnectionPool, *requests: TransferRequest) -> list[Ou
         return await LedgerStore().post_transfers(conn, list(requests))
 
 
-async def test_topup_then_charge_moves_the_balance(wallet_pool: AsyncConnectionPool, new_org: NewOrg) -> None:
+async def test_topup_then_charge_moves_the_balance(
+    wallet_pool: AsyncConnectionPool, new_org: NewOrg
+) -> None:
     org = await new_org()
     [top] = await post(wallet_pool, TransferRequest("t1", org, Kind.TOPUP, 10_000_000))
     assert top.error is None and top.transaction is not None

@@ -22,7 +22,7 @@ from gpudeck.wallet import audit
 from gpudeck.wallet.metering import owed
 
 sys.path.insert(0, str(Path(__file__).parent))
-from processes import TOKEN, start_wallet, wait_serving, wallet_env  # noqa: E402
+from processes import TOKEN, start_wallet, wait_serving, wallet_env
 
 NewOrg = Callable[..., Awaitable[uuid.UUID]]
 

@@ -14,7 +14,9 @@ NewOrg = Callable[..., Awaitable[uuid.UUID]]
 USD = 1_000_000
 
 
-def transfer(org: uuid.UUID, kind: int, amount: int, key: str | None = None, **kw: object) -> pb.TransferRequest:
+def transfer(
+    org: uuid.UUID, kind: int, amount: int, key: str | None = None, **kw: object
+) -> pb.TransferRequest:
     return pb.TransferRequest(
         idempotency_key=key or uuid.uuid4().hex,
         organization_id=str(org),
@@ -55,7 +57,9 @@ async def test_a_retry_with_the_same_key_returns_the_first_result(
     first = await wallet_stub.Transfer(transfer(org, pb.TOPUP, 7 * USD, key="k1"))
     second = await wallet_stub.Transfer(transfer(org, pb.TOPUP, 7 * USD, key="k1"))
     assert second == first
-    listed = await wallet_stub.ListTransactions(pb.ListTransactionsRequest(organization_id=str(org)))
+    listed = await wallet_stub.ListTransactions(
+        pb.ListTransactionsRequest(organization_id=str(org))
+    )
     assert [t.id for t in listed.transactions] == [first.id]
 
 
@@ -84,7 +88,9 @@ async def test_bad_amounts_are_invalid_arguments_naming_the_field(
     assert field in (err.value.details() or "")
 
 
-async def test_unknown_currency_and_organization(wallet_stub: WalletServiceStub, new_org: NewOrg) -> None:
+async def test_unknown_currency_and_organization(
+    wallet_stub: WalletServiceStub, new_org: NewOrg
+) -> None:
     org = await new_org()
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await wallet_stub.Transfer(transfer(org, pb.TOPUP, USD, currency="EUR"))
@@ -95,7 +101,9 @@ async def test_unknown_currency_and_organization(wallet_stub: WalletServiceStub,
     assert err.value.code() == grpc.StatusCode.NOT_FOUND
 
 
-async def test_credits_are_spent_before_cash(wallet_stub: WalletServiceStub, new_org: NewOrg) -> None:
+async def test_credits_are_spent_before_cash(
+    wallet_stub: WalletServiceStub, new_org: NewOrg
+) -> None:
     org = await new_org()
     await wallet_stub.Transfer(transfer(org, pb.TOPUP, 10 * USD))
     await wallet_stub.Transfer(transfer(org, pb.CREDIT_GRANT, 3 * USD, credit_source="promotion"))
@@ -105,7 +113,9 @@ async def test_credits_are_spent_before_cash(wallet_stub: WalletServiceStub, new
     assert debits == [("cash", -1 * USD), ("credit", -3 * USD)]
 
 
-async def test_batch_gives_a_result_per_item(wallet_stub: WalletServiceStub, new_org: NewOrg) -> None:
+async def test_batch_gives_a_result_per_item(
+    wallet_stub: WalletServiceStub, new_org: NewOrg
+) -> None:
     org = await new_org()
     batch = pb.TransferBatchRequest(
         transfers=[
@@ -117,15 +127,25 @@ async def test_batch_gives_a_result_per_item(wallet_stub: WalletServiceStub, new
         ]
     )
     results = (await wallet_stub.TransferBatch(batch)).results
-    assert [r.error_code for r in results] == ["", "", "FAILED_PRECONDITION", "INVALID_ARGUMENT", ""]
+    assert [r.error_code for r in results] == [
+        "",
+        "",
+        "FAILED_PRECONDITION",
+        "INVALID_ARGUMENT",
+        "",
+    ]
     assert results[4].transaction.balance_after.amount == 0
 
 
-async def test_hold_capture_releases_the_rest(wallet_stub: WalletServiceStub, new_org: NewOrg) -> None:
+async def test_hold_capture_releases_the_rest(
+    wallet_stub: WalletServiceStub, new_org: NewOrg
+) -> None:
     org = await new_org()
     await wallet_stub.Transfer(transfer(org, pb.TOPUP, 10 * USD))
     hold = await wallet_stub.CreateHold(
-        pb.CreateHoldRequest(idempotency_key="h", organization_id=str(org), amount=8 * USD, timeout_seconds=60)
+        pb.CreateHoldRequest(
+            idempotency_key="h", organization_id=str(org), amount=8 * USD, timeout_seconds=60
+        )
     )
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await wallet_stub.Transfer(transfer(org, pb.CHARGE, 3 * USD))
@@ -148,10 +168,16 @@ async def test_capture_above_the_hold_and_second_capture_are_refused(
         pb.CreateHoldRequest(idempotency_key="h", organization_id=str(org), amount=2 * USD)
     )
     with pytest.raises(grpc.aio.AioRpcError) as err:
-        await wallet_stub.CaptureHold(pb.CaptureHoldRequest(idempotency_key="c1", hold_id=hold.id, amount=3 * USD))
+        await wallet_stub.CaptureHold(
+            pb.CaptureHoldRequest(idempotency_key="c1", hold_id=hold.id, amount=3 * USD)
+        )
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    first = await wallet_stub.CaptureHold(pb.CaptureHoldRequest(idempotency_key="c2", hold_id=hold.id))
-    retried = await wallet_stub.CaptureHold(pb.CaptureHoldRequest(idempotency_key="c2", hold_id=hold.id))
+    first = await wallet_stub.CaptureHold(
+        pb.CaptureHoldRequest(idempotency_key="c2", hold_id=hold.id)
+    )
+    retried = await wallet_stub.CaptureHold(
+        pb.CaptureHoldRequest(idempotency_key="c2", hold_id=hold.id)
+    )
     assert retried == first
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await wallet_stub.CaptureHold(pb.CaptureHoldRequest(idempotency_key="c3", hold_id=hold.id))

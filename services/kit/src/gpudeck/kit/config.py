@@ -81,8 +81,11 @@ def nats_url(env: Mapping[str, str], name: str = "GPUDECK_NATS_URL") -> str:
             port = parts.port
         except ValueError:
             raise ConfigError(f"{name} has a malformed port: {value!r}") from None
-        if parts.scheme not in ("nats", "tls") or not parts.hostname or port is None and ":" in (
-            parts.netloc.rsplit("@", 1)[-1]
+        if (
+            parts.scheme not in ("nats", "tls")
+            or not parts.hostname
+            or (port is None
+            and ":" in (parts.netloc.rsplit("@", 1)[-1]))
         ):
             raise ConfigError(f"{name} must be nats://host:port, got {value!r}")
     return value

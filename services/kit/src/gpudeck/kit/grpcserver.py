@@ -85,7 +85,9 @@ class KitInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             try:
                 if not authorized:
                     code = "UNAUTHENTICATED"
-                    await ctx.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong service token")
+                    await ctx.abort(
+                        grpc.StatusCode.UNAUTHENTICATED, "missing or wrong service token"
+                    )
                 remaining = ctx.time_remaining()
                 if remaining is not None and remaining <= 0:
                     code = "DEADLINE_EXCEEDED"
@@ -157,7 +159,7 @@ class DiagnosticsServicer(diagnostics_pb2_grpc.DiagnosticsServicer):
     def __init__(self, service: str) -> None:
         self.service = service
 
-    async def Info(  # noqa: N802 - gRPC method name
+    async def Info(
         self, request: diagnostics_pb2.InfoRequest, context: grpc.aio.ServicerContext
     ) -> diagnostics_pb2.InfoResponse:
         return diagnostics_pb2.InfoResponse(

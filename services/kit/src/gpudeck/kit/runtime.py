@@ -156,7 +156,9 @@ def run(spec: ServiceSpec, env: Mapping[str, str] | None = None) -> None:
     try:
         metrics.serve(config.metrics_listen)
     except OSError as exc:
-        fail(f"GPUDECK_{env_key(spec.name)}_METRICS_LISTEN={config.metrics_listen}: {exc.strerror or exc}")
+        fail(
+            f"GPUDECK_{env_key(spec.name)}_METRICS_LISTEN={config.metrics_listen}: {exc.strerror or exc}"
+        )
     try:
         asyncio.run(_serve(spec, config, env))
     except StartupError as exc:

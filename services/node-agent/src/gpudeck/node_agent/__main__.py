@@ -1,7 +1,7 @@
 """Start the node-agent service: config → pool → migrations → server (see gpudeck.kit.runtime)."""
 
-from gpudeck.node_agent.service import SPEC
 from gpudeck.kit.runtime import run
+from gpudeck.node_agent.service import SPEC
 
 if __name__ == "__main__":
     run(SPEC)

@@ -10,7 +10,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 LEVELS = ("ok", "warning", "critical", "depleted")
-SERVICE_STATUS = {"ok": "available", "warning": "warning", "critical": "critical", "depleted": "paused"}
+SERVICE_STATUS = {
+    "ok": "available",
+    "warning": "warning",
+    "critical": "critical",
+    "depleted": "paused",
+}
 
 
 @dataclass(frozen=True)

@@ -20,13 +20,17 @@ class WalletSettings:
 
     billing_interval: float = 10.0  # seconds between billing ticks [GPUDECK_BILLING_INTERVAL]
     depletion_seconds: float = 10.0  # [GPUDECK_DEPLETION_SECONDS]
-    kyc_topup_limit: int = 500_000_000  # unverified orgs may top up at most this [GPUDECK_KYC_TOPUP_LIMIT]
+    kyc_topup_limit: int = (
+        500_000_000  # unverified orgs may top up at most this [GPUDECK_KYC_TOPUP_LIMIT]
+    )
     announce_interval: float = 0.25  # how often wallet.balance.changed is considered
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ) -> WalletSettings:
         return cls(
-            billing_interval=number(env, "GPUDECK_BILLING_INTERVAL", cls.billing_interval, minimum=0.05),
+            billing_interval=number(
+                env, "GPUDECK_BILLING_INTERVAL", cls.billing_interval, minimum=0.05
+            ),
             depletion_seconds=number(env, "GPUDECK_DEPLETION_SECONDS", cls.depletion_seconds),
             kyc_topup_limit=int(
                 number(env, "GPUDECK_KYC_TOPUP_LIMIT", cls.kyc_topup_limit / 1_000_000) * 1_000_000

@@ -18,7 +18,7 @@ from gpudeck.proto.common.v1.money_pb2 import Money
 from gpudeck.proto.events.v1.envelope_pb2 import Event
 from gpudeck.proto.wallet.v1 import events_pb2 as pb
 from gpudeck.wallet.alerts import hours_remaining
-from gpudeck.wallet.ledger import Kind, PlannedTransaction
+from gpudeck.wallet.ledger import Kind, PlannedTransaction, TransferRequest
 
 SOURCE = "wallet"
 TRANSACTION_EVENT = {
@@ -54,36 +54,36 @@ def money(amount: int, currency: str) -> Money:
     return Money(amount=amount, currency=currency)
 
 
+TRANSACTION_TYPE_URL = "type.googleapis.com/" + pb.TransactionPosted.DESCRIPTOR.full_name
+
+
+def transaction_posted(
+    request: TransferRequest, transaction_id: uuid.UUID, amount: int, currency: str, at: Timestamp
+) -> Event:
+    """The event announcing one ledger transaction, built directly (batches make thousands)."""
+    payload = pb.TransactionPosted(
+        transaction_id=str(transaction_id),
+        kind=request.kind.value,
+        amount=Money(amount=amount, currency=currency),
+        resource_type=request.resource_type,
+        resource_id=request.resource_id,
+    )
+    return Event(
+        id=str(uuid.uuid4()),
+        type=TRANSACTION_EVENT[request.kind],
+        source=SOURCE,
+        organization_id=str(request.organization_id),
+        project_id=str(request.project_id or ""),
+        actor=request.actor or current_actor.get() or "system",
+        time=at,
+        payload=Any(type_url=TRANSACTION_TYPE_URL, value=payload.SerializeToString()),
+    )
+
+
 def transactions_posted(planned: Sequence[PlannedTransaction], now: datetime) -> list[Event]:
-    """One event per transaction, built directly: batches make thousands of them."""
     stamp = Timestamp()
     stamp.FromDatetime(now)
-    fallback_actor = current_actor.get() or "system"
-    type_url = "type.googleapis.com/" + pb.TransactionPosted.DESCRIPTOR.full_name
-    out = []
-    for tx in planned:
-        request = tx.request
-        payload = pb.TransactionPosted(
-            transaction_id=str(tx.id),
-            kind=request.kind.value,
-            amount=Money(amount=tx.amount, currency=tx.currency),
-            balance_after=Money(amount=tx.balance_after, currency=tx.currency),
-            resource_type=request.resource_type,
-            resource_id=request.resource_id,
-        )
-        out.append(
-            Event(
-                id=str(uuid.uuid4()),
-                type=TRANSACTION_EVENT[request.kind],
-                source=SOURCE,
-                organization_id=str(request.organization_id),
-                project_id=str(request.project_id or ""),
-                actor=request.actor or fallback_actor,
-                time=stamp,
-                payload=Any(type_url=type_url, value=payload.SerializeToString()),
-            )
-        )
-    return out
+    return [transaction_posted(tx.request, tx.id, tx.amount, tx.currency, stamp) for tx in planned]
 
 
 def balance_event(

@@ -38,7 +38,10 @@ class Hold:
     transaction_id: uuid.UUID | None = None
 
     def to_json(self) -> dict[str, object]:
-        return {k: (str(v) if v is not None and not isinstance(v, int) else v) for k, v in asdict(self).items()}
+        return {
+            k: (str(v) if v is not None and not isinstance(v, int) else v)
+            for k, v in asdict(self).items()
+        }
 
     @classmethod
     def from_json(cls, data: dict[str, object]) -> Hold:

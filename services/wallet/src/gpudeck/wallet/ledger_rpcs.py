@@ -47,16 +47,12 @@ def transfer_request(m: pb.TransferRequest) -> TransferRequest:
 class LedgerRpcs:
     wallet: Wallet
 
-    async def Transfer(self, request: pb.TransferRequest, context: Ctx) -> pb.Transaction:  # noqa: N802
+    async def Transfer(self, request: pb.TransferRequest, context: Ctx) -> pb.Transaction:
         transfer = transfer_request(request)
-        async with self.wallet.pool.connection() as conn, conn.transaction():
-            [outcome] = await self.wallet.ledger.post_transfers(conn, [transfer])
-        if outcome.error is not None:
-            raise outcome.error
-        assert outcome.transaction is not None
-        return convert.transaction(outcome.transaction)
+        async with self.wallet.pool.connection() as conn:
+            return convert.transaction(await self.wallet.ledger.post_one(conn, transfer))
 
-    async def TransferBatch(  # noqa: N802
+    async def TransferBatch(
         self, request: pb.TransferBatchRequest, context: Ctx
     ) -> pb.TransferBatchResponse:
         if len(request.transfers) > MAX_BATCH:
@@ -80,12 +76,14 @@ class LedgerRpcs:
                 results[i] = pb.TransferResult(transaction=convert.transaction(outcome.transaction))
         return pb.TransferBatchResponse(results=results)
 
-    async def ListTransactions(  # noqa: N802
+    async def ListTransactions(
         self, request: pb.ListTransactionsRequest, context: Ctx
     ) -> pb.ListTransactionsResponse:
         org = convert.parse_id(request.organization_id, "organization_id")
         limit = min(max(request.limit or 50, 1), 500)
-        kinds = [convert.KIND_FROM_PROTO[k].value for k in request.kinds if k in convert.KIND_FROM_PROTO]
+        kinds = [
+            convert.KIND_FROM_PROTO[k].value for k in request.kinds if k in convert.KIND_FROM_PROTO
+        ]
         before = convert.optional_id(request.before_id, "before_id")
         async with self.wallet.pool.connection() as conn:
             cur = await conn.execute(
@@ -102,7 +100,7 @@ class LedgerRpcs:
 
     # ------------------------------------------------------------------ holds
 
-    async def CreateHold(self, request: pb.CreateHoldRequest, context: Ctx) -> pb.Hold:  # noqa: N802
+    async def CreateHold(self, request: pb.CreateHoldRequest, context: Ctx) -> pb.Hold:
         hold_request = HoldRequest(
             key=request.idempotency_key,
             organization_id=convert.parse_id(request.organization_id, "organization_id"),
@@ -117,7 +115,7 @@ class LedgerRpcs:
             hold = await self.wallet.holds.create(conn, hold_request)
         return convert.hold(hold)
 
-    async def CaptureHold(  # noqa: N802
+    async def CaptureHold(
         self, request: pb.CaptureHoldRequest, context: Ctx
     ) -> pb.CaptureHoldResponse:
         hold_id = convert.parse_id(request.hold_id, "hold_id")
@@ -132,21 +130,21 @@ class LedgerRpcs:
             response.transaction.CopyFrom(convert.transaction(tx))
         return response
 
-    async def VoidHold(self, request: pb.VoidHoldRequest, context: Ctx) -> pb.Hold:  # noqa: N802
+    async def VoidHold(self, request: pb.VoidHoldRequest, context: Ctx) -> pb.Hold:
         hold_id = convert.parse_id(request.hold_id, "hold_id")
         _require_key(request.idempotency_key)
         async with self.wallet.pool.connection() as conn, conn.transaction():
             hold = await self.wallet.holds.void(conn, hold_id, request.idempotency_key)
         return convert.hold(hold)
 
-    async def GetHold(self, request: pb.GetHoldRequest, context: Ctx) -> pb.Hold:  # noqa: N802
+    async def GetHold(self, request: pb.GetHoldRequest, context: Ctx) -> pb.Hold:
         hold_id = convert.parse_id(request.hold_id, "hold_id")
         async with self.wallet.pool.connection() as conn:
             return convert.hold(await self.wallet.holds.get(conn, hold_id))
 
     # ------------------------------------------------------------------ meters
 
-    async def OpenMeter(self, request: pb.OpenMeterRequest, context: Ctx) -> pb.Meter:  # noqa: N802
+    async def OpenMeter(self, request: pb.OpenMeterRequest, context: Ctx) -> pb.Meter:
         meter_request = MeterRequest(
             meter_id=request.meter_id,
             organization_id=convert.parse_id(request.organization_id, "organization_id"),
@@ -159,7 +157,7 @@ class LedgerRpcs:
         async with self.wallet.pool.connection() as conn, conn.transaction():
             return convert.meter(await self.wallet.meters.open(conn, meter_request))
 
-    async def UpdateMeterRate(  # noqa: N802
+    async def UpdateMeterRate(
         self, request: pb.UpdateMeterRateRequest, context: Ctx
     ) -> pb.Meter:
         at = convert.optional_time(request, "at")
@@ -169,13 +167,13 @@ class LedgerRpcs:
             )
         return convert.meter(meter)
 
-    async def CloseMeter(self, request: pb.CloseMeterRequest, context: Ctx) -> pb.Meter:  # noqa: N802
+    async def CloseMeter(self, request: pb.CloseMeterRequest, context: Ctx) -> pb.Meter:
         at = convert.optional_time(request, "at")
         async with self.wallet.pool.connection() as conn, conn.transaction():
             meter = await self.wallet.meters.close(conn, _meter_id(request.meter_id), at)
         return convert.meter(meter)
 
-    async def ListMeters(  # noqa: N802
+    async def ListMeters(
         self, request: pb.ListMetersRequest, context: Ctx
     ) -> pb.ListMetersResponse:
         org = convert.parse_id(request.organization_id, "organization_id")

@@ -8,19 +8,21 @@ makes a batch of a thousand transfers cost little more than one.
 
 from __future__ import annotations
 
-import json
 import uuid
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 
+import psycopg
+from google.protobuf.timestamp_pb2 import Timestamp
 from psycopg import AsyncConnection
 
-from gpudeck.kit.errors import DomainError, NotFound
+from gpudeck.kit.errors import Conflict, DomainError, InvalidArgument, NotFound
 from gpudeck.kit.events import Outbox
+from gpudeck.kit.events.outbox import channel as outbox_channel
 from gpudeck.proto.events.v1.envelope_pb2 import Event
 from gpudeck.wallet import events
 from gpudeck.wallet.alerts import Thresholds, edge_event, level_for
@@ -30,6 +32,7 @@ from gpudeck.wallet.ledger import (
     PLATFORM_ACCOUNT,
     Account,
     Book,
+    InsufficientFunds,
     Kind,
     PlannedTransaction,
     PostingView,
@@ -87,7 +90,8 @@ SELECT w.organization_id, w.currency, w.balance, w.credits, w.held_balance, w.ru
        a.id, a.kind, a.balance, a.expires_at, a.code
 FROM wallets w
 JOIN ledger_accounts a
-  ON a.organization_id = w.organization_id AND (a.kind = 'cash' OR (a.kind = 'credit' AND a.balance > 0))
+  ON a.organization_id = w.organization_id
+ AND (a.kind = 'cash' OR (a.kind = 'credit' AND a.balance > 0))
 LEFT JOIN thresholds t ON t.organization_id = w.organization_id
 LEFT JOIN auto_topups u ON u.organization_id = w.organization_id
 WHERE w.organization_id = ANY(%s)
@@ -119,6 +123,8 @@ INSERT_POSTINGS = """
 INSERT INTO postings (transaction_id, account_id, amount, balance_before, balance_after)
 SELECT * FROM unnest(%s::uuid[], %s::bigint[], %s::bigint[], %s::bigint[], %s::bigint[])
 """
+POST_TRANSFER = "SELECT * FROM post_transfer(" + ", ".join(["%s"] * 19) + ")"
+FAST_KINDS = (Kind.TOPUP, Kind.CHARGE, Kind.USAGE, Kind.REFUND, Kind.ADJUSTMENT)
 # Above this many transactions a batch is written with COPY instead of pipelined INSERTs.
 COPY_THRESHOLD = 64
 NEW_CREDIT_ACCOUNTS = """
@@ -149,7 +155,9 @@ async def lock_wallets(
         org = row[0]
         lw = locked.get(org)
         if lw is None:
-            (_, currency, balance, credits, held, rate, level, wa, ca, wh, ch, below, amount) = row[:13]
+            (_, currency, balance, credits, held, rate, level, wa, ca, wh, ch, below, amount) = row[
+                :13
+            ]
             wallet = Wallet(org, currency, Account(0, 0), [], balance, credits, held, rate, level)
             lw = locked[org] = LockedWallet(wallet, Thresholds(wa, ca, wh, ch), below, amount)
         acct_id, kind, acct_balance, expires_at, code = row[13:]
@@ -168,7 +176,9 @@ class LedgerStore:
 
     def __init__(self, schema: str = "wallet", *, policy: Policy | None = None) -> None:
         self.outbox = Outbox(schema)
+        self.outbox_channel = outbox_channel(schema)
         self.policy = policy or Policy()
+        self._currencies: dict[uuid.UUID, str] = {}
 
     async def post_transfers(
         self, conn: Conn, requests: Sequence[TransferRequest], *, now: datetime | None = None
@@ -195,7 +205,9 @@ class LedgerStore:
                     error=NotFound(f"organization {org} not found", field="organization_id")
                 )
         valid = [i for i in valid if outcomes[i] is None]
-        book = Book(wallets={org: lw.wallet for org, lw in locked.items()}, platform={}, now=batch.now)
+        book = Book(
+            wallets={org: lw.wallet for org, lw in locked.items()}, platform={}, now=batch.now
+        )
         to_plan, replays, same_as = await self._read_around(conn, requests, valid, outcomes, book)
         planned_at: dict[int, PlannedTransaction] = {}
         for i in to_plan:
@@ -212,7 +224,97 @@ class LedgerStore:
             outcomes[i] = Outcome(transaction=_view(planned, batch.now))
         for i, first in same_as.items():
             outcomes[i] = outcomes[first]
-        return [o if o is not None else Outcome(error=DomainError("not processed")) for o in outcomes]
+        return [
+            o if o is not None else Outcome(error=DomainError("not processed")) for o in outcomes
+        ]
+
+    async def post_one(self, conn: Conn, request: TransferRequest) -> Transaction:
+        """Post one transfer in one statement (the `post_transfer` SQL function), the fast path
+        of the Transfer RPC; kinds it does not handle go through `post_transfers`.
+
+        Run it outside a transaction: the statement is its own. Raises the refusal."""
+        validate(request)
+        currency = await self._currency_of(conn, request.organization_id)
+        if (
+            request.kind not in FAST_KINDS
+            or request.lines
+            or (request.currency and request.currency != currency and request.kind is Kind.TOPUP)
+        ):
+            async with conn.transaction():
+                [outcome] = await self.post_transfers(conn, [request])
+            if outcome.error is not None:
+                raise outcome.error
+            assert outcome.transaction is not None
+            return outcome.transaction
+        tx_id = uuid7()
+        stamp = Timestamp()
+        stamp.GetCurrentTime()
+        event = events.transaction_posted(request, tx_id, request.amount, currency, stamp)
+        platform = platform_code(PLATFORM_ACCOUNT[request.kind], currency, request.organization_id)
+        try:
+            cur = await conn.execute(
+                POST_TRANSFER,
+                (
+                    tx_id, request.organization_id, request.kind.value, request.amount,
+                    request.currency, request.description, request.project_id,
+                    request.resource_type, request.resource_id, request.reference, request.key,
+                    request.fingerprint if request.record_key else None, request.actor, platform,
+                    request.allow_overdraft, event.id, event.type, event.SerializeToString(),
+                    self.outbox_channel,
+                ),
+            )  # fmt: skip
+        except psycopg.errors.RaiseException as exc:
+            raise refusal(exc) from None
+        row = await cur.fetchone()
+        assert row is not None
+        (tx_id, replayed, created_at, currency, balance, _credits, _held, rate, level,
+         wa, ca, wh, ch, below, codes, amounts, befores, afters) = row  # fmt: skip
+        if replayed:
+            return (await self.load_transactions(conn, [tx_id]))[tx_id]
+        thresholds = Thresholds(wa, ca, wh, ch)
+        new_level = level_for(balance, rate, thresholds, self.policy.depletion_seconds)
+        if new_level != level or (below and balance < below):
+            async with conn.transaction():
+                await self.refresh_levels(conn, [request.organization_id], created_at)
+        return Transaction(
+            id=tx_id,
+            organization_id=request.organization_id,
+            kind=request.kind,
+            amount=request.amount,
+            currency=currency,
+            payment_amount=request.amount if request.kind is Kind.TOPUP else None,
+            payment_currency=currency if request.kind is Kind.TOPUP else None,
+            exchange_rate=None,
+            description=request.description,
+            project_id=request.project_id,
+            resource_type=request.resource_type,
+            resource_id=request.resource_id,
+            reference=request.reference,
+            idempotency_key=request.key,
+            actor=request.actor,
+            balance_after=balance,
+            created_at=created_at,
+            postings=tuple(
+                PostingView(c, a, b, f)
+                for c, a, b, f in zip(codes, amounts, befores, afters, strict=True)
+            ),
+        )
+
+    async def _currency_of(self, conn: Conn, organization_id: uuid.UUID) -> str:
+        """The wallet currency of an organization (it never changes, so it is cached)."""
+        currency = self._currencies.get(organization_id)
+        if currency is None:
+            cur = await conn.execute(
+                "SELECT currency FROM wallets WHERE organization_id = %s", (organization_id,)
+            )
+            row = await cur.fetchone()
+            if row is None:
+                raise NotFound(f"organization {organization_id} not found", field="organization_id")
+            currency = row[0]
+            if len(self._currencies) > 100_000:
+                self._currencies.clear()
+            self._currencies[organization_id] = currency
+        return currency
 
     async def _read_around(
         self,
@@ -251,7 +353,10 @@ class LedgerStore:
             if keyed:
                 keys_cur = await conn.execute(
                     FIND_KEYS,
-                    ([requests[i].organization_id for i in keyed], [requests[i].key for i in keyed]),
+                    (
+                        [requests[i].organization_id for i in keyed],
+                        [requests[i].key for i in keyed],
+                    ),
                 )
             if codes:
                 platform_cur = await conn.execute(LOCK_PLATFORM, (codes,))
@@ -408,8 +513,10 @@ class LedgerStore:
             (now, now, orgs, [w.balance for w in wallets], [w.credit_total for w in wallets]),
         )
 
-    async def _roll_up(self, conn: Conn, planned: Sequence[PlannedTransaction], now: datetime) -> None:
-        day = now.date()
+    async def _roll_up(
+        self, conn: Conn, planned: Sequence[PlannedTransaction], now: datetime
+    ) -> None:
+        day = now.astimezone(UTC).date()
         daily: dict[tuple[uuid.UUID, str], int] = defaultdict(int)
         costs: dict[tuple[uuid.UUID, str], tuple[str, uuid.UUID | None, int]] = {}
         for p in planned:
@@ -427,7 +534,8 @@ class LedgerStore:
             keys = sorted(daily)
             await conn.execute(
                 "INSERT INTO daily_spend (organization_id, day, resource_type, amount)"
-                " SELECT o, %s, t, a FROM unnest(%s::uuid[], %s::text[], %s::bigint[]) AS v(o, t, a)"
+                " SELECT o, %s, t, a"
+                " FROM unnest(%s::uuid[], %s::text[], %s::bigint[]) AS v(o, t, a)"
                 " ON CONFLICT (organization_id, day, resource_type)"
                 " DO UPDATE SET amount = daily_spend.amount + excluded.amount",
                 (day, [k[0] for k in keys], [k[1] for k in keys], [daily[k] for k in keys]),
@@ -533,6 +641,23 @@ class LedgerStore:
         for tx_id, code, amount, before, after in await cur.fetchall():
             postings[tx_id].append(PostingView(code, amount, before, after))
         return {row[0]: _transaction(row, postings[row[0]]) for row in rows}
+
+
+REFUSALS: dict[str, type[DomainError]] = {
+    "NOT_FOUND": NotFound,
+    "INVALID_ARGUMENT": InvalidArgument,
+}
+
+
+def refusal(exc: psycopg.errors.RaiseException) -> DomainError:
+    """The domain error a `post_transfer` refusal stands for (its HINT is '<CODE>:<field>')."""
+    code, _, field = (exc.diag.message_hint or "").partition(":")
+    message = exc.diag.message_primary or str(exc)
+    if code == "INSUFFICIENT_FUNDS":
+        return InsufficientFunds(message)
+    if code == "ABORTED":
+        return Conflict(message, field=field or None, reason="IDEMPOTENCY_KEY_REUSED")
+    return REFUSALS.get(code, DomainError)(message, field=field or None)
 
 
 def _transaction(row: Sequence[Any], postings: list[PostingView]) -> Transaction:

@@ -42,7 +42,9 @@ FROM due
 WHERE m.id = due.id
 RETURNING m.organization_id, m.project_id, m.resource_type, m.resource_id, due.delta
 """
-BILLING_LOCK = int.from_bytes(hashlib.sha256(b"gpudeck.wallet.billing").digest()[:8], "big", signed=True)
+BILLING_LOCK = int.from_bytes(
+    hashlib.sha256(b"gpudeck.wallet.billing").digest()[:8], "big", signed=True
+)
 
 
 class MeterStore:
@@ -230,7 +232,9 @@ class MeterStore:
         )
 
 
-async def bill_open_meters(pool: AsyncConnectionPool, store: MeterStore, *, chunk: int = 2000) -> int:
+async def bill_open_meters(
+    pool: AsyncConnectionPool, store: MeterStore, *, chunk: int = 2000
+) -> int:
     """One billing tick: every organization with open meters, `chunk` organizations per commit.
 
     Only the replica holding the billing lock bills; the others skip the tick. A crash loses

@@ -44,7 +44,7 @@ def format_micro(amount: int) -> str:
 
 
 def parse_decimal(text: str, *, field: str = "amount") -> int:
-    """"12.5" → 12500000; more than six decimals, or not a number, is refused."""
+    """ "12.5" → 12500000; more than six decimals, or not a number, is refused."""
     try:
         value = Decimal(text.strip())
     except (InvalidOperation, AttributeError):

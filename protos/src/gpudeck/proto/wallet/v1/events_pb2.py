@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from gpudeck.proto.common.v1 import money_pb2 as gpudeck_dot_common_dot_v1_dot_money__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1egpudeck/wallet/v1/events.proto\x12\x11gpudeck.wallet.v1\x1a\x1dgpudeck/common/v1/money.proto\"\xc0\x01\n\x11TransactionPosted\x12\x16\n\x0etransaction_id\x18\x01 \x01(\t\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12(\n\x06\x61mount\x18\x03 \x01(\x0b\x32\x18.gpudeck.common.v1.Money\x12/\n\rbalance_after\x18\x04 \x01(\x0b\x32\x18.gpudeck.common.v1.Money\x12\x15\n\rresource_type\x18\x05 \x01(\t\x12\x13\n\x0bresource_id\x18\x06 \x01(\t\"\x84\x01\n\x0bHoldChanged\x12\x0f\n\x07hold_id\x18\x01 \x01(\t\x12\x0e\n\x06status\x18\x02 \x01(\t\x12(\n\x06\x61mount\x18\x03 \x01(\x0b\x32\x18.gpudeck.common.v1.Money\x12*\n\x08\x63\x61ptured\x18\x04 \x01(\x0b\x32\x18.gpudeck.common.v1.Money\"\xa6\x02\n\x0e\x42\x61lanceChanged\x12)\n\x07\x62\x61lance\x18\x01 \x01(\x0b\x32\x18.gpudeck.common.v1.Money\x12.\n\x0cheld_balance\x18\x02 \x01(\x0b\x32\x18.gpudeck.common.v1.Money\x12+\n\tspendable\x18\x03 \x01(\x0b\x32\x18.gpudeck.common.v1.Money\x12\x33\n\x11run_rate_per_hour\x18\x04 \x01(\x0b\x32\x18.gpudeck.common.v1.Money\x12\r\n\x05level\x18\x05 \x01(\t\x12\x16\n\x0eprevious_level\x18\x06 \x01(\t\x12\x1c\n\x0fhours_remaining\x18\x07 \x01(\x01H\x00\x88\x01\x01\x42\x12\n\x10_hours_remaining\"U\n\x0e\x41\x63\x63ountChanged\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\n\n\x02id\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x0c\n\x04role\x18\x04 \x01(\t\x12\r\n\x05\x65mail\x18\x05 \x01(\t\"x\n\x0cMeterChanged\x12\x10\n\x08meter_id\x18\x01 \x01(\t\x12\x15\n\rresource_type\x18\x02 \x01(\t\x12\x13\n\x0bresource_id\x18\x03 \x01(\t\x12\x13\n\x0bhourly_rate\x18\x04 \x01(\x03\x12\x15\n\rtotal_charged\x18\x05 \x01(\x03\"Y\n\x12\x41utoTopUpRequested\x12\x19\n\x11pending_top_up_id\x18\x01 \x01(\t\x12(\n\x06\x61mount\x18\x02 \x01(\x0b\x32\x18.gpudeck.common.v1.Money\"\xaa\x01\n\x0bPlanChanged\x12\x11\n\tplan_code\x18\x01 \x01(\t\x12\x1a\n\x12previous_plan_code\x18\x02 \x01(\t\x12)\n\x07\x63harged\x18\x03 \x01(\x0b\x32\x18.gpudeck.common.v1.Money\x12\x31\n\x0f\x63redits_granted\x18\x04 \x01(\x0b\x32\x18.gpudeck.common.v1.Money\x12\x0e\n\x06period\x18\x05 \x01(\t\"m\n\x0eInvoiceChanged\x12\x12\n\ninvoice_id\x18\x01 \x01(\t\x12\x0e\n\x06period\x18\x02 \x01(\t\x12\'\n\x05total\x18\x03 \x01(\x0b\x32\x18.gpudeck.common.v1.Money\x12\x0e\n\x06status\x18\x04 \x01(\tb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1egpudeck/wallet/v1/events.proto\x12\x11gpudeck.wallet.v1\x1a\x1dgpudeck/common/v1/money.proto\"\x95\x01\n\x11TransactionPosted\x12\x16\n\x0etransaction_id\x18\x01 \x01(\t\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12(\n\x06\x61mount\x18\x03 \x01(\x0b\x32\x18.gpudeck.common.v1.Money\x12\x15\n\rresource_type\x18\x05 \x01(\t\x12\x13\n\x0bresource_id\x18\x06 \x01(\tJ\x04\x08\x04\x10\x05\"\x84\x01\n\x0bHoldChanged\x12\x0f\n\x07hold_id\x18\x01 \x01(\t\x12\x0e\n\x06status\x18\x02 \x01(\t\x12(\n\x06\x61mount\x18\x03 \x01(\x0b\x32\x18.gpudeck.common.v1.Money\x12*\n\x08\x63\x61ptured\x18\x04 \x01(\x0b\x32\x18.gpudeck.common.v1.Money\"\xa6\x02\n\x0e\x42\x61lanceChanged\x12)\n\x07\x62\x61lance\x18\x01 \x01(\x0b\x32\x18.gpudeck.common.v1.Money\x12.\n\x0cheld_balance\x18\x02 \x01(\x0b\x32\x18.gpudeck.common.v1.Money\x12+\n\tspendable\x18\x03 \x01(\x0b\x32\x18.gpudeck.common.v1.Money\x12\x33\n\x11run_rate_per_hour\x18\x04 \x01(\x0b\x32\x18.gpudeck.common.v1.Money\x12\r\n\x05level\x18\x05 \x01(\t\x12\x16\n\x0eprevious_level\x18\x06 \x01(\t\x12\x1c\n\x0fhours_remaining\x18\x07 \x01(\x01H\x00\x88\x01\x01\x42\x12\n\x10_hours_remaining\"U\n\x0e\x41\x63\x63ountChanged\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\n\n\x02id\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x0c\n\x04role\x18\x04 \x01(\t\x12\r\n\x05\x65mail\x18\x05 \x01(\t\"x\n\x0cMeterChanged\x12\x10\n\x08meter_id\x18\x01 \x01(\t\x12\x15\n\rresource_type\x18\x02 \x01(\t\x12\x13\n\x0bresource_id\x18\x03 \x01(\t\x12\x13\n\x0bhourly_rate\x18\x04 \x01(\x03\x12\x15\n\rtotal_charged\x18\x05 \x01(\x03\"Y\n\x12\x41utoTopUpRequested\x12\x19\n\x11pending_top_up_id\x18\x01 \x01(\t\x12(\n\x06\x61mount\x18\x02 \x01(\x0b\x32\x18.gpudeck.common.v1.Money\"\xaa\x01\n\x0bPlanChanged\x12\x11\n\tplan_code\x18\x01 \x01(\t\x12\x1a\n\x12previous_plan_code\x18\x02 \x01(\t\x12)\n\x07\x63harged\x18\x03 \x01(\x0b\x32\x18.gpudeck.common.v1.Money\x12\x31\n\x0f\x63redits_granted\x18\x04 \x01(\x0b\x32\x18.gpudeck.common.v1.Money\x12\x0e\n\x06period\x18\x05 \x01(\t\"m\n\x0eInvoiceChanged\x12\x12\n\ninvoice_id\x18\x01 \x01(\t\x12\x0e\n\x06period\x18\x02 \x01(\t\x12\'\n\x05total\x18\x03 \x01(\x0b\x32\x18.gpudeck.common.v1.Money\x12\x0e\n\x06status\x18\x04 \x01(\tb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,19 +33,19 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'gpudeck.wallet.v1.events_pb
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_TRANSACTIONPOSTED']._serialized_start=85
-  _globals['_TRANSACTIONPOSTED']._serialized_end=277
-  _globals['_HOLDCHANGED']._serialized_start=280
-  _globals['_HOLDCHANGED']._serialized_end=412
-  _globals['_BALANCECHANGED']._serialized_start=415
-  _globals['_BALANCECHANGED']._serialized_end=709
-  _globals['_ACCOUNTCHANGED']._serialized_start=711
-  _globals['_ACCOUNTCHANGED']._serialized_end=796
-  _globals['_METERCHANGED']._serialized_start=798
-  _globals['_METERCHANGED']._serialized_end=918
-  _globals['_AUTOTOPUPREQUESTED']._serialized_start=920
-  _globals['_AUTOTOPUPREQUESTED']._serialized_end=1009
-  _globals['_PLANCHANGED']._serialized_start=1012
-  _globals['_PLANCHANGED']._serialized_end=1182
-  _globals['_INVOICECHANGED']._serialized_start=1184
-  _globals['_INVOICECHANGED']._serialized_end=1293
+  _globals['_TRANSACTIONPOSTED']._serialized_end=234
+  _globals['_HOLDCHANGED']._serialized_start=237
+  _globals['_HOLDCHANGED']._serialized_end=369
+  _globals['_BALANCECHANGED']._serialized_start=372
+  _globals['_BALANCECHANGED']._serialized_end=666
+  _globals['_ACCOUNTCHANGED']._serialized_start=668
+  _globals['_ACCOUNTCHANGED']._serialized_end=753
+  _globals['_METERCHANGED']._serialized_start=755
+  _globals['_METERCHANGED']._serialized_end=875
+  _globals['_AUTOTOPUPREQUESTED']._serialized_start=877
+  _globals['_AUTOTOPUPREQUESTED']._serialized_end=966
+  _globals['_PLANCHANGED']._serialized_start=969
+  _globals['_PLANCHANGED']._serialized_end=1139
+  _globals['_INVOICECHANGED']._serialized_start=1141
+  _globals['_INVOICECHANGED']._serialized_end=1250
 # @@protoc_insertion_point(module_scope)

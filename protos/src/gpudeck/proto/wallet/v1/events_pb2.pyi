@@ -26,7 +26,6 @@ class TransactionPosted(_message.Message):
     TRANSACTION_ID_FIELD_NUMBER: _builtins.int
     KIND_FIELD_NUMBER: _builtins.int
     AMOUNT_FIELD_NUMBER: _builtins.int
-    BALANCE_AFTER_FIELD_NUMBER: _builtins.int
     RESOURCE_TYPE_FIELD_NUMBER: _builtins.int
     RESOURCE_ID_FIELD_NUMBER: _builtins.int
     transaction_id: _builtins.str
@@ -36,21 +35,18 @@ class TransactionPosted(_message.Message):
     resource_id: _builtins.str
     @_builtins.property
     def amount(self) -> _money_pb2.Money: ...
-    @_builtins.property
-    def balance_after(self) -> _money_pb2.Money: ...
     def __init__(
         self,
         *,
         transaction_id: _builtins.str = ...,
         kind: _builtins.str = ...,
         amount: _money_pb2.Money | None = ...,
-        balance_after: _money_pb2.Money | None = ...,
         resource_type: _builtins.str = ...,
         resource_id: _builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["amount", b"amount", "balance_after", b"balance_after"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["amount", b"amount"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["amount", b"amount", "balance_after", b"balance_after", "kind", b"kind", "resource_id", b"resource_id", "resource_type", b"resource_type", "transaction_id", b"transaction_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["amount", b"amount", "kind", b"kind", "resource_id", b"resource_id", "resource_type", b"resource_type", "transaction_id", b"transaction_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

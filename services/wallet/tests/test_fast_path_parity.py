@@ -1,0 +1,108 @@
+"""The one-statement fast path (SQL function post_transfer) follows the same rules as the
+in-memory planner (ledger.Book): the same transfers give the same postings and balances."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime, timedelta
+
+import pytest
+from psycopg_pool import AsyncConnectionPool
+
+from gpudeck.kit.errors import Conflict, DomainError, InvalidArgument
+from gpudeck.wallet.ledger import InsufficientFunds, Kind, Transaction, TransferRequest
+from gpudeck.wallet.ledger_store import LedgerStore
+
+NewOrg = Callable[..., Awaitable[uuid.UUID]]
+STORE = LedgerStore()
+
+
+async def fast(pool: AsyncConnectionPool, request: TransferRequest) -> Transaction:
+    async with pool.connection() as conn:
+        return await STORE.post_one(conn, request)
+
+
+async def planned(pool: AsyncConnectionPool, request: TransferRequest) -> Transaction:
+    async with pool.connection() as conn, conn.transaction():
+        [outcome] = await STORE.post_transfers(conn, [request])
+    if outcome.error is not None:
+        raise outcome.error
+    assert outcome.transaction is not None
+    return outcome.transaction
+
+
+def shape(tx: Transaction) -> list[tuple[str, int, int, int]]:
+    """Postings with the organization's id taken out of the account names."""
+    return [
+        (":".join(p.account.split(":")[::2][:2]), p.amount, p.balance_before, p.balance_after)
+        for p in tx.postings
+    ]
+
+
+async def test_both_paths_post_the_same_entries(
+    wallet_pool: AsyncConnectionPool, new_org: NewOrg
+) -> None:
+    later = datetime.now(UTC) + timedelta(days=30)
+    soon = datetime.now(UTC) + timedelta(days=1)
+    results = []
+    for post in (fast, planned):
+        org = await new_org()
+        steps = [
+            TransferRequest("a", org, Kind.TOPUP, 10_000_000),
+            TransferRequest("b", org, Kind.CREDIT_GRANT, 2_000_000, credit_expires_at=later),
+            TransferRequest("c", org, Kind.CREDIT_GRANT, 1_000_000, credit_expires_at=soon),
+            TransferRequest(
+                "d", org, Kind.CHARGE, 2_500_000, resource_type="pod", resource_id="p1"
+            ),
+            TransferRequest("e", org, Kind.USAGE, 1_000_000, resource_type="vm"),
+            TransferRequest("f", org, Kind.REFUND, 300_000, resource_type="pod", resource_id="p1"),
+            TransferRequest("g", org, Kind.ADJUSTMENT, -200_000),
+            TransferRequest("h", org, Kind.CHARGE, 9_700_000),
+            TransferRequest("i", org, Kind.CHARGE, 9_600_000),
+        ]
+        run = []
+        for step in steps:
+            try:
+                tx = await post(wallet_pool, step)
+                run.append((tx.kind, tx.amount, tx.balance_after, shape(tx)))
+            except DomainError as exc:
+                run.append((type(exc).__name__, exc.field))
+        async with wallet_pool.connection() as conn:
+            cur = await conn.execute(
+                "SELECT balance, credits FROM wallets WHERE organization_id = %s", (org,)
+            )
+            run.append(await cur.fetchone())
+            cur = await conn.execute(
+                "SELECT day, resource_type, amount FROM daily_spend WHERE organization_id = %s"
+                " ORDER BY 2",
+                (org,),
+            )
+            run.append([row[1:] for row in await cur.fetchall()])
+        results.append(run)
+    assert results[0] == results[1]
+    assert results[0][-4] == ("InsufficientFunds", "amount")
+    assert results[0][-2] == (0, 0)
+
+
+@pytest.mark.parametrize(
+    ("second", "error"),
+    [
+        (TransferRequest("k", uuid.UUID(int=0), Kind.TOPUP, 2), Conflict),
+        (TransferRequest("k2", uuid.UUID(int=0), Kind.CHARGE, 5, currency="INR"), InvalidArgument),
+        (TransferRequest("k3", uuid.UUID(int=0), Kind.CHARGE, 10**9), InsufficientFunds),
+    ],
+)
+async def test_both_paths_refuse_alike(
+    wallet_pool: AsyncConnectionPool, new_org: NewOrg, second: TransferRequest, error: type
+) -> None:
+    for post in (fast, planned):
+        org = await new_org()
+        await post(wallet_pool, TransferRequest("k", org, Kind.TOPUP, 1))
+        with pytest.raises(error):
+            await post(
+                wallet_pool,
+                TransferRequest(
+                    second.key, org, second.kind, second.amount, currency=second.currency
+                ),
+            )
