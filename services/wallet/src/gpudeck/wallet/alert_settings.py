@@ -1,0 +1,75 @@
+"""Alert settings, as values: low-balance thresholds and the auto top-up rule ("when the balance
+falls below X, add Y") with the top-up it requests. The levels themselves are alerts.py's."""
+
+from __future__ import annotations
+
+import math
+import uuid
+from dataclasses import dataclass
+from datetime import datetime
+
+from gpudeck.kit.errors import InvalidArgument
+from gpudeck.wallet.alerts import Thresholds
+from gpudeck.wallet.money import MAX_AMOUNT, check_amount
+
+MAX_HOURS = 24 * 366
+
+
+@dataclass(frozen=True)
+class ThresholdSettings:
+    organization_id: uuid.UUID
+    thresholds: Thresholds
+    level: str  # the wallet's current level: ok, warning, critical, depleted
+
+
+@dataclass(frozen=True)
+class PendingTopUp:
+    id: uuid.UUID
+    organization_id: uuid.UUID
+    amount: int
+    currency: str
+    status: str  # pending, completed, failed
+    created_at: datetime
+    transaction_id: uuid.UUID | None
+
+
+@dataclass(frozen=True)
+class AutoTopUp:
+    organization_id: uuid.UUID
+    enabled: bool
+    below: int
+    amount: int
+    currency: str
+    pending: PendingTopUp | None
+
+
+def check_thresholds(t: Thresholds) -> Thresholds:
+    """Amounts and hours ≥ 0 (0: unset); a critical limit no looser than the warning one."""
+    for name in ("warning_amount", "critical_amount"):
+        value = getattr(t, name)
+        if not 0 <= value <= MAX_AMOUNT:
+            raise InvalidArgument(f"{name} must be between 0 and 1e15 micro-units", field=name)
+    for name in ("warning_hours", "critical_hours"):
+        value = getattr(t, name)
+        if not math.isfinite(value) or not 0 <= value <= MAX_HOURS:
+            raise InvalidArgument(f"{name} must be between 0 and {MAX_HOURS}", field=name)
+    if t.warning_amount and t.critical_amount > t.warning_amount:
+        raise InvalidArgument(
+            "critical_amount must not exceed warning_amount", field="critical_amount"
+        )
+    if t.warning_hours and t.critical_hours > t.warning_hours:
+        raise InvalidArgument(
+            "critical_hours must not exceed warning_hours", field="critical_hours"
+        )
+    return t
+
+
+def check_auto_topup(*, enabled: bool, below: int, amount: int) -> None:
+    """An enabled rule needs a positive `below` and `amount`; a disabled one may keep zeros."""
+    if enabled:
+        check_amount(below, field="below")
+        check_amount(amount, field="amount")
+        return
+    for name, value in (("below", below), ("amount", amount)):
+        if not 0 <= value <= MAX_AMOUNT:
+            raise InvalidArgument(f"{name} must be between 0 and 1e15 micro-units", field=name)

@@ -1,0 +1,149 @@
+"""Exchange rates and conversions: any amount in INR or USD, saying which stored rate was used.
+
+A rate is stored as "1 base = rate quote", with history; the newest `as_of` of a pair wins.
+Converting base → quote multiplies by the rate; when only quote → base is stored, the amount is
+divided by that rate instead (`Conversion.inverse`). Either way the result is rounded half away
+from zero to the micro-unit, once per amount. The platform has no internet: rates come from
+admins (SetExchangeRate) or from a `RateProvider` a deployment plugs in.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from decimal import ROUND_HALF_UP, Decimal, InvalidOperation, localcontext
+from typing import Protocol
+
+from gpudeck.kit.errors import FailedPrecondition, InvalidArgument
+from gpudeck.wallet.money import check_currency
+
+RATE_PLACES = 12  # numeric(24, 12)
+RATE_MAX = Decimal(10) ** 12
+Pair = tuple[str, str]
+
+
+@dataclass(frozen=True)
+class ExchangeRate:
+    """A stored rate: 1 `base` = `rate` `quote` as of `as_of`."""
+
+    id: int
+    base: str
+    quote: str
+    rate: Decimal
+    as_of: datetime
+    source: str = "admin"
+
+
+@dataclass(frozen=True)
+class NewRate:
+    """A rate to store (from an admin or a provider); `as_of` None means now."""
+
+    base: str
+    quote: str
+    rate: Decimal
+    as_of: datetime | None = None
+    source: str = "admin"
+
+
+class RateProvider(Protocol):
+    """A live feed of exchange rates. None ships: the platform runs without internet access."""
+
+    name: str
+
+    async def fetch(self, pairs: Sequence[Pair]) -> Sequence[NewRate]: ...
+
+
+@dataclass(frozen=True)
+class Conversion:
+    """How amounts in `source` become amounts in `target`; `rate` None means the same currency."""
+
+    source: str
+    target: str
+    rate: ExchangeRate | None = None
+    inverse: bool = False  # the stored rate is target → source: amounts are divided by it
+
+    @property
+    def converts(self) -> bool:
+        return self.rate is not None
+
+    @property
+    def factor(self) -> Decimal:
+        """1 `source` = factor `target` (rounded to 12 places when inverted)."""
+        if self.rate is None:
+            return Decimal(1)
+        if not self.inverse:
+            return self.rate.rate
+        with localcontext() as ctx:
+            ctx.prec = 50
+            return (1 / self.rate.rate).quantize(Decimal(1).scaleb(-RATE_PLACES), ROUND_HALF_UP)
+
+    def apply(self, amount: int) -> int:
+        """`amount` micro-units of `source` in micro-units of `target`, rounded half up."""
+        if self.rate is None:
+            return amount
+        with localcontext() as ctx:
+            ctx.prec = 60
+            value = Decimal(amount) / self.rate.rate if self.inverse else amount * self.rate.rate
+            return int(value.quantize(Decimal(1), rounding=ROUND_HALF_UP))
+
+
+def conversion(source: str, target: str, latest: Mapping[Pair, ExchangeRate]) -> Conversion:
+    """The conversion from `source` to `target` with the latest rates of either direction.
+
+    The direct pair is used when stored; otherwise its inverse; FailedPrecondition naming the
+    pair when neither is.
+    """
+    if source == target:
+        return Conversion(source, target)
+    direct = latest.get((source, target))
+    if direct is not None:
+        return Conversion(source, target, direct)
+    inverse = latest.get((target, source))
+    if inverse is not None:
+        return Conversion(source, target, inverse, inverse=True)
+    raise FailedPrecondition(
+        f"no exchange rate between {source} and {target} is set",
+        field="display_currency",
+        reason="EXCHANGE_RATE_MISSING",
+    )
+
+
+def parse_rate(text: str, *, field: str = "rate") -> Decimal:
+    """A positive decimal with at most 12 places and below 1e12; InvalidArgument otherwise."""
+    try:
+        value = Decimal(text.strip())
+    except (InvalidOperation, AttributeError):
+        raise InvalidArgument(f"{field} is not a decimal number: {text!r}", field=field) from None
+    if not value.is_finite() or value <= 0:
+        raise InvalidArgument(f"{field} must be a positive number, got {text!r}", field=field)
+    if value >= RATE_MAX:
+        raise InvalidArgument(f"{field} is too large: {text!r}", field=field)
+    if value != value.quantize(Decimal(1).scaleb(-RATE_PLACES), ROUND_HALF_UP):
+        raise InvalidArgument(
+            f"{field} has more than {RATE_PLACES} decimal places: {text!r}", field=field
+        )
+    return value
+
+
+def check_new_rate(rate: NewRate) -> NewRate:
+    """Validate a rate to store: two different supported currencies and a sane rate."""
+    base = check_currency(rate.base, field="base")
+    quote = check_currency(rate.quote, field="quote")
+    if base == quote:
+        raise InvalidArgument(f"base and quote are both {base}", field="quote")
+    value = parse_rate(str(rate.rate))
+    source = rate.source.strip() or "admin"
+    if len(source) > 100:
+        raise InvalidArgument("source is longer than 100 characters", field="source")
+    if rate.as_of is not None and rate.as_of.tzinfo is None:
+        raise InvalidArgument("as_of must carry a time zone", field="as_of")
+    return NewRate(base, quote, value, rate.as_of, source)
+
+
+def format_rate(rate: Decimal) -> str:
+    """A rate as plain decimal text without trailing zeros: 83.500000000000 → "83.5"."""
+    if rate == rate.to_integral_value():
+        return str(int(rate))
+    text = format(rate, "f").rstrip("0")
+    return text if not text.endswith(".") else text[:-1]

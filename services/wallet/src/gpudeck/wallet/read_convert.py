@@ -1,0 +1,241 @@
+"""Between protobuf messages and the read models, usage records, rates and alert settings.
+
+Amounts go out through a `Display`: in the wallet currency, or converted to the display
+currency with the stored rate it names.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, date, datetime
+
+from gpudeck.proto.common.v1.money_pb2 import Conversion as ConversionPb
+from gpudeck.proto.common.v1.money_pb2 import Money
+from gpudeck.proto.wallet.v1 import wallet_pb2 as pb
+from gpudeck.wallet import readmodels as rm
+from gpudeck.wallet.alert_settings import AutoTopUp, PendingTopUp, ThresholdSettings
+from gpudeck.wallet.convert import timestamp
+from gpudeck.wallet.rates import Conversion, ExchangeRate, format_rate
+from gpudeck.wallet.usage import Analytics, DimensionUsage, UsageRecord
+
+
+def rfc3339(at: datetime) -> str:
+    return at.astimezone(UTC).isoformat().replace("+00:00", "Z")
+
+
+def exchange_rate(rate: ExchangeRate) -> pb.ExchangeRate:
+    return pb.ExchangeRate(
+        id=rate.id,
+        base=rate.base,
+        quote=rate.quote,
+        rate=format_rate(rate.rate),
+        as_of=timestamp(rate.as_of),
+        source=rate.source,
+    )
+
+
+@dataclass(frozen=True)
+class Display:
+    """How amounts of the wallet currency are shown."""
+
+    conversion: Conversion
+
+    @property
+    def currency(self) -> str:
+        return self.conversion.target
+
+    def money(self, amount: int) -> Money:
+        return Money(amount=self.conversion.apply(amount), currency=self.conversion.target)
+
+    def by_type(self, parts: tuple[tuple[str, int], ...]) -> list[pb.AmountByType]:
+        return [pb.AmountByType(resource_type=t, amount=self.money(a)) for t, a in parts]
+
+    def conversion_pb(self) -> ConversionPb | None:
+        """The stored rate used, or None when nothing was converted."""
+        rate = self.conversion.rate
+        if rate is None:
+            return None
+        return ConversionPb(
+            base=rate.base,
+            quote=rate.quote,
+            rate=format_rate(rate.rate),
+            rate_id=rate.id,
+            as_of=rfc3339(rate.as_of),
+        )
+
+
+def summary(s: rm.Summary, d: Display) -> pb.WalletSummary:
+    st = s.state
+    message = pb.WalletSummary(
+        organization_id=str(st.organization_id),
+        currency=d.currency,
+        balance=d.money(st.balance),
+        held_balance=d.money(st.held_balance),
+        spendable=d.money(s.spendable),
+        credits=d.money(st.credits),
+        run_rate=pb.RunRate(
+            per_hour=d.money(s.run_rate.per_hour),
+            per_day=d.money(s.run_rate.per_day),
+            per_month=d.money(s.run_rate.per_month),
+            by_resource_type=[
+                pb.RunRateByType(resource_type=t, per_hour=d.money(rate))
+                for t, rate in s.run_rate.by_resource_type
+            ],
+        ),
+        service_status=s.service_status,
+        conversion=d.conversion_pb(),
+        wallet_currency=st.currency,
+    )
+    if s.hours_remaining is not None:
+        message.hours_remaining = s.hours_remaining
+    return message
+
+
+def period_total(p: rm.PeriodTotal, d: Display) -> pb.PeriodTotal:
+    message = pb.PeriodTotal(total=d.money(p.total))
+    if p.change_percent is not None:
+        message.change_percent = p.change_percent
+    return message
+
+
+def expenditure(e: rm.Expenditure, d: Display) -> pb.Expenditure:
+    return pb.Expenditure(
+        current_period=d.money(e.current_period),
+        last_7_days=period_total(e.last_7_days, d),
+        last_30_days=d.money(e.last_30_days),
+        last_month=period_total(e.last_month, d),
+        conversion=d.conversion_pb(),
+        next_invoice_date=e.next_invoice_date.isoformat(),
+    )
+
+
+def trend(days: list[rm.Spend], d: Display) -> pb.SpendingTrend:
+    return pb.SpendingTrend(
+        days=[
+            pb.DaySpend(
+                date=day.start.isoformat(),
+                total=d.money(day.total),
+                by_resource_type=d.by_type(day.by_resource_type),
+            )
+            for day in days
+        ],
+        conversion=d.conversion_pb(),
+    )
+
+
+def month_label(start: date) -> str:
+    return f"{start.year:04d}-{start.month:02d}"
+
+
+def monthly(months: list[rm.Spend], d: Display) -> pb.MonthlyBreakdown:
+    return pb.MonthlyBreakdown(
+        months=[
+            pb.MonthSpend(
+                month=month_label(m.start),
+                total=d.money(m.total),
+                by_resource_type=d.by_type(m.by_resource_type),
+            )
+            for m in months
+        ],
+        conversion=d.conversion_pb(),
+    )
+
+
+def resource_costs(costs: list[rm.ResourceCost], d: Display) -> pb.ResourceCosts:
+    return pb.ResourceCosts(
+        resources=[
+            pb.ResourceCost(
+                resource_id=c.resource_id,
+                resource_type=c.resource_type,
+                project_id=str(c.project_id or ""),
+                total=d.money(c.total),
+                first_charged_at=timestamp(c.first_charged_at),
+                last_charged_at=timestamp(c.last_charged_at),
+            )
+            for c in costs
+        ],
+        conversion=d.conversion_pb(),
+    )
+
+
+def usage_record(r: UsageRecord, d: Display) -> pb.UsageRecord:
+    e = r.event
+    return pb.UsageRecord(
+        event_id=e.event_id,
+        organization_id=str(e.organization_id),
+        project_id=str(e.project_id or ""),
+        meter=e.meter,
+        quantity=e.quantity,
+        cost=d.money(r.cost),
+        dimensions=dict(e.dimensions),
+        success=e.success,
+        latency_ms=e.latency_ms,
+        at=timestamp(r.at),
+        transaction_id=str(r.transaction_id or ""),
+        unit_price=e.unit_price,
+    )
+
+
+def dimension_usage(u: DimensionUsage, d: Display) -> pb.DimensionUsage:
+    return pb.DimensionUsage(
+        dimension=u.dimension,
+        value=u.value,
+        quantity=u.quantity,
+        cost=d.money(u.cost),
+        calls=u.calls,
+        errors=u.errors,
+    )
+
+
+def analytics(a: Analytics, d: Display) -> pb.UsageAnalytics:
+    message = pb.UsageAnalytics(
+        today_quantity=a.today_quantity,
+        today_cost=d.money(a.today_cost),
+        today_by_model=[dimension_usage(u, d) for u in a.today_by_model],
+        top_models_30_days=[dimension_usage(u, d) for u in a.top_models_30_days],
+        calls_24h=a.last_24h.calls,
+        hourly_48h=[
+            pb.HourCount(hour=rfc3339(h.hour), success=h.success, errors=h.errors)
+            for h in a.hourly_48h
+        ],
+        all_time=[dimension_usage(u, d) for u in a.all_time],
+        recent=[usage_record(r, d) for r in a.recent],
+        conversion=d.conversion_pb(),
+    )
+    if a.last_24h.success_rate is not None:
+        message.success_rate_24h = a.last_24h.success_rate
+    if a.last_24h.average_latency_ms is not None:
+        message.average_latency_ms_24h = a.last_24h.average_latency_ms
+    return message
+
+
+def thresholds(t: ThresholdSettings) -> pb.Thresholds:
+    return pb.Thresholds(
+        organization_id=str(t.organization_id),
+        warning_amount=t.thresholds.warning_amount,
+        critical_amount=t.thresholds.critical_amount,
+        warning_hours=t.thresholds.warning_hours,
+        critical_hours=t.thresholds.critical_hours,
+        level=t.level,
+    )
+
+
+def pending_topup(p: PendingTopUp) -> pb.PendingTopUp:
+    return pb.PendingTopUp(
+        id=str(p.id),
+        organization_id=str(p.organization_id),
+        amount=Money(amount=p.amount, currency=p.currency),
+        status=p.status,
+        created_at=timestamp(p.created_at),
+        transaction_id=str(p.transaction_id or ""),
+    )
+
+
+def auto_topup(a: AutoTopUp) -> pb.AutoTopUp:
+    return pb.AutoTopUp(
+        organization_id=str(a.organization_id),
+        enabled=a.enabled,
+        below=a.below,
+        amount=a.amount,
+        pending=pending_topup(a.pending) if a.pending else None,
+    )

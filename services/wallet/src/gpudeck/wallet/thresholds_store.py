@@ -1,0 +1,171 @@
+"""All SQL of alert settings: low-balance thresholds, the auto top-up rule and the completion of
+the top-ups it requests. Changing a setting re-settles the wallet's level at once, so a crossing
+the new setting causes emits its one edge event (and a rule already due fires) in the same
+transaction. Lock order, as everywhere: the wallet row first.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+from typing import Any
+
+from psycopg import AsyncConnection
+
+from gpudeck.kit.errors import FailedPrecondition, NotFound
+from gpudeck.wallet.alert_settings import (
+    AutoTopUp,
+    PendingTopUp,
+    ThresholdSettings,
+    check_auto_topup,
+    check_thresholds,
+)
+from gpudeck.wallet.alerts import Thresholds
+from gpudeck.wallet.ledger import Kind, TransferRequest
+from gpudeck.wallet.ledger_store import LedgerStore, db_now, lock_wallets
+
+Conn = AsyncConnection[Any]
+PENDING_COLUMNS = "id, organization_id, amount, currency, status, created_at, transaction_id"
+
+
+class ThresholdStore:
+    def __init__(self, ledger: LedgerStore) -> None:
+        self.ledger = ledger
+
+    async def _lock(self, conn: Conn, organization_id: uuid.UUID) -> datetime:
+        now = await db_now(conn)
+        if organization_id not in await lock_wallets(conn, [organization_id], now):
+            raise NotFound(f"organization {organization_id} not found", field="organization_id")
+        return now
+
+    async def get_thresholds(self, conn: Conn, organization_id: uuid.UUID) -> ThresholdSettings:
+        cur = await conn.execute(
+            "SELECT coalesce(t.warning_amount, 0), coalesce(t.critical_amount, 0),"
+            " coalesce(t.warning_hours, 0), coalesce(t.critical_hours, 0), w.level"
+            " FROM wallets w LEFT JOIN thresholds t USING (organization_id)"
+            " WHERE w.organization_id = %s",
+            (organization_id,),
+        )
+        row = await cur.fetchone()
+        if row is None:
+            raise NotFound(f"organization {organization_id} not found", field="organization_id")
+        wa, ca, wh, ch, level = row
+        return ThresholdSettings(organization_id, Thresholds(wa, ca, wh, ch), level)
+
+    async def set_thresholds(
+        self, conn: Conn, organization_id: uuid.UUID, thresholds: Thresholds
+    ) -> ThresholdSettings:
+        """Save the thresholds, then settle the level: a crossing they cause emits its event."""
+        t = check_thresholds(thresholds)
+        now = await self._lock(conn, organization_id)
+        await conn.execute(
+            "INSERT INTO thresholds (organization_id, warning_amount, critical_amount,"
+            " warning_hours, critical_hours) VALUES (%s, %s, %s, %s, %s)"
+            " ON CONFLICT (organization_id) DO UPDATE SET warning_amount = excluded.warning_amount,"
+            " critical_amount = excluded.critical_amount, warning_hours = excluded.warning_hours,"
+            " critical_hours = excluded.critical_hours",
+            (
+                organization_id,
+                t.warning_amount,
+                t.critical_amount,
+                t.warning_hours,
+                t.critical_hours,
+            ),
+        )
+        await self.ledger.refresh_levels(conn, [organization_id], now)
+        return await self.get_thresholds(conn, organization_id)
+
+    async def get_auto_topup(self, conn: Conn, organization_id: uuid.UUID) -> AutoTopUp:
+        cur = await conn.execute(
+            "SELECT coalesce(u.enabled, false), coalesce(u.below, 0), coalesce(u.amount, 0),"
+            " w.currency FROM wallets w LEFT JOIN auto_topups u USING (organization_id)"
+            " WHERE w.organization_id = %s",
+            (organization_id,),
+        )
+        row = await cur.fetchone()
+        if row is None:
+            raise NotFound(f"organization {organization_id} not found", field="organization_id")
+        enabled, below, amount, currency = row
+        cur = await conn.execute(
+            f"SELECT {PENDING_COLUMNS} FROM pending_topups"
+            " WHERE organization_id = %s AND status = 'pending'",
+            (organization_id,),
+        )
+        pending = await cur.fetchone()
+        return AutoTopUp(
+            organization_id,
+            enabled,
+            below,
+            amount,
+            currency,
+            PendingTopUp(*pending) if pending else None,
+        )
+
+    async def set_auto_topup(
+        self, conn: Conn, organization_id: uuid.UUID, *, enabled: bool, below: int, amount: int
+    ) -> AutoTopUp:
+        """Save the rule "below `below`, add `amount`"; fires at once if the balance is below."""
+        check_auto_topup(enabled=enabled, below=below, amount=amount)
+        now = await self._lock(conn, organization_id)
+        await conn.execute(
+            "INSERT INTO auto_topups (organization_id, enabled, below, amount)"
+            " VALUES (%s, %s, %s, %s) ON CONFLICT (organization_id) DO UPDATE"
+            " SET enabled = excluded.enabled, below = excluded.below, amount = excluded.amount",
+            (organization_id, enabled, below, amount),
+        )
+        await self.ledger.refresh_levels(conn, [organization_id], now)
+        return await self.get_auto_topup(conn, organization_id)
+
+    async def complete_topup(
+        self, conn: Conn, pending_id: uuid.UUID, *, succeeded: bool, reference: str, actor: str
+    ) -> PendingTopUp:
+        """Resolve a requested top-up once: on success the money is posted (a TOPUP keyed
+        "auto-topup:<id>"); a second resolution is FailedPrecondition."""
+        cur = await conn.execute(
+            "SELECT organization_id FROM pending_topups WHERE id = %s", (pending_id,)
+        )
+        row = await cur.fetchone()
+        if row is None:
+            raise NotFound(f"pending top-up {pending_id} not found", field="pending_top_up_id")
+        organization_id = row[0]
+        now = await self._lock(conn, organization_id)
+        cur = await conn.execute(
+            f"SELECT {PENDING_COLUMNS} FROM pending_topups WHERE id = %s FOR UPDATE", (pending_id,)
+        )
+        found = await cur.fetchone()
+        assert found is not None
+        pending = PendingTopUp(*found)
+        if pending.status != "pending":
+            raise FailedPrecondition(
+                f"top-up {pending_id} is already {pending.status}", field="pending_top_up_id"
+            )
+        tx_id = None
+        if succeeded:
+            [outcome] = await self.ledger.post_transfers(
+                conn,
+                [
+                    TransferRequest(
+                        key=f"auto-topup:{pending_id}",
+                        organization_id=organization_id,
+                        kind=Kind.TOPUP,
+                        amount=pending.amount,
+                        currency=pending.currency,
+                        description="Automatic top-up",
+                        reference=reference,
+                        actor=actor or "system",
+                    )
+                ],
+                now=now,
+            )
+            if outcome.error is not None:
+                raise outcome.error
+            assert outcome.transaction is not None
+            tx_id = outcome.transaction.id
+        cur = await conn.execute(
+            "UPDATE pending_topups SET status = %s, transaction_id = %s, resolved_at = %s"
+            f" WHERE id = %s RETURNING {PENDING_COLUMNS}",
+            ("completed" if succeeded else "failed", tx_id, now, pending_id),
+        )
+        done = await cur.fetchone()
+        assert done is not None
+        return PendingTopUp(*done)

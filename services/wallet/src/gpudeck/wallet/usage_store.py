@@ -1,0 +1,251 @@
+"""All SQL of usage events: record one (de-duplicated, charged in the same transaction) and read
+the analytics from the hourly rollup; only "recent records" reads the events themselves."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Sequence
+from datetime import datetime, timedelta
+from typing import Any
+
+from psycopg import AsyncConnection
+
+from gpudeck.kit.errors import Conflict, NotFound
+from gpudeck.wallet.ledger import Kind, TransferRequest
+from gpudeck.wallet.ledger_store import LedgerStore
+from gpudeck.wallet.usage import (
+    HOURS_SHOWN,
+    Analytics,
+    Calls,
+    DimensionUsage,
+    UsageEvent,
+    UsageRecord,
+    breakdown,
+    by_quantity,
+    day_start,
+    event_time,
+    hour_start,
+    hourly,
+    validate,
+)
+
+Conn = AsyncConnection[Any]
+
+EVENT_COLUMNS = (
+    "e.event_id, e.organization_id, e.meter, e.quantity, e.unit_price, e.dimensions,"
+    " e.project_id, e.success, e.latency_ms, e.at, e.cost, w.currency, e.transaction_id"
+)
+INSERT_EVENT = """
+INSERT INTO usage_events (event_id, organization_id, project_id, meter, quantity, unit_price,
+                          cost, dimensions, success, latency_ms, at)
+VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)
+ON CONFLICT (event_id) DO NOTHING
+RETURNING event_id
+"""
+ROLL_UP = """
+INSERT INTO usage_hourly AS u (organization_id, hour, meter, model, provider, region, api,
+                               calls, errors, quantity, cost, latency_ms_sum)
+VALUES (%s, %s, %s, %s, %s, %s, %s, 1, %s, %s, %s, %s)
+ON CONFLICT (organization_id, hour, meter, model, provider, region, api) DO UPDATE
+SET calls = u.calls + 1, errors = u.errors + excluded.errors,
+    quantity = u.quantity + excluded.quantity, cost = u.cost + excluded.cost,
+    latency_ms_sum = u.latency_ms_sum + excluded.latency_ms_sum
+"""
+# Per model over 30 days, with today's part: both widgets from one pass over the rollup.
+MODELS = """
+SELECT model,
+       coalesce(sum(quantity) FILTER (WHERE hour >= %(today)s), 0),
+       coalesce(sum(cost) FILTER (WHERE hour >= %(today)s), 0)::bigint,
+       coalesce(sum(calls) FILTER (WHERE hour >= %(today)s), 0)::bigint,
+       coalesce(sum(errors) FILTER (WHERE hour >= %(today)s), 0)::bigint,
+       sum(quantity), sum(cost)::bigint, sum(calls)::bigint, sum(errors)::bigint
+FROM usage_hourly
+WHERE organization_id = %(org)s AND hour >= %(since)s AND (%(meter)s = '' OR meter = %(meter)s)
+GROUP BY model
+"""
+HOURS = """
+SELECT hour, sum(calls)::bigint, sum(errors)::bigint, sum(latency_ms_sum)::bigint
+FROM usage_hourly
+WHERE organization_id = %(org)s AND hour >= %(since)s AND (%(meter)s = '' OR meter = %(meter)s)
+GROUP BY hour
+"""
+# Per combination of dimensions (a few dozen rows), split per dimension by `usage.breakdown`.
+ALL_TIME = """
+SELECT model, provider, region, api, sum(quantity), sum(cost)::bigint, sum(calls)::bigint,
+       sum(errors)::bigint
+FROM usage_hourly
+WHERE organization_id = %(org)s AND (%(meter)s = '' OR meter = %(meter)s)
+GROUP BY 1, 2, 3, 4
+"""
+
+
+def _record(row: Sequence[Any]) -> UsageRecord:
+    (event_id, org, meter, quantity, unit_price, dimensions, project, success, latency, at,
+     cost, currency, tx_id) = row  # fmt: skip
+    event = UsageEvent(
+        event_id, org, meter, quantity, unit_price, dict(dimensions), project, success, latency, at
+    )
+    return UsageRecord(event, at, cost, currency, tx_id)
+
+
+class UsageStore:
+    def __init__(self, ledger: LedgerStore) -> None:
+        self.ledger = ledger
+
+    async def get(self, conn: Conn, event_id: str) -> UsageRecord | None:
+        cur = await conn.execute(
+            f"SELECT {EVENT_COLUMNS} FROM usage_events e JOIN wallets w USING (organization_id)"
+            " WHERE e.event_id = %s",
+            (event_id,),
+        )
+        row = await cur.fetchone()
+        return _record(row) if row is not None else None
+
+    async def record(self, conn: Conn, event: UsageEvent, *, actor: str = "") -> UsageRecord:
+        """Record `event` and charge its cost, in the caller's transaction; an event id seen
+        before returns the first record and writes nothing."""
+        validate(event)
+        cur = await conn.execute(
+            "SELECT now() FROM wallets WHERE organization_id = %s", (event.organization_id,)
+        )
+        row = await cur.fetchone()
+        if row is None:
+            raise NotFound(
+                f"organization {event.organization_id} not found", field="organization_id"
+            )
+        now: datetime = row[0]
+        at = event_time(event.at, now)
+        cost = event.cost
+        cur = await conn.execute(
+            INSERT_EVENT,
+            (event.event_id, event.organization_id, event.project_id, event.meter, event.quantity,
+             event.unit_price, cost, json.dumps(dict(event.dimensions)), event.success,
+             event.latency_ms, at),
+        )  # fmt: skip
+        if await cur.fetchone() is None:
+            return await self._first(conn, event)
+        tx_id = await self._charge(conn, event, cost, now, actor) if cost > 0 else None
+        if tx_id is not None:
+            await conn.execute(
+                "UPDATE usage_events SET transaction_id = %s WHERE event_id = %s",
+                (tx_id, event.event_id),
+            )
+        await conn.execute(
+            ROLL_UP,
+            (event.organization_id, hour_start(at), event.meter, *event.rollup_dimensions(),
+             0 if event.success else 1, event.quantity, cost, event.latency_ms),
+        )  # fmt: skip
+        record = await self.get(conn, event.event_id)
+        assert record is not None
+        return record
+
+    async def _first(self, conn: Conn, event: UsageEvent) -> UsageRecord:
+        first = await self.get(conn, event.event_id)
+        assert first is not None
+        if first.event.organization_id != event.organization_id:
+            raise Conflict(
+                f"event_id {event.event_id!r} was already used by another request", field="event_id"
+            )
+        return first
+
+    async def _charge(
+        self, conn: Conn, event: UsageEvent, cost: int, now: datetime, actor: str
+    ) -> uuid.UUID:
+        request = TransferRequest(
+            key=f"usage-event:{event.event_id}",
+            organization_id=event.organization_id,
+            kind=Kind.USAGE,
+            amount=cost,
+            description=f"Usage: {event.quantity:g} {event.meter}",
+            project_id=event.project_id,
+            resource_type=event.resource_type,
+            resource_id=event.resource_id,
+            allow_overdraft=True,
+            record_key=False,
+            actor=actor or "system",
+        )
+        [outcome] = await self.ledger.post_transfers(conn, [request], now=now)
+        if outcome.error is not None:
+            raise outcome.error
+        assert outcome.transaction is not None
+        return outcome.transaction.id
+
+    async def analytics(
+        self, conn: Conn, organization_id: uuid.UUID, *, top: int, recent: int, meter: str = ""
+    ) -> tuple[str, Analytics]:
+        """The wallet currency and the usage dashboard of an organization."""
+        cur = await conn.execute(
+            "SELECT currency, now() FROM wallets WHERE organization_id = %s", (organization_id,)
+        )
+        row = await cur.fetchone()
+        if row is None:
+            raise NotFound(f"organization {organization_id} not found", field="organization_id")
+        currency, now = row
+        args = {"org": organization_id, "meter": meter}
+        today_quantity, today_cost, today, month = await _models(conn, args, now)
+        counts, last_24h = await _hours(conn, args, now)
+        return currency, Analytics(
+            today_quantity=today_quantity,
+            today_cost=today_cost,
+            today_by_model=by_quantity(today),
+            top_models_30_days=by_quantity(month)[:top],
+            last_24h=last_24h,
+            hourly_48h=tuple(hourly(counts, now)),
+            all_time=await _all_time(conn, args),
+            recent=await _recent(conn, args, recent),
+        )
+
+
+Args = dict[str, Any]
+
+
+async def _models(
+    conn: Conn, args: Args, now: datetime
+) -> tuple[float, int, list[DimensionUsage], list[DimensionUsage]]:
+    """Today's quantity and cost, and per model: today's usage and the last 30 days'."""
+    today = day_start(now)
+    cur = await conn.execute(MODELS, {**args, "today": today, "since": today - timedelta(days=29)})
+    quantity, cost = 0.0, 0
+    by_model_today, by_model_30_days = [], []
+    for model, tq, tc, tn, te, q, c, n, e in await cur.fetchall():
+        quantity, cost = quantity + tq, cost + tc
+        if model and tn:
+            by_model_today.append(DimensionUsage("model", model, tq, tc, tn, te))
+        if model:
+            by_model_30_days.append(DimensionUsage("model", model, q, c, n, e))
+    return quantity, cost, by_model_today, by_model_30_days
+
+
+async def _hours(
+    conn: Conn, args: Args, now: datetime
+) -> tuple[dict[datetime, tuple[int, int]], Calls]:
+    """Calls and errors per hour over 48 hours, and the calls of the last 24 of them."""
+    last_hour = hour_start(now)
+    cur = await conn.execute(HOURS, {**args, "since": last_hour - timedelta(hours=HOURS_SHOWN - 1)})
+    counts: dict[datetime, tuple[int, int]] = {}
+    calls, errors, latency = 0, 0, 0
+    for hour, n, e, lat in await cur.fetchall():
+        counts[hour] = (n, e)
+        if hour > last_hour - timedelta(hours=24):
+            calls, errors, latency = calls + n, errors + e, latency + lat
+    return counts, Calls(calls, errors, latency)
+
+
+async def _all_time(conn: Conn, args: Args) -> tuple[DimensionUsage, ...]:
+    """Per dimension (model, provider, region, api) and value set: everything ever used."""
+    cur = await conn.execute(ALL_TIME, args)
+    return breakdown(
+        (tuple(values), DimensionUsage("", "", q, c, n, e))
+        for *values, q, c, n, e in await cur.fetchall()
+    )
+
+
+async def _recent(conn: Conn, args: Args, limit: int) -> tuple[UsageRecord, ...]:
+    cur = await conn.execute(
+        f"SELECT {EVENT_COLUMNS} FROM usage_events e JOIN wallets w USING (organization_id)"
+        " WHERE e.organization_id = %(org)s AND (%(meter)s = '' OR e.meter = %(meter)s)"
+        " ORDER BY e.at DESC, e.event_id DESC LIMIT %(limit)s",
+        {**args, "limit": limit},
+    )
+    return tuple(_record(r) for r in await cur.fetchall())

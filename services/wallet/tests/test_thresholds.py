@@ -1,0 +1,255 @@
+"""Low-balance thresholds and auto top-up over gRPC: exactly one event per edge, read back from
+JetStream (the relay empties the outbox quickly), including crossings the settings themselves
+cause; auto top-ups fire once while pending and complete exactly once."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import grpc
+import nats
+import pytest
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+from psycopg_pool import AsyncConnectionPool
+
+from gpudeck.kit.config import EventsConfig
+from gpudeck.kit.events import parse_event
+from gpudeck.proto.common.v1.money_pb2 import Money
+from gpudeck.proto.wallet.v1 import wallet_pb2 as pb
+from gpudeck.proto.wallet.v1.wallet_pb2_grpc import WalletServiceStub
+
+NewOrg = Callable[..., Awaitable[uuid.UUID]]
+USD = 1_000_000
+EDGES = ("warning", "critical", "depleted", "recovered")
+Events = Callable[[uuid.UUID, int], Awaitable[list[str]]]
+
+
+@pytest.fixture
+async def edge_events(events_config: EventsConfig) -> AsyncIterator[Events]:
+    """`await edge_events(org, n)`: the balance edge events of `org`, once `n` are there (10 s at
+    most) and no more arrived for half a second."""
+    nc = await nats.connect(events_config.nats_url, connect_timeout=2)
+    js = nc.jetstream()
+
+    async def read(org: uuid.UUID, expected: int) -> list[str]:
+        name = f"edges-{uuid.uuid4().hex[:8]}"
+        sub = await js.pull_subscribe(
+            f"{events_config.subject_prefix}.wallet.balance.>",
+            durable=name,
+            stream=events_config.stream,
+            config=ConsumerConfig(ack_policy=AckPolicy.NONE, deliver_policy=DeliverPolicy.ALL),
+        )
+        found: list[str] = []
+        try:
+            deadline = time.monotonic() + 10
+            quiet_until = 0.0
+            while time.monotonic() < deadline:
+                try:
+                    msgs = await sub.fetch(200, timeout=0.25)
+                except (TimeoutError, nats.errors.TimeoutError):
+                    msgs = []
+                for msg in msgs:
+                    event = parse_event(msg.data)
+                    kind = event.type.removeprefix("wallet.balance.")
+                    if event.organization_id == str(org) and kind in EDGES:
+                        found.append(kind)
+                if len(found) >= expected:
+                    quiet_until = quiet_until or time.monotonic() + 0.5
+                    if time.monotonic() >= quiet_until:
+                        break
+        finally:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+                await js.delete_consumer(events_config.stream, name)
+        return found
+
+    yield read
+    await nc.close()
+
+
+async def transfer(stub: WalletServiceStub, org: uuid.UUID, kind: int, amount: int) -> None:
+    await stub.Transfer(
+        pb.TransferRequest(
+            idempotency_key=uuid.uuid4().hex,
+            organization_id=str(org),
+            kind=kind,  # type: ignore[arg-type]
+            amount=Money(amount=amount),
+            resource_type="pod",
+        ),
+        timeout=5,
+    )
+
+
+async def set_thresholds(
+    stub: WalletServiceStub, org: uuid.UUID, warning: int, critical: int = 0, **hours: float
+) -> pb.Thresholds:
+    return await stub.SetThresholds(
+        pb.SetThresholdsRequest(
+            organization_id=str(org), warning_amount=warning, critical_amount=critical, **hours
+        ),
+        timeout=5,
+    )
+
+
+async def test_each_crossing_emits_one_event_per_edge(
+    wallet_stub: WalletServiceStub, new_org: NewOrg, edge_events: Events
+) -> None:
+    org = await new_org("USD")
+    await transfer(wallet_stub, org, pb.TOPUP, 100 * USD)
+    saved = await set_thresholds(wallet_stub, org, 50 * USD, 20 * USD)
+    assert (saved.warning_amount, saved.critical_amount, saved.level) == (50 * USD, 20 * USD, "ok")
+    await transfer(wallet_stub, org, pb.CHARGE, 60 * USD)  # 40: warning
+    await transfer(wallet_stub, org, pb.CHARGE, 5 * USD)  # 35: still warning, no event
+    await transfer(wallet_stub, org, pb.CHARGE, 1 * USD)  # 34: still warning
+    # New thresholds move the level themselves: 34 ≥ 30 recovers, 34 < 40 is critical.
+    assert (await set_thresholds(wallet_stub, org, 30 * USD)).level == "ok"
+    assert (await set_thresholds(wallet_stub, org, 30 * USD)).level == "ok"  # no edge, no event
+    assert (await set_thresholds(wallet_stub, org, 50 * USD, 40 * USD)).level == "critical"
+    got = await wallet_stub.GetThresholds(pb.GetThresholdsRequest(organization_id=str(org)))
+    assert (got.warning_amount, got.critical_amount, got.level) == (50 * USD, 40 * USD, "critical")
+    summary = await wallet_stub.GetWalletSummary(
+        pb.GetWalletSummaryRequest(organization_id=str(org)), timeout=5
+    )
+    assert summary.service_status == "critical"
+    await transfer(wallet_stub, org, pb.TOPUP, 100 * USD)  # 134: recovered
+    assert await edge_events(org, 4) == ["warning", "recovered", "critical", "recovered"]
+
+
+async def test_hours_remaining_thresholds_follow_the_run_rate(
+    wallet_stub: WalletServiceStub, new_org: NewOrg, edge_events: Events
+) -> None:
+    org = await new_org("USD")
+    await transfer(wallet_stub, org, pb.TOPUP, 100 * USD)
+    await wallet_stub.OpenMeter(
+        pb.OpenMeterRequest(
+            meter_id=f"pod:{org}",
+            organization_id=str(org),
+            resource_id=str(org),
+            resource_type="pod",
+            hourly_rate=10 * USD,
+        ),
+        timeout=5,
+    )  # about 10 hours left
+    saved = await set_thresholds(wallet_stub, org, 0, 0, warning_hours=24.0, critical_hours=2.0)
+    assert saved.level == "warning" and saved.warning_hours == 24.0
+    await wallet_stub.CloseMeter(pb.CloseMeterRequest(meter_id=f"pod:{org}"), timeout=5)
+    assert await edge_events(org, 2) == ["warning", "recovered"]
+
+
+@pytest.mark.parametrize(
+    ("request_", "field"),
+    [
+        (pb.SetThresholdsRequest(warning_amount=-1), "warning_amount"),
+        (pb.SetThresholdsRequest(warning_amount=10, critical_amount=20), "critical_amount"),
+        (pb.SetThresholdsRequest(warning_hours=float("nan")), "warning_hours"),
+        (pb.SetThresholdsRequest(warning_hours=1.0, critical_hours=2.0), "critical_hours"),
+    ],
+)
+async def test_bad_thresholds_name_the_field(
+    wallet_stub: WalletServiceStub, new_org: NewOrg, request_: pb.SetThresholdsRequest, field: str
+) -> None:
+    request_.organization_id = str(await new_org("USD"))
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await wallet_stub.SetThresholds(request_, timeout=5)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert ("x-error-field", field) in list(err.value.trailing_metadata() or ())
+
+
+async def pending_ids(pool: AsyncConnectionPool, org: uuid.UUID) -> list[tuple[uuid.UUID, str]]:
+    async with pool.connection() as conn:
+        cur = await conn.execute(
+            "SELECT id, status FROM pending_topups WHERE organization_id = %s ORDER BY created_at",
+            (org,),
+        )
+        return [(row[0], row[1]) for row in await cur.fetchall()]
+
+
+async def balance(stub: WalletServiceStub, org: uuid.UUID) -> int:
+    s = await stub.GetWalletSummary(pb.GetWalletSummaryRequest(organization_id=str(org)), timeout=5)
+    return s.balance.amount
+
+
+async def test_auto_top_up_fires_once_while_pending_and_completes_once(
+    wallet_stub: WalletServiceStub, wallet_pool: AsyncConnectionPool, new_org: NewOrg
+) -> None:
+    org = await new_org("USD")
+    await transfer(wallet_stub, org, pb.TOPUP, 10 * USD)
+    rule = await wallet_stub.SetAutoTopUp(
+        pb.SetAutoTopUpRequest(
+            organization_id=str(org), enabled=True, below=5 * USD, amount=20 * USD
+        ),
+        timeout=5,
+    )
+    assert rule.enabled and not rule.HasField("pending")
+    await transfer(wallet_stub, org, pb.CHARGE, 6 * USD)  # 4 < 5: fires
+    await transfer(wallet_stub, org, pb.CHARGE, 1 * USD)  # 3: one is pending already
+    [(pending_id, status)] = await pending_ids(wallet_pool, org)
+    assert status == "pending"
+    done = await wallet_stub.CompleteTopUp(
+        pb.CompleteTopUpRequest(
+            pending_top_up_id=str(pending_id), succeeded=True, reference="pay-1"
+        ),
+        timeout=5,
+    )
+    assert (done.status, done.amount.amount) == ("completed", 20 * USD) and done.transaction_id
+    assert await balance(wallet_stub, org) == 23 * USD
+    [tx] = (
+        await wallet_stub.ListTransactions(
+            pb.ListTransactionsRequest(organization_id=str(org), kinds=[pb.TOPUP], limit=1),
+            timeout=5,
+        )
+    ).transactions
+    assert (tx.id, tx.idempotency_key) == (done.transaction_id, f"auto-topup:{pending_id}")
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await wallet_stub.CompleteTopUp(
+            pb.CompleteTopUpRequest(pending_top_up_id=str(pending_id), succeeded=True),
+            timeout=5,
+        )
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert await balance(wallet_stub, org) == 23 * USD
+
+
+async def test_a_failed_top_up_adds_nothing_and_the_rule_may_fire_again(
+    wallet_stub: WalletServiceStub, wallet_pool: AsyncConnectionPool, new_org: NewOrg
+) -> None:
+    org = await new_org("USD")
+    await transfer(wallet_stub, org, pb.TOPUP, 3 * USD)
+    rule = await wallet_stub.SetAutoTopUp(
+        pb.SetAutoTopUpRequest(
+            organization_id=str(org), enabled=True, below=5 * USD, amount=20 * USD
+        ),
+        timeout=5,
+    )
+    assert rule.pending.status == "pending"  # already below: fires at once
+    failed = await wallet_stub.CompleteTopUp(
+        pb.CompleteTopUpRequest(pending_top_up_id=rule.pending.id, succeeded=False), timeout=5
+    )
+    assert failed.status == "failed" and failed.transaction_id == ""
+    assert await balance(wallet_stub, org) == 3 * USD
+    await transfer(wallet_stub, org, pb.CHARGE, 1 * USD)
+    assert [s for _, s in await pending_ids(wallet_pool, org)] == ["failed", "pending"]
+
+
+async def test_an_unknown_pending_top_up_is_not_found(wallet_stub: WalletServiceStub) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await wallet_stub.CompleteTopUp(
+            pb.CompleteTopUpRequest(pending_top_up_id=str(uuid.uuid4()), succeeded=True),
+            timeout=5,
+        )
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+async def test_an_enabled_rule_needs_amounts(
+    wallet_stub: WalletServiceStub, new_org: NewOrg
+) -> None:
+    org = await new_org("USD")
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await wallet_stub.SetAutoTopUp(
+            pb.SetAutoTopUpRequest(organization_id=str(org), enabled=True, below=5 * USD),
+            timeout=5,
+        )
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "amount" in (err.value.details() or "")

@@ -1,0 +1,330 @@
+"""Usage events: their cost and validation without servers; over gRPC, de-duplication by event id,
+the charge in the same transaction, and the analytics read from the hourly rollup."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime, timedelta
+
+import grpc
+import pytest
+from google.protobuf.timestamp_pb2 import Timestamp
+from psycopg_pool import AsyncConnectionPool
+
+from gpudeck.kit.errors import InvalidArgument
+from gpudeck.proto.common.v1.money_pb2 import Money
+from gpudeck.proto.wallet.v1 import wallet_pb2 as pb
+from gpudeck.proto.wallet.v1.wallet_pb2_grpc import WalletServiceStub
+from gpudeck.wallet.usage import (
+    Calls,
+    DimensionUsage,
+    UsageEvent,
+    breakdown,
+    cost,
+    hourly,
+    validate,
+)
+
+NewOrg = Callable[..., Awaitable[uuid.UUID]]
+USD = 1_000_000
+
+
+def test_cost_is_quantity_times_price_per_million_rounded_half_up() -> None:
+    assert cost(1500, 2_000_000) == 3000  # 1,500 tokens at 2 USD per million tokens
+    assert cost(1, 500_000) == 1  # 0.5 micro-units → 1
+    assert cost(1, 499_999) == 0
+    assert cost(3, 500_000) == 2  # 1.5 → 2
+    assert cost(0.1, 10_000_000) == 1  # 0.1 taken as written, not as its binary neighbour
+    assert cost(0, 123) == 0 and cost(10**9, 0) == 0
+
+
+def event(**kw: object) -> UsageEvent:
+    fields: dict[str, object] = {
+        "event_id": "e1",
+        "organization_id": uuid.uuid4(),
+        "meter": "tokens",
+        "quantity": 1.0,
+        "unit_price": 1,
+    }
+    fields.update(kw)
+    return UsageEvent(**fields)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("kw", "field"),
+    [
+        ({"event_id": " "}, "event_id"),
+        ({"meter": ""}, "meter"),
+        ({"quantity": -1.0}, "quantity"),
+        ({"quantity": float("nan")}, "quantity"),
+        ({"quantity": float("inf")}, "quantity"),
+        ({"unit_price": -1}, "unit_price"),
+        ({"latency_ms": -5}, "latency_ms"),
+        ({"quantity": 1e15, "unit_price": 10**15}, "unit_price"),
+    ],
+)
+def test_bad_events_name_the_field(kw: dict[str, object], field: str) -> None:
+    with pytest.raises(InvalidArgument) as err:
+        validate(event(**kw))
+    assert err.value.field == field
+
+
+def test_the_charge_goes_to_the_resource_type_of_its_dimensions() -> None:
+    assert event().resource_type == "api"
+    assert event(dimensions={"resource_type": "inference"}).resource_type == "inference"
+    assert event(dimensions={"model": "m", "api": "chat"}).rollup_dimensions() == (
+        "m",
+        "",
+        "",
+        "chat",
+    )
+
+
+def test_hourly_counts_cover_48_hours_with_zeros() -> None:
+    now = datetime(2026, 3, 1, 10, 30, tzinfo=UTC)
+    hours = hourly({datetime(2026, 3, 1, 10, tzinfo=UTC): (5, 2)}, now)
+    assert len(hours) == 48
+    assert hours[0].hour == datetime(2026, 2, 27, 11, tzinfo=UTC)
+    assert (hours[-1].success, hours[-1].errors) == (3, 2)
+    assert sum(h.success + h.errors for h in hours[:-1]) == 0
+
+
+def test_success_rate_and_latency_without_calls_are_unset() -> None:
+    assert Calls().success_rate is None and Calls().average_latency_ms is None
+    assert Calls(4, 1, 400).success_rate == 0.75
+    assert Calls(4, 1, 400).average_latency_ms == 100.0
+
+
+def test_breakdown_splits_combinations_per_dimension() -> None:
+    rows = breakdown(
+        [
+            (("m1", "p1", "in", "chat"), DimensionUsage("", "", 10.0, 20, 2, 1)),
+            (("m1", "p2", "us", "chat"), DimensionUsage("", "", 5.0, 10, 1, 0)),
+            (("m2", "p2", "", "chat"), DimensionUsage("", "", 30.0, 60, 3, 0)),
+        ]
+    )
+    assert [(r.dimension, r.value, r.quantity, r.cost, r.calls, r.errors) for r in rows] == [
+        ("model", "m2", 30.0, 60, 3, 0),
+        ("model", "m1", 15.0, 30, 3, 1),
+        ("provider", "p2", 35.0, 70, 4, 0),
+        ("provider", "p1", 10.0, 20, 2, 1),
+        ("region", "in", 10.0, 20, 2, 1),
+        ("region", "us", 5.0, 10, 1, 0),
+        ("api", "chat", 45.0, 90, 6, 1),
+    ]
+
+
+# ------------------------------------------------------------------ over gRPC
+
+
+def ts(value: datetime) -> Timestamp:
+    t = Timestamp()
+    t.FromDatetime(value)
+    return t
+
+
+async def record(
+    stub: WalletServiceStub, org: uuid.UUID, event_id: str | None = None, **kw: object
+) -> pb.UsageRecord:
+    fields: dict[str, object] = {
+        "event_id": uuid.uuid4().hex if event_id is None else event_id,
+        "organization_id": str(org),
+        "meter": "tokens",
+        "quantity": 1000.0,
+        "unit_price": 2 * USD,
+        "success": True,
+    }
+    fields.update(kw)
+    return await stub.RecordUsage(pb.RecordUsageRequest(**fields), timeout=5)  # type: ignore[arg-type]
+
+
+async def balance(stub: WalletServiceStub, org: uuid.UUID) -> int:
+    s = await stub.GetWalletSummary(pb.GetWalletSummaryRequest(organization_id=str(org)), timeout=5)
+    return s.balance.amount
+
+
+async def count(pool: AsyncConnectionPool, sql: str, *args: object) -> int:
+    async with pool.connection() as conn:
+        cur = await conn.execute(sql, args)
+        row = await cur.fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+async def test_a_usage_event_is_charged_once_by_event_id(
+    wallet_stub: WalletServiceStub, wallet_pool: AsyncConnectionPool, new_org: NewOrg
+) -> None:
+    org = await new_org("USD")
+    first = await record(
+        wallet_stub,
+        org,
+        "evt-1-" + str(org),
+        quantity=1500.0,
+        dimensions={"model": "llama-3", "provider": "p1", "region": "in", "api": "chat"},
+        latency_ms=120,
+    )
+    assert first.cost == Money(amount=3000, currency="USD")
+    assert first.transaction_id and first.unit_price == 2 * USD
+    assert await balance(wallet_stub, org) == -3000  # usage may overdraw; auto-stop handles it
+    again = await record(wallet_stub, org, "evt-1-" + str(org), quantity=99.0)
+    assert again == first
+    assert await balance(wallet_stub, org) == -3000
+    assert (
+        await count(
+            wallet_pool, "SELECT count(*) FROM transactions WHERE organization_id = %s", org
+        )
+        == 1
+    )
+    assert (
+        await count(
+            wallet_pool, "SELECT sum(calls) FROM usage_hourly WHERE organization_id = %s", org
+        )
+        == 1
+    )
+    [tx] = (
+        await wallet_stub.ListTransactions(
+            pb.ListTransactionsRequest(organization_id=str(org)), timeout=5
+        )
+    ).transactions
+    assert (tx.id, tx.kind, tx.resource_type, tx.amount.amount) == (
+        first.transaction_id,
+        pb.USAGE,
+        "api",
+        3000,
+    )
+    e = await wallet_stub.GetExpenditure(
+        pb.GetExpenditureRequest(organization_id=str(org)), timeout=5
+    )
+    assert e.last_7_days.total.amount == 3000
+
+
+async def test_concurrent_retries_of_one_event_charge_it_once(
+    wallet_stub: WalletServiceStub, wallet_pool: AsyncConnectionPool, new_org: NewOrg
+) -> None:
+    org = await new_org("USD")
+    records = await asyncio.gather(
+        *(record(wallet_stub, org, f"burst-{org}", quantity=500.0) for _ in range(10))
+    )
+    assert len({r.transaction_id for r in records}) == 1
+    assert await balance(wallet_stub, org) == -1000
+    sql = "SELECT count(*) FROM transactions WHERE organization_id = %s"
+    assert await count(wallet_pool, sql, org) == 1
+
+
+async def test_an_event_id_of_another_organization_is_refused(
+    wallet_stub: WalletServiceStub, new_org: NewOrg
+) -> None:
+    a, b = await new_org("USD"), await new_org("USD")
+    await record(wallet_stub, a, f"shared-{a}")
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await record(wallet_stub, b, f"shared-{a}")
+    assert err.value.code() == grpc.StatusCode.ABORTED
+    assert await balance(wallet_stub, b) == 0
+
+
+async def test_a_free_event_is_recorded_without_a_charge(
+    wallet_stub: WalletServiceStub, new_org: NewOrg
+) -> None:
+    org = await new_org("USD")
+    free = await record(wallet_stub, org, unit_price=0)
+    assert free.cost.amount == 0 and free.transaction_id == ""
+
+
+@pytest.mark.parametrize(
+    ("kw", "field"),
+    [
+        ({"event_id": ""}, "event_id"),
+        ({"quantity": -1.0}, "quantity"),
+        ({"unit_price": -1}, "unit_price"),
+    ],
+)
+async def test_bad_events_are_invalid_arguments(
+    wallet_stub: WalletServiceStub, new_org: NewOrg, kw: dict[str, object], field: str
+) -> None:
+    org = await new_org("USD")
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await record(wallet_stub, org, **kw)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert ("x-error-field", field) in list(err.value.trailing_metadata() or ())
+
+
+async def test_usage_analytics(
+    wallet_stub: WalletServiceStub, wallet_pool: AsyncConnectionPool, new_org: NewOrg
+) -> None:
+    org = await new_org("USD")
+    await wallet_stub.Transfer(
+        pb.TransferRequest(
+            idempotency_key="t", organization_id=str(org), kind=pb.TOPUP, amount=Money(amount=USD)
+        ),
+        timeout=5,
+    )
+    dims_a = {"model": "model-a", "provider": "p1", "region": "in", "api": "chat"}
+    dims_b = {"model": "model-b", "provider": "p2", "region": "in", "api": "chat"}
+    await record(
+        wallet_stub, org, "a1" + str(org), quantity=1000.0, dimensions=dims_a, latency_ms=100
+    )
+    await record(
+        wallet_stub, org, "a2" + str(org), quantity=500.0, dimensions=dims_a, latency_ms=300
+    )
+    await record(
+        wallet_stub,
+        org,
+        "b1" + str(org),
+        quantity=2000.0,
+        dimensions=dims_b,
+        success=False,
+        latency_ms=200,
+    )
+    await record(wallet_stub, org, "c1" + str(org), meter="api_calls", quantity=1.0, unit_price=0)
+    now = datetime.now(UTC)
+    hour = now.replace(minute=0, second=0, microsecond=0)
+    async with wallet_pool.connection() as conn:
+        for at, model, quantity, calls, errors in [
+            (hour - timedelta(hours=5), "model-c", 10.0, 4, 1),  # in the last 24 h
+            (hour - timedelta(hours=30), "model-c", 20.0, 6, 6),  # 48 h, not 24 h
+            (hour - timedelta(days=10), "model-c", 9000.0, 1, 0),  # 30 days
+            (hour - timedelta(days=40), "model-d", 99999.0, 1, 0),  # all time only
+        ]:
+            await conn.execute(
+                "INSERT INTO usage_hourly (organization_id, hour, meter, model, provider, calls,"
+                " errors, quantity, cost, latency_ms_sum) VALUES (%s, %s, 'tokens', %s, 'p3',"
+                " %s, %s, %s, 7, 0)",
+                (org, at, model, calls, errors, quantity),
+            )
+    a = await wallet_stub.GetUsageAnalytics(
+        pb.GetUsageAnalyticsRequest(organization_id=str(org), top=2, recent=3, meter="tokens"),
+        timeout=5,
+    )
+    today = {(u.value, u.quantity, u.cost.amount, u.calls, u.errors) for u in a.today_by_model}
+    assert {("model-a", 1500.0, 3000, 2, 0), ("model-b", 2000.0, 4000, 1, 1)} <= today
+    if (hour - timedelta(hours=5)).date() == now.date():
+        assert a.today_quantity == 3510.0
+    else:
+        assert a.today_quantity == 3500.0
+    assert [(u.value, u.quantity) for u in a.top_models_30_days] == [
+        ("model-c", 9030.0),
+        ("model-b", 2000.0),
+    ]
+    assert a.calls_24h == 3 + 4
+    assert a.success_rate_24h == pytest.approx((7 - 2) / 7)
+    assert a.average_latency_ms_24h == pytest.approx(600 / 7)
+    assert len(a.hourly_48h) == 48
+    by_hour = {h.hour: (h.success, h.errors) for h in a.hourly_48h}
+    iso = lambda t: t.isoformat().replace("+00:00", "Z")  # noqa: E731
+    assert by_hour[iso(hour)] == (2, 1)
+    assert by_hour[iso(hour - timedelta(hours=5))] == (3, 1)
+    assert by_hour[iso(hour - timedelta(hours=30))] == (0, 6)
+    assert a.hourly_48h[-1].hour == iso(hour)
+    all_time = {(u.dimension, u.value): u.quantity for u in a.all_time}
+    assert all_time[("model", "model-d")] == 99999.0
+    assert all_time[("provider", "p1")] == 1500.0
+    assert all_time[("api", "chat")] == 3500.0
+    assert all_time[("region", "in")] == 3500.0
+    assert [r.event_id for r in a.recent] == ["b1" + str(org), "a2" + str(org), "a1" + str(org)]
+    assert a.recent[0].dimensions["model"] == "model-b" and not a.recent[0].success
+    every = await wallet_stub.GetUsageAnalytics(
+        pb.GetUsageAnalyticsRequest(organization_id=str(org)), timeout=5
+    )
+    assert every.calls_24h == 8 and len(every.recent) == 4
