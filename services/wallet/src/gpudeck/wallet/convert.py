@@ -62,7 +62,7 @@ def money(amount: int, currency: str) -> Money:
     return Money(amount=amount, currency=currency)
 
 
-def transaction(tx: Transaction) -> pb.Transaction:
+def transaction(tx: Transaction, *, postings: bool = True) -> pb.Transaction:
     message = pb.Transaction(
         id=str(tx.id),
         organization_id=str(tx.organization_id),
@@ -85,7 +85,7 @@ def transaction(tx: Transaction) -> pb.Transaction:
                 balance_after=p.balance_after,
                 currency=tx.currency,
             )
-            for p in tx.postings
+            for p in (tx.postings if postings else ())
         ],
     )
     if tx.payment_amount is not None:

@@ -73,7 +73,11 @@ class LedgerRpcs:
                 )
             else:
                 assert outcome.transaction is not None
-                results[i] = pb.TransferResult(transaction=convert.transaction(outcome.transaction))
+                results[i] = pb.TransferResult(
+                    transaction=convert.transaction(
+                        outcome.transaction, postings=request.include_postings
+                    )
+                )
         return pb.TransferBatchResponse(results=results)
 
     async def ListTransactions(

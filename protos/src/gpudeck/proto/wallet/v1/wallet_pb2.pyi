@@ -233,16 +233,20 @@ class TransferBatchRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     TRANSFERS_FIELD_NUMBER: _builtins.int
+    INCLUDE_POSTINGS_FIELD_NUMBER: _builtins.int
+    include_postings: _builtins.bool
+    """Answer each transaction with its postings (costly for large batches; off by default)."""
     @_builtins.property
     def transfers(self) -> _containers.RepeatedCompositeFieldContainer[Global___TransferRequest]: ...
     def __init__(
         self,
         *,
         transfers: _abc.Iterable[Global___TransferRequest] | None = ...,
+        include_postings: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["transfers", b"transfers"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["include_postings", b"include_postings", "transfers", b"transfers"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
