@@ -14,7 +14,7 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -54,7 +54,14 @@ def status_of(exc: errors.DomainError) -> grpc.StatusCode:
     return STATUS.get(exc.code, grpc.StatusCode.INTERNAL)
 
 
-class KitInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
+if TYPE_CHECKING:
+    Handler = grpc.RpcMethodHandler[Any, Any]
+    Context = grpc.aio.ServicerContext[Any, Any]
+else:
+    Handler = Context = Any
+
+
+class KitInterceptor(grpc.aio.ServerInterceptor):
     """Request id, deadline, internal token, error mapping and metrics in one wrapper per call."""
 
     def __init__(self, token: str) -> None:
@@ -62,21 +69,21 @@ class KitInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
 
     async def intercept_service(
         self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
-        handler = await continuation(details)
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Handler | None]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> Handler | None:
+        handler = await continuation(handler_call_details)
         if handler is None:
-            return None
-        method: str = details.method
-        metadata = details.invocation_metadata or ()
+            return handler
+        method: str = handler_call_details.method
+        metadata = handler_call_details.invocation_metadata or ()
         authorized = method.startswith(OPEN_SERVICES) or self._authorized(metadata)
         if handler.unary_unary is None:  # streaming: checked here, served as is
             return handler if authorized else _denied(handler)
-        inner = handler.unary_unary
+        inner: Any = handler.unary_unary
         latency = GRPC_LATENCY.labels(method)
 
-        async def wrapped(req: Any, ctx: grpc.aio.ServicerContext) -> Any:
+        async def wrapped(req: Any, ctx: Context) -> Any:
             rid = _metadata_value(metadata, "x-request-id") or uuid.uuid4().hex
             token = request_id.set(rid)
             actor_token = actor.set(_metadata_value(metadata, "x-actor") or "")
@@ -128,24 +135,25 @@ class KitInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         return value is not None and hmac.compare_digest(value.encode(), self._expected)
 
 
-def _denied(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+def _denied(handler: Handler) -> Handler:
     """A handler of the same kind as `handler` that refuses the call as unauthenticated."""
 
-    async def deny(_request: Any, ctx: grpc.aio.ServicerContext) -> None:
+    async def deny(_request: Any, ctx: Context) -> None:
         await ctx.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong service token")
 
-    kind = (
+    kind: Any = (
         grpc.unary_stream_rpc_method_handler
         if handler.unary_stream
         else grpc.stream_unary_rpc_method_handler
         if handler.stream_unary
         else grpc.stream_stream_rpc_method_handler
     )
-    return kind(
+    denied: Handler = kind(
         deny,
         request_deserializer=handler.request_deserializer,
         response_serializer=handler.response_serializer,
     )
+    return denied
 
 
 def _metadata_value(metadata: Iterable[tuple[str, Any]], key: str) -> str | None:
@@ -160,7 +168,7 @@ class DiagnosticsServicer(diagnostics_pb2_grpc.DiagnosticsServicer):
         self.service = service
 
     async def Info(
-        self, request: diagnostics_pb2.InfoRequest, context: grpc.aio.ServicerContext
+        self, request: diagnostics_pb2.InfoRequest, context: Context
     ) -> diagnostics_pb2.InfoResponse:
         return diagnostics_pb2.InfoResponse(
             service=self.service,

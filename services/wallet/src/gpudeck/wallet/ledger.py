@@ -290,10 +290,10 @@ class Book:
             wallet.credits.sort(key=_expiry_order)
             return [(account, amount)]
         if kind is Kind.CREDIT_EXPIRY:
-            account = next((c for c in wallet.credits if c.id == int(request.reference)), None)
-            if account is None or account.balance < amount:
+            expiring = next((c for c in wallet.credits if c.id == int(request.reference)), None)
+            if expiring is None or expiring.balance < amount:
                 raise FailedPrecondition("credit account has less left than expires")
-            return [(account, -amount)]
+            return [(expiring, -amount)]
         # CHARGE, USAGE: credits first, then cash.
         spendable = wallet.spendable - sum(c.balance for c in wallet.credits if self._expired(c))
         if not request.allow_overdraft and kind is Kind.CHARGE and spendable < amount:

@@ -15,7 +15,7 @@ from gpudeck.wallet.holds import HoldRequest
 from gpudeck.wallet.ledger import TransferRequest
 from gpudeck.wallet.metering import MeterRequest
 
-Ctx = grpc.aio.ServicerContext
+Ctx = grpc.aio.ServicerContext[Any, Any]
 MAX_BATCH = 10_000
 
 
@@ -78,7 +78,7 @@ class LedgerRpcs:
                         outcome.transaction, postings=request.include_postings
                     )
                 )
-        return pb.TransferBatchResponse(results=results)
+        return pb.TransferBatchResponse(results=[r for r in results if r is not None])
 
     async def ListTransactions(
         self, request: pb.ListTransactionsRequest, context: Ctx
