@@ -36,7 +36,7 @@ async def wallet_pool(database_url: str) -> AsyncIterator[AsyncConnectionPool]:
 def new_org(wallet_pool: AsyncConnectionPool) -> NewOrg:
     """Make an organization with an empty wallet; returns its id."""
 
-    async def make(currency: str = "USD", name: str = "Acme") -> uuid.UUID:
+    async def make(currency: str = "USD", name: str = "Acme", kyc: str = "verified") -> uuid.UUID:
         org, user = uuid.uuid4(), uuid.uuid4()
         async with wallet_pool.connection() as conn, conn.transaction():
             await conn.execute(
@@ -44,8 +44,8 @@ def new_org(wallet_pool: AsyncConnectionPool) -> NewOrg:
             )
             await conn.execute(
                 "INSERT INTO organizations (id, name, owner_user_id, currency, kyc_status)"
-                " VALUES (%s, %s, %s, %s, 'verified')",
-                (org, name, user, currency),
+                " VALUES (%s, %s, %s, %s, %s)",
+                (org, name, user, currency, kyc),
             )
             await conn.execute(
                 "INSERT INTO memberships (organization_id, user_id, role) VALUES (%s, %s, 'owner')",

@@ -183,3 +183,27 @@ async def test_capture_above_the_hold_and_second_capture_are_refused(
         await wallet_stub.CaptureHold(pb.CaptureHoldRequest(idempotency_key="c3", hold_id=hold.id))
     assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert "already captured" in (err.value.details() or "")
+
+
+async def test_top_ups_above_the_kyc_limit_need_a_verified_organization(
+    wallet_stub: WalletServiceStub, new_org: NewOrg
+) -> None:
+    org = await new_org(kyc="unverified")
+    small = await wallet_stub.Transfer(transfer(org, pb.TOPUP, 500 * USD))
+    assert small.balance_after.amount == 500 * USD
+    for call in (
+        wallet_stub.Transfer(transfer(org, pb.TOPUP, 501 * USD)),
+        wallet_stub.TransferBatch(
+            pb.TransferBatchRequest(transfers=[transfer(org, pb.TOPUP, 501 * USD)])
+        ),
+    ):
+        try:
+            reply = await call
+        except grpc.aio.AioRpcError as exc:
+            assert exc.code() == grpc.StatusCode.FAILED_PRECONDITION
+            assert ("x-error-reason", "KYC_REQUIRED") in list(exc.trailing_metadata() or ())
+            assert "KYC" in (exc.details() or "")
+        else:
+            assert isinstance(reply, pb.TransferBatchResponse)
+            assert reply.results[0].error_code == "FAILED_PRECONDITION"
+            assert "KYC" in reply.results[0].error_message

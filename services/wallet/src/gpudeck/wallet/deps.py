@@ -47,6 +47,11 @@ class Wallet:
     meters: MeterStore = field(init=False)
 
     def __post_init__(self) -> None:
-        self.ledger = LedgerStore(policy=Policy(depletion_seconds=self.settings.depletion_seconds))
+        self.ledger = LedgerStore(
+            policy=Policy(
+                depletion_seconds=self.settings.depletion_seconds,
+                kyc_topup_limit=self.settings.kyc_topup_limit,
+            )
+        )
         self.holds = HoldStore(self.ledger)
         self.meters = MeterStore(self.ledger)

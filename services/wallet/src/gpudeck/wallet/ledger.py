@@ -52,6 +52,10 @@ class InsufficientFunds(FailedPrecondition):
         super().__init__(message, field="amount", reason="INSUFFICIENT_FUNDS")
 
 
+def kyc_required(message: str) -> FailedPrecondition:
+    return FailedPrecondition(message, field="amount", reason="KYC_REQUIRED")
+
+
 def platform_code(name: str, currency: str, organization_id: uuid.UUID) -> str:
     shard = organization_id.int % PLATFORM_SHARDS
     return f"platform:{name}:{currency}:{shard:02d}"
@@ -166,6 +170,7 @@ class Wallet:
     held_balance: int
     run_rate: int = 0
     level: str = "ok"
+    kyc_verified: bool = True
 
     @property
     def spendable(self) -> int:
@@ -208,6 +213,8 @@ class Book:
     new_credit_accounts: dict[str, Account] = field(default_factory=dict)
     # Credits expiring at or before `now` are not spent (the sweeper moves them out).
     now: datetime | None = None
+    # Top-ups above this (wallet currency) need a KYC-verified organization; 0: no limit.
+    kyc_topup_limit: int = 0
 
     def apply(self, request: TransferRequest, transaction_id: uuid.UUID) -> PlannedTransaction:
         wallet = self.wallets.get(request.organization_id)
@@ -216,6 +223,12 @@ class Book:
                 f"organization {request.organization_id} has no wallet", field="organization_id"
             )
         amount, payment, rate = self._wallet_amount(request, wallet)
+        limit = self.kyc_topup_limit
+        if request.kind is Kind.TOPUP and limit and amount > limit and not wallet.kyc_verified:
+            raise kyc_required(
+                f"top-ups above {format_micro(limit)} {wallet.currency}"
+                " need a KYC-verified organization"
+            )
         other = self.platform[
             platform_code(PLATFORM_ACCOUNT[request.kind], wallet.currency, request.organization_id)
         ]

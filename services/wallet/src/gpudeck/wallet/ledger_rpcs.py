@@ -161,9 +161,7 @@ class LedgerRpcs:
         async with self.wallet.pool.connection() as conn, conn.transaction():
             return convert.meter(await self.wallet.meters.open(conn, meter_request))
 
-    async def UpdateMeterRate(
-        self, request: pb.UpdateMeterRateRequest, context: Ctx
-    ) -> pb.Meter:
+    async def UpdateMeterRate(self, request: pb.UpdateMeterRateRequest, context: Ctx) -> pb.Meter:
         at = convert.optional_time(request, "at")
         async with self.wallet.pool.connection() as conn, conn.transaction():
             meter = await self.wallet.meters.update_rate(

@@ -33,6 +33,7 @@ from gpudeck.wallet.ledger import (
     Account,
     Book,
     InsufficientFunds,
+    kyc_required,
     Kind,
     PlannedTransaction,
     PostingView,
@@ -67,6 +68,7 @@ class Policy:
     """Settings of the rules the store applies."""
 
     depletion_seconds: float = 10.0
+    kyc_topup_limit: int = 0  # top-ups above it need a KYC-verified organization; 0: no limit
 
 
 @dataclass
@@ -84,11 +86,12 @@ class Batch:
 # batch, and the wallet totals stay right because they move by deltas from the locked row.
 LOCK_WALLETS = """
 SELECT w.organization_id, w.currency, w.balance, w.credits, w.held_balance, w.run_rate, w.level,
-       coalesce(t.warning_amount, 0), coalesce(t.critical_amount, 0),
+       o.kyc_status = 'verified', coalesce(t.warning_amount, 0), coalesce(t.critical_amount, 0),
        coalesce(t.warning_hours, 0), coalesce(t.critical_hours, 0),
        CASE WHEN u.enabled THEN u.below ELSE 0 END, coalesce(u.amount, 0),
        a.id, a.kind, a.balance, a.expires_at, a.code
 FROM wallets w
+JOIN organizations o ON o.id = w.organization_id
 JOIN ledger_accounts a
   ON a.organization_id = w.organization_id
  AND (a.kind = 'cash' OR (a.kind = 'credit' AND a.balance > 0))
@@ -123,7 +126,7 @@ INSERT_POSTINGS = """
 INSERT INTO postings (transaction_id, account_id, amount, balance_before, balance_after)
 SELECT * FROM unnest(%s::uuid[], %s::bigint[], %s::bigint[], %s::bigint[], %s::bigint[])
 """
-POST_TRANSFER = "SELECT * FROM post_transfer(" + ", ".join(["%s"] * 19) + ")"
+POST_TRANSFER = "SELECT * FROM post_transfer(" + ", ".join(["%s"] * 20) + ")"
 FAST_KINDS = (Kind.TOPUP, Kind.CHARGE, Kind.USAGE, Kind.REFUND, Kind.ADJUSTMENT)
 # Above this many transactions a batch is written with COPY instead of pipelined INSERTs.
 COPY_THRESHOLD = 64
@@ -155,12 +158,13 @@ async def lock_wallets(
         org = row[0]
         lw = locked.get(org)
         if lw is None:
-            (_, currency, balance, credits, held, rate, level, wa, ca, wh, ch, below, amount) = row[
-                :13
-            ]
-            wallet = Wallet(org, currency, Account(0, 0), [], balance, credits, held, rate, level)
+            (_, currency, balance, credits, held, rate, level, verified) = row[:8]
+            (wa, ca, wh, ch, below, amount) = row[8:14]
+            wallet = Wallet(
+                org, currency, Account(0, 0), [], balance, credits, held, rate, level, verified
+            )
             lw = locked[org] = LockedWallet(wallet, Thresholds(wa, ca, wh, ch), below, amount)
-        acct_id, kind, acct_balance, expires_at, code = row[13:]
+        acct_id, kind, acct_balance, expires_at, code = row[14:]
         account = Account(acct_id, acct_balance, kind, expires_at, code)
         if kind == "cash":
             lw.wallet.cash = account
@@ -206,7 +210,10 @@ class LedgerStore:
                 )
         valid = [i for i in valid if outcomes[i] is None]
         book = Book(
-            wallets={org: lw.wallet for org, lw in locked.items()}, platform={}, now=batch.now
+            wallets={org: lw.wallet for org, lw in locked.items()},
+            platform={},
+            now=batch.now,
+            kyc_topup_limit=self.policy.kyc_topup_limit,
         )
         to_plan, replays, same_as = await self._read_around(conn, requests, valid, outcomes, book)
         planned_at: dict[int, PlannedTransaction] = {}
@@ -260,7 +267,7 @@ class LedgerStore:
                     request.resource_type, request.resource_id, request.reference, request.key,
                     request.fingerprint if request.record_key else None, request.actor, platform,
                     request.allow_overdraft, event.id, event.type, event.SerializeToString(),
-                    self.outbox_channel,
+                    self.outbox_channel, self.policy.kyc_topup_limit,
                 ),
             )  # fmt: skip
         except psycopg.errors.RaiseException as exc:
@@ -655,6 +662,8 @@ def refusal(exc: psycopg.errors.RaiseException) -> DomainError:
     message = exc.diag.message_primary or str(exc)
     if code == "INSUFFICIENT_FUNDS":
         return InsufficientFunds(message)
+    if code == "KYC_REQUIRED":
+        return kyc_required(message)
     if code == "ABORTED":
         return Conflict(message, field=field or None, reason="IDEMPOTENCY_KEY_REUSED")
     return REFUSALS.get(code, DomainError)(message, field=field or None)

@@ -6,13 +6,14 @@
 -- expire first) and are refused when spendable (balance − held − expired credits) is short;
 -- every posting keeps its balance before and after; the platform account takes the other side.
 -- The caller builds the event (it knows everything in it) and the function writes it to the
--- outbox in the same transaction. A refusal raises with HINT '<CODE>:<field>'.
+-- outbox in the same transaction. A refusal raises with HINT '<CODE>:<field>'. Top-ups above
+-- p_kyc_limit (0: none) need a KYC-verified organization.
 
 CREATE OR REPLACE FUNCTION post_transfer(
     p_id uuid, p_org uuid, p_kind text, p_amount bigint, p_currency text, p_description text,
     p_project uuid, p_resource_type text, p_resource_id text, p_reference text, p_key text,
     p_fingerprint bytea, p_actor text, p_platform_code text, p_allow_overdraft boolean,
-    p_event_id text, p_event_type text, p_event bytea, p_channel text)
+    p_event_id text, p_event_type text, p_event bytea, p_channel text, p_kyc_limit bigint)
 RETURNS TABLE (
     transaction_id uuid, replayed boolean, created_at timestamptz, currency text,
     balance bigint, credits bigint, held_balance bigint, run_rate bigint, level text,
@@ -46,6 +47,12 @@ BEGIN
     IF p_currency <> '' AND p_currency <> w.currency THEN
         RAISE EXCEPTION 'currency % is not the wallet currency %', p_currency, w.currency
             USING HINT = 'INVALID_ARGUMENT:currency';
+    END IF;
+    IF p_kind = 'topup' AND p_kyc_limit > 0 AND p_amount > p_kyc_limit
+       AND (SELECT o.kyc_status FROM organizations o WHERE o.id = p_org) <> 'verified' THEN
+        RAISE EXCEPTION 'top-ups above % % need a KYC-verified organization',
+            to_char(p_kyc_limit / 1000000.0, 'FM999999999990.000000'), w.currency
+            USING HINT = 'KYC_REQUIRED:amount';
     END IF;
     IF p_fingerprint IS NOT NULL THEN
         SELECT t.id, t.fingerprint INTO v_found FROM transactions t
