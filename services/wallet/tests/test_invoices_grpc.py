@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Awaitable, Callable
-from datetime import UTC, date, datetime
+from datetime import UTC, date, datetime, timedelta
 
 import grpc
 import pytest
@@ -13,7 +13,9 @@ from psycopg_pool import AsyncConnectionPool
 from gpudeck.proto.common.v1.money_pb2 import Money
 from gpudeck.proto.wallet.v1 import wallet_pb2 as pb
 from gpudeck.proto.wallet.v1.wallet_pb2_grpc import WalletServiceStub
+from gpudeck.wallet.deps import Wallet
 from gpudeck.wallet.invoices import Period
+from gpudeck.wallet.workers import issue_last_month_invoices
 
 NewOrg = Callable[..., Awaitable[uuid.UUID]]
 Spend = Callable[..., Awaitable[None]]
@@ -296,3 +298,25 @@ async def test_a_plan_fee_lands_on_the_plan_line(
             (org,),
         )
         assert dict(await cur.fetchall()) == {"plan": 49 * USD}
+
+
+async def test_the_invoicing_loop_issues_last_months_invoices_once(
+    wallet_pool: AsyncConnectionPool, new_org: NewOrg
+) -> None:
+    org = await new_org()
+    first_of_month = datetime.now(UTC).date().replace(day=1)
+    last_month_day = first_of_month - timedelta(days=3)
+    async with wallet_pool.connection() as conn:
+        await conn.execute(
+            "INSERT INTO daily_spend (organization_id, day, resource_type, amount)"
+            " VALUES (%s, %s, 'pod', 7000000)",
+            (org, last_month_day),
+        )
+    wallet = Wallet(wallet_pool)
+    assert await issue_last_month_invoices(wallet) >= 1
+    await issue_last_month_invoices(wallet)
+    async with wallet_pool.connection() as conn:
+        cur = await conn.execute(
+            "SELECT period, total FROM invoices WHERE organization_id = %s", (org,)
+        )
+        assert await cur.fetchall() == [(last_month_day.strftime("%Y-%m"), 7000000)]

@@ -8,6 +8,8 @@ from collections.abc import Sequence
 from gpudeck.kit.workers import Periodic
 from gpudeck.wallet import events
 from gpudeck.wallet.deps import Wallet
+from gpudeck.wallet.invoices import billable_period
+from gpudeck.wallet.invoices_store import InvoiceStore
 from gpudeck.wallet.ledger import Kind, TransferRequest
 from gpudeck.wallet.ledger_store import db_now, lock_wallets
 from gpudeck.wallet.metering_store import bill_open_meters
@@ -81,6 +83,16 @@ async def announce_balances(wallet: Wallet, *, limit: int = 500) -> int:
         return len(rows)
 
 
+async def issue_last_month_invoices(wallet: Wallet) -> int:
+    """Issue last month's invoices for every organization that spent in it (idempotent, so every
+    replica may run it every hour; on the 1st it issues them)."""
+    async with wallet.pool.connection() as conn, conn.transaction():
+        now = await db_now(conn)
+        return len(
+            await InvoiceStore(wallet.ledger.outbox).generate(conn, billable_period("", now))
+        )
+
+
 def loops(wallet: Wallet) -> Sequence[Periodic]:
     async def housekeeping() -> None:
         await expire_holds(wallet)
@@ -92,8 +104,12 @@ def loops(wallet: Wallet) -> Sequence[Periodic]:
     async def announce() -> None:
         await announce_balances(wallet)
 
+    async def invoice() -> None:
+        await issue_last_month_invoices(wallet)
+
     return [
         Periodic("wallet-billing", wallet.settings.billing_interval, bill),
+        Periodic("wallet-invoicing", 3600.0, invoice),
         Periodic("wallet-housekeeping", 1.0, housekeeping),
         Periodic("wallet-announcer", wallet.settings.announce_interval, announce),
     ]
