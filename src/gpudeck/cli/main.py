@@ -1,0 +1,116 @@
+"""The `gpudeck` command line: `gpudeck up` runs the whole stack, `gpudeck serve` one part.
+
+Bad input prints one line naming the flag or environment variable and exits with code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+from typing import NoReturn
+
+from gpudeck.cli.embedded import EmbeddedError
+from gpudeck.cli.stack import COMPONENTS, DEFAULT_DATA_DIR, UsageError, listen_settings
+from gpudeck.kit.config import ConfigError
+
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+
+class Parser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line (no usage block), exit code 2."""
+
+    def error(self, message: str) -> NoReturn:
+        print(f"{self.prog}: {message} (see {self.prog} --help)", file=sys.stderr)
+        raise SystemExit(EXIT_USAGE)
+
+
+def build_parser() -> Parser:
+    parser = Parser(prog="gpudeck", description=__doc__.splitlines()[0] if __doc__ else None)
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
+
+    up = commands.add_parser(
+        "up",
+        help="run every service and the gateway on this machine",
+        description="Run PostgreSQL and NATS (embedded unless GPUDECK_DATABASE_URL and "
+        "GPUDECK_NATS_URL are set), the five services and the GraphQL gateway, in the "
+        "foreground. Flags override the environment variables named in their help.",
+    )
+    up.add_argument("--demo", action="store_true", help="seed the demo organization")
+    up.add_argument(
+        "--data-dir",
+        metavar="DIR",
+        help="where embedded data and tokens live "
+        f"(GPUDECK_DATA_DIR, default ./{DEFAULT_DATA_DIR})",
+    )
+    up.add_argument(
+        "--host",
+        nargs="?",
+        const="0.0.0.0",
+        default="127.0.0.1",
+        help="interface the default addresses bind (default 127.0.0.1; --host alone: 0.0.0.0)",
+    )
+    for setting in listen_settings():
+        up.add_argument(
+            setting.flag,
+            dest=setting.variable,
+            metavar="HOST:PORT",
+            help=f"{setting.variable} (default port {setting.default_port}; 0: any free port)",
+        )
+    up.add_argument(
+        "--startup-timeout",
+        type=float,
+        default=120.0,
+        metavar="SECONDS",
+        help="give up if not all healthy by then (default 120)",
+    )
+
+    serve = commands.add_parser(
+        "serve",
+        help="run one service or the gateway in the foreground (what a container runs)",
+        description="Run one part in this process; settings come from the environment.",
+    )
+    serve.add_argument("service", choices=COMPONENTS)
+    return parser
+
+
+def run(args: argparse.Namespace) -> int:
+    env = dict(os.environ)
+    if args.command == "serve":
+        from gpudeck.cli.serve import serve
+
+        serve(args.service, env)
+        return 0
+    from gpudeck.cli.up import UpOptions, up
+
+    listen = {s.variable: getattr(args, s.variable) for s in listen_settings()}
+    options = UpOptions(
+        demo=args.demo,
+        data_dir=args.data_dir,
+        host=args.host,
+        listen=listen,
+        startup_timeout=args.startup_timeout,
+    )
+    return up(options, env)
+
+
+def main(argv: Sequence[str] | None = None) -> NoReturn:
+    args = build_parser().parse_args(argv)
+    try:
+        code = run(args)
+    except (UsageError, ConfigError) as exc:
+        print(f"gpudeck: {exc}", file=sys.stderr, flush=True)
+        code = EXIT_USAGE
+    except EmbeddedError as exc:
+        print(f"gpudeck: {exc}", file=sys.stderr, flush=True)
+        code = EXIT_FAILED
+    except KeyboardInterrupt:
+        code = EXIT_INTERRUPTED
+    raise SystemExit(code)
+
+
+if __name__ == "__main__":
+    main()

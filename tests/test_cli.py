@@ -1,0 +1,231 @@
+"""The `gpudeck` command without servers: how `up` lays out the stack, and bad input failing
+fast with one line naming the setting and exit code 2."""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import re
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from gpudeck.cli.embedded import free_port
+from gpudeck.cli.procs import as_json_line
+from gpudeck.cli.stack import UsageError, kept_secret, resolve
+
+CLI = [sys.executable, "-m", "gpudeck.cli.main"]
+
+
+def clean_env(**settings: str) -> dict[str, str]:
+    """This process's environment without any GPUDECK_ setting, plus `settings`."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GPUDECK_")}
+    env.update(settings)
+    return env
+
+
+def run_cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*CLI, *args], env=env, capture_output=True, text=True, timeout=60, check=False
+    )
+
+
+def assert_one_line_error(result: subprocess.CompletedProcess[str], *words: str) -> None:
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, result.stderr
+    for word in words:
+        assert word in lines[0]
+
+
+def free_listen_flags() -> list[str]:
+    flags = []
+    for name in ("wallet", "compute", "storage", "activity", "node-agent"):
+        flags += [f"--{name}-listen", f"127.0.0.1:{free_port()}"]
+        flags += [f"--{name}-metrics-listen", f"127.0.0.1:{free_port()}"]
+    return flags
+
+
+# --- the layout ----------------------------------------------------------------------------
+
+
+def test_flag_beats_environment_beats_default() -> None:
+    stack = resolve(
+        {"GPUDECK_WALLET_LISTEN": "127.0.0.1:6001"},
+        {"GPUDECK_WALLET_LISTEN": "127.0.0.1:7001", "GPUDECK_COMPUTE_LISTEN": "127.0.0.1:7002"},
+    )
+    settings = stack.child_settings()
+    assert settings["GPUDECK_WALLET_LISTEN"] == "127.0.0.1:6001"
+    assert settings["GPUDECK_WALLET_ADDR"] == "127.0.0.1:6001"
+    assert settings["GPUDECK_COMPUTE_LISTEN"] == "127.0.0.1:7002"
+    assert settings["GPUDECK_STORAGE_LISTEN"] == "127.0.0.1:50053"
+    assert settings["GPUDECK_NODE_AGENT_METRICS_LISTEN"] == "127.0.0.1:9105"
+    assert settings["GPUDECK_GATEWAY_LISTEN"] == "127.0.0.1:8080"
+
+
+def test_any_free_port_is_chosen_before_start() -> None:
+    stack = resolve({"GPUDECK_GATEWAY_LISTEN": "127.0.0.1:0"}, {})
+    host, port = stack.child_settings()["GPUDECK_GATEWAY_LISTEN"].split(":")
+    assert host == "127.0.0.1" and int(port) > 0
+
+
+def test_wildcard_host_is_called_on_loopback() -> None:
+    stack = resolve({}, {}, host="0.0.0.0")
+    settings = stack.child_settings()
+    assert settings["GPUDECK_STORAGE_LISTEN"] == "0.0.0.0:50053"
+    assert settings["GPUDECK_STORAGE_ADDR"] == "127.0.0.1:50053"
+
+
+def test_two_parts_on_one_port_are_refused() -> None:
+    with pytest.raises(UsageError, match=re.escape("--compute-listen=127.0.0.1:50051")):
+        resolve({"GPUDECK_COMPUTE_LISTEN": "127.0.0.1:50051"}, {})
+
+
+def test_service_token_is_made_once_private_and_reused(tmp_path: Path) -> None:
+    first = kept_secret({}, "GPUDECK_SERVICE_TOKEN", tmp_path, "service-token")
+    assert len(first) >= 32
+    assert stat.S_IMODE((tmp_path / "service-token").stat().st_mode) == 0o600
+    assert kept_secret({}, "GPUDECK_SERVICE_TOKEN", tmp_path, "service-token") == first
+
+
+def test_service_token_from_environment_wins(tmp_path: Path) -> None:
+    env = {"GPUDECK_SERVICE_TOKEN": "given"}
+    assert kept_secret(env, "GPUDECK_SERVICE_TOKEN", tmp_path, "service-token") == "given"
+    assert not (tmp_path / "service-token").exists()
+
+
+def test_child_dies_when_its_starter_is_killed() -> None:
+    starter = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import subprocess, sys, time\n"
+            "from gpudeck.cli.procs import die_with_parent\n"
+            "child = subprocess.Popen(['sleep', '300'], preexec_fn=die_with_parent())\n"
+            "print(child.pid, flush=True)\n"
+            "time.sleep(300)\n",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert starter.stdout is not None
+    child = psutil.Process(int(starter.stdout.readline()))
+    starter.send_signal(signal.SIGKILL)
+    starter.wait()
+    starter.stdout.close()
+    deadline = time.monotonic() + 10
+    while alive(child):
+        assert time.monotonic() < deadline, "the child outlived its starter"
+        time.sleep(0.05)
+
+
+def alive(process: psutil.Process) -> bool:
+    try:
+        return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def test_child_output_is_forwarded_as_json_lines() -> None:
+    own = b'{"level": "info", "service": "wallet", "message": "serving"}\n'
+    assert as_json_line("wallet", "stderr", own) == own
+    wrapped = json.loads(as_json_line("wallet", "stderr", b'  File "x.py", line 1\n'))
+    assert wrapped["service"] == "wallet"
+    assert wrapped["message"] == '  File "x.py", line 1'
+    assert wrapped["level"] == "error"
+
+
+# --- bad input -----------------------------------------------------------------------------
+
+
+def test_malformed_database_url_is_named(tmp_path: Path) -> None:
+    env = clean_env(GPUDECK_DATABASE_URL="mysql://nowhere", GPUDECK_NATS_URL="nats://x:4222")
+    result = run_cli("up", "--data-dir", str(tmp_path), env=env)
+    assert_one_line_error(result, "GPUDECK_DATABASE_URL")
+
+
+def test_unreachable_database_is_named(tmp_path: Path, nats_url: str) -> None:
+    env = clean_env(
+        GPUDECK_DATABASE_URL="postgresql://postgres@127.0.0.1:1/gpudeck", GPUDECK_NATS_URL=nats_url
+    )
+    gateway = f"127.0.0.1:{free_port()}"
+    result = run_cli(
+        "up",
+        "--data-dir",
+        str(tmp_path),
+        "--gateway-listen",
+        gateway,
+        *free_listen_flags(),
+        env=env,
+    )
+    assert_one_line_error(result, "GPUDECK_DATABASE_URL", "cannot connect")
+
+
+def test_unreachable_nats_is_named(tmp_path: Path, database_url: str) -> None:
+    env = clean_env(GPUDECK_DATABASE_URL=database_url, GPUDECK_NATS_URL="nats://127.0.0.1:1")
+    gateway = f"127.0.0.1:{free_port()}"
+    result = run_cli(
+        "up",
+        "--data-dir",
+        str(tmp_path),
+        "--gateway-listen",
+        gateway,
+        *free_listen_flags(),
+        env=env,
+    )
+    assert_one_line_error(result, "GPUDECK_NATS_URL", "cannot connect")
+
+
+def test_gateway_port_in_use_is_named(tmp_path: Path, database_url: str, nats_url: str) -> None:
+    env = clean_env(GPUDECK_DATABASE_URL=database_url, GPUDECK_NATS_URL=nats_url)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = run_cli(
+            "up",
+            "--data-dir",
+            str(tmp_path),
+            "--gateway-listen",
+            f"127.0.0.1:{port}",
+            *free_listen_flags(),
+            env=env,
+        )
+    assert_one_line_error(result, "--gateway-listen", str(port), "in use")
+
+
+def test_malformed_listen_address_is_named(tmp_path: Path) -> None:
+    result = run_cli(
+        "up", "--data-dir", str(tmp_path), "--wallet-listen", "wallet", env=clean_env()
+    )
+    assert_one_line_error(result, "--wallet-listen")
+
+
+def test_serve_without_service_token_is_refused() -> None:
+    result = run_cli("serve", "compute", env=clean_env())
+    assert_one_line_error(result, "GPUDECK_SERVICE_TOKEN")
+
+
+def test_serve_unknown_service_lists_the_choices() -> None:
+    result = run_cli("serve", "billing", env=clean_env(GPUDECK_SERVICE_TOKEN="t"))
+    assert_one_line_error(result, "billing", "wallet", "node-agent", "gateway")
+
+
+def test_data_folder_in_use_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "gpudeck.lock").write_text("4242\n")
+    with (tmp_path / "gpudeck.lock").open("a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        result = run_cli(
+            "up", "--data-dir", str(tmp_path), "--gateway-listen", "127.0.0.1:0",
+            *free_listen_flags(), env=clean_env(),
+        )  # fmt: skip
+    assert_one_line_error(result, str(tmp_path), "in use", "4242")
