@@ -1,6 +1,7 @@
 """The gateway's aiohttp application: routes, and what opens at start and closes at shutdown.
 
 /graphql               GraphQL over POST and GET, websockets, and GraphiQL for a browser
+/invoices/{id}.pdf     an invoice as a PDF (same Authorization as /graphql)
 /graphiql/static/...   GraphiQL's JS and CSS
 /healthz               200 {"status": "ok"} while the gateway is up
 /metrics               Prometheus metrics
@@ -12,15 +13,18 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
-from gpudeck.gateway import graphiql
+from gpudeck.gateway import graphiql, invoices
+from gpudeck.gateway.auth import Authenticator
 from gpudeck.gateway.backends import Backends
 from gpudeck.gateway.config import Settings
+from gpudeck.gateway.live import LiveEvents
 from gpudeck.gateway.metrics import handle_metrics
 from gpudeck.gateway.schema import build_schema
 from gpudeck.gateway.view import GatewayView
 
 BACKENDS = web.AppKey("backends", Backends)
 VIEW = web.AppKey("view", GatewayView)
+LIVE = web.AppKey("live", LiveEvents)
 
 
 async def handle_healthz(_request: web.Request) -> web.Response:
@@ -28,7 +32,8 @@ async def handle_healthz(_request: web.Request) -> web.Response:
 
 
 def make_app(settings: Settings, *, backends: Backends | None = None) -> web.Application:
-    """The application for `settings`; channels open on start-up and close on clean-up.
+    """The application for `settings`; channels and the NATS connection open on start-up and
+    close on clean-up.
 
     Run it with aiohttp's AppRunner (see gpudeck.gateway.__main__) or a test server.
     """
@@ -38,19 +43,28 @@ def make_app(settings: Settings, *, backends: Backends | None = None) -> web.App
             token=settings.service_token,
             health_timeout=settings.health_timeout,
         )
-    view = GatewayView(build_schema(), backends)
+    auth = Authenticator(backends)
+    live = LiveEvents(settings.events) if settings.events is not None else None
+    view = GatewayView(build_schema(), backends, auth, live)
     app = web.Application()
     app[BACKENDS] = backends
     app[VIEW] = view
+    if live is not None:
+        app[LIVE] = live
     app.router.add_route("GET", "/graphql", view)
     app.router.add_route("POST", "/graphql", view)
+    app.router.add_get(invoices.PATH, invoices.handler(backends, auth))
     app.router.add_get("/healthz", handle_healthz)
     app.router.add_get("/metrics", handle_metrics)
     graphiql.add_routes(app)
 
     async def channels(app: web.Application) -> AsyncIterator[None]:
         await app[BACKENDS].open()
+        if live is not None:
+            await live.start()
         yield
+        if live is not None:
+            await live.close()
         await app[BACKENDS].close(grace=1.0)
 
     async def close_websockets(app: web.Application) -> None:

@@ -11,7 +11,7 @@ import enum
 import logging
 from collections.abc import Mapping
 
-import grpc  # type: ignore[import-untyped]  # no stubs in the workspace yet
+import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from gpudeck.kit.grpcclient import DEFAULT_TIMEOUT, channel

@@ -6,6 +6,9 @@ GPUDECK_SERVICE_TOKEN           the internal token sent on every gRPC call (requ
 GPUDECK_GATEWAY_HEALTH_TIMEOUT  deadline of one gRPC health check, in seconds (1)
 GPUDECK_SHUTDOWN_GRACE          seconds to finish requests in flight on SIGTERM (10)
 GPUDECK_LOG_LEVEL               DEBUG, INFO, WARNING or ERROR (INFO)
+GPUDECK_NATS_URL                NATS, for live subscriptions (nats://127.0.0.1:4222); the gateway
+                                starts without it and connects when it can
+GPUDECK_EVENTS_PREFIX           the events' subject prefix (gpudeck)
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from dataclasses import dataclass, field
 
 from gpudeck.kit.config import (
     GATEWAY_PORT,
-    ConfigError,
+    EventsConfig,
     address,
     log_level,
     number,
@@ -25,6 +28,7 @@ from gpudeck.kit.config import (
 )
 
 DEFAULT_LISTEN = f"127.0.0.1:{GATEWAY_PORT}"
+DEFAULT_NATS_URL = "nats://127.0.0.1:4222"
 
 
 @dataclass(frozen=True)
@@ -37,6 +41,7 @@ class Settings:
     health_timeout: float = 1.0
     shutdown_grace: float = 10.0
     log_level: str = "INFO"
+    events: EventsConfig | None = None  # None: no live updates (subscriptions poll)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ) -> Settings:
@@ -47,4 +52,7 @@ class Settings:
             health_timeout=number(env, "GPUDECK_GATEWAY_HEALTH_TIMEOUT", 1.0, minimum=0.05),
             shutdown_grace=number(env, "GPUDECK_SHUTDOWN_GRACE", 10.0),
             log_level=log_level(env),
+            events=EventsConfig.from_env(
+                {**env, "GPUDECK_NATS_URL": env.get("GPUDECK_NATS_URL", "") or DEFAULT_NATS_URL}
+            ),
         )

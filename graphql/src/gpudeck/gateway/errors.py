@@ -11,6 +11,12 @@
     UNAVAILABLE, DEADLINE_EXCEEDED        →  UNAVAILABLE
     anything else (INTERNAL, a bug)       →  INTERNAL, message replaced by "internal error"
 
+A service's finer cause travels in the trailing metadata `x-error-reason` (and the field in
+`x-error-field`): they become `extensions.reason` and `extensions.field` (in camelCase), and a
+few reasons pick a code of their own:
+
+    FAILED_PRECONDITION + INSUFFICIENT_FUNDS  →  INSUFFICIENT_FUNDS
+
 A resolver raises `GatewayError(message, code=...)` for its own refusals; a gRPC error from a
 service passes through with its details as the message. Syntax and validation errors get
 GRAPHQL_PARSE_FAILED and GRAPHQL_VALIDATION_FAILED. Only INTERNAL errors are logged with their
@@ -21,7 +27,7 @@ from __future__ import annotations
 
 import logging
 
-import grpc  # type: ignore[import-untyped]  # no stubs in the workspace yet
+import grpc
 from graphql import GraphQLError, GraphQLSyntaxError
 
 from gpudeck.kit.errors import DomainError
@@ -36,6 +42,7 @@ FORBIDDEN = "FORBIDDEN"
 UNAUTHENTICATED = "UNAUTHENTICATED"
 RATE_LIMITED = "RATE_LIMITED"
 UNAVAILABLE = "UNAVAILABLE"
+INSUFFICIENT_FUNDS = "INSUFFICIENT_FUNDS"
 INTERNAL = "INTERNAL"
 PARSE_FAILED = "GRAPHQL_PARSE_FAILED"
 VALIDATION_FAILED = "GRAPHQL_VALIDATION_FAILED"
@@ -55,15 +62,43 @@ CODES = {
     "UNAVAILABLE": UNAVAILABLE,
     "DEADLINE_EXCEEDED": UNAVAILABLE,
 }
+# x-error-reason values that are a code of their own.
+REASON_CODES = {"INSUFFICIENT_FUNDS": INSUFFICIENT_FUNDS}
 
 
 class GatewayError(Exception):
     """A refusal a resolver raises on purpose; `code` becomes `extensions.code`."""
 
-    def __init__(self, message: str, *, code: str = BAD_USER_INPUT) -> None:
+    def __init__(self, message: str, *, code: str = BAD_USER_INPUT, field: str = "") -> None:
         super().__init__(message)
         self.message = message
         self.code = code
+        self.field = field  # the GraphQL argument at fault, if any
+
+
+def camel(name: str) -> str:
+    """`organization_id` → `organizationId`: a proto field name as GraphQL spells it."""
+    head, *rest = name.split("_")
+    return head + "".join(part[:1].upper() + part[1:] for part in rest)
+
+
+def rpc_details(error: grpc.aio.AioRpcError) -> dict[str, str]:
+    """`reason` and `field` from the trailing metadata of a failed call (those present)."""
+    out: dict[str, str] = {}
+    for key, value in error.trailing_metadata() or ():
+        text = value.decode() if isinstance(value, bytes) else str(value)
+        if key == "x-error-reason" and text:
+            out["reason"] = text
+        elif key == "x-error-field" and text:
+            out["field"] = camel(text)
+    return out
+
+
+def rpc_code(error: grpc.aio.AioRpcError) -> str:
+    """The `extensions.code` of a failed gRPC call."""
+    code = CODES.get(error.code().name, INTERNAL)
+    reason = rpc_details(error).get("reason", "")
+    return REASON_CODES.get(reason, code) if code != INTERNAL else INTERNAL
 
 
 def classify(error: GraphQLError) -> tuple[str, str]:
@@ -73,11 +108,11 @@ def classify(error: GraphQLError) -> tuple[str, str]:
     if isinstance(original, GatewayError):
         return original.code, original.message
     if isinstance(original, grpc.aio.AioRpcError):
-        code = CODES.get(original.code().name)
-        return (code, original.details() or code) if code else (INTERNAL, INTERNAL_MESSAGE)
+        code = rpc_code(original)
+        return (code, original.details() or code) if code != INTERNAL else (code, INTERNAL_MESSAGE)
     if isinstance(original, DomainError):
-        code = CODES.get(original.code)
-        return (code, original.message) if code else (INTERNAL, INTERNAL_MESSAGE)
+        domain_code = CODES.get(original.code)
+        return (domain_code, original.message) if domain_code else (INTERNAL, INTERNAL_MESSAGE)
     if original is None or isinstance(original, GraphQLError):
         if isinstance(existing, str):
             return existing, error.message
@@ -104,8 +139,17 @@ def process(errors: list[GraphQLError]) -> None:
             log.error("internal error at %s: %s", _path(error), error.message, exc_info=exc_info)
         elif code != INTERNAL:
             log.debug("graphql error", extra={"code": code, "error": error.message})
-        error.extensions = {**(error.extensions or {}), "code": code}
+        error.extensions = {**(error.extensions or {}), **_details(error), "code": code}
         error.message = message
+
+
+def _details(error: GraphQLError) -> dict[str, str]:
+    original = error.original_error
+    if isinstance(original, grpc.aio.AioRpcError) and CODES.get(original.code().name):
+        return rpc_details(original)
+    if isinstance(original, GatewayError) and original.field:
+        return {"field": original.field}
+    return {}
 
 
 def _path(error: GraphQLError) -> str:

@@ -26,16 +26,20 @@ from strawberry.types import ExecutionContext, ExecutionResult
 from strawberry.types.graphql import OperationType
 
 from gpudeck.gateway import errors
+from gpudeck.gateway.context import PerOperation
 from gpudeck.gateway.metrics import OperationMetrics
-from gpudeck.gateway.types import health
+from gpudeck.gateway.types import account, billing, health, organization, wallet
 
 MAX_DEPTH = 10
 MAX_ALIASES = 30
 MAX_TOKENS = 2000
 CACHE_SIZE = 256
 
-Query = merge_types("Query", (health.Query,))
-Subscription = merge_types("Subscription", (health.Subscription,))
+Query = merge_types("Query", (health.Query, account.Query, organization.Query))
+Mutation = merge_types(
+    "Mutation", (organization.Mutation, account.Mutation, wallet.Mutation, billing.Mutation)
+)
+Subscription = merge_types("Subscription", (health.Subscription, wallet.Subscription))
 
 
 def _limits() -> Callable[[], SchemaExtension]:
@@ -84,10 +88,13 @@ class GatewaySchema(strawberry.Schema):
 def build_schema() -> strawberry.Schema:
     """The gateway's schema. Extensions are factories: each request gets fresh instances."""
     extensions: list[type[SchemaExtension] | Callable[[], SchemaExtension]] = [
+        PerOperation,
         lambda: MaxTokensLimiter(max_token_count=MAX_TOKENS),
         lambda: ParserCache(maxsize=CACHE_SIZE),
         _limits(),
         lambda: ValidationCache(maxsize=CACHE_SIZE),
         OperationMetrics,
     ]
-    return GatewaySchema(query=Query, subscription=Subscription, extensions=extensions)
+    return GatewaySchema(
+        query=Query, mutation=Mutation, subscription=Subscription, extensions=extensions
+    )

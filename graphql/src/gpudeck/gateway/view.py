@@ -1,5 +1,6 @@
-"""/graphql: Strawberry's aiohttp view with our context, our GraphiQL page and websocket
-bookkeeping (so shutdown can close them all).
+"""/graphql: Strawberry's aiohttp view with our context (the caller is authenticated lazily, by
+the fields that need it: `health` and introspection need no token), our GraphiQL page and
+websocket bookkeeping (so shutdown can close them all).
 
 Websockets speak graphql-transport-ws and the legacy graphql-ws; pages on other origins may not
 open one (Strawberry's default).
@@ -16,8 +17,10 @@ from strawberry.schema import BaseSchema
 from strawberry.subscriptions import GRAPHQL_TRANSPORT_WS_PROTOCOL, GRAPHQL_WS_PROTOCOL
 
 from gpudeck.gateway import graphiql
+from gpudeck.gateway.auth import Authenticator
 from gpudeck.gateway.backends import Backends
 from gpudeck.gateway.context import Context
+from gpudeck.gateway.live import LiveEvents
 from gpudeck.gateway.metrics import WEBSOCKETS
 
 KEEP_ALIVE_INTERVAL = 10.0
@@ -26,7 +29,13 @@ MAX_SUBSCRIPTIONS_PER_CONNECTION = 50
 
 
 class GatewayView(GraphQLView[Context, None]):
-    def __init__(self, schema: BaseSchema, backends: Backends) -> None:
+    def __init__(
+        self,
+        schema: BaseSchema,
+        backends: Backends,
+        auth: Authenticator,
+        live: LiveEvents | None = None,
+    ) -> None:
         super().__init__(
             schema,
             graphql_ide="graphiql",  # rendered by render_graphql_ide below, from our own files
@@ -37,12 +46,20 @@ class GatewayView(GraphQLView[Context, None]):
             max_subscriptions_per_connection=MAX_SUBSCRIPTIONS_PER_CONNECTION,
         )
         self.backends = backends
+        self.auth = auth
+        self.live = live
         self.websockets: weakref.WeakSet[web.WebSocketResponse] = weakref.WeakSet()
 
     async def get_context(
         self, request: web.Request, response: web.Response | web.WebSocketResponse
     ) -> Context:
-        return Context(request=request, response=response, backends=self.backends)
+        return Context(
+            request=request,
+            response=response,
+            backends=self.backends,
+            auth=self.auth,
+            live=self.live,
+        )
 
     async def render_graphql_ide(self, request: web.Request) -> web.Response:
         return graphiql.page()

@@ -1,0 +1,81 @@
+"""Money at the gateway's edge: decimal strings in and out, integer micro-units inside.
+
+Clients send amounts as decimal strings ("12.5", at most 6 decimals) and get them back with
+exactly 6 ("12.500000"); floats never carry money. `convert` applies an exchange rate the way
+the wallet does (see wallet.proto, read models): multiplied when the rate's base is the source
+currency, divided when it is the target, rounded half away from zero to the micro-unit.
+"""
+
+from __future__ import annotations
+
+import re
+from decimal import ROUND_HALF_UP, Decimal, localcontext
+
+from gpudeck.gateway.errors import BAD_USER_INPUT, GatewayError
+from gpudeck.proto.common.v1 import money_pb2
+
+MICRO = 1_000_000
+# The largest amount one call may move (the wallet's limit): 1e9 units.
+MAX_AMOUNT = 10**15
+_DECIMAL = re.compile(r"^(\d+)(?:\.(\d*))?$|^\.(\d+)$")
+_CURRENCY = re.compile(r"^[A-Za-z]{3}$")
+
+
+def format_micro(amount: int) -> str:
+    """12500000 → "12.500000"; -1 → "-0.000001"."""
+    sign = "-" if amount < 0 else ""
+    whole, fraction = divmod(abs(amount), MICRO)
+    return f"{sign}{whole}.{fraction:06d}"
+
+
+def parse_amount(text: str, *, field: str = "amount", allow_zero: bool = False) -> int:
+    """A decimal string → micro-units. Refused with BAD_USER_INPUT naming `field`: anything but
+    plain digits with an optional point ("1e3", "-5", "1,5"), more than 6 decimals, zero
+    (unless `allow_zero`), more than MAX_AMOUNT."""
+    value = text.strip()
+    match = _DECIMAL.match(value)
+    if match is None:
+        if value.startswith("-") and _DECIMAL.match(value[1:]):
+            raise _bad(field, f"{field} must be positive, got {text!r}")
+        raise _bad(field, f'{field} must be a decimal number like "12.50", got {text!r}')
+    whole, fraction = match.group(1) or "0", match.group(2) or match.group(3) or ""
+    if len(fraction) > 6:
+        raise _bad(field, f"{field} has more than 6 decimal places: {text!r}")
+    if len(whole) > 16:
+        raise _bad(field, f"{field} is too large: at most {format_micro(MAX_AMOUNT)}")
+    micro = int(whole) * MICRO + int(fraction.ljust(6, "0"))
+    if micro == 0 and not allow_zero:
+        raise _bad(field, f"{field} must be positive, got {text!r}")
+    if micro > MAX_AMOUNT:
+        raise _bad(field, f"{field} is too large: at most {format_micro(MAX_AMOUNT)}")
+    return micro
+
+
+def parse_currency(text: str, *, field: str = "currency") -> str:
+    """A three-letter code, upper-cased (which ones exist is the wallet's to say)."""
+    value = text.strip().upper()
+    if not _CURRENCY.match(value):
+        raise _bad(field, f"{field} must be a three-letter currency code, got {text!r}")
+    return value
+
+
+def convert(amount: money_pb2.Money, conversion: money_pb2.Conversion | None) -> money_pb2.Money:
+    """`amount` in the currency `conversion` leads to (unchanged without one, or when the
+    conversion does not start from the amount's currency)."""
+    if conversion is None or not conversion.rate:
+        return amount
+    rate = Decimal(conversion.rate)
+    with localcontext() as ctx:
+        ctx.prec = 60
+        if amount.currency == conversion.base:
+            value, target = Decimal(amount.amount) * rate, conversion.quote
+        elif amount.currency == conversion.quote:
+            value, target = Decimal(amount.amount) / rate, conversion.base
+        else:
+            return amount
+        micro = int(value.quantize(Decimal(1), rounding=ROUND_HALF_UP))
+    return money_pb2.Money(amount=micro, currency=target)
+
+
+def _bad(field: str, message: str) -> GatewayError:
+    return GatewayError(message, code=BAD_USER_INPUT, field=field)

@@ -1,0 +1,383 @@
+"""What was spent and what is owed: expenditure, spending trend, monthly breakdown, the billing
+card with invoices, the plan card; `changePlan` and `addCredits`."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import date, datetime
+
+import strawberry
+
+from gpudeck.gateway.context import Info
+from gpudeck.gateway.money import parse_amount
+from gpudeck.gateway.permissions import BillingWriter, require
+from gpudeck.gateway.types.common import Conversion, Money, check_first, timestamp, when
+from gpudeck.gateway.types.wallet import Transaction
+from gpudeck.proto.common.v1 import money_pb2
+from gpudeck.proto.wallet.v1 import wallet_pb2
+
+PDF_PATH = "/invoices/{id}.pdf"
+
+
+def _date(text: str) -> date | None:
+    return date.fromisoformat(text) if text else None
+
+
+def _conversion(
+    m: wallet_pb2.Expenditure | wallet_pb2.WalletSummary,
+) -> money_pb2.Conversion | None:
+    return m.conversion if m.HasField("conversion") else None
+
+
+@strawberry.type(description="A period's total and its change against the period before.")
+class PeriodTotal:
+    total: Money
+    change_percent: float | None = strawberry.field(
+        description="Null when the period before spent nothing."
+    )
+
+    @classmethod
+    def from_pb(cls, m: wallet_pb2.PeriodTotal) -> PeriodTotal:
+        return cls(
+            total=Money.from_pb(m.total),
+            change_percent=m.change_percent if m.HasField("change_percent") else None,
+        )
+
+
+@strawberry.type(
+    description=(
+        "Spending: this billing period (calendar month) so far, the last 7 days against the "
+        "7 before, the last 30 days, and the last calendar month against the one before."
+    )
+)
+class Expenditure:
+    current_period: Money
+    last_7_days: PeriodTotal
+    last_30_days: Money
+    last_month: PeriodTotal
+    next_invoice_date: date | None
+    conversion: Conversion | None
+
+    @classmethod
+    def from_pb(cls, m: wallet_pb2.Expenditure) -> Expenditure:
+        return cls(
+            current_period=Money.from_pb(m.current_period),
+            last_7_days=PeriodTotal.from_pb(m.last_7_days),
+            last_30_days=Money.from_pb(m.last_30_days),
+            last_month=PeriodTotal.from_pb(m.last_month),
+            next_invoice_date=_date(m.next_invoice_date),
+            conversion=Conversion.from_pb(m.conversion) if m.HasField("conversion") else None,
+        )
+
+
+async def load_expenditure(info: Info, organization_id: str, display: str) -> Expenditure:
+    return Expenditure.from_pb(
+        await info.context.loaders.expenditure.load((organization_id, display))
+    )
+
+
+@strawberry.type
+class AmountByType:
+    resource_type: str
+    amount: Money
+
+
+@strawberry.type(description="One day's spending (UTC), in total and by resource type.")
+class DaySpend:
+    date: date
+    total: Money
+    by_resource_type: list[AmountByType]
+
+
+@strawberry.type(description="One month's spending (YYYY-MM), in total and by resource type.")
+class MonthSpend:
+    month: str
+    total: Money
+    by_resource_type: list[AmountByType]
+
+
+def _by_type(parts: list[wallet_pb2.AmountByType]) -> list[AmountByType]:
+    return [
+        AmountByType(resource_type=p.resource_type, amount=Money.from_pb(p.amount)) for p in parts
+    ]
+
+
+async def spending_trend(
+    info: Info, organization_id: str, days: int, display: str
+) -> list[DaySpend]:
+    c = info.context.wallet
+    request = wallet_pb2.GetSpendingTrendRequest(
+        organization_id=organization_id, days=days, display_currency=display
+    )
+    trend = await c.wallet.GetSpendingTrend(request, metadata=c.metadata)
+    return [
+        DaySpend(
+            date=date.fromisoformat(d.date),
+            total=Money.from_pb(d.total),
+            by_resource_type=_by_type(list(d.by_resource_type)),
+        )
+        for d in trend.days
+    ]
+
+
+async def monthly_breakdown(
+    info: Info, organization_id: str, months: int, display: str
+) -> list[MonthSpend]:
+    c = info.context.wallet
+    request = wallet_pb2.GetMonthlyBreakdownRequest(
+        organization_id=organization_id, months=months, display_currency=display
+    )
+    breakdown = await c.wallet.GetMonthlyBreakdown(request, metadata=c.metadata)
+    return [
+        MonthSpend(
+            month=m.month,
+            total=Money.from_pb(m.total),
+            by_resource_type=_by_type(list(m.by_resource_type)),
+        )
+        for m in breakdown.months
+    ]
+
+
+@strawberry.type
+class InvoiceLine:
+    resource_type: str
+    description: str
+    amount: Money
+
+
+@strawberry.type(
+    description=(
+        "A monthly invoice. `pdfUrl` is this gateway's path to its PDF, fetched with the same "
+        "Authorization header."
+    )
+)
+class Invoice:
+    id: strawberry.ID
+    period: str
+    period_start: date | None
+    period_end: date | None
+    total: Money
+    status: str = strawberry.field(description="open or paid")
+    issued_at: datetime | None
+    paid_at: datetime | None
+    lines: list[InvoiceLine]
+    pdf_url: str
+
+    @classmethod
+    def from_pb(cls, m: wallet_pb2.Invoice, conversion: money_pb2.Conversion | None) -> Invoice:
+        return cls(
+            id=strawberry.ID(m.id),
+            period=m.period,
+            period_start=_date(m.period_start),
+            period_end=_date(m.period_end),
+            total=Money.from_pb(m.total, conversion),
+            status=m.status,
+            issued_at=when(m.issued_at, m.HasField("issued_at")),
+            paid_at=when(m.paid_at, m.HasField("paid_at")),
+            lines=[
+                InvoiceLine(
+                    resource_type=line.resource_type,
+                    description=line.description,
+                    amount=Money.from_pb(line.amount, conversion),
+                )
+                for line in m.lines
+            ],
+            pdf_url=PDF_PATH.format(id=m.id),
+        )
+
+
+async def resolve_invoices(root: Billing, info: Info, first: int | None = None) -> list[Invoice]:
+    answer = await info.context.loaders.invoices.load(
+        (root.organization_id, check_first(first, maximum=120))
+    )
+    return [Invoice.from_pb(i, _conversion(root.expenditure)) for i in answer.invoices]
+
+
+@strawberry.type(
+    description=(
+        "The billing card: this month so far against last month (`trendPercent`, null when "
+        "last month spent nothing), the next invoice date and past invoices."
+    )
+)
+class Billing:
+    organization_id: strawberry.Private[str]
+    expenditure: strawberry.Private[wallet_pb2.Expenditure]
+    current_month_total: Money
+    last_month_total: Money
+    trend_percent: float | None
+    next_invoice_date: date | None
+    conversion: Conversion | None
+
+    invoices = strawberry.field(
+        resolver=resolve_invoices, description="Invoices, newest period first."
+    )
+
+
+async def load_billing(info: Info, organization_id: str, display: str) -> Billing:
+    spent = await info.context.loaders.expenditure.load((organization_id, display))
+    current, last = spent.current_period.amount, spent.last_month.total.amount
+    return Billing(
+        organization_id=organization_id,
+        expenditure=spent,
+        current_month_total=Money.from_pb(spent.current_period),
+        last_month_total=Money.from_pb(spent.last_month.total),
+        trend_percent=round((current - last) * 100 / last, 2) if last else None,
+        next_invoice_date=_date(spent.next_invoice_date),
+        conversion=Conversion.from_pb(spent.conversion) if spent.HasField("conversion") else None,
+    )
+
+
+@strawberry.type(description="A plan of the catalog.")
+class PlanOption:
+    code: str
+    name: str
+    monthly_fee: Money
+    included_credits: Money
+
+    @classmethod
+    def from_pb(cls, m: wallet_pb2.Plan, conversion: money_pb2.Conversion | None) -> PlanOption:
+        return cls(
+            code=m.code,
+            name=m.name,
+            monthly_fee=Money.from_pb(m.monthly_fee, conversion),
+            included_credits=Money.from_pb(m.included_credits, conversion),
+        )
+
+
+@strawberry.type(
+    description=(
+        "The plan card: the current plan and the credits available (the unexpired credit part "
+        "of the balance)."
+    )
+)
+class Plan:
+    code: str
+    name: str
+    monthly_fee: Money
+    included_credits: Money
+    available_credits: Money
+    conversion: Conversion | None
+
+    @classmethod
+    def from_pb(cls, m: wallet_pb2.PlanStatus, conversion: money_pb2.Conversion | None) -> Plan:
+        return cls(
+            code=m.plan.code,
+            name=m.plan.name,
+            monthly_fee=Money.from_pb(m.plan.monthly_fee, conversion),
+            included_credits=Money.from_pb(m.plan.included_credits, conversion),
+            available_credits=Money.from_pb(m.available_credits, conversion),
+            conversion=Conversion.from_pb(conversion) if conversion is not None else None,
+        )
+
+
+async def _display_conversion(
+    info: Info, organization_id: str, display: str
+) -> money_pb2.Conversion | None:
+    """The rate the wallet uses for `display` now (None: no conversion)."""
+    if not display:
+        return None
+    return _conversion(await info.context.loaders.summary.load((organization_id, display)))
+
+
+async def load_plan(info: Info, organization_id: str, display: str) -> Plan:
+    status = await info.context.loaders.plan.load(organization_id)
+    return Plan.from_pb(status, await _display_conversion(info, organization_id, display))
+
+
+async def list_plans(info: Info, organization_id: str, display: str) -> list[PlanOption]:
+    c = info.context.wallet
+    request = wallet_pb2.ListPlansRequest(organization_id=organization_id)
+    answer = await c.wallet.ListPlans(request, metadata=c.metadata)
+    conversion = await _display_conversion(info, organization_id, display)
+    return [PlanOption.from_pb(p, conversion) for p in answer.plans]
+
+
+@strawberry.type(
+    description=(
+        "What a plan change did: the monthly fee charged and credits granted by it (zero when "
+        "already paid this month, for a downgrade, or a free plan)."
+    )
+)
+class PlanChange:
+    plan: Plan
+    previous_plan_code: str
+    charged: Money
+    credits_granted: Money
+
+
+@strawberry.type(description="Credits bought, and the credits available after.")
+class AddCreditsPayload:
+    transaction: Transaction
+    available_credits: Money
+
+
+def _key(value: str | None) -> str:
+    return value.strip() if value and value.strip() else str(uuid.uuid4())
+
+
+async def resolve_change_plan(
+    info: Info,
+    organization_id: strawberry.ID,
+    plan_code: str,
+    idempotency_key: str | None = None,
+) -> PlanChange:
+    c = info.context.wallet
+    request = wallet_pb2.ChangePlanRequest(
+        idempotency_key=_key(idempotency_key),
+        organization_id=str(organization_id),
+        plan_code=plan_code,
+    )
+    status = await c.wallet.ChangePlan(request, metadata=c.metadata)
+    return PlanChange(
+        plan=Plan.from_pb(status, None),
+        previous_plan_code=status.previous_plan_code,
+        charged=Money.from_pb(status.charged),
+        credits_granted=Money.from_pb(status.credits_granted),
+    )
+
+
+async def resolve_add_credits(
+    info: Info,
+    organization_id: strawberry.ID,
+    amount: str,
+    idempotency_key: str | None = None,
+    reference: str | None = None,
+    expires_at: datetime | None = None,
+) -> AddCreditsPayload:
+    micro = parse_amount(amount, field="amount")
+    c = info.context.wallet
+    request = wallet_pb2.AddCreditsRequest(
+        idempotency_key=_key(idempotency_key),
+        organization_id=str(organization_id),
+        amount=money_pb2.Money(amount=micro),
+        reference=reference or "",
+    )
+    expiry = timestamp(expires_at)
+    if expiry is not None:
+        request.expires_at.CopyFrom(expiry)
+    answer = await c.wallet.AddCredits(request, metadata=c.metadata)
+    return AddCreditsPayload(
+        transaction=Transaction.from_pb(answer.transaction),
+        available_credits=Money.from_pb(answer.available_credits),
+    )
+
+
+@strawberry.type
+class Mutation:
+    change_plan = strawberry.mutation(
+        resolver=resolve_change_plan,
+        description=(
+            "Change the plan at once. An upgrade charges the new plan's monthly fee (refused "
+            "with INSUFFICIENT_FUNDS when the wallet cannot pay it) and grants its credits."
+        ),
+        extensions=require(BillingWriter("organization_id")),
+    )
+
+    add_credits = strawberry.mutation(
+        resolver=resolve_add_credits,
+        description=(
+            "Buy credits: `amount` (a decimal string) in the wallet currency. Give an "
+            "`idempotencyKey` to make a retry safe."
+        ),
+        extensions=require(BillingWriter("organization_id")),
+    )

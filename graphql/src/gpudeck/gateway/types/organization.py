@@ -1,0 +1,315 @@
+"""The Organization: the card's own fields, and one field per domain (wallet, spending, billing,
+plan, usage, projects, members, tokens, preferences), each resolved by its domain's module;
+`organization(id, displayCurrency)` and `createOrganization`.
+
+Fields of billing data need the owner, admin or billing role; the rest any member. With
+`displayCurrency` every amount below is shown in that currency, and `conversion` fields say
+which exchange rate was used.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+import strawberry
+
+from gpudeck.gateway.context import Info
+from gpudeck.gateway.errors import BAD_USER_INPUT, FORBIDDEN, GatewayError
+from gpudeck.gateway.money import parse_currency
+from gpudeck.gateway.permissions import BillingReader, Member, Writer, require
+from gpudeck.gateway.types import account as accounts
+from gpudeck.gateway.types import billing as bills
+from gpudeck.gateway.types import usage as usages
+from gpudeck.gateway.types import wallet as wallets
+from gpudeck.gateway.types.common import Conversion, when
+from gpudeck.gateway.types.common import display_currency as check_display
+from gpudeck.proto.wallet.v1 import account_pb2
+
+
+async def resolve_wallet(root: Organization, info: Info) -> wallets.Wallet | None:
+    return await wallets.load_wallet(info, root.organization_id, root.display_currency)
+
+
+async def resolve_expenditure(root: Organization, info: Info) -> bills.Expenditure | None:
+    return await bills.load_expenditure(info, root.organization_id, root.display_currency)
+
+
+async def resolve_spending_trend(
+    root: Organization, info: Info, days: int
+) -> list[bills.DaySpend] | None:
+    if days < 1:
+        raise GatewayError(
+            f"days must be at least 1, got {days}", code=BAD_USER_INPUT, field="days"
+        )
+    return await bills.spending_trend(info, root.organization_id, days, root.display_currency)
+
+
+async def resolve_monthly_breakdown(
+    root: Organization, info: Info, months: int = 6
+) -> list[bills.MonthSpend] | None:
+    if months < 1:
+        raise GatewayError(
+            f"months must be at least 1, got {months}", code=BAD_USER_INPUT, field="months"
+        )
+    return await bills.monthly_breakdown(info, root.organization_id, months, root.display_currency)
+
+
+async def resolve_billing(root: Organization, info: Info) -> bills.Billing | None:
+    return await bills.load_billing(info, root.organization_id, root.display_currency)
+
+
+async def resolve_plan(root: Organization, info: Info) -> bills.Plan | None:
+    return await bills.load_plan(info, root.organization_id, root.display_currency)
+
+
+async def resolve_available_plans(root: Organization, info: Info) -> list[bills.PlanOption] | None:
+    return await bills.list_plans(info, root.organization_id, root.display_currency)
+
+
+async def resolve_usage(
+    root: Organization, info: Info, top: int = 5, recent: int = 20, meter: str | None = None
+) -> usages.Usage | None:
+    return await usages.load_usage(
+        info, root.organization_id, root.display_currency, top=top, recent=recent, meter=meter
+    )
+
+
+async def resolve_transactions(
+    root: Organization,
+    info: Info,
+    first: int | None = 20,
+    before: strawberry.ID | None = None,
+    kinds: list[wallets.TransactionKind] | None = None,
+) -> list[wallets.Transaction] | None:
+    return await wallets.list_transactions(
+        info, root.organization_id, first, str(before) if before else None, kinds
+    )
+
+
+async def resolve_thresholds(root: Organization, info: Info) -> wallets.Thresholds | None:
+    return await wallets.load_thresholds(info, root.organization_id)
+
+
+async def resolve_conversion(root: Organization, info: Info) -> Conversion | None:
+    if not root.display_currency:
+        return None
+    summary = await info.context.loaders.summary.load((root.organization_id, root.display_currency))
+    return Conversion.from_pb(summary.conversion) if summary.HasField("conversion") else None
+
+
+async def resolve_projects(
+    root: Organization, info: Info, first: int | None = None
+) -> list[accounts.Project] | None:
+    return await accounts.list_projects(info, root.organization_id, first)
+
+
+async def resolve_members(
+    root: Organization, info: Info
+) -> list[accounts.OrganizationMember] | None:
+    return await accounts.list_members(info, root.organization_id)
+
+
+async def resolve_api_tokens(root: Organization, info: Info) -> list[accounts.ApiToken] | None:
+    return await accounts.list_api_tokens(info, root.organization_id)
+
+
+async def resolve_preferences(root: Organization, info: Info) -> accounts.Preferences | None:
+    return await accounts.load_preferences(info, root.organization_id)
+
+
+@strawberry.type(
+    description=(
+        "An organization: the card (name, owner, created, team size, wallet currency, KYC "
+        "status, plan) and everything it holds."
+    )
+)
+class Organization:
+    id: strawberry.ID
+    name: str
+    created_at: datetime | None
+    team_size: int
+    owner: accounts.User
+    currency: str = strawberry.field(description="The wallet's currency: INR or USD.")
+    kyc_status: str = strawberry.field(description="unverified, pending or verified")
+    plan_code: str
+    display_currency: strawberry.Private[str]
+
+    @property
+    def organization_id(self) -> str:
+        return str(self.id)
+
+    @classmethod
+    def from_pb(cls, m: account_pb2.Organization, display: str = "") -> Organization:
+        return cls(
+            id=strawberry.ID(m.id),
+            name=m.name,
+            created_at=when(m.created_at, m.HasField("created_at")),
+            team_size=m.team_size,
+            owner=accounts.User.from_pb(m.owner),
+            currency=m.currency,
+            kyc_status=m.kyc_status,
+            plan_code=m.plan_code,
+            display_currency=display,
+        )
+
+    # ------------------------------------------------------------------ billing data
+
+    wallet = strawberry.field(
+        resolver=resolve_wallet, description="The wallet card.", extensions=require(BillingReader())
+    )
+
+    expenditure = strawberry.field(
+        resolver=resolve_expenditure, extensions=require(BillingReader())
+    )
+
+    spending_trend = strawberry.field(
+        resolver=resolve_spending_trend,
+        description="Spending per day for the last `days` days (up to today), oldest first.",
+        extensions=require(BillingReader()),
+    )
+
+    monthly_breakdown = strawberry.field(
+        resolver=resolve_monthly_breakdown,
+        description="Spending per calendar month for the last `months` months, oldest first.",
+        extensions=require(BillingReader()),
+    )
+
+    billing = strawberry.field(
+        resolver=resolve_billing,
+        description="The billing card.",
+        extensions=require(BillingReader()),
+    )
+
+    plan = strawberry.field(
+        resolver=resolve_plan, description="The plan card.", extensions=require(BillingReader())
+    )
+
+    available_plans = strawberry.field(
+        resolver=resolve_available_plans,
+        description="The plans this organization may change to.",
+        extensions=require(BillingReader()),
+    )
+
+    usage = strawberry.field(
+        resolver=resolve_usage,
+        description="Usage analytics; `meter` limits it to one meter (e.g. tokens).",
+        extensions=require(BillingReader()),
+    )
+
+    transactions = strawberry.field(
+        resolver=resolve_transactions,
+        description=(
+            "Ledger transactions, newest first, in the wallet currency (top-ups keep what was "
+            "paid). `before`: the last id of the previous page."
+        ),
+        extensions=require(BillingReader()),
+    )
+
+    thresholds = strawberry.field(
+        resolver=resolve_thresholds,
+        description="Low-balance alert thresholds.",
+        extensions=require(BillingReader()),
+    )
+
+    conversion = strawberry.field(
+        resolver=resolve_conversion,
+        description=(
+            "The exchange rate amounts are converted with for `displayCurrency` (null when "
+            "shown in the wallet currency)."
+        ),
+        extensions=require(BillingReader()),
+    )
+
+    # ------------------------------------------------------------------ every member
+
+    projects = strawberry.field(
+        resolver=resolve_projects,
+        description="Projects, most recently used first.",
+        extensions=require(Member()),
+    )
+
+    members = strawberry.field(resolver=resolve_members, extensions=require(Member()))
+
+    api_tokens = strawberry.field(
+        resolver=resolve_api_tokens,
+        description=(
+            "API tokens, newest first: all of them for an owner or admin, the caller's own "
+            "for anyone else."
+        ),
+        extensions=require(Member()),
+    )
+
+    preferences = strawberry.field(
+        resolver=resolve_preferences,
+        description="The caller's own preferences here.",
+        extensions=require(Member()),
+    )
+
+
+@strawberry.type(
+    description=(
+        "A new organization, and an owner token for it: `ownerToken` is its secret, shown "
+        "this once (null when a retry returned the first organization)."
+    )
+)
+class CreateOrganizationPayload:
+    organization: Organization
+    owner_token: str | None
+    owner_api_token: accounts.ApiToken | None
+
+
+async def resolve_organization(
+    info: Info, id: strawberry.ID, display_currency: str | None = None
+) -> Organization | None:
+    display = check_display(display_currency)
+    found = await info.context.loaders.organization.load(str(id))
+    return Organization.from_pb(found, display if display != found.currency else "")
+
+
+@strawberry.type
+class Query:
+    organization = strawberry.field(
+        resolver=resolve_organization,
+        description=(
+            "The caller's organization (another id is NOT_FOUND). With `displayCurrency` (INR or "
+            "USD) every amount is converted."
+        ),
+        extensions=require(Member("id")),
+    )
+
+
+async def resolve_create_organization(
+    info: Info, name: str, currency: str, idempotency_key: str | None = None
+) -> CreateOrganizationPayload:
+    identity = await info.context.identity()
+    if not identity.user_id:
+        raise GatewayError(
+            "this token belongs to no user who could own an organization", code=FORBIDDEN
+        )
+    c = info.context.wallet
+    request = account_pb2.CreateOrganizationRequest(
+        name=name,
+        currency=parse_currency(currency),
+        owner_user_id=identity.user_id,
+        idempotency_key=idempotency_key or "",
+    )
+    created = await c.accounts.CreateOrganization(request, metadata=c.metadata)
+    return CreateOrganizationPayload(
+        organization=Organization.from_pb(created.organization),
+        owner_token=created.owner_token or None,
+        owner_api_token=accounts.ApiToken.from_pb(created.owner_api_token)
+        if created.HasField("owner_api_token")
+        else None,
+    )
+
+
+@strawberry.type
+class Mutation:
+    create_organization = strawberry.mutation(
+        resolver=resolve_create_organization,
+        description=(
+            "A new organization owned by the caller's user, with its wallet and a project "
+            '"default". A retry with the same idempotencyKey returns the first.'
+        ),
+        extensions=require(Writer()),
+    )

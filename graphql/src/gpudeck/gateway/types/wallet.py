@@ -1,0 +1,357 @@
+"""The wallet: its summary (balance, held, spendable, run rate), transactions and low-balance
+thresholds; `topUpWallet`, `setLowBalanceThresholds`; the `walletUpdated` subscription."""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+import logging
+import math
+from collections.abc import AsyncGenerator, Awaitable
+from datetime import datetime
+from typing import TypeVar
+
+import grpc
+import strawberry
+
+from gpudeck.gateway.context import Info
+from gpudeck.gateway.errors import BAD_USER_INPUT, GatewayError
+from gpudeck.gateway.live import Watch
+from gpudeck.gateway.money import parse_amount, parse_currency
+from gpudeck.gateway.permissions import BillingReader, BillingWriter, require
+from gpudeck.gateway.types.common import Conversion, Money, check_first, when
+from gpudeck.gateway.types.common import display_currency as check_display
+from gpudeck.proto.common.v1 import money_pb2
+from gpudeck.proto.wallet.v1 import wallet_pb2
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+# How often a live subscription checks its token again, and re-reads while NATS is down.
+RECHECK_SECONDS = 5.0
+TRANSIENT = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+
+
+@strawberry.type(description="Run rate of one resource type (pod, vm, nfs_volume, ...).")
+class RunRateByType:
+    resource_type: str
+    per_hour: Money
+
+
+@strawberry.type(description="What running resources cost now: per hour, day and 30 days.")
+class RunRate:
+    per_hour: Money
+    per_day: Money
+    per_month: Money
+    by_resource_type: list[RunRateByType]
+
+
+@strawberry.type(
+    description=(
+        "The wallet card. `balance` is everything the organization can spend (cash and "
+        "unexpired credits), `spendable` = balance - heldBalance. `hoursRemaining` is null when "
+        "nothing runs; `serviceStatus` is available, warning, critical or paused."
+    )
+)
+class Wallet:
+    organization_id: strawberry.ID
+    currency: str = strawberry.field(description="The currency of every amount here.")
+    wallet_currency: str
+    balance: Money
+    held_balance: Money
+    spendable: Money
+    credits: Money
+    run_rate: RunRate
+    hours_remaining: float | None
+    service_status: str
+    conversion: Conversion | None = strawberry.field(
+        description="The rate used when shown in another currency than the wallet's."
+    )
+
+    @classmethod
+    def from_pb(cls, m: wallet_pb2.WalletSummary) -> Wallet:
+        rate = m.run_rate
+        return cls(
+            organization_id=strawberry.ID(m.organization_id),
+            currency=m.currency,
+            wallet_currency=m.wallet_currency or m.currency,
+            balance=Money.from_pb(m.balance),
+            held_balance=Money.from_pb(m.held_balance),
+            spendable=Money.from_pb(m.spendable),
+            credits=Money.from_pb(m.credits),
+            run_rate=RunRate(
+                per_hour=Money.from_pb(rate.per_hour),
+                per_day=Money.from_pb(rate.per_day),
+                per_month=Money.from_pb(rate.per_month),
+                by_resource_type=[
+                    RunRateByType(resource_type=t.resource_type, per_hour=Money.from_pb(t.per_hour))
+                    for t in rate.by_resource_type
+                ],
+            ),
+            hours_remaining=m.hours_remaining if m.HasField("hours_remaining") else None,
+            service_status=m.service_status,
+            conversion=Conversion.from_pb(m.conversion) if m.HasField("conversion") else None,
+        )
+
+
+async def load_wallet(info: Info, organization_id: str, display: str) -> Wallet:
+    return Wallet.from_pb(await info.context.loaders.summary.load((organization_id, display)))
+
+
+@strawberry.enum(description="What a ledger transaction was.")
+class TransactionKind(enum.Enum):
+    TOPUP = "TOPUP"
+    CHARGE = "CHARGE"
+    REFUND = "REFUND"
+    ADJUSTMENT = "ADJUSTMENT"
+    CREDIT_GRANT = "CREDIT_GRANT"
+    USAGE = "USAGE"
+    OTHER = "OTHER"
+
+
+@strawberry.type(
+    description=(
+        "One ledger transaction, in the wallet currency; a top-up also keeps what was paid "
+        "(`paymentAmount`, in its own currency) and the `exchangeRate` used."
+    )
+)
+class Transaction:
+    id: strawberry.ID
+    kind: TransactionKind
+    amount: Money
+    payment_amount: Money | None
+    exchange_rate: str | None
+    description: str
+    resource_type: str
+    resource_id: str
+    project_id: strawberry.ID | None
+    balance_after: Money
+    created_at: datetime | None
+    actor: str
+
+    @classmethod
+    def from_pb(cls, m: wallet_pb2.Transaction) -> Transaction:
+        name = wallet_pb2.TransferKind.Name(m.kind)
+        kind = TransactionKind(name) if name in TransactionKind.__members__ else None
+        return cls(
+            id=strawberry.ID(m.id),
+            kind=kind or TransactionKind.OTHER,
+            amount=Money.from_pb(m.amount),
+            payment_amount=Money.from_pb(m.payment_amount)
+            if m.HasField("payment_amount")
+            else None,
+            exchange_rate=m.exchange_rate or None,
+            description=m.description,
+            resource_type=m.resource_type,
+            resource_id=m.resource_id,
+            project_id=strawberry.ID(m.project_id) if m.project_id else None,
+            balance_after=Money.from_pb(m.balance_after),
+            created_at=when(m.created_at, m.HasField("created_at")),
+            actor=m.actor,
+        )
+
+
+async def list_transactions(
+    info: Info,
+    organization_id: str,
+    first: int | None,
+    before: str | None,
+    kinds: list[TransactionKind] | None,
+) -> list[Transaction]:
+    c = info.context.wallet
+    request = wallet_pb2.ListTransactionsRequest(
+        organization_id=organization_id,
+        limit=check_first(first, maximum=1000),
+        before_id=before or "",
+        kinds=[wallet_pb2.TransferKind.Value(k.value) for k in kinds or () if k.value != "OTHER"],
+    )
+    answer = await c.wallet.ListTransactions(request, metadata=c.metadata)
+    return [Transaction.from_pb(t) for t in answer.transactions]
+
+
+@strawberry.type(
+    description=(
+        "Low-balance alert thresholds (in the wallet currency; null: not set) and the level "
+        "the wallet is at now: ok, warning, critical or depleted."
+    )
+)
+class Thresholds:
+    warning_amount: Money | None
+    critical_amount: Money | None
+    warning_hours: float | None
+    critical_hours: float | None
+    level: str
+
+    @classmethod
+    def from_pb(cls, m: wallet_pb2.Thresholds, currency: str) -> Thresholds:
+        return cls(
+            warning_amount=Money.of(m.warning_amount, currency) if m.warning_amount else None,
+            critical_amount=Money.of(m.critical_amount, currency) if m.critical_amount else None,
+            warning_hours=m.warning_hours or None,
+            critical_hours=m.critical_hours or None,
+            level=m.level,
+        )
+
+
+async def load_thresholds(info: Info, organization_id: str) -> Thresholds:
+    loaders = info.context.loaders
+    organization = await loaders.organization.load(organization_id)
+    found = await loaders.thresholds.load(organization_id)
+    return Thresholds.from_pb(found, organization.currency)
+
+
+@strawberry.type(description="What a top-up did: the transaction and the wallet after it.")
+class TopUpPayload:
+    transaction: Transaction
+    wallet: Wallet
+
+
+def _hours(value: float | None, field: str) -> float:
+    if value is None:
+        return 0.0
+    if not math.isfinite(value) or value < 0:
+        raise GatewayError(
+            f"{field} must be zero or more hours, got {value}", code=BAD_USER_INPUT, field=field
+        )
+    return value
+
+
+async def resolve_top_up_wallet(
+    info: Info,
+    organization_id: strawberry.ID,
+    amount: str,
+    currency: str,
+    idempotency_key: str,
+) -> TopUpPayload:
+    micro = parse_amount(amount, field="amount")
+    paid_in = parse_currency(currency, field="currency")
+    if not idempotency_key.strip():
+        raise GatewayError(
+            "idempotencyKey must not be empty", code=BAD_USER_INPUT, field="idempotencyKey"
+        )
+    c = info.context.wallet
+    request = wallet_pb2.TransferRequest(
+        idempotency_key=idempotency_key,
+        organization_id=str(organization_id),
+        kind=wallet_pb2.TOPUP,
+        amount=money_pb2.Money(amount=micro, currency=paid_in),
+        description="Wallet top-up",
+    )
+    transaction = await c.wallet.Transfer(request, metadata=c.metadata)
+    summary = await c.wallet.GetWalletSummary(
+        wallet_pb2.GetWalletSummaryRequest(organization_id=str(organization_id)),
+        metadata=c.metadata,
+    )
+    return TopUpPayload(
+        transaction=Transaction.from_pb(transaction), wallet=Wallet.from_pb(summary)
+    )
+
+
+async def resolve_set_low_balance_thresholds(
+    info: Info,
+    organization_id: strawberry.ID,
+    warning_amount: str | None = strawberry.UNSET,
+    critical_amount: str | None = strawberry.UNSET,
+    warning_hours: float | None = strawberry.UNSET,
+    critical_hours: float | None = strawberry.UNSET,
+) -> Thresholds:
+    org = str(organization_id)
+    c = info.context.wallet
+    current = await info.context.loaders.thresholds.load(org)
+    request = wallet_pb2.SetThresholdsRequest(
+        organization_id=org,
+        warning_amount=current.warning_amount,
+        critical_amount=current.critical_amount,
+        warning_hours=current.warning_hours,
+        critical_hours=current.critical_hours,
+    )
+    if warning_amount is not strawberry.UNSET:
+        request.warning_amount = _amount(warning_amount, "warningAmount")
+    if critical_amount is not strawberry.UNSET:
+        request.critical_amount = _amount(critical_amount, "criticalAmount")
+    if warning_hours is not strawberry.UNSET:
+        request.warning_hours = _hours(warning_hours, "warningHours")
+    if critical_hours is not strawberry.UNSET:
+        request.critical_hours = _hours(critical_hours, "criticalHours")
+    saved = await c.wallet.SetThresholds(request, metadata=c.metadata)
+    organization = await info.context.loaders.organization.load(org)
+    return Thresholds.from_pb(saved, organization.currency)
+
+
+@strawberry.type
+class Mutation:
+    top_up_wallet = strawberry.mutation(
+        resolver=resolve_top_up_wallet,
+        description=(
+            "Add money to the wallet: `amount` (a decimal string) paid in `currency`, converted "
+            "to the wallet currency. A retry with the same `idempotencyKey` and payload returns "
+            "the first transaction; the same key with another payload is a CONFLICT."
+        ),
+        extensions=require(BillingWriter("organization_id")),
+    )
+
+    set_low_balance_thresholds = strawberry.mutation(
+        resolver=resolve_set_low_balance_thresholds,
+        description=(
+            "Set the low-balance thresholds: amounts as decimal strings in the wallet currency, "
+            "hours of run rate left. An argument left out keeps its value; null or 0 clears it."
+        ),
+        extensions=require(BillingWriter("organization_id")),
+    )
+
+
+def _amount(value: str | None, field: str) -> int:
+    return 0 if value is None else parse_amount(value, field=field, allow_zero=True)
+
+
+async def resolve_wallet_updated(
+    info: Info,
+    organization_id: strawberry.ID,
+    display_currency: str | None = None,
+) -> AsyncGenerator[Wallet, None]:
+    """Each summary is read fresh (fresh DataLoaders) and pushed when it differs from the last.
+    The token is checked again at least every RECHECK_SECONDS: a revoked one ends the
+    subscription with UNAUTHENTICATED. While the wallet is unreachable the subscription stays
+    and tries again at the next wake or check."""
+    context = info.context
+    org, display = str(organization_id), check_display(display_currency)
+    live = context.live
+    watching = live.watching(org) if live is not None else contextlib.nullcontext(Watch(org))
+    last: wallet_pb2.WalletSummary | None = None
+    with watching as watch:
+        summary: wallet_pb2.WalletSummary | None
+        summary = await context.fresh_loaders().summary.load((org, display))
+        while True:
+            if summary is not None and summary != last:
+                last = summary
+                yield Wallet.from_pb(summary)
+            while True:
+                woken = await watch.wait(RECHECK_SECONDS)
+                if not await _passing(context.reauthenticate()):
+                    continue
+                if woken or live is None or not live.connected:
+                    break
+            summary = await _passing(context.fresh_loaders().summary.load((org, display)))
+
+
+async def _passing(call: Awaitable[T]) -> T | None:
+    """The result of `call`, or None when the wallet is unreachable right now (logged)."""
+    try:
+        return await call
+    except grpc.aio.AioRpcError as exc:
+        if exc.code() not in TRANSIENT:
+            raise
+        log.warning("wallet unreachable for a live view", extra={"code": exc.code().name})
+        return None
+
+
+@strawberry.type
+class Subscription:
+    wallet_updated = strawberry.subscription(
+        resolver=resolve_wallet_updated,
+        description=(
+            "The wallet summary now, then each time its balance, held balance or run rate "
+            "changes (at most about once a second)."
+        ),
+        extensions=require(BillingReader("organization_id")),
+    )

@@ -1,0 +1,167 @@
+"""Authentication against the real wallet: bearer tokens on HTTP, the viewer, revocation."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from gpudeck.proto.wallet.v1 import account_pb2
+
+VIEWER = "{ viewer { id email role organizationId tokenId organizations { id name role } } }"
+
+
+async def test_without_a_token_every_field_but_health_is_unauthenticated(gql, new_org) -> None:
+    org = await new_org()
+    for query in (
+        VIEWER,
+        "{ organization(id: $id) { id } }".replace("$id", f'"{org.id}"'),
+        'mutation { createProject(organizationId: "x", name: "p") { id } }',
+    ):
+        error = await gql.error(query, token=None)
+        assert error["extensions"]["code"] == "UNAUTHENTICATED"
+    body = await gql("{ health { service status } }")
+    assert "errors" not in body
+    assert body["data"]["health"] == [{"service": "wallet", "status": "SERVING"}]
+
+
+async def test_introspection_needs_no_token(gql) -> None:
+    body = await gql("{ __schema { queryType { name } } }")
+    assert body == {"data": {"__schema": {"queryType": {"name": "Query"}}}}
+
+
+async def test_an_unknown_token_is_unauthenticated(gql) -> None:
+    error = await gql.error(VIEWER, token="gpd_not-a-real-token")
+    assert error["extensions"]["code"] == "UNAUTHENTICATED"
+    assert error["message"] == "unknown token"
+
+
+async def test_a_malformed_authorization_header_is_unauthenticated(gql, new_org) -> None:
+    org = await new_org()
+    error = await gql.error(VIEWER, token=None, headers={"Authorization": f"Basic {org.token}"})
+    assert error["extensions"]["code"] == "UNAUTHENTICATED"
+    assert "Bearer" in error["message"]
+
+
+async def test_health_works_with_a_bad_token_too(gql) -> None:
+    body = await gql("{ health { service } }", token="nonsense")
+    assert "errors" not in body
+
+
+async def test_the_viewer_is_the_owner_of_the_token(gql, new_org) -> None:
+    org = await new_org(name="Viewer Co")
+    viewer = (await gql.data(VIEWER, token=org.token))["viewer"]
+    assert viewer["id"] == org.user_id
+    assert viewer["email"] == org.email
+    assert viewer["role"] == "OWNER"
+    assert viewer["organizationId"] == org.id
+    assert viewer["organizations"] == [{"id": org.id, "name": "Viewer Co", "role": "OWNER"}]
+
+
+async def test_a_token_acts_in_its_own_organization_only(gql, new_org) -> None:
+    """The same user owns two organizations; each token sees only its own."""
+    first = await new_org(name="First")
+    data = await gql.data(
+        'mutation { createOrganization(name: "Second", currency: "INR") '
+        "{ organization { id name currency } ownerToken } }",
+        token=first.token,
+    )
+    second = data["createOrganization"]
+    assert second["organization"]["name"] == "Second"
+    assert second["organization"]["currency"] == "INR"
+    assert second["ownerToken"]
+    viewer = (await gql.data(VIEWER, token=second["ownerToken"]))["viewer"]
+    assert viewer["email"] == first.email
+    assert [o["id"] for o in viewer["organizations"]] == [second["organization"]["id"]]
+    query = "query($id: ID!) { organization(id: $id) { id name } }"
+    error = await gql.error(query, {"id": first.id}, token=second["ownerToken"])
+    assert error["extensions"]["code"] == "NOT_FOUND"
+    error = await gql.error(query, {"id": second["organization"]["id"]}, token=first.token)
+    assert error["extensions"]["code"] == "NOT_FOUND"
+
+
+async def test_a_token_revoked_in_the_wallet_is_refused_within_seconds(
+    gql, new_org, wallet_stubs
+) -> None:
+    org = await new_org()
+    made = await gql.data(
+        'mutation($org: ID!) { createApiToken(organizationId: $org, name: "ci", role: MEMBER)'
+        " { token apiToken { id } } }",
+        {"org": org.id},
+        token=org.token,
+    )
+    token, token_id = made["createApiToken"]["token"], made["createApiToken"]["apiToken"]["id"]
+    assert (await gql.data(VIEWER, token=token))["viewer"]["tokenId"] == token_id
+    await wallet_stubs.accounts.RevokeApiToken(
+        account_pb2.RevokeApiTokenRequest(organization_id=org.id, api_token_id=token_id)
+    )
+    started = time.monotonic()
+    while True:
+        body = await gql(VIEWER, token=token)
+        if body.get("errors"):
+            assert body["errors"][0]["extensions"]["code"] == "UNAUTHENTICATED"
+            assert body["errors"][0]["message"] == "token was revoked"
+            break
+        assert time.monotonic() - started < 6, "a revoked token still works after 6 s"
+        await asyncio.sleep(0.2)
+
+
+async def test_a_token_revoked_through_this_gateway_is_refused_at_once(gql, new_org) -> None:
+    org = await new_org()
+    made = await gql.data(
+        'mutation($org: ID!) { createApiToken(organizationId: $org, name: "tmp", role: VIEWER)'
+        " { token apiToken { id } } }",
+        {"org": org.id},
+        token=org.token,
+    )
+    token, token_id = made["createApiToken"]["token"], made["createApiToken"]["apiToken"]["id"]
+    await gql.data(VIEWER, token=token)  # cached now
+    revoked = await gql.data(
+        "mutation($id: ID!) { revokeApiToken(id: $id) { id revokedAt } }",
+        {"id": token_id},
+        token=org.token,
+    )
+    assert revoked["revokeApiToken"]["revokedAt"]
+    error = await gql.error(VIEWER, token=token)
+    assert error["extensions"]["code"] == "UNAUTHENTICATED"
+
+
+async def test_the_wallet_records_the_token_as_the_actor(gql, new_org) -> None:
+    org = await new_org()
+    topped = await gql.data(
+        'mutation($org: ID!) { topUpWallet(organizationId: $org, amount: "1", currency: "USD",'
+        ' idempotencyKey: "actor-1") { transaction { actor } } }',
+        {"org": org.id},
+        token=org.token,
+    )
+    viewer = (await gql.data(VIEWER, token=org.token))["viewer"]
+    assert topped["topUpWallet"]["transaction"]["actor"] == f"token:{viewer['tokenId']}"
+
+
+def authenticate_calls() -> float:
+    from prometheus_client import REGISTRY
+
+    labels = {"method": "/gpudeck.wallet.v1.AccountService/Authenticate", "code": "OK"}
+    return REGISTRY.get_sample_value("gpudeck_grpc_requests_total", labels) or 0.0
+
+
+async def test_concurrent_requests_with_one_token_authenticate_once(gql, new_org) -> None:
+    org = await new_org()
+    before = authenticate_calls()
+    bodies = await asyncio.gather(*(gql(VIEWER, token=org.token) for _ in range(8)))
+    assert all("errors" not in body for body in bodies)
+    assert authenticate_calls() == before + 1
+    await gql.data(VIEWER, token=org.token)  # within the TTL: from the cache
+    assert authenticate_calls() == before + 1
+
+
+async def test_a_gateway_the_wallet_does_not_trust_says_unavailable(
+    start_gateway, wallet_address, new_org
+) -> None:
+    """A wrong service token is the operator's problem: not blamed on the caller's token."""
+    org = await new_org()
+    client = await start_gateway({"wallet": wallet_address})  # the fleet's token, not the wallet's
+    resp = await client.post(
+        "/graphql", json={"query": VIEWER}, headers={"Authorization": f"Bearer {org.token}"}
+    )
+    [error] = (await resp.json())["errors"]
+    assert error["extensions"]["code"] == "UNAVAILABLE"

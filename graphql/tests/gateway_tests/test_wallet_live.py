@@ -1,0 +1,191 @@
+"""`walletUpdated` over real websockets (graphql-transport-ws), fed by the wallet's
+`wallet.balance.changed` events on this run's NATS."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import aiohttp
+from aiohttp import WSMsgType
+
+from gpudeck.proto.wallet.v1 import account_pb2
+
+TRANSPORT_WS = "graphql-transport-ws"
+WATCH = """subscription($org: ID!, $display: String) {
+  walletUpdated(organizationId: $org, displayCurrency: $display) {
+    currency balance { amount currency } heldBalance { amount } spendable { amount }
+    runRate { perHour { amount } } serviceStatus
+  }
+}"""
+TOP_UP = """mutation($org: ID!, $amount: String!, $key: String!) {
+  topUpWallet(organizationId: $org, amount: $amount, currency: "USD", idempotencyKey: $key) {
+    transaction { id }
+  }
+}"""
+
+
+async def receive(ws: aiohttp.ClientWebSocketResponse, timeout: float = 10) -> Any:
+    """The next JSON message that is not a ping or pong."""
+    deadline = time.monotonic() + timeout
+    while True:
+        msg = await asyncio.wait_for(ws.receive(), timeout=max(deadline - time.monotonic(), 0.01))
+        assert msg.type == WSMsgType.TEXT, msg
+        data = msg.json()
+        if data["type"] not in ("ping", "pong"):
+            return data
+
+
+async def connect(client, payload: dict[str, Any] | None) -> aiohttp.ClientWebSocketResponse:
+    ws = await client.ws_connect("/graphql", protocols=[TRANSPORT_WS])
+    init: dict[str, Any] = {"type": "connection_init"}
+    if payload is not None:
+        init["payload"] = payload
+    await ws.send_json(init)
+    assert (await receive(ws))["type"] == "connection_ack"
+    return ws
+
+
+async def subscribe(ws, org_id: str, display: str | None = None, op: str = "1") -> None:
+    variables = {"org": org_id, "display": display}
+    await ws.send_json(
+        {"id": op, "type": "subscribe", "payload": {"query": WATCH, "variables": variables}}
+    )
+
+
+async def test_wallet_updated_pushes_the_new_balance_after_a_top_up(
+    gql, new_org, wallet_gateway
+) -> None:
+    org = await new_org()
+    await gql.data(TOP_UP, {"org": org.id, "amount": "1", "key": "before"}, token=org.token)
+    ws = await connect(wallet_gateway, {"Authorization": f"Bearer {org.token}"})
+    try:
+        await subscribe(ws, org.id)
+        first = await receive(ws)
+        assert first["type"] == "next", first
+        wallet = first["payload"]["data"]["walletUpdated"]
+        assert wallet["balance"] == {"amount": "1.000000", "currency": "USD"}
+        assert wallet["serviceStatus"] == "available"
+
+        started = time.monotonic()
+        await gql.data(TOP_UP, {"org": org.id, "amount": "2.25", "key": "live"}, token=org.token)
+        pushed = await receive(ws, timeout=8)
+        elapsed = time.monotonic() - started
+        assert pushed["type"] == "next", pushed
+        assert pushed["id"] == "1"
+        updated = pushed["payload"]["data"]["walletUpdated"]
+        assert updated["balance"]["amount"] == "3.250000"
+        assert updated["spendable"]["amount"] == "3.250000"
+        assert elapsed < 5, f"the push took {elapsed:.1f} s"
+
+        await ws.send_json({"id": "1", "type": "complete"})
+        await ws.send_json({"type": "ping"})
+        assert (await asyncio.wait_for(ws.receive_json(), 5))["type"] == "pong"
+    finally:
+        await ws.close()
+
+
+async def test_other_organizations_changes_are_not_pushed(gql, new_org, wallet_gateway) -> None:
+    mine, theirs = await new_org(), await new_org()
+    ws = await connect(wallet_gateway, {"authorization": f"Bearer {mine.token}"})
+    try:
+        await subscribe(ws, mine.id)
+        assert (await receive(ws))["payload"]["data"]["walletUpdated"]["balance"]["amount"] == (
+            "0.000000"
+        )
+        await gql.data(TOP_UP, {"org": theirs.id, "amount": "5", "key": "x"}, token=theirs.token)
+        try:
+            extra = await receive(ws, timeout=2.5)
+        except TimeoutError:
+            extra = None
+        assert extra is None, extra
+    finally:
+        await ws.close()
+
+
+async def test_a_subscription_without_a_token_is_unauthenticated(new_org, wallet_gateway) -> None:
+    org = await new_org()
+    ws = await connect(wallet_gateway, None)
+    try:
+        await subscribe(ws, org.id)
+        reply = await receive(ws)
+        errors = reply["payload"]["errors"] if reply["type"] == "next" else reply["payload"]
+        assert errors[0]["extensions"]["code"] == "UNAUTHENTICATED"
+    finally:
+        await ws.close()
+
+
+async def test_a_subscription_follows_the_roles(gql, new_org, wallet_gateway) -> None:
+    org, other = await new_org(), await new_org()
+    made = await gql.data(
+        'mutation($org: ID!) { createApiToken(organizationId: $org, name: "v", role: VIEWER)'
+        " { token } }",
+        {"org": org.id},
+        token=org.token,
+    )
+    viewer = made["createApiToken"]["token"]
+    ws = await connect(wallet_gateway, {"Authorization": f"Bearer {viewer}"})
+    try:
+        await subscribe(ws, org.id)
+        reply = await receive(ws)
+        errors = reply["payload"]["errors"] if reply["type"] == "next" else reply["payload"]
+        assert errors[0]["extensions"]["code"] == "FORBIDDEN"
+    finally:
+        await ws.close()
+    ws = await connect(wallet_gateway, {"Authorization": f"Bearer {org.token}"})
+    try:
+        await subscribe(ws, other.id)
+        reply = await receive(ws)
+        errors = reply["payload"]["errors"] if reply["type"] == "next" else reply["payload"]
+        assert errors[0]["extensions"]["code"] == "NOT_FOUND"
+    finally:
+        await ws.close()
+
+
+async def test_a_revoked_token_ends_its_subscription(
+    gql, new_org, wallet_gateway, wallet_stubs
+) -> None:
+    org = await new_org()
+    made = await gql.data(
+        'mutation($org: ID!) { createApiToken(organizationId: $org, name: "b", role: BILLING)'
+        " { token apiToken { id } } }",
+        {"org": org.id},
+        token=org.token,
+    )
+    token = made["createApiToken"]["token"]
+    ws = await connect(wallet_gateway, {"Authorization": f"Bearer {token}"})
+    try:
+        await subscribe(ws, org.id)
+        assert (await receive(ws))["type"] == "next"
+        await wallet_stubs.accounts.RevokeApiToken(
+            account_pb2.RevokeApiTokenRequest(
+                organization_id=org.id, api_token_id=made["createApiToken"]["apiToken"]["id"]
+            )
+        )
+        reply = await receive(ws, timeout=15)
+        assert reply["type"] == "next"
+        assert reply["payload"]["errors"][0]["extensions"]["code"] == "UNAUTHENTICATED"
+        assert (await receive(ws))["type"] == "complete"
+    finally:
+        await ws.close()
+
+
+async def test_the_live_summary_in_a_display_currency(
+    gql, new_org, wallet_gateway, wallet_stubs
+) -> None:
+    from gpudeck.proto.wallet.v1 import wallet_pb2
+
+    await wallet_stubs.wallet.SetExchangeRate(
+        wallet_pb2.SetExchangeRateRequest(base="USD", quote="INR", rate="80", source="test")
+    )
+    org = await new_org()
+    await gql.data(TOP_UP, {"org": org.id, "amount": "2", "key": "fx"}, token=org.token)
+    ws = await connect(wallet_gateway, {"Authorization": f"Bearer {org.token}"})
+    try:
+        await subscribe(ws, org.id, display="INR")
+        wallet = (await receive(ws))["payload"]["data"]["walletUpdated"]
+        assert wallet["currency"] == "INR"
+        assert wallet["balance"] == {"amount": "160.000000", "currency": "INR"}
+    finally:
+        await ws.close()

@@ -1,0 +1,446 @@
+"""Money through the gateway, against the real wallet: top-ups, exact decimal strings, bad
+amounts, insufficient funds, idempotency, spending, billing, plans, credits, thresholds,
+display currencies, invoices as PDF."""
+
+from __future__ import annotations
+
+from decimal import ROUND_HALF_UP, Decimal
+
+import pytest
+
+from gpudeck.proto.common.v1 import money_pb2
+from gpudeck.proto.wallet.v1 import wallet_pb2
+
+TOP_UP = """mutation($org: ID!, $amount: String!, $currency: String!, $key: String!) {
+  topUpWallet(organizationId: $org, amount: $amount, currency: $currency, idempotencyKey: $key) {
+    transaction { id kind amount { amount currency } paymentAmount { amount currency } }
+    wallet { balance { amount currency } spendable { amount } }
+  }
+}"""
+
+WALLET = """query($id: ID!, $display: String) {
+  organization(id: $id, displayCurrency: $display) {
+    wallet {
+      currency balance { amount currency } heldBalance { amount currency }
+      spendable { amount currency } credits { amount }
+      runRate { perHour { amount currency } perDay { amount } perMonth { amount }
+                byResourceType { resourceType perHour { amount } } }
+      hoursRemaining serviceStatus
+      conversion { base quote rate asOf }
+    }
+  }
+}"""
+
+
+async def top_up(gql, org, amount: str, key: str, currency: str = "USD") -> dict:
+    variables = {"org": org.id, "amount": amount, "currency": currency, "key": key}
+    return (await gql.data(TOP_UP, variables, token=org.token))["topUpWallet"]
+
+
+async def charge(wallet_stubs, org, micro: int, *, resource_type: str = "pod") -> None:
+    await wallet_stubs.wallet.Transfer(
+        wallet_pb2.TransferRequest(
+            idempotency_key=f"charge-{org.id}-{micro}-{resource_type}",
+            organization_id=org.id,
+            kind=wallet_pb2.CHARGE,
+            amount=money_pb2.Money(amount=micro, currency=""),
+            resource_type=resource_type,
+            resource_id=f"{resource_type}-1",
+            description="test charge",
+        )
+    )
+
+
+async def test_the_wallet_after_a_top_up_in_exact_decimal_strings(gql, new_org) -> None:
+    org = await new_org()
+    topped = await top_up(gql, org, "12.5", "first")
+    assert topped["transaction"]["kind"] == "TOPUP"
+    assert topped["transaction"]["amount"] == {"amount": "12.500000", "currency": "USD"}
+    assert topped["wallet"]["balance"] == {"amount": "12.500000", "currency": "USD"}
+    await top_up(gql, org, "0.000001", "second")
+    wallet = (await gql.data(WALLET, {"id": org.id}, token=org.token))["organization"]["wallet"]
+    by_type = wallet["runRate"].pop("byResourceType")
+    assert {t["perHour"]["amount"] for t in by_type} <= {"0.000000"}
+    assert wallet == {
+        "currency": "USD",
+        "balance": {"amount": "12.500001", "currency": "USD"},
+        "heldBalance": {"amount": "0.000000", "currency": "USD"},
+        "spendable": {"amount": "12.500001", "currency": "USD"},
+        "credits": {"amount": "0.000000"},
+        "runRate": {
+            "perHour": {"amount": "0.000000", "currency": "USD"},
+            "perDay": {"amount": "0.000000"},
+            "perMonth": {"amount": "0.000000"},
+        },
+        "hoursRemaining": None,
+        "serviceStatus": "available",
+        "conversion": None,
+    }
+
+
+async def test_a_retried_top_up_is_applied_once_and_a_reused_key_conflicts(gql, new_org) -> None:
+    org = await new_org()
+    first = await top_up(gql, org, "5", "pay-1")
+    again = await top_up(gql, org, "5", "pay-1")
+    assert again["transaction"]["id"] == first["transaction"]["id"]
+    assert again["wallet"]["balance"]["amount"] == "5.000000"
+    variables = {"org": org.id, "amount": "6", "currency": "USD", "key": "pay-1"}
+    error = await gql.error(TOP_UP, variables, token=org.token)
+    assert error["extensions"]["code"] == "CONFLICT"
+    assert error["extensions"]["reason"] == "IDEMPOTENCY_KEY_REUSED"
+
+
+@pytest.mark.parametrize(
+    "amount",
+    [
+        "-5",
+        "0",
+        "0.000000",
+        "1.1234567",
+        "1e3",
+        "12,5",
+        "abc",
+        "",
+        "NaN",
+        "1000000001",
+        "99999999999999999999999",
+    ],
+)
+async def test_a_bad_amount_is_bad_user_input_naming_the_field(gql, new_org, amount: str) -> None:
+    org = await new_org()
+    variables = {"org": org.id, "amount": amount, "currency": "USD", "key": "bad"}
+    error = await gql.error(TOP_UP, variables, token=org.token)
+    assert error["extensions"] == {"code": "BAD_USER_INPUT", "field": "amount"}
+    assert error["message"].startswith("amount ")
+
+
+async def test_an_unknown_currency_is_bad_user_input(gql, new_org) -> None:
+    org = await new_org()
+    variables = {"org": org.id, "amount": "1", "currency": "EUR", "key": "eur"}
+    error = await gql.error(TOP_UP, variables, token=org.token)
+    assert error["extensions"]["code"] == "BAD_USER_INPUT"
+    assert "currency" in error["message"]
+
+
+CHANGE_PLAN = """mutation($org: ID!, $plan: String!) {
+  changePlan(organizationId: $org, planCode: $plan) {
+    plan { code name monthlyFee { amount } includedCredits { amount } availableCredits { amount } }
+    previousPlanCode charged { amount } creditsGranted { amount }
+  }
+}"""
+
+
+async def test_an_upgrade_with_an_empty_wallet_is_insufficient_funds(gql, new_org) -> None:
+    org = await new_org()
+    error = await gql.error(CHANGE_PLAN, {"org": org.id, "plan": "premium"}, token=org.token)
+    assert error["extensions"]["code"] == "INSUFFICIENT_FUNDS"
+    assert error["extensions"]["reason"] == "INSUFFICIENT_FUNDS"
+    plan = await gql.data(
+        "query($id: ID!) { organization(id: $id) { plan { code name } } }",
+        {"id": org.id},
+        token=org.token,
+    )
+    assert plan["organization"]["plan"] == {"code": "standard", "name": "Standard"}
+
+
+async def test_an_upgrade_charges_the_fee_and_grants_the_credits(gql, new_org) -> None:
+    org = await new_org()
+    await top_up(gql, org, "1000", "plan-money")
+    changed = (await gql.data(CHANGE_PLAN, {"org": org.id, "plan": "premium"}, token=org.token))[
+        "changePlan"
+    ]
+    assert changed["plan"]["name"] == "Premium"
+    assert changed["previousPlanCode"] == "standard"
+    assert changed["charged"] == changed["plan"]["monthlyFee"]
+    assert changed["creditsGranted"] == changed["plan"]["includedCredits"]
+    card = await gql.data(
+        "query($id: ID!) { organization(id: $id) { plan { name availableCredits { amount } }"
+        " availablePlans { code } } }",
+        {"id": org.id},
+        token=org.token,
+    )
+    assert card["organization"]["plan"]["name"] == "Premium"
+    assert card["organization"]["plan"]["availableCredits"] == changed["plan"]["includedCredits"]
+    codes = [p["code"] for p in card["organization"]["availablePlans"]]
+    assert codes == ["standard", "premium", "enterprise"]
+
+
+async def test_a_charge_above_the_balance_is_insufficient_funds(gql, new_org, wallet_stubs) -> None:
+    """The same code from a charge through gRPC, as a service would make it."""
+    import grpc
+
+    org = await new_org()
+    await top_up(gql, org, "1", "small")
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await charge(wallet_stubs, org, 2_000_000)
+    from gpudeck.gateway.errors import rpc_code
+
+    assert rpc_code(raised.value) == "INSUFFICIENT_FUNDS"
+
+
+async def test_credits_bought_show_on_the_plan_card(gql, new_org) -> None:
+    org = await new_org()
+    bought = await gql.data(
+        'mutation($org: ID!) { addCredits(organizationId: $org, amount: "3.25", '
+        'idempotencyKey: "credits-1") { transaction { kind amount { amount } } '
+        "availableCredits { amount currency } } }",
+        {"org": org.id},
+        token=org.token,
+    )
+    assert bought["addCredits"]["transaction"]["kind"] == "CREDIT_GRANT"
+    assert bought["addCredits"]["availableCredits"] == {"amount": "3.250000", "currency": "USD"}
+    card = await gql.data(
+        "query($id: ID!) { organization(id: $id) { plan { availableCredits { amount } } "
+        "wallet { balance { amount } credits { amount } } } }",
+        {"id": org.id},
+        token=org.token,
+    )
+    assert card["organization"]["plan"]["availableCredits"]["amount"] == "3.250000"
+    assert card["organization"]["wallet"]["balance"]["amount"] == "3.250000"
+
+
+async def test_spending_billing_and_transactions_after_charges(gql, new_org, wallet_stubs) -> None:
+    org = await new_org()
+    await top_up(gql, org, "100", "spend")
+    await charge(wallet_stubs, org, 2_500_000, resource_type="pod")
+    await charge(wallet_stubs, org, 1_000_000, resource_type="vm")
+    query = """query($id: ID!) { organization(id: $id) {
+          expenditure { currentPeriod { amount } last7Days { total { amount } changePercent }
+                        last30Days { amount } lastMonth { total { amount } changePercent } }
+          spendingTrend(days: 7) { date total { amount } byResourceType { resourceType amount { amount } } }
+          billing { currentMonthTotal { amount currency } lastMonthTotal { amount }
+                    trendPercent nextInvoiceDate invoices { id } }
+          transactions(first: 10) { kind amount { amount } resourceType balanceAfter { amount } }
+          charges: transactions(first: 10, kinds: [CHARGE]) { amount { amount } }
+        } }"""
+    data = (await gql.data(query, {"id": org.id}, token=org.token))["organization"]
+    spent = data["expenditure"]
+    assert spent["currentPeriod"]["amount"] == "3.500000"
+    assert spent["last7Days"] == {"total": {"amount": "3.500000"}, "changePercent": None}
+    assert spent["last30Days"]["amount"] == "3.500000"
+    assert spent["lastMonth"] == {"total": {"amount": "0.000000"}, "changePercent": None}
+    trend = data["spendingTrend"]
+    assert len(trend) == 7
+    assert trend[-1]["total"]["amount"] == "3.500000"
+    today = {t["resourceType"]: t["amount"]["amount"] for t in trend[-1]["byResourceType"]}
+    assert {k: v for k, v in today.items() if v != "0.000000"} == {
+        "pod": "2.500000",
+        "vm": "1.000000",
+    }
+    billing = data["billing"]
+    assert billing["currentMonthTotal"] == {"amount": "3.500000", "currency": "USD"}
+    assert billing["lastMonthTotal"]["amount"] == "0.000000"
+    assert billing["trendPercent"] is None
+    assert billing["nextInvoiceDate"].endswith("-01")
+    assert [t["kind"] for t in data["transactions"]] == ["CHARGE", "CHARGE", "TOPUP"]
+    assert data["transactions"][0]["balanceAfter"]["amount"] == "96.500000"
+    assert [c["amount"]["amount"] for c in data["charges"]] == ["1.000000", "2.500000"]
+
+
+async def test_a_trend_of_zero_days_is_bad_user_input(gql, new_org) -> None:
+    org = await new_org()
+    error = await gql.error(
+        "query($id: ID!) { organization(id: $id) { spendingTrend(days: 0) { date } } }",
+        {"id": org.id},
+        token=org.token,
+    )
+    assert error["extensions"] == {"code": "BAD_USER_INPUT", "field": "days"}
+
+
+def _converted(amount: str, rate: str, *, divide: bool = False) -> str:
+    micro = Decimal(amount) * 1_000_000
+    value = micro / Decimal(rate) if divide else micro * Decimal(rate)
+    whole = int(value.quantize(Decimal(1), rounding=ROUND_HALF_UP))
+    return f"{whole // 1_000_000}.{whole % 1_000_000:06d}"
+
+
+async def test_amounts_in_a_display_currency_say_which_rate(gql, new_org, wallet_stubs) -> None:
+    rate = await wallet_stubs.wallet.SetExchangeRate(
+        wallet_pb2.SetExchangeRateRequest(base="USD", quote="INR", rate="83.25", source="test")
+    )
+    usd, inr = await new_org("USD"), await new_org("INR")
+    await top_up(gql, usd, "10.5", "usd-money")
+    await top_up(gql, inr, "1000", "inr-money", currency="INR")
+
+    shown = await gql.data(WALLET, {"id": usd.id, "display": "INR"}, token=usd.token)
+    wallet = shown["organization"]["wallet"]
+    assert wallet["currency"] == "INR"
+    assert wallet["balance"] == {"amount": _converted("10.5", "83.25"), "currency": "INR"}
+    assert wallet["balance"]["amount"] == "874.125000"
+    assert wallet["conversion"]["base"] == "USD" and wallet["conversion"]["quote"] == "INR"
+    assert wallet["conversion"]["rate"] == rate.rate == "83.25"
+    assert wallet["conversion"]["asOf"]
+
+    query = """query($id: ID!) { organization(id: $id, displayCurrency: "usd") {
+        conversion { base quote rate }
+        wallet { balance { amount currency } }
+        expenditure { currentPeriod { currency } conversion { rate } }
+        plan { monthlyFee { currency } availableCredits { amount currency } }
+        billing { currentMonthTotal { currency } conversion { rate } }
+    } }"""
+    shown = (await gql.data(query, {"id": inr.id}, token=inr.token))["organization"]
+    assert shown["conversion"] == {"base": "USD", "quote": "INR", "rate": "83.25"}
+    expected = _converted("1000", "83.25", divide=True)
+    assert shown["wallet"]["balance"] == {"amount": expected, "currency": "USD"}
+    assert shown["expenditure"] == {
+        "currentPeriod": {"currency": "USD"},
+        "conversion": {"rate": "83.25"},
+    }
+    assert shown["plan"]["monthlyFee"]["currency"] == "USD"
+    assert shown["plan"]["availableCredits"] == {"amount": "0.000000", "currency": "USD"}
+    assert shown["billing"]["currentMonthTotal"]["currency"] == "USD"
+
+    same = await gql.data(WALLET, {"id": usd.id, "display": "USD"}, token=usd.token)
+    assert same["organization"]["wallet"]["conversion"] is None
+
+
+async def test_a_malformed_display_currency_is_bad_user_input(gql, new_org) -> None:
+    org = await new_org()
+    error = await gql.error(WALLET, {"id": org.id, "display": "dollars"}, token=org.token)
+    assert error["extensions"] == {"code": "BAD_USER_INPUT", "field": "displayCurrency"}
+
+
+async def test_thresholds_keep_what_is_not_given(gql, new_org) -> None:
+    org = await new_org()
+    mutation = """mutation($org: ID!, $warning: String, $critical: String, $hours: Float) {
+      setLowBalanceThresholds(organizationId: $org, warningAmount: $warning,
+                              criticalAmount: $critical, criticalHours: $hours) {
+        warningAmount { amount currency } criticalAmount { amount } warningHours criticalHours level
+      }
+    }"""
+    first = await gql.data(
+        mutation, {"org": org.id, "warning": "50", "critical": "10", "hours": 2.5}, token=org.token
+    )
+    assert first["setLowBalanceThresholds"] == {
+        "warningAmount": {"amount": "50.000000", "currency": "USD"},
+        "criticalAmount": {"amount": "10.000000"},
+        "warningHours": None,
+        "criticalHours": 2.5,
+        "level": first["setLowBalanceThresholds"]["level"],
+    }
+    only_critical = await gql.data(
+        'mutation($org: ID!) { setLowBalanceThresholds(organizationId: $org, criticalAmount: "5")'
+        " { warningAmount { amount } criticalAmount { amount } criticalHours } }",
+        {"org": org.id},
+        token=org.token,
+    )
+    assert only_critical["setLowBalanceThresholds"] == {
+        "warningAmount": {"amount": "50.000000"},
+        "criticalAmount": {"amount": "5.000000"},
+        "criticalHours": 2.5,
+    }
+    error = await gql.error(
+        'mutation($org: ID!) { setLowBalanceThresholds(organizationId: $org, warningAmount: "-1")'
+        " { level } }",
+        {"org": org.id},
+        token=org.token,
+    )
+    assert error["extensions"] == {"code": "BAD_USER_INPUT", "field": "warningAmount"}
+
+
+async def test_usage_analytics(gql, new_org, wallet_stubs) -> None:
+    org = await new_org()
+    await top_up(gql, org, "10", "usage-money")
+    for i, (model, ok) in enumerate([("llama", True), ("llama", True), ("mistral", False)]):
+        await wallet_stubs.wallet.RecordUsage(
+            wallet_pb2.RecordUsageRequest(
+                event_id=f"{org.id}-{i}",
+                organization_id=org.id,
+                meter="tokens",
+                quantity=1000,
+                unit_price=2_000_000,
+                dimensions={"model": model},
+                success=ok,
+                latency_ms=100 * (i + 1),
+            )
+        )
+    usage = (
+        await gql.data(
+            """query($id: ID!) { organization(id: $id) { usage(top: 3, recent: 2) {
+              todayQuantity todayCost { amount } todayByModel { value quantity calls errors }
+              topModels { value } calls24h successRate24h averageLatencyMs24h
+              hourly48h { hour success errors } recent { eventId meter dimensions { name value } }
+            } } }""",
+            {"id": org.id},
+            token=org.token,
+        )
+    )["organization"]["usage"]
+    assert usage["todayQuantity"] == 3000
+    assert usage["todayCost"]["amount"] == "0.006000"
+    assert usage["todayByModel"][0] == {"value": "llama", "quantity": 2000, "calls": 2, "errors": 0}
+    assert usage["calls24h"] == 3
+    assert usage["successRate24h"] == pytest.approx(2 / 3)
+    assert usage["averageLatencyMs24h"] == pytest.approx(200)
+    assert len(usage["hourly48h"]) == 48
+    assert usage["hourly48h"][-1]["success"] == 2 and usage["hourly48h"][-1]["errors"] == 1
+    assert len(usage["recent"]) == 2
+
+
+async def test_an_invoice_as_a_pdf_with_the_same_authorization(
+    gql, new_org, wallet_gateway, wallet_stubs
+) -> None:
+    org, other = await new_org(), await new_org()
+    await wallet_stubs.wallet.GenerateInvoices(
+        wallet_pb2.GenerateInvoicesRequest(organization_id=org.id)
+    )
+    billing = await gql.data(
+        "query($id: ID!) { organization(id: $id) { billing { invoices { id period total "
+        "{ amount } status pdfUrl } } } }",
+        {"id": org.id},
+        token=org.token,
+    )
+    [invoice] = billing["organization"]["billing"]["invoices"]
+    assert invoice["status"] == "open" and invoice["total"]["amount"] == "0.000000"
+    url = invoice["pdfUrl"]
+    assert url == f"/invoices/{invoice['id']}.pdf"
+
+    resp = await wallet_gateway.get(url, headers={"Authorization": f"Bearer {org.token}"})
+    assert resp.status == 200
+    assert resp.content_type == "application/pdf"
+    assert (await resp.read()).startswith(b"%PDF")
+    assert "attachment" in resp.headers["Content-Disposition"]
+
+    anonymous = await wallet_gateway.get(url)
+    assert anonymous.status == 401
+    assert (await anonymous.json())["error"]["code"] == "UNAUTHENTICATED"
+    elsewhere = await wallet_gateway.get(url, headers={"Authorization": f"Bearer {other.token}"})
+    assert elsewhere.status == 404
+
+
+def wallet_calls(method: str) -> float:
+    """How many calls of `method` the in-process wallet has answered OK (its own metrics)."""
+    from prometheus_client import REGISTRY
+
+    labels = {"method": f"/gpudeck.wallet.v1.WalletService/{method}", "code": "OK"}
+    return REGISTRY.get_sample_value("gpudeck_grpc_requests_total", labels) or 0.0
+
+
+async def test_one_query_reads_each_thing_once(gql, new_org, wallet_stubs) -> None:
+    """DataLoaders: expenditure and billing share GetExpenditure; wallet, plan and conversion
+    share GetWalletSummary; a second query reads again."""
+    org = await new_org()
+    query = """query($id: ID!) { organization(id: $id, displayCurrency: "INR") {
+        wallet { balance { amount } } again: wallet { spendable { amount } }
+        conversion { rate } plan { availableCredits { amount } }
+        expenditure { currentPeriod { amount } } billing { currentMonthTotal { amount } }
+    } }"""
+    await wallet_stubs.wallet.SetExchangeRate(
+        wallet_pb2.SetExchangeRateRequest(base="USD", quote="INR", rate="83.25", source="test")
+    )
+    summaries, spending = wallet_calls("GetWalletSummary"), wallet_calls("GetExpenditure")
+    await gql.data(query, {"id": org.id}, token=org.token)
+    assert wallet_calls("GetWalletSummary") == summaries + 1
+    assert wallet_calls("GetExpenditure") == spending + 1
+
+
+async def test_an_unverified_organization_may_not_top_up_above_the_kyc_limit(gql, new_org) -> None:
+    org = await new_org(verified=False)
+    await top_up(gql, org, "10", "small-enough")
+    variables = {"org": org.id, "amount": "600", "currency": "USD", "key": "too-much"}
+    error = await gql.error(TOP_UP, variables, token=org.token)
+    assert error["extensions"] == {
+        "code": "FAILED_PRECONDITION",
+        "reason": "KYC_REQUIRED",
+        "field": "amount",
+    }
+    assert "KYC" in error["message"]

@@ -1,0 +1,106 @@
+"""The gateway's own rules, without servers: amounts, conversions, bearer tokens, settings."""
+
+from __future__ import annotations
+
+import pytest
+
+from gpudeck.gateway.auth import bearer, token_from
+from gpudeck.gateway.config import Settings
+from gpudeck.gateway.errors import GatewayError, camel
+from gpudeck.gateway.money import MAX_AMOUNT, convert, format_micro, parse_amount
+from gpudeck.proto.common.v1 import money_pb2
+
+
+@pytest.mark.parametrize(
+    ("text", "micro"),
+    [
+        ("12.5", 12_500_000),
+        ("12.500000", 12_500_000),
+        (" 7 ", 7_000_000),
+        ("0.000001", 1),
+        (".5", 500_000),
+        ("3.", 3_000_000),
+        ("1000000000", MAX_AMOUNT),
+    ],
+)
+def test_amounts_parse_to_micro_units(text: str, micro: int) -> None:
+    assert parse_amount(text) == micro
+
+
+@pytest.mark.parametrize(
+    ("text", "says"),
+    [
+        ("-1", "must be positive"),
+        ("0", "must be positive"),
+        ("0.0000001", "more than 6 decimal places"),
+        ("1e3", "decimal number"),
+        ("1000000000.000001", "too large"),
+        ("9" * 40, "too large"),
+        ("", "decimal number"),
+    ],
+)
+def test_bad_amounts_name_the_field(text: str, says: str) -> None:
+    with pytest.raises(GatewayError) as raised:
+        parse_amount(text, field="warningAmount")
+    assert raised.value.code == "BAD_USER_INPUT"
+    assert raised.value.field == "warningAmount"
+    assert raised.value.message.startswith("warningAmount ")
+    assert says in raised.value.message
+
+
+def test_zero_is_allowed_where_it_clears_a_setting() -> None:
+    assert parse_amount("0", allow_zero=True) == 0
+
+
+def test_micro_units_format_with_six_decimals() -> None:
+    assert format_micro(12_500_000) == "12.500000"
+    assert format_micro(0) == "0.000000"
+    assert format_micro(-1) == "-0.000001"
+
+
+def test_conversion_multiplies_from_the_base_and_divides_from_the_quote() -> None:
+    rate = money_pb2.Conversion(base="USD", quote="INR", rate="83.25")
+    usd = money_pb2.Money(amount=10_500_000, currency="USD")
+    assert convert(usd, rate) == money_pb2.Money(amount=874_125_000, currency="INR")
+    inr = money_pb2.Money(amount=1_000_000, currency="INR")
+    # 1 / 83.25 = 0.0120120120… → 12012 micro-units, rounded half away from zero.
+    assert convert(inr, rate) == money_pb2.Money(amount=12_012, currency="USD")
+    assert convert(usd, None) is usd
+
+
+def test_bearer_tokens() -> None:
+    assert bearer("Bearer abc") == "abc"
+    assert bearer("bearer   abc ") == "abc"
+    assert bearer(None) is None
+    assert bearer("") is None
+    with pytest.raises(GatewayError):
+        bearer("Basic abc")
+    with pytest.raises(GatewayError):
+        bearer("Bearer")
+
+
+def test_a_websocket_payload_wins_over_the_handshake_header() -> None:
+    headers = {"Authorization": "Bearer from-header"}
+    assert token_from(headers, {"Authorization": "Bearer from-init"}) == "from-init"
+    assert token_from(headers, {"authorization": "Bearer lower"}) == "lower"
+    assert token_from(headers, {}) == "from-header"
+    assert token_from({}, None) is None
+
+
+def test_grpc_field_names_become_graphql_names() -> None:
+    assert camel("organization_id") == "organizationId"
+    assert camel("amount") == "amount"
+    assert camel("display_currency") == "displayCurrency"
+
+
+def test_settings_read_nats_and_the_subject_prefix() -> None:
+    base = {"GPUDECK_SERVICE_TOKEN": "t"}
+    default = Settings.from_env(base)
+    assert default.events is not None
+    assert default.events.nats_url == "nats://127.0.0.1:4222"
+    assert default.events.subject_prefix == "gpudeck"
+    custom = Settings.from_env(
+        {**base, "GPUDECK_NATS_URL": "nats://nats:4222", "GPUDECK_EVENTS_PREFIX": "staging"}
+    )
+    assert custom.events is not None
+    assert (custom.events.nats_url, custom.events.subject_prefix) == ("nats://nats:4222", "staging")
