@@ -188,6 +188,8 @@ async def test_auto_top_up_fires_once_while_pending_and_completes_once(
     await transfer(wallet_stub, org, pb.CHARGE, 1 * USD)  # 3: one is pending already
     [(pending_id, status)] = await pending_ids(wallet_pool, org)
     assert status == "pending"
+    seen = await wallet_stub.GetAutoTopUp(pb.GetAutoTopUpRequest(organization_id=str(org)))
+    assert (seen.enabled, seen.below, seen.pending.id) == (True, 5 * USD, str(pending_id))
     done = await wallet_stub.CompleteTopUp(
         pb.CompleteTopUpRequest(
             pending_top_up_id=str(pending_id), succeeded=True, reference="pay-1"

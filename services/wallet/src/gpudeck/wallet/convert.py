@@ -22,7 +22,8 @@ KIND_FROM_PROTO = {
     pb.CREDIT_GRANT: Kind.CREDIT_GRANT,
     pb.USAGE: Kind.USAGE,
 }
-KIND_TO_PROTO = {v: k for k, v in KIND_FROM_PROTO.items()}
+# CREDIT_EXPIRY is posted by the wallet itself: shown, never accepted from callers.
+KIND_TO_PROTO = {v: k for k, v in KIND_FROM_PROTO.items()} | {Kind.CREDIT_EXPIRY: pb.CREDIT_EXPIRY}
 
 
 def parse_id(value: str, field: str) -> uuid.UUID:

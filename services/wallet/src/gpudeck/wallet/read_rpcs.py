@@ -169,6 +169,11 @@ class ReadRpcs:
             found = await self._alerts.get_thresholds(conn, org)
         return read_convert.thresholds(found)
 
+    async def GetAutoTopUp(self, request: pb.GetAutoTopUpRequest, context: Ctx) -> pb.AutoTopUp:
+        org = convert.parse_id(request.organization_id, "organization_id")
+        async with self.wallet.pool.connection() as conn:
+            return read_convert.auto_topup(await self._alerts.get_auto_topup(conn, org))
+
     async def SetAutoTopUp(self, request: pb.SetAutoTopUpRequest, context: Ctx) -> pb.AutoTopUp:
         org = convert.parse_id(request.organization_id, "organization_id")
         async with self.wallet.pool.connection() as conn, conn.transaction():

@@ -45,6 +45,8 @@ class _TransferKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Transfer
     """credits (plan, promotion): spent before cash, may expire"""
     USAGE: _TransferKind.ValueType  # 6
     """metered usage; may take the balance below zero (auto-stop handles it)"""
+    CREDIT_EXPIRY: _TransferKind.ValueType  # 7
+    """what was left on an expired credit grant (posted by the wallet itself)"""
 
 class TransferKind(_TransferKind, metaclass=_TransferKindEnumTypeWrapper):
     """---------------------------------------------------------------- ledger"""
@@ -62,6 +64,8 @@ CREDIT_GRANT: TransferKind.ValueType  # 5
 """credits (plan, promotion): spent before cash, may expire"""
 USAGE: TransferKind.ValueType  # 6
 """metered usage; may take the balance below zero (auto-stop handles it)"""
+CREDIT_EXPIRY: TransferKind.ValueType  # 7
+"""what was left on an expired credit grant (posted by the wallet itself)"""
 Global___TransferKind: _TypeAlias = TransferKind  # noqa: Y015
 
 @_typing.final
@@ -1795,6 +1799,25 @@ class AutoTopUp(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___AutoTopUp: _TypeAlias = AutoTopUp  # noqa: Y015
+
+@_typing.final
+class GetAutoTopUpRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ORGANIZATION_ID_FIELD_NUMBER: _builtins.int
+    organization_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        organization_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["organization_id", b"organization_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetAutoTopUpRequest: _TypeAlias = GetAutoTopUpRequest  # noqa: Y015
 
 @_typing.final
 class SetAutoTopUpRequest(_message.Message):

@@ -149,6 +149,11 @@ class WalletServiceStub:
                 request_serializer=gpudeck_dot_wallet_dot_v1_dot_wallet__pb2.SetAutoTopUpRequest.SerializeToString,
                 response_deserializer=gpudeck_dot_wallet_dot_v1_dot_wallet__pb2.AutoTopUp.FromString,
                 _registered_method=True)
+        self.GetAutoTopUp = channel.unary_unary(
+                '/gpudeck.wallet.v1.WalletService/GetAutoTopUp',
+                request_serializer=gpudeck_dot_wallet_dot_v1_dot_wallet__pb2.GetAutoTopUpRequest.SerializeToString,
+                response_deserializer=gpudeck_dot_wallet_dot_v1_dot_wallet__pb2.AutoTopUp.FromString,
+                _registered_method=True)
         self.CompleteTopUp = channel.unary_unary(
                 '/gpudeck.wallet.v1.WalletService/CompleteTopUp',
                 request_serializer=gpudeck_dot_wallet_dot_v1_dot_wallet__pb2.CompleteTopUpRequest.SerializeToString,
@@ -349,6 +354,12 @@ class WalletServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetAutoTopUp(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def CompleteTopUp(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -527,6 +538,11 @@ def add_WalletServiceServicer_to_server(servicer, server):
             'SetAutoTopUp': grpc.unary_unary_rpc_method_handler(
                     servicer.SetAutoTopUp,
                     request_deserializer=gpudeck_dot_wallet_dot_v1_dot_wallet__pb2.SetAutoTopUpRequest.FromString,
+                    response_serializer=gpudeck_dot_wallet_dot_v1_dot_wallet__pb2.AutoTopUp.SerializeToString,
+            ),
+            'GetAutoTopUp': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetAutoTopUp,
+                    request_deserializer=gpudeck_dot_wallet_dot_v1_dot_wallet__pb2.GetAutoTopUpRequest.FromString,
                     response_serializer=gpudeck_dot_wallet_dot_v1_dot_wallet__pb2.AutoTopUp.SerializeToString,
             ),
             'CompleteTopUp': grpc.unary_unary_rpc_method_handler(
@@ -1200,6 +1216,33 @@ class WalletService:
             target,
             '/gpudeck.wallet.v1.WalletService/SetAutoTopUp',
             gpudeck_dot_wallet_dot_v1_dot_wallet__pb2.SetAutoTopUpRequest.SerializeToString,
+            gpudeck_dot_wallet_dot_v1_dot_wallet__pb2.AutoTopUp.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetAutoTopUp(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gpudeck.wallet.v1.WalletService/GetAutoTopUp',
+            gpudeck_dot_wallet_dot_v1_dot_wallet__pb2.GetAutoTopUpRequest.SerializeToString,
             gpudeck_dot_wallet_dot_v1_dot_wallet__pb2.AutoTopUp.FromString,
             options,
             channel_credentials,

@@ -66,6 +66,7 @@ class WalletServiceStub:
     """Alerts and auto top-up"""
     GetThresholds: _grpc.UnaryUnaryMultiCallable[_wallet_pb2.GetThresholdsRequest, _wallet_pb2.Thresholds]
     SetAutoTopUp: _grpc.UnaryUnaryMultiCallable[_wallet_pb2.SetAutoTopUpRequest, _wallet_pb2.AutoTopUp]
+    GetAutoTopUp: _grpc.UnaryUnaryMultiCallable[_wallet_pb2.GetAutoTopUpRequest, _wallet_pb2.AutoTopUp]
     CompleteTopUp: _grpc.UnaryUnaryMultiCallable[_wallet_pb2.CompleteTopUpRequest, _wallet_pb2.PendingTopUp]
     ListPlans: _grpc.UnaryUnaryMultiCallable[_wallet_pb2.ListPlansRequest, _wallet_pb2.ListPlansResponse]
     """Plans, credits, invoices"""
@@ -112,6 +113,7 @@ class WalletServiceAsyncStub(WalletServiceStub):
     """Alerts and auto top-up"""
     GetThresholds: _aio.UnaryUnaryMultiCallable[_wallet_pb2.GetThresholdsRequest, _wallet_pb2.Thresholds]  # type: ignore[assignment]
     SetAutoTopUp: _aio.UnaryUnaryMultiCallable[_wallet_pb2.SetAutoTopUpRequest, _wallet_pb2.AutoTopUp]  # type: ignore[assignment]
+    GetAutoTopUp: _aio.UnaryUnaryMultiCallable[_wallet_pb2.GetAutoTopUpRequest, _wallet_pb2.AutoTopUp]  # type: ignore[assignment]
     CompleteTopUp: _aio.UnaryUnaryMultiCallable[_wallet_pb2.CompleteTopUpRequest, _wallet_pb2.PendingTopUp]  # type: ignore[assignment]
     ListPlans: _aio.UnaryUnaryMultiCallable[_wallet_pb2.ListPlansRequest, _wallet_pb2.ListPlansResponse]  # type: ignore[assignment]
     """Plans, credits, invoices"""
@@ -291,6 +293,13 @@ class WalletServiceServicer(metaclass=_abc_1.ABCMeta):
     def SetAutoTopUp(
         self,
         request: _wallet_pb2.SetAutoTopUpRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_wallet_pb2.AutoTopUp, _abc.Awaitable[_wallet_pb2.AutoTopUp]]: ...
+
+    @_abc_1.abstractmethod
+    def GetAutoTopUp(
+        self,
+        request: _wallet_pb2.GetAutoTopUpRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_wallet_pb2.AutoTopUp, _abc.Awaitable[_wallet_pb2.AutoTopUp]]: ...
 
