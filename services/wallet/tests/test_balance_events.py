@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -106,7 +107,7 @@ async def test_balance_changes_are_announced_at_most_once_a_second(
     changed = await events_of(events_config, org, "wallet.balance.changed", settle=1.5)
     assert 1 <= len(changed) <= int(elapsed) + 2
     times = [e.time.ToDatetime() for e in changed]
-    gaps = [(b - a).total_seconds() for a, b in zip(times, times[1:], strict=False)]
+    gaps = [(b - a).total_seconds() for a, b in itertools.pairwise(times)]
     assert all(gap >= 0.95 for gap in gaps), gaps
     final = unpack(changed[-1], events_pb2.BalanceChanged)
     assert final.balance.amount == 30 * USD  # the last announcement carries the final balance

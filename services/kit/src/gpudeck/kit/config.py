@@ -84,8 +84,7 @@ def nats_url(env: Mapping[str, str], name: str = "GPUDECK_NATS_URL") -> str:
         if (
             parts.scheme not in ("nats", "tls")
             or not parts.hostname
-            or (port is None
-            and ":" in (parts.netloc.rsplit("@", 1)[-1]))
+            or (port is None and ":" in (parts.netloc.rsplit("@", 1)[-1]))
         ):
             raise ConfigError(f"{name} must be nats://host:port, got {value!r}")
     return value
