@@ -52,9 +52,9 @@ async def test_the_viewer_is_the_owner_of_the_token(gql, new_org) -> None:
     viewer = (await gql.data(VIEWER, token=org.token))["viewer"]
     assert viewer["id"] == org.user_id
     assert viewer["email"] == org.email
-    assert viewer["role"] == "OWNER"
+    assert viewer["role"] == "owner"
     assert viewer["organizationId"] == org.id
-    assert viewer["organizations"] == [{"id": org.id, "name": "Viewer Co", "role": "OWNER"}]
+    assert viewer["organizations"] == [{"id": org.id, "name": "Viewer Co", "role": "owner"}]
 
 
 async def test_a_token_acts_in_its_own_organization_only(gql, new_org) -> None:

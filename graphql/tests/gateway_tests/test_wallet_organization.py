@@ -26,7 +26,7 @@ async def test_the_organization_card(gql, new_org) -> None:
     created = datetime.fromisoformat(card["createdAt"])
     assert abs((datetime.now(UTC) - created).total_seconds()) < 120
     assert [p["name"] for p in card["projects"]] == ["default"]
-    assert card["members"] == [{"user": {"email": org.email}, "role": "OWNER"}]
+    assert card["members"] == [{"user": {"email": org.email}, "role": "owner"}]
 
 
 async def test_another_organizations_id_is_not_found(gql, new_org) -> None:
@@ -93,14 +93,14 @@ async def test_members_invited_and_their_roles_changed(gql, new_org) -> None:
         token=org.token,
     )
     member = invited["inviteMember"]
-    assert member["role"] == "BILLING" and member["user"]["name"] == "Bill"
+    assert member["role"] == "billing" and member["user"]["name"] == "Bill"
     changed = await gql.data(
         "mutation($org: ID!, $user: ID!) { setMemberRole(organizationId: $org, userId: $user,"
         " role: VIEWER) { role } }",
         {"org": org.id, "user": member["user"]["id"]},
         token=org.token,
     )
-    assert changed["setMemberRole"]["role"] == "VIEWER"
+    assert changed["setMemberRole"]["role"] == "viewer"
     card = await gql.data(
         "query($id: ID!) { organization(id: $id) { teamSize } }", {"id": org.id}, token=org.token
     )
@@ -135,7 +135,7 @@ async def test_api_tokens_listed_without_secrets(gql, new_org) -> None:
     )
     created = made["createApiToken"]
     assert created["token"].startswith("gpd_")
-    assert created["apiToken"]["role"] == "MEMBER"
+    assert created["apiToken"]["role"] == "member"
     assert created["apiToken"]["expiresAt"].startswith("2099-01-01T00:00:00")
     listed = await gql.data(
         "query($id: ID!) { organization(id: $id) { apiTokens { id name role createdBy } } }",

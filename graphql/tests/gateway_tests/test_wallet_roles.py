@@ -27,7 +27,7 @@ async def token_for(gql, org, role: str, *, by: str | None = None) -> dict[str, 
         MAKE_TOKEN, {"org": org.id, "name": f"{role} token", "role": role}, token=by or org.token
     )
     token: dict[str, Any] = made["createApiToken"]
-    assert token["apiToken"]["role"] == role
+    assert token["apiToken"]["role"] == role.lower()
     return token
 
 
@@ -101,8 +101,8 @@ async def test_an_admin_manages_members_but_not_owners(gql, new_org) -> None:
     org = await new_org()
     admin = (await token_for(gql, org, "ADMIN"))["token"]
     invited = await gql.data(INVITE, {"org": org.id, "role": "ADMIN"}, token=admin)
-    assert invited["inviteMember"]["role"] == "ADMIN"
-    error = await gql.error(INVITE, {"org": org.id, "role": "OWNER"}, token=admin)
+    assert invited["inviteMember"]["role"] == "admin"
+    error = await gql.error(INVITE, {"org": org.id, "role": "owner"}, token=admin)
     assert error["extensions"]["code"] == "FORBIDDEN"
     demote_owner = """mutation($org: ID!, $user: ID!) {
       setMemberRole(organizationId: $org, userId: $user, role: VIEWER) { role }
@@ -141,7 +141,7 @@ async def test_members_see_only_the_tokens_their_user_made(gql, new_org, wallet_
 
     org = await new_org()
     invited = await gql.data(INVITE, {"org": org.id, "role": "MEMBER"}, token=org.token)
-    assert invited["inviteMember"]["role"] == "MEMBER"
+    assert invited["inviteMember"]["role"] == "member"
     members = await gql.data(
         "query($id: ID!) { organization(id: $id) { members { user { id email } role } } }",
         {"id": org.id},
@@ -164,3 +164,22 @@ async def test_members_see_only_the_tokens_their_user_made(gql, new_org, wallet_
     everything = await gql.data(query, {"id": org.id}, token=org.token)
     names = {t["name"] for t in everything["organization"]["apiTokens"]}
     assert names == {"owner", "laptop", "BILLING token"}
+
+
+async def test_a_role_may_be_written_as_a_string_or_a_bare_word(gql, new_org) -> None:
+    org = await new_org()
+    for literal in ('"viewer"', "VIEWER", '"Billing"'):
+        made = await gql.data(
+            'mutation($org: ID!) { createApiToken(organizationId: $org, name: "x", role: '
+            + literal
+            + ") { apiToken { role } } }",
+            {"org": org.id},
+            token=org.token,
+        )
+        assert made["createApiToken"]["apiToken"]["role"] == literal.strip('"').lower()
+    bad = await gql(
+        'mutation($org: ID!) { createApiToken(organizationId: $org, name: "x", role: "root") { token } }',
+        {"org": org.id},
+        token=org.token,
+    )
+    assert "role must be one of" in bad["errors"][0]["message"]

@@ -104,3 +104,20 @@ def test_settings_read_nats_and_the_subject_prefix() -> None:
     )
     assert custom.events is not None
     assert (custom.events.nats_url, custom.events.subject_prefix) == ("nats://nats:4222", "staging")
+
+
+def test_roles_are_accepted_in_any_case_as_strings_or_bare_words() -> None:
+    from graphql import EnumValueNode, IntValueNode, StringValueNode
+
+    from gpudeck.gateway.errors import GatewayError
+    from gpudeck.gateway.types.common import ROLE_SCALAR
+
+    assert ROLE_SCALAR.parse_value("Viewer") == "viewer"
+    assert ROLE_SCALAR.parse_literal(StringValueNode(value="admin")) == "admin"
+    assert ROLE_SCALAR.parse_literal(EnumValueNode(value="BILLING")) == "billing"
+    assert ROLE_SCALAR.serialize("OWNER") == "owner"
+    for bad in ("root", ""):
+        with pytest.raises(GatewayError, match="role must be one of"):
+            ROLE_SCALAR.parse_value(bad)
+    with pytest.raises(GatewayError):
+        ROLE_SCALAR.parse_literal(IntValueNode(value="3"))

@@ -20,6 +20,7 @@ from strawberry.extensions import (
     SchemaExtension,
     ValidationCache,
 )
+from strawberry.schema.config import StrawberryConfig
 from strawberry.schema.schema import DEFAULT_ALLOWED_OPERATION_TYPES
 from strawberry.tools import merge_types
 from strawberry.types import ExecutionContext, ExecutionResult
@@ -29,6 +30,7 @@ from gpudeck.gateway import errors
 from gpudeck.gateway.context import PerOperation
 from gpudeck.gateway.metrics import OperationMetrics
 from gpudeck.gateway.types import account, billing, health, organization, wallet
+from gpudeck.gateway.types.common import ROLE_SCALAR, Role
 
 MAX_DEPTH = 10
 MAX_ALIASES = 30
@@ -96,5 +98,9 @@ def build_schema() -> strawberry.Schema:
         OperationMetrics,
     ]
     return GatewaySchema(
-        query=Query, mutation=Mutation, subscription=Subscription, extensions=extensions
+        query=Query,
+        mutation=Mutation,
+        subscription=Subscription,
+        extensions=extensions,
+        config=StrawberryConfig(scalar_map={Role: ROLE_SCALAR}),
     )

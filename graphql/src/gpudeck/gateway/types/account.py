@@ -231,7 +231,7 @@ async def resolve_create_api_token(
     request = account_pb2.CreateApiTokenRequest(
         organization_id=str(organization_id),
         name=name,
-        role=role.value,
+        role=str(role),
         created_by=identity.user_id,
     )
     expiry = timestamp(expires_at)
@@ -261,7 +261,7 @@ async def resolve_invite_member(
 ) -> OrganizationMember:
     c = info.context.wallet
     request = account_pb2.InviteMemberRequest(
-        organization_id=str(organization_id), email=email, role=role.value, name=name or ""
+        organization_id=str(organization_id), email=email, role=str(role), name=name or ""
     )
     return OrganizationMember.from_pb(await c.accounts.InviteMember(request, metadata=c.metadata))
 
@@ -271,7 +271,7 @@ async def resolve_set_member_role(
 ) -> OrganizationMember:
     c = info.context.wallet
     request = account_pb2.SetMemberRoleRequest(
-        organization_id=str(organization_id), user_id=str(user_id), role=role.value
+        organization_id=str(organization_id), user_id=str(user_id), role=str(role)
     )
     return OrganizationMember.from_pb(await c.accounts.SetMemberRole(request, metadata=c.metadata))
 

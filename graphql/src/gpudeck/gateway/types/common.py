@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import enum
 from datetime import UTC, datetime
+from typing import NewType
 
 import strawberry
 from google.protobuf.timestamp_pb2 import Timestamp
+from graphql import EnumValueNode, StringValueNode, ValueNode
 
 from gpudeck.gateway.errors import BAD_USER_INPUT, GatewayError
 from gpudeck.gateway.money import convert, format_micro, parse_currency
@@ -62,17 +63,42 @@ class Conversion:
         )
 
 
-@strawberry.enum(description="Roles, from most to least powerful.")
-class Role(enum.Enum):
-    OWNER = "owner"
-    ADMIN = "admin"
-    BILLING = "billing"
-    MEMBER = "member"
-    VIEWER = "viewer"
+ROLES = ("owner", "admin", "billing", "member", "viewer")
+
+
+def _parse_role(value: object) -> str:
+    name = str(value).strip().lower()
+    if name not in ROLES:
+        raise GatewayError(
+            f"role must be one of {', '.join(ROLES)}, got {value!r}",
+            code=BAD_USER_INPUT,
+            field="role",
+        )
+    return name
+
+
+def _parse_role_literal(node: ValueNode, variables: dict[str, object] | None = None) -> str:
+    if isinstance(node, StringValueNode | EnumValueNode):
+        return _parse_role(node.value)
+    raise GatewayError('role must be a word such as "admin"', code=BAD_USER_INPUT, field="role")
+
+
+# A role is a word, lower case on the way out; on the way in any case, quoted ("viewer") or bare
+# (VIEWER), so clients written either way work.
+Role = NewType("Role", str)
+# The schema maps Role to this scalar (StrawberryConfig.scalar_map in gpudeck.gateway.schema).
+ROLE_SCALAR = strawberry.scalar(
+    name="Role",
+    description="An organization role: owner, admin, billing, member or viewer (most to least"
+    " powerful). Accepted in any case, as a string or a bare word; returned in lower case.",
+    serialize=lambda value: str(value).lower(),
+    parse_value=_parse_role,
+    parse_literal=_parse_role_literal,
+)
 
 
 def role(value: str) -> Role:
-    return Role(value)
+    return Role(value.lower())
 
 
 def when(ts: Timestamp, present: bool = True) -> datetime | None:
