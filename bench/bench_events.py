@@ -82,15 +82,7 @@ async def consume(database_url: str, nats_url: str, stream: str, prefix: str) ->
     pool = await open_pool(database_url, min_size=2, max_size=4, name="bench-consumer")
     bus = EventBus(EventsConfig(nats_url, stream, prefix), client_name="bench-consumer")
     await bus.start()
-    consumer = Consumer(
-        pool,
-        SCHEMA,
-        bus,
-        durable="bench",
-        subjects=["bench.>"],
-        handler=handle,
-        concurrency=int(os.environ.get("BENCH_CONC", "1")),
-    )
+    consumer = Consumer(pool, SCHEMA, bus, durable="bench", subjects=["bench.>"], handler=handle)
     await consumer.start()
     stop = asyncio.Event()
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)

@@ -42,7 +42,6 @@ from bench.wallet_setup import TOKEN, make_orgs, scratch_database, wallet_pool, 
 from gpudeck.kit.grpcclient import channel
 from gpudeck.proto.wallet.v1 import wallet_pb2 as pb
 from gpudeck.proto.wallet.v1.wallet_pb2_grpc import WalletServiceStub
-from gpudeck.wallet.ledger import platform_code
 
 ENTRIES = int(os.environ.get("GPUDECK_BENCH_ENTRIES", "1000000"))
 BASELINE_ENTRIES = 100
@@ -220,9 +219,10 @@ async def build(pool: AsyncConnectionPool, org: uuid.UUID, entries: int, events:
         cash = Chain(row[0], row[1])
         platform: dict[str, Chain] = {}
         for name in ("revenue", "funding"):
-            code = platform_code(name, "USD", org)
             cur = await conn.execute(
-                "SELECT id, balance FROM ledger_accounts WHERE code = %s", (code,)
+                "SELECT id, balance FROM ledger_accounts WHERE platform_pool = %s"
+                " ORDER BY id LIMIT 1",
+                (f"{name}:USD",),
             )
             found = await cur.fetchone()
             assert found is not None

@@ -21,8 +21,6 @@ from functools import cached_property
 from gpudeck.kit.errors import FailedPrecondition, InvalidArgument
 from gpudeck.wallet.money import check_amount, check_currency, convert, format_micro
 
-PLATFORM_SHARDS = 16
-
 
 class Kind(StrEnum):
     TOPUP = "topup"
@@ -56,9 +54,9 @@ def kyc_required(message: str) -> FailedPrecondition:
     return FailedPrecondition(message, field="amount", reason="KYC_REQUIRED")
 
 
-def platform_code(name: str, currency: str, organization_id: uuid.UUID) -> str:
-    shard = organization_id.int % PLATFORM_SHARDS
-    return f"platform:{name}:{currency}:{shard:02d}"
+def platform_pool(kind: Kind, currency: str) -> str:
+    """The pool of platform accounts (shards) that takes the other side of `kind`."""
+    return f"{PLATFORM_ACCOUNT[kind]}:{currency}"
 
 
 @dataclass(frozen=True)
@@ -203,7 +201,8 @@ class PlannedTransaction:
 
 @dataclass
 class Book:
-    """The balances one batch works on: wallets by organization, platform accounts by code."""
+    """The balances one batch works on: wallets by organization, and one locked platform
+    account per pool it needs."""
 
     wallets: dict[uuid.UUID, Wallet]
     platform: dict[str, Account]
@@ -229,9 +228,7 @@ class Book:
                 f"top-ups above {format_micro(limit)} {wallet.currency}"
                 " need a KYC-verified organization"
             )
-        other = self.platform[
-            platform_code(PLATFORM_ACCOUNT[request.kind], wallet.currency, request.organization_id)
-        ]
+        other = self.platform[platform_pool(request.kind, wallet.currency)]
         legs = self._legs(request, wallet, amount)
         postings = [_move(acct, delta) for acct, delta in legs]
         postings.append(_move(other, -sum(delta for _, delta in legs)))

@@ -40,7 +40,7 @@ from gpudeck.wallet.ledger import (
     TransferRequest,
     Wallet,
     kyc_required,
-    platform_code,
+    platform_pool,
     validate,
 )
 
@@ -101,8 +101,14 @@ WHERE w.organization_id = ANY(%s)
 ORDER BY w.organization_id, a.id
 FOR UPDATE OF w, a
 """
-LOCK_PLATFORM = """
-SELECT id, code, balance FROM ledger_accounts WHERE code = ANY(%s) ORDER BY id FOR UPDATE
+# One shard of a platform pool that no other transaction holds; when all are held, any one.
+TAKE_PLATFORM = """
+SELECT id, code, balance FROM ledger_accounts WHERE kind = 'platform' AND platform_pool = %s
+ORDER BY random() LIMIT 1 FOR UPDATE SKIP LOCKED
+"""
+WAIT_PLATFORM = """
+SELECT id, code, balance FROM ledger_accounts WHERE kind = 'platform' AND platform_pool = %s
+ORDER BY random() LIMIT 1 FOR UPDATE
 """
 FIND_KEYS = """
 SELECT organization_id, idempotency_key, fingerprint, id FROM transactions
@@ -257,7 +263,7 @@ class LedgerStore:
         stamp = Timestamp()
         stamp.GetCurrentTime()
         event = events.transaction_posted(request, tx_id, request.amount, currency, stamp)
-        platform = platform_code(PLATFORM_ACCOUNT[request.kind], currency, request.organization_id)
+        platform = PLATFORM_ACCOUNT[request.kind]
         try:
             cur = await conn.execute(
                 POST_TRANSFER,
@@ -335,13 +341,9 @@ class LedgerStore:
         accounts; return (new requests, retries of earlier calls, repeats within this batch)."""
         wallets = book.wallets
         keyed = [i for i in valid if requests[i].record_key]
-        codes = sorted(
+        pools = sorted(
             {
-                platform_code(
-                    PLATFORM_ACCOUNT[requests[i].kind],
-                    wallets[requests[i].organization_id].currency,
-                    requests[i].organization_id,
-                )
+                platform_pool(requests[i].kind, wallets[requests[i].organization_id].currency)
                 for i in valid
             }
         )
@@ -356,7 +358,7 @@ class LedgerStore:
         )
         found: dict[tuple[uuid.UUID, str], tuple[bytes | None, uuid.UUID]] = {}
         async with conn.pipeline():
-            keys_cur = platform_cur = None
+            keys_cur = None
             if keyed:
                 keys_cur = await conn.execute(
                     FIND_KEYS,
@@ -365,19 +367,25 @@ class LedgerStore:
                         [requests[i].key for i in keyed],
                     ),
                 )
-            if codes:
-                platform_cur = await conn.execute(LOCK_PLATFORM, (codes,))
+            platform_curs = [(pool, await conn.execute(TAKE_PLATFORM, (pool,))) for pool in pools]
             rate_curs = [(pair, await conn.execute(LATEST_RATE, pair)) for pair in pairs]
             if keys_cur is not None:
                 for org, key, fingerprint, tx_id in await keys_cur.fetchall():
                     found[(org, key)] = (bytes(fingerprint) if fingerprint else None, tx_id)
-            if platform_cur is not None:
-                for acct_id, code, balance in await platform_cur.fetchall():
-                    book.platform[code] = Account(acct_id, balance, "platform", None, code)
+            for pool, cur in platform_curs:
+                row = await cur.fetchone()
+                if row is not None:
+                    book.platform[pool] = Account(row[0], row[2], "platform", None, row[1])
             for pair, cur in rate_curs:
                 row = await cur.fetchone()
                 if row is not None:
                     book.rates[pair] = Decimal(row[0])
+        for pool in pools:
+            if pool not in book.platform:  # every shard was held: wait for one
+                cur = await conn.execute(WAIT_PLATFORM, (pool,))
+                row = await cur.fetchone()
+                assert row is not None, f"platform pool {pool} has no accounts"
+                book.platform[pool] = Account(row[0], row[2], "platform", None, row[1])
         to_plan: list[int] = []
         replays: dict[int, uuid.UUID] = {}
         same_as: dict[int, int] = {}

@@ -28,8 +28,10 @@ CREATE TABLE ledger_accounts (
     balance          bigint NOT NULL DEFAULT 0,
     expires_at       timestamptz,
     credit_source    text,
+    platform_pool    text,  -- platform accounts: '<name>:<currency>', the pool of shards it is in
     created_at       timestamptz NOT NULL DEFAULT now()
 );
+CREATE INDEX ledger_accounts_pool ON ledger_accounts (platform_pool) WHERE kind = 'platform';
 CREATE INDEX ledger_accounts_credits ON ledger_accounts (organization_id, expires_at)
     WHERE kind = 'credit';
 
@@ -99,10 +101,13 @@ CREATE TABLE idempotency (
     PRIMARY KEY (scope, key)
 );
 
--- Platform accounts, sharded 16 ways per currency so concurrent organizations rarely wait on
--- one row: funding (money in), revenue (charges), adjustments, credits_issued, credits_expired.
-INSERT INTO ledger_accounts (code, kind, currency)
-SELECT format('platform:%s:%s:%s', name, currency, lpad(shard::text, 2, '0')), 'platform', currency
+-- Platform accounts: funding (money in), revenue (charges), adjustments, credits_issued,
+-- credits_expired; per currency, a pool of 16 shards. A transaction takes whichever shard of its
+-- pool no other transaction holds (FOR UPDATE SKIP LOCKED), so concurrent transfers never wait
+-- on the platform's side; the platform's balance is the sum of its pool.
+INSERT INTO ledger_accounts (code, kind, currency, platform_pool)
+SELECT format('platform:%s:%s:%s', name, currency, lpad(shard::text, 2, '0')), 'platform', currency,
+       name || ':' || currency
 FROM unnest(ARRAY['funding', 'revenue', 'adjustments', 'credits_issued', 'credits_expired']) AS name,
      unnest(ARRAY['INR', 'USD']) AS currency,
      generate_series(0, 15) AS shard;

@@ -12,7 +12,7 @@
 CREATE OR REPLACE FUNCTION post_transfer(
     p_id uuid, p_org uuid, p_kind text, p_amount bigint, p_currency text, p_description text,
     p_project uuid, p_resource_type text, p_resource_id text, p_reference text, p_key text,
-    p_fingerprint bytea, p_actor text, p_platform_code text, p_allow_overdraft boolean,
+    p_fingerprint bytea, p_actor text, p_platform text, p_allow_overdraft boolean,
     p_event_id text, p_event_type text, p_event bytea, p_channel text, p_kyc_limit bigint)
 RETURNS TABLE (
     transaction_id uuid, replayed boolean, created_at timestamptz, currency text,
@@ -39,6 +39,7 @@ DECLARE
     v_befores bigint[] := '{}';
     v_afters bigint[] := '{}';
     v_spend bigint;
+    v_platform bigint;
 BEGIN
     SELECT * INTO w FROM wallets WHERE organization_id = p_org FOR UPDATE;
     IF NOT FOUND THEN
@@ -126,7 +127,16 @@ BEGIN
         RAISE EXCEPTION 'post_transfer does not handle kind %', p_kind USING HINT = 'INVALID_ARGUMENT:kind';
     END IF;
 
-    UPDATE ledger_accounts a SET balance = a.balance - v_total WHERE a.code = p_platform_code
+    -- Any shard of the platform pool that no other transaction holds (see 002_ledger.sql).
+    SELECT a.id INTO v_platform FROM ledger_accounts a
+    WHERE a.kind = 'platform' AND a.platform_pool = p_platform || ':' || w.currency
+    ORDER BY random() LIMIT 1 FOR UPDATE SKIP LOCKED;
+    IF NOT FOUND THEN
+        SELECT a.id INTO v_platform FROM ledger_accounts a
+        WHERE a.kind = 'platform' AND a.platform_pool = p_platform || ':' || w.currency
+        ORDER BY random() LIMIT 1 FOR UPDATE;
+    END IF;
+    UPDATE ledger_accounts a SET balance = a.balance - v_total WHERE a.id = v_platform
     RETURNING a.id, a.code, a.balance INTO v_acct;
     v_ids := v_ids || v_acct.id;
     v_codes := v_codes || v_acct.code;
