@@ -21,7 +21,7 @@ from gpudeck.proto.kit.v1 import diagnostics_pb2, diagnostics_pb2_grpc
 
 CONCURRENCY = 32
 ROUND_SECONDS = 3.0
-ROUNDS = 3
+ROUNDS = 5
 GOAL = 0.8
 
 
