@@ -311,6 +311,33 @@ async def test_an_event_matching_two_patterns_is_handled_once(
     assert await effects(pool, schema) == Counter([both.id, one.id])
 
 
+async def test_concurrent_workers_handle_each_event_once(
+    pool: AsyncConnectionPool, schema: str, bus: EventBus, consumers: Start
+) -> None:
+    sent = [event(schema, str(i)) for i in range(60)]
+    for e in sent[:30]:
+        await bus.publish(e)
+    await consumers(recorder(schema), batch=7, concurrency=3)
+    for e in sent[30:]:
+        await bus.publish(e)
+
+    await eventually(lambda: has_effects(pool, schema, Counter(e.id for e in sent)))
+
+
+async def test_consumer_recreates_its_jetstream_consumer_if_deleted(
+    pool: AsyncConnectionPool, schema: str, bus: EventBus, consumers: Start
+) -> None:
+    consumer = await consumers(recorder(schema))
+    first, second = event(schema, "first"), event(schema, "second")
+    await bus.publish(first)
+    await eventually(lambda: has_effects(pool, schema, Counter([first.id])))
+
+    await bus.js.delete_consumer(bus.config.stream, consumer.durable)
+    await bus.publish(second)  # a new consumer starts from the stream's beginning: first again
+    await eventually(lambda: has_effects(pool, schema, Counter([first.id, second.id])))
+    assert handled(schema, "duplicate") == 1
+
+
 async def test_stop_finishes_the_event_in_hand_and_leaves_the_rest(
     pool: AsyncConnectionPool, schema: str, bus: EventBus, consumers: Start
 ) -> None:

@@ -192,13 +192,27 @@ async def test_events_flowing_without_notifications_are_published_promptly(
 async def test_events_are_published_in_commit_order(
     pool: AsyncConnectionPool, schema: str, bus: EventBus, relays: Callable[..., Awaitable[Relay]]
 ) -> None:
-    sent = [event(schema, str(i)) for i in range(60)]
-    for start in range(0, 60, 20):  # three transactions, committed before the relay starts
-        await commit(pool, schema, *sent[start : start + 20])
+    sent = [event(schema, str(i)) for i in range(100)]
+    # committed before the relay starts: 20 (one INSERT), 70 (COPY), 10 in a pipeline
+    await commit(pool, schema, *sent[:20])
+    await commit(pool, schema, *sent[20:90])
+    async with pool.connection() as conn, conn.transaction(), conn.pipeline():
+        await Outbox(schema).add_many(conn, sent[90:])
     await relays(bus, batch=25)  # batches that straddle the transactions
 
-    msgs = await stored(bus, schema, 60)
+    msgs = await stored(bus, schema, 100)
     assert [parse_event(m.data).id for m in msgs] == [e.id for e in sent]
+
+
+async def test_many_events_added_in_a_pipeline_are_published(
+    pool: AsyncConnectionPool, schema: str, bus: EventBus, relays: Callable[..., Awaitable[Relay]]
+) -> None:
+    await relays(bus)
+    sent = [event(schema, str(i)) for i in range(100)]  # COPY cannot be pipelined: one INSERT
+    async with pool.connection() as conn, conn.transaction(), conn.pipeline():
+        await Outbox(schema).add_many(conn, sent)
+
+    assert [parse_event(m.data).id for m in await stored(bus, schema, 100)] == [e.id for e in sent]
 
 
 async def test_adding_outside_a_transaction_is_refused(

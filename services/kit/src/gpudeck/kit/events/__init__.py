@@ -6,10 +6,11 @@
 
 - `new_event` wraps a protobuf payload in the `gpudeck.events.v1.Event` envelope.
 - `Outbox(schema).add(conn, event)` writes it in the caller's transaction: published if and only
-  if that transaction commits.
+  if that transaction commits; a NOTIFY wakes the relay at commit.
 - `Relay` publishes committed outbox rows in order (`Nats-Msg-Id` = event id), one relay per
   schema at a time across replicas.
-- `Consumer` applies a handler exactly once per event id, retries with backoff, dead-letters.
+- `Consumer` applies a handler exactly once per event id (the `inbox` table), retries with
+  backoff, dead-letters (the `dead_letters` table).
 - `EventBus` is the NATS connection; NATS being down delays events, it never loses them.
 
 Errors: `InvalidEvent` (bytes that are not an Event, or an unexpected payload type) and

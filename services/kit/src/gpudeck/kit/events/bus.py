@@ -17,10 +17,11 @@ from typing import Any, NamedTuple
 import nats
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
-from nats.js.api import Header, PubAck, StorageType, StreamConfig
+from nats.js.api import PubAck, StorageType, StreamConfig
 from nats.js.errors import NotFoundError
 
 from gpudeck.kit.config import EventsConfig
+from gpudeck.kit.events.acks import Acks
 from gpudeck.kit.events.envelope import check_type
 from gpudeck.proto.events.v1.envelope_pb2 import Event
 
@@ -28,6 +29,7 @@ log = logging.getLogger(__name__)
 
 # Long enough to cover a relay retrying a batch after a lost acknowledgement.
 DUPLICATE_WINDOW = 120.0
+MSG_ID = "Nats-Msg-Id"  # JetStream drops a message whose id it saw within the duplicate window
 
 
 class BusNotConnected(Exception):
@@ -70,6 +72,7 @@ class EventBus:
         self._generation = 0
         self._tasks: set[asyncio.Task[None]] = set()
         self._failures = 0
+        self._acks: Acks | None = None
 
     @property
     def connected(self) -> bool:
@@ -80,6 +83,13 @@ class EventBus:
     def generation(self) -> int:
         """How many times the bus became ready; a change means subscriptions must be recreated."""
         return self._generation
+
+    @property
+    def nc(self) -> NATS:
+        """The NATS client; `BusNotConnected` before the first connection."""
+        if self._nc is None:
+            raise BusNotConnected(f"NATS at {self.config.nats_url} was never reached")
+        return self._nc
 
     @property
     def js(self) -> JetStreamContext:
@@ -120,7 +130,7 @@ class EventBus:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._ready.clear()
-        nc, self._nc, self._js = self._nc, None, None
+        nc, self._nc, self._js, self._acks = self._nc, None, None, None
         if nc is None or nc.is_closed:
             return
         try:
@@ -170,7 +180,7 @@ class EventBus:
         self, subject: str, data: bytes, msg_id: str | None = None, *, ack_timeout: float = 5.0
     ) -> PubAck:
         """Publish bytes to JetStream and wait for its acknowledgement."""
-        headers: dict[str, Any] | None = {Header.MSG_ID: msg_id} if msg_id else None
+        headers = {MSG_ID: msg_id} if msg_id else None
         return await self.js.publish(subject, data, timeout=ack_timeout, headers=headers)
 
     async def publish_many(
@@ -181,15 +191,15 @@ class EventBus:
         Returns, for each message, its acknowledgement or the error that stopped it (a
         `TimeoutError` when no ack came within `ack_timeout` seconds).
         """
-        js = self.js
+        if self._acks is None:
+            self._acks = Acks(self.nc)
+        acks = self._acks
         futures: list[asyncio.Future[PubAck]] = []
         failure: BaseException | None = None
         try:
             for message in messages:
-                headers = {Header.MSG_ID: message.msg_id}
-                futures.append(
-                    await js.publish_async(message.subject, message.data, headers=headers)
-                )
+                headers = {MSG_ID: message.msg_id}
+                futures.append(await acks.publish(message.subject, message.data, headers))
         except Exception as exc:  # disconnected mid-batch: the rest fails the same way
             failure = exc
         results: list[PubAck | BaseException] = []
@@ -197,12 +207,10 @@ class EventBus:
             if futures:
                 await asyncio.wait(futures, timeout=ack_timeout)
         finally:
+            acks.forget(f for f in futures if not f.done())
             for future in futures:
-                if not future.done():
-                    future.cancel()  # releases its slot among the client's pending publishes
+                if future.cancelled():
                     results.append(TimeoutError(f"no JetStream ack within {ack_timeout}s"))
-                elif future.cancelled():
-                    results.append(TimeoutError("publish cancelled"))
                 elif (error := future.exception()) is not None:
                     results.append(error)
                 else:

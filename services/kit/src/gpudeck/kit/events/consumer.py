@@ -1,9 +1,9 @@
 """Durable JetStream consumers whose handlers take effect exactly once per event id.
 
-A `Consumer` pulls with explicit acks. For each event it inserts `(event_id, consumer)` into the
-schema's `inbox` and, only if that row is new, calls the handler on the same connection, in the
-same transaction; the transaction commits, then the message is acked. A redelivered or
-re-published event finds its inbox row and is acked without calling the handler.
+A `Consumer` pulls with explicit acks (`gpudeck.kit.events.pull`). For each event it inserts
+`(event_id, consumer)` into the schema's `inbox` and, only if that row is new, calls the handler
+on the same connection, in the same transaction; the transaction commits, then the message is
+acked. A redelivered or re-published event finds its inbox row and is acked unhandled.
 
 The messages of one fetch share one transaction (one commit per batch, not per event). When a
 handler raises, that transaction is rolled back, the failing message is retried (`nak` with
@@ -12,15 +12,20 @@ exponential backoff) or, after `max_deliver` deliveries, dead-lettered (`dead_le
 lost, serialization failure) are retried without counting towards dead-lettering. A message
 that is not an Event is dead-lettered at once.
 
+The next batch is fetched while one is handled. With `concurrency` > 1, that many batches are
+handled at once, each on its own connection: more throughput, but events of one subject may
+then be handled out of order (as they are anyway across replicas sharing the durable consumer).
+With the default of 1, a subject's events are handled in order, except around a retry.
+
 Several subjects: NATS 2.9 has no multi-filter consumers, so each subject pattern gets its own
 JetStream consumer, named `durable` when there is one pattern and `<durable>-<pattern slug>`
 otherwise ("wallet.balance.*" → "billing-wallet_balance_any"), each with its own fetch loop.
 The inbox is keyed by `durable`, so an event matched by two overlapping patterns is still
-handled once. Order is kept per pattern, not across patterns, and not across a retry.
+handled once.
 
-`stop()` stops fetching, lets the handler in hand finish and commit, acks it, and `nak`s the
-rest of the batch so another replica gets it at once. To make that work on NATS 2.9 it waits
-for the pull request in flight to end first: a stop takes up to `fetch_timeout`.
+`stop()` stops fetching, lets the handlers in hand finish and commit, acks their events, and
+`nak`s the rest so another replica gets them at once. To make that work on NATS 2.9 it first
+lets the pull request in flight end: a stop takes up to `fetch_timeout`.
 """
 
 from __future__ import annotations
@@ -35,7 +40,6 @@ from typing import Any
 
 import psycopg
 from nats.aio.msg import Msg
-from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.errors import APIError, NotFoundError
 from psycopg import AsyncConnection, sql
@@ -44,6 +48,7 @@ from psycopg_pool import AsyncConnectionPool, PoolTimeout
 from gpudeck.kit import metrics
 from gpudeck.kit.events.bus import EventBus
 from gpudeck.kit.events.envelope import InvalidEvent, parse_event
+from gpudeck.kit.events.pull import Puller
 from gpudeck.proto.events.v1.envelope_pb2 import Event
 
 log = logging.getLogger(__name__)
@@ -169,8 +174,12 @@ class Consumer:
     # --- the fetch loop -------------------------------------------------------------------
 
     async def _run(self, subject: str, name: str) -> None:
-        sub: JetStreamContext.PullSubscription | None = None
+        """Fetch batches and hand each to one of `concurrency` workers, fetching the next batch
+        while they work: one pull request in flight at a time, whatever the concurrency."""
+        sub: Puller | None = None
         fetch: asyncio.Future[list[Msg]] | None = None
+        workers: set[asyncio.Task[None]] = set()
+        free = asyncio.Semaphore(self.concurrency)
         leftovers: list[Msg] = []  # fetched, not handled: given back when stopping
         generation = -1
         stopping: asyncio.Future[Any] = asyncio.ensure_future(self._stopping.wait())
@@ -193,10 +202,8 @@ class Consumer:
                         continue
                 if fetch is None:
                     fetch = self._fetch(sub)
-                waiting: set[asyncio.Future[Any]] = {fetch, stopping}
-                await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
-                if self._stopping.is_set():
-                    break
+                if not await _first(fetch, stopping, cancel=False):
+                    break  # the fetch goes on: _release waits for it
                 done, fetch = fetch, None
                 try:
                     msgs = _fetched(done)
@@ -204,18 +211,34 @@ class Consumer:
                     log.warning(
                         "fetch failed; resubscribing", extra={"consumer": name, "error": repr(exc)}
                     )
-                    await _quietly(sub.unsubscribe())
+                    await _release(sub, None, [])
                     sub = None
                     await self._pause(0.5)
                     continue
-                if msgs:
-                    fetch = self._fetch(sub)  # the next batch comes while this one is handled
-                    leftovers = await self._process(msgs)
+                if not msgs:
+                    continue
+                slot = asyncio.ensure_future(free.acquire())
+                if not await _first(slot, stopping) or self._stopping.is_set():
+                    leftovers += msgs
+                    break
+                fetch = self._fetch(sub)  # the next batch comes while this one is handled
+                worker = asyncio.create_task(self._work(msgs, free, leftovers))
+                workers.add(worker)
+                worker.add_done_callback(workers.discard)
         finally:
             stopping.cancel()
+            await asyncio.gather(*workers, return_exceptions=True)  # each finishes its event
             await _release(sub, fetch, leftovers, wait=self.fetch_timeout + 1.0)
 
-    async def _subscribe(self, subject: str, name: str) -> JetStreamContext.PullSubscription:
+    async def _work(self, msgs: list[Msg], free: asyncio.Semaphore, leftovers: list[Msg]) -> None:
+        try:
+            leftovers += await self._process(msgs)
+        except Exception:  # _process handles failures itself: this is a bug, keep consuming
+            log.exception("consumer failed on a batch", extra={"consumer": self.durable})
+        finally:
+            free.release()
+
+    async def _subscribe(self, subject: str, name: str) -> Puller:
         js = self.bus.js
         stream = self.bus.config.stream
         config = ConsumerConfig(
@@ -238,10 +261,12 @@ class Consumer:
                 "consumer exists with other settings; using them",
                 extra={"consumer": name, "error": repr(exc)},
             )
-        return await js.pull_subscribe_bind(consumer=name, stream=stream)
+        puller = Puller(self.bus.nc, stream, name)
+        await puller.open()
+        return puller
 
-    def _fetch(self, sub: JetStreamContext.PullSubscription) -> asyncio.Future[list[Msg]]:
-        return asyncio.ensure_future(sub.fetch(self.batch, timeout=self.fetch_timeout))
+    def _fetch(self, sub: Puller) -> asyncio.Future[list[Msg]]:
+        return asyncio.ensure_future(sub.fetch(self.batch, self.fetch_timeout))
 
     async def _pause(self, seconds: float) -> None:
         with contextlib.suppress(TimeoutError):
@@ -386,18 +411,32 @@ def _deliveries(msg: Msg) -> int:
         return 1
 
 
+async def _first(
+    future: asyncio.Future[Any], stopping: asyncio.Future[Any], *, cancel: bool = True
+) -> bool:
+    """Wait for `future` or for the stop; whether `future` finished (a stop may come too).
+    If it did not, it is cancelled, unless `cancel` is false."""
+    waiting: set[asyncio.Future[Any]] = {future, stopping}
+    await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+    if future.done():
+        return True
+    if cancel:
+        future.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await future
+    return False
+
+
 def _fetched(fetch: asyncio.Future[list[Msg]]) -> list[Msg]:
-    """The messages of a finished fetch; [] if it timed out idle; raises if it failed."""
+    """The messages of a finished fetch; raises if it failed."""
     error = fetch.exception()
-    if isinstance(error, TimeoutError):
-        return []
     if error is not None:
         raise error
     return fetch.result()
 
 
 async def _release(
-    sub: JetStreamContext.PullSubscription | None,
+    sub: Puller | None,
     fetch: asyncio.Future[list[Msg]] | None,
     held: list[Msg],
     *,
@@ -420,7 +459,10 @@ async def _release(
             with contextlib.suppress(Exception):
                 held = held + _fetched(fetch)
     if sub is not None:
-        await _quietly(sub.unsubscribe())
+        try:
+            held = held + await sub.close()
+        except Exception as exc:
+            log.debug("unsubscribing failed", extra={"error": repr(exc)})
     for msg in held:
         await _quietly(msg.nak())
 

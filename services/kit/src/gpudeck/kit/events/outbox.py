@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from psycopg import AsyncConnection, sql
-from psycopg.pq import TransactionStatus
+from psycopg.pq import PipelineStatus, TransactionStatus
 
 from gpudeck.kit.events.envelope import check_type
 from gpudeck.proto.events.v1.envelope_pb2 import Event
@@ -74,13 +74,13 @@ class Outbox:
     async def add_many(self, conn: AsyncConnection[Any], events: Sequence[Event]) -> None:
         """Write `events`, in this order, within the caller's open transaction on `conn`.
 
-        Many events go in with COPY (far cheaper than arrays of bytea); a few with one INSERT,
-        which also works inside a pipeline.
+        Many events go in with COPY (far cheaper than arrays of bytea), except in pipeline mode
+        (COPY cannot be pipelined); a few with one INSERT.
         """
         if not events:
             return
         _check_in_transaction(conn)
-        if len(events) > COPY_ABOVE:
+        if len(events) > COPY_ABOVE and conn.info.pipeline_status == PipelineStatus.OFF:
             await conn.execute(self._notify, (self._channel,))
             async with conn.cursor().copy(self._copy) as copy:
                 for e in events:
