@@ -172,8 +172,12 @@ BEGIN
         END IF;
     END IF;
 
+    -- Wake the relay only when the outbox was empty: a busy relay is reading it anyway, and
+    -- notifying transactions commit one at a time (see gpudeck.kit.events.outbox).
+    IF (SELECT min(o.id) FROM outbox o) IS NULL THEN
+        PERFORM pg_notify(p_channel, '');
+    END IF;
     INSERT INTO outbox (event_id, type, data) VALUES (p_event_id, p_event_type, p_event);
-    PERFORM pg_notify(p_channel, '');
 
     RETURN QUERY
     SELECT p_id, false, v_now, w.currency, w.balance + v_total, w.credits + v_credit_delta,
