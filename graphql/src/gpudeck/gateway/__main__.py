@@ -10,6 +10,7 @@ import asyncio
 import logging
 import os
 import signal
+import socket
 from collections.abc import Mapping
 
 from aiohttp import web
@@ -31,6 +32,7 @@ async def serve(settings: Settings) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     host, port = parse_address("GPUDECK_GATEWAY_LISTEN", settings.listen)
+    _check_free(host, port, settings.listen)  # before the app's start-up connects anywhere
     runner = web.AppRunner(
         make_app(settings), shutdown_timeout=settings.shutdown_grace, access_log=None
     )
@@ -50,6 +52,21 @@ async def serve(settings: Settings) -> None:
     finally:
         await runner.cleanup()
         log.info("stopped")
+
+
+def _check_free(host: str, port: int, listen: str) -> None:
+    """Fail now, with one line, if the listen address cannot be bound."""
+    if port == 0:
+        return
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        with socket.socket(infos[0][0], socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind(infos[0][4])
+    except OSError as exc:
+        errno = exc.errno or 0
+        reason = os.strerror(errno).lower() if errno > 0 else exc.strerror or str(exc)
+        raise StartupError(f"GPUDECK_GATEWAY_LISTEN={listen}: {reason}") from None
 
 
 def main(env: Mapping[str, str] | None = None) -> None:

@@ -17,12 +17,10 @@ import contextlib
 import logging
 from collections.abc import Iterator
 
-import nats
-from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
 from gpudeck.kit.config import EventsConfig
-from gpudeck.kit.events import InvalidEvent, parse_event
+from gpudeck.kit.events import EventBus, InvalidEvent, parse_event
 
 log = logging.getLogger(__name__)
 
@@ -50,9 +48,11 @@ class Watch:
 
 
 class LiveEvents:
-    """The NATS connection and the watchers of each organization.
+    """The gateway's NATS connection (the kit's EventBus) and the watchers of each organization.
 
-    `await start()`, `watching(org)` per subscription, `await close()` at shutdown.
+    `await start()`, `watching(org)` per subscription, `await close()` at shutdown. Live views
+    need no JetStream consumer: a plain subscription on the subject receives what the stream
+    stores.
     """
 
     def __init__(
@@ -64,28 +64,31 @@ class LiveEvents:
         reconnect_wait: float = 1.0,
     ) -> None:
         self.config = config
-        self.client_name = client_name
-        self.connect_timeout = connect_timeout
         self.reconnect_wait = reconnect_wait
-        self._nc: NATS | None = None
+        self.bus = EventBus(
+            config,
+            client_name=client_name,
+            connect_timeout=connect_timeout,
+            reconnect_wait=reconnect_wait,
+        )
         self._task: asyncio.Task[None] | None = None
         self._subscribed = asyncio.Event()
         self._watchers: dict[str, set[Watch]] = {}
-        self._closing = False
 
     @property
     def subject(self) -> str:
-        return f"{self.config.subject_prefix}.{BALANCE_CHANGED}"
+        return self.bus.subject_for(BALANCE_CHANGED)
 
     @property
     def connected(self) -> bool:
-        return self._subscribed.is_set() and self._nc is not None and self._nc.is_connected
+        return self._subscribed.is_set() and self.bus.connected
 
     async def start(self, *, wait: float = 0.0) -> None:
         """Start connecting in the background; wait up to `wait` seconds for the subscription."""
         if self._task is not None:
             raise RuntimeError("LiveEvents.start() was already called")
-        self._task = asyncio.create_task(self._connect())
+        await self.bus.start(wait=0)
+        self._task = asyncio.create_task(self._listen())
         if wait > 0:
             await self.wait_connected(wait)
 
@@ -95,21 +98,16 @@ class LiveEvents:
         return self.connected
 
     async def close(self) -> None:
-        self._closing = True
         task, self._task = self._task, None
         if task is not None:
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
         self._subscribed.clear()
-        nc, self._nc = self._nc, None
-        if nc is not None and not nc.is_closed:
-            try:
-                await nc.close()
-            except Exception as exc:  # closing must not fail a shutdown
-                log.debug("closing NATS failed", extra={"error": repr(exc)})
-        for watches in self._watchers.values():
-            for watch in watches:
-                watch.wake()
+        try:
+            await self.bus.close()
+        except Exception as exc:  # closing must not fail a shutdown
+            log.debug("closing NATS failed", extra={"error": repr(exc)})
+        self._wake()
 
     @contextlib.contextmanager
     def watching(self, organization_id: str) -> Iterator[Watch]:
@@ -148,38 +146,17 @@ class LiveEvents:
         if event.type == BALANCE_CHANGED and event.organization_id:
             self._wake(event.organization_id)
 
-    async def _connect(self) -> None:
-        # nats-py either raises on a first connect with no server or retries it itself,
-        # depending on its version: loop around it for the first case.
-        while self._nc is None:
-            try:
-                self._nc = await nats.connect(
-                    self.config.nats_url.split(","),
-                    name=self.client_name,
-                    connect_timeout=self.connect_timeout,
-                    reconnect_time_wait=self.reconnect_wait,
-                    max_reconnect_attempts=-1,
-                    allow_reconnect=True,
-                    error_cb=self._on_error,
-                    disconnected_cb=self._on_disconnected,
-                    reconnected_cb=self._on_reconnected,
-                )
-            except Exception as exc:
-                await self._on_error(exc)
-                await asyncio.sleep(self.reconnect_wait)
-        await self._nc.subscribe(self.subject, cb=self._on_message)
+    async def _listen(self) -> None:
+        """Subscribe once connected; after every reconnection wake the watchers, since events
+        may have been missed meanwhile (they re-read, then wait again)."""
+        await self.bus.wait_connected(None)
+        await self.bus.nc.subscribe(self.subject, cb=self._on_message)
         self._subscribed.set()
         log.info("listening for live events", extra={"subject": self.subject})
         self._wake()
-
-    async def _on_error(self, exc: Exception) -> None:
-        log.debug("NATS error", extra={"error": repr(exc)})
-
-    async def _on_disconnected(self) -> None:
-        if self._closing:
-            return
-        log.warning("NATS disconnected; live views poll until it is back")
-
-    async def _on_reconnected(self) -> None:
-        log.info("NATS reconnected")
-        self._wake()  # events may have been missed meanwhile
+        generation = self.bus.generation
+        while True:
+            await asyncio.sleep(self.reconnect_wait)
+            if self.bus.generation != generation:
+                generation = self.bus.generation
+                self._wake()

@@ -110,7 +110,8 @@ class EventBus:
         if self._tasks or self._nc is not None:
             raise RuntimeError("EventBus.start() was already called")
         self._spawn(self._connect())
-        if not await self.wait_connected(self.connect_timeout if wait is None else wait):
+        seconds = self.connect_timeout if wait is None else wait
+        if seconds > 0 and not await self.wait_connected(seconds):
             log.warning(
                 "NATS not reachable yet; connecting in the background",
                 extra={"nats_url": self.config.nats_url},
