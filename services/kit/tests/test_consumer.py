@@ -19,40 +19,19 @@ from prometheus_client import REGISTRY
 from psycopg import AsyncConnection
 from psycopg_pool import AsyncConnectionPool
 
-from gpudeck import kit
 from gpudeck.cli.embedded import EmbeddedNats, free_port
 from gpudeck.kit.config import EventsConfig
-from gpudeck.kit.db import migrate, open_pool
 from gpudeck.kit.events import Consumer, Event, EventBus, new_event
-
-KIT_MIGRATIONS = Path(kit.__file__).parent / "migrations"  # what gpudeck.kit.runtime applies
 
 Start = Callable[..., Awaitable[Consumer]]
 
 
 @pytest.fixture
-async def pool(database_url: str) -> AsyncIterator[AsyncConnectionPool]:
-    pool = await open_pool(database_url, min_size=1, max_size=4)
-    yield pool
-    await pool.close()
-
-
-@pytest.fixture
-async def schema(pool: AsyncConnectionPool, unique: str) -> str:
-    """A service schema with the kit's tables and an `effects` table the handlers write to."""
-    await migrate(pool, unique, KIT_MIGRATIONS, table="kit_migrations")
+async def schema(pool: AsyncConnectionPool, kit_schema: str) -> str:
+    """The kit's tables and an `effects` table the handlers write to."""
     async with pool.connection() as conn:
-        await conn.execute(f"CREATE TABLE {unique}.effects (event_id text NOT NULL)")
-    return unique
-
-
-@pytest.fixture
-async def bus(events_config: EventsConfig) -> AsyncIterator[EventBus]:
-    bus = EventBus(events_config, client_name="test-consumer")
-    await bus.start()
-    assert bus.connected
-    yield bus
-    await bus.close()
+        await conn.execute(f"CREATE TABLE {kit_schema}.effects (event_id text NOT NULL)")
+    return kit_schema
 
 
 @pytest.fixture

@@ -18,36 +18,15 @@ from prometheus_client import REGISTRY
 from psycopg import AsyncConnection
 from psycopg_pool import AsyncConnectionPool
 
-from gpudeck import kit
 from gpudeck.cli.embedded import EmbeddedNats, free_port
 from gpudeck.kit.config import EventsConfig
-from gpudeck.kit.db import migrate, open_pool
 from gpudeck.kit.events import Event, EventBus, Outbox, Relay, new_event, parse_event
 from gpudeck.kit.events.outbox import channel
 
-KIT_MIGRATIONS = Path(kit.__file__).parent / "migrations"  # what gpudeck.kit.runtime applies
-
 
 @pytest.fixture
-async def pool(database_url: str) -> AsyncIterator[AsyncConnectionPool]:
-    pool = await open_pool(database_url, min_size=1, max_size=4)
-    yield pool
-    await pool.close()
-
-
-@pytest.fixture
-async def schema(pool: AsyncConnectionPool, unique: str) -> str:
-    await migrate(pool, unique, KIT_MIGRATIONS, table="kit_migrations")
-    return unique
-
-
-@pytest.fixture
-async def bus(events_config: EventsConfig) -> AsyncIterator[EventBus]:
-    bus = EventBus(events_config, client_name="test-relay")
-    await bus.start()
-    assert bus.connected
-    yield bus
-    await bus.close()
+def schema(kit_schema: str) -> str:
+    return kit_schema
 
 
 @pytest.fixture
