@@ -11,37 +11,40 @@ from __future__ import annotations
 import uuid
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from dataclasses import dataclass
+from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
-import psycopg
-from google.protobuf.timestamp_pb2 import Timestamp
 from psycopg import AsyncConnection
 
-from gpudeck.kit.errors import Conflict, DomainError, InvalidArgument, NotFound
+from gpudeck.kit.errors import DomainError, NotFound
 from gpudeck.kit.events import Outbox
 from gpudeck.kit.events.outbox import channel as outbox_channel
-from gpudeck.proto.events.v1.envelope_pb2 import Event
-from gpudeck.wallet import events
+from gpudeck.wallet import events, fast_transfer
 from gpudeck.wallet.alerts import Thresholds, edge_event, level_for
 from gpudeck.wallet.idempotency import key_reused
 from gpudeck.wallet.ids import uuid7
 from gpudeck.wallet.ledger import (
-    PLATFORM_ACCOUNT,
     Account,
     Book,
-    InsufficientFunds,
     Kind,
     PlannedTransaction,
     PostingView,
     Transaction,
     TransferRequest,
     Wallet,
-    kyc_required,
     platform_pool,
     validate,
+)
+from gpudeck.wallet.ledger_rows import (
+    Batch,
+    copy_rows,
+    insert_rows,
+    roll_up,
+    transaction_from_row,
+    update_balances,
+    view,
 )
 
 Conn = AsyncConnection[Any]
@@ -69,15 +72,6 @@ class Policy:
 
     depletion_seconds: float = 10.0
     kyc_topup_limit: int = 0  # top-ups above it need a KYC-verified organization; 0: no limit
-
-
-@dataclass
-class Batch:
-    """What one transaction of the store collects before it writes."""
-
-    now: datetime
-    planned: list[PlannedTransaction] = field(default_factory=list)
-    events: list[Event] = field(default_factory=list)
 
 
 # One statement locks the wallets and their spendable accounts (FOR UPDATE OF both), so a
@@ -117,23 +111,6 @@ WHERE (organization_id, idempotency_key) IN (SELECT * FROM unnest(%s::uuid[], %s
 LATEST_RATE = """
 SELECT rate FROM exchange_rates WHERE base = %s AND quote = %s ORDER BY as_of DESC, id DESC LIMIT 1
 """
-TRANSACTION_COLUMNS = (
-    "id, organization_id, kind, amount, currency, payment_amount, payment_currency,"
-    " exchange_rate, description, project_id, resource_type, resource_id, reference,"
-    " idempotency_key, fingerprint, actor, balance_after, created_at"
-)
-INSERT_TRANSACTIONS = f"""
-INSERT INTO transactions ({TRANSACTION_COLUMNS})
-SELECT * FROM unnest(%s::uuid[], %s::uuid[], %s::text[], %s::bigint[], %s::text[], %s::bigint[],
-    %s::text[], %s::text[], %s::text[], %s::uuid[], %s::text[], %s::text[], %s::text[], %s::text[],
-    %s::bytea[], %s::text[], %s::bigint[], %s::timestamptz[])
-"""
-INSERT_POSTINGS = """
-INSERT INTO postings (transaction_id, account_id, amount, balance_before, balance_after)
-SELECT * FROM unnest(%s::uuid[], %s::bigint[], %s::bigint[], %s::bigint[], %s::bigint[])
-"""
-POST_TRANSFER = "SELECT * FROM post_transfer(" + ", ".join(["%s"] * 20) + ")"
-FAST_KINDS = (Kind.TOPUP, Kind.CHARGE, Kind.USAGE, Kind.REFUND, Kind.ADJUSTMENT)
 # Above this many transactions a batch is written with COPY instead of pipelined INSERTs.
 COPY_THRESHOLD = 64
 NEW_CREDIT_ACCOUNTS = """
@@ -188,7 +165,7 @@ class LedgerStore:
         self.outbox = Outbox(schema)
         self.outbox_channel = outbox_channel(schema)
         self.policy = policy or Policy()
-        self._currencies: dict[uuid.UUID, str] = {}
+        self.currencies: dict[uuid.UUID, str] = {}  # wallet currencies (they never change)
 
     async def post_transfers(
         self, conn: Conn, requests: Sequence[TransferRequest], *, now: datetime | None = None
@@ -234,7 +211,7 @@ class LedgerStore:
         for i, tx_id in replays.items():
             outcomes[i] = Outcome(transaction=stored[tx_id])
         for i, planned in planned_at.items():
-            outcomes[i] = Outcome(transaction=_view(planned, batch.now))
+            outcomes[i] = Outcome(transaction=view(planned, batch.now))
         for i, first in same_as.items():
             outcomes[i] = outcomes[first]
         return [
@@ -242,92 +219,8 @@ class LedgerStore:
         ]
 
     async def post_one(self, conn: Conn, request: TransferRequest) -> Transaction:
-        """Post one transfer in one statement (the `post_transfer` SQL function), the fast path
-        of the Transfer RPC; kinds it does not handle go through `post_transfers`.
-
-        Run it outside a transaction: the statement is its own. Raises the refusal."""
-        validate(request)
-        currency = await self._currency_of(conn, request.organization_id)
-        if (
-            request.kind not in FAST_KINDS
-            or request.lines
-            or (request.currency and request.currency != currency and request.kind is Kind.TOPUP)
-        ):
-            async with conn.transaction():
-                [outcome] = await self.post_transfers(conn, [request])
-            if outcome.error is not None:
-                raise outcome.error
-            assert outcome.transaction is not None
-            return outcome.transaction
-        tx_id = uuid7()
-        stamp = Timestamp()
-        stamp.GetCurrentTime()
-        event = events.transaction_posted(request, tx_id, request.amount, currency, stamp)
-        platform = PLATFORM_ACCOUNT[request.kind]
-        try:
-            cur = await conn.execute(
-                POST_TRANSFER,
-                (
-                    tx_id, request.organization_id, request.kind.value, request.amount,
-                    request.currency, request.description, request.project_id,
-                    request.resource_type, request.resource_id, request.reference, request.key,
-                    request.fingerprint if request.record_key else None, request.actor, platform,
-                    request.allow_overdraft, event.id, event.type, event.SerializeToString(),
-                    self.outbox_channel, self.policy.kyc_topup_limit,
-                ),
-            )  # fmt: skip
-        except psycopg.errors.RaiseException as exc:
-            raise refusal(exc) from None
-        row = await cur.fetchone()
-        assert row is not None
-        (tx_id, replayed, created_at, currency, balance, _credits, _held, rate, level,
-         wa, ca, wh, ch, below, codes, amounts, befores, afters) = row  # fmt: skip
-        if replayed:
-            return (await self.load_transactions(conn, [tx_id]))[tx_id]
-        thresholds = Thresholds(wa, ca, wh, ch)
-        new_level = level_for(balance, rate, thresholds, self.policy.depletion_seconds)
-        if new_level != level or (below and balance < below):
-            async with conn.transaction():
-                await self.refresh_levels(conn, [request.organization_id], created_at)
-        return Transaction(
-            id=tx_id,
-            organization_id=request.organization_id,
-            kind=request.kind,
-            amount=request.amount,
-            currency=currency,
-            payment_amount=request.amount if request.kind is Kind.TOPUP else None,
-            payment_currency=currency if request.kind is Kind.TOPUP else None,
-            exchange_rate=None,
-            description=request.description,
-            project_id=request.project_id,
-            resource_type=request.resource_type,
-            resource_id=request.resource_id,
-            reference=request.reference,
-            idempotency_key=request.key,
-            actor=request.actor,
-            balance_after=balance,
-            created_at=created_at,
-            postings=tuple(
-                PostingView(c, a, b, f)
-                for c, a, b, f in zip(codes, amounts, befores, afters, strict=True)
-            ),
-        )
-
-    async def _currency_of(self, conn: Conn, organization_id: uuid.UUID) -> str:
-        """The wallet currency of an organization (it never changes, so it is cached)."""
-        currency = self._currencies.get(organization_id)
-        if currency is None:
-            cur = await conn.execute(
-                "SELECT currency FROM wallets WHERE organization_id = %s", (organization_id,)
-            )
-            row = await cur.fetchone()
-            if row is None:
-                raise NotFound(f"organization {organization_id} not found", field="organization_id")
-            currency = row[0]
-            if len(self._currencies) > 100_000:
-                self._currencies.clear()
-            self._currencies[organization_id] = currency
-        return currency
+        """Post one transfer in one statement; see gpudeck.wallet.fast_transfer."""
+        return await fast_transfer.post_one(self, conn, request)
 
     async def _read_around(
         self,
@@ -451,131 +344,17 @@ class LedgerStore:
             await self.outbox.add_many(conn, batch.events)
             return
         if len(planned) > COPY_THRESHOLD:
-            await self._copy_rows(conn, batch)
+            await copy_rows(conn, batch)
             await self.outbox.add_many(conn, batch.events)
             async with conn.pipeline():
-                await self._update_balances(conn, planned, book, batch.now)
-                await self._roll_up(conn, planned, batch.now)
+                await update_balances(conn, planned, book, batch.now)
+                await roll_up(conn, planned, batch.now)
             return
         async with conn.pipeline():
-            await self._insert_rows(conn, batch)
-            await self._update_balances(conn, planned, book, batch.now)
-            await self._roll_up(conn, planned, batch.now)
+            await insert_rows(conn, batch)
+            await update_balances(conn, planned, book, batch.now)
+            await roll_up(conn, planned, batch.now)
             await self.outbox.add_many(conn, batch.events)
-
-    @staticmethod
-    def _transaction_rows(batch: Batch) -> list[tuple[Any, ...]]:
-        rows = []
-        for p in batch.planned:
-            r = p.request
-            rows.append(
-                (
-                    p.id, r.organization_id, r.kind.value, p.amount, p.currency,
-                    p.payment_amount, p.payment_currency, p.exchange_rate, r.description,
-                    r.project_id, r.resource_type, r.resource_id, r.reference, r.key,
-                    r.fingerprint if r.record_key else None, r.actor, p.balance_after, batch.now,
-                )
-            )  # fmt: skip
-        return rows
-
-    @staticmethod
-    def _posting_rows(batch: Batch) -> list[tuple[Any, ...]]:
-        return [
-            (p.id, x.account_id, x.amount, x.balance_before, x.balance_after)
-            for p in batch.planned
-            for x in p.postings
-        ]
-
-    async def _insert_rows(self, conn: Conn, batch: Batch) -> None:
-        """Small batches: INSERTs from arrays (they pipeline; COPY does not)."""
-        tx_rows = self._transaction_rows(batch)
-        await conn.execute(INSERT_TRANSACTIONS, [list(col) for col in zip(*tx_rows, strict=True)])
-        post_rows = self._posting_rows(batch)
-        await conn.execute(INSERT_POSTINGS, [list(col) for col in zip(*post_rows, strict=True)])
-
-    async def _copy_rows(self, conn: Conn, batch: Batch) -> None:
-        """Large batches: COPY, the fastest way in."""
-        cursor = conn.cursor()
-        async with cursor.copy(f"COPY transactions ({TRANSACTION_COLUMNS}) FROM STDIN") as copy:
-            for row in self._transaction_rows(batch):
-                await copy.write_row(row)
-        async with cursor.copy(
-            "COPY postings (transaction_id, account_id, amount, balance_before, balance_after)"
-            " FROM STDIN"
-        ) as copy:
-            for row in self._posting_rows(batch):
-                await copy.write_row(row)
-
-    async def _update_balances(
-        self, conn: Conn, planned: Sequence[PlannedTransaction], book: Book, now: datetime
-    ) -> None:
-        final: dict[int, int] = {}
-        for p in planned:
-            for post in p.postings:
-                final[post.account_id] = post.balance_after
-        ids = sorted(final)
-        await conn.execute(
-            "UPDATE ledger_accounts a SET balance = v.b"
-            " FROM unnest(%s::bigint[], %s::bigint[]) AS v(id, b) WHERE a.id = v.id",
-            (ids, [final[i] for i in ids]),
-        )
-        orgs = sorted({p.request.organization_id for p in planned})
-        wallets = [book.wallets[o] for o in orgs]
-        await conn.execute(
-            "UPDATE wallets w SET balance = v.b, credits = v.c, changed_at = %s, updated_at = %s"
-            " FROM unnest(%s::uuid[], %s::bigint[], %s::bigint[]) AS v(o, b, c)"
-            " WHERE w.organization_id = v.o",
-            (now, now, orgs, [w.balance for w in wallets], [w.credit_total for w in wallets]),
-        )
-
-    async def _roll_up(
-        self, conn: Conn, planned: Sequence[PlannedTransaction], now: datetime
-    ) -> None:
-        day = now.astimezone(UTC).date()
-        daily: dict[tuple[uuid.UUID, str], int] = defaultdict(int)
-        costs: dict[tuple[uuid.UUID, str], tuple[str, uuid.UUID | None, int]] = {}
-        for p in planned:
-            org = p.request.organization_id
-            for line in p.spend:
-                daily[(org, line.resource_type)] += line.amount
-                if line.resource_id:
-                    _, _, total = costs.get((org, line.resource_id), ("", None, 0))
-                    costs[(org, line.resource_id)] = (
-                        line.resource_type,
-                        line.project_id,
-                        total + line.amount,
-                    )
-        if daily:
-            keys = sorted(daily)
-            await conn.execute(
-                "INSERT INTO daily_spend (organization_id, day, resource_type, amount)"
-                " SELECT o, %s, t, a"
-                " FROM unnest(%s::uuid[], %s::text[], %s::bigint[]) AS v(o, t, a)"
-                " ON CONFLICT (organization_id, day, resource_type)"
-                " DO UPDATE SET amount = daily_spend.amount + excluded.amount",
-                (day, [k[0] for k in keys], [k[1] for k in keys], [daily[k] for k in keys]),
-            )
-        if costs:
-            keys2 = sorted(costs)
-            await conn.execute(
-                "INSERT INTO resource_costs (organization_id, resource_id, resource_type,"
-                " project_id, total, first_charged_at, last_charged_at)"
-                " SELECT o, r, t, p, a, %s, %s"
-                " FROM unnest(%s::uuid[], %s::text[], %s::text[], %s::uuid[], %s::bigint[])"
-                " AS v(o, r, t, p, a)"
-                " ON CONFLICT (organization_id, resource_id) DO UPDATE"
-                " SET total = resource_costs.total + excluded.total,"
-                " last_charged_at = excluded.last_charged_at",
-                (
-                    now,
-                    now,
-                    [k[0] for k in keys2],
-                    [k[1] for k in keys2],
-                    [costs[k][0] for k in keys2],
-                    [costs[k][1] for k in keys2],
-                    [costs[k][2] for k in keys2],
-                ),
-            )
 
     async def settle_levels(self, conn: Conn, locked: Sequence[LockedWallet], batch: Batch) -> None:
         """Recompute the level of each wallet; emit one event per edge; fire auto top-ups."""
@@ -655,78 +434,7 @@ class LedgerStore:
         postings: dict[uuid.UUID, list[PostingView]] = defaultdict(list)
         for tx_id, code, amount, before, after in await cur.fetchall():
             postings[tx_id].append(PostingView(code, amount, before, after))
-        return {row[0]: _transaction(row, postings[row[0]]) for row in rows}
-
-
-REFUSALS: dict[str, type[DomainError]] = {
-    "NOT_FOUND": NotFound,
-    "INVALID_ARGUMENT": InvalidArgument,
-}
-
-
-def refusal(exc: psycopg.errors.RaiseException) -> DomainError:
-    """The domain error a `post_transfer` refusal stands for (its HINT is '<CODE>:<field>')."""
-    code, _, field = (exc.diag.message_hint or "").partition(":")
-    message = exc.diag.message_primary or str(exc)
-    if code == "INSUFFICIENT_FUNDS":
-        return InsufficientFunds(message)
-    if code == "KYC_REQUIRED":
-        return kyc_required(message)
-    if code == "ABORTED":
-        return Conflict(message, field=field or None, reason="IDEMPOTENCY_KEY_REUSED")
-    return REFUSALS.get(code, DomainError)(message, field=field or None)
-
-
-def _transaction(row: Sequence[Any], postings: list[PostingView]) -> Transaction:
-    (tx_id, org, kind, amount, currency, pay_amount, pay_currency, rate, description, project,
-     rtype, rid, reference, key, actor, balance_after, created_at) = row  # fmt: skip
-    return Transaction(
-        id=tx_id,
-        organization_id=org,
-        kind=Kind(kind),
-        amount=amount,
-        currency=currency,
-        payment_amount=pay_amount,
-        payment_currency=pay_currency,
-        exchange_rate=rate,
-        description=description,
-        project_id=project,
-        resource_type=rtype,
-        resource_id=rid,
-        reference=reference,
-        idempotency_key=key,
-        actor=actor,
-        balance_after=balance_after,
-        created_at=created_at,
-        postings=tuple(postings),
-    )
-
-
-def _view(p: PlannedTransaction, now: datetime) -> Transaction:
-    r = p.request
-    return Transaction(
-        id=p.id,
-        organization_id=r.organization_id,
-        kind=r.kind,
-        amount=p.amount,
-        currency=p.currency,
-        payment_amount=p.payment_amount,
-        payment_currency=p.payment_currency,
-        exchange_rate=p.exchange_rate,
-        description=r.description,
-        project_id=r.project_id,
-        resource_type=r.resource_type,
-        resource_id=r.resource_id,
-        reference=r.reference,
-        idempotency_key=r.key,
-        actor=r.actor,
-        balance_after=p.balance_after,
-        created_at=now,
-        postings=tuple(
-            PostingView(x.account_code, x.amount, x.balance_before, x.balance_after)
-            for x in p.postings
-        ),
-    )
+        return {row[0]: transaction_from_row(row, postings[row[0]]) for row in rows}
 
 
 async def open_wallet(conn: Conn, organization_id: uuid.UUID, currency: str) -> None:

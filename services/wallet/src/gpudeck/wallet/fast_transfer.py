@@ -1,0 +1,144 @@
+"""The fast path of single transfers: one statement (the SQL function `post_transfer`, in
+migrations/005_post_transfer.sql) that follows the same rules as `ledger.Book`; tests run the same
+transfers through both and compare them."""
+
+from __future__ import annotations
+
+import uuid
+from typing import TYPE_CHECKING, Any
+
+import psycopg
+from google.protobuf.timestamp_pb2 import Timestamp
+from psycopg import AsyncConnection
+
+from gpudeck.kit.errors import Conflict, DomainError, InvalidArgument, NotFound
+from gpudeck.wallet import events
+from gpudeck.wallet.alerts import Thresholds, level_for
+from gpudeck.wallet.ids import uuid7
+from gpudeck.wallet.ledger import (
+    PLATFORM_ACCOUNT,
+    InsufficientFunds,
+    Kind,
+    PostingView,
+    Transaction,
+    TransferRequest,
+    kyc_required,
+    validate,
+)
+
+if TYPE_CHECKING:
+    from gpudeck.wallet.ledger_store import LedgerStore
+
+Conn = AsyncConnection[Any]
+
+POST_TRANSFER = "SELECT * FROM post_transfer(" + ", ".join(["%s"] * 20) + ")"
+FAST_KINDS = (Kind.TOPUP, Kind.CHARGE, Kind.USAGE, Kind.REFUND, Kind.ADJUSTMENT)
+
+
+async def post_one(store: LedgerStore, conn: Conn, request: TransferRequest) -> Transaction:
+    """Post one transfer in one statement (the `post_transfer` SQL function), the fast path
+    of the Transfer RPC; kinds it does not handle go through `post_transfers`.
+
+    Run it outside a transaction: the statement is its own. Raises the refusal."""
+    validate(request)
+    currency = await currency_of(store, conn, request.organization_id)
+    if (
+        request.kind not in FAST_KINDS
+        or request.lines
+        or (request.currency and request.currency != currency and request.kind is Kind.TOPUP)
+    ):
+        async with conn.transaction():
+            [outcome] = await store.post_transfers(conn, [request])
+        if outcome.error is not None:
+            raise outcome.error
+        assert outcome.transaction is not None
+        return outcome.transaction
+    tx_id = uuid7()
+    stamp = Timestamp()
+    stamp.GetCurrentTime()
+    event = events.transaction_posted(request, tx_id, request.amount, currency, stamp)
+    platform = PLATFORM_ACCOUNT[request.kind]
+    try:
+        cur = await conn.execute(
+            POST_TRANSFER,
+            (
+                tx_id, request.organization_id, request.kind.value, request.amount,
+                request.currency, request.description, request.project_id,
+                request.resource_type, request.resource_id, request.reference, request.key,
+                request.fingerprint if request.record_key else None, request.actor, platform,
+                request.allow_overdraft, event.id, event.type, event.SerializeToString(),
+                store.outbox_channel, store.policy.kyc_topup_limit,
+            ),
+        )  # fmt: skip
+    except psycopg.errors.RaiseException as exc:
+        raise refusal(exc) from None
+    row = await cur.fetchone()
+    assert row is not None
+    (tx_id, replayed, created_at, currency, balance, _credits, _held, rate, level,
+     wa, ca, wh, ch, below, codes, amounts, befores, afters) = row  # fmt: skip
+    if replayed:
+        return (await store.load_transactions(conn, [tx_id]))[tx_id]
+    thresholds = Thresholds(wa, ca, wh, ch)
+    new_level = level_for(balance, rate, thresholds, store.policy.depletion_seconds)
+    if new_level != level or (below and balance < below):
+        async with conn.transaction():
+            await store.refresh_levels(conn, [request.organization_id], created_at)
+    return Transaction(
+        id=tx_id,
+        organization_id=request.organization_id,
+        kind=request.kind,
+        amount=request.amount,
+        currency=currency,
+        payment_amount=request.amount if request.kind is Kind.TOPUP else None,
+        payment_currency=currency if request.kind is Kind.TOPUP else None,
+        exchange_rate=None,
+        description=request.description,
+        project_id=request.project_id,
+        resource_type=request.resource_type,
+        resource_id=request.resource_id,
+        reference=request.reference,
+        idempotency_key=request.key,
+        actor=request.actor,
+        balance_after=balance,
+        created_at=created_at,
+        postings=tuple(
+            PostingView(c, a, b, f)
+            for c, a, b, f in zip(codes, amounts, befores, afters, strict=True)
+        ),
+    )
+
+
+async def currency_of(store: LedgerStore, conn: Conn, organization_id: uuid.UUID) -> str:
+    """The wallet currency of an organization (it never changes, so it is cached)."""
+    currency = store.currencies.get(organization_id)
+    if currency is None:
+        cur = await conn.execute(
+            "SELECT currency FROM wallets WHERE organization_id = %s", (organization_id,)
+        )
+        row = await cur.fetchone()
+        if row is None:
+            raise NotFound(f"organization {organization_id} not found", field="organization_id")
+        currency = row[0]
+        if len(store.currencies) > 100_000:
+            store.currencies.clear()
+        store.currencies[organization_id] = currency
+    return currency
+
+
+REFUSALS: dict[str, type[DomainError]] = {
+    "NOT_FOUND": NotFound,
+    "INVALID_ARGUMENT": InvalidArgument,
+}
+
+
+def refusal(exc: psycopg.errors.RaiseException) -> DomainError:
+    """The domain error a `post_transfer` refusal stands for (its HINT is '<CODE>:<field>')."""
+    code, _, field = (exc.diag.message_hint or "").partition(":")
+    message = exc.diag.message_primary or str(exc)
+    if code == "INSUFFICIENT_FUNDS":
+        return InsufficientFunds(message)
+    if code == "KYC_REQUIRED":
+        return kyc_required(message)
+    if code == "ABORTED":
+        return Conflict(message, field=field or None, reason="IDEMPOTENCY_KEY_REUSED")
+    return REFUSALS.get(code, DomainError)(message, field=field or None)
