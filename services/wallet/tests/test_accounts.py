@@ -108,10 +108,10 @@ def test_a_secret_is_gpd_and_40_url_safe_characters_kept_as_sha256() -> None:
 
 
 def test_there_is_one_token_digest() -> None:
-    from gpudeck.wallet import accounts_store, demo
+    from gpudeck.wallet import demo, tokens_store
 
     assert not hasattr(demo, "token_digest")
-    assert vars(accounts_store)["token_digest"] is accounts.token_digest
+    assert vars(tokens_store)["token_digest"] is accounts.token_digest
 
 
 def test_an_expiry_must_be_in_the_future() -> None:

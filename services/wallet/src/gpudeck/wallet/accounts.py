@@ -1,7 +1,7 @@
 """Accounts: organizations, members and their roles, projects, API tokens and preferences.
 
 What each role may do, how names, emails and settings are checked, and how a token's secret is
-made and kept (only its SHA-256). Plain values and rules; the SQL lives in accounts_store.
+made and kept (only its SHA-256). Plain values and rules; the SQL lives in accounts_store and the stores it is built from (organizations_store, projects_store, tokens_store).
 
 Roles, from most to least powerful: owner > admin > billing > member > viewer.
 """

@@ -1,9 +1,8 @@
-"""All SQL of accounts: organizations, users and memberships, projects, API tokens, preferences.
+"""All SQL of accounts behind one surface, AccountStore; this module owns creating organizations,
+users and memberships, and members' preferences (projects and tokens: projects_store, tokens_store).
 
 Every mutation runs in the caller's transaction and writes its account.* event to the outbox
-there. Mutations inside one organization first lock its row (FOR NO KEY UPDATE, which leaves
-foreign-key inserts elsewhere free), so checks such as "the last owner stays" cannot race.
-`authenticate` is the hot path: one indexed SELECT, and a write at most once a minute per token.
+there, after locking the organization's row (see organizations_store).
 """
 
 from __future__ import annotations
@@ -11,79 +10,38 @@ from __future__ import annotations
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime
 from typing import Any
 
-from psycopg import AsyncConnection, sql
+from psycopg import sql
 
-from gpudeck.kit.errors import (
-    AlreadyExists,
-    FailedPrecondition,
-    InvalidArgument,
-    NotFound,
-    PermissionDenied,
-    Unauthenticated,
-)
-from gpudeck.kit.events import Outbox
+from gpudeck.kit.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from gpudeck.proto.events.v1.envelope_pb2 import Event
 from gpudeck.wallet import events, idempotency
 from gpudeck.wallet.accounts import (
     DEFAULT_PROJECT,
     ApiToken,
-    Identity,
     Member,
     Organization,
     Preferences,
     Project,
     User,
     check_email,
-    check_expiry,
-    check_grant,
-    check_kyc_status,
     check_name,
     check_preference_update,
     check_role,
     fingerprint,
-    new_secret,
-    token_digest,
 )
 from gpudeck.wallet.ids import uuid7
-from gpudeck.wallet.ledger_store import db_now, open_wallet
+from gpudeck.wallet.ledger_store import open_wallet
 from gpudeck.wallet.money import check_currency
+from gpudeck.wallet.organizations_store import RANKED, Conn
+from gpudeck.wallet.projects_store import ProjectStore
+from gpudeck.wallet.tokens_store import TokenStore
 
-Conn = AsyncConnection[Any]
-# A role's rank in SQL, weakest first: array_position(RANKED, role).
-RANKED = "ARRAY['viewer', 'member', 'billing', 'admin', 'owner']"
-# How often a token's last_used_at is written at most.
-LAST_USED_RESOLUTION = "60 seconds"
-
-ORGANIZATION = """
-SELECT o.id, o.name, o.currency, o.plan_code, o.kyc_status, o.created_at, u.id, u.email, u.name,
-       (SELECT count(*) FROM memberships m WHERE m.organization_id = o.id)
-FROM organizations o JOIN users u ON u.id = o.owner_user_id
-WHERE o.id = %s AND o.deleted_at IS NULL
-"""
 MEMBER = """
 SELECT m.organization_id, u.id, u.email, u.name, m.role, m.created_at
 FROM memberships m JOIN users u ON u.id = m.user_id
 """
-PROJECT_COLUMNS = "id, organization_id, name, created_at, last_used_at, deleted_at"
-PROJECT = f"SELECT {PROJECT_COLUMNS} FROM projects"
-TOKEN_COLUMNS = (
-    "id, organization_id, name, role, created_by, created_at, expires_at, revoked_at, last_used_at"
-)
-TOKEN = f"SELECT {TOKEN_COLUMNS} FROM api_tokens"
-AUTHENTICATE = f"""
-SELECT t.id, t.organization_id, o.name, t.role, t.created_by, coalesce(u.email, ''), t.expires_at,
-       t.revoked_at IS NOT NULL, t.expires_at IS NOT NULL AND t.expires_at <= now(),
-       o.deleted_at IS NOT NULL,
-       t.last_used_at IS NULL OR t.last_used_at < now() - interval '{LAST_USED_RESOLUTION}'
-FROM api_tokens t
-JOIN organizations o ON o.id = t.organization_id
-LEFT JOIN users u ON u.id = t.created_by
-WHERE t.secret_sha256 = %s
-"""
-MAX_SECRET = 512
 
 
 @dataclass(frozen=True)
@@ -104,32 +62,12 @@ class CreatedOrganization:
     default_project: Project | None
 
 
-def _organization(row: Sequence[Any]) -> Organization:
-    owner = User(row[6], row[7], row[8])
-    return Organization(row[0], row[1], owner, row[2], row[3], row[4], row[5], row[9])
-
-
 def _member(row: Sequence[Any]) -> Member:
     return Member(row[0], User(row[1], row[2], row[3]), row[4], row[5])
 
 
-def _project(row: Sequence[Any]) -> Project:
-    return Project(*row)
-
-
-def _token(row: Sequence[Any]) -> ApiToken:
-    return ApiToken(*row)
-
-
-def _org_not_found(org: uuid.UUID) -> NotFound:
-    return NotFound(f"organization {org} not found", field="organization_id")
-
-
-class AccountStore:
+class AccountStore(ProjectStore, TokenStore):
     """Accounts in the wallet's schema; events go to `outbox` in the caller's transaction."""
-
-    def __init__(self, outbox: Outbox) -> None:
-        self.outbox = outbox
 
     # ------------------------------------------------------------------ organizations
 
@@ -233,62 +171,9 @@ class AccountStore:
         org = await self.get_organization(conn, uuid.UUID(earlier["organization_id"]))
         token = None
         if earlier.get("token_id"):
-            cur = await conn.execute(f"{TOKEN} WHERE id = %s", (uuid.UUID(earlier["token_id"]),))
-            row = await cur.fetchone()
-            token = _token(row) if row else None
+            token = await self._find_token(conn, uuid.UUID(earlier["token_id"]))
         project = await self._find_project(conn, uuid.UUID(earlier["project_id"]), deleted=True)
         return CreatedOrganization(org, "", token, project)
-
-    async def get_organization(self, conn: Conn, org: uuid.UUID) -> Organization:
-        cur = await conn.execute(ORGANIZATION, (org,))
-        row = await cur.fetchone()
-        if row is None:
-            raise _org_not_found(org)
-        return _organization(row)
-
-    async def find_organization(self, conn: Conn, org: uuid.UUID) -> Organization | None:
-        cur = await conn.execute(ORGANIZATION, (org,))
-        row = await cur.fetchone()
-        return _organization(row) if row else None
-
-    async def _lock_organization(self, conn: Conn, org: uuid.UUID) -> tuple[str, uuid.UUID]:
-        """Serialize this organization's account changes; its (currency, owner_user_id)."""
-        cur = await conn.execute(
-            "SELECT currency, owner_user_id FROM organizations"
-            " WHERE id = %s AND deleted_at IS NULL FOR NO KEY UPDATE",
-            (org,),
-        )
-        row = await cur.fetchone()
-        if row is None:
-            raise _org_not_found(org)
-        return row[0], row[1]
-
-    async def update_organization(self, conn: Conn, org: uuid.UUID, *, name: str) -> Organization:
-        name = check_name(name)
-        await self._lock_organization(conn, org)
-        await conn.execute("UPDATE organizations SET name = %s WHERE id = %s", (name, org))
-        await self.outbox.add(
-            conn, self._organization_event("account.organization.updated", org, name)
-        )
-        return await self.get_organization(conn, org)
-
-    async def set_kyc_status(self, conn: Conn, org: uuid.UUID, status: str) -> Organization:
-        status = check_kyc_status(status)
-        await self._lock_organization(conn, org)
-        cur = await conn.execute(
-            "UPDATE organizations SET kyc_status = %s WHERE id = %s AND kyc_status <> %s"
-            " RETURNING name",
-            (status, org, status),
-        )
-        changed = await cur.fetchone()
-        if changed is not None:
-            event = self._organization_event("account.organization.updated", org, changed[0])
-            await self.outbox.add(conn, event)
-        return await self.get_organization(conn, org)
-
-    @staticmethod
-    def _organization_event(event_type: str, org: uuid.UUID, name: str) -> Event:
-        return events.account_changed(event_type, org, kind="organization", id=org, name=name)
 
     # ------------------------------------------------------------------ members
 
@@ -300,13 +185,6 @@ class AccountStore:
             (org,),
         )
         return [_member(row) for row in await cur.fetchall()]
-
-    async def member_role(self, conn: Conn, org: uuid.UUID, user: uuid.UUID) -> str | None:
-        cur = await conn.execute(
-            "SELECT role FROM memberships WHERE organization_id = %s AND user_id = %s", (org, user)
-        )
-        row = await cur.fetchone()
-        return row[0] if row else None
 
     async def invite_member(
         self, conn: Conn, org: uuid.UUID, email: str, role: str, *, name: str = ""
@@ -396,286 +274,11 @@ class AccountStore:
             (org, leaving, org),
         )
 
-    async def _revoke_tokens_of(
-        self, conn: Conn, org: uuid.UUID, user_id: uuid.UUID, *, above: str | None
-    ) -> None:
-        """Revoke the live tokens `user_id` made here: all, or those outranking `above`."""
-        cur = await conn.execute(
-            f"UPDATE api_tokens SET revoked_at = now() WHERE organization_id = %s"
-            f" AND created_by = %s AND revoked_at IS NULL"
-            f" AND (%s::text IS NULL"
-            f" OR array_position({RANKED}, role) > array_position({RANKED}, %s::text))"
-            f" RETURNING {TOKEN_COLUMNS}",
-            (org, user_id, above, above),
-        )
-        revoked = [_token(row) for row in await cur.fetchall()]
-        await self.outbox.add_many(
-            conn, [self._token_event("account.token.deleted", t) for t in revoked]
-        )
-
     @staticmethod
     def _member_event(event_type: str, org: uuid.UUID, user: User, role: str) -> Event:
         return events.account_changed(
             event_type, org, kind="member", id=user.id, name=user.name, email=user.email, role=role
         )
-
-    # ------------------------------------------------------------------ projects
-
-    async def create_project(
-        self, conn: Conn, org: uuid.UUID, name: str, *, idempotency_key: str = ""
-    ) -> Project:
-        name = check_name(name)
-        await self._lock_organization(conn, org)
-        scope, digest = f"org:{org}:projects", fingerprint("project.create", name=name)
-        if idempotency_key:
-            earlier = await idempotency.recall(conn, scope, idempotency_key, digest)
-            if earlier is not None:
-                return await self.get_project(conn, uuid.UUID(earlier["project_id"]), deleted=True)
-        project = await self._insert_project(conn, org, name, None)
-        await self.outbox.add(conn, self._project_event("account.project.created", project))
-        if idempotency_key:
-            result = {"project_id": str(project.id)}
-            await idempotency.remember(conn, scope, idempotency_key, digest, result)
-        return project
-
-    async def _insert_project(
-        self, conn: Conn, org: uuid.UUID, name: str, project_id: uuid.UUID | None
-    ) -> Project:
-        cur = await conn.execute(
-            "INSERT INTO projects (id, organization_id, name) VALUES (%s, %s, %s)"
-            " ON CONFLICT (organization_id, name) DO NOTHING"
-            f" RETURNING {PROJECT_COLUMNS}",
-            (project_id or uuid7(), org, name),
-        )
-        row = await cur.fetchone()
-        if row is None:
-            raise AlreadyExists(
-                f"organization {org} already has a project named {name!r}"
-                " (names of deleted projects stay taken)",
-                field="name",
-            )
-        return _project(row)
-
-    async def _find_project(
-        self, conn: Conn, project_id: uuid.UUID, *, deleted: bool = False
-    ) -> Project | None:
-        live = "" if deleted else " AND deleted_at IS NULL"
-        cur = await conn.execute(f"{PROJECT} WHERE id = %s{live}", (project_id,))
-        row = await cur.fetchone()
-        return _project(row) if row else None
-
-    async def get_project(
-        self, conn: Conn, project_id: uuid.UUID, *, deleted: bool = False
-    ) -> Project:
-        project = await self._find_project(conn, project_id, deleted=deleted)
-        if project is None:
-            raise NotFound(f"project {project_id} not found", field="project_id")
-        return project
-
-    async def list_projects(self, conn: Conn, org: uuid.UUID, *, limit: int = 50) -> list[Project]:
-        """The organization's projects, most recently used first."""
-        await self.get_organization(conn, org)
-        cur = await conn.execute(
-            f"{PROJECT} WHERE organization_id = %s AND deleted_at IS NULL"
-            " ORDER BY last_used_at DESC, id DESC LIMIT %s",
-            (org, limit),
-        )
-        return [_project(row) for row in await cur.fetchall()]
-
-    async def touch_project(self, conn: Conn, project_id: uuid.UUID) -> Project:
-        """Mark a project as just used (it moves to the front of the recent list); no event."""
-        cur = await conn.execute(
-            "UPDATE projects SET last_used_at = greatest(last_used_at, clock_timestamp())"
-            " WHERE id = %s AND deleted_at IS NULL"
-            f" RETURNING {PROJECT_COLUMNS}",
-            (project_id,),
-        )
-        row = await cur.fetchone()
-        if row is None:
-            raise NotFound(f"project {project_id} not found", field="project_id")
-        return _project(row)
-
-    async def delete_project(self, conn: Conn, project_id: uuid.UUID) -> Project:
-        """Soft-delete a project that is not its organization's last and meters nothing."""
-        project = await self.get_project(conn, project_id)
-        await self._lock_organization(conn, project.organization_id)
-        cur = await conn.execute(
-            "SELECT (SELECT count(*) FROM projects WHERE organization_id = %s"
-            "        AND deleted_at IS NULL),"
-            "       EXISTS (SELECT 1 FROM meters WHERE organization_id = %s AND project_id = %s"
-            "        AND closed_at IS NULL)",
-            (project.organization_id, project.organization_id, project_id),
-        )
-        row = await cur.fetchone()
-        assert row is not None
-        if row[0] <= 1:
-            raise FailedPrecondition(
-                f"project {project_id} is the organization's last project", field="project_id"
-            )
-        if row[1]:
-            raise FailedPrecondition(
-                f"project {project_id} still has running resources", field="project_id"
-            )
-        cur = await conn.execute(
-            "UPDATE projects SET deleted_at = now() WHERE id = %s AND deleted_at IS NULL"
-            f" RETURNING {PROJECT_COLUMNS}",
-            (project_id,),
-        )
-        row = await cur.fetchone()
-        if row is None:  # deleted while we waited for the lock
-            raise NotFound(f"project {project_id} not found", field="project_id")
-        deleted = _project(row)
-        await self.outbox.add(conn, self._project_event("account.project.deleted", deleted))
-        return deleted
-
-    @staticmethod
-    def _project_event(event_type: str, project: Project) -> Event:
-        return events.account_changed(
-            event_type,
-            project.organization_id,
-            kind="project",
-            id=project.id,
-            name=project.name,
-            project_id=project.id,
-        )
-
-    # ------------------------------------------------------------------ API tokens
-
-    async def create_token(
-        self,
-        conn: Conn,
-        org: uuid.UUID,
-        *,
-        name: str,
-        role: str,
-        expires_at: datetime | None = None,
-        created_by: uuid.UUID | None = None,
-        secret: str | None = None,
-    ) -> tuple[str, ApiToken]:
-        """A new token and its secret (shown once). With `created_by`, that user must be a
-        member and `role` may not exceed theirs."""
-        name, role = check_name(name), check_role(role)
-        check_expiry(expires_at, await db_now(conn))
-        await self._lock_organization(conn, org)
-        if created_by is not None:
-            creator_role = await self.member_role(conn, org, created_by)
-            if creator_role is None:
-                raise PermissionDenied(
-                    f"created_by: user {created_by} is not a member of organization {org}",
-                    field="created_by",
-                )
-            check_grant(creator_role, role)
-        secret, token = await self._insert_token(
-            conn, org, name, role, created_by, expires_at, secret
-        )
-        await self.outbox.add(conn, self._token_event("account.token.created", token))
-        return secret, token
-
-    async def _insert_token(
-        self,
-        conn: Conn,
-        org: uuid.UUID,
-        name: str,
-        role: str,
-        created_by: uuid.UUID | None,
-        expires_at: datetime | None,
-        secret: str | None = None,
-    ) -> tuple[str, ApiToken]:
-        secret = secret or new_secret()
-        cur = await conn.execute(
-            "INSERT INTO api_tokens"
-            " (id, organization_id, created_by, name, role, secret_sha256, expires_at)"
-            " VALUES (%s, %s, %s, %s, %s, %s, %s)"
-            f" RETURNING {TOKEN_COLUMNS}",
-            (uuid7(), org, created_by, name, role, token_digest(secret), expires_at),
-        )
-        row = await cur.fetchone()
-        assert row is not None
-        return secret, _token(row)
-
-    async def find_token_by_secret(self, conn: Conn, secret: str) -> ApiToken | None:
-        cur = await conn.execute(f"{TOKEN} WHERE secret_sha256 = %s", (token_digest(secret),))
-        row = await cur.fetchone()
-        return _token(row) if row else None
-
-    async def list_tokens(self, conn: Conn, org: uuid.UUID) -> list[ApiToken]:
-        """The organization's tokens, newest first, revoked ones included (never secrets)."""
-        await self.get_organization(conn, org)
-        cur = await conn.execute(
-            f"{TOKEN} WHERE organization_id = %s ORDER BY created_at DESC, id DESC", (org,)
-        )
-        return [_token(row) for row in await cur.fetchall()]
-
-    async def revoke_token(self, conn: Conn, org: uuid.UUID, token_id: uuid.UUID) -> ApiToken:
-        """Revoke at once (the next Authenticate refuses it); revoking twice changes nothing."""
-        cur = await conn.execute(
-            "UPDATE api_tokens SET revoked_at = now()"
-            " WHERE id = %s AND organization_id = %s AND revoked_at IS NULL"
-            f" RETURNING {TOKEN_COLUMNS}",
-            (token_id, org),
-        )
-        row = await cur.fetchone()
-        if row is not None:
-            token = _token(row)
-            await self.outbox.add(conn, self._token_event("account.token.deleted", token))
-            return token
-        cur = await conn.execute(f"{TOKEN} WHERE id = %s AND organization_id = %s", (token_id, org))
-        row = await cur.fetchone()
-        if row is None:
-            raise NotFound(
-                f"API token {token_id} not found in organization {org}", field="api_token_id"
-            )
-        return _token(row)
-
-    @staticmethod
-    def _token_event(event_type: str, token: ApiToken) -> Event:
-        return events.account_changed(
-            event_type,
-            token.organization_id,
-            kind="token",
-            id=token.id,
-            name=token.name,
-            role=token.role,
-        )
-
-    async def authenticate(self, conn: Conn, secret: str) -> Identity:
-        """Who `secret` is; Unauthenticated, saying why, for unknown, revoked or expired ones."""
-        if not secret:
-            raise Unauthenticated("token is required", field="token")
-        if len(secret) > MAX_SECRET:
-            raise Unauthenticated("unknown token", field="token", reason="TOKEN_UNKNOWN")
-        cur = await conn.execute(AUTHENTICATE, (token_digest(secret),))
-        row = await cur.fetchone()
-        if row is None:
-            raise Unauthenticated("unknown token", field="token", reason="TOKEN_UNKNOWN")
-        (
-            token_id,
-            org,
-            org_name,
-            role,
-            user_id,
-            email,
-            expires_at,
-            revoked,
-            expired,
-            org_deleted,
-            stale,
-        ) = row
-        if revoked:
-            raise Unauthenticated("token was revoked", field="token", reason="TOKEN_REVOKED")
-        if expired:
-            raise Unauthenticated("token has expired", field="token", reason="TOKEN_EXPIRED")
-        if org_deleted:
-            raise Unauthenticated(
-                "token's organization was deleted", field="token", reason="TOKEN_UNKNOWN"
-            )
-        if stale:
-            await conn.execute(
-                "UPDATE api_tokens SET last_used_at = now() WHERE id = %s AND (last_used_at IS NULL"
-                f" OR last_used_at < now() - interval '{LAST_USED_RESOLUTION}')",
-                (token_id,),
-            )
-        return Identity(token_id, org, org_name, role, user_id, email, expires_at)
 
     # ------------------------------------------------------------------ preferences
 

@@ -1,0 +1,147 @@
+"""SQL of projects: creating, reading, listing by recent use, touching and soft-deleting them.
+
+Every mutation runs in the caller's transaction and writes its account.project.* event to the
+outbox there.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+from typing import Any
+
+from gpudeck.kit.errors import AlreadyExists, FailedPrecondition, NotFound
+from gpudeck.proto.events.v1.envelope_pb2 import Event
+from gpudeck.wallet import events, idempotency
+from gpudeck.wallet.accounts import Project, check_name, fingerprint
+from gpudeck.wallet.ids import uuid7
+from gpudeck.wallet.organizations_store import Conn, OrganizationStore
+
+PROJECT_COLUMNS = "id, organization_id, name, created_at, last_used_at, deleted_at"
+PROJECT = f"SELECT {PROJECT_COLUMNS} FROM projects"
+
+
+def _project(row: Sequence[Any]) -> Project:
+    return Project(*row)
+
+
+class ProjectStore(OrganizationStore):
+    """An organization's projects."""
+
+    async def create_project(
+        self, conn: Conn, org: uuid.UUID, name: str, *, idempotency_key: str = ""
+    ) -> Project:
+        name = check_name(name)
+        await self._lock_organization(conn, org)
+        scope, digest = f"org:{org}:projects", fingerprint("project.create", name=name)
+        if idempotency_key:
+            earlier = await idempotency.recall(conn, scope, idempotency_key, digest)
+            if earlier is not None:
+                return await self.get_project(conn, uuid.UUID(earlier["project_id"]), deleted=True)
+        project = await self._insert_project(conn, org, name, None)
+        await self.outbox.add(conn, self._project_event("account.project.created", project))
+        if idempotency_key:
+            result = {"project_id": str(project.id)}
+            await idempotency.remember(conn, scope, idempotency_key, digest, result)
+        return project
+
+    async def _insert_project(
+        self, conn: Conn, org: uuid.UUID, name: str, project_id: uuid.UUID | None
+    ) -> Project:
+        cur = await conn.execute(
+            "INSERT INTO projects (id, organization_id, name) VALUES (%s, %s, %s)"
+            " ON CONFLICT (organization_id, name) DO NOTHING"
+            f" RETURNING {PROJECT_COLUMNS}",
+            (project_id or uuid7(), org, name),
+        )
+        row = await cur.fetchone()
+        if row is None:
+            raise AlreadyExists(
+                f"organization {org} already has a project named {name!r}"
+                " (names of deleted projects stay taken)",
+                field="name",
+            )
+        return _project(row)
+
+    async def _find_project(
+        self, conn: Conn, project_id: uuid.UUID, *, deleted: bool = False
+    ) -> Project | None:
+        live = "" if deleted else " AND deleted_at IS NULL"
+        cur = await conn.execute(f"{PROJECT} WHERE id = %s{live}", (project_id,))
+        row = await cur.fetchone()
+        return _project(row) if row else None
+
+    async def get_project(
+        self, conn: Conn, project_id: uuid.UUID, *, deleted: bool = False
+    ) -> Project:
+        project = await self._find_project(conn, project_id, deleted=deleted)
+        if project is None:
+            raise NotFound(f"project {project_id} not found", field="project_id")
+        return project
+
+    async def list_projects(self, conn: Conn, org: uuid.UUID, *, limit: int = 50) -> list[Project]:
+        """The organization's projects, most recently used first."""
+        await self.get_organization(conn, org)
+        cur = await conn.execute(
+            f"{PROJECT} WHERE organization_id = %s AND deleted_at IS NULL"
+            " ORDER BY last_used_at DESC, id DESC LIMIT %s",
+            (org, limit),
+        )
+        return [_project(row) for row in await cur.fetchall()]
+
+    async def touch_project(self, conn: Conn, project_id: uuid.UUID) -> Project:
+        """Mark a project as just used (it moves to the front of the recent list); no event."""
+        cur = await conn.execute(
+            "UPDATE projects SET last_used_at = greatest(last_used_at, clock_timestamp())"
+            " WHERE id = %s AND deleted_at IS NULL"
+            f" RETURNING {PROJECT_COLUMNS}",
+            (project_id,),
+        )
+        row = await cur.fetchone()
+        if row is None:
+            raise NotFound(f"project {project_id} not found", field="project_id")
+        return _project(row)
+
+    async def delete_project(self, conn: Conn, project_id: uuid.UUID) -> Project:
+        """Soft-delete a project that is not its organization's last and meters nothing."""
+        project = await self.get_project(conn, project_id)
+        await self._lock_organization(conn, project.organization_id)
+        cur = await conn.execute(
+            "SELECT (SELECT count(*) FROM projects WHERE organization_id = %s"
+            "        AND deleted_at IS NULL),"
+            "       EXISTS (SELECT 1 FROM meters WHERE organization_id = %s AND project_id = %s"
+            "        AND closed_at IS NULL)",
+            (project.organization_id, project.organization_id, project_id),
+        )
+        row = await cur.fetchone()
+        assert row is not None
+        if row[0] <= 1:
+            raise FailedPrecondition(
+                f"project {project_id} is the organization's last project", field="project_id"
+            )
+        if row[1]:
+            raise FailedPrecondition(
+                f"project {project_id} still has running resources", field="project_id"
+            )
+        cur = await conn.execute(
+            "UPDATE projects SET deleted_at = now() WHERE id = %s AND deleted_at IS NULL"
+            f" RETURNING {PROJECT_COLUMNS}",
+            (project_id,),
+        )
+        row = await cur.fetchone()
+        if row is None:  # deleted while we waited for the lock
+            raise NotFound(f"project {project_id} not found", field="project_id")
+        deleted = _project(row)
+        await self.outbox.add(conn, self._project_event("account.project.deleted", deleted))
+        return deleted
+
+    @staticmethod
+    def _project_event(event_type: str, project: Project) -> Event:
+        return events.account_changed(
+            event_type,
+            project.organization_id,
+            kind="project",
+            id=project.id,
+            name=project.name,
+            project_id=project.id,
+        )
