@@ -1,11 +1,12 @@
-"""Usage events (per call, per token) and the analytics read from their hourly rollup.
+"""Usage events (per call, per token) and the analytics read from their rollups.
 
 An event counts `quantity` units of a meter ("tokens", "api_calls") at `unit_price` micro-units
 per 1,000,000 units: cost = quantity * unit_price / 1,000,000, rounded half away from zero to the
 micro-unit (the quantity is taken as the shortest decimal that prints it, 0.1 as 0.1). Events are
 de-duplicated by `event_id`. The dimensions model, provider, region and api are kept in the
-hourly rollup; `resource_type` and `resource_id` say what the charge is for in the spending
-rollups (default "api").
+hourly rollup, which feeds a daily one per model and all-time totals per dimension value (so the
+dashboard's cost does not grow with history); `resource_type` and `resource_id` say what the
+charge is for in the spending rollups (default "api").
 """
 
 from __future__ import annotations
@@ -226,9 +227,14 @@ def breakdown(
             t[1] += usage.cost
             t[2] += usage.calls
             t[3] += usage.errors
-    rows = [
+    return per_dimension(
         DimensionUsage(dim, value, q, int(c), int(n), int(e))
         for (dim, value), (q, c, n, e) in totals.items()
-    ]
-    rows.sort(key=lambda d: (DIMENSIONS.index(d.dimension), -d.quantity, -d.cost, d.value))
-    return tuple(rows)
+    )
+
+
+def per_dimension(rows: Iterable[DimensionUsage]) -> tuple[DimensionUsage, ...]:
+    """Ordered by dimension (model, provider, region, api), then largest quantity first."""
+    return tuple(
+        sorted(rows, key=lambda d: (DIMENSIONS.index(d.dimension), -d.quantity, -d.cost, d.value))
+    )

@@ -1,5 +1,10 @@
 """All SQL of usage events: record one (de-duplicated, charged in the same transaction) and read
-the analytics from the hourly rollup; only "recent records" reads the events themselves."""
+the analytics from the rollups; only "recent records" reads the events themselves.
+
+Writing usage_hourly is all a record does to the rollups: a trigger on it (migration 006) adds
+the same amounts to usage_daily and usage_totals in the same transaction. The last 48 hours are
+read from usage_hourly, the last 30 days from usage_daily and all time from usage_totals, so the
+cost of the dashboard does not grow with the length of the history."""
 
 from __future__ import annotations
 
@@ -21,12 +26,12 @@ from gpudeck.wallet.usage import (
     DimensionUsage,
     UsageEvent,
     UsageRecord,
-    breakdown,
     by_quantity,
     day_start,
     event_time,
     hour_start,
     hourly,
+    per_dimension,
     validate,
 )
 
@@ -52,16 +57,17 @@ SET calls = u.calls + 1, errors = u.errors + excluded.errors,
     quantity = u.quantity + excluded.quantity, cost = u.cost + excluded.cost,
     latency_ms_sum = u.latency_ms_sum + excluded.latency_ms_sum
 """
-# Per model over 30 days, with today's part: both widgets from one pass over the rollup.
+# Per model over 30 days, with today's part: both widgets from one pass over the daily rollup
+# (at most 30 rows per model and meter).
 MODELS = """
 SELECT model,
-       coalesce(sum(quantity) FILTER (WHERE hour >= %(today)s), 0),
-       coalesce(sum(cost) FILTER (WHERE hour >= %(today)s), 0)::bigint,
-       coalesce(sum(calls) FILTER (WHERE hour >= %(today)s), 0)::bigint,
-       coalesce(sum(errors) FILTER (WHERE hour >= %(today)s), 0)::bigint,
+       coalesce(sum(quantity) FILTER (WHERE day >= %(today)s), 0),
+       coalesce(sum(cost) FILTER (WHERE day >= %(today)s), 0)::bigint,
+       coalesce(sum(calls) FILTER (WHERE day >= %(today)s), 0)::bigint,
+       coalesce(sum(errors) FILTER (WHERE day >= %(today)s), 0)::bigint,
        sum(quantity), sum(cost)::bigint, sum(calls)::bigint, sum(errors)::bigint
-FROM usage_hourly
-WHERE organization_id = %(org)s AND hour >= %(since)s AND (%(meter)s = '' OR meter = %(meter)s)
+FROM usage_daily
+WHERE organization_id = %(org)s AND day >= %(since)s AND (%(meter)s = '' OR meter = %(meter)s)
 GROUP BY model
 """
 HOURS = """
@@ -70,13 +76,12 @@ FROM usage_hourly
 WHERE organization_id = %(org)s AND hour >= %(since)s AND (%(meter)s = '' OR meter = %(meter)s)
 GROUP BY hour
 """
-# Per combination of dimensions (a few dozen rows), split per dimension by `usage.breakdown`.
+# Per dimension and value: one row each per meter in the all-time totals.
 ALL_TIME = """
-SELECT model, provider, region, api, sum(quantity), sum(cost)::bigint, sum(calls)::bigint,
-       sum(errors)::bigint
-FROM usage_hourly
+SELECT dimension, value, sum(quantity), sum(cost)::bigint, sum(calls)::bigint, sum(errors)::bigint
+FROM usage_totals
 WHERE organization_id = %(org)s AND (%(meter)s = '' OR meter = %(meter)s)
-GROUP BY 1, 2, 3, 4
+GROUP BY 1, 2
 """
 
 
@@ -204,7 +209,7 @@ async def _models(
     conn: Conn, args: Args, now: datetime
 ) -> tuple[float, int, list[DimensionUsage], list[DimensionUsage]]:
     """Today's quantity and cost, and per model: today's usage and the last 30 days'."""
-    today = day_start(now)
+    today = day_start(now).date()
     cur = await conn.execute(MODELS, {**args, "today": today, "since": today - timedelta(days=29)})
     quantity, cost = 0.0, 0
     by_model_today, by_model_30_days = [], []
@@ -235,10 +240,7 @@ async def _hours(
 async def _all_time(conn: Conn, args: Args) -> tuple[DimensionUsage, ...]:
     """Per dimension (model, provider, region, api) and value set: everything ever used."""
     cur = await conn.execute(ALL_TIME, args)
-    return breakdown(
-        (tuple(values), DimensionUsage("", "", q, c, n, e))
-        for *values, q, c, n, e in await cur.fetchall()
-    )
+    return per_dimension(DimensionUsage(*row) for row in await cur.fetchall())
 
 
 async def _recent(conn: Conn, args: Args, limit: int) -> tuple[UsageRecord, ...]:
