@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import uuid
 from datetime import UTC, datetime
+from functools import lru_cache
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
@@ -36,6 +37,22 @@ def parse_id(value: str, field: str) -> uuid.UUID:
         raise InvalidArgument(f"{field} is not a valid id: {value!r}", field=field) from None
 
 
+class IdCache:
+    """Ids parsed once per request: a batch names the same organizations many times."""
+
+    def __init__(self) -> None:
+        self._parsed: dict[str, uuid.UUID] = {}
+
+    def parse(self, value: str, field: str) -> uuid.UUID:
+        found = self._parsed.get(value)
+        if found is None:
+            found = self._parsed[value] = parse_id(value, field)
+        return found
+
+    def optional(self, value: str, field: str) -> uuid.UUID | None:
+        return self.parse(value, field) if value else None
+
+
 def optional_id(value: str, field: str) -> uuid.UUID | None:
     return parse_id(value, field) if value else None
 
@@ -64,34 +81,54 @@ def money(amount: int, currency: str) -> Money:
 
 
 def transaction(tx: Transaction, *, postings: bool = True) -> pb.Transaction:
-    message = pb.Transaction(
-        id=str(tx.id),
-        organization_id=str(tx.organization_id),
-        kind=KIND_TO_PROTO.get(tx.kind, pb.TRANSFER_KIND_UNSPECIFIED),
-        amount=money(tx.amount, tx.currency),
-        exchange_rate=tx.exchange_rate or "",
-        description=tx.description,
-        resource_type=tx.resource_type,
-        resource_id=tx.resource_id,
-        project_id=str(tx.project_id or ""),
-        balance_after=money(tx.balance_after, tx.currency),
-        created_at=timestamp(tx.created_at),
-        idempotency_key=tx.idempotency_key,
-        actor=tx.actor,
-        postings=[
-            pb.Posting(
+    message = pb.Transaction()
+    fill_transaction(message, tx, postings=postings)
+    return message
+
+
+def fill_transaction(message: pb.Transaction, tx: Transaction, *, postings: bool = True) -> None:
+    """Write `tx` into an empty `message` (in place: a batch's answers are not copied)."""
+    message.id = str(tx.id)
+    message.organization_id = str(tx.organization_id)
+    message.kind = KIND_TO_PROTO.get(tx.kind, pb.TRANSFER_KIND_UNSPECIFIED)
+    currency = tx.currency
+    _set_money(message.amount, tx.amount, currency)
+    message.exchange_rate = tx.exchange_rate or ""
+    message.description = tx.description
+    message.resource_type = tx.resource_type
+    message.resource_id = tx.resource_id
+    message.project_id = str(tx.project_id or "")
+    _set_money(message.balance_after, tx.balance_after, currency)
+    if tx.created_at is not None:
+        message.created_at.seconds, message.created_at.nanos = _seconds_nanos(tx.created_at)
+    message.idempotency_key = tx.idempotency_key
+    message.actor = tx.actor
+    if postings:
+        add = message.postings.add
+        for p in tx.postings:
+            add(
                 account=p.account,
                 amount=p.amount,
                 balance_before=p.balance_before,
                 balance_after=p.balance_after,
-                currency=tx.currency,
+                currency=currency,
             )
-            for p in (tx.postings if postings else ())
-        ],
-    )
     if tx.payment_amount is not None:
-        message.payment_amount.CopyFrom(money(tx.payment_amount, tx.payment_currency or ""))
-    return message
+        _set_money(message.payment_amount, tx.payment_amount, tx.payment_currency or "")
+
+
+def _set_money(message: Money, amount: int, currency: str) -> None:
+    # Field by field, as Money(amount=…, currency=…) would: zero values stay unset alike.
+    message.amount = amount
+    message.currency = currency
+
+
+@lru_cache(maxsize=64)
+def _seconds_nanos(value: datetime) -> tuple[int, int]:
+    """Timestamp fields of `value` (a batch's transactions share one time)."""
+    ts = Timestamp()
+    ts.FromDatetime(value)
+    return ts.seconds, ts.nanos
 
 
 def hold(h: Hold) -> pb.Hold:

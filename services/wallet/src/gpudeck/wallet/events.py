@@ -5,11 +5,11 @@ Published through the outbox (gpudeck.kit.events.Outbox) in the transaction of t
 
 from __future__ import annotations
 
+import os
 import uuid
 from collections.abc import Sequence
 from datetime import datetime
 
-from google.protobuf.any_pb2 import Any
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from gpudeck.kit.events import new_event
@@ -58,32 +58,61 @@ TRANSACTION_TYPE_URL = "type.googleapis.com/" + pb.TransactionPosted.DESCRIPTOR.
 
 
 def transaction_posted(
-    request: TransferRequest, transaction_id: uuid.UUID, amount: int, currency: str, at: Timestamp
+    request: TransferRequest,
+    transaction_id: uuid.UUID,
+    amount: int,
+    currency: str,
+    at: Timestamp,
+    *,
+    event_id: str = "",
 ) -> Event:
     """The event announcing one ledger transaction, built directly (batches make thousands)."""
     payload = pb.TransactionPosted(
         transaction_id=str(transaction_id),
         kind=request.kind.value,
-        amount=Money(amount=amount, currency=currency),
         resource_type=request.resource_type,
         resource_id=request.resource_id,
     )
-    return Event(
-        id=str(uuid.uuid4()),
+    payload.amount.amount = amount
+    payload.amount.currency = currency
+    event = Event(
+        id=event_id or str(uuid.uuid4()),
         type=TRANSACTION_EVENT[request.kind],
         source=SOURCE,
         organization_id=str(request.organization_id),
         project_id=str(request.project_id or ""),
         actor=request.actor or current_actor.get() or "system",
-        time=at,
-        payload=Any(type_url=TRANSACTION_TYPE_URL, value=payload.SerializeToString()),
     )
+    event.time.CopyFrom(at)
+    event.payload.type_url = TRANSACTION_TYPE_URL
+    event.payload.value = payload.SerializeToString()
+    return event
 
 
 def transactions_posted(planned: Sequence[PlannedTransaction], now: datetime) -> list[Event]:
     stamp = Timestamp()
     stamp.FromDatetime(now)
-    return [transaction_posted(tx.request, tx.id, tx.amount, tx.currency, stamp) for tx in planned]
+    ids = random_ids(len(planned))
+    return [
+        transaction_posted(tx.request, tx.id, tx.amount, tx.currency, stamp, event_id=event_id)
+        for tx, event_id in zip(planned, ids, strict=True)
+    ]
+
+
+def random_ids(count: int) -> list[str]:
+    """`count` strings like str(uuid.uuid4()), made from one read of the random source."""
+    raw = os.urandom(16 * count)
+    ids = []
+    for i in range(0, 16 * count, 16):
+        value = int.from_bytes(raw[i : i + 16]) & _UUID4_KEEP | _UUID4_SET
+        h = f"{value:032x}"
+        ids.append(f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}")
+    return ids
+
+
+# Version 4 and the RFC 4122 variant, as uuid.UUID(bytes=…, version=4) sets them.
+_UUID4_KEEP = ~((0xF000 << 64) | (0xC000 << 48))
+_UUID4_SET = (0x4000 << 64) | (0x8000 << 48)
 
 
 def balance_event(

@@ -17,6 +17,7 @@ from datetime import datetime
 from decimal import Decimal
 from enum import StrEnum
 from functools import cached_property
+from typing import NamedTuple
 
 from gpudeck.kit.errors import FailedPrecondition, InvalidArgument
 from gpudeck.wallet.money import check_amount, check_currency, convert, format_micro
@@ -175,8 +176,9 @@ class Wallet:
         return self.balance - self.held_balance
 
 
-@dataclass(frozen=True)
-class Posting:
+class Posting(NamedTuple):
+    """One entry of a planned transaction (a tuple: a batch makes thousands)."""
+
     account_id: int
     account_code: str
     amount: int
@@ -184,8 +186,9 @@ class Posting:
     balance_after: int
 
 
-@dataclass(frozen=True)
-class PlannedTransaction:
+class PlannedTransaction(NamedTuple):
+    """What `Book.apply` decided for one transfer (a tuple: a batch makes thousands)."""
+
     id: uuid.UUID
     request: TransferRequest
     amount: int  # in the wallet currency (for ADJUSTMENT: signed)
@@ -231,12 +234,13 @@ class Book:
         other = self.platform[platform_pool(request.kind, wallet.currency)]
         legs = self._legs(request, wallet, amount)
         postings = [_move(acct, delta) for acct, delta in legs]
-        postings.append(_move(other, -sum(delta for _, delta in legs)))
+        postings.append(_move(other, -sum([delta for _, delta in legs])))
         for acct, delta in legs:
             wallet.balance += delta
             if acct.kind == "credit":
                 wallet.credit_total += delta
-        wallet.credits = [c for c in wallet.credits if c.balance > 0 or c.kind != "credit"]
+        if wallet.credits:
+            wallet.credits = [c for c in wallet.credits if c.balance > 0 or c.kind != "credit"]
         spend: tuple[SpendLine, ...] = ()
         if request.kind in SPENDING:
             spend = request.spend_lines(amount)
@@ -344,8 +348,7 @@ def check_postings(postings: Sequence[Posting]) -> None:
         raise AssertionError("postings do not sum to zero")
 
 
-@dataclass(frozen=True)
-class PostingView:
+class PostingView(NamedTuple):
     account: str
     amount: int
     balance_before: int

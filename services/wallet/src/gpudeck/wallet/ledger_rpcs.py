@@ -6,20 +6,21 @@ from typing import Any
 
 import grpc
 
-from gpudeck.kit.errors import InvalidArgument
+from gpudeck.kit.errors import DomainError, InvalidArgument
 from gpudeck.kit.logs import actor
 from gpudeck.proto.wallet.v1 import wallet_pb2 as pb
 from gpudeck.wallet import convert
 from gpudeck.wallet.deps import Wallet
 from gpudeck.wallet.holds import HoldRequest
 from gpudeck.wallet.ledger import TransferRequest
+from gpudeck.wallet.ledger_store import Outcome
 from gpudeck.wallet.metering import MeterRequest
 
 Ctx = grpc.aio.ServicerContext[Any, Any]
 MAX_BATCH = 10_000
 
 
-def transfer_request(m: pb.TransferRequest) -> TransferRequest:
+def transfer_request(m: pb.TransferRequest, ids: convert.IdCache | None = None) -> TransferRequest:
     kind = convert.KIND_FROM_PROTO.get(m.kind)
     if kind is None:
         raise InvalidArgument(
@@ -27,14 +28,16 @@ def transfer_request(m: pb.TransferRequest) -> TransferRequest:
         )
     if not m.HasField("amount"):
         raise InvalidArgument("amount is required", field="amount")
+    ids = ids or convert.IdCache()
+    amount = m.amount
     return TransferRequest(
         key=m.idempotency_key,
-        organization_id=convert.parse_id(m.organization_id, "organization_id"),
+        organization_id=ids.parse(m.organization_id, "organization_id"),
         kind=kind,
-        amount=m.amount.amount,
-        currency=m.amount.currency.upper(),
+        amount=amount.amount,
+        currency=amount.currency.upper(),
         description=m.description,
-        project_id=convert.optional_id(m.project_id, "project_id"),
+        project_id=ids.optional(m.project_id, "project_id"),
         resource_type=m.resource_type,
         resource_id=m.resource_id,
         credit_expires_at=convert.optional_time(m, "credit_expires_at"),
@@ -57,28 +60,34 @@ class LedgerRpcs:
     ) -> pb.TransferBatchResponse:
         if len(request.transfers) > MAX_BATCH:
             raise InvalidArgument(f"at most {MAX_BATCH} transfers per batch", field="transfers")
-        results: list[pb.TransferResult | None] = [None] * len(request.transfers)
+        errors: dict[int, DomainError] = {}
         parsed: list[tuple[int, TransferRequest]] = []
+        ids = convert.IdCache()
         for i, item in enumerate(request.transfers):
             try:
-                parsed.append((i, transfer_request(item)))
+                parsed.append((i, transfer_request(item, ids)))
             except InvalidArgument as exc:
-                results[i] = pb.TransferResult(error_code=exc.code, error_message=exc.message)
+                errors[i] = exc
         async with self.wallet.pool.connection() as conn, conn.transaction():
             outcomes = await self.wallet.ledger.post_transfers(conn, [t for _, t in parsed])
-        for (i, _), outcome in zip(parsed, outcomes, strict=True):
-            if outcome.error is not None:
-                results[i] = pb.TransferResult(
-                    error_code=outcome.error.code, error_message=outcome.error.message
-                )
+        done: dict[int, Outcome] = {
+            i: outcome for (i, _), outcome in zip(parsed, outcomes, strict=True)
+        }
+        response = pb.TransferBatchResponse()
+        add = response.results.add
+        for i in range(len(request.transfers)):
+            error = errors.get(i)
+            outcome = done.get(i)
+            if outcome is not None:
+                error = outcome.error
+            if error is not None:
+                add(error_code=error.code, error_message=error.message)
             else:
-                assert outcome.transaction is not None
-                results[i] = pb.TransferResult(
-                    transaction=convert.transaction(
-                        outcome.transaction, postings=request.include_postings
-                    )
+                assert outcome is not None and outcome.transaction is not None
+                convert.fill_transaction(
+                    add().transaction, outcome.transaction, postings=request.include_postings
                 )
-        return pb.TransferBatchResponse(results=[r for r in results if r is not None])
+        return response
 
     async def ListTransactions(
         self, request: pb.ListTransactionsRequest, context: Ctx
