@@ -60,3 +60,15 @@ def test_consumer_names_one_per_pattern() -> None:
         consumer_names("billing", ["a.any", "a.*"])
     with pytest.raises(ValueError, match="subject"):
         consumer_names("billing", ["a.>.b"])
+
+
+def test_copy_rows_of_events_hex_encode_the_payload() -> None:
+    from gpudeck.kit.events.outbox import _copy_text
+    from gpudeck.proto.events.v1.envelope_pb2 import Event
+
+    event = Event(id="0a1b-2c", type="wallet.charge.posted")
+    assert _copy_text([event]) == (
+        f"0a1b-2c\twallet.charge.posted\t\\\\x{event.SerializeToString().hex()}\n"
+    )
+    with pytest.raises(ValueError, match="event id"):
+        _copy_text([Event(id="bad\tid", type="wallet.charge.posted")])
