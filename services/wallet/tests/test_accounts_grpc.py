@@ -515,3 +515,15 @@ async def test_the_demo_organization_is_verified_has_a_project_and_the_bootstrap
     assert project.organization_id == org.id
     tokens = await account_stub.ListApiTokens(pb.ListApiTokensRequest(organization_id=org.id))
     assert [t.name for t in tokens.api_tokens].count("bootstrap") >= 1
+    async with wallet_pool.connection() as conn:
+        cur = await conn.execute(
+            "SELECT balance, credits FROM wallets WHERE organization_id = %s",
+            (demo.DEMO_ORGANIZATION_ID,),
+        )
+        balance, credits = await cur.fetchone() or (0, 0)
+        assert credits >= 0 and balance >= demo.DEMO_CREDITS  # funded, usable at once
+        cur = await conn.execute(
+            "SELECT count(*) FROM exchange_rates WHERE base IN ('USD', 'INR')"
+            " AND quote IN ('USD', 'INR')"
+        )
+        assert (await cur.fetchone()) != (0,), "the demo can show INR and USD"

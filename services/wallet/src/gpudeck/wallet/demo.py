@@ -22,6 +22,7 @@ DEMO_EMAIL = "demo@gpudeck.local"
 # What the demo wallet starts with: a 100 USD top-up and 25 USD of promotional credits.
 DEMO_TOPUP = 100_000_000
 DEMO_CREDITS = 25_000_000
+DEMO_USD_INR = "84.0"
 SEED_LOCK = int.from_bytes(hashlib.sha256(b"gpudeck.wallet.demo").digest()[:8], "big", signed=True)
 
 
@@ -56,6 +57,14 @@ async def seed(pool: AsyncConnectionPool, *, bootstrap_token: str | None) -> Non
         for outcome in await ledger.post_transfers(conn, funding):
             if outcome.error is not None:
                 raise outcome.error
+        # So the INR/USD toggle works in the demo: a fixed rate, labelled as such (there is no
+        # live feed without internet; operators set real rates with SetExchangeRate).
+        await conn.execute(
+            "INSERT INTO exchange_rates (base, quote, rate, as_of, source)"
+            " SELECT 'USD', 'INR', %s, now(), 'demo seed (fixed, not a live rate)'"
+            " WHERE NOT EXISTS (SELECT 1 FROM exchange_rates WHERE base IN ('USD', 'INR'))",
+            (DEMO_USD_INR,),
+        )
         if bootstrap_token and await accounts.find_token_by_secret(conn, bootstrap_token) is None:
             await accounts.create_token(
                 conn,
