@@ -444,3 +444,38 @@ async def test_an_unverified_organization_may_not_top_up_above_the_kyc_limit(gql
         "field": "amount",
     }
     assert "KYC" in error["message"]
+
+
+async def test_the_auto_top_up_rule_is_set_and_its_pending_request_shown(gql, new_org) -> None:
+    org = await new_org()
+    await top_up(gql, org, "10", "auto-1")
+    rule = await gql.data(
+        """mutation($org: ID!) {
+          setAutoTopUp(organizationId: $org, enabled: true, below: "20", amount: "50") {
+            enabled below { amount currency } amount { amount } pendingAmount { amount }
+          }
+        }""",
+        {"org": org.id},
+        token=org.token,
+    )
+    # The balance (10) is already below 20: the rule fires at once and waits for its payment.
+    assert rule["setAutoTopUp"] == {
+        "enabled": True,
+        "below": {"amount": "20.000000", "currency": "USD"},
+        "amount": {"amount": "50.000000"},
+        "pendingAmount": {"amount": "50.000000"},
+    }
+    seen = await gql.data(
+        "query($id: ID!) { organization(id: $id) { autoTopUp { enabled pendingSince } } }",
+        {"id": org.id},
+        token=org.token,
+    )
+    assert seen["organization"]["autoTopUp"]["enabled"] is True
+    assert seen["organization"]["autoTopUp"]["pendingSince"] is not None
+    error = await gql.error(
+        'mutation($org: ID!) { setAutoTopUp(organizationId: $org, enabled: true, below: "0",'
+        ' amount: "5") { enabled } }',
+        {"org": org.id},
+        token=org.token,
+    )
+    assert error["extensions"] == {"code": "BAD_USER_INPUT", "field": "below"}

@@ -86,6 +86,10 @@ async def resolve_transactions(
     )
 
 
+async def resolve_auto_top_up(root: Organization, info: Info) -> wallets.AutoTopUp | None:
+    return await wallets.load_auto_topup(info, root.organization_id)
+
+
 async def resolve_thresholds(root: Organization, info: Info) -> wallets.Thresholds | None:
     return await wallets.load_thresholds(info, root.organization_id)
 
@@ -202,6 +206,12 @@ class Organization:
             "Ledger transactions, newest first, in the wallet currency (top-ups keep what was "
             "paid). `before`: the last id of the previous page."
         ),
+        extensions=require(BillingReader()),
+    )
+
+    auto_top_up = strawberry.field(
+        resolver=resolve_auto_top_up,
+        description="The auto top-up rule and the request it is waiting on, if any.",
         extensions=require(BillingReader()),
     )
 

@@ -8,7 +8,7 @@ import enum
 import logging
 import math
 from collections.abc import AsyncGenerator, Awaitable
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import TypeVar
 
 import grpc
@@ -200,6 +200,57 @@ async def load_thresholds(info: Info, organization_id: str) -> Thresholds:
     return Thresholds.from_pb(found, organization.currency)
 
 
+@strawberry.type(
+    description=(
+        "The auto top-up rule: when the balance falls below `below`, request `amount` (wallet "
+        "currency); `pending` is the request waiting for its payment, if any. It never fires "
+        "twice while one is pending."
+    )
+)
+class AutoTopUp:
+    enabled: bool
+    below: Money
+    amount: Money
+    pending_amount: Money | None
+    pending_since: datetime | None
+
+    @classmethod
+    def from_pb(cls, m: wallet_pb2.AutoTopUp, currency: str) -> AutoTopUp:
+        pending = m.pending if m.HasField("pending") and m.pending.id else None
+        return cls(
+            enabled=m.enabled,
+            below=Money.of(m.below, currency),
+            amount=Money.of(m.amount, currency),
+            pending_amount=Money.of(pending.amount.amount, currency) if pending else None,
+            pending_since=pending.created_at.ToDatetime(UTC) if pending else None,
+        )
+
+
+async def load_auto_topup(info: Info, organization_id: str) -> AutoTopUp:
+    c = info.context.wallet
+    organization = await info.context.loaders.organization.load(organization_id)
+    rule = await c.wallet.GetAutoTopUp(
+        wallet_pb2.GetAutoTopUpRequest(organization_id=organization_id), metadata=c.metadata
+    )
+    return AutoTopUp.from_pb(rule, organization.currency)
+
+
+async def resolve_set_auto_top_up(
+    info: Info, organization_id: strawberry.ID, enabled: bool, below: str, amount: str
+) -> AutoTopUp:
+    org = str(organization_id)
+    c = info.context.wallet
+    request = wallet_pb2.SetAutoTopUpRequest(
+        organization_id=org,
+        enabled=enabled,
+        below=parse_amount(below, field="below", allow_zero=not enabled),
+        amount=parse_amount(amount, field="amount", allow_zero=not enabled),
+    )
+    saved = await c.wallet.SetAutoTopUp(request, metadata=c.metadata)
+    organization = await info.context.loaders.organization.load(org)
+    return AutoTopUp.from_pb(saved, organization.currency)
+
+
 @strawberry.type(description="What a top-up did: the transaction and the wallet after it.")
 class TopUpPayload:
     transaction: Transaction
@@ -286,6 +337,15 @@ class Mutation:
             "Add money to the wallet: `amount` (a decimal string) paid in `currency`, converted "
             "to the wallet currency. A retry with the same `idempotencyKey` and payload returns "
             "the first transaction; the same key with another payload is a CONFLICT."
+        ),
+        extensions=require(BillingWriter("organization_id")),
+    )
+
+    set_auto_top_up = strawberry.mutation(
+        resolver=resolve_set_auto_top_up,
+        description=(
+            "Set the auto top-up rule: below and amount are decimal strings in the wallet "
+            "currency; enabled=false turns it off."
         ),
         extensions=require(BillingWriter("organization_id")),
     )
