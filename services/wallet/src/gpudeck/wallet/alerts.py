@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-LEVELS = ("ok", "warning", "critical", "depleted")
 SERVICE_STATUS = {
     "ok": "available",
     "warning": "warning",

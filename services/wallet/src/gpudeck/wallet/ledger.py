@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import uuid
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from decimal import Decimal
@@ -340,12 +339,6 @@ def _move(account: Account, delta: int) -> Posting:
     before = account.balance
     account.balance = before + delta
     return Posting(account.id, account.code, delta, before, account.balance)
-
-
-def check_postings(postings: Sequence[Posting]) -> None:
-    """Double entry: a transaction's postings sum to zero."""
-    if sum(p.amount for p in postings) != 0:
-        raise AssertionError("postings do not sum to zero")
 
 
 class PostingView(NamedTuple):

@@ -5,7 +5,7 @@
 
 from __future__ import annotations
 
-from decimal import ROUND_HALF_UP, Decimal, InvalidOperation
+from decimal import ROUND_HALF_UP, Decimal
 
 from gpudeck.kit.errors import InvalidArgument
 
@@ -41,22 +41,6 @@ def format_micro(amount: int) -> str:
     sign = "-" if amount < 0 else ""
     whole, frac = divmod(abs(amount), MICRO)
     return f"{sign}{whole}.{frac:06d}"
-
-
-def parse_decimal(text: str, *, field: str = "amount") -> int:
-    """ "12.5" → 12500000; more than six decimals, or not a number, is refused."""
-    try:
-        value = Decimal(text.strip())
-    except (InvalidOperation, AttributeError):
-        raise InvalidArgument(f"{field} is not a decimal number: {text!r}", field=field) from None
-    if not value.is_finite():
-        raise InvalidArgument(f"{field} is not a finite number: {text!r}", field=field)
-    micro = value * MICRO
-    if micro != micro.to_integral_value():
-        raise InvalidArgument(f"{field} has more than 6 decimal places: {text!r}", field=field)
-    if abs(micro) > MAX_AMOUNT * 1000:
-        raise InvalidArgument(f"{field} is too large: {text!r}", field=field)
-    return int(micro)
 
 
 def convert(amount: int, rate: Decimal) -> int:
