@@ -73,7 +73,11 @@ def time_up(data_dir: Path, log: Path, timeout: float = 120.0) -> float:
             deadline = time.monotonic() + timeout
             while not ready.wait(0.05):
                 if process.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"gpudeck up did not get healthy; see {log}")
+                    err.flush()
+                    tail = "\n".join(log.read_text(errors="replace").splitlines()[-25:])
+                    raise RuntimeError(
+                        f"gpudeck up did not get healthy; the end of its log:\n{tail}"
+                    )
         finally:
             process.send_signal(signal.SIGTERM)
             try:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import random
 import shutil
 import socket
 import subprocess
@@ -27,9 +28,36 @@ class EmbeddedError(Exception):
 
 
 def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
+    """A port free now, picked below the range the kernel hands out to outgoing connections:
+    a port from that range may be taken by some client's connection before the server that was
+    given it binds it ("Address already in use" at start-up, now and then)."""
+    first_ephemeral = _ephemeral_ports()[0]
+    low, high = 10_000, min(first_ephemeral, 65_536) - 1
+    for _ in range(100 if high > low else 0):
+        port = random.randint(low, high)
+        if port in _handed_out:  # free now, but promised to a server that has not bound it yet
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue
+        _handed_out.add(port)
+        return port
+    with socket.socket() as s:  # nothing free below the range: any port the kernel picks
         s.bind((host, 0))
         return int(s.getsockname()[1])
+
+
+_handed_out: set[int] = set()  # every port free_port gave in this process: never given twice
+
+
+def _ephemeral_ports() -> tuple[int, int]:
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32_768, 60_999  # Linux's default
 
 
 class EmbeddedPostgres:
