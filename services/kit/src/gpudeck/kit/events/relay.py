@@ -15,6 +15,11 @@ Each pass reads a batch in `id` order, publishes it without waiting between mess
 acks come back in parallel), waits for all acks, and deletes the acknowledged rows in one
 statement. A row whose ack is lost is published again later and JetStream drops the copy: the
 `Nats-Msg-Id` header is the event id and the stream's duplicate window covers the retry.
+
+Deleted rows leave dead index entries that every pass (it reads from the lowest id: a row with
+a lower id may commit after a higher one) and every writer's emptiness probe walk past until a
+VACUUM removes them. Autovacuum may be late or off, so after every `vacuum_every` deleted rows
+(and at most once a second) the leader vacuums the outbox itself: a queue table stays small.
 """
 
 from __future__ import annotations
@@ -57,6 +62,7 @@ class Relay:
         poll_interval: float = 1.0,
         linger: float = 0.5,
         publish_timeout: float = 5.0,
+        vacuum_every: int = 5_000,
     ) -> None:
         self.pool = pool
         self.schema = schema
@@ -65,6 +71,10 @@ class Relay:
         self.poll_interval = poll_interval
         self.linger = linger
         self.publish_timeout = publish_timeout
+        self.vacuum_every = vacuum_every
+        self.vacuums = 0  # VACUUMs of the outbox run since start
+        self._deleted_since_vacuum = 0
+        self._vacuumed_at = 0.0
         self.published = 0  # events acknowledged by JetStream since start
         self.leading = False
         self._task: asyncio.Task[None] | None = None
@@ -76,6 +86,7 @@ class Relay:
         self._delete = sql.SQL("DELETE FROM {} WHERE id = ANY(%s)").format(table)
         self._stats = sql.SQL("SELECT count(*), min(created_at) FROM {}").format(table)
         self._listen = sql.SQL("LISTEN {}").format(sql.Identifier(channel(schema)))
+        self._vacuum = sql.SQL("VACUUM {}").format(table)
 
     async def start(self) -> None:
         """Start relaying in the background; returns at once."""
@@ -152,6 +163,12 @@ class Relay:
             now = time.monotonic()
             if published:
                 busy_at = now
+                self._deleted_since_vacuum += published
+                if self._deleted_since_vacuum >= self.vacuum_every and now - self._vacuumed_at >= 1:
+                    await conn.execute(self._vacuum)
+                    self.vacuums += 1
+                    self._deleted_since_vacuum = 0
+                    self._vacuumed_at = time.monotonic()
             # While events flow, writers seeing rows in the outbox do not notify: keep looking.
             lingering = now - busy_at < self.linger
             await self._wait(conn, LINGER_POLL if lingering else self.poll_interval)
