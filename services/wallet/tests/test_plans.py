@@ -19,6 +19,7 @@ from gpudeck.wallet.plans import (
     month_end,
     next_month_start,
     plan_change,
+    plan_renewal,
 )
 
 USD = 1_000_000
@@ -107,3 +108,14 @@ def test_the_fingerprint_ignores_the_case_of_the_plan_code() -> None:
 def test_plan_status_survives_its_idempotency_record() -> None:
     status = PlanStatus(PREMIUM, 60 * USD, 49 * USD, 60 * USD, "standard")
     assert PlanStatus.from_json(status.to_json()) == status
+
+
+def test_a_renewal_posts_what_an_upgrade_in_that_month_would_so_neither_pays_twice() -> None:
+    renewal = plan_renewal(ORG, PREMIUM, NOW)
+    upgrade = plan_change(ORG, STANDARD, PREMIUM, NOW, paid_this_month=False)
+    assert [(t.key, t.fingerprint) for t in renewal.transfers] == [
+        (t.key, t.fingerprint) for t in upgrade.transfers
+    ]
+    assert {t.actor for t in renewal.transfers} == {"system"}
+    assert (renewal.charged, renewal.credits_granted) == (49 * USD, 60 * USD)
+    assert plan_renewal(ORG, STANDARD, NOW).transfers == ()  # a free plan posts nothing

@@ -1,4 +1,5 @@
-"""The events of plans and invoices: wallet.plan.changed, wallet.invoice.issued and .paid.
+"""The events of plans and invoices: wallet.plan.changed and .renewed, wallet.invoice.issued
+and .paid.
 
 Published through the outbox in the transaction of the change, like the rest of the wallet's
 (gpudeck.wallet.events); the ledger transfers a plan change posts announce themselves there.
@@ -16,11 +17,13 @@ from gpudeck.wallet.invoices import Invoice
 from gpudeck.wallet.plans import PlanChange
 
 PLAN_CHANGED = "wallet.plan.changed"
+PLAN_RENEWED = "wallet.plan.renewed"
 INVOICE_ISSUED = "wallet.invoice.issued"
 INVOICE_PAID = "wallet.invoice.paid"
 
 
-def plan_changed(change: PlanChange, *, actor: str = "") -> Event:
+def plan_changed(change: PlanChange, *, actor: str = "", event_type: str = PLAN_CHANGED) -> Event:
+    """A plan change (or, as `PLAN_RENEWED`, a renewal: the same plan before and after)."""
     currency = change.plan.currency
     payload = pb.PlanChanged(
         plan_code=change.plan.code,
@@ -30,7 +33,7 @@ def plan_changed(change: PlanChange, *, actor: str = "") -> Event:
         period=change.month,
     )
     return new_event(
-        PLAN_CHANGED,
+        event_type,
         payload,
         source=SOURCE,
         organization_id=str(change.organization_id),

@@ -14,6 +14,12 @@ The rule of a plan change (`plan_change`):
 - A downgrade takes effect at once without refund and without charge; credits already granted
   stay until they expire. The lower plan's fee applies from the next billing month.
 
+The rule of a renewal (`plan_renewal`): in each billing month an organization on a paid plan is
+charged that plan's fee and granted its credits (expiring at the month's end) once, with the
+same ledger keys as an upgrade, so a plan paid for this month (an upgrade on the 20th, a renewal
+run twice) is not paid again. A wallet that cannot pay the fee moves to the default plan at once
+and is charged nothing: wallet.plan.changed says so, with the system as its actor.
+
 Billing months are UTC calendar months, written YYYY-MM.
 """
 
@@ -153,6 +159,23 @@ def plan_change(
     upgrade = plan.position > previous.position
     if plan.code == previous.code or not upgrade or not plan.paid or paid_this_month:
         return PlanChange(organization_id, previous, plan, month, ())
+    return PlanChange(
+        organization_id, previous, plan, month, plan_transfers(organization_id, plan, now, actor)
+    )
+
+
+def plan_renewal(organization_id: uuid.UUID, plan: Plan, now: datetime) -> PlanChange:
+    """What renewing `plan` for the billing month of `now` posts (see the module's rule); the
+    caller checks that this month is not paid for yet."""
+    transfers = plan_transfers(organization_id, plan, now, "system")
+    return PlanChange(organization_id, plan, plan, billing_month(now), transfers)
+
+
+def plan_transfers(
+    organization_id: uuid.UUID, plan: Plan, now: datetime, actor: str = ""
+) -> tuple[TransferRequest, ...]:
+    """`plan`'s fee and included credits for the billing month of `now` (what is not zero)."""
+    month = billing_month(now)
     transfers: list[TransferRequest] = []
     if plan.monthly_fee > 0:
         transfers.append(
@@ -180,7 +203,7 @@ def plan_change(
                 actor=actor,
             )
         )
-    return PlanChange(organization_id, previous, plan, month, tuple(transfers))
+    return tuple(transfers)
 
 
 @dataclass(frozen=True)

@@ -16,18 +16,27 @@ from psycopg import AsyncConnection
 
 from gpudeck.kit.errors import FailedPrecondition, InvalidArgument, NotFound
 from gpudeck.wallet import idempotency, plan_events
-from gpudeck.wallet.ledger import Kind, Transaction, TransferRequest, validate
+from gpudeck.wallet.ledger import (
+    InsufficientFunds,
+    Kind,
+    Transaction,
+    TransferRequest,
+    validate,
+)
 from gpudeck.wallet.ledger_store import LedgerStore, db_now, lock_wallets
 from gpudeck.wallet.money import check_currency, format_micro
 from gpudeck.wallet.plans import (
+    DEFAULT_PLAN,
     ChangePlanRequest,
     Plan,
+    PlanChange,
     PlanStatus,
     billing_month,
     check_plan_code,
     credits_key,
     fee_key,
     plan_change,
+    plan_renewal,
 )
 
 Conn = AsyncConnection[Any]
@@ -79,31 +88,20 @@ class PlanStore:
         request.validate()
         org = request.organization_id
         now = await db_now(conn)
-        locked = await lock_wallets(conn, [org], now)
-        if org not in locked:
+        found = await self._lock_plan(conn, org, now)
+        if found is None:
             raise NotFound(f"organization {org} not found", field="organization_id")
+        previous, currency = found
         scope, fingerprint = str(org), request.fingerprint()
         earlier = await idempotency.recall(conn, scope, request.key, fingerprint)
         if earlier is not None:
             return PlanStatus.from_json(earlier)
-        cur = await conn.execute(
-            "SELECT plan_code FROM organizations WHERE id = %s AND deleted_at IS NULL FOR UPDATE",
-            (org,),
-        )
-        row = await cur.fetchone()
-        if row is None:
-            raise NotFound(f"organization {org} not found", field="organization_id")
-        currency = locked[org].wallet.currency
         target = await self.plan(conn, request.plan_code, currency)
-        previous = await self._current(conn, row[0], currency)
         paid = await self._paid_this_month(conn, org, target.code, billing_month(now))
         change = plan_change(org, previous, target, now, paid_this_month=paid, actor=request.actor)
         await self._post(conn, change.transfers, now)
         if change.changes_anything:
-            await conn.execute(
-                "UPDATE organizations SET plan_code = %s WHERE id = %s", (target.code, org)
-            )
-            await self.outbox.add(conn, plan_events.plan_changed(change, actor=request.actor))
+            await self._switch(conn, change, actor=request.actor)
         status = PlanStatus(
             plan=target,
             available_credits=await _credits(conn, org),
@@ -113,6 +111,48 @@ class PlanStore:
         )
         await idempotency.remember(conn, scope, request.key, fingerprint, status.to_json())
         return status
+
+    async def due_renewals(self, conn: Conn, now: datetime, *, limit: int = 500) -> list[uuid.UUID]:
+        """Organizations on a paid plan that has not been paid for in the month of `now`."""
+        month = billing_month(now)
+        cur = await conn.execute(
+            "SELECT o.id FROM organizations o"
+            " JOIN wallets w ON w.organization_id = o.id"
+            " JOIN plans p ON p.code = o.plan_code"
+            " WHERE o.deleted_at IS NULL"
+            "   AND CASE w.currency WHEN 'INR' THEN p.monthly_fee_inr + p.credits_inr"
+            "       ELSE p.monthly_fee_usd + p.credits_usd END > 0"
+            "   AND NOT EXISTS (SELECT 1 FROM transactions t WHERE t.organization_id = o.id"
+            "       AND t.idempotency_key IN ('plan:' || o.plan_code || ':' || %s || ':fee',"
+            "                                 'plan:' || o.plan_code || ':' || %s || ':credits'))"
+            " ORDER BY o.id LIMIT %s",
+            (month, month, limit),
+        )
+        return [row[0] for row in await cur.fetchall()]
+
+    async def renew(self, conn: Conn, organization_id: uuid.UUID, now: datetime) -> str:
+        """Renew the organization's plan for the month of `now` by the rule of `plans`, in the
+        caller's transaction: "renewed", "downgraded" (it could not pay), or "" (nothing due)."""
+        org = organization_id
+        found = await self._lock_plan(conn, org, now)
+        if found is None:
+            return ""
+        plan, currency = found
+        if not plan.paid or await self._paid_this_month(conn, org, plan.code, billing_month(now)):
+            return ""
+        renewal = plan_renewal(org, plan, now)
+        try:
+            async with conn.transaction():
+                await self._post(conn, renewal.transfers, now)
+        except InsufficientFunds:
+            default = await self._current(conn, DEFAULT_PLAN, currency)
+            await self._switch(conn, PlanChange(org, plan, default, renewal.month, ()), "system")
+            return "downgraded"
+        event = plan_events.plan_changed(
+            renewal, actor="system", event_type=plan_events.PLAN_RENEWED
+        )
+        await self.outbox.add(conn, event)
+        return "renewed"
 
     async def add_credits(
         self,
@@ -157,6 +197,30 @@ class PlanStore:
             if outcome.error is not None:
                 raise outcome.error
         return [o.transaction for o in outcomes if o.transaction is not None]
+
+    async def _lock_plan(
+        self, conn: Conn, organization_id: uuid.UUID, now: datetime
+    ) -> tuple[Plan, str] | None:
+        """Lock the organization's wallet, then its row; its plan and wallet currency (None
+        when there is no such live organization)."""
+        locked = await lock_wallets(conn, [organization_id], now)
+        cur = await conn.execute(
+            "SELECT plan_code FROM organizations WHERE id = %s AND deleted_at IS NULL FOR UPDATE",
+            (organization_id,),
+        )
+        row = await cur.fetchone()
+        if row is None or organization_id not in locked:
+            return None
+        currency = locked[organization_id].wallet.currency
+        return await self._current(conn, row[0], currency), currency
+
+    async def _switch(self, conn: Conn, change: PlanChange, actor: str) -> None:
+        """Put the organization on `change.plan` and announce it."""
+        await conn.execute(
+            "UPDATE organizations SET plan_code = %s WHERE id = %s",
+            (change.plan.code, change.organization_id),
+        )
+        await self.outbox.add(conn, plan_events.plan_changed(change, actor=actor))
 
     async def _current(self, conn: Conn, plan_code: str, currency: str) -> Plan:
         """The organization's current plan; a code no longer in the catalog counts as free."""
