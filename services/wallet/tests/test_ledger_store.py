@@ -5,8 +5,8 @@ from collections.abc import Awaitable, Callable
 
 from psycopg_pool import AsyncConnectionPool
 
-from gpudeck.wallet.ledger import Kind, TransferRequest
-from gpudeck.wallet.ledger_store import LedgerStore, Outcome
+from gpudeck.wallet.ledger import Kind, Outcome, TransferRequest
+from gpudeck.wallet.ledger_store import LedgerStore
 
 NewOrg = Callable[..., Awaitable[uuid.UUID]]
 

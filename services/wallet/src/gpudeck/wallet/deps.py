@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from psycopg_pool import AsyncConnectionPool
 
 from gpudeck.kit.config import number
+from gpudeck.wallet.group_commit import GroupCommit
 from gpudeck.wallet.holds_store import HoldStore
 from gpudeck.wallet.ledger_store import LedgerStore, Policy
 from gpudeck.wallet.metering_store import MeterStore
@@ -45,6 +46,7 @@ class Wallet:
     ledger: LedgerStore = field(init=False)
     holds: HoldStore = field(init=False)
     meters: MeterStore = field(init=False)
+    transfers: GroupCommit = field(init=False)
 
     def __post_init__(self) -> None:
         self.ledger = LedgerStore(
@@ -55,3 +57,4 @@ class Wallet:
         )
         self.holds = HoldStore(self.ledger)
         self.meters = MeterStore(self.ledger)
+        self.transfers = GroupCommit(self.pool, self.ledger)

@@ -23,6 +23,7 @@ from gpudeck.wallet.ledger import (
     Transaction,
     TransferRequest,
     kyc_required,
+    posted_in_wallet_currency,
     validate,
 )
 
@@ -78,50 +79,23 @@ async def post_one(store: LedgerStore, conn: Conn, request: TransferRequest) -> 
      wa, ca, wh, ch, below, codes, amounts, befores, afters) = row  # fmt: skip
     if replayed:
         return (await store.load_transactions(conn, [tx_id]))[tx_id]
+    store.mark_changed([request.organization_id])
     thresholds = Thresholds(wa, ca, wh, ch)
     new_level = level_for(balance, rate, thresholds, store.policy.depletion_seconds)
     if new_level != level or (below and balance < below):
         async with conn.transaction():
             await store.refresh_levels(conn, [request.organization_id], created_at)
-    return Transaction(
-        id=tx_id,
-        organization_id=request.organization_id,
-        kind=request.kind,
-        amount=request.amount,
-        currency=currency,
-        payment_amount=request.amount if request.kind is Kind.TOPUP else None,
-        payment_currency=currency if request.kind is Kind.TOPUP else None,
-        exchange_rate=None,
-        description=request.description,
-        project_id=request.project_id,
-        resource_type=request.resource_type,
-        resource_id=request.resource_id,
-        reference=request.reference,
-        idempotency_key=request.key,
-        actor=request.actor,
-        balance_after=balance,
-        created_at=created_at,
-        postings=tuple(
-            PostingView(c, a, b, f)
-            for c, a, b, f in zip(codes, amounts, befores, afters, strict=True)
-        ),
+    postings = tuple(
+        PostingView(c, a, b, f) for c, a, b, f in zip(codes, amounts, befores, afters, strict=True)
     )
+    return posted_in_wallet_currency(request, tx_id, currency, balance, created_at, postings)
 
 
 async def currency_of(store: LedgerStore, conn: Conn, organization_id: uuid.UUID) -> str:
-    """The wallet currency of an organization (it never changes, so it is cached)."""
-    currency = store.currencies.get(organization_id)
+    """The wallet currency of an organization (cached: it never changes)."""
+    currency = (await store.wallet_currencies(conn, {organization_id})).get(organization_id)
     if currency is None:
-        cur = await conn.execute(
-            "SELECT currency FROM wallets WHERE organization_id = %s", (organization_id,)
-        )
-        row = await cur.fetchone()
-        if row is None:
-            raise NotFound(f"organization {organization_id} not found", field="organization_id")
-        currency = row[0]
-        if len(store.currencies) > 100_000:
-            store.currencies.clear()
-        store.currencies[organization_id] = currency
+        raise NotFound(f"organization {organization_id} not found", field="organization_id")
     return currency
 
 

@@ -190,6 +190,7 @@ class HoldStore:
         if not deltas:
             return
         orgs = sorted(deltas)
+        self.ledger.mark_changed(orgs)
         await conn.execute(
             "UPDATE wallets w SET held_balance = w.held_balance + v.d, changed_at = %s,"
             " updated_at = %s FROM unnest(%s::uuid[], %s::bigint[]) AS v(o, d)"

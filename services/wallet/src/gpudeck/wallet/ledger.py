@@ -18,7 +18,7 @@ from enum import StrEnum
 from functools import cached_property
 from typing import NamedTuple
 
-from gpudeck.kit.errors import FailedPrecondition, InvalidArgument
+from gpudeck.kit.errors import DomainError, FailedPrecondition, InvalidArgument
 from gpudeck.wallet.money import check_amount, check_currency, convert, format_micro
 
 
@@ -52,6 +52,21 @@ class InsufficientFunds(FailedPrecondition):
 
 def kyc_required(message: str) -> FailedPrecondition:
     return FailedPrecondition(message, field="amount", reason="KYC_REQUIRED")
+
+
+def over_kyc_limit(limit: int, currency: str) -> FailedPrecondition:
+    """The refusal of a top-up above the KYC limit by an organization not verified."""
+    return kyc_required(
+        f"top-ups above {format_micro(limit)} {currency} need a KYC-verified organization"
+    )
+
+
+def short_of_funds(spendable: int, amount: int, currency: str) -> InsufficientFunds:
+    """The refusal of a charge of `amount` when only `spendable` is left."""
+    return InsufficientFunds(
+        f"insufficient funds: spendable {format_micro(spendable)} {currency}"
+        f" < amount {format_micro(amount)}"
+    )
 
 
 def platform_pool(kind: Kind, currency: str) -> str:
@@ -226,10 +241,7 @@ class Book:
         amount, payment, rate = self._wallet_amount(request, wallet)
         limit = self.kyc_topup_limit
         if request.kind is Kind.TOPUP and limit and amount > limit and not wallet.kyc_verified:
-            raise kyc_required(
-                f"top-ups above {format_micro(limit)} {wallet.currency}"
-                " need a KYC-verified organization"
-            )
+            raise over_kyc_limit(limit, wallet.currency)
         other = self.platform[platform_pool(request.kind, wallet.currency)]
         legs = self._legs(request, wallet, amount)
         postings = [_move(acct, delta) for acct, delta in legs]
@@ -310,10 +322,7 @@ class Book:
         # CHARGE, USAGE: credits first, then cash.
         spendable = wallet.spendable - sum(c.balance for c in wallet.credits if self._expired(c))
         if not request.allow_overdraft and kind is Kind.CHARGE and spendable < amount:
-            raise InsufficientFunds(
-                f"insufficient funds: spendable {format_micro(spendable)}"
-                f" {wallet.currency} < amount {format_micro(amount)}"
-            )
+            raise short_of_funds(spendable, amount, wallet.currency)
         legs: list[tuple[Account, int]] = []
         left = amount
         for credit in wallet.credits:
@@ -370,3 +379,43 @@ class Transaction:
     balance_after: int
     created_at: datetime
     postings: tuple[PostingView, ...]
+
+
+@dataclass
+class Outcome:
+    """One transfer's result: its transaction, or why it was refused."""
+
+    transaction: Transaction | None = None
+    error: DomainError | None = None
+
+
+def posted_in_wallet_currency(
+    request: TransferRequest,
+    transaction_id: uuid.UUID,
+    currency: str,
+    balance_after: int,
+    created_at: datetime,
+    postings: tuple[PostingView, ...],
+) -> Transaction:
+    """The transaction a fast path posted for `request` (in the wallet currency, no rate)."""
+    topup = request.kind is Kind.TOPUP
+    return Transaction(
+        id=transaction_id,
+        organization_id=request.organization_id,
+        kind=request.kind,
+        amount=request.amount,
+        currency=currency,
+        payment_amount=request.amount if topup else None,
+        payment_currency=currency if topup else None,
+        exchange_rate=None,
+        description=request.description,
+        project_id=request.project_id,
+        resource_type=request.resource_type,
+        resource_id=request.resource_id,
+        reference=request.reference,
+        idempotency_key=request.key,
+        actor=request.actor,
+        balance_after=balance_after,
+        created_at=created_at,
+        postings=postings,
+    )

@@ -12,8 +12,7 @@ from gpudeck.proto.wallet.v1 import wallet_pb2 as pb
 from gpudeck.wallet import convert
 from gpudeck.wallet.deps import Wallet
 from gpudeck.wallet.holds import HoldRequest
-from gpudeck.wallet.ledger import TransferRequest
-from gpudeck.wallet.ledger_store import Outcome
+from gpudeck.wallet.ledger import Outcome, TransferRequest
 from gpudeck.wallet.metering import MeterRequest
 
 Ctx = grpc.aio.ServicerContext[Any, Any]
@@ -52,8 +51,7 @@ class LedgerRpcs:
 
     async def Transfer(self, request: pb.TransferRequest, context: Ctx) -> pb.Transaction:
         transfer = transfer_request(request)
-        async with self.wallet.pool.connection() as conn:
-            return convert.transaction(await self.wallet.ledger.post_one(conn, transfer))
+        return convert.transaction(await self.wallet.transfers.post(transfer))
 
     async def TransferBatch(
         self, request: pb.TransferBatchRequest, context: Ctx

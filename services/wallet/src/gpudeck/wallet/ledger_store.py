@@ -21,7 +21,7 @@ from psycopg import AsyncConnection
 from gpudeck.kit.errors import DomainError, NotFound
 from gpudeck.kit.events import Outbox
 from gpudeck.kit.events.outbox import channel as outbox_channel
-from gpudeck.wallet import events, fast_transfer
+from gpudeck.wallet import events, fast_batch, fast_transfer
 from gpudeck.wallet.alerts import Thresholds, edge_event, level_for
 from gpudeck.wallet.idempotency import key_reused
 from gpudeck.wallet.ids import uuid7
@@ -29,6 +29,7 @@ from gpudeck.wallet.ledger import (
     Account,
     Book,
     Kind,
+    Outcome,
     PlannedTransaction,
     PostingView,
     Transaction,
@@ -48,14 +49,6 @@ from gpudeck.wallet.ledger_rows import (
 )
 
 Conn = AsyncConnection[Any]
-
-
-@dataclass
-class Outcome:
-    """One transfer's result: its transaction, or why it was refused."""
-
-    transaction: Transaction | None = None
-    error: DomainError | None = None
 
 
 @dataclass
@@ -104,9 +97,14 @@ WAIT_PLATFORM = """
 SELECT id, code, balance FROM ledger_accounts WHERE kind = 'platform' AND platform_pool = %s
 ORDER BY random() LIMIT 1 FOR UPDATE
 """
+# A LATERAL probe per key, so the plan is an index lookup however small the table was when the
+# statement was prepared (a cached hash join over a scan of a then-small table grows with it).
 FIND_KEYS = """
-SELECT organization_id, idempotency_key, fingerprint, id FROM transactions
-WHERE (organization_id, idempotency_key) IN (SELECT * FROM unnest(%s::uuid[], %s::text[]))
+SELECT k.o, k.key, t.fingerprint, t.id FROM unnest(%s::uuid[], %s::text[]) AS k (o, key)
+CROSS JOIN LATERAL (
+    SELECT t.fingerprint, t.id FROM transactions t
+    WHERE t.organization_id = k.o AND t.idempotency_key = k.key LIMIT 1
+) t
 """
 LATEST_RATE = """
 SELECT rate FROM exchange_rates WHERE base = %s AND quote = %s ORDER BY as_of DESC, id DESC LIMIT 1
@@ -166,23 +164,57 @@ class LedgerStore:
         self.outbox_channel = outbox_channel(schema)
         self.policy = policy or Policy()
         self.currencies: dict[uuid.UUID, str] = {}  # wallet currencies (they never change)
+        # Wallets this process changed and has not announced yet (see workers.announce_balances).
+        self.changed: set[uuid.UUID] = set()
+
+    async def wallet_currencies(
+        self, conn: Conn, organization_ids: set[uuid.UUID]
+    ) -> dict[uuid.UUID, str]:
+        """The wallet currency of each of these organizations that has a wallet (cached: a
+        wallet's currency never changes)."""
+        cache = self.currencies
+        missing = [o for o in organization_ids if o not in cache]
+        if missing:
+            cur = await conn.execute(
+                "SELECT organization_id, currency FROM wallets WHERE organization_id = ANY(%s)",
+                (missing,),
+            )
+            if len(cache) > 100_000:
+                cache.clear()
+            for org, currency in await cur.fetchall():
+                cache[org] = currency
+        return {o: cache[o] for o in organization_ids if o in cache}
+
+    def mark_changed(self, organization_ids: Iterable[uuid.UUID]) -> None:
+        """Note wallets whose balance, held balance or run rate this process moved."""
+        self.changed.update(organization_ids)
+
+    def take_changed(self) -> list[uuid.UUID]:
+        """The wallets noted since the last call, in id order; the note starts over."""
+        taken, self.changed = sorted(self.changed), set()
+        return taken
 
     async def post_transfers(
-        self, conn: Conn, requests: Sequence[TransferRequest], *, now: datetime | None = None
+        self,
+        conn: Conn,
+        requests: Sequence[TransferRequest],
+        *,
+        now: datetime | None = None,
+        fast_path: bool = True,
     ) -> list[Outcome]:
         """Post `requests` in order within the caller's transaction; a result per request.
 
+        The common transfers go first through the set-based fast path (`fast_batch`: one
+        statement for all of them) unless `fast_path` is off or `now` is given (internal callers
+        that post at their own time). The rest are planned with `ledger.Book` and written here.
         Round trips: one to lock and load the wallets, one (pipelined) for earlier keys and the
         platform accounts, one (pipelined, or COPY for large batches) to write everything.
         """
-        outcomes: list[Outcome | None] = [None] * len(requests)
-        valid: list[int] = []
-        for i, request in enumerate(requests):
-            try:
-                validate(request)
-                valid.append(i)
-            except DomainError as exc:
-                outcomes[i] = Outcome(error=exc)
+        outcomes, valid = _validated(requests)
+        if fast_path and now is None and valid:
+            valid = await fast_batch.post_fast(self, conn, requests, valid, outcomes)
+            if not valid:
+                return _answered(outcomes)
         batch = Batch(now or await db_now(conn))
         locked = await lock_wallets(conn, (requests[i].organization_id for i in valid), batch.now)
         for i in valid:
@@ -214,9 +246,25 @@ class LedgerStore:
             outcomes[i] = Outcome(transaction=view(planned, batch.now))
         for i, first in same_as.items():
             outcomes[i] = outcomes[first]
-        return [
-            o if o is not None else Outcome(error=DomainError("not processed")) for o in outcomes
-        ]
+        return _answered(outcomes)
+
+    async def post_independent(
+        self, conn: Conn, requests: Sequence[TransferRequest]
+    ) -> list[Outcome]:
+        """Post transfers that need not commit together (concurrent calls grouped): what the
+        fast path takes commits with its one statement, the rest together after it. Run it
+        outside a transaction. A result per request, as `post_transfers`."""
+        outcomes, valid = _validated(requests)
+        if valid:
+            valid = await fast_batch.post_fast(self, conn, requests, valid, outcomes)
+        if valid:
+            async with conn.transaction():
+                rest = await self.post_transfers(
+                    conn, [requests[i] for i in valid], fast_path=False
+                )
+            for i, outcome in zip(valid, rest, strict=True):
+                outcomes[i] = outcome
+        return _answered(outcomes)
 
     async def post_one(self, conn: Conn, request: TransferRequest) -> Transaction:
         """Post one transfer in one statement; see gpudeck.wallet.fast_transfer."""
@@ -339,6 +387,7 @@ class LedgerStore:
         if planned:
             batch.events.extend(events.transactions_posted(planned, batch.now))
         touched = sorted({p.request.organization_id for p in planned})
+        self.mark_changed(touched)
         await self.settle_levels(conn, [locked[o] for o in touched], batch)
         if not planned:
             await self.outbox.add_many(conn, batch.events)
@@ -435,6 +484,23 @@ class LedgerStore:
         for tx_id, code, amount, before, after in await cur.fetchall():
             postings[tx_id].append(PostingView(code, amount, before, after))
         return {row[0]: transaction_from_row(row, postings[row[0]]) for row in rows}
+
+
+def _validated(requests: Sequence[TransferRequest]) -> tuple[list[Outcome | None], list[int]]:
+    """An outcome slot per request, refusals filled in for the invalid; the valid indexes."""
+    outcomes: list[Outcome | None] = [None] * len(requests)
+    valid: list[int] = []
+    for i, request in enumerate(requests):
+        try:
+            validate(request)
+            valid.append(i)
+        except DomainError as exc:
+            outcomes[i] = Outcome(error=exc)
+    return outcomes, valid
+
+
+def _answered(outcomes: list[Outcome | None]) -> list[Outcome]:
+    return [o if o is not None else Outcome(error=DomainError("not processed")) for o in outcomes]
 
 
 async def open_wallet(conn: Conn, organization_id: uuid.UUID, currency: str) -> None:

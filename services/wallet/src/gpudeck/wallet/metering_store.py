@@ -212,6 +212,7 @@ class MeterStore:
     async def _add_run_rate(
         self, conn: Conn, organization_id: uuid.UUID, delta: int, now: datetime
     ) -> None:
+        self.ledger.mark_changed([organization_id])
         await conn.execute(
             "UPDATE wallets SET run_rate = run_rate + %s, changed_at = %s, updated_at = %s"
             " WHERE organization_id = %s",

@@ -50,15 +50,14 @@ class ProjectStore(OrganizationStore):
     ) -> Project:
         cur = await conn.execute(
             "INSERT INTO projects (id, organization_id, name) VALUES (%s, %s, %s)"
-            " ON CONFLICT (organization_id, name) DO NOTHING"
+            " ON CONFLICT (organization_id, name) WHERE deleted_at IS NULL DO NOTHING"
             f" RETURNING {PROJECT_COLUMNS}",
             (project_id or uuid7(), org, name),
         )
         row = await cur.fetchone()
         if row is None:
             raise AlreadyExists(
-                f"organization {org} already has a project named {name!r}"
-                " (names of deleted projects stay taken)",
+                f"organization {org} already has a project named {name!r}",
                 field="name",
             )
         return _project(row)

@@ -1,9 +1,12 @@
-"""The wallet's background loops: billing ticks, hold and credit expiry, balance announcements."""
+"""The wallet's background loops: billing ticks, hold and credit expiry, balance announcements,
+plan renewals and invoices."""
 
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Sequence
+from datetime import datetime
 
 from gpudeck.kit.workers import Periodic
 from gpudeck.wallet import events
@@ -13,6 +16,7 @@ from gpudeck.wallet.invoices_store import InvoiceStore
 from gpudeck.wallet.ledger import Kind, TransferRequest
 from gpudeck.wallet.ledger_store import db_now, lock_wallets
 from gpudeck.wallet.metering_store import bill_open_meters
+from gpudeck.wallet.plans_store import PlanStore
 
 log = logging.getLogger(__name__)
 
@@ -52,35 +56,69 @@ async def expire_credits(wallet: Wallet, *, limit: int = 1000) -> int:
         return sum(1 for o in outcomes if o.error is None)
 
 
-async def announce_balances(wallet: Wallet, *, limit: int = 500) -> int:
-    """Emit wallet.balance.changed for wallets that changed, at most once a second each."""
-    async with wallet.pool.connection() as conn, conn.transaction():
-        cur = await conn.execute(
-            "UPDATE wallets w SET announced_at = now()"
-            " FROM (SELECT organization_id FROM wallets"
-            "       WHERE changed_at > announced_at AND announced_at <= now() - interval '1 second'"
-            "       LIMIT %s FOR UPDATE SKIP LOCKED) due"
-            " WHERE w.organization_id = due.organization_id"
-            " RETURNING w.organization_id, w.currency, w.balance, w.held_balance, w.run_rate, w.level",
-            (limit,),
-        )
-        rows = await cur.fetchall()
-        await wallet.ledger.outbox.add_many(
-            conn,
-            [
-                events.balance_event(
-                    "wallet.balance.changed",
-                    org,
-                    currency=currency,
-                    balance=balance,
-                    held_balance=held,
-                    run_rate=rate,
-                    level=level,
+# The wallets due for a wallet.balance.changed: moved since their last one, a second ago or more.
+DUE = "changed_at > announced_at AND announced_at <= now() - interval '1 second'"
+ANNOUNCE = (
+    "UPDATE wallets w SET announced_at = now()"
+    " FROM (SELECT organization_id FROM wallets WHERE {where}"
+    "       ORDER BY organization_id LIMIT %s FOR UPDATE SKIP LOCKED) due"
+    " WHERE w.organization_id = due.organization_id"
+    " RETURNING w.organization_id, w.currency, w.balance, w.held_balance, w.run_rate, w.level"
+)
+SWEEP_INTERVAL = 30.0  # seconds between scans of every wallet
+ANNOUNCE_BATCH = 500  # wallets per announcing transaction
+
+
+async def announce_balances(
+    wallet: Wallet, *, limit: int = ANNOUNCE_BATCH, sweep: bool = False
+) -> int:
+    """Emit wallet.balance.changed for wallets that changed, at most once a second each.
+
+    Which wallets: those this process changed (the ledger notes them in memory), looked up by
+    key, so the cost follows the changes, not the number of wallets. A `sweep` scans them all
+    instead: it finds what another replica's notes or a crashed process's lost (the loop
+    sweeps at start and every SWEEP_INTERVAL seconds). Wallets changed again within the second,
+    or held by a writer just now, are noted again for the next round."""
+    changed = [] if sweep else wallet.ledger.take_changed()
+    if not sweep and not changed:
+        return 0
+    try:
+        async with wallet.pool.connection() as conn, conn.transaction():
+            if sweep:
+                cur = await conn.execute(ANNOUNCE.format(where=DUE), (limit,))
+            else:
+                cur = await conn.execute(
+                    ANNOUNCE.format(where=f"organization_id = ANY(%s) AND {DUE}"), (changed, limit)
                 )
-                for org, currency, balance, held, rate, level in rows
-            ],
-        )
-        return len(rows)
+            rows = await cur.fetchall()
+            await wallet.ledger.outbox.add_many(
+                conn,
+                [
+                    events.balance_event(
+                        "wallet.balance.changed",
+                        org,
+                        currency=currency,
+                        balance=balance,
+                        held_balance=held,
+                        run_rate=rate,
+                        level=level,
+                    )
+                    for org, currency, balance, held, rate, level in rows
+                ],
+            )
+            announced = {row[0] for row in rows}
+            rest = [o for o in changed if o not in announced]
+            if rest:
+                cur = await conn.execute(
+                    "SELECT organization_id FROM wallets"
+                    " WHERE organization_id = ANY(%s) AND changed_at > announced_at",
+                    (rest,),
+                )
+                wallet.ledger.mark_changed(row[0] for row in await cur.fetchall())
+    except BaseException:
+        wallet.ledger.mark_changed(changed)  # not announced: keep them for the next round
+        raise
+    return len(rows)
 
 
 async def issue_last_month_invoices(wallet: Wallet) -> int:
@@ -93,6 +131,22 @@ async def issue_last_month_invoices(wallet: Wallet) -> int:
         )
 
 
+async def renew_plans(wallet: Wallet, *, now: datetime | None = None) -> dict[str, int]:
+    """Renew every paid plan not yet paid for this month, one organization per transaction (so
+    every replica may run it every hour: the ledger keys make a second run a no-op)."""
+    store = PlanStore(wallet.ledger)
+    async with wallet.pool.connection() as conn:
+        now = now or await db_now(conn)
+        due = await store.due_renewals(conn, now)
+    done: dict[str, int] = {"renewed": 0, "downgraded": 0}
+    for org in due:
+        async with wallet.pool.connection() as conn, conn.transaction():
+            result = await store.renew(conn, org, now)
+        if result:
+            done[result] += 1
+    return done
+
+
 def loops(wallet: Wallet) -> Sequence[Periodic]:
     async def housekeeping() -> None:
         await expire_holds(wallet)
@@ -101,15 +155,24 @@ def loops(wallet: Wallet) -> Sequence[Periodic]:
     async def bill() -> None:
         await bill_open_meters(wallet.pool, wallet.meters)
 
+    swept_at = -SWEEP_INTERVAL
+
     async def announce() -> None:
+        nonlocal swept_at
+        now = time.monotonic()
+        if now - swept_at >= SWEEP_INTERVAL:
+            swept_at = now
+            while await announce_balances(wallet, sweep=True) == ANNOUNCE_BATCH:
+                pass
         await announce_balances(wallet)
 
-    async def invoice() -> None:
+    async def monthly() -> None:
+        await renew_plans(wallet)
         await issue_last_month_invoices(wallet)
 
     return [
         Periodic("wallet-billing", wallet.settings.billing_interval, bill),
-        Periodic("wallet-invoicing", 3600.0, invoice),
+        Periodic("wallet-monthly", 3600.0, monthly),  # plan renewals, then invoices
         Periodic("wallet-housekeeping", 1.0, housekeeping),
         Periodic("wallet-announcer", wallet.settings.announce_interval, announce),
     ]
