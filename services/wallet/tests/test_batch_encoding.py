@@ -30,10 +30,17 @@ ROW = (
 )
 
 
-PROJECT = uuid.uuid4()
+async def new_project(pool: AsyncConnectionPool, org: uuid.UUID) -> uuid.UUID:
+    project = uuid.uuid4()
+    async with pool.connection() as conn:
+        await conn.execute(
+            "INSERT INTO projects (id, organization_id, name) VALUES (%s, %s, 'batch')",
+            (project, org),
+        )
+    return project
 
 
-def requests(org: uuid.UUID, count: int) -> list[TransferRequest]:
+def requests(org: uuid.UUID, count: int, project: uuid.UUID) -> list[TransferRequest]:
     out = []
     for i in range(count):
         kind = (Kind.TOPUP, Kind.CHARGE, Kind.ADJUSTMENT)[i % 3]
@@ -44,7 +51,7 @@ def requests(org: uuid.UUID, count: int) -> list[TransferRequest]:
                 kind,
                 {Kind.TOPUP: 1_000 + i, Kind.CHARGE: 100 + i}.get(kind, -5),
                 description=f"{AWKWARD} {i}",
-                project_id=PROJECT if i % 2 else None,
+                project_id=project if i % 2 else None,
                 resource_type="pod\n",
                 resource_id=f"r\\{i}",
                 reference=AWKWARD,
@@ -58,13 +65,21 @@ def requests(org: uuid.UUID, count: int) -> list[TransferRequest]:
 async def stored_rows(
     pool: AsyncConnectionPool, org: uuid.UUID, sent: list[TransferRequest]
 ) -> list[tuple[Any, ...]]:
-    """The rows of `org`, its id left out and each fingerprint checked against its request's."""
+    """The rows of `org`, its id left out, its project's id as "project", and each fingerprint
+    checked against its request's."""
     fingerprints = {r.key: r.fingerprint for r in sent}
     async with pool.connection() as conn:
         cur = await conn.execute(ROW, (org,))
         rows = await cur.fetchall()
     return [
-        (*row[1:13], row[13] and bytes(row[13]) == fingerprints[row[12]], *row[14:]) for row in rows
+        (
+            *row[1:8],
+            row[8] and "project",
+            *row[9:13],
+            row[13] and bytes(row[13]) == fingerprints[row[12]],
+            *row[14:],
+        )
+        for row in rows
     ]
 
 
@@ -72,17 +87,19 @@ async def test_copied_rows_equal_inserted_rows(
     wallet_pool: AsyncConnectionPool, new_org: NewOrg
 ) -> None:
     copied_org, inserted_org = await new_org(), await new_org()
-    large = requests(copied_org, COPY_THRESHOLD + 10)
+    large = requests(copied_org, COPY_THRESHOLD + 10, await new_project(wallet_pool, copied_org))
     async with wallet_pool.connection() as conn, conn.transaction():
         await LedgerStore().post_transfers(conn, large)
-    small = requests(inserted_org, COPY_THRESHOLD + 10)
+    small = requests(
+        inserted_org, COPY_THRESHOLD + 10, await new_project(wallet_pool, inserted_org)
+    )
     for start in range(0, len(small), COPY_THRESHOLD // 2):  # below the threshold: INSERTs
         async with wallet_pool.connection() as conn, conn.transaction():
             await LedgerStore().post_transfers(conn, small[start : start + COPY_THRESHOLD // 2])
     copied = await stored_rows(wallet_pool, copied_org, large)
     assert copied == await stored_rows(wallet_pool, inserted_org, small)
     assert len(copied) == COPY_THRESHOLD + 10
-    assert copied[1][6] == f"{AWKWARD} 1" and copied[1][7] == PROJECT
+    assert copied[1][6] == f"{AWKWARD} 1" and copied[1][7] == "project"
     assert copied[0][12] is None and copied[1][12] is True
 
 
@@ -92,7 +109,8 @@ async def test_copied_postings_keep_their_balances(
     org = await new_org()
     store = LedgerStore()
     async with wallet_pool.connection() as conn, conn.transaction():
-        outcomes = await store.post_transfers(conn, requests(org, COPY_THRESHOLD + 1))
+        sent = requests(org, COPY_THRESHOLD + 1, await new_project(wallet_pool, org))
+        outcomes = await store.post_transfers(conn, sent)
     answered = {o.transaction.id: o.transaction for o in outcomes if o.transaction}
     async with wallet_pool.connection() as conn:
         stored = await store.load_transactions(conn, list(answered))
@@ -128,7 +146,10 @@ def reference_event(
 def test_transaction_event_equals_the_one_built_by_constructors() -> None:
     at = Timestamp()
     at.FromDatetime(datetime(2026, 1, 2, 3, 4, 5, 678901, tzinfo=UTC))
-    sent = [*requests(uuid.uuid4(), 6), TransferRequest("z", uuid.uuid4(), Kind.TOPUP, 0)]
+    sent = [
+        *requests(uuid.uuid4(), 6, uuid.uuid4()),
+        TransferRequest("z", uuid.uuid4(), Kind.TOPUP, 0),
+    ]
     for request in sent:
         tx_id = uuid.uuid4()
         built = events.transaction_posted(request, tx_id, request.amount, "USD", at, event_id="e")

@@ -26,6 +26,7 @@ from gpudeck.wallet.ledger import (
     posted_in_wallet_currency,
     validate,
 )
+from gpudeck.wallet.ledger_rows import FIND_KEYS
 
 if TYPE_CHECKING:
     from gpudeck.wallet.ledger_store import LedgerStore
@@ -72,6 +73,9 @@ async def post_one(store: LedgerStore, conn: Conn, request: TransferRequest) -> 
             ),
         )  # fmt: skip
     except psycopg.errors.RaiseException as exc:
+        earlier = await _earlier(store, conn, request)
+        if earlier is not None:  # refused now (say KYC was revoked), accepted the first time
+            return earlier
         raise refusal(exc) from None
     row = await cur.fetchone()
     assert row is not None
@@ -89,6 +93,18 @@ async def post_one(store: LedgerStore, conn: Conn, request: TransferRequest) -> 
         PostingView(c, a, b, f) for c, a, b, f in zip(codes, amounts, befores, afters, strict=True)
     )
     return posted_in_wallet_currency(request, tx_id, currency, balance, created_at, postings)
+
+
+async def _earlier(store: LedgerStore, conn: Conn, request: TransferRequest) -> Transaction | None:
+    """The transaction an earlier call with the same key and payload wrote, if any: a retry is
+    answered with it whatever the wallet's state is now."""
+    if not request.record_key:
+        return None
+    cur = await conn.execute(FIND_KEYS, ([request.organization_id], [request.key]))
+    row = await cur.fetchone()
+    if row is None or row[2] != request.fingerprint:
+        return None
+    return (await store.load_transactions(conn, [row[3]]))[row[3]]
 
 
 async def currency_of(store: LedgerStore, conn: Conn, organization_id: uuid.UUID) -> str:

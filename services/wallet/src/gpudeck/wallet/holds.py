@@ -106,16 +106,24 @@ def void_fingerprint(hold_id: uuid.UUID) -> bytes:
     return hashlib.sha256(f"hold.void:{hold_id}".encode()).digest()
 
 
-def check_open(hold: Hold) -> None:
+def check_open(hold: Hold, now: datetime) -> None:
+    """Refuse to resolve a hold that is resolved, or past its timeout (expired, even if the
+    sweep that marks it so has not run yet)."""
     if hold.status != "open":
         raise FailedPrecondition(
             f"hold {hold.id} is already {hold.status}", field="hold_id", reason="HOLD_RESOLVED"
         )
+    if hold.expires_at <= now:
+        raise FailedPrecondition(
+            f"hold {hold.id} expired at {hold.expires_at.isoformat()}",
+            field="hold_id",
+            reason="HOLD_EXPIRED",
+        )
 
 
-def capture_amount(hold: Hold, amount: int | None) -> int:
+def capture_amount(hold: Hold, amount: int | None, now: datetime) -> int:
     """How much a capture takes: all when unset; never more than held, never negative."""
-    check_open(hold)
+    check_open(hold, now)
     if amount is None:
         return hold.amount
     if amount < 0:

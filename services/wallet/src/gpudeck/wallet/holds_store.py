@@ -64,10 +64,12 @@ class HoldStore:
         earlier = await idempotency.recall(conn, scope, request.key, fingerprint)
         if earlier is not None:
             return Hold.from_json(earlier)
+        await self.ledger.projects.use(conn, request.organization_id, request.project_id)
         wallet = locked[request.organization_id].wallet
-        if wallet.spendable < request.amount:
+        spendable = wallet.spendable_at(now)
+        if spendable < request.amount:
             raise InsufficientFunds(
-                f"insufficient funds: spendable {format_micro(wallet.spendable)} {wallet.currency}"
+                f"insufficient funds: spendable {format_micro(spendable)} {wallet.currency}"
                 f" < amount {format_micro(request.amount)}"
             )
         hold = Hold(
@@ -109,8 +111,8 @@ class HoldStore:
                 conn, [first.transaction_id] if first.transaction_id else []
             )
             return first, txs.get(first.transaction_id) if first.transaction_id else None
-        take = capture_amount(hold, amount)
         now = await db_now(conn)
+        take = capture_amount(hold, amount, now)
         await self._move_held(conn, {hold.organization_id: -hold.amount}, now)
         transaction = None
         if take > 0:
@@ -146,8 +148,8 @@ class HoldStore:
         earlier = await idempotency.recall(conn, scope, key, fingerprint)
         if earlier is not None:
             return Hold.from_json(earlier)
-        check_open(hold)
         now = await db_now(conn)
+        check_open(hold, now)
         await self._move_held(conn, {hold.organization_id: -hold.amount}, now)
         resolved = await self._resolve(conn, hold, "voided", 0, now, None)
         await idempotency.remember(conn, scope, key, fingerprint, resolved.to_json())

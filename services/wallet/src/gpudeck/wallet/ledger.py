@@ -189,6 +189,10 @@ class Wallet:
     def spendable(self) -> int:
         return self.balance - self.held_balance
 
+    def spendable_at(self, now: datetime | None) -> int:
+        """Spendable without credits already past their expiry (the sweep may not have run)."""
+        return self.spendable - sum(c.balance for c in self.credits if _expired(c, now))
+
 
 class Posting(NamedTuple):
     """One entry of a planned transaction (a tuple: a batch makes thousands)."""
@@ -276,9 +280,6 @@ class Book:
             spend=spend,
         )
 
-    def _expired(self, account: Account) -> bool:
-        return bool(self.now and account.expires_at and account.expires_at <= self.now)
-
     def _wallet_amount(
         self, request: TransferRequest, wallet: Wallet
     ) -> tuple[int, int, str | None]:
@@ -320,7 +321,7 @@ class Book:
                 raise FailedPrecondition("credit account has less left than expires")
             return [(expiring, -amount)]
         # CHARGE, USAGE: credits first, then cash.
-        spendable = wallet.spendable - sum(c.balance for c in wallet.credits if self._expired(c))
+        spendable = wallet.spendable_at(self.now)
         if not request.allow_overdraft and kind is Kind.CHARGE and spendable < amount:
             raise short_of_funds(spendable, amount, wallet.currency)
         legs: list[tuple[Account, int]] = []
@@ -328,7 +329,7 @@ class Book:
         for credit in wallet.credits:
             if left == 0:
                 break
-            if self._expired(credit):
+            if _expired(credit, self.now):
                 continue
             take = min(credit.balance, left)
             if take > 0:
@@ -337,6 +338,10 @@ class Book:
         if left:
             legs.append((wallet.cash, -left))
         return legs
+
+
+def _expired(account: Account, now: datetime | None) -> bool:
+    return bool(now and account.expires_at and account.expires_at <= now)
 
 
 def _expiry_order(account: Account) -> tuple[bool, float, int]:

@@ -18,6 +18,15 @@ from gpudeck.wallet.ledger import Book, Kind, PlannedTransaction, PostingView, T
 
 Conn = AsyncConnection[Any]
 
+# A LATERAL probe per key, so the plan is an index lookup however small the table was when the
+# statement was prepared (a cached hash join over a scan of a then-small table grows with it).
+FIND_KEYS = """
+SELECT k.o, k.key, t.fingerprint, t.id FROM unnest(%s::uuid[], %s::text[]) AS k (o, key)
+CROSS JOIN LATERAL (
+    SELECT t.fingerprint, t.id FROM transactions t
+    WHERE t.organization_id = k.o AND t.idempotency_key = k.key LIMIT 1
+) t
+"""
 TRANSACTION_COLUMNS = (
     "id, organization_id, kind, amount, currency, payment_amount, payment_currency,"
     " exchange_rate, description, project_id, resource_type, resource_id, reference,"

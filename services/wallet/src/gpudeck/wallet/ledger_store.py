@@ -39,6 +39,7 @@ from gpudeck.wallet.ledger import (
     validate,
 )
 from gpudeck.wallet.ledger_rows import (
+    FIND_KEYS,
     Batch,
     copy_rows,
     insert_rows,
@@ -47,6 +48,8 @@ from gpudeck.wallet.ledger_rows import (
     update_balances,
     view,
 )
+from gpudeck.wallet.project_owners import ProjectOwners
+from gpudeck.wallet.project_owners import not_found as project_not_found
 
 Conn = AsyncConnection[Any]
 
@@ -96,15 +99,6 @@ ORDER BY random() LIMIT 1 FOR UPDATE SKIP LOCKED
 WAIT_PLATFORM = """
 SELECT id, code, balance FROM ledger_accounts WHERE kind = 'platform' AND platform_pool = %s
 ORDER BY random() LIMIT 1 FOR UPDATE
-"""
-# A LATERAL probe per key, so the plan is an index lookup however small the table was when the
-# statement was prepared (a cached hash join over a scan of a then-small table grows with it).
-FIND_KEYS = """
-SELECT k.o, k.key, t.fingerprint, t.id FROM unnest(%s::uuid[], %s::text[]) AS k (o, key)
-CROSS JOIN LATERAL (
-    SELECT t.fingerprint, t.id FROM transactions t
-    WHERE t.organization_id = k.o AND t.idempotency_key = k.key LIMIT 1
-) t
 """
 LATEST_RATE = """
 SELECT rate FROM exchange_rates WHERE base = %s AND quote = %s ORDER BY as_of DESC, id DESC LIMIT 1
@@ -164,6 +158,7 @@ class LedgerStore:
         self.outbox_channel = outbox_channel(schema)
         self.policy = policy or Policy()
         self.currencies: dict[uuid.UUID, str] = {}  # wallet currencies (they never change)
+        self.projects = ProjectOwners()
         # Wallets this process changed and has not announced yet (see workers.announce_balances).
         self.changed: set[uuid.UUID] = set()
 
@@ -210,7 +205,7 @@ class LedgerStore:
         Round trips: one to lock and load the wallets, one (pipelined) for earlier keys and the
         platform accounts, one (pipelined, or COPY for large batches) to write everything.
         """
-        outcomes, valid = _validated(requests)
+        outcomes, valid = await _validated(conn, self.projects, requests)
         if fast_path and now is None and valid:
             valid = await fast_batch.post_fast(self, conn, requests, valid, outcomes)
             if not valid:
@@ -254,7 +249,7 @@ class LedgerStore:
         """Post transfers that need not commit together (concurrent calls grouped): what the
         fast path takes commits with its one statement, the rest together after it. Run it
         outside a transaction. A result per request, as `post_transfers`."""
-        outcomes, valid = _validated(requests)
+        outcomes, valid = await _validated(conn, self.projects, requests)
         if valid:
             valid = await fast_batch.post_fast(self, conn, requests, valid, outcomes)
         if valid:
@@ -268,6 +263,7 @@ class LedgerStore:
 
     async def post_one(self, conn: Conn, request: TransferRequest) -> Transaction:
         """Post one transfer in one statement; see gpudeck.wallet.fast_transfer."""
+        await self.projects.check(conn, request.organization_id, request.project_id)
         return await fast_transfer.post_one(self, conn, request)
 
     async def _read_around(
@@ -486,8 +482,11 @@ class LedgerStore:
         return {row[0]: transaction_from_row(row, postings[row[0]]) for row in rows}
 
 
-def _validated(requests: Sequence[TransferRequest]) -> tuple[list[Outcome | None], list[int]]:
-    """An outcome slot per request, refusals filled in for the invalid; the valid indexes."""
+async def _validated(
+    conn: Conn, projects: ProjectOwners, requests: Sequence[TransferRequest]
+) -> tuple[list[Outcome | None], list[int]]:
+    """An outcome slot per request, refusals filled in for the invalid (a bad field, a project
+    of another organization); the valid indexes."""
     outcomes: list[Outcome | None] = [None] * len(requests)
     valid: list[int] = []
     for i, request in enumerate(requests):
@@ -496,6 +495,14 @@ def _validated(requests: Sequence[TransferRequest]) -> tuple[list[Outcome | None
             valid.append(i)
         except DomainError as exc:
             outcomes[i] = Outcome(error=exc)
+    named = [(r.organization_id, r.project_id) for r in requests if r.project_id is not None]
+    if named:
+        unknown = await projects.unknown(conn, named)
+        for i in [
+            i for i in valid if (requests[i].organization_id, requests[i].project_id) in unknown
+        ]:
+            outcomes[i] = Outcome(error=project_not_found(requests[i].project_id))
+            valid.remove(i)
     return outcomes, valid
 
 

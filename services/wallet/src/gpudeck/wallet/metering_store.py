@@ -82,6 +82,7 @@ class MeterStore:
             raise NotFound(
                 f"organization {request.organization_id} not found", field="organization_id"
             )
+        await self.ledger.projects.use(conn, request.organization_id, request.project_id)
         cur = await conn.execute(
             "INSERT INTO meters (id, organization_id, project_id, resource_id, resource_type,"
             " hourly_rate, opened_at, segment_started_at, billed_until)"

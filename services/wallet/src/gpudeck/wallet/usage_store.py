@@ -120,6 +120,7 @@ class UsageStore:
                 f"organization {event.organization_id} not found", field="organization_id"
             )
         now: datetime = row[0]
+        await self.ledger.projects.use(conn, event.organization_id, event.project_id)
         at = event_time(event.at, now)
         cost = event.cost
         cur = await conn.execute(

@@ -1,0 +1,76 @@
+"""Which organization a project belongs to, for the money calls that name one.
+
+A transfer, hold, meter or usage event may name a project; it must be a project of the same
+organization (NOT_FOUND otherwise, as for a project that does not exist), so spend is never
+booked to a project the caller cannot see. A project never moves between organizations, so
+the answer is cached once found.
+
+Using a project for a resource (a meter opened, usage recorded, a hold taken) also makes it
+"recently used": its `last_used_at` moves, at most once a minute per project and process.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Iterable
+from typing import Any
+
+from psycopg import AsyncConnection
+
+from gpudeck.kit.errors import NotFound
+
+Conn = AsyncConnection[Any]
+TOUCH_EVERY = 60.0  # seconds between two writes of one project's last_used_at
+CACHE_LIMIT = 100_000
+
+
+class ProjectOwners:
+    def __init__(self) -> None:
+        self._owner: dict[uuid.UUID, uuid.UUID] = {}
+        self._touched: dict[uuid.UUID, float] = {}
+
+    async def unknown(
+        self, conn: Conn, pairs: Iterable[tuple[uuid.UUID, uuid.UUID | None]]
+    ) -> set[tuple[uuid.UUID, uuid.UUID]]:
+        """The (organization, project) pairs whose project is not one of that organization's."""
+        named = {(org, project) for org, project in pairs if project is not None}
+        missing = {project for _, project in named if project not in self._owner}
+        if missing:
+            cur = await conn.execute(
+                "SELECT id, organization_id FROM projects WHERE id = ANY(%s)", (list(missing),)
+            )
+            if len(self._owner) > CACHE_LIMIT:
+                self._owner.clear()
+            for project, org in await cur.fetchall():
+                self._owner[project] = org
+        return {(org, project) for org, project in named if self._owner.get(project) != org}
+
+    async def check(
+        self, conn: Conn, organization_id: uuid.UUID, project_id: uuid.UUID | None
+    ) -> None:
+        """Raise NotFound unless `project_id` is unset or a project of `organization_id`."""
+        if await self.unknown(conn, [(organization_id, project_id)]):
+            raise not_found(project_id)
+
+    async def use(
+        self, conn: Conn, organization_id: uuid.UUID, project_id: uuid.UUID | None
+    ) -> None:
+        """`check`, then note the project as used now (throttled)."""
+        await self.check(conn, organization_id, project_id)
+        if project_id is None:
+            return
+        now = time.monotonic()
+        if now - self._touched.get(project_id, -TOUCH_EVERY) < TOUCH_EVERY:
+            return
+        if len(self._touched) > CACHE_LIMIT:
+            self._touched.clear()
+        self._touched[project_id] = now
+        await conn.execute(
+            "UPDATE projects SET last_used_at = now() WHERE id = %s AND last_used_at < now()",
+            (project_id,),
+        )
+
+
+def not_found(project_id: uuid.UUID | None) -> NotFound:
+    return NotFound(f"project {project_id} not found", field="project_id")
