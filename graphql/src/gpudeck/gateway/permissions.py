@@ -6,6 +6,7 @@
     BillingReader    owner, admin, billing           FORBIDDEN
     BillingWriter    owner, admin, billing           FORBIDDEN
     Admin            owner, admin                    FORBIDDEN
+    Owner            owner                           FORBIDDEN
     MayGrant         the `role` given is not above the caller's own
 
 Each first needs an identity (UNAUTHENTICATED without one) and the organization the field is
@@ -84,6 +85,11 @@ class Admin(Member):
     refusal = "only an owner or admin may manage members"
 
 
+class Owner(Member):
+    minimum = "owner"
+    refusal = "only an owner may do this"
+
+
 class MayGrant(Writer):
     """A Writer, and the role in argument `role_argument` is not above the caller's own."""
 
@@ -126,9 +132,9 @@ class MayManageMember(Admin):
         return True  # an unknown member is the wallet's NOT_FOUND
 
 
-class MayRevokeToken(Writer):
-    """A Writer revoking a token of its own organization: an owner or admin any token not above
-    its role; anyone else the tokens its user created, and itself."""
+class MayManageToken(Writer):
+    """A Writer revoking or renaming a token of its own organization: an owner or admin any
+    token not above its role; anyone else the tokens its user created, and itself."""
 
     def __init__(self, token_argument: str = "id") -> None:
         super().__init__(None)

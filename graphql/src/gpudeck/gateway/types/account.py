@@ -8,13 +8,14 @@ from datetime import datetime
 import strawberry
 
 from gpudeck.gateway.context import Info
-from gpudeck.gateway.errors import FORBIDDEN, GatewayError
+from gpudeck.gateway.errors import FORBIDDEN, NOT_FOUND, GatewayError
 from gpudeck.gateway.permissions import (
     Admin,
     MayGrant,
     MayManageMember,
-    MayRevokeToken,
+    MayManageToken,
     Member,
+    Owner,
     Writer,
     require,
 )
@@ -252,6 +253,55 @@ async def resolve_revoke_api_token(info: Info, id: strawberry.ID) -> ApiToken:
     return ApiToken.from_pb(revoked)
 
 
+async def resolve_rename_api_token(info: Info, id: strawberry.ID, name: str) -> ApiToken:
+    identity = await info.context.identity()
+    c = info.context.wallet
+    request = account_pb2.RenameApiTokenRequest(
+        organization_id=identity.organization_id, api_token_id=str(id), name=name
+    )
+    return ApiToken.from_pb(await c.accounts.RenameApiToken(request, metadata=c.metadata))
+
+
+async def _project_of(
+    info: Info, organization_id: strawberry.ID, project_id: strawberry.ID
+) -> None:
+    """NOT_FOUND unless the project is one of this organization's."""
+    c = info.context.wallet
+    request = account_pb2.GetProjectRequest(project_id=str(project_id))
+    found = await c.accounts.GetProject(request, metadata=c.metadata)
+    if found.organization_id != str(organization_id):
+        raise GatewayError(f"project {project_id} not found", code=NOT_FOUND, field="id")
+
+
+async def resolve_rename_project(
+    info: Info, organization_id: strawberry.ID, id: strawberry.ID, name: str
+) -> Project:
+    await _project_of(info, organization_id, id)
+    c = info.context.wallet
+    request = account_pb2.RenameProjectRequest(project_id=str(id), name=name)
+    return Project.from_pb(await c.accounts.RenameProject(request, metadata=c.metadata))
+
+
+async def resolve_delete_project(
+    info: Info, organization_id: strawberry.ID, id: strawberry.ID
+) -> Project:
+    await _project_of(info, organization_id, id)
+    c = info.context.wallet
+    request = account_pb2.DeleteProjectRequest(project_id=str(id))
+    return Project.from_pb(await c.accounts.DeleteProject(request, metadata=c.metadata))
+
+
+async def resolve_delete_organization(info: Info, id: strawberry.ID, confirm_name: str) -> bool:
+    identity = await info.context.identity()
+    c = info.context.wallet
+    request = account_pb2.DeleteOrganizationRequest(
+        organization_id=str(id), confirm_name=confirm_name
+    )
+    await c.accounts.DeleteOrganization(request, metadata=c.metadata)
+    info.context.auth.forget(identity.token_id)  # its other tokens fail within the cache's life
+    return True
+
+
 async def resolve_invite_member(
     info: Info,
     organization_id: strawberry.ID,
@@ -341,7 +391,38 @@ class Mutation:
     revoke_api_token = strawberry.mutation(
         resolver=resolve_revoke_api_token,
         description="Revoke an API token at once (revoking it again changes nothing).",
-        extensions=require(MayRevokeToken("id")),
+        extensions=require(MayManageToken("id")),
+    )
+
+    rename_api_token = strawberry.mutation(
+        resolver=resolve_rename_api_token,
+        description="Give an API token a new name (its secret, role and expiry stay).",
+        extensions=require(MayManageToken("id")),
+    )
+
+    rename_project = strawberry.mutation(
+        resolver=resolve_rename_project,
+        description="Give a project a new name, unique among the organization's projects.",
+        extensions=require(Writer("organization_id")),
+    )
+
+    delete_project = strawberry.mutation(
+        resolver=resolve_delete_project,
+        description=(
+            "Delete a project: refused while it runs resources, or when it is the last one. "
+            "Its spending history stays."
+        ),
+        extensions=require(Admin("organization_id")),
+    )
+
+    delete_organization = strawberry.mutation(
+        resolver=resolve_delete_organization,
+        description=(
+            "Delete the organization (owner only; `confirmName` must be its name). Refused "
+            "while it runs resources, holds funds or has cash left; unspent credits are "
+            "forfeited; every token of it stops working. True when done."
+        ),
+        extensions=require(Owner("id")),
     )
 
     invite_member = strawberry.mutation(

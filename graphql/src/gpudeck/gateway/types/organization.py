@@ -271,8 +271,12 @@ class CreateOrganizationPayload:
 async def resolve_organization(
     info: Info, id: strawberry.ID, display_currency: str | None = None
 ) -> Organization | None:
-    display = check_display(display_currency)
     found = await info.context.loaders.organization.load(str(id))
+    if display_currency is None:  # the caller's saved preference, if it has one
+        identity = await info.context.identity()
+        if identity.user_id:
+            display_currency = (await accounts.load_preferences(info, str(id))).display_currency
+    display = check_display(display_currency)
     return Organization.from_pb(found, display if display != found.currency else "")
 
 
@@ -282,7 +286,8 @@ class Query:
         resolver=resolve_organization,
         description=(
             "The caller's organization (another id is NOT_FOUND). With `displayCurrency` (INR or "
-            "USD) every amount is converted."
+            "USD) every amount is converted; without it, amounts are shown in the caller's "
+            "preferred display currency (preferences), by default the wallet's."
         ),
         extensions=require(Member("id")),
     )

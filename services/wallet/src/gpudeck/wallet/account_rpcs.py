@@ -5,6 +5,7 @@ from __future__ import annotations
 import uuid
 
 from gpudeck.kit.errors import InvalidArgument
+from gpudeck.kit.logs import actor
 from gpudeck.proto.wallet.v1 import account_pb2 as pb
 from gpudeck.proto.wallet.v1 import account_pb2_grpc
 from gpudeck.wallet import convert
@@ -19,6 +20,7 @@ from gpudeck.wallet.accounts import (
 )
 from gpudeck.wallet.accounts_store import AccountStore, CreatedOrganization, NewOrganization
 from gpudeck.wallet.deps import Wallet
+from gpudeck.wallet.organization_deletion import delete_organization
 
 DEFAULT_PROJECTS = 50
 MAX_PROJECTS = 500
@@ -170,6 +172,17 @@ class AccountServicer(account_pb2_grpc.AccountServiceServicer):
             updated = await self.accounts.update_organization(conn, org, name=request.name)
         return organization(updated)
 
+    async def DeleteOrganization(
+        self, request: pb.DeleteOrganizationRequest, context: object
+    ) -> pb.Organization:
+        org = _org(request.organization_id)
+        async with self.wallet.pool.connection() as conn, conn.transaction():
+            deleted = await delete_organization(
+                self.accounts, self.wallet.ledger, conn, org,
+                confirm_name=request.confirm_name, actor=actor.get(),
+            )  # fmt: skip
+        return organization(deleted)
+
     async def SetKycStatus(
         self, request: pb.SetKycStatusRequest, context: object
     ) -> pb.Organization:
@@ -240,6 +253,11 @@ class AccountServicer(account_pb2_grpc.AccountServiceServicer):
         async with self.wallet.pool.connection() as conn:
             return project(await self.accounts.touch_project(conn, project_id))
 
+    async def RenameProject(self, request: pb.RenameProjectRequest, context: object) -> pb.Project:
+        project_id = convert.parse_id(request.project_id, "project_id")
+        async with self.wallet.pool.connection() as conn, conn.transaction():
+            return project(await self.accounts.rename_project(conn, project_id, request.name))
+
     async def DeleteProject(self, request: pb.DeleteProjectRequest, context: object) -> pb.Project:
         project_id = convert.parse_id(request.project_id, "project_id")
         async with self.wallet.pool.connection() as conn, conn.transaction():
@@ -279,6 +297,14 @@ class AccountServicer(account_pb2_grpc.AccountServiceServicer):
         token_id = convert.parse_id(request.api_token_id, "api_token_id")
         async with self.wallet.pool.connection() as conn, conn.transaction():
             return api_token(await self.accounts.revoke_token(conn, org, token_id))
+
+    async def RenameApiToken(
+        self, request: pb.RenameApiTokenRequest, context: object
+    ) -> pb.ApiToken:
+        org = _org(request.organization_id)
+        token_id = convert.parse_id(request.api_token_id, "api_token_id")
+        async with self.wallet.pool.connection() as conn, conn.transaction():
+            return api_token(await self.accounts.rename_token(conn, org, token_id, request.name))
 
     # ------------------------------------------------------------------ preferences
 

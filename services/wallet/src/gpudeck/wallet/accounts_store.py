@@ -191,7 +191,7 @@ class AccountStore(ProjectStore, TokenStore):
     ) -> Member:
         """Add the user with `email` (created if new) to the organization with `role`."""
         email, role = check_email(email), check_role(role)
-        await self._lock_organization(conn, org)
+        await self.lock_organization(conn, org)
         user = await self._user_by_email(conn, email, name=name.strip())
         cur = await conn.execute(
             "INSERT INTO memberships (organization_id, user_id, role) VALUES (%s, %s, %s)"
@@ -210,7 +210,7 @@ class AccountStore(ProjectStore, TokenStore):
         """Change a member's role. The last owner cannot step down; tokens the member made that
         now outrank them are revoked."""
         role = check_role(role)
-        _, recorded_owner = await self._lock_organization(conn, org)
+        _, recorded_owner = await self.lock_organization(conn, org)
         member = await self._member(conn, org, user_id)
         if member.role == role:
             return member
@@ -230,7 +230,7 @@ class AccountStore(ProjectStore, TokenStore):
 
     async def remove_member(self, conn: Conn, org: uuid.UUID, user_id: uuid.UUID) -> Member:
         """Remove a member and revoke the tokens they made here; the last owner stays."""
-        _, recorded_owner = await self._lock_organization(conn, org)
+        _, recorded_owner = await self.lock_organization(conn, org)
         member = await self._member(conn, org, user_id)
         if member.role == "owner":
             await self._keep_an_owner(conn, org, "remove")

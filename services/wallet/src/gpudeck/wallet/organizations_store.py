@@ -58,7 +58,7 @@ class OrganizationStore:
         row = await cur.fetchone()
         return _organization(row) if row else None
 
-    async def _lock_organization(self, conn: Conn, org: uuid.UUID) -> tuple[str, uuid.UUID]:
+    async def lock_organization(self, conn: Conn, org: uuid.UUID) -> tuple[str, uuid.UUID]:
         """Serialize this organization's account changes; its (currency, owner_user_id)."""
         cur = await conn.execute(
             "SELECT currency, owner_user_id FROM organizations"
@@ -72,7 +72,7 @@ class OrganizationStore:
 
     async def update_organization(self, conn: Conn, org: uuid.UUID, *, name: str) -> Organization:
         name = check_name(name)
-        await self._lock_organization(conn, org)
+        await self.lock_organization(conn, org)
         await conn.execute("UPDATE organizations SET name = %s WHERE id = %s", (name, org))
         await self.outbox.add(
             conn, self._organization_event("account.organization.updated", org, name)
@@ -81,7 +81,7 @@ class OrganizationStore:
 
     async def set_kyc_status(self, conn: Conn, org: uuid.UUID, status: str) -> Organization:
         status = check_kyc_status(status)
-        await self._lock_organization(conn, org)
+        await self.lock_organization(conn, org)
         cur = await conn.execute(
             "UPDATE organizations SET kyc_status = %s WHERE id = %s AND kyc_status <> %s"
             " RETURNING name",

@@ -10,6 +10,8 @@ import uuid
 from collections.abc import Sequence
 from typing import Any
 
+import psycopg
+
 from gpudeck.kit.errors import AlreadyExists, FailedPrecondition, NotFound
 from gpudeck.proto.events.v1.envelope_pb2 import Event
 from gpudeck.wallet import events, idempotency
@@ -32,7 +34,7 @@ class ProjectStore(OrganizationStore):
         self, conn: Conn, org: uuid.UUID, name: str, *, idempotency_key: str = ""
     ) -> Project:
         name = check_name(name)
-        await self._lock_organization(conn, org)
+        await self.lock_organization(conn, org)
         scope, digest = f"org:{org}:projects", fingerprint("project.create", name=name)
         if idempotency_key:
             earlier = await idempotency.recall(conn, scope, idempotency_key, digest)
@@ -101,10 +103,36 @@ class ProjectStore(OrganizationStore):
             raise NotFound(f"project {project_id} not found", field="project_id")
         return _project(row)
 
+    async def rename_project(self, conn: Conn, project_id: uuid.UUID, name: str) -> Project:
+        """Give a live project a new name, unique among the organization's live projects."""
+        name = check_name(name)
+        project = await self.get_project(conn, project_id)
+        await self.lock_organization(conn, project.organization_id)
+        if name == project.name:
+            return project
+        try:
+            async with conn.transaction():
+                cur = await conn.execute(
+                    "UPDATE projects SET name = %s WHERE id = %s AND deleted_at IS NULL"
+                    f" RETURNING {PROJECT_COLUMNS}",
+                    (name, project_id),
+                )
+        except psycopg.errors.UniqueViolation:
+            raise AlreadyExists(
+                f"organization {project.organization_id} already has a project named {name!r}",
+                field="name",
+            ) from None
+        row = await cur.fetchone()
+        if row is None:  # deleted while we waited for the lock
+            raise NotFound(f"project {project_id} not found", field="project_id")
+        renamed = _project(row)
+        await self.outbox.add(conn, self._project_event("account.project.updated", renamed))
+        return renamed
+
     async def delete_project(self, conn: Conn, project_id: uuid.UUID) -> Project:
         """Soft-delete a project that is not its organization's last and meters nothing."""
         project = await self.get_project(conn, project_id)
-        await self._lock_organization(conn, project.organization_id)
+        await self.lock_organization(conn, project.organization_id)
         cur = await conn.execute(
             "SELECT (SELECT count(*) FROM projects WHERE organization_id = %s"
             "        AND deleted_at IS NULL),"

@@ -70,7 +70,7 @@ class TokenStore(OrganizationStore):
         member and `role` may not exceed theirs."""
         name, role = check_name(name), check_role(role)
         check_expiry(expires_at, await db_now(conn))
-        await self._lock_organization(conn, org)
+        await self.lock_organization(conn, org)
         if created_by is not None:
             creator_role = await self.member_role(conn, org, created_by)
             if creator_role is None:
@@ -138,6 +138,9 @@ class TokenStore(OrganizationStore):
             token = _token(row)
             await self.outbox.add(conn, self._token_event("account.token.deleted", token))
             return token
+        return await self._token_in(conn, org, token_id)
+
+    async def _token_in(self, conn: Conn, org: uuid.UUID, token_id: uuid.UUID) -> ApiToken:
         cur = await conn.execute(f"{TOKEN} WHERE id = %s AND organization_id = %s", (token_id, org))
         row = await cur.fetchone()
         if row is None:
@@ -145,6 +148,47 @@ class TokenStore(OrganizationStore):
                 f"API token {token_id} not found in organization {org}", field="api_token_id"
             )
         return _token(row)
+
+    async def rename_token(
+        self, conn: Conn, org: uuid.UUID, token_id: uuid.UUID, name: str
+    ) -> ApiToken:
+        """Give a token a new name (its secret, role and expiry stay)."""
+        name = check_name(name)
+        cur = await conn.execute(
+            "UPDATE api_tokens SET name = %s WHERE id = %s AND organization_id = %s"
+            f" AND name <> %s RETURNING {TOKEN_COLUMNS}",
+            (name, token_id, org, name),
+        )
+        row = await cur.fetchone()
+        if row is not None:
+            token = _token(row)
+            await self.outbox.add(conn, self._token_event("account.token.updated", token))
+            return token
+        return await self._token_in(conn, org, token_id)
+
+    async def close_organization(self, conn: Conn, org: uuid.UUID) -> None:
+        """Mark a (locked) organization deleted and revoke all its tokens, with their events."""
+        cur = await conn.execute(
+            "UPDATE organizations SET deleted_at = now() WHERE id = %s AND deleted_at IS NULL"
+            " RETURNING name",
+            (org,),
+        )
+        row = await cur.fetchone()
+        if row is None:
+            raise NotFound(f"organization {org} not found", field="organization_id")
+        cur = await conn.execute(
+            "UPDATE api_tokens SET revoked_at = now() WHERE organization_id = %s"
+            f" AND revoked_at IS NULL RETURNING {TOKEN_COLUMNS}",
+            (org,),
+        )
+        revoked = [_token(row) for row in await cur.fetchall()]
+        await self.outbox.add_many(
+            conn,
+            [
+                *(self._token_event("account.token.deleted", t) for t in revoked),
+                self._organization_event("account.organization.deleted", org, row[0]),
+            ],
+        )
 
     async def _revoke_tokens_of(
         self, conn: Conn, org: uuid.UUID, user_id: uuid.UUID, *, above: str | None

@@ -59,6 +59,11 @@ class AccountServiceStub:
                 request_serializer=gpudeck_dot_wallet_dot_v1_dot_account__pb2.SetKycStatusRequest.SerializeToString,
                 response_deserializer=gpudeck_dot_wallet_dot_v1_dot_account__pb2.Organization.FromString,
                 _registered_method=True)
+        self.DeleteOrganization = channel.unary_unary(
+                '/gpudeck.wallet.v1.AccountService/DeleteOrganization',
+                request_serializer=gpudeck_dot_wallet_dot_v1_dot_account__pb2.DeleteOrganizationRequest.SerializeToString,
+                response_deserializer=gpudeck_dot_wallet_dot_v1_dot_account__pb2.Organization.FromString,
+                _registered_method=True)
         self.ListMembers = channel.unary_unary(
                 '/gpudeck.wallet.v1.AccountService/ListMembers',
                 request_serializer=gpudeck_dot_wallet_dot_v1_dot_account__pb2.ListMembersRequest.SerializeToString,
@@ -104,6 +109,11 @@ class AccountServiceStub:
                 request_serializer=gpudeck_dot_wallet_dot_v1_dot_account__pb2.DeleteProjectRequest.SerializeToString,
                 response_deserializer=gpudeck_dot_wallet_dot_v1_dot_account__pb2.Project.FromString,
                 _registered_method=True)
+        self.RenameProject = channel.unary_unary(
+                '/gpudeck.wallet.v1.AccountService/RenameProject',
+                request_serializer=gpudeck_dot_wallet_dot_v1_dot_account__pb2.RenameProjectRequest.SerializeToString,
+                response_deserializer=gpudeck_dot_wallet_dot_v1_dot_account__pb2.Project.FromString,
+                _registered_method=True)
         self.CreateApiToken = channel.unary_unary(
                 '/gpudeck.wallet.v1.AccountService/CreateApiToken',
                 request_serializer=gpudeck_dot_wallet_dot_v1_dot_account__pb2.CreateApiTokenRequest.SerializeToString,
@@ -117,6 +127,11 @@ class AccountServiceStub:
         self.RevokeApiToken = channel.unary_unary(
                 '/gpudeck.wallet.v1.AccountService/RevokeApiToken',
                 request_serializer=gpudeck_dot_wallet_dot_v1_dot_account__pb2.RevokeApiTokenRequest.SerializeToString,
+                response_deserializer=gpudeck_dot_wallet_dot_v1_dot_account__pb2.ApiToken.FromString,
+                _registered_method=True)
+        self.RenameApiToken = channel.unary_unary(
+                '/gpudeck.wallet.v1.AccountService/RenameApiToken',
+                request_serializer=gpudeck_dot_wallet_dot_v1_dot_account__pb2.RenameApiTokenRequest.SerializeToString,
                 response_deserializer=gpudeck_dot_wallet_dot_v1_dot_account__pb2.ApiToken.FromString,
                 _registered_method=True)
         self.GetPreferences = channel.unary_unary(
@@ -161,6 +176,14 @@ class AccountServiceServicer:
 
     def SetKycStatus(self, request, context):
         """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteOrganization(self, request, context):
+        """Soft-delete an organization: refused while it runs resources, holds funds or has cash left;
+        unspent credits are forfeited (posted as expired), its tokens revoked, its wallet closed.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -221,6 +244,12 @@ class AccountServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RenameProject(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def CreateApiToken(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -234,6 +263,12 @@ class AccountServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def RevokeApiToken(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RenameApiToken(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -277,6 +312,11 @@ def add_AccountServiceServicer_to_server(servicer, server):
             'SetKycStatus': grpc.unary_unary_rpc_method_handler(
                     servicer.SetKycStatus,
                     request_deserializer=gpudeck_dot_wallet_dot_v1_dot_account__pb2.SetKycStatusRequest.FromString,
+                    response_serializer=gpudeck_dot_wallet_dot_v1_dot_account__pb2.Organization.SerializeToString,
+            ),
+            'DeleteOrganization': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteOrganization,
+                    request_deserializer=gpudeck_dot_wallet_dot_v1_dot_account__pb2.DeleteOrganizationRequest.FromString,
                     response_serializer=gpudeck_dot_wallet_dot_v1_dot_account__pb2.Organization.SerializeToString,
             ),
             'ListMembers': grpc.unary_unary_rpc_method_handler(
@@ -324,6 +364,11 @@ def add_AccountServiceServicer_to_server(servicer, server):
                     request_deserializer=gpudeck_dot_wallet_dot_v1_dot_account__pb2.DeleteProjectRequest.FromString,
                     response_serializer=gpudeck_dot_wallet_dot_v1_dot_account__pb2.Project.SerializeToString,
             ),
+            'RenameProject': grpc.unary_unary_rpc_method_handler(
+                    servicer.RenameProject,
+                    request_deserializer=gpudeck_dot_wallet_dot_v1_dot_account__pb2.RenameProjectRequest.FromString,
+                    response_serializer=gpudeck_dot_wallet_dot_v1_dot_account__pb2.Project.SerializeToString,
+            ),
             'CreateApiToken': grpc.unary_unary_rpc_method_handler(
                     servicer.CreateApiToken,
                     request_deserializer=gpudeck_dot_wallet_dot_v1_dot_account__pb2.CreateApiTokenRequest.FromString,
@@ -337,6 +382,11 @@ def add_AccountServiceServicer_to_server(servicer, server):
             'RevokeApiToken': grpc.unary_unary_rpc_method_handler(
                     servicer.RevokeApiToken,
                     request_deserializer=gpudeck_dot_wallet_dot_v1_dot_account__pb2.RevokeApiTokenRequest.FromString,
+                    response_serializer=gpudeck_dot_wallet_dot_v1_dot_account__pb2.ApiToken.SerializeToString,
+            ),
+            'RenameApiToken': grpc.unary_unary_rpc_method_handler(
+                    servicer.RenameApiToken,
+                    request_deserializer=gpudeck_dot_wallet_dot_v1_dot_account__pb2.RenameApiTokenRequest.FromString,
                     response_serializer=gpudeck_dot_wallet_dot_v1_dot_account__pb2.ApiToken.SerializeToString,
             ),
             'GetPreferences': grpc.unary_unary_rpc_method_handler(
@@ -484,6 +534,33 @@ class AccountService:
             target,
             '/gpudeck.wallet.v1.AccountService/SetKycStatus',
             gpudeck_dot_wallet_dot_v1_dot_account__pb2.SetKycStatusRequest.SerializeToString,
+            gpudeck_dot_wallet_dot_v1_dot_account__pb2.Organization.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteOrganization(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gpudeck.wallet.v1.AccountService/DeleteOrganization',
+            gpudeck_dot_wallet_dot_v1_dot_account__pb2.DeleteOrganizationRequest.SerializeToString,
             gpudeck_dot_wallet_dot_v1_dot_account__pb2.Organization.FromString,
             options,
             channel_credentials,
@@ -739,6 +816,33 @@ class AccountService:
             _registered_method=True)
 
     @staticmethod
+    def RenameProject(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gpudeck.wallet.v1.AccountService/RenameProject',
+            gpudeck_dot_wallet_dot_v1_dot_account__pb2.RenameProjectRequest.SerializeToString,
+            gpudeck_dot_wallet_dot_v1_dot_account__pb2.Project.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
     def CreateApiToken(request,
             target,
             options=(),
@@ -808,6 +912,33 @@ class AccountService:
             target,
             '/gpudeck.wallet.v1.AccountService/RevokeApiToken',
             gpudeck_dot_wallet_dot_v1_dot_account__pb2.RevokeApiTokenRequest.SerializeToString,
+            gpudeck_dot_wallet_dot_v1_dot_account__pb2.ApiToken.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RenameApiToken(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gpudeck.wallet.v1.AccountService/RenameApiToken',
+            gpudeck_dot_wallet_dot_v1_dot_account__pb2.RenameApiTokenRequest.SerializeToString,
             gpudeck_dot_wallet_dot_v1_dot_account__pb2.ApiToken.FromString,
             options,
             channel_credentials,

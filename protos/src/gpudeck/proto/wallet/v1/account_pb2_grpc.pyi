@@ -39,6 +39,10 @@ class AccountServiceStub:
     GetOrganization: _grpc.UnaryUnaryMultiCallable[_account_pb2.GetOrganizationRequest, _account_pb2.Organization]
     UpdateOrganization: _grpc.UnaryUnaryMultiCallable[_account_pb2.UpdateOrganizationRequest, _account_pb2.Organization]
     SetKycStatus: _grpc.UnaryUnaryMultiCallable[_account_pb2.SetKycStatusRequest, _account_pb2.Organization]
+    DeleteOrganization: _grpc.UnaryUnaryMultiCallable[_account_pb2.DeleteOrganizationRequest, _account_pb2.Organization]
+    """Soft-delete an organization: refused while it runs resources, holds funds or has cash left;
+    unspent credits are forfeited (posted as expired), its tokens revoked, its wallet closed.
+    """
     ListMembers: _grpc.UnaryUnaryMultiCallable[_account_pb2.ListMembersRequest, _account_pb2.ListMembersResponse]
     InviteMember: _grpc.UnaryUnaryMultiCallable[_account_pb2.InviteMemberRequest, _account_pb2.Member]
     SetMemberRole: _grpc.UnaryUnaryMultiCallable[_account_pb2.SetMemberRoleRequest, _account_pb2.Member]
@@ -50,9 +54,11 @@ class AccountServiceStub:
     TouchProject: _grpc.UnaryUnaryMultiCallable[_account_pb2.TouchProjectRequest, _account_pb2.Project]
     DeleteProject: _grpc.UnaryUnaryMultiCallable[_account_pb2.DeleteProjectRequest, _account_pb2.Project]
     """Soft-deletes a project; refused for the organization's last project or one with open meters."""
+    RenameProject: _grpc.UnaryUnaryMultiCallable[_account_pb2.RenameProjectRequest, _account_pb2.Project]
     CreateApiToken: _grpc.UnaryUnaryMultiCallable[_account_pb2.CreateApiTokenRequest, _account_pb2.CreateApiTokenResponse]
     ListApiTokens: _grpc.UnaryUnaryMultiCallable[_account_pb2.ListApiTokensRequest, _account_pb2.ListApiTokensResponse]
     RevokeApiToken: _grpc.UnaryUnaryMultiCallable[_account_pb2.RevokeApiTokenRequest, _account_pb2.ApiToken]
+    RenameApiToken: _grpc.UnaryUnaryMultiCallable[_account_pb2.RenameApiTokenRequest, _account_pb2.ApiToken]
     GetPreferences: _grpc.UnaryUnaryMultiCallable[_account_pb2.GetPreferencesRequest, _account_pb2.Preferences]
     UpdatePreferences: _grpc.UnaryUnaryMultiCallable[_account_pb2.UpdatePreferencesRequest, _account_pb2.Preferences]
 
@@ -65,6 +71,10 @@ class AccountServiceAsyncStub(AccountServiceStub):
     GetOrganization: _aio.UnaryUnaryMultiCallable[_account_pb2.GetOrganizationRequest, _account_pb2.Organization]  # type: ignore[assignment]
     UpdateOrganization: _aio.UnaryUnaryMultiCallable[_account_pb2.UpdateOrganizationRequest, _account_pb2.Organization]  # type: ignore[assignment]
     SetKycStatus: _aio.UnaryUnaryMultiCallable[_account_pb2.SetKycStatusRequest, _account_pb2.Organization]  # type: ignore[assignment]
+    DeleteOrganization: _aio.UnaryUnaryMultiCallable[_account_pb2.DeleteOrganizationRequest, _account_pb2.Organization]  # type: ignore[assignment]
+    """Soft-delete an organization: refused while it runs resources, holds funds or has cash left;
+    unspent credits are forfeited (posted as expired), its tokens revoked, its wallet closed.
+    """
     ListMembers: _aio.UnaryUnaryMultiCallable[_account_pb2.ListMembersRequest, _account_pb2.ListMembersResponse]  # type: ignore[assignment]
     InviteMember: _aio.UnaryUnaryMultiCallable[_account_pb2.InviteMemberRequest, _account_pb2.Member]  # type: ignore[assignment]
     SetMemberRole: _aio.UnaryUnaryMultiCallable[_account_pb2.SetMemberRoleRequest, _account_pb2.Member]  # type: ignore[assignment]
@@ -76,9 +86,11 @@ class AccountServiceAsyncStub(AccountServiceStub):
     TouchProject: _aio.UnaryUnaryMultiCallable[_account_pb2.TouchProjectRequest, _account_pb2.Project]  # type: ignore[assignment]
     DeleteProject: _aio.UnaryUnaryMultiCallable[_account_pb2.DeleteProjectRequest, _account_pb2.Project]  # type: ignore[assignment]
     """Soft-deletes a project; refused for the organization's last project or one with open meters."""
+    RenameProject: _aio.UnaryUnaryMultiCallable[_account_pb2.RenameProjectRequest, _account_pb2.Project]  # type: ignore[assignment]
     CreateApiToken: _aio.UnaryUnaryMultiCallable[_account_pb2.CreateApiTokenRequest, _account_pb2.CreateApiTokenResponse]  # type: ignore[assignment]
     ListApiTokens: _aio.UnaryUnaryMultiCallable[_account_pb2.ListApiTokensRequest, _account_pb2.ListApiTokensResponse]  # type: ignore[assignment]
     RevokeApiToken: _aio.UnaryUnaryMultiCallable[_account_pb2.RevokeApiTokenRequest, _account_pb2.ApiToken]  # type: ignore[assignment]
+    RenameApiToken: _aio.UnaryUnaryMultiCallable[_account_pb2.RenameApiTokenRequest, _account_pb2.ApiToken]  # type: ignore[assignment]
     GetPreferences: _aio.UnaryUnaryMultiCallable[_account_pb2.GetPreferencesRequest, _account_pb2.Preferences]  # type: ignore[assignment]
     UpdatePreferences: _aio.UnaryUnaryMultiCallable[_account_pb2.UpdatePreferencesRequest, _account_pb2.Preferences]  # type: ignore[assignment]
 
@@ -118,6 +130,16 @@ class AccountServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _account_pb2.SetKycStatusRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_account_pb2.Organization, _abc.Awaitable[_account_pb2.Organization]]: ...
+
+    @_abc_1.abstractmethod
+    def DeleteOrganization(
+        self,
+        request: _account_pb2.DeleteOrganizationRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_account_pb2.Organization, _abc.Awaitable[_account_pb2.Organization]]:
+        """Soft-delete an organization: refused while it runs resources, holds funds or has cash left;
+        unspent credits are forfeited (posted as expired), its tokens revoked, its wallet closed.
+        """
 
     @_abc_1.abstractmethod
     def ListMembers(
@@ -185,6 +207,13 @@ class AccountServiceServicer(metaclass=_abc_1.ABCMeta):
         """Soft-deletes a project; refused for the organization's last project or one with open meters."""
 
     @_abc_1.abstractmethod
+    def RenameProject(
+        self,
+        request: _account_pb2.RenameProjectRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_account_pb2.Project, _abc.Awaitable[_account_pb2.Project]]: ...
+
+    @_abc_1.abstractmethod
     def CreateApiToken(
         self,
         request: _account_pb2.CreateApiTokenRequest,
@@ -202,6 +231,13 @@ class AccountServiceServicer(metaclass=_abc_1.ABCMeta):
     def RevokeApiToken(
         self,
         request: _account_pb2.RevokeApiTokenRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_account_pb2.ApiToken, _abc.Awaitable[_account_pb2.ApiToken]]: ...
+
+    @_abc_1.abstractmethod
+    def RenameApiToken(
+        self,
+        request: _account_pb2.RenameApiTokenRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_account_pb2.ApiToken, _abc.Awaitable[_account_pb2.ApiToken]]: ...
 

@@ -1,0 +1,768 @@
+"""Edges of the wallet's gRPC API: holds, meters, events and projects, against the running
+service (real PostgreSQL, NATS and gRPC; no mocks)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
+from typing import Any
+
+import grpc
+import nats
+import pytest
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+from psycopg_pool import AsyncConnectionPool
+
+from gpudeck.kit.config import EventsConfig
+from gpudeck.kit.events import parse_event, unpack
+from gpudeck.proto.common.v1.money_pb2 import Money
+from gpudeck.proto.events.v1.envelope_pb2 import Event
+from gpudeck.proto.wallet.v1 import account_pb2, events_pb2
+from gpudeck.proto.wallet.v1 import wallet_pb2 as pb
+from gpudeck.proto.wallet.v1.account_pb2_grpc import AccountServiceStub
+from gpudeck.proto.wallet.v1.wallet_pb2_grpc import WalletServiceStub
+from gpudeck.wallet.money import MAX_AMOUNT
+
+NewOrg = Callable[..., Awaitable[uuid.UUID]]
+USD = 1_000_000
+INT64_MAX = 2**63 - 1
+ACTOR = "user:edge-tester"
+AS_ACTOR = (("x-actor", ACTOR),)
+
+
+# ---------------------------------------------------------------------------- helpers
+
+
+def transfer(
+    org: uuid.UUID | str, kind: int, amount: int, key: str | None = None, **kw: object
+) -> pb.TransferRequest:
+    return pb.TransferRequest(
+        idempotency_key=key or uuid.uuid4().hex,
+        organization_id=str(org),
+        kind=kind,  # type: ignore[arg-type]
+        amount=Money(amount=amount, currency=str(kw.pop("currency", ""))),
+        **kw,  # type: ignore[arg-type]
+    )
+
+
+def hold_request(
+    org: uuid.UUID | str, amount: int, key: str | None = None, **kw: object
+) -> pb.CreateHoldRequest:
+    return pb.CreateHoldRequest(
+        idempotency_key=key or uuid.uuid4().hex,
+        organization_id=str(org),
+        amount=amount,
+        **kw,  # type: ignore[arg-type]
+    )
+
+
+def meter_request(org: uuid.UUID | str, **kw: object) -> pb.OpenMeterRequest:
+    fields: dict[str, object] = {
+        "meter_id": f"pod:{uuid.uuid4()}",
+        "organization_id": str(org),
+        "resource_id": f"res-{uuid.uuid4().hex[:8]}",
+        "resource_type": "pod",
+        "hourly_rate": 3_600_000,
+    }
+    fields.update(kw)
+    return pb.OpenMeterRequest(**fields)  # type: ignore[arg-type]
+
+
+def usage_request(org: uuid.UUID | str, **kw: object) -> pb.RecordUsageRequest:
+    fields: dict[str, object] = {
+        "event_id": uuid.uuid4().hex,
+        "organization_id": str(org),
+        "meter": "tokens",
+        "quantity": 1000.0,
+        "unit_price": 2 * USD,
+        "success": True,
+    }
+    fields.update(kw)
+    return pb.RecordUsageRequest(**fields)  # type: ignore[arg-type]
+
+
+async def top_up(stub: WalletServiceStub, org: uuid.UUID, amount: int) -> pb.Transaction:
+    return await stub.Transfer(transfer(org, pb.TOPUP, amount), timeout=5)
+
+
+async def summary(stub: WalletServiceStub, org: uuid.UUID | str) -> pb.WalletSummary:
+    return await stub.GetWalletSummary(
+        pb.GetWalletSummaryRequest(organization_id=str(org)), timeout=5
+    )
+
+
+async def refused(call: Awaitable[Any]) -> grpc.aio.AioRpcError:
+    """The error `call` fails with (the test fails if it succeeds)."""
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await call
+    return err.value
+
+
+def trailer(err: grpc.aio.AioRpcError, key: str) -> str | None:
+    for k, v in err.trailing_metadata() or ():
+        if k == key:
+            return str(v)
+    return None
+
+
+async def count(pool: AsyncConnectionPool, sql: str, *args: object) -> int:
+    async with pool.connection() as conn:
+        cur = await conn.execute(sql, args)
+        row = await cur.fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+async def holds_of(pool: AsyncConnectionPool, org: uuid.UUID) -> int:
+    return await count(pool, "SELECT count(*) FROM holds WHERE organization_id = %s", org)
+
+
+async def transactions_of(stub: WalletServiceStub, org: uuid.UUID) -> list[pb.Transaction]:
+    listed = await stub.ListTransactions(
+        pb.ListTransactionsRequest(organization_id=str(org), limit=100), timeout=5
+    )
+    return list(listed.transactions)
+
+
+async def new_project(account_stub: AccountServiceStub, org: uuid.UUID, name: str = "ml") -> str:
+    made = await account_stub.CreateProject(
+        account_pb2.CreateProjectRequest(organization_id=str(org), name=name), timeout=5
+    )
+    return str(made.id)
+
+
+async def wait_hold_status(
+    stub: WalletServiceStub, hold_id: str, status: str, *, seconds: float = 10
+) -> pb.Hold:
+    deadline = time.monotonic() + seconds
+    while True:
+        hold = await stub.GetHold(pb.GetHoldRequest(hold_id=hold_id), timeout=5)
+        if hold.status == status or time.monotonic() > deadline:
+            return hold
+        await asyncio.sleep(0.1)
+
+
+async def wallet_events(
+    config: EventsConfig,
+    org: uuid.UUID | str,
+    done: Callable[[list[Event]], bool],
+    *,
+    seconds: float = 10,
+) -> list[Event]:
+    """The organization's wallet.* events on the stream, read until `done(events)` holds (or
+    `seconds` pass), oldest first."""
+    nc = await nats.connect(config.nats_url, connect_timeout=2)
+    js = nc.jetstream()
+    name = f"edges-{uuid.uuid4().hex[:8]}"
+    sub = await js.pull_subscribe(
+        f"{config.subject_prefix}.wallet.>",
+        durable=name,
+        stream=config.stream,
+        config=ConsumerConfig(ack_policy=AckPolicy.NONE, deliver_policy=DeliverPolicy.ALL),
+    )
+    found: list[Event] = []
+    try:
+        deadline = time.monotonic() + seconds
+        while not done(found) and time.monotonic() < deadline:
+            try:
+                msgs = await sub.fetch(500, timeout=0.3)
+            except (TimeoutError, nats.errors.TimeoutError):
+                continue
+            found += [
+                e for e in (parse_event(m.data) for m in msgs) if e.organization_id == str(org)
+            ]
+    finally:
+        await js.delete_consumer(config.stream, name)
+        await nc.close()
+    return found
+
+
+def has_types(*types: str) -> Callable[[list[Event]], bool]:
+    return lambda found: set(types) <= {e.type for e in found}
+
+
+def of_type(found: list[Event], event_type: str) -> list[Event]:
+    return [e for e in found if e.type == event_type]
+
+
+# ---------------------------------------------------------------------------- holds
+
+
+async def test_a_hold_beyond_spendable_is_refused_and_writes_nothing(
+    wallet_stub: WalletServiceStub, wallet_pool: AsyncConnectionPool, new_org: NewOrg
+) -> None:
+    org = await new_org()
+    await top_up(wallet_stub, org, 5 * USD)
+    await wallet_stub.CreateHold(hold_request(org, 2 * USD), timeout=5)  # spendable: 3
+    err = await refused(wallet_stub.CreateHold(hold_request(org, 3 * USD + 1), timeout=5))
+    assert err.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "insufficient funds" in (err.details() or "")
+    assert trailer(err, "x-error-reason") == "INSUFFICIENT_FUNDS"
+    s = await summary(wallet_stub, org)
+    assert (s.balance.amount, s.held_balance.amount, s.spendable.amount) == (
+        5 * USD,
+        2 * USD,
+        3 * USD,
+    )
+    assert await holds_of(wallet_pool, org) == 1
+    # Exactly what is spendable may be held.
+    exact = await wallet_stub.CreateHold(hold_request(org, 3 * USD), timeout=5)
+    assert exact.status == "open"
+    assert (await summary(wallet_stub, org)).spendable.amount == 0
+
+
+async def test_create_hold_is_idempotent_by_key(
+    wallet_stub: WalletServiceStub, wallet_pool: AsyncConnectionPool, new_org: NewOrg
+) -> None:
+    org = await new_org()
+    await top_up(wallet_stub, org, 10 * USD)
+    request = hold_request(org, 4 * USD, key="hold-key-1", timeout_seconds=120)
+    first = await wallet_stub.CreateHold(request, timeout=5)
+    second = await wallet_stub.CreateHold(request, timeout=5)
+    assert second.id == first.id
+    assert second == first
+    assert await holds_of(wallet_pool, org) == 1
+    assert (await summary(wallet_stub, org)).held_balance.amount == 4 * USD
+
+    other = hold_request(org, 5 * USD, key="hold-key-1", timeout_seconds=120)
+    err = await refused(wallet_stub.CreateHold(other, timeout=5))
+    assert err.code() == grpc.StatusCode.ABORTED  # Conflict, as for transfers
+    assert "hold-key-1" in (err.details() or "")
+    assert "idempotency_key" in (err.details() or "")
+    assert trailer(err, "x-error-reason") == "IDEMPOTENCY_KEY_REUSED"
+    assert await holds_of(wallet_pool, org) == 1
+    assert (await summary(wallet_stub, org)).held_balance.amount == 4 * USD
+
+
+@pytest.mark.parametrize(
+    "amount",
+    [0, -1, -5 * USD, MAX_AMOUNT + 1, INT64_MAX],
+    ids=["zero", "minus-one", "negative", "above-max", "int64-max"],
+)
+async def test_bad_hold_amounts_are_invalid_arguments_naming_the_field(
+    wallet_stub: WalletServiceStub, wallet_pool: AsyncConnectionPool, new_org: NewOrg, amount: int
+) -> None:
+    org = await new_org()
+    await top_up(wallet_stub, org, 10 * USD)
+    err = await refused(wallet_stub.CreateHold(hold_request(org, amount), timeout=5))
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "amount" in (err.details() or "")
+    assert trailer(err, "x-error-field") == "amount"
+    assert await holds_of(wallet_pool, org) == 0
+    assert (await summary(wallet_stub, org)).held_balance.amount == 0
+
+
+async def test_unknown_holds_are_not_found(wallet_stub: WalletServiceStub) -> None:
+    missing = str(uuid.uuid4())
+    for call in (
+        wallet_stub.CaptureHold(pb.CaptureHoldRequest(idempotency_key="c", hold_id=missing)),
+        wallet_stub.VoidHold(pb.VoidHoldRequest(idempotency_key="v", hold_id=missing)),
+        wallet_stub.GetHold(pb.GetHoldRequest(hold_id=missing)),
+    ):
+        err = await refused(call)
+        assert err.code() == grpc.StatusCode.NOT_FOUND
+        assert missing in (err.details() or "")
+        assert trailer(err, "x-error-field") == "hold_id"
+
+
+async def test_a_malformed_hold_id_is_an_invalid_argument(wallet_stub: WalletServiceStub) -> None:
+    err = await refused(
+        wallet_stub.CaptureHold(pb.CaptureHoldRequest(idempotency_key="c", hold_id="nope"))
+    )
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "hold_id" in (err.details() or "")
+
+
+async def test_captures_above_the_hold_twice_or_after_a_void_are_refused(
+    wallet_stub: WalletServiceStub, new_org: NewOrg
+) -> None:
+    org = await new_org()
+    await top_up(wallet_stub, org, 10 * USD)
+    hold = await wallet_stub.CreateHold(hold_request(org, 3 * USD), timeout=5)
+
+    err = await refused(
+        wallet_stub.CaptureHold(
+            pb.CaptureHoldRequest(idempotency_key="over", hold_id=hold.id, amount=3 * USD + 1)
+        )
+    )
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert trailer(err, "x-error-field") == "amount"
+    still = await wallet_stub.GetHold(pb.GetHoldRequest(hold_id=hold.id))
+    assert still.status == "open"
+    assert (await summary(wallet_stub, org)).held_balance.amount == 3 * USD
+
+    captured = await wallet_stub.CaptureHold(
+        pb.CaptureHoldRequest(idempotency_key="first", hold_id=hold.id, amount=2 * USD)
+    )
+    assert (captured.hold.status, captured.hold.captured.amount) == ("captured", 2 * USD)
+    assert captured.transaction.balance_after.amount == 8 * USD
+
+    err = await refused(
+        wallet_stub.CaptureHold(pb.CaptureHoldRequest(idempotency_key="second", hold_id=hold.id))
+    )
+    assert err.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "captured" in (err.details() or "")
+
+    err = await refused(
+        wallet_stub.VoidHold(pb.VoidHoldRequest(idempotency_key="void", hold_id=hold.id))
+    )
+    assert err.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "captured" in (err.details() or "")
+
+    s = await summary(wallet_stub, org)
+    assert (s.balance.amount, s.held_balance.amount) == (8 * USD, 0)
+    assert len(await transactions_of(wallet_stub, org)) == 2  # the top-up and one capture
+
+
+async def test_a_capture_after_a_void_is_refused(
+    wallet_stub: WalletServiceStub, new_org: NewOrg
+) -> None:
+    org = await new_org()
+    await top_up(wallet_stub, org, 10 * USD)
+    hold = await wallet_stub.CreateHold(hold_request(org, 3 * USD), timeout=5)
+    await wallet_stub.VoidHold(pb.VoidHoldRequest(idempotency_key="v", hold_id=hold.id))
+    err = await refused(
+        wallet_stub.CaptureHold(pb.CaptureHoldRequest(idempotency_key="c", hold_id=hold.id))
+    )
+    assert err.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "voided" in (err.details() or "")
+    assert (await summary(wallet_stub, org)).balance.amount == 10 * USD
+
+
+async def test_void_releases_the_held_amount_and_leaves_the_balance(
+    wallet_stub: WalletServiceStub, new_org: NewOrg
+) -> None:
+    org = await new_org()
+    await top_up(wallet_stub, org, 10 * USD)
+    hold = await wallet_stub.CreateHold(hold_request(org, 4 * USD), timeout=5)
+    s = await summary(wallet_stub, org)
+    assert (s.balance.amount, s.held_balance.amount, s.spendable.amount) == (
+        10 * USD,
+        4 * USD,
+        6 * USD,
+    )
+    voided = await wallet_stub.VoidHold(pb.VoidHoldRequest(idempotency_key="v", hold_id=hold.id))
+    assert voided.status == "voided"
+    assert voided.captured.amount == 0
+    assert voided.HasField("resolved_at")
+    again = await wallet_stub.VoidHold(pb.VoidHoldRequest(idempotency_key="v", hold_id=hold.id))
+    assert again == voided
+    s = await summary(wallet_stub, org)
+    assert (s.balance.amount, s.held_balance.amount, s.spendable.amount) == (
+        10 * USD,
+        0,
+        10 * USD,
+    )
+    assert [t.kind for t in await transactions_of(wallet_stub, org)] == [pb.TOPUP]
+
+
+async def test_a_hold_past_its_timeout_expires_and_is_announced(
+    wallet_stub: WalletServiceStub, new_org: NewOrg, events_config: EventsConfig
+) -> None:
+    org = await new_org()
+    await top_up(wallet_stub, org, 10 * USD)
+    hold = await wallet_stub.CreateHold(hold_request(org, 4 * USD, timeout_seconds=1), timeout=5)
+    assert (await summary(wallet_stub, org)).held_balance.amount == 4 * USD
+    # The running wallet's housekeeping loop (every second) expires it.
+    expired = await wait_hold_status(wallet_stub, hold.id, "expired")
+    assert expired.status == "expired"
+    assert expired.captured.amount == 0
+    assert expired.resolved_at.ToDatetime() >= expired.expires_at.ToDatetime()
+    s = await summary(wallet_stub, org)
+    assert (s.balance.amount, s.held_balance.amount, s.spendable.amount) == (
+        10 * USD,
+        0,
+        10 * USD,
+    )
+    assert [t.kind for t in await transactions_of(wallet_stub, org)] == [pb.TOPUP]
+
+    found = await wallet_events(events_config, org, has_types("wallet.hold.expired"))
+    [event] = of_type(found, "wallet.hold.expired")
+    payload = unpack(event, events_pb2.HoldChanged)
+    assert (payload.hold_id, payload.status) == (hold.id, "expired")
+    assert payload.amount == Money(amount=4 * USD, currency="USD")
+    assert payload.captured.amount == 0
+    assert event.actor == "system"
+    assert event.source == "wallet"
+
+
+async def _wait_past_expiry(pool: AsyncConnectionPool, hold: pb.Hold) -> None:
+    """Sleep until the database's clock is past the hold's expiry."""
+    left = (hold.expires_at.ToDatetime(tzinfo=UTC) - datetime.now(UTC)).total_seconds()
+    await asyncio.sleep(max(left, 0))
+    while not await count(
+        pool, "SELECT (clock_timestamp() > expires_at)::int FROM holds WHERE id = %s", hold.id
+    ):
+        await asyncio.sleep(0.005)
+
+
+@pytest.mark.parametrize("resolve", ["capture", "void"])
+async def test_a_hold_past_its_timeout_cannot_be_resolved_before_the_sweep(
+    wallet_stub: WalletServiceStub, wallet_pool: AsyncConnectionPool, new_org: NewOrg, resolve: str
+) -> None:
+    """Past its expiry a hold is expired even if the sweep has not marked it yet: a capture (or
+    void) in between is FAILED_PRECONDITION and charges nothing."""
+    org = await new_org()
+    await top_up(wallet_stub, org, 10 * USD)
+    for _ in range(5):  # the sweep runs every second; retry if it got there first
+        hold = await wallet_stub.CreateHold(
+            hold_request(org, 2 * USD, timeout_seconds=1), timeout=5
+        )
+        await _wait_past_expiry(wallet_pool, hold)
+        call = (
+            wallet_stub.CaptureHold(
+                pb.CaptureHoldRequest(idempotency_key=f"c-{hold.id}", hold_id=hold.id), timeout=5
+            )
+            if resolve == "capture"
+            else wallet_stub.VoidHold(
+                pb.VoidHoldRequest(idempotency_key=f"v-{hold.id}", hold_id=hold.id), timeout=5
+            )
+        )
+        err = await refused(call)
+        if trailer(err, "x-error-reason") == "HOLD_RESOLVED":
+            continue  # the sweep expired it before our call: not the case under test
+        assert err.code() == grpc.StatusCode.FAILED_PRECONDITION, err.details()
+        assert "expired" in (err.details() or "")
+        break
+    else:
+        pytest.fail("the expiry sweep won every race; the pre-sweep path was never exercised")
+    assert [t.kind for t in await transactions_of(wallet_stub, org)] == [pb.TOPUP]
+    final = await wait_hold_status(wallet_stub, hold.id, "expired")
+    assert (final.status, final.captured.amount) == ("expired", 0)
+    s = await summary(wallet_stub, org)
+    assert (s.balance.amount, s.held_balance.amount) == (10 * USD, 0)
+
+
+# ---------------------------------------------------------------------------- meters
+
+
+@pytest.mark.parametrize(
+    ("fields", "field"),
+    [
+        ({"resource_type": "gpu"}, "resource_type"),
+        ({"resource_type": ""}, "resource_type"),
+        ({"hourly_rate": -1}, "hourly_rate"),
+        ({"hourly_rate": MAX_AMOUNT + 1}, "hourly_rate"),
+    ],
+    ids=["unknown-type", "empty-type", "negative-rate", "rate-too-large"],
+)
+async def test_open_meter_with_bad_input_is_an_invalid_argument(
+    wallet_stub: WalletServiceStub, new_org: NewOrg, fields: dict[str, object], field: str
+) -> None:
+    org = await new_org()
+    err = await refused(wallet_stub.OpenMeter(meter_request(org, **fields), timeout=5))
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert field in (err.details() or "")
+    assert trailer(err, "x-error-field") == field
+    listed = await wallet_stub.ListMeters(pb.ListMetersRequest(organization_id=str(org)))
+    assert list(listed.meters) == []
+    assert (await summary(wallet_stub, org)).run_rate.per_hour.amount == 0
+
+
+async def test_a_negative_rate_update_is_an_invalid_argument(
+    wallet_stub: WalletServiceStub, new_org: NewOrg
+) -> None:
+    org = await new_org()
+    await top_up(wallet_stub, org, 100 * USD)
+    meter = await wallet_stub.OpenMeter(meter_request(org, hourly_rate=720_000), timeout=5)
+    err = await refused(
+        wallet_stub.UpdateMeterRate(pb.UpdateMeterRateRequest(meter_id=meter.id, hourly_rate=-1))
+    )
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "hourly_rate" in (err.details() or "")
+    closed = await wallet_stub.CloseMeter(pb.CloseMeterRequest(meter_id=meter.id))
+    assert closed.hourly_rate == 720_000
+
+
+async def test_unknown_meters_are_not_found(wallet_stub: WalletServiceStub) -> None:
+    missing = f"pod:{uuid.uuid4()}"
+    for call in (
+        wallet_stub.UpdateMeterRate(pb.UpdateMeterRateRequest(meter_id=missing, hourly_rate=1)),
+        wallet_stub.CloseMeter(pb.CloseMeterRequest(meter_id=missing)),
+    ):
+        err = await refused(call)
+        assert err.code() == grpc.StatusCode.NOT_FOUND
+        assert missing in (err.details() or "")
+        assert trailer(err, "x-error-field") == "meter_id"
+
+
+async def test_a_rate_update_on_a_closed_meter_is_refused(
+    wallet_stub: WalletServiceStub, new_org: NewOrg
+) -> None:
+    org = await new_org()
+    await top_up(wallet_stub, org, 100 * USD)
+    meter = await wallet_stub.OpenMeter(meter_request(org, hourly_rate=360_000), timeout=5)
+    closed = await wallet_stub.CloseMeter(pb.CloseMeterRequest(meter_id=meter.id))
+    err = await refused(
+        wallet_stub.UpdateMeterRate(
+            pb.UpdateMeterRateRequest(meter_id=meter.id, hourly_rate=720_000)
+        )
+    )
+    assert err.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "closed" in (err.details() or "")
+    [listed] = (await wallet_stub.ListMeters(pb.ListMetersRequest(organization_id=str(org)))).meters
+    assert listed.hourly_rate == 360_000
+    assert listed.closed_at == closed.closed_at
+    assert (await summary(wallet_stub, org)).run_rate.per_hour.amount == 0
+
+
+async def test_unknown_organizations_are_not_found_for_meters_and_usage(
+    wallet_stub: WalletServiceStub,
+) -> None:
+    org = uuid.uuid4()
+    for call in (
+        wallet_stub.OpenMeter(meter_request(org), timeout=5),
+        wallet_stub.RecordUsage(usage_request(org), timeout=5),
+    ):
+        err = await refused(call)
+        assert err.code() == grpc.StatusCode.NOT_FOUND
+        assert str(org) in (err.details() or "")
+        assert trailer(err, "x-error-field") == "organization_id"
+
+
+async def test_an_object_storage_meter_shows_in_the_run_rate_by_type(
+    wallet_stub: WalletServiceStub, new_org: NewOrg
+) -> None:
+    org = await new_org()
+    await top_up(wallet_stub, org, 100 * USD)
+    meter = await wallet_stub.OpenMeter(
+        meter_request(
+            org, meter_id=f"s3:{uuid.uuid4()}", resource_type="object_storage", hourly_rate=72_000
+        ),
+        timeout=5,
+    )
+    assert meter.resource_type == "object_storage"
+    assert not meter.HasField("closed_at")
+    s = await summary(wallet_stub, org)
+    assert s.run_rate.per_hour.amount == 72_000
+    assert {t.resource_type: t.per_hour.amount for t in s.run_rate.by_resource_type} == {
+        "pod": 0,
+        "vm": 0,
+        "nfs_volume": 0,
+        "object_storage": 72_000,
+    }
+    await wallet_stub.CloseMeter(pb.CloseMeterRequest(meter_id=meter.id))
+    s = await summary(wallet_stub, org)
+    assert {t.resource_type: t.per_hour.amount for t in s.run_rate.by_resource_type}[
+        "object_storage"
+    ] == 0
+
+
+# ---------------------------------------------------------------------------- events
+
+
+async def test_ledger_events_carry_actor_organization_and_project(
+    wallet_stub: WalletServiceStub,
+    account_stub: AccountServiceStub,
+    new_org: NewOrg,
+    events_config: EventsConfig,
+) -> None:
+    org = await new_org()
+    project = await new_project(account_stub, org)
+    top = await wallet_stub.Transfer(
+        transfer(org, pb.TOPUP, 20 * USD, project_id=project), metadata=AS_ACTOR, timeout=5
+    )
+    charge = await wallet_stub.Transfer(
+        transfer(
+            org, pb.CHARGE, 3 * USD, project_id=project, resource_type="pod", resource_id="p-1"
+        ),
+        metadata=AS_ACTOR,
+        timeout=5,
+    )
+    assert (top.actor, charge.actor) == (ACTOR, ACTOR)
+    assert (top.project_id, charge.project_id) == (project, project)
+
+    found = await wallet_events(
+        events_config, org, has_types("wallet.topup.completed", "wallet.charge.posted")
+    )
+    [topped] = of_type(found, "wallet.topup.completed")
+    [charged] = of_type(found, "wallet.charge.posted")
+    for event, tx in ((topped, top), (charged, charge)):
+        assert (event.actor, event.organization_id, event.project_id) == (ACTOR, str(org), project)
+        assert event.source == "wallet"
+        payload = unpack(event, events_pb2.TransactionPosted)
+        assert payload.transaction_id == tx.id
+        assert payload.amount == tx.amount
+    assert unpack(topped, events_pb2.TransactionPosted).kind == "topup"
+    posted = unpack(charged, events_pb2.TransactionPosted)
+    assert (posted.kind, posted.resource_type, posted.resource_id) == ("charge", "pod", "p-1")
+    assert posted.amount == Money(amount=3 * USD, currency="USD")
+
+
+async def test_hold_events_carry_actor_organization_and_project(
+    wallet_stub: WalletServiceStub,
+    account_stub: AccountServiceStub,
+    new_org: NewOrg,
+    events_config: EventsConfig,
+) -> None:
+    org = await new_org()
+    project = await new_project(account_stub, org)
+    await top_up(wallet_stub, org, 20 * USD)
+    kept = await wallet_stub.CreateHold(
+        hold_request(org, 5 * USD, project_id=project, resource_type="vm", resource_id="vm-1"),
+        metadata=AS_ACTOR,
+        timeout=5,
+    )
+    dropped = await wallet_stub.CreateHold(
+        hold_request(org, 2 * USD, project_id=project), metadata=AS_ACTOR, timeout=5
+    )
+    captured = await wallet_stub.CaptureHold(
+        pb.CaptureHoldRequest(idempotency_key="c", hold_id=kept.id, amount=4 * USD),
+        metadata=AS_ACTOR,
+        timeout=5,
+    )
+    await wallet_stub.VoidHold(
+        pb.VoidHoldRequest(idempotency_key="v", hold_id=dropped.id), metadata=AS_ACTOR, timeout=5
+    )
+    assert captured.transaction.project_id == project
+    assert captured.transaction.actor == ACTOR
+
+    found = await wallet_events(
+        events_config,
+        org,
+        lambda seen: (
+            len(of_type(seen, "wallet.hold.created")) >= 2
+            and has_types("wallet.hold.captured", "wallet.hold.voided", "wallet.charge.posted")(
+                seen
+            )
+        ),
+    )
+    holds = [e for e in found if e.type.startswith("wallet.hold.")]
+    assert sorted(e.type for e in holds) == [
+        "wallet.hold.captured",
+        "wallet.hold.created",
+        "wallet.hold.created",
+        "wallet.hold.voided",
+    ]
+    for event in holds:
+        assert (event.actor, event.organization_id, event.project_id) == (ACTOR, str(org), project)
+        assert event.source == "wallet"
+    payloads = {(e.type, p.hold_id): p for e in holds for p in [unpack(e, events_pb2.HoldChanged)]}
+    created = payloads["wallet.hold.created", kept.id]
+    assert (created.status, created.amount.amount, created.captured.amount) == (
+        "open",
+        5 * USD,
+        0,
+    )
+    assert payloads["wallet.hold.created", dropped.id].amount.amount == 2 * USD
+    done = payloads["wallet.hold.captured", kept.id]
+    assert (done.status, done.amount.amount, done.captured.amount) == (
+        "captured",
+        5 * USD,
+        4 * USD,
+    )
+    assert done.captured.currency == "USD"
+    voided = payloads["wallet.hold.voided", dropped.id]
+    assert (voided.status, voided.captured.amount) == ("voided", 0)
+    # The capture's charge is announced like any other, for the same actor and project.
+    [charge] = of_type(found, "wallet.charge.posted")
+    assert (charge.actor, charge.project_id) == (ACTOR, project)
+    posted = unpack(charge, events_pb2.TransactionPosted)
+    assert posted.transaction_id == captured.transaction.id
+    assert (posted.amount.amount, posted.resource_type, posted.resource_id) == (
+        4 * USD,
+        "vm",
+        "vm-1",
+    )
+
+
+# ---------------------------------------------------------------------------- projects
+
+
+@pytest.fixture
+async def foreign_project(account_stub: AccountServiceStub, new_org: NewOrg) -> str:
+    """A project of another organization."""
+    return await new_project(account_stub, await new_org(name="Other"), name="theirs")
+
+
+def _calls(org: uuid.UUID, project: str) -> dict[str, Callable[[WalletServiceStub], Any]]:
+    return {
+        "transfer": lambda s: s.Transfer(
+            transfer(org, pb.TOPUP, 5 * USD, project_id=project), timeout=5
+        ),
+        "charge": lambda s: s.Transfer(
+            transfer(org, pb.CHARGE, USD, project_id=project, resource_type="pod"), timeout=5
+        ),
+        "hold": lambda s: s.CreateHold(hold_request(org, USD, project_id=project), timeout=5),
+        "meter": lambda s: s.OpenMeter(meter_request(org, project_id=project), timeout=5),
+        "usage": lambda s: s.RecordUsage(usage_request(org, project_id=project), timeout=5),
+    }
+
+
+@pytest.mark.parametrize("owner", ["nobody", "another-organization"])
+@pytest.mark.parametrize("call", ["transfer", "charge", "hold", "meter", "usage"])
+async def test_an_unknown_project_is_not_found(
+    wallet_stub: WalletServiceStub,
+    wallet_pool: AsyncConnectionPool,
+    new_org: NewOrg,
+    foreign_project: str,
+    owner: str,
+    call: str,
+) -> None:
+    org = await new_org()
+    await top_up(wallet_stub, org, 10 * USD)
+    project = str(uuid.uuid4()) if owner == "nobody" else foreign_project
+    err = await refused(_calls(org, project)[call](wallet_stub))
+    assert err.code() == grpc.StatusCode.NOT_FOUND, err.details()
+    assert project in (err.details() or "")
+    assert trailer(err, "x-error-field") == "project_id"
+    # Nothing was written.
+    s = await summary(wallet_stub, org)
+    assert (s.balance.amount, s.held_balance.amount, s.run_rate.per_hour.amount) == (
+        10 * USD,
+        0,
+        0,
+    )
+    assert [t.kind for t in await transactions_of(wallet_stub, org)] == [pb.TOPUP]
+    assert await holds_of(wallet_pool, org) == 0
+    assert (
+        await count(wallet_pool, "SELECT count(*) FROM meters WHERE organization_id = %s", org) == 0
+    )
+    assert (
+        await count(
+            wallet_pool, "SELECT count(*) FROM usage_events WHERE organization_id = %s", org
+        )
+        == 0
+    )
+
+
+async def test_an_unknown_project_fails_its_batch_item_only(
+    wallet_stub: WalletServiceStub, new_org: NewOrg, foreign_project: str
+) -> None:
+    org = await new_org()
+    results = (
+        await wallet_stub.TransferBatch(
+            pb.TransferBatchRequest(
+                transfers=[
+                    transfer(org, pb.TOPUP, 5 * USD),
+                    transfer(org, pb.TOPUP, 5 * USD, project_id=str(uuid.uuid4())),
+                    transfer(org, pb.TOPUP, 5 * USD, project_id=foreign_project),
+                ]
+            ),
+            timeout=5,
+        )
+    ).results
+    assert [r.error_code for r in results] == ["", "NOT_FOUND", "NOT_FOUND"]
+    assert foreign_project in results[2].error_message
+    assert (await summary(wallet_stub, org)).balance.amount == 5 * USD
+
+
+async def test_a_project_of_the_same_organization_is_accepted_everywhere(
+    wallet_stub: WalletServiceStub, account_stub: AccountServiceStub, new_org: NewOrg
+) -> None:
+    org = await new_org()
+    project = await new_project(account_stub, org)
+    await top_up(wallet_stub, org, 10 * USD)
+    calls = _calls(org, project)
+    tx = await calls["charge"](wallet_stub)
+    assert tx.project_id == project
+    hold = await calls["hold"](wallet_stub)
+    assert hold.status == "open"
+    meter = await calls["meter"](wallet_stub)
+    assert meter.project_id == project
+    usage = await calls["usage"](wallet_stub)
+    assert usage.project_id == project
+    await wallet_stub.CloseMeter(pb.CloseMeterRequest(meter_id=meter.id))
