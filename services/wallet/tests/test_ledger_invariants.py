@@ -14,6 +14,7 @@ from psycopg_pool import AsyncConnectionPool
 
 from gpudeck.kit.config import EventsConfig
 from gpudeck.kit.grpcclient import channel
+from gpudeck.proto.wallet.v1 import wallet_pb2 as pb
 from gpudeck.proto.wallet.v1.wallet_pb2_grpc import WalletServiceStub
 from gpudeck.wallet import audit
 
@@ -35,29 +36,113 @@ async def assert_books_sound(pool: AsyncConnectionPool, orgs: list[uuid.UUID]) -
         assert await cur.fetchall() == [], "holds and charges made spendable negative"
 
 
+KINDS = {pb.TOPUP: "topup", pb.CHARGE: "charge"}
+
+
 async def assert_acknowledged_are_recorded(
     pool: AsyncConnectionPool, record: workload.Record
 ) -> None:
-    ids = [uuid.UUID(t) for t in record.transactions.values()]
-    hold_ids = [uuid.UUID(h) for h in record.holds]
+    """Every acknowledged call is in the books as it was answered: transfers under their key with
+    their first payload, holds with their amount, captures and voids as the hold's outcome."""
+    keys = sorted(record.transactions)
     async with pool.connection() as conn:
-        cur = await conn.execute("SELECT count(*) FROM transactions WHERE id = ANY(%s)", (ids,))
-        assert (await cur.fetchone()) == (len(set(ids)),)
-        cur = await conn.execute("SELECT count(*) FROM holds WHERE id = ANY(%s)", (hold_ids,))
-        assert (await cur.fetchone()) == (len(hold_ids),)
+        cur = await conn.execute(
+            "SELECT k.org::text, k.key, t.id::text, t.kind, t.amount"
+            " FROM unnest(%s::uuid[], %s::text[]) AS k(org, key)"
+            " LEFT JOIN transactions t ON t.organization_id = k.org AND t.idempotency_key = k.key",
+            ([uuid.UUID(o) for o, _ in keys], [k for _, k in keys]),
+        )
+        rows = {
+            (org, key): (tx, kind, amount) for org, key, tx, kind, amount in await cur.fetchall()
+        }
+        wrong = []
+        for scoped in keys:
+            kind, amount = record.payloads[scoped]
+            want = (record.transactions[scoped], KINDS[kind], amount)
+            if rows.get(scoped) != want:
+                wrong.append(f"{scoped}: acknowledged {want}, stored {rows.get(scoped)}")
+        assert wrong == [], f"{len(wrong)} acknowledged transfers differ: {wrong[:5]}"
+
+        cur = await conn.execute(
+            "SELECT id::text, organization_id::text, amount, status, captured,"
+            " transaction_id::text FROM holds WHERE id = ANY(%s)",
+            ([uuid.UUID(h) for h in record.holds],),
+        )
+        holds = {row[0]: row[1:] for row in await cur.fetchall()}
+        missing = [h for h in record.holds if h not in holds]
+        assert missing == [], f"{len(missing)} acknowledged holds are missing: {missing[:5]}"
+        wrong = [
+            f"{h}: acknowledged {org} {record.hold_amounts[h]}, stored {holds[h][:2]}"
+            for h, org in record.holds.items()
+            if holds[h][:2] != (org, record.hold_amounts[h])
+        ]
+        assert wrong == [], f"{len(wrong)} holds differ from their acknowledgement: {wrong[:5]}"
+
+        capture_txs = [uuid.UUID(tx) for _, tx in record.captures.values() if tx]
+        cur = await conn.execute(
+            "SELECT id::text, organization_id::text, kind, amount, reference FROM transactions"
+            " WHERE id = ANY(%s)",
+            (capture_txs,),
+        )
+        charges = {row[0]: row[1:] for row in await cur.fetchall()}
+        wrong = []
+        for hold_id, (amount, tx) in record.captures.items():
+            _, _, status, captured, tx_id = holds[hold_id]
+            if (status, captured, tx_id) != ("captured", amount, tx or None):
+                wrong.append(f"hold {hold_id} captured {amount} in {tx!r}: stored {holds[hold_id]}")
+            if tx and charges.get(tx) != (record.holds[hold_id], "charge", amount, hold_id):
+                wrong.append(f"capture {tx} of {hold_id} for {amount}: stored {charges.get(tx)}")
+        assert wrong == [], f"{len(wrong)} acknowledged captures are not so: {wrong[:5]}"
+        wrong = [
+            f"hold {h}: stored {holds[h]}"
+            for h in record.voids
+            if holds[h][2:] != ("voided", 0, None)
+        ]
+        assert wrong == [], f"{len(wrong)} acknowledged voids are not so: {wrong[:5]}"
+
+
+async def assert_nothing_else_written(
+    pool: AsyncConnectionPool, orgs: list[uuid.UUID], record: workload.Record
+) -> None:
+    """When every call got an answer: the transactions are the acknowledged transfers (one per
+    key, however often or concurrently sent) and captures, the holds the acknowledged holds;
+    refused calls (a key reused for another payload among them) wrote none."""
+    captures = sum(1 for _, tx in record.captures.values() if tx)
+    async with pool.connection() as conn:
+        cur = await conn.execute(
+            "SELECT count(*) FROM transactions WHERE organization_id = ANY(%s)", (orgs,)
+        )
+        assert (await cur.fetchone()) == (len(record.transactions) + captures,)
+        cur = await conn.execute(
+            "SELECT count(*) FROM holds WHERE organization_id = ANY(%s)", (orgs,)
+        )
+        assert (await cur.fetchone()) == (len(record.holds),)
+
+
+def assert_workload_was_clean(record: workload.Record) -> None:
+    assert record.violations == [], "\n".join(record.violations[:20])
+    assert record.reused_keys_refused > 0, "no key was reused with another payload"
+    assert record.concurrent_keys, "no concurrent copies of a transfer were acknowledged"
+    assert record.concurrent_holds > 0, "no concurrent copies of a hold were acknowledged"
+    assert record.captures and record.voids, "no capture or no void was acknowledged"
+    assert record.samples >= 20, f"the wallets were sampled only {record.samples} times"
 
 
 async def test_invariants_hold_after_a_concurrent_workload(
     wallet_stub: WalletServiceStub, wallet_pool: AsyncConnectionPool, new_org: NewOrg
 ) -> None:
     orgs = [await new_org() for _ in range(4)]
-    record = await workload.run(wallet_stub, orgs, clients=24, ops=40)
+    record = await workload.run(wallet_stub, orgs, clients=24, ops=40, pool=wallet_pool)
     assert record.calls == 24 * 40
     assert len(record.transactions) > 100
     assert "INTERNAL" not in record.errors and "UNKNOWN" not in record.errors
+    # Every call got an answer, so what was written can be counted exactly.
+    assert "UNAVAILABLE" not in record.errors and "DEADLINE_EXCEEDED" not in record.errors
+    assert_workload_was_clean(record)
     await asyncio.sleep(1.5)  # let one-second holds expire through the housekeeping loop
     await assert_books_sound(wallet_pool, orgs)
     await assert_acknowledged_are_recorded(wallet_pool, record)
+    await assert_nothing_else_written(wallet_pool, orgs, record)
 
 
 @pytest.mark.slow
@@ -75,7 +160,9 @@ async def test_kill_9_mid_workload_loses_no_acknowledged_call(
         await wait_serving(address)
         async with channel(address, TOKEN) as ch:
             stub = WalletServiceStub(ch)
-            load = asyncio.ensure_future(workload.run(stub, orgs, clients=20, ops=60))
+            load = asyncio.ensure_future(
+                workload.run(stub, orgs, clients=20, ops=60, pool=wallet_pool)
+            )
             await asyncio.sleep(1.0)
             proc.send_signal(signal.SIGKILL)
             proc.wait()
@@ -84,6 +171,8 @@ async def test_kill_9_mid_workload_loses_no_acknowledged_call(
             await wait_serving(address)
             record = await load
             assert record.errors.get("UNAVAILABLE", 0) > 0, "the kill happened after the load"
+            assert "INTERNAL" not in record.errors and "UNKNOWN" not in record.errors
+            assert_workload_was_clean(record)
             await asyncio.sleep(1.5)
             await assert_books_sound(wallet_pool, orgs)
             await assert_acknowledged_are_recorded(wallet_pool, record)

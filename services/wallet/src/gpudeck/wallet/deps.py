@@ -25,6 +25,9 @@ class WalletSettings:
         500_000_000  # unverified orgs may top up at most this [GPUDECK_KYC_TOPUP_LIMIT]
     )
     announce_interval: float = 0.25  # how often wallet.balance.changed is considered
+    # An automatic top-up nobody completed within this long fails, so the rule can fire again
+    # [GPUDECK_AUTO_TOPUP_TIMEOUT]
+    auto_topup_timeout: float = 3600.0
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ) -> WalletSettings:
@@ -33,6 +36,9 @@ class WalletSettings:
                 env, "GPUDECK_BILLING_INTERVAL", cls.billing_interval, minimum=0.05
             ),
             depletion_seconds=number(env, "GPUDECK_DEPLETION_SECONDS", cls.depletion_seconds),
+            auto_topup_timeout=number(
+                env, "GPUDECK_AUTO_TOPUP_TIMEOUT", cls.auto_topup_timeout, minimum=1
+            ),
             kyc_topup_limit=int(
                 number(env, "GPUDECK_KYC_TOPUP_LIMIT", cls.kyc_topup_limit / 1_000_000) * 1_000_000
             ),

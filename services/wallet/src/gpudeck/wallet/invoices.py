@@ -3,7 +3,9 @@
 An invoice states what an organization's wallet was charged in one UTC calendar month (a period,
 written YYYY-MM), one line per resource type, summed from the daily_spend rollup; its total is
 the sum of its lines. The wallet is prepaid, so issuing an invoice moves no money: it is open
-when issued and marked paid once settled (open → paid, exactly once). The next invoice is made
+when issued and marked paid once settled (open → paid, exactly once): by the wallet-monthly loop
+as soon as the wallet's balance is not negative (the charges were paid from it as they accrued;
+an overdrawn wallet owes part of them until a top-up), or by MarkInvoicePaid. The next invoice is made
 on the first day of the next month, for the month that just ended.
 """
 

@@ -19,6 +19,7 @@ from gpudeck.kit.events import Outbox
 from gpudeck.wallet import plan_events
 from gpudeck.wallet.ids import uuid7
 from gpudeck.wallet.invoices import (
+    OPEN,
     PAID,
     Invoice,
     Period,
@@ -150,6 +151,30 @@ class InvoiceStore:
         if row is None or (organization_id is not None and row[1] != organization_id):
             raise NotFound(f"invoice {invoice_id} not found", field="invoice_id")
         return _invoice(row)
+
+    async def settle(
+        self, conn: Conn, organization_ids: list[uuid.UUID] | None = None, *, limit: int = 1000
+    ) -> list[Invoice]:
+        """Mark paid the open invoices the prepaid balance has covered: the wallet paid each
+        charge as it accrued, so an invoice is settled unless the wallet is overdrawn (metered
+        usage may take it below zero); then it stays open until a top-up brings it back."""
+        cur = await conn.execute(
+            "UPDATE invoices SET status = %s, paid_at = now() WHERE id IN ("
+            " SELECT i.id FROM invoices i JOIN wallets w ON w.organization_id = i.organization_id"
+            " WHERE i.status = %s AND w.balance >= 0"
+            " AND (%s::uuid[] IS NULL OR i.organization_id = ANY(%s))"
+            " ORDER BY i.id LIMIT %s FOR UPDATE OF i SKIP LOCKED) RETURNING id",
+            (PAID, OPEN, organization_ids, organization_ids, limit),
+        )
+        ids = [row[0] for row in await cur.fetchall()]
+        if not ids:
+            return []
+        cur = await conn.execute(f"{SELECT} WHERE i.id = ANY(%s) ORDER BY i.id", (ids,))
+        paid = [_invoice(row) for row in await cur.fetchall()]
+        await self.outbox.add_many(
+            conn, [plan_events.invoice_changed(plan_events.INVOICE_PAID, i) for i in paid]
+        )
+        return paid
 
     async def mark_paid(
         self, conn: Conn, invoice_id: uuid.UUID, organization_id: uuid.UUID | None = None

@@ -169,3 +169,25 @@ class ThresholdStore:
         done = await cur.fetchone()
         assert done is not None
         return PendingTopUp(*done)
+
+    async def fail_stale_topups(self, conn: Conn, older_than_seconds: float) -> int:
+        """Fail the automatic top-ups still pending after `older_than_seconds` (the payment
+        never came back), so the rule is free to fire again: at once if the wallet is still
+        below its line (a new request). How many failed."""
+        stale = "status = 'pending' AND created_at < now() - make_interval(secs => %s)"
+        cur = await conn.execute(
+            f"SELECT DISTINCT organization_id FROM pending_topups WHERE {stale}",
+            (older_than_seconds,),
+        )
+        orgs = [row[0] for row in await cur.fetchall()]
+        if not orgs:
+            return 0
+        now = await db_now(conn)
+        await lock_wallets(conn, orgs, now)  # the wallet first, as everywhere
+        cur = await conn.execute(
+            "UPDATE pending_topups SET status = 'failed', resolved_at = %s"
+            f" WHERE organization_id = ANY(%s) AND {stale}",
+            (now, orgs, older_than_seconds),
+        )
+        await self.ledger.refresh_levels(conn, orgs, now)
+        return cur.rowcount

@@ -17,6 +17,7 @@ from gpudeck.wallet.ledger import Kind, TransferRequest
 from gpudeck.wallet.ledger_store import db_now, lock_wallets
 from gpudeck.wallet.metering_store import bill_open_meters
 from gpudeck.wallet.plans_store import PlanStore
+from gpudeck.wallet.thresholds_store import ThresholdStore
 
 log = logging.getLogger(__name__)
 
@@ -131,6 +132,18 @@ async def issue_last_month_invoices(wallet: Wallet) -> int:
         )
 
 
+async def settle_invoices(wallet: Wallet) -> int:
+    """Mark paid every open invoice its wallet's balance covers (see InvoiceStore.settle)."""
+    settled = 0
+    store = InvoiceStore(wallet.ledger.outbox)
+    while True:
+        async with wallet.pool.connection() as conn, conn.transaction():
+            paid = await store.settle(conn)
+        settled += len(paid)
+        if not paid:
+            return settled
+
+
 async def renew_plans(wallet: Wallet, *, now: datetime | None = None) -> dict[str, int]:
     """Renew every paid plan not yet paid for this month, one organization per transaction (so
     every replica may run it every hour: the ledger keys make a second run a no-op)."""
@@ -151,6 +164,10 @@ def loops(wallet: Wallet) -> Sequence[Periodic]:
     async def housekeeping() -> None:
         await expire_holds(wallet)
         await expire_credits(wallet)
+        async with wallet.pool.connection() as conn, conn.transaction():
+            await ThresholdStore(wallet.ledger).fail_stale_topups(
+                conn, wallet.settings.auto_topup_timeout
+            )
 
     async def bill() -> None:
         await bill_open_meters(wallet.pool, wallet.meters)
@@ -166,9 +183,10 @@ def loops(wallet: Wallet) -> Sequence[Periodic]:
                 pass
         await announce_balances(wallet)
 
-    async def monthly() -> None:
+    async def monthly() -> None:  # hourly: plan renewals, invoices, settling them
         await renew_plans(wallet)
         await issue_last_month_invoices(wallet)
+        await settle_invoices(wallet)
 
     return [
         Periodic("wallet-billing", wallet.settings.billing_interval, bill),

@@ -1,0 +1,108 @@
+"""Settling what the prepaid wallet already paid, and what never came back: invoices are marked
+paid while the wallet is not overdrawn; automatic top-ups pending too long fail (and fire again
+if the wallet is still below the rule's line). Real PostgreSQL, the stores the workers call."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Awaitable, Callable
+
+from psycopg_pool import AsyncConnectionPool
+
+from gpudeck.wallet.invoices import OPEN, PAID, parse_period
+from gpudeck.wallet.invoices_store import InvoiceStore
+from gpudeck.wallet.ledger import Kind, TransferRequest
+from gpudeck.wallet.ledger_store import LedgerStore
+from gpudeck.wallet.thresholds_store import ThresholdStore
+
+NewOrg = Callable[..., Awaitable[uuid.UUID]]
+USD = 1_000_000
+
+
+async def post(
+    pool: AsyncConnectionPool, ledger: LedgerStore, org: uuid.UUID, kind: Kind, amount: int
+) -> None:
+    request = TransferRequest(
+        uuid.uuid4().hex, org, kind, amount, resource_type="pod", allow_overdraft=True
+    )
+    async with pool.connection() as conn, conn.transaction():
+        [outcome] = await ledger.post_transfers(conn, [request])
+    assert outcome.error is None, outcome.error
+
+
+async def spend_in(pool: AsyncConnectionPool, org: uuid.UUID, period: str, amount: int) -> None:
+    async with pool.connection() as conn:
+        await conn.execute(
+            "INSERT INTO daily_spend (organization_id, day, resource_type, amount)"
+            " VALUES (%s, %s, 'pod', %s)",
+            (org, parse_period(period).start, amount),
+        )
+
+
+async def statuses(pool: AsyncConnectionPool, orgs: list[uuid.UUID]) -> dict[uuid.UUID, str]:
+    async with pool.connection() as conn:
+        cur = await conn.execute(
+            "SELECT organization_id, status FROM invoices WHERE organization_id = ANY(%s)",
+            (orgs,),
+        )
+        return dict(await cur.fetchall())
+
+
+async def test_invoices_are_paid_unless_the_wallet_is_overdrawn(
+    wallet_pool: AsyncConnectionPool, new_org: NewOrg
+) -> None:
+    ledger, invoices = LedgerStore(), InvoiceStore(LedgerStore().outbox)
+    funded, overdrawn = await new_org(), await new_org()
+    await post(wallet_pool, ledger, funded, Kind.TOPUP, 10 * USD)
+    await post(wallet_pool, ledger, overdrawn, Kind.USAGE, 3 * USD)  # metered: below zero
+    for org in (funded, overdrawn):
+        await spend_in(wallet_pool, org, "2025-02", 3 * USD)
+        async with wallet_pool.connection() as conn, conn.transaction():
+            await invoices.generate(conn, parse_period("2025-02"), org)
+    assert await statuses(wallet_pool, [funded, overdrawn]) == {funded: OPEN, overdrawn: OPEN}
+
+    async with wallet_pool.connection() as conn, conn.transaction():
+        paid = await invoices.settle(conn, [funded, overdrawn])
+    assert [i.organization_id for i in paid] == [funded]
+    assert paid[0].status == PAID and paid[0].paid_at is not None
+    assert await statuses(wallet_pool, [funded, overdrawn]) == {funded: PAID, overdrawn: OPEN}
+
+    await post(wallet_pool, ledger, overdrawn, Kind.TOPUP, 3 * USD)  # back to exactly zero
+    async with wallet_pool.connection() as conn, conn.transaction():
+        paid = await invoices.settle(conn, [funded, overdrawn])
+    assert [i.organization_id for i in paid] == [overdrawn]
+    async with wallet_pool.connection() as conn, conn.transaction():
+        assert await invoices.settle(conn, [funded, overdrawn]) == []  # each once
+
+
+async def pending(pool: AsyncConnectionPool, org: uuid.UUID) -> list[str]:
+    async with pool.connection() as conn:
+        cur = await conn.execute(
+            "SELECT status FROM pending_topups WHERE organization_id = %s ORDER BY created_at, id",
+            (org,),
+        )
+        return [row[0] for row in await cur.fetchall()]
+
+
+async def test_a_top_up_pending_too_long_fails_and_the_rule_fires_again(
+    wallet_pool: AsyncConnectionPool, new_org: NewOrg
+) -> None:
+    ledger = LedgerStore()
+    thresholds = ThresholdStore(ledger)
+    stale, fresh = await new_org(), await new_org()
+    for org in (stale, fresh):
+        async with wallet_pool.connection() as conn, conn.transaction():
+            await thresholds.set_auto_topup(conn, org, enabled=True, below=5 * USD, amount=USD)
+        assert await pending(wallet_pool, org) == ["pending"]  # empty wallet: fires at once
+    async with wallet_pool.connection() as conn:
+        await conn.execute(
+            "UPDATE pending_topups SET created_at = now() - interval '2 hours'"
+            " WHERE organization_id = %s",
+            (stale,),
+        )
+
+    async with wallet_pool.connection() as conn, conn.transaction():
+        failed = await thresholds.fail_stale_topups(conn, 3600)
+    assert failed >= 1
+    assert await pending(wallet_pool, stale) == ["failed", "pending"]  # still below: asks again
+    assert await pending(wallet_pool, fresh) == ["pending"]  # within the hour: left alone
