@@ -340,14 +340,14 @@ async def resolve_add_credits(
     info: Info,
     organization_id: strawberry.ID,
     amount: str,
-    idempotency_key: str | None = None,
+    idempotency_key: str,
     reference: str | None = None,
     expires_at: datetime | None = None,
 ) -> AddCreditsPayload:
     micro = parse_amount(amount, field="amount")
     c = info.context.wallet
     request = wallet_pb2.AddCreditsRequest(
-        idempotency_key=_key(idempotency_key),
+        idempotency_key=idempotency_key,
         organization_id=str(organization_id),
         amount=money_pb2.Money(amount=micro),
         reference=reference or "",
@@ -376,8 +376,8 @@ class Mutation:
     add_credits = strawberry.mutation(
         resolver=resolve_add_credits,
         description=(
-            "Buy credits: `amount` (a decimal string) in the wallet currency. Give an "
-            "`idempotencyKey` to make a retry safe."
+            "Buy credits: `amount` (a decimal string) in the wallet currency. Money moves, so "
+            "`idempotencyKey` is required: a retry with it returns the first purchase."
         ),
         extensions=require(BillingWriter("organization_id")),
     )
