@@ -766,3 +766,20 @@ async def test_a_project_of_the_same_organization_is_accepted_everywhere(
     usage = await calls["usage"](wallet_stub)
     assert usage.project_id == project
     await wallet_stub.CloseMeter(pb.CloseMeterRequest(meter_id=meter.id))
+
+
+@pytest.mark.parametrize("key", ["meter:m1:x:y", "usage:now:org", "plan:premium:2026-01:fee"])
+async def test_the_wallets_own_keys_are_refused_to_callers(
+    wallet_stub: WalletServiceStub, new_org: NewOrg, key: str
+) -> None:
+    org = await new_org()
+    request = transfer(org, pb.TOPUP, USD)
+    request.idempotency_key = key
+    err = await refused(wallet_stub.Transfer(request, timeout=5))
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "idempotency_key" in (err.details() or "")
+    batch = await wallet_stub.TransferBatch(
+        pb.TransferBatchRequest(transfers=[request, transfer(org, pb.TOPUP, USD)]), timeout=5
+    )
+    assert [r.error_code for r in batch.results] == ["INVALID_ARGUMENT", ""]
+    assert len(await transactions_of(wallet_stub, org)) == 1

@@ -132,6 +132,24 @@ class TransferRequest:
         )
 
 
+# Ledger keys the wallet writes itself (meters, usage, holds, plans, expiries, auto top-ups):
+# a caller's key may not start with one, so it can never collide with them.
+RESERVED_KEY_PREFIXES = (
+    "auto-topup:", "credit-expiry:", "hold:", "meter:", "organization-deleted:", "plan:",
+    "usage-event:", "usage:",
+)  # fmt: skip
+
+
+def check_client_key(key: str) -> str:
+    """A caller's idempotency key: not one of the wallet's own (InvalidArgument)."""
+    if key.startswith(RESERVED_KEY_PREFIXES):
+        raise InvalidArgument(
+            f"idempotency_key may not start with {key.split(':', 1)[0]}: (the wallet's own keys)",
+            field="idempotency_key",
+        )
+    return key
+
+
 def validate(request: TransferRequest) -> TransferRequest:
     """Check what needs no balances; raise InvalidArgument naming the field."""
     if not request.key.strip():

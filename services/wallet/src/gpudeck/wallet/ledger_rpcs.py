@@ -12,7 +12,7 @@ from gpudeck.proto.wallet.v1 import wallet_pb2 as pb
 from gpudeck.wallet import convert
 from gpudeck.wallet.deps import Wallet
 from gpudeck.wallet.holds import HoldRequest
-from gpudeck.wallet.ledger import Outcome, TransferRequest
+from gpudeck.wallet.ledger import Outcome, TransferRequest, check_client_key
 from gpudeck.wallet.metering import MeterRequest
 
 Ctx = grpc.aio.ServicerContext[Any, Any]
@@ -30,7 +30,7 @@ def transfer_request(m: pb.TransferRequest, ids: convert.IdCache | None = None) 
     ids = ids or convert.IdCache()
     amount = m.amount
     return TransferRequest(
-        key=m.idempotency_key,
+        key=check_client_key(m.idempotency_key),
         organization_id=ids.parse(m.organization_id, "organization_id"),
         kind=kind,
         amount=amount.amount,

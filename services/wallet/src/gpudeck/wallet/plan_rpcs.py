@@ -18,7 +18,7 @@ from gpudeck.wallet import convert, pdf
 from gpudeck.wallet.deps import Wallet
 from gpudeck.wallet.invoices import Invoice, billable_period, next_invoice_date
 from gpudeck.wallet.invoices_store import InvoiceStore
-from gpudeck.wallet.ledger import Kind, TransferRequest
+from gpudeck.wallet.ledger import Kind, TransferRequest, check_client_key
 from gpudeck.wallet.ledger_store import db_now
 from gpudeck.wallet.plans import ChangePlanRequest, Plan, PlanStatus
 from gpudeck.wallet.plans_store import PURCHASE_SOURCE, PlanStore
@@ -75,7 +75,7 @@ class PlanRpcs:
         if not request.HasField("amount"):
             raise InvalidArgument("amount is required", field="amount")
         purchase = TransferRequest(
-            key=request.idempotency_key,
+            key=check_client_key(request.idempotency_key),
             organization_id=convert.parse_id(request.organization_id, "organization_id"),
             kind=Kind.CREDIT_GRANT,
             amount=request.amount.amount,
