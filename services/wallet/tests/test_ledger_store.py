@@ -29,3 +29,30 @@ async def test_topup_then_charge_moves_the_balance(
     assert charge.transaction is not None
     assert charge.transaction.balance_after == 7_500_000
     assert sum(p.amount for p in charge.transaction.postings) == 0
+
+
+async def test_a_foreign_top_up_uses_the_inverse_rate_when_only_that_is_set(
+    wallet_pool: AsyncConnectionPool, new_org: NewOrg
+) -> None:
+    org = await new_org(currency="USD")
+    async with wallet_pool.connection() as conn:
+        async with conn.transaction(force_rollback=True):  # the rates table is shared
+            await conn.execute("DELETE FROM exchange_rates")
+            await conn.execute(
+                "INSERT INTO exchange_rates (base, quote, rate, as_of, source)"
+                " VALUES ('USD', 'INR', 80, now(), 'test')"
+            )
+            [outcome] = await LedgerStore().post_transfers(
+                conn, [TransferRequest("inr-topup", org, Kind.TOPUP, 1_000_000_000, "INR")]
+            )
+            assert outcome.error is None, outcome.error
+            tx = outcome.transaction
+            assert tx is not None
+            assert tx.amount == 12_500_000  # 1,000 INR at 80 INR per USD
+            assert (tx.payment_amount, tx.payment_currency) == (1_000_000_000, "INR")
+            assert tx.exchange_rate is not None and float(tx.exchange_rate) == 0.0125
+            await conn.execute("DELETE FROM exchange_rates")
+            [outcome] = await LedgerStore().post_transfers(
+                conn, [TransferRequest("inr-topup-2", org, Kind.TOPUP, 1_000_000_000, "INR")]
+            )
+            assert outcome.error is not None and outcome.error.field == "currency"

@@ -100,8 +100,15 @@ WAIT_PLATFORM = """
 SELECT id, code, balance FROM ledger_accounts WHERE kind = 'platform' AND platform_pool = %s
 ORDER BY random() LIMIT 1 FOR UPDATE
 """
+# The latest rate of a pair; failing that, one over its inverse's (as display conversion does).
 LATEST_RATE = """
-SELECT rate FROM exchange_rates WHERE base = %s AND quote = %s ORDER BY as_of DESC, id DESC LIMIT 1
+SELECT rate FROM (
+    (SELECT rate, 0 AS pick FROM exchange_rates WHERE base = %s AND quote = %s
+     ORDER BY as_of DESC, id DESC LIMIT 1)
+    UNION ALL
+    (SELECT round(1 / rate, 12), 1 FROM exchange_rates WHERE base = %s AND quote = %s
+     ORDER BY as_of DESC, id DESC LIMIT 1)
+) latest ORDER BY pick LIMIT 1
 """
 # Above this many transactions a batch is written with COPY instead of pipelined INSERTs.
 COPY_THRESHOLD = 64
@@ -305,7 +312,9 @@ class LedgerStore:
                     ),
                 )
             platform_curs = [(pool, await conn.execute(TAKE_PLATFORM, (pool,))) for pool in pools]
-            rate_curs = [(pair, await conn.execute(LATEST_RATE, pair)) for pair in pairs]
+            rate_curs = [
+                (pair, await conn.execute(LATEST_RATE, (*pair, pair[1], pair[0]))) for pair in pairs
+            ]
             if keys_cur is not None:
                 for org, key, fingerprint, tx_id in await keys_cur.fetchall():
                     found[(org, key)] = (bytes(fingerprint) if fingerprint else None, tx_id)
