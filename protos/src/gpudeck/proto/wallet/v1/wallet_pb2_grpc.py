@@ -255,7 +255,9 @@ class WalletServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def OpenMeter(self, request, context):
-        """Metering: per-second billing of running resources.
+        """Metering: per-second billing of running resources. Rounded down per rate segment: by time t
+        a segment started at s owes floor(hourly_rate × µs(t − s) / 3,600,000,000) micro-units, and
+        each billing tick charges the difference, so ticks and restarts add no rounding error.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

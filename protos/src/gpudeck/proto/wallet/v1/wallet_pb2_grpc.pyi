@@ -47,7 +47,10 @@ class WalletServiceStub:
     VoidHold: _grpc.UnaryUnaryMultiCallable[_wallet_pb2.VoidHoldRequest, _wallet_pb2.Hold]
     GetHold: _grpc.UnaryUnaryMultiCallable[_wallet_pb2.GetHoldRequest, _wallet_pb2.Hold]
     OpenMeter: _grpc.UnaryUnaryMultiCallable[_wallet_pb2.OpenMeterRequest, _wallet_pb2.Meter]
-    """Metering: per-second billing of running resources."""
+    """Metering: per-second billing of running resources. Rounded down per rate segment: by time t
+    a segment started at s owes floor(hourly_rate × µs(t − s) / 3,600,000,000) micro-units, and
+    each billing tick charges the difference, so ticks and restarts add no rounding error.
+    """
     UpdateMeterRate: _grpc.UnaryUnaryMultiCallable[_wallet_pb2.UpdateMeterRateRequest, _wallet_pb2.Meter]
     CloseMeter: _grpc.UnaryUnaryMultiCallable[_wallet_pb2.CloseMeterRequest, _wallet_pb2.Meter]
     ListMeters: _grpc.UnaryUnaryMultiCallable[_wallet_pb2.ListMetersRequest, _wallet_pb2.ListMetersResponse]
@@ -94,7 +97,10 @@ class WalletServiceAsyncStub(WalletServiceStub):
     VoidHold: _aio.UnaryUnaryMultiCallable[_wallet_pb2.VoidHoldRequest, _wallet_pb2.Hold]  # type: ignore[assignment]
     GetHold: _aio.UnaryUnaryMultiCallable[_wallet_pb2.GetHoldRequest, _wallet_pb2.Hold]  # type: ignore[assignment]
     OpenMeter: _aio.UnaryUnaryMultiCallable[_wallet_pb2.OpenMeterRequest, _wallet_pb2.Meter]  # type: ignore[assignment]
-    """Metering: per-second billing of running resources."""
+    """Metering: per-second billing of running resources. Rounded down per rate segment: by time t
+    a segment started at s owes floor(hourly_rate × µs(t − s) / 3,600,000,000) micro-units, and
+    each billing tick charges the difference, so ticks and restarts add no rounding error.
+    """
     UpdateMeterRate: _aio.UnaryUnaryMultiCallable[_wallet_pb2.UpdateMeterRateRequest, _wallet_pb2.Meter]  # type: ignore[assignment]
     CloseMeter: _aio.UnaryUnaryMultiCallable[_wallet_pb2.CloseMeterRequest, _wallet_pb2.Meter]  # type: ignore[assignment]
     ListMeters: _aio.UnaryUnaryMultiCallable[_wallet_pb2.ListMetersRequest, _wallet_pb2.ListMetersResponse]  # type: ignore[assignment]
@@ -186,7 +192,10 @@ class WalletServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _wallet_pb2.OpenMeterRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_wallet_pb2.Meter, _abc.Awaitable[_wallet_pb2.Meter]]:
-        """Metering: per-second billing of running resources."""
+        """Metering: per-second billing of running resources. Rounded down per rate segment: by time t
+        a segment started at s owes floor(hourly_rate × µs(t − s) / 3,600,000,000) micro-units, and
+        each billing tick charges the difference, so ticks and restarts add no rounding error.
+        """
 
     @_abc_1.abstractmethod
     def UpdateMeterRate(
