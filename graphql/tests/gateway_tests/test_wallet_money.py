@@ -237,6 +237,28 @@ async def test_spending_billing_and_transactions_after_charges(gql, new_org, wal
     assert [c["amount"]["amount"] for c in data["charges"]] == ["1.000000", "2.500000"]
 
 
+async def test_cost_per_resource_since_it_was_created(gql, new_org, wallet_stubs) -> None:
+    org = await new_org()
+    await top_up(gql, org, "100", "costs")
+    await charge(wallet_stubs, org, 2_500_000, resource_type="pod")
+    await charge(wallet_stubs, org, 1_500_000, resource_type="pod")
+    await charge(wallet_stubs, org, 1_000_000, resource_type="vm")
+    query = """query($id: ID!, $ids: [String!]) { organization(id: $id) {
+          resourceCosts(resourceIds: $ids) { resources { resourceId resourceType
+            total { amount currency } firstChargedAt lastChargedAt } conversion { rate } } } }"""
+    data = await gql.data(query, {"id": org.id}, token=org.token)
+    costs = data["organization"]["resourceCosts"]
+    by_id = {r["resourceId"]: r for r in costs["resources"]}
+    assert {k: (r["resourceType"], r["total"]["amount"]) for k, r in by_id.items()} == {
+        "pod-1": ("pod", "4.000000"),
+        "vm-1": ("vm", "1.000000"),
+    }
+    assert by_id["pod-1"]["firstChargedAt"] <= by_id["pod-1"]["lastChargedAt"]
+    assert costs["conversion"] is None
+    only = await gql.data(query, {"id": org.id, "ids": ["vm-1"]}, token=org.token)
+    assert [r["resourceId"] for r in only["organization"]["resourceCosts"]["resources"]] == ["vm-1"]
+
+
 async def test_a_trend_of_zero_days_is_bad_user_input(gql, new_org) -> None:
     org = await new_org()
     error = await gql.error(

@@ -138,6 +138,53 @@ async def monthly_breakdown(
     ]
 
 
+@strawberry.type(description="What one resource has cost since it was created.")
+class ResourceCost:
+    resource_id: str
+    resource_type: str
+    project_id: strawberry.ID | None
+    total: Money
+    first_charged_at: datetime | None
+    last_charged_at: datetime | None
+
+
+@strawberry.type(description="Cost per resource, most recently charged first.")
+class ResourceCosts:
+    resources: list[ResourceCost]
+    conversion: Conversion | None
+
+
+async def resource_costs(
+    info: Info,
+    organization_id: str,
+    first: int | None,
+    resource_ids: list[str] | None,
+    display: str,
+) -> ResourceCosts:
+    c = info.context.wallet
+    request = wallet_pb2.GetResourceCostsRequest(
+        organization_id=organization_id,
+        resource_ids=resource_ids or [],
+        display_currency=display,
+        limit=check_first(first, maximum=1000),
+    )
+    costs = await c.wallet.GetResourceCosts(request, metadata=c.metadata)
+    return ResourceCosts(
+        resources=[
+            ResourceCost(
+                resource_id=r.resource_id,
+                resource_type=r.resource_type,
+                project_id=strawberry.ID(r.project_id) if r.project_id else None,
+                total=Money.from_pb(r.total),
+                first_charged_at=when(r.first_charged_at, r.HasField("first_charged_at")),
+                last_charged_at=when(r.last_charged_at, r.HasField("last_charged_at")),
+            )
+            for r in costs.resources
+        ],
+        conversion=Conversion.from_pb(costs.conversion),
+    )
+
+
 @strawberry.type
 class InvoiceLine:
     resource_type: str

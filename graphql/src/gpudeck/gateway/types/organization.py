@@ -54,6 +54,14 @@ async def resolve_monthly_breakdown(
     return await bills.monthly_breakdown(info, root.organization_id, months, root.display_currency)
 
 
+async def resolve_resource_costs(
+    root: Organization, info: Info, first: int | None = None, resource_ids: list[str] | None = None
+) -> bills.ResourceCosts | None:
+    return await bills.resource_costs(
+        info, root.organization_id, first, resource_ids, root.display_currency
+    )
+
+
 async def resolve_billing(root: Organization, info: Info) -> bills.Billing | None:
     return await bills.load_billing(info, root.organization_id, root.display_currency)
 
@@ -175,6 +183,15 @@ class Organization:
     monthly_breakdown = strawberry.field(
         resolver=resolve_monthly_breakdown,
         description="Spending per calendar month for the last `months` months, oldest first.",
+        extensions=require(BillingReader()),
+    )
+
+    resource_costs = strawberry.field(
+        resolver=resolve_resource_costs,
+        description=(
+            "Total cost per resource since it was created (or only `resourceIds`), most "
+            "recently charged first; `first` at most 1000 (default 100)."
+        ),
         extensions=require(BillingReader()),
     )
 
