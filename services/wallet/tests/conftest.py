@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -18,6 +19,8 @@ from gpudeck.proto.wallet.v1 import account_pb2_grpc, wallet_pb2_grpc
 from gpudeck.wallet.ledger_store import open_wallet
 from gpudeck.wallet.service import SPEC
 
+# The helpers beside the tests (processes.py, workload.py) import as top-level modules.
+sys.path.insert(0, str(Path(__file__).parent))
 MIGRATIONS = Path(gpudeck.wallet.__file__).parent / "migrations"
 NewOrg = Callable[..., Awaitable[uuid.UUID]]
 TOKEN = "wallet-test-token"

@@ -63,6 +63,9 @@ class ServiceSpec:
     build: Callable[[ServiceContext], Awaitable[ServiceParts]] = field(
         default=lambda ctx: _no_parts()
     )
+    # Reads the service's own settings from the environment, raising ConfigError for a bad one:
+    # run() calls it before anything starts, so a bad setting is one line and exit code 2.
+    check_settings: Callable[[Mapping[str, str]], object] = lambda env: None
 
 
 async def _no_parts() -> ServiceParts:
@@ -150,6 +153,7 @@ def run(spec: ServiceSpec, env: Mapping[str, str] | None = None) -> None:
     env = os.environ if env is None else env
     try:
         config = ServiceConfig.from_env(spec.name, env)
+        spec.check_settings(env)
     except ConfigError as exc:
         fail(str(exc))
     logs.setup(spec.name, config.log_level)

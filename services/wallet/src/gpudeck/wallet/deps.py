@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 from psycopg_pool import AsyncConnectionPool
 
-from gpudeck.kit.config import number
+from gpudeck.kit.config import ConfigError, number
 from gpudeck.wallet.group_commit import GroupCommit
 from gpudeck.wallet.holds_store import HoldStore
 from gpudeck.wallet.ledger_store import LedgerStore, Policy
@@ -28,6 +28,8 @@ class WalletSettings:
     # An automatic top-up nobody completed within this long fails, so the rule can fire again
     # [GPUDECK_AUTO_TOPUP_TIMEOUT]
     auto_topup_timeout: float = 3600.0
+    rates_file: str = ""  # a JSON file of exchange rates to import [GPUDECK_RATES_FILE]
+    rates_interval: float = 300.0  # seconds between its imports [GPUDECK_RATES_INTERVAL]
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ) -> WalletSettings:
@@ -39,10 +41,19 @@ class WalletSettings:
             auto_topup_timeout=number(
                 env, "GPUDECK_AUTO_TOPUP_TIMEOUT", cls.auto_topup_timeout, minimum=1
             ),
+            rates_file=_rates_file(env),
+            rates_interval=number(env, "GPUDECK_RATES_INTERVAL", cls.rates_interval, minimum=1),
             kyc_topup_limit=int(
                 number(env, "GPUDECK_KYC_TOPUP_LIMIT", cls.kyc_topup_limit / 1_000_000) * 1_000_000
             ),
         )
+
+
+def _rates_file(env: Mapping[str, str]) -> str:
+    path = env.get("GPUDECK_RATES_FILE", "").strip()
+    if path and not os.path.isfile(path):
+        raise ConfigError(f"GPUDECK_RATES_FILE={path!r} is not a file")
+    return path
 
 
 @dataclass

@@ -33,4 +33,9 @@ async def build(ctx: ServiceContext) -> ServiceParts:
     return ServiceParts(registrations=registrations, workers=workers.loops(wallet))
 
 
-SPEC = ServiceSpec(name="wallet", migrations=Path(__file__).parent / "migrations", build=build)
+SPEC = ServiceSpec(
+    name="wallet",
+    migrations=Path(__file__).parent / "migrations",
+    build=build,
+    check_settings=WalletSettings.from_env,
+)

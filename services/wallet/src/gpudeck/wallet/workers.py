@@ -7,6 +7,7 @@ import logging
 import time
 from collections.abc import Sequence
 from datetime import datetime
+from pathlib import Path
 
 from gpudeck.kit.workers import Periodic
 from gpudeck.wallet import events
@@ -17,6 +18,9 @@ from gpudeck.wallet.ledger import Kind, TransferRequest
 from gpudeck.wallet.ledger_store import db_now, lock_wallets
 from gpudeck.wallet.metering_store import bill_open_meters
 from gpudeck.wallet.plans_store import PlanStore
+from gpudeck.wallet.rates import RateProvider
+from gpudeck.wallet.rates_file import FileRateProvider, RatesFileError
+from gpudeck.wallet.readmodels_store import import_rates
 from gpudeck.wallet.thresholds_store import ThresholdStore
 
 log = logging.getLogger(__name__)
@@ -160,6 +164,19 @@ async def renew_plans(wallet: Wallet, *, now: datetime | None = None) -> dict[st
     return done
 
 
+async def import_provider_rates(wallet: Wallet, provider: RateProvider) -> int:
+    """Store what `provider` quotes now; a provider that fails is logged (the rates stored
+    before stay in use). How many were stored."""
+    try:
+        async with wallet.pool.connection() as conn, conn.transaction():
+            return len(await import_rates(conn, provider, []))
+    except RatesFileError as exc:
+        log.warning(
+            "exchange rates not imported", extra={"source": provider.name, "error": str(exc)}
+        )
+        return 0
+
+
 def loops(wallet: Wallet) -> Sequence[Periodic]:
     async def housekeeping() -> None:
         await expire_holds(wallet)
@@ -188,7 +205,18 @@ def loops(wallet: Wallet) -> Sequence[Periodic]:
         await issue_last_month_invoices(wallet)
         await settle_invoices(wallet)
 
+    rate_loops = []
+    if wallet.settings.rates_file:
+        provider = FileRateProvider(Path(wallet.settings.rates_file))
+
+        async def import_file_rates() -> None:
+            await import_provider_rates(wallet, provider)
+
+        rate_loops.append(
+            Periodic("wallet-rates", wallet.settings.rates_interval, import_file_rates)
+        )
     return [
+        *rate_loops,
         Periodic("wallet-billing", wallet.settings.billing_interval, bill),
         Periodic("wallet-monthly", 3600.0, monthly),  # plan renewals, then invoices
         Periodic("wallet-housekeeping", 1.0, housekeeping),
