@@ -113,6 +113,7 @@ async def gateway(fleet: Fleet, start_gateway: Callable[..., Awaitable[TestClien
 # prefix), and a gateway in front of it with live events on.
 
 WALLET_TOKEN = "gateway-wallet-test-token"
+ADMIN_TOKEN = "gateway-platform-admin-test-token"  # the wallet gateway's GPUDECK_ADMIN_TOKEN
 
 
 @pytest.fixture(scope="session")
@@ -165,6 +166,7 @@ async def wallet_gateway(
         listen="127.0.0.1:0",
         service_addresses={"wallet": wallet_address},
         events=events_config,
+        admin_token=ADMIN_TOKEN,
     )
     app = make_app(settings)
     client = TestClient(TestServer(app, host="127.0.0.1"))

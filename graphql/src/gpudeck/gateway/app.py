@@ -43,7 +43,7 @@ def make_app(settings: Settings, *, backends: Backends | None = None) -> web.App
             token=settings.service_token,
             health_timeout=settings.health_timeout,
         )
-    auth = Authenticator(backends)
+    auth = Authenticator(backends, admin_token=settings.admin_token)
     live = LiveEvents(settings.events) if settings.events is not None else None
     view = GatewayView(build_schema(), backends, auth, live)
     app = web.Application()

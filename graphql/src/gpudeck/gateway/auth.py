@@ -7,13 +7,15 @@ The wallet's AccountService.Authenticate says who it is; answers are kept in mem
 seconds per token (TTL_SECONDS, NEGATIVE_TTL_SECONDS), so a revoked or expired token stops
 working within seconds, and concurrent requests with the same token share one call.
 
-Roles, from most to least powerful: owner > admin > billing > member > viewer.
+Roles, from most to least powerful: owner > admin > billing > member > viewer. The platform's
+operators may have one more token, GPUDECK_ADMIN_TOKEN (no organization; exchange rates).
 """
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
+import hmac
 import logging
 import time
 from collections.abc import Callable, Mapping
@@ -61,11 +63,12 @@ class Identity:
     email: str
     organizations: tuple[OrganizationRole, ...]
     expires_at: datetime | None = None
+    platform_admin: bool = False  # GPUDECK_ADMIN_TOKEN: the operators, in no organization
 
     @property
     def actor(self) -> str:
         """What the services record as the cause of a change (gRPC metadata `x-actor`)."""
-        return f"token:{self.token_id}"
+        return "platform-admin" if self.platform_admin else f"token:{self.token_id}"
 
     @classmethod
     def from_pb(cls, m: account_pb2.Identity) -> Identity:
@@ -112,6 +115,19 @@ class _Entry:
     refusal: str = ""
 
 
+# The identity of GPUDECK_ADMIN_TOKEN: no organization (every organization's fields are
+# NOT_FOUND to it, as to any other outsider); it may do what only operators may (exchange rates).
+PLATFORM_ADMIN = Identity(
+    token_id="platform-admin",
+    organization_id="",
+    role="viewer",
+    user_id="",
+    email="",
+    organizations=(),
+    platform_admin=True,
+)
+
+
 class Authenticator:
     """Tokens → identities through the wallet, with a small in-process TTL cache.
 
@@ -128,8 +144,10 @@ class Authenticator:
         negative_ttl: float = NEGATIVE_TTL_SECONDS,
         max_entries: int = MAX_ENTRIES,
         clock: Callable[[], float] = time.monotonic,
+        admin_token: str = "",
     ) -> None:
         self.backends = backends
+        self.admin_token = admin_token
         self.ttl = ttl
         self.negative_ttl = negative_ttl
         self.max_entries = max_entries
@@ -147,6 +165,8 @@ class Authenticator:
             )
         if len(token) > MAX_TOKEN_LENGTH:
             raise GatewayError("unknown token", code=UNAUTHENTICATED)
+        if self.admin_token and hmac.compare_digest(token.encode(), self.admin_token.encode()):
+            return PLATFORM_ADMIN
         key = hashlib.sha256(token.encode()).digest()
         entry = self._entries.get(key)
         if entry is None or entry.expires <= self.clock():

@@ -9,6 +9,8 @@ GPUDECK_LOG_LEVEL               DEBUG, INFO, WARNING or ERROR (INFO)
 GPUDECK_NATS_URL                NATS, for live subscriptions (nats://127.0.0.1:4222); the gateway
                                 starts without it and connects when it can
 GPUDECK_EVENTS_PREFIX           the events' subject prefix (gpudeck)
+GPUDECK_ADMIN_TOKEN             optional: a bearer token for the platform's operators (at least
+                                24 characters): it may set exchange rates, and sees no organization
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from dataclasses import dataclass, field
 
 from gpudeck.kit.config import (
     GATEWAY_PORT,
+    ConfigError,
     EventsConfig,
     address,
     log_level,
@@ -42,6 +45,7 @@ class Settings:
     shutdown_grace: float = 10.0
     log_level: str = "INFO"
     events: EventsConfig | None = None  # None: no live updates (subscriptions poll)
+    admin_token: str = ""  # the platform admin's bearer token; "" for none
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ) -> Settings:
@@ -52,7 +56,18 @@ class Settings:
             health_timeout=number(env, "GPUDECK_GATEWAY_HEALTH_TIMEOUT", 1.0, minimum=0.05),
             shutdown_grace=number(env, "GPUDECK_SHUTDOWN_GRACE", 10.0),
             log_level=log_level(env),
+            admin_token=_admin_token(env),
             events=EventsConfig.from_env(
                 {**env, "GPUDECK_NATS_URL": env.get("GPUDECK_NATS_URL", "") or DEFAULT_NATS_URL}
             ),
         )
+
+
+MIN_ADMIN_TOKEN = 24
+
+
+def _admin_token(env: Mapping[str, str]) -> str:
+    token = env.get("GPUDECK_ADMIN_TOKEN", "").strip()
+    if token and len(token) < MIN_ADMIN_TOKEN:
+        raise ConfigError(f"GPUDECK_ADMIN_TOKEN must be at least {MIN_ADMIN_TOKEN} characters")
+    return token

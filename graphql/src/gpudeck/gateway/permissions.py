@@ -8,6 +8,7 @@
     Admin            owner, admin                    FORBIDDEN
     Owner            owner                           FORBIDDEN
     MayGrant         the `role` given is not above the caller's own
+    PlatformAdmin    the gateway's GPUDECK_ADMIN_TOKEN only          FORBIDDEN
 
 Each first needs an identity (UNAUTHENTICATED without one) and the organization the field is
 about to be the token's own: another organization's id is NOT_FOUND, exactly as one that does
@@ -103,6 +104,18 @@ class MayGrant(Writer):
         if rank(role) > rank(identity.role):
             return f"role {role} is above your own role {identity.role}"
         return super().refuse(identity, kwargs)
+
+
+class PlatformAdmin(BasePermission):
+    """The platform's operators only (the gateway's GPUDECK_ADMIN_TOKEN)."""
+
+    async def has_permission(self, source: Any, info: Info, **kwargs: Any) -> bool:
+        identity = await info.context.identity()
+        if not identity.platform_admin:
+            raise GatewayError(
+                "only the platform admin (GPUDECK_ADMIN_TOKEN) may do this", code=FORBIDDEN
+            )
+        return True
 
 
 def require(*permissions: BasePermission) -> list[FieldExtension]:

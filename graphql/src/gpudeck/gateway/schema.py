@@ -29,7 +29,7 @@ from strawberry.types.graphql import OperationType
 from gpudeck.gateway import errors
 from gpudeck.gateway.context import PerOperation
 from gpudeck.gateway.metrics import OperationMetrics
-from gpudeck.gateway.types import account, billing, health, organization, wallet
+from gpudeck.gateway.types import account, billing, health, organization, rates, wallet
 from gpudeck.gateway.types.common import ROLE_SCALAR, Role
 
 MAX_DEPTH = 10
@@ -37,9 +37,10 @@ MAX_ALIASES = 30
 MAX_TOKENS = 2000
 CACHE_SIZE = 256
 
-Query = merge_types("Query", (health.Query, account.Query, organization.Query))
+Query = merge_types("Query", (health.Query, account.Query, organization.Query, rates.Query))
 Mutation = merge_types(
-    "Mutation", (organization.Mutation, account.Mutation, wallet.Mutation, billing.Mutation)
+    "Mutation",
+    (organization.Mutation, account.Mutation, wallet.Mutation, billing.Mutation, rates.Mutation),
 )
 Subscription = merge_types("Subscription", (health.Subscription, wallet.Subscription))
 
