@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import signal
 import subprocess
-import sys
 import uuid
 from collections.abc import AsyncIterator
 from datetime import datetime, timedelta
@@ -21,6 +20,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import psycopg
 import pytest
+from processes import TOKEN, start_wallet, wait_serving, wallet_env
 from psycopg_pool import AsyncConnectionPool
 
 import gpudeck.wallet
@@ -34,9 +34,6 @@ from gpudeck.proto.wallet.v1.wallet_pb2_grpc import WalletServiceStub
 from gpudeck.wallet import audit
 from gpudeck.wallet.ledger_store import open_wallet
 from gpudeck.wallet.metering_store import BILLING_LOCK
-
-sys.path.insert(0, str(Path(__file__).parent))
-from processes import TOKEN, start_wallet, wait_serving, wallet_env
 
 pytestmark = pytest.mark.slow
 MIGRATIONS = Path(gpudeck.wallet.__file__).parent / "migrations"
@@ -150,20 +147,38 @@ async def meter_row(pool: AsyncConnectionPool, meter_id: str) -> tuple[datetime,
         return tuple(row)
 
 
-def assert_each_charge_follows_the_rule(rows: list[Row], rate: int, opened: datetime) -> None:
-    """After every metered transaction, what the meter paid is the rule's amount up to that
-    transaction's instant: a tick that charged a span twice, or skipped one, breaks the sum
-    at that row (and every later one)."""
+def signed(rows: list[Row]) -> int:
+    return sum(-amount if kind == "refund" else amount for _, kind, amount, _ in rows)
+
+
+def assert_each_charge_follows_the_rule(
+    rows: list[Row], rate: int, opened: datetime, closed: datetime | None = None
+) -> None:
+    """After every tick, what the meter paid is the rule's amount up to that tick's instant: a
+    tick that charged a span twice, or skipped one, breaks the sum at that row (and every later
+    one). Once `closed`, the close's own row settles it to the rule's amount up to the close: a
+    charge, or a refund only if a tick that began after the close started had billed past it."""
     total = 0
     previous = None
-    for key, kind, amount, at in rows:
-        assert kind == "usage", f"a correction was needed: {key} {kind} {amount}"
-        assert previous is None or at > previous, f"two charges at one instant {at}"
+    settles = [r for r in rows if r[0].startswith("meter:")]
+    assert len(ticks(rows)) + len(settles) == len(rows), f"unexpected rows: {rows}"
+    for key, kind, amount, at in ticks(rows):
+        assert kind == "usage" and amount > 0, f"tick {key}: {kind} {amount}"
+        assert previous is None or at > previous, f"two ticks at one instant {at}"
         total += amount
         assert total == owed(rate, opened, at), (
-            f"after {key} the meter paid {total}, the rule says {owed(rate, opened, at)}"
+            f"after tick {key} the meter paid {total}, the rule says {owed(rate, opened, at)}"
         )
         previous = at
+    if closed is None:
+        assert settles == []
+        return
+    assert len(settles) <= 1, f"closed more than once: {settles}"
+    for key, kind, _, at in settles:
+        assert at == closed, f"{key} at {at}, the meter closed at {closed}"
+        billed_past = previous is not None and previous > closed
+        assert kind == ("refund" if billed_past else "usage"), f"{kind} {key}, last tick {previous}"
+    assert total + signed(settles) == owed(rate, opened, closed)
 
 
 async def assert_books(
@@ -229,9 +244,8 @@ async def test_a_meter_billed_across_a_sigkill_is_charged_rate_times_n(
     assert expected > 0
     assert closed.total_charged == total == expected, f"{n} at {rate}/h"
     rows = await usage_rows(pool, org)
-    assert sum(r[2] for r in rows) == expected
-    assert_each_charge_follows_the_rule(rows, rate, opened)
-    assert rows[-1][3] <= closed_at
+    assert signed(rows) == expected
+    assert_each_charge_follows_the_rule(rows, rate, opened, closed_at)
     await assert_books(pool, org, meter_id, expected)
 
 
@@ -309,7 +323,6 @@ async def test_two_replicas_bill_one_at_a_time_and_each_second_once(
     expected = owed(rate, opened, closed_at)
     assert closed.total_charged == total == expected
     rows = await usage_rows(pool, org)
-    assert len(ticks(rows)) >= 8
-    assert sum(r[2] for r in rows) == expected
-    assert_each_charge_follows_the_rule(rows, rate, opened)
+    assert signed(rows) == expected
+    assert_each_charge_follows_the_rule(rows, rate, opened, closed_at)
     await assert_books(pool, org, meter_id, expected)

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import signal
-import sys
 import uuid
 from collections.abc import Awaitable, Callable
-from pathlib import Path
 
 import pytest
+import workload
+from processes import TOKEN, start_wallet, wait_serving, wallet_env
 from psycopg_pool import AsyncConnectionPool
 
 from gpudeck.kit.config import EventsConfig
@@ -17,10 +17,6 @@ from gpudeck.kit.grpcclient import channel
 from gpudeck.proto.wallet.v1 import wallet_pb2 as pb
 from gpudeck.proto.wallet.v1.wallet_pb2_grpc import WalletServiceStub
 from gpudeck.wallet import audit
-
-sys.path.insert(0, str(Path(__file__).parent))
-import workload
-from processes import TOKEN, start_wallet, wait_serving, wallet_env
 
 NewOrg = Callable[..., Awaitable[uuid.UUID]]
 
@@ -160,16 +156,21 @@ async def test_kill_9_mid_workload_loses_no_acknowledged_call(
         await wait_serving(address)
         async with channel(address, TOKEN) as ch:
             stub = WalletServiceStub(ch)
+            record = workload.Record()
             load = asyncio.ensure_future(
-                workload.run(stub, orgs, clients=20, ops=60, pool=wallet_pool)
+                workload.run(stub, orgs, clients=20, ops=60, pool=wallet_pool, record=record)
             )
-            await asyncio.sleep(1.0)
+            for _ in range(100):  # kill it once every kind of call has been acknowledged
+                if record.captures and record.voids and len(record.transactions) >= 50:
+                    break
+                await asyncio.sleep(0.05)
+            assert not load.done(), "the workload ended before the kill"
             proc.send_signal(signal.SIGKILL)
             proc.wait()
             await asyncio.sleep(0.5)
             proc = start_wallet(env)
             await wait_serving(address)
-            record = await load
+            assert await load is record
             assert record.errors.get("UNAVAILABLE", 0) > 0, "the kill happened after the load"
             assert "INTERNAL" not in record.errors and "UNKNOWN" not in record.errors
             assert_workload_was_clean(record)

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-import sys
 import uuid
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 
 import pytest
 from google.protobuf.timestamp_pb2 import Timestamp
+from processes import TOKEN, start_wallet, wait_serving, wallet_env
 from psycopg_pool import AsyncConnectionPool
 
 from gpudeck.kit.config import EventsConfig
@@ -20,9 +19,6 @@ from gpudeck.proto.wallet.v1 import wallet_pb2 as pb
 from gpudeck.proto.wallet.v1.wallet_pb2_grpc import WalletServiceStub
 from gpudeck.wallet import audit
 from gpudeck.wallet.metering import owed
-
-sys.path.insert(0, str(Path(__file__).parent))
-from processes import TOKEN, start_wallet, wait_serving, wallet_env
 
 NewOrg = Callable[..., Awaitable[uuid.UUID]]
 
@@ -60,6 +56,8 @@ async def test_a_meter_open_n_seconds_across_a_restart_is_charged_rate_times_n(
     new_org: NewOrg,
     rate: int,
 ) -> None:
+    # A graceful restart, closed at a chosen instant; the SIGKILL of a process while its billing
+    # loop charges the meter is test_crash_billing.py.
     n = 4
     env = wallet_env(database_url, events_config, GPUDECK_BILLING_INTERVAL="0.3")
     address = env["GPUDECK_WALLET_LISTEN"]

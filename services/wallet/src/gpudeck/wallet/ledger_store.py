@@ -212,7 +212,9 @@ class LedgerStore:
         Round trips: one to lock and load the wallets, one (pipelined) for earlier keys and the
         platform accounts, one (pipelined, or COPY for large batches) to write everything.
         """
-        outcomes, valid = await _validated(conn, self.projects, requests)
+        # Callers' transfers need live projects; the wallet's own (which pass `now`) settle what
+        # was started before a project was deleted.
+        outcomes, valid = await _validated(conn, self.projects, requests, live=now is None)
         if fast_path and now is None and valid:
             valid = await fast_batch.post_fast(self, conn, requests, valid, outcomes)
             if not valid:
@@ -256,7 +258,7 @@ class LedgerStore:
         """Post transfers that need not commit together (concurrent calls grouped): what the
         fast path takes commits with its one statement, the rest together after it. Run it
         outside a transaction. A result per request, as `post_transfers`."""
-        outcomes, valid = await _validated(conn, self.projects, requests)
+        outcomes, valid = await _validated(conn, self.projects, requests, live=True)
         if valid:
             valid = await fast_batch.post_fast(self, conn, requests, valid, outcomes)
         if valid:
@@ -492,10 +494,10 @@ class LedgerStore:
 
 
 async def _validated(
-    conn: Conn, projects: ProjectOwners, requests: Sequence[TransferRequest]
+    conn: Conn, projects: ProjectOwners, requests: Sequence[TransferRequest], *, live: bool
 ) -> tuple[list[Outcome | None], list[int]]:
     """An outcome slot per request, refusals filled in for the invalid (a bad field, a project
-    of another organization); the valid indexes."""
+    of another organization, or with `live` a deleted one); the valid indexes."""
     outcomes: list[Outcome | None] = [None] * len(requests)
     valid: list[int] = []
     for i, request in enumerate(requests):
@@ -506,7 +508,7 @@ async def _validated(
             outcomes[i] = Outcome(error=exc)
     named = [(r.organization_id, r.project_id) for r in requests if r.project_id is not None]
     if named:
-        unknown = await projects.unknown(conn, named)
+        unknown = await projects.unknown(conn, named, live=live)
         for i in [
             i for i in valid if (requests[i].organization_id, requests[i].project_id) in unknown
         ]:

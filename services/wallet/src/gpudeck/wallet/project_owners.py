@@ -1,9 +1,11 @@
 """Which organization a project belongs to, for the money calls that name one.
 
-A transfer, hold, meter or usage event may name a project; it must be a project of the same
-organization (NOT_FOUND otherwise, as for a project that does not exist), so spend is never
-booked to a project the caller cannot see. A project never moves between organizations, so
-the answer is cached once found.
+A transfer, hold, meter or usage event may name a project; it must be a live project of the
+same organization (NOT_FOUND otherwise, as for a project that does not exist), so spend is never
+booked to a project the caller cannot see. The wallet's own postings (a hold's capture, billing
+ticks) only need the organization's project, deleted or not: what was started before a project
+was deleted is still settled. A project never moves between organizations and a deletion is
+final, so those answers are cached; that a project is live is trusted for LIVE_SECONDS.
 
 Using a project for a resource (a meter opened, usage recorded, a hold taken) also makes it
 "recently used": its `last_used_at` moves, at most once a minute per project and process.
@@ -22,34 +24,60 @@ from gpudeck.kit.errors import NotFound
 
 Conn = AsyncConnection[Any]
 TOUCH_EVERY = 60.0  # seconds between two writes of one project's last_used_at
+LIVE_SECONDS = 5.0  # how long a project seen live is taken to be live without asking again
 CACHE_LIMIT = 100_000
 
 
 class ProjectOwners:
     def __init__(self) -> None:
         self._owner: dict[uuid.UUID, uuid.UUID] = {}
+        self._live_until: dict[uuid.UUID, float] = {}
+        self._deleted: set[uuid.UUID] = set()
         self._touched: dict[uuid.UUID, float] = {}
 
     async def unknown(
-        self, conn: Conn, pairs: Iterable[tuple[uuid.UUID, uuid.UUID | None]]
+        self,
+        conn: Conn,
+        pairs: Iterable[tuple[uuid.UUID, uuid.UUID | None]],
+        *,
+        live: bool = True,
     ) -> set[tuple[uuid.UUID, uuid.UUID]]:
-        """The (organization, project) pairs whose project is not one of that organization's."""
+        """The (organization, project) pairs whose project is not one of that organization's
+        (with `live`, not a live one)."""
         named = {(org, project) for org, project in pairs if project is not None}
-        missing = {project for _, project in named if project not in self._owner}
+        now = time.monotonic()
+        missing = {
+            project
+            for _, project in named
+            if project not in self._owner
+            or (live and project not in self._deleted and self._live_until.get(project, 0) < now)
+        }
         if missing:
             cur = await conn.execute(
-                "SELECT id, organization_id FROM projects WHERE id = ANY(%s)", (list(missing),)
+                "SELECT id, organization_id, deleted_at IS NOT NULL FROM projects"
+                " WHERE id = ANY(%s)",
+                (list(missing),),
             )
             if len(self._owner) > CACHE_LIMIT:
                 self._owner.clear()
-            for project, org in await cur.fetchall():
+                self._live_until.clear()
+                self._deleted.clear()
+            for project, org, deleted in await cur.fetchall():
                 self._owner[project] = org
-        return {(org, project) for org, project in named if self._owner.get(project) != org}
+                if deleted:
+                    self._deleted.add(project)
+                else:
+                    self._live_until[project] = now + LIVE_SECONDS
+        return {
+            (org, project)
+            for org, project in named
+            if self._owner.get(project) != org or (live and project in self._deleted)
+        }
 
     async def check(
         self, conn: Conn, organization_id: uuid.UUID, project_id: uuid.UUID | None
     ) -> None:
-        """Raise NotFound unless `project_id` is unset or a project of `organization_id`."""
+        """Raise NotFound unless `project_id` is unset or a live project of `organization_id`."""
         if await self.unknown(conn, [(organization_id, project_id)]):
             raise not_found(project_id)
 
