@@ -214,13 +214,13 @@ class Gql:
         *,
         token: str | None = None,
         headers: dict[str, str] | None = None,
+        operation_name: str | None = None,
     ) -> dict[str, Any]:
         sent = dict(headers or {})
         if token is not None:
             sent["Authorization"] = f"Bearer {token}"
-        resp = await self.client.post(
-            "/graphql", json={"query": query, "variables": variables or {}}, headers=sent
-        )
+        payload = {"query": query, "variables": variables or {}, "operationName": operation_name}
+        resp = await self.client.post("/graphql", json=payload, headers=sent)
         assert resp.status == 200, await resp.text()
         body: dict[str, Any] = await resp.json()
         return body
@@ -241,9 +241,12 @@ class Gql:
         *,
         token: str | None,
         headers: dict[str, str] | None = None,
+        operation_name: str | None = None,
     ) -> dict[str, Any]:
         """The one error of a query that must fail."""
-        body = await self(query, variables, token=token, headers=headers)
+        body = await self(
+            query, variables, token=token, headers=headers, operation_name=operation_name
+        )
         assert body.get("errors"), body
         assert len(body["errors"]) == 1, body["errors"]
         error: dict[str, Any] = body["errors"][0]

@@ -48,6 +48,7 @@ class Traffic:
         self.ws_sent: list[dict[str, Any]] = []
         self.problems: list[str] = []
         self.graphql_headers: list[dict[str, str]] = []
+        self.graphql_bodies: list[str] = []
 
     def foreign(self) -> list[str]:
         return [u for u in self.urls if urlsplit(u).hostname != "127.0.0.1"]
@@ -78,6 +79,7 @@ async def open_graphiql(browser: Any, url: str, traffic: Traffic) -> Any:
         traffic.urls.append(request.url)
         if urlsplit(request.url).path == "/graphql" and request.method == "POST":
             traffic.graphql_headers.append(request.headers)
+            traffic.graphql_bodies.append(request.post_data or "")
 
     def on_websocket(ws: Any) -> None:
         traffic.urls.append(ws.url)
@@ -133,6 +135,19 @@ async def test_graphiql_renders_and_runs_the_health_query(fleet, gateway, browse
     assert statuses["storage"] == "NOT_SERVING"
     assert statuses["wallet"] == "SERVING"
     assert any(h.get("authorization") == "Bearer admin-token" for h in traffic.graphql_headers)
+
+    # Introspection needs a token too: re-fetching the schema sends the Headers tab's.
+    sent = len(traffic.graphql_headers)
+    await page.get_by_role("button", name="Re-fetch GraphQL schema").click()
+    for _ in range(50):
+        if len(traffic.graphql_headers) > sent:
+            break
+        await page.wait_for_timeout(100)
+    refetched = list(zip(traffic.graphql_headers, traffic.graphql_bodies, strict=True))[sent:]
+    assert any(
+        "__schema" in body and h.get("authorization") == "Bearer admin-token"
+        for h, body in refetched
+    ), refetched
 
     assert traffic.foreign() == [] and traffic.blocked == []
     assert traffic.problems == []

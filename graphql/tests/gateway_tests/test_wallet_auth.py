@@ -24,9 +24,33 @@ async def test_without_a_token_every_field_but_health_is_unauthenticated(gql, ne
     assert body["data"]["health"] == [{"service": "wallet", "status": "SERVING"}]
 
 
-async def test_introspection_needs_no_token(gql) -> None:
-    body = await gql("{ __schema { queryType { name } } }")
+async def test_introspection_needs_a_token(gql, new_org) -> None:
+    for query in (
+        "{ __schema { queryType { name } } }",
+        '{ __type(name: "Query") { name } }',
+        "{ health { service } ...Meta } fragment Meta on Query { __schema { types { name } } }",
+        "query A { health { service } } query B { ... on Query { __schema { queryType { name } } } }",
+    ):
+        operation = "B" if "query B" in query else None
+        error = await gql.error(query, token=None, operation_name=operation)
+        assert error["extensions"]["code"] == "UNAUTHENTICATED", query
+    error = await gql.error("{ __schema { queryType { name } } }", token="gpd_revoked-or-unknown")
+    assert error["extensions"]["code"] == "UNAUTHENTICATED"
+    org = await new_org()
+    body = await gql("{ __schema { queryType { name } } }", token=org.token)
     assert body == {"data": {"__schema": {"queryType": {"name": "Query"}}}}
+    body = await gql("query A { health { service } } query B { __schema { queryType { name } } }",
+                     token=None, operation_name="A")  # fmt: skip
+    assert "errors" not in body
+
+
+async def test_graphiqls_introspection_fits_the_limits(gql, new_org) -> None:
+    from graphql import get_introspection_query
+
+    org = await new_org()
+    query = get_introspection_query(descriptions=True, input_value_deprecation=True)
+    data = await gql.data(query, token=org.token)
+    assert data["__schema"]["queryType"]["name"] == "Query"
 
 
 async def test_an_unknown_token_is_unauthenticated(gql) -> None:

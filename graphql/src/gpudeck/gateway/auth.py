@@ -1,6 +1,6 @@
 """Who is calling: the bearer token of a request, and the identity the wallet gives it.
 
-Every GraphQL field but `health` (and introspection) needs an identity. The token comes from
+Every GraphQL field but `health` needs an identity (introspection too: see introspection.py). The token comes from
 `Authorization: Bearer <token>` on HTTP, or from the websocket's `connection_init` payload
 (`{"Authorization": "Bearer <token>"}`, `authorization` too; the handshake's header otherwise).
 The wallet's AccountService.Authenticate says who it is; answers are kept in memory for a few

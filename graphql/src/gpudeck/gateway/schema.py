@@ -28,6 +28,7 @@ from strawberry.types.graphql import OperationType
 
 from gpudeck.gateway import errors
 from gpudeck.gateway.context import PerOperation
+from gpudeck.gateway.introspection import IntrospectionNeedsToken
 from gpudeck.gateway.metrics import OperationMetrics
 from gpudeck.gateway.types import account, billing, health, organization, rates, wallet
 from gpudeck.gateway.types.common import ROLE_SCALAR, Role
@@ -96,6 +97,7 @@ def build_schema() -> strawberry.Schema:
         lambda: ParserCache(maxsize=CACHE_SIZE),
         _limits(),
         lambda: ValidationCache(maxsize=CACHE_SIZE),
+        IntrospectionNeedsToken,
         OperationMetrics,
     ]
     return GatewaySchema(

@@ -1,5 +1,5 @@
 """/graphql: Strawberry's aiohttp view with our context (the caller is authenticated lazily, by
-the fields that need it: `health` and introspection need no token), our GraphiQL page and
+the fields that need it: only `health` needs no token), our GraphiQL page and
 websocket bookkeeping (so shutdown can close them all).
 
 Websockets speak graphql-transport-ws and the legacy graphql-ws; pages on other origins may not

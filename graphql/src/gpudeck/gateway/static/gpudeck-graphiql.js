@@ -9,7 +9,8 @@
 
   var DEFAULT_QUERY = [
     "# gpudeck GraphiQL. Ctrl-Enter runs the query.",
-    "# Admins: put {\"Authorization\": \"Bearer <token>\"} in the Headers tab below.",
+    "# Admins: put {\"Authorization\": \"Bearer <token>\"} in the Headers tab below,",
+    "# then re-fetch the schema (Shift-Ctrl-R) for docs and completion: it needs the token.",
     "{",
     "  health {",
     "    service",
