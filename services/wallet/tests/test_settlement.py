@@ -1,14 +1,20 @@
 """Settling what the prepaid wallet already paid, and what never came back: invoices are marked
-paid while the wallet is not overdrawn; automatic top-ups pending too long fail (and fire again
-if the wallet is still below the rule's line). Real PostgreSQL, the stores the workers call."""
+paid while the wallet is not overdrawn (at once when a top-up ends an overdraft); automatic
+top-ups pending too long fail (and fire again if the wallet is still below the rule's line).
+Real PostgreSQL, the stores the workers call, and the running wallet for the top-up."""
 
 from __future__ import annotations
 
+import asyncio
+import time
 import uuid
 from collections.abc import Awaitable, Callable
 
 from psycopg_pool import AsyncConnectionPool
 
+from gpudeck.proto.common.v1.money_pb2 import Money
+from gpudeck.proto.wallet.v1 import wallet_pb2 as pb
+from gpudeck.proto.wallet.v1.wallet_pb2_grpc import WalletServiceStub
 from gpudeck.wallet.invoices import OPEN, PAID, parse_period
 from gpudeck.wallet.invoices_store import InvoiceStore
 from gpudeck.wallet.ledger import Kind, TransferRequest
@@ -106,3 +112,40 @@ async def test_a_top_up_pending_too_long_fails_and_the_rule_fires_again(
     assert failed >= 1
     assert await pending(wallet_pool, stale) == ["failed", "pending"]  # still below: asks again
     assert await pending(wallet_pool, fresh) == ["pending"]  # within the hour: left alone
+
+
+async def test_a_top_up_that_ends_an_overdraft_pays_the_open_invoice_at_once(
+    wallet_pool: AsyncConnectionPool, wallet_stub: WalletServiceStub, new_org: NewOrg
+) -> None:
+    org = await new_org()
+    used = pb.TransferRequest(
+        idempotency_key=uuid.uuid4().hex, organization_id=str(org), kind=pb.USAGE,
+        amount=Money(amount=3 * USD), resource_type="pod",
+    )  # fmt: skip
+    await wallet_stub.Transfer(used, timeout=10)  # metered usage: the wallet is overdrawn
+    await spend_in(wallet_pool, org, "2025-03", 3 * USD)
+    generated = await wallet_stub.GenerateInvoices(
+        pb.GenerateInvoicesRequest(period="2025-03", organization_id=str(org)), timeout=10
+    )
+    [invoice] = generated.invoices
+    assert invoice.status == OPEN
+
+    await asyncio.sleep(1.5)  # the announcer has seen the overdrawn wallet: still open
+    assert await statuses(wallet_pool, [org]) == {org: OPEN}
+
+    top_up = pb.TransferRequest(
+        idempotency_key=uuid.uuid4().hex, organization_id=str(org), kind=pb.TOPUP,
+        amount=Money(amount=2 * USD),
+    )  # fmt: skip
+    await wallet_stub.Transfer(top_up, timeout=10)  # -1 USD: still overdrawn
+    await asyncio.sleep(1.5)
+    assert await statuses(wallet_pool, [org]) == {org: OPEN}
+
+    top_up.idempotency_key = uuid.uuid4().hex
+    await wallet_stub.Transfer(top_up, timeout=10)  # +1 USD: covered
+    deadline = time.monotonic() + 5
+    while await statuses(wallet_pool, [org]) != {org: PAID}:
+        assert time.monotonic() < deadline, "the invoice was not paid after the top-up"
+        await asyncio.sleep(0.1)
+    got = await wallet_stub.GetInvoice(pb.GetInvoiceRequest(invoice_id=invoice.id), timeout=10)
+    assert got.status == PAID and got.HasField("paid_at")

@@ -77,7 +77,8 @@ ANNOUNCE_BATCH = 500  # wallets per announcing transaction
 async def announce_balances(
     wallet: Wallet, *, limit: int = ANNOUNCE_BATCH, sweep: bool = False
 ) -> int:
-    """Emit wallet.balance.changed for wallets that changed, at most once a second each.
+    """Emit wallet.balance.changed for wallets that changed, at most once a second each, and
+    settle the open invoices of those a move (a top-up) brought back from an overdraft.
 
     Which wallets: those this process changed (the ledger notes them in memory), looked up by
     key, so the cost follows the changes, not the number of wallets. A `sweep` scans them all
@@ -111,6 +112,11 @@ async def announce_balances(
                     for org, currency, balance, held, rate, level in rows
                 ],
             )
+            covered = [row[0] for row in rows if row[2] >= 0]
+            if covered:  # a top-up that ends an overdraft pays the open invoices at once
+                await InvoiceStore(wallet.ledger.outbox).settle(
+                    conn, covered, moved_since_issue=True
+                )
             announced = {row[0] for row in rows}
             rest = [o for o in changed if o not in announced]
             if rest:
