@@ -468,6 +468,42 @@ async def test_an_unverified_organization_may_not_top_up_above_the_kyc_limit(gql
     assert "KYC" in error["message"]
 
 
+async def test_an_auto_top_up_rule_that_keeps_failing_says_why_it_turned_off(
+    gql, new_org, wallet_stubs
+) -> None:
+    org = await new_org()
+    await top_up(gql, org, "10", "declined-0")
+    save = """mutation($org: ID!) {
+      setAutoTopUp(organizationId: $org, enabled: true, below: "20", amount: "50") {
+        enabled disabledReason
+      }
+    }"""
+    assert (await gql.data(save, {"org": org.id}, token=org.token))["setAutoTopUp"] == {
+        "enabled": True,
+        "disabledReason": None,
+    }
+    for n in range(1, 4):  # the payment provider declines each request; a top-up fires anew
+        rule = await wallet_stubs.wallet.GetAutoTopUp(
+            wallet_pb2.GetAutoTopUpRequest(organization_id=org.id)
+        )
+        await wallet_stubs.wallet.CompleteTopUp(
+            wallet_pb2.CompleteTopUpRequest(pending_top_up_id=rule.pending.id, succeeded=False)
+        )
+        if n < 3:
+            await top_up(gql, org, "1", f"declined-{n}")
+    seen = await gql.data(
+        "query($id: ID!) { organization(id: $id) { autoTopUp { enabled disabledReason"
+        " pendingAmount { amount } } } }",
+        {"id": org.id},
+        token=org.token,
+    )
+    rule = seen["organization"]["autoTopUp"]
+    assert rule["enabled"] is False and rule["pendingAmount"] is None
+    assert "3 automatic top-ups in a row failed" in rule["disabledReason"]
+    again = await gql.data(save, {"org": org.id}, token=org.token)
+    assert again["setAutoTopUp"] == {"enabled": True, "disabledReason": None}
+
+
 async def test_the_auto_top_up_rule_is_set_and_its_pending_request_shown(gql, new_org) -> None:
     org = await new_org()
     await top_up(gql, org, "10", "auto-1")

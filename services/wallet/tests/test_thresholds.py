@@ -1,9 +1,11 @@
 """Low-balance thresholds and auto top-up over gRPC: exactly one event per edge, read back from
 JetStream (the relay empties the outbox quickly), including crossings the settings themselves
-cause; auto top-ups fire once while pending and complete exactly once."""
+cause; auto top-ups fire once while pending and complete exactly once, and three failures in a
+row turn the rule off."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import time
 import uuid
@@ -14,6 +16,7 @@ import nats
 import pytest
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from psycopg_pool import AsyncConnectionPool
+from test_edges_grpc import wallet_events
 
 from gpudeck.kit.config import EventsConfig
 from gpudeck.kit.events import parse_event
@@ -233,6 +236,60 @@ async def test_a_failed_top_up_adds_nothing_and_the_rule_may_fire_again(
     assert await balance(wallet_stub, org) == 3 * USD
     await transfer(wallet_stub, org, pb.CHARGE, 1 * USD)
     assert [s for _, s in await pending_ids(wallet_pool, org)] == ["failed", "pending"]
+
+
+async def test_three_failed_top_ups_in_a_row_turn_the_rule_off_until_it_is_saved_again(
+    wallet_stub: WalletServiceStub, wallet_pool: AsyncConnectionPool, new_org: NewOrg,
+    events_config: EventsConfig,
+) -> None:  # fmt: skip
+    org = await new_org("USD")
+    await transfer(wallet_stub, org, pb.TOPUP, 3 * USD)
+    save = pb.SetAutoTopUpRequest(
+        organization_id=str(org), enabled=True, below=5 * USD, amount=20 * USD
+    )
+
+    async def rule() -> pb.AutoTopUp:
+        return await wallet_stub.GetAutoTopUp(pb.GetAutoTopUpRequest(organization_id=str(org)))
+
+    async def decline() -> None:
+        pending = (await rule()).pending
+        assert pending.status == "pending"
+        await wallet_stub.CompleteTopUp(
+            pb.CompleteTopUpRequest(pending_top_up_id=pending.id, succeeded=False), timeout=5
+        )
+
+    await wallet_stub.SetAutoTopUp(save, timeout=5)  # below already: the first request
+    await decline()
+    await transfer(wallet_stub, org, pb.CHARGE, USD // 10)  # still below: the second one
+    await decline()
+    await transfer(wallet_stub, org, pb.CHARGE, USD // 10)  # the third one never comes back
+    assert (await rule()).enabled and (await rule()).disabled_reason == ""
+    async with wallet_pool.connection() as conn:
+        await conn.execute(
+            "UPDATE pending_topups SET created_at = created_at - interval '2 hours'"
+            " WHERE organization_id = %s AND status = 'pending'",
+            (org,),
+        )
+    deadline = time.monotonic() + 10  # the housekeeping loop fails it within a second or so
+    while (await rule()).enabled:
+        assert time.monotonic() < deadline, "the rule was not turned off"
+        await asyncio.sleep(0.1)
+
+    stopped = await rule()
+    assert not stopped.HasField("pending") or not stopped.pending.id  # no fourth request
+    assert "3 automatic top-ups in a row failed" in stopped.disabled_reason
+    await transfer(wallet_stub, org, pb.CHARGE, USD // 10)
+    assert [s for _, s in await pending_ids(wallet_pool, org)] == ["failed"] * 3
+    disabled = await wallet_events(
+        events_config, org, lambda found: any(e.type.endswith("disabled") for e in found)
+    )
+    [event] = [e for e in disabled if e.type == "wallet.autotopup.disabled"]
+    assert event.actor == "system"
+
+    again = await wallet_stub.SetAutoTopUp(save, timeout=5)  # saved again: a fresh count
+    assert again.enabled and again.disabled_reason == "" and again.pending.status == "pending"
+    await decline()  # one failure since saving is not three in a row
+    assert (await rule()).enabled
 
 
 async def test_an_unknown_pending_top_up_is_not_found(wallet_stub: WalletServiceStub) -> None:

@@ -213,6 +213,10 @@ class AutoTopUp:
     amount: Money
     pending_amount: Money | None
     pending_since: datetime | None
+    disabled_reason: str | None = strawberry.field(
+        description="Why the rule turned itself off (null when it did not): after 3 automatic "
+        "top-ups in a row failed. Saving the rule (setAutoTopUp) clears it."
+    )
 
     @classmethod
     def from_pb(cls, m: wallet_pb2.AutoTopUp, currency: str) -> AutoTopUp:
@@ -223,6 +227,7 @@ class AutoTopUp:
             amount=Money.of(m.amount, currency),
             pending_amount=Money.of(pending.amount.amount, currency) if pending else None,
             pending_since=pending.created_at.ToDatetime(UTC) if pending else None,
+            disabled_reason=m.disabled_reason or None,
         )
 
 

@@ -13,6 +13,9 @@ from gpudeck.wallet.alerts import Thresholds
 from gpudeck.wallet.money import MAX_AMOUNT, check_amount
 
 MAX_HOURS = 24 * 366
+# Automatic top-ups that may fail in a row (declined, or never completed) before the rule turns
+# itself off: a card that keeps failing is not charged again every billing tick.
+MAX_AUTO_TOPUP_FAILURES = 3
 
 
 @dataclass(frozen=True)
@@ -41,6 +44,16 @@ class AutoTopUp:
     amount: int
     currency: str
     pending: PendingTopUp | None
+    disabled_reason: str = ""  # why the rule turned itself off ("" when it did not)
+
+
+def gives_up(failures_in_a_row: int) -> bool:
+    """Whether the rule should turn itself off after this many failed top-ups in a row."""
+    return failures_in_a_row >= MAX_AUTO_TOPUP_FAILURES
+
+
+def give_up_reason() -> str:
+    return f"turned off after {MAX_AUTO_TOPUP_FAILURES} automatic top-ups in a row failed"
 
 
 def check_thresholds(t: Thresholds) -> Thresholds:

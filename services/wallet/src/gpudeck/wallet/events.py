@@ -195,6 +195,11 @@ def meter_changed(
     return _event(event_type, payload, organization_id, project_id=project_id)
 
 
+def auto_topup_disabled(organization_id: uuid.UUID, reason: str, failures: int) -> Event:
+    payload = pb.AutoTopUpDisabled(reason=reason, failures=failures)
+    return _event("wallet.autotopup.disabled", payload, organization_id, actor="system")
+
+
 def auto_topup_requested(
     organization_id: uuid.UUID, pending_id: uuid.UUID, amount: int, currency: str
 ) -> Event:

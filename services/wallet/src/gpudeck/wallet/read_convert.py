@@ -238,4 +238,5 @@ def auto_topup(a: AutoTopUp) -> pb.AutoTopUp:
         below=a.below,
         amount=a.amount,
         pending=pending_topup(a.pending) if a.pending else None,
+        disabled_reason=a.disabled_reason,
     )

@@ -13,12 +13,16 @@ from typing import Any
 from psycopg import AsyncConnection
 
 from gpudeck.kit.errors import FailedPrecondition, NotFound
+from gpudeck.wallet import events
 from gpudeck.wallet.alert_settings import (
+    MAX_AUTO_TOPUP_FAILURES,
     AutoTopUp,
     PendingTopUp,
     ThresholdSettings,
     check_auto_topup,
     check_thresholds,
+    give_up_reason,
+    gives_up,
 )
 from gpudeck.wallet.alerts import Thresholds
 from gpudeck.wallet.ledger import Kind, TransferRequest
@@ -78,14 +82,15 @@ class ThresholdStore:
     async def get_auto_topup(self, conn: Conn, organization_id: uuid.UUID) -> AutoTopUp:
         cur = await conn.execute(
             "SELECT coalesce(u.enabled, false), coalesce(u.below, 0), coalesce(u.amount, 0),"
-            " w.currency FROM wallets w LEFT JOIN auto_topups u USING (organization_id)"
+            " w.currency, coalesce(u.disabled_reason, '')"
+            " FROM wallets w LEFT JOIN auto_topups u USING (organization_id)"
             " WHERE w.organization_id = %s",
             (organization_id,),
         )
         row = await cur.fetchone()
         if row is None:
             raise NotFound(f"organization {organization_id} not found", field="organization_id")
-        enabled, below, amount, currency = row
+        enabled, below, amount, currency, disabled_reason = row
         cur = await conn.execute(
             f"SELECT {PENDING_COLUMNS} FROM pending_topups"
             " WHERE organization_id = %s AND status = 'pending'",
@@ -99,18 +104,21 @@ class ThresholdStore:
             amount,
             currency,
             PendingTopUp(*pending) if pending else None,
+            disabled_reason,
         )
 
     async def set_auto_topup(
         self, conn: Conn, organization_id: uuid.UUID, *, enabled: bool, below: int, amount: int
     ) -> AutoTopUp:
-        """Save the rule "below `below`, add `amount`"; fires at once if the balance is below."""
+        """Save the rule "below `below`, add `amount`"; fires at once if the balance is below.
+        Saving clears why the rule had turned itself off, if it had."""
         check_auto_topup(enabled=enabled, below=below, amount=amount)
         now = await self._lock(conn, organization_id)
         await conn.execute(
             "INSERT INTO auto_topups (organization_id, enabled, below, amount)"
             " VALUES (%s, %s, %s, %s) ON CONFLICT (organization_id) DO UPDATE"
-            " SET enabled = excluded.enabled, below = excluded.below, amount = excluded.amount",
+            " SET enabled = excluded.enabled, below = excluded.below, amount = excluded.amount,"
+            " failures = 0, disabled_reason = ''",
             (organization_id, enabled, below, amount),
         )
         await self.ledger.refresh_levels(conn, [organization_id], now)
@@ -120,7 +128,8 @@ class ThresholdStore:
         self, conn: Conn, pending_id: uuid.UUID, *, succeeded: bool, reference: str, actor: str
     ) -> PendingTopUp:
         """Resolve a requested top-up once: on success the money is posted (a TOPUP keyed
-        "auto-topup:<id>"); a second resolution is FailedPrecondition."""
+        "auto-topup:<id>"); a second resolution is FailedPrecondition. A failure that makes
+        MAX_AUTO_TOPUP_FAILURES in a row turns the rule off."""
         cur = await conn.execute(
             "SELECT organization_id FROM pending_topups WHERE id = %s", (pending_id,)
         )
@@ -168,12 +177,19 @@ class ThresholdStore:
         )
         done = await cur.fetchone()
         assert done is not None
+        if succeeded:
+            await conn.execute(
+                "UPDATE auto_topups SET failures = 0 WHERE organization_id = %s", (organization_id,)
+            )
+        else:
+            await self._count_failures(conn, [organization_id])
         return PendingTopUp(*done)
 
     async def fail_stale_topups(self, conn: Conn, older_than_seconds: float) -> int:
         """Fail the automatic top-ups still pending after `older_than_seconds` (the payment
         never came back), so the rule is free to fire again: at once if the wallet is still
-        below its line (a new request). How many failed."""
+        below its line (a new request), unless that made MAX_AUTO_TOPUP_FAILURES in a row and
+        turned the rule off. How many failed."""
         stale = "status = 'pending' AND created_at < now() - make_interval(secs => %s)"
         cur = await conn.execute(
             f"SELECT DISTINCT organization_id FROM pending_topups WHERE {stale}",
@@ -186,8 +202,35 @@ class ThresholdStore:
         await lock_wallets(conn, orgs, now)  # the wallet first, as everywhere
         cur = await conn.execute(
             "UPDATE pending_topups SET status = 'failed', resolved_at = %s"
-            f" WHERE organization_id = ANY(%s) AND {stale}",
+            f" WHERE organization_id = ANY(%s) AND {stale} RETURNING organization_id",
             (now, orgs, older_than_seconds),
         )
+        failed = [row[0] for row in await cur.fetchall()]
+        await self._count_failures(conn, failed)
         await self.ledger.refresh_levels(conn, orgs, now)
-        return cur.rowcount
+        return len(failed)
+
+    async def _count_failures(self, conn: Conn, organization_ids: list[uuid.UUID]) -> None:
+        """One more failed top-up in a row for each of these organizations (one each); the
+        rules that reach MAX_AUTO_TOPUP_FAILURES turn off, each with its
+        wallet.autotopup.disabled. The caller holds the wallets."""
+        cur = await conn.execute(
+            "UPDATE auto_topups SET failures = failures + 1 WHERE organization_id = ANY(%s)"
+            " RETURNING organization_id, failures, enabled",
+            (organization_ids,),
+        )
+        failing = [
+            org for org, failures, enabled in await cur.fetchall() if enabled and gives_up(failures)
+        ]
+        if not failing:
+            return
+        reason = give_up_reason()
+        await conn.execute(
+            "UPDATE auto_topups SET enabled = false, disabled_reason = %s"
+            " WHERE organization_id = ANY(%s)",
+            (reason, failing),
+        )
+        await self.ledger.outbox.add_many(
+            conn,
+            [events.auto_topup_disabled(org, reason, MAX_AUTO_TOPUP_FAILURES) for org in failing],
+        )

@@ -223,6 +223,31 @@ class AutoTopUpRequested(_message.Message):
 Global___AutoTopUpRequested: _TypeAlias = AutoTopUpRequested  # noqa: Y015
 
 @_typing.final
+class AutoTopUpDisabled(_message.Message):
+    """wallet.autotopup.disabled: the rule turned itself off after failures in a row"""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REASON_FIELD_NUMBER: _builtins.int
+    FAILURES_FIELD_NUMBER: _builtins.int
+    reason: _builtins.str
+    failures: _builtins.int
+    """the failed requests in a row that turned it off"""
+    def __init__(
+        self,
+        *,
+        reason: _builtins.str = ...,
+        failures: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["failures", b"failures", "reason", b"reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AutoTopUpDisabled: _TypeAlias = AutoTopUpDisabled  # noqa: Y015
+
+@_typing.final
 class PlanChanged(_message.Message):
     """wallet.plan.changed"""
 

@@ -1775,12 +1775,17 @@ class AutoTopUp(_message.Message):
     BELOW_FIELD_NUMBER: _builtins.int
     AMOUNT_FIELD_NUMBER: _builtins.int
     PENDING_FIELD_NUMBER: _builtins.int
+    DISABLED_REASON_FIELD_NUMBER: _builtins.int
     organization_id: _builtins.str
     enabled: _builtins.bool
     below: _builtins.int
     """when the balance falls below this …"""
     amount: _builtins.int
     """… add this much (wallet currency)"""
+    disabled_reason: _builtins.str
+    """Why the rule turned itself off ("" when it did not): after 3 automatic top-ups in a row
+    failed (declined, or pending past GPUDECK_AUTO_TOPUP_TIMEOUT). Saving the rule clears it.
+    """
     @_builtins.property
     def pending(self) -> Global___PendingTopUp: ...
     def __init__(
@@ -1791,10 +1796,11 @@ class AutoTopUp(_message.Message):
         below: _builtins.int = ...,
         amount: _builtins.int = ...,
         pending: Global___PendingTopUp | None = ...,
+        disabled_reason: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["pending", b"pending"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["amount", b"amount", "below", b"below", "enabled", b"enabled", "organization_id", b"organization_id", "pending", b"pending"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["amount", b"amount", "below", b"below", "disabled_reason", b"disabled_reason", "enabled", b"enabled", "organization_id", b"organization_id", "pending", b"pending"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
