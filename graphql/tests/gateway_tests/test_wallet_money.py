@@ -380,7 +380,7 @@ async def test_usage_analytics(gql, new_org, wallet_stubs) -> None:
         await gql.data(
             """query($id: ID!) { organization(id: $id) { usage(top: 3, recent: 2) {
               todayQuantity todayCost { amount } todayByModel { value quantity calls errors }
-              topModels { value } calls24h successRate24h averageLatencyMs24h
+              todayByMeter { dimension value quantity calls } topModels { value } calls24h successRate24h averageLatencyMs24h
               hourly48h { hour success errors } recent { eventId meter dimensions { name value } }
             } } }""",
             {"id": org.id},
@@ -390,6 +390,9 @@ async def test_usage_analytics(gql, new_org, wallet_stubs) -> None:
     assert usage["todayQuantity"] == 3000
     assert usage["todayCost"]["amount"] == "0.006000"
     assert usage["todayByModel"][0] == {"value": "llama", "quantity": 2000, "calls": 2, "errors": 0}
+    assert usage["todayByMeter"] == [
+        {"dimension": "meter", "value": "tokens", "quantity": 3000, "calls": 3}
+    ]
     assert usage["calls24h"] == 3
     assert usage["successRate24h"] == pytest.approx(2 / 3)
     assert usage["averageLatencyMs24h"] == pytest.approx(200)

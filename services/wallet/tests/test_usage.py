@@ -328,3 +328,10 @@ async def test_usage_analytics(
         pb.GetUsageAnalyticsRequest(organization_id=str(org)), timeout=5
     )
     assert every.calls_24h == 8 and len(every.recent) == 4
+    # Tokens and API calls are different units: today's usage per meter keeps them apart.
+    meters = {u.value: (u.quantity, u.calls) for u in every.today_by_meter}
+    assert meters["api_calls"] == (1.0, 1)
+    earlier_today = (hour - timedelta(hours=5)).date() == now.date()
+    assert meters["tokens"] == (a.today_quantity, 3 + (4 if earlier_today else 0))
+    assert {u.dimension for u in every.today_by_meter} == {"meter"}
+    assert every.today_quantity == a.today_quantity + 1.0

@@ -86,9 +86,16 @@ class UsageRecord:
     )
 )
 class Usage:
-    today_quantity: float
+    today_quantity: float = strawberry.field(
+        description="Today's quantity (UTC) of every meter added up; with `usage(meter:)` one "
+        "meter's, in its unit. `todayByMeter` keeps the meters apart."
+    )
     today_cost: Money
     today_by_model: list[DimensionUsage]
+    today_by_meter: list[DimensionUsage] = strawberry.field(
+        description='Today\'s usage per meter (`dimension` is "meter"), each in its own unit, '
+        "largest quantity first."
+    )
     top_models: list[DimensionUsage] = strawberry.field(
         description="The top models by quantity over the last 30 days."
     )
@@ -106,6 +113,7 @@ class Usage:
             today_quantity=m.today_quantity,
             today_cost=Money.from_pb(m.today_cost),
             today_by_model=[DimensionUsage.from_pb(d) for d in m.today_by_model],
+            today_by_meter=[DimensionUsage.from_pb(d) for d in m.today_by_meter],
             top_models=[DimensionUsage.from_pb(d) for d in m.top_models_30_days],
             calls_24h=m.calls_24h,
             success_rate_24h=m.success_rate_24h if m.HasField("success_rate_24h") else None,

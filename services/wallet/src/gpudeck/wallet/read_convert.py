@@ -192,6 +192,7 @@ def analytics(a: Analytics, d: Display) -> pb.UsageAnalytics:
         today_quantity=a.today_quantity,
         today_cost=d.money(a.today_cost),
         today_by_model=[dimension_usage(u, d) for u in a.today_by_model],
+        today_by_meter=[dimension_usage(u, d) for u in a.today_by_meter],
         top_models_30_days=[dimension_usage(u, d) for u in a.top_models_30_days],
         calls_24h=a.last_24h.calls,
         hourly_48h=[

@@ -148,7 +148,7 @@ def day_start(at: datetime) -> datetime:
 
 @dataclass(frozen=True)
 class DimensionUsage:
-    dimension: str  # model, provider, region, api
+    dimension: str  # model, provider, region, api (and meter, for today's usage per meter)
     value: str
     quantity: float
     cost: int
@@ -199,11 +199,25 @@ class Analytics:
     today_quantity: float
     today_cost: int
     today_by_model: tuple[DimensionUsage, ...]
+    today_by_meter: tuple[DimensionUsage, ...]  # each meter counts in its own unit
     top_models_30_days: tuple[DimensionUsage, ...]
     last_24h: Calls
     hourly_48h: tuple[HourCount, ...]
     all_time: tuple[DimensionUsage, ...]
     recent: tuple[UsageRecord, ...]
+
+
+def summed(rows: Iterable[DimensionUsage]) -> list[DimensionUsage]:
+    """Rows of the same dimension and value added up (e.g. one model's usage on two meters)."""
+    totals: dict[tuple[str, str], DimensionUsage] = {}
+    for row in rows:
+        key = (row.dimension, row.value)
+        seen = totals.get(key)
+        totals[key] = row if seen is None else DimensionUsage(
+            row.dimension, row.value, seen.quantity + row.quantity, seen.cost + row.cost,
+            seen.calls + row.calls, seen.errors + row.errors,
+        )  # fmt: skip
+    return list(totals.values())
 
 
 def by_quantity(rows: Iterable[DimensionUsage]) -> tuple[DimensionUsage, ...]:

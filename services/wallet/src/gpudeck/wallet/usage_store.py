@@ -32,6 +32,7 @@ from gpudeck.wallet.usage import (
     hour_start,
     hourly,
     per_dimension,
+    summed,
     validate,
 )
 
@@ -57,10 +58,10 @@ SET calls = u.calls + 1, errors = u.errors + excluded.errors,
     quantity = u.quantity + excluded.quantity, cost = u.cost + excluded.cost,
     latency_ms_sum = u.latency_ms_sum + excluded.latency_ms_sum
 """
-# Per model over 30 days, with today's part: both widgets from one pass over the daily rollup
-# (at most 30 rows per model and meter).
+# Per meter and model over 30 days, with today's part: the widgets from one pass over the daily
+# rollup (at most 30 rows per model and meter).
 MODELS = """
-SELECT model,
+SELECT meter, model,
        coalesce(sum(quantity) FILTER (WHERE day >= %(today)s), 0),
        coalesce(sum(cost) FILTER (WHERE day >= %(today)s), 0)::bigint,
        coalesce(sum(calls) FILTER (WHERE day >= %(today)s), 0)::bigint,
@@ -68,7 +69,7 @@ SELECT model,
        sum(quantity), sum(cost)::bigint, sum(calls)::bigint, sum(errors)::bigint
 FROM usage_daily
 WHERE organization_id = %(org)s AND day >= %(since)s AND (%(meter)s = '' OR meter = %(meter)s)
-GROUP BY model
+GROUP BY meter, model
 """
 HOURS = """
 SELECT hour, sum(calls)::bigint, sum(errors)::bigint, sum(latency_ms_sum)::bigint
@@ -189,12 +190,13 @@ class UsageStore:
             raise NotFound(f"organization {organization_id} not found", field="organization_id")
         currency, now = row
         args = {"org": organization_id, "meter": meter}
-        today_quantity, today_cost, today, month = await _models(conn, args, now)
+        today_quantity, today_cost, today, meters, month = await _models(conn, args, now)
         counts, last_24h = await _hours(conn, args, now)
         return currency, Analytics(
             today_quantity=today_quantity,
             today_cost=today_cost,
             today_by_model=by_quantity(today),
+            today_by_meter=by_quantity(meters),
             top_models_30_days=by_quantity(month)[:top],
             last_24h=last_24h,
             hourly_48h=tuple(hourly(counts, now)),
@@ -208,19 +210,24 @@ Args = dict[str, Any]
 
 async def _models(
     conn: Conn, args: Args, now: datetime
-) -> tuple[float, int, list[DimensionUsage], list[DimensionUsage]]:
-    """Today's quantity and cost, and per model: today's usage and the last 30 days'."""
+) -> tuple[float, int, list[DimensionUsage], list[DimensionUsage], list[DimensionUsage]]:
+    """Today's quantity and cost; today's usage per model and per meter; the last 30 days' per
+    model."""
     today = day_start(now).date()
     cur = await conn.execute(MODELS, {**args, "today": today, "since": today - timedelta(days=29)})
     quantity, cost = 0.0, 0
-    by_model_today, by_model_30_days = [], []
-    for model, tq, tc, tn, te, q, c, n, e in await cur.fetchall():
+    by_model_today, by_meter_today, by_model_30_days = [], [], []
+    for meter, model, tq, tc, tn, te, q, c, n, e in await cur.fetchall():
         quantity, cost = quantity + tq, cost + tc
+        if tn:
+            by_meter_today.append(DimensionUsage("meter", meter, tq, tc, tn, te))
         if model and tn:
             by_model_today.append(DimensionUsage("model", model, tq, tc, tn, te))
         if model:
             by_model_30_days.append(DimensionUsage("model", model, q, c, n, e))
-    return quantity, cost, by_model_today, by_model_30_days
+    return (
+        quantity, cost, summed(by_model_today), summed(by_meter_today), summed(by_model_30_days)
+    )  # fmt: skip
 
 
 async def _hours(

@@ -1505,7 +1505,9 @@ class UsageAnalytics(_message.Message):
     ALL_TIME_FIELD_NUMBER: _builtins.int
     RECENT_FIELD_NUMBER: _builtins.int
     CONVERSION_FIELD_NUMBER: _builtins.int
+    TODAY_BY_METER_FIELD_NUMBER: _builtins.int
     today_quantity: _builtins.float
+    """every meter's quantity added up: ask for one meter for one unit"""
     calls_24h: _builtins.int
     success_rate_24h: _builtins.float
     """0..1; unset with no calls"""
@@ -1532,6 +1534,10 @@ class UsageAnalytics(_message.Message):
     def recent(self) -> _containers.RepeatedCompositeFieldContainer[Global___UsageRecord]: ...
     @_builtins.property
     def conversion(self) -> _money_pb2.Conversion: ...
+    @_builtins.property
+    def today_by_meter(self) -> _containers.RepeatedCompositeFieldContainer[Global___DimensionUsage]:
+        """UTC day so far per meter (dimension "meter"), each in its own unit, largest quantity first"""
+
     def __init__(
         self,
         *,
@@ -1546,10 +1552,11 @@ class UsageAnalytics(_message.Message):
         all_time: _abc.Iterable[Global___DimensionUsage] | None = ...,
         recent: _abc.Iterable[Global___UsageRecord] | None = ...,
         conversion: _money_pb2.Conversion | None = ...,
+        today_by_meter: _abc.Iterable[Global___DimensionUsage] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_average_latency_ms_24h", b"_average_latency_ms_24h", "_success_rate_24h", b"_success_rate_24h", "average_latency_ms_24h", b"average_latency_ms_24h", "conversion", b"conversion", "success_rate_24h", b"success_rate_24h", "today_cost", b"today_cost"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_average_latency_ms_24h", b"_average_latency_ms_24h", "_success_rate_24h", b"_success_rate_24h", "all_time", b"all_time", "average_latency_ms_24h", b"average_latency_ms_24h", "calls_24h", b"calls_24h", "conversion", b"conversion", "hourly_48h", b"hourly_48h", "recent", b"recent", "success_rate_24h", b"success_rate_24h", "today_by_model", b"today_by_model", "today_cost", b"today_cost", "today_quantity", b"today_quantity", "top_models_30_days", b"top_models_30_days"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_average_latency_ms_24h", b"_average_latency_ms_24h", "_success_rate_24h", b"_success_rate_24h", "all_time", b"all_time", "average_latency_ms_24h", b"average_latency_ms_24h", "calls_24h", b"calls_24h", "conversion", b"conversion", "hourly_48h", b"hourly_48h", "recent", b"recent", "success_rate_24h", b"success_rate_24h", "today_by_meter", b"today_by_meter", "today_by_model", b"today_by_model", "today_cost", b"today_cost", "today_quantity", b"today_quantity", "top_models_30_days", b"top_models_30_days"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__average_latency_ms_24h: _TypeAlias = _typing.Literal["average_latency_ms_24h"]  # noqa: Y015
     _WhichOneofArgType__average_latency_ms_24h: _TypeAlias = _typing.Literal["_average_latency_ms_24h", b"_average_latency_ms_24h"]  # noqa: Y015
