@@ -209,7 +209,8 @@ async def test_the_migration_backfills_the_rollups_from_usage_already_recorded(
                     " %s, %s)",
                     (org, hour + timedelta(hours=13 * i), model, provider, i + 1, 2.5 * i, i),
                 )
-        assert await migrate(pool, schema, MIGRATIONS) == [6, 7, 8, 9, 10]
+        later = sorted(int(p.name[:3]) for p in MIGRATIONS.glob("*.sql") if p.name >= "006")
+        assert await migrate(pool, schema, MIGRATIONS) == later
         await assert_rollups_agree(pool, org)
         assert len(await rows(pool, DAILY, org)) == 2
         async with pool.connection() as conn:  # and from then on, the trigger keeps them
