@@ -239,7 +239,7 @@ async def test_an_organization_with_cash_left_is_not_deleted(gql, new_org) -> No
     error = await gql.error(DELETE_ORG, {"id": org.id, "confirm": "Funded Co"}, token=org.token)
     assert error["extensions"]["code"] == "FAILED_PRECONDITION", error
     assert error["extensions"].get("reason") == "ORGANIZATION_IN_USE", error
-    assert error["extensions"].get("field") == "organizationId", error
+    assert error["extensions"].get("field") == "id", error
     assert "cash" in error["message"]
     card = await gql.data(CARD, {"id": org.id}, token=org.token)
     assert card["organization"]["wallet"]["balance"]["amount"] == "5.000000"

@@ -416,6 +416,46 @@ async def test_create_organization_retries_and_refusals(gql, new_org) -> None:
         assert error["extensions"].get("field") == field, (bad, error)
 
 
+CREATE_ORG_FULL = """mutation($name: String!) {
+  createOrganization(name: $name, currency: "INR") {
+    organization {
+      id name
+      wallet { currency balance { amount currency } serviceStatus }
+      plan { name }
+      projects { name }
+      members { role user { email } }
+      apiTokens { name role }
+      billing { currentMonthTotal { amount } }
+    }
+    ownerToken
+  }
+}"""
+
+
+async def test_the_new_organization_can_be_read_in_its_payload_only(gql, new_org) -> None:
+    org = await new_org()
+    created = (await gql.data(CREATE_ORG_FULL, {"name": "Payload Co"}, token=org.token))[
+        "createOrganization"
+    ]
+    new = created["organization"]
+    assert new["wallet"] == {
+        "currency": "INR",
+        "balance": {"amount": "0.000000", "currency": "INR"},
+        "serviceStatus": new["wallet"]["serviceStatus"],
+    }
+    assert [p["name"] for p in new["projects"]] == ["default"]
+    assert [m["role"] for m in new["members"]] == ["owner"]
+    assert new["billing"]["currentMonthTotal"]["amount"] == "0.000000"
+    assert new["plan"]["name"]
+    assert [t["role"] for t in new["apiTokens"]] == ["owner"]
+    # The next operation with the caller's token is back in its own organization only.
+    query = "query($id: ID!) { organization(id: $id) { name } }"
+    error = await gql.error(query, {"id": new["id"]}, token=org.token)
+    assert error["extensions"]["code"] == "NOT_FOUND", error
+    mine = await gql.data(query, {"id": new["id"]}, token=created["ownerToken"])
+    assert mine["organization"]["name"] == "Payload Co"
+
+
 # ---------------------------------------------------------------------- expiring tokens
 
 

@@ -37,6 +37,9 @@ def test_amounts_parse_to_micro_units(text: str, micro: int) -> None:
         ("1000000000.000001", "too large"),
         ("9" * 40, "too large"),
         ("", "decimal number"),
+        ("\u0661\u0662", "decimal number"),  # Arabic-Indic digits
+        ("\uff15", "decimal number"),  # fullwidth 5
+        ("\u0967.5", "decimal number"),  # Devanagari 1
     ],
 )
 def test_bad_amounts_name_the_field(text: str, says: str) -> None:
@@ -121,3 +124,10 @@ def test_roles_are_accepted_in_any_case_as_strings_or_bare_words() -> None:
             ROLE_SCALAR.parse_value(bad)
     with pytest.raises(GatewayError):
         ROLE_SCALAR.parse_literal(IntValueNode(value="3"))
+
+
+def test_the_gateway_knows_the_wallet_s_currencies() -> None:
+    from gpudeck.gateway import money
+    from gpudeck.wallet import money as wallet_money
+
+    assert money.CURRENCIES == wallet_money.CURRENCIES

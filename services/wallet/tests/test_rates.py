@@ -246,3 +246,30 @@ async def test_an_unknown_display_currency_is_invalid(
         )
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "display_currency" in (err.value.details() or "")
+
+
+async def test_a_top_up_too_large_once_converted_says_so_in_both_currencies(
+    wallet_stub: WalletServiceStub, wallet_pool: AsyncConnectionPool, new_org: NewOrg
+) -> None:
+    await clear_rates(wallet_pool)
+    org = await new_org("INR")
+    await set_rate(wallet_stub, "USD", "INR", "83.25")
+    paid = 100_000_000 * UNIT  # 1e8 USD: within the limit, but 8.325e9 INR is not
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await wallet_stub.Transfer(
+            pb.TransferRequest(
+                idempotency_key=uuid.uuid4().hex,
+                organization_id=str(org),
+                kind=pb.TOPUP,
+                amount=Money(amount=paid, currency="USD"),
+            ),
+            timeout=5,
+        )
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    message = err.value.details() or ""
+    assert "100000000.000000 USD is 8325000000.000000 INR" in message, message
+    assert "at most 1000000000.000000 INR" in message, message
+    s = await wallet_stub.GetWalletSummary(
+        pb.GetWalletSummaryRequest(organization_id=str(org)), timeout=5
+    )
+    assert s.balance.amount == 0

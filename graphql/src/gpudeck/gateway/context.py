@@ -37,6 +37,8 @@ class Context:
     live: LiveEvents | None = None
     connection_params: dict[str, Any] | None = None  # a websocket's connection_init payload
     _identity: Identity | None = field(default=None, repr=False)
+    # Identities the operation gained in other organizations (createOrganization's new one).
+    _grants: dict[str, Identity] = field(default_factory=dict, repr=False)
     _client: WalletClient | None = field(default=None, repr=False)
     loaders: Loaders = field(init=False, repr=False)
 
@@ -46,7 +48,7 @@ class Context:
     def for_operation(self) -> Context:
         """A copy for one operation: same request and connection, nobody authenticated yet,
         fresh DataLoaders."""
-        return dataclasses.replace(self, _identity=None, _client=None)
+        return dataclasses.replace(self, _identity=None, _grants={}, _client=None)
 
     def fresh_loaders(self) -> Loaders:
         """New DataLoaders (e.g. for each event of a subscription), also used from now on."""
@@ -63,6 +65,17 @@ class Context:
         if self._identity is None:
             self._identity = await self.auth.authenticate(self.token)
         return self._identity
+
+    async def identity_in(self, organization_id: str | None) -> Identity:
+        """Who the caller is in `organization_id`: the identity this operation was granted
+        there (see `grant`), else the caller's own."""
+        granted = self._grants.get(organization_id or "")
+        return granted if granted is not None else await self.identity()
+
+    def grant(self, identity: Identity) -> None:
+        """Let the rest of this operation act as `identity` in its organization: the owner of
+        an organization the operation just created, so its payload can show the new one."""
+        self._grants[identity.organization_id] = identity
 
     async def reauthenticate(self) -> Identity:
         """The caller again, through the authenticator's short cache: for long subscriptions,

@@ -17,6 +17,11 @@ few reasons pick a code of their own:
 
     FAILED_PRECONDITION + INSUFFICIENT_FUNDS  →  INSUFFICIENT_FUNDS
 
+A service names its fields as the proto does (`display_currency`); the client sees them as the
+GraphQL argument (`displayCurrency`), in `extensions.field` and in the message. Where the
+argument has another name (`organization(id)` for the service's `organization_id`), the field
+says so with `extensions=[Arguments(organization_id="id")]`.
+
 A resolver raises `GatewayError(message, code=...)` for its own refusals; a gRPC error from a
 service passes through with its details as the message. Syntax and validation errors get
 GRAPHQL_PARSE_FAILED and GRAPHQL_VALIDATION_FAILED. Only INTERNAL errors are logged with their
@@ -26,9 +31,13 @@ traceback; their text never reaches the client.
 from __future__ import annotations
 
 import logging
+import re
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 import grpc
 from graphql import GraphQLError, GraphQLSyntaxError
+from strawberry.extensions.field_extension import FieldExtension
 
 from gpudeck.kit.errors import DomainError
 
@@ -69,11 +78,14 @@ REASON_CODES = {"INSUFFICIENT_FUNDS": INSUFFICIENT_FUNDS}
 class GatewayError(Exception):
     """A refusal a resolver raises on purpose; `code` becomes `extensions.code`."""
 
-    def __init__(self, message: str, *, code: str = BAD_USER_INPUT, field: str = "") -> None:
+    def __init__(
+        self, message: str, *, code: str = BAD_USER_INPUT, field: str = "", reason: str = ""
+    ) -> None:
         super().__init__(message)
         self.message = message
         self.code = code
         self.field = field  # the GraphQL argument at fault, if any
+        self.reason = reason  # a service's finer cause (x-error-reason), if any
 
 
 def camel(name: str) -> str:
@@ -83,14 +95,15 @@ def camel(name: str) -> str:
 
 
 def rpc_details(error: grpc.aio.AioRpcError) -> dict[str, str]:
-    """`reason` and `field` from the trailing metadata of a failed call (those present)."""
+    """`reason` and `field` (as the service names it) from the trailing metadata of a failed
+    call (those present)."""
     out: dict[str, str] = {}
     for key, value in error.trailing_metadata() or ():
         text = value.decode() if isinstance(value, bytes) else str(value)
         if key == "x-error-reason" and text:
             out["reason"] = text
         elif key == "x-error-field" and text:
-            out["field"] = camel(text)
+            out["field"] = text
     return out
 
 
@@ -101,6 +114,45 @@ def rpc_code(error: grpc.aio.AioRpcError) -> str:
     return REASON_CODES.get(reason, code) if code != INTERNAL else INTERNAL
 
 
+def from_rpc(error: grpc.aio.AioRpcError, names: dict[str, str] | None = None) -> GatewayError:
+    """A service's refusal as the client sees it: its code, its field named as the GraphQL
+    argument (`names` maps the service's field names to the arguments; camelCase otherwise),
+    in `field` and in the message. INTERNAL: the message is hidden."""
+    code = rpc_code(error)
+    if code == INTERNAL:
+        return GatewayError(INTERNAL_MESSAGE, code=INTERNAL)
+    details = rpc_details(error)
+    message, field = error.details() or code, details.get("field", "")
+    argument = (names or {}).get(field, camel(field))
+    for snake, name in {**(names or {}), field: argument}.items():
+        if snake and name:
+            message = re.sub(rf"\b{re.escape(snake)}\b", name, message)
+    return GatewayError(message, code=code, field=argument, reason=details.get("reason", ""))
+
+
+class Arguments(FieldExtension):
+    """Names the service's fields as this GraphQL field's arguments, for its errors: each
+    argument under its own name (a message naming `warning_amount` besides the field at fault
+    says `warningAmount`), and `Arguments(project_id="id")` makes a service's `project_id`
+    refusal one about `id`; `Arguments(amount="")`: the service's `amount` is no argument here
+    (no `field`)."""
+
+    def __init__(self, **names: str) -> None:
+        self.names = names
+
+    def apply(self, field: Any) -> None:
+        own = {a.python_name: camel(a.python_name) for a in field.arguments if "_" in a.python_name}
+        self.names = {**own, **self.names}
+
+    async def resolve_async(
+        self, next_: Callable[..., Awaitable[Any]], source: Any, info: Any, **kwargs: Any
+    ) -> Any:
+        try:
+            return await next_(source, info, **kwargs)
+        except grpc.aio.AioRpcError as error:
+            raise from_rpc(error, self.names) from error
+
+
 def classify(error: GraphQLError) -> tuple[str, str]:
     """The `extensions.code` of `error` and the message a client may see."""
     existing = (error.extensions or {}).get("code")
@@ -108,8 +160,8 @@ def classify(error: GraphQLError) -> tuple[str, str]:
     if isinstance(original, GatewayError):
         return original.code, original.message
     if isinstance(original, grpc.aio.AioRpcError):
-        code = rpc_code(original)
-        return (code, original.details() or code) if code != INTERNAL else (code, INTERNAL_MESSAGE)
+        refusal = from_rpc(original)
+        return refusal.code, refusal.message
     if isinstance(original, DomainError):
         domain_code = CODES.get(original.code)
         return (domain_code, original.message) if domain_code else (INTERNAL, INTERNAL_MESSAGE)
@@ -145,10 +197,11 @@ def process(errors: list[GraphQLError]) -> None:
 
 def _details(error: GraphQLError) -> dict[str, str]:
     original = error.original_error
-    if isinstance(original, grpc.aio.AioRpcError) and CODES.get(original.code().name):
-        return rpc_details(original)
-    if isinstance(original, GatewayError) and original.field:
-        return {"field": original.field}
+    if isinstance(original, grpc.aio.AioRpcError):
+        original = from_rpc(original)
+    if isinstance(original, GatewayError):
+        details = {"field": original.field, "reason": original.reason}
+        return {key: value for key, value in details.items() if value}
     return {}
 
 

@@ -17,7 +17,10 @@ from gpudeck.proto.common.v1 import money_pb2
 MICRO = 1_000_000
 # The largest amount one call may move (the wallet's limit): 1e9 units.
 MAX_AMOUNT = 10**15
-_DECIMAL = re.compile(r"^(\d+)(?:\.(\d*))?$|^\.(\d+)$")
+# The currencies wallets hold and amounts can be shown in (the wallet's CURRENCIES).
+CURRENCIES = ("INR", "USD")
+# ASCII digits only: str.isdigit-style matching would take "١٢" or "５" as numbers.
+_DECIMAL = re.compile(r"^([0-9]+)(?:\.([0-9]*))?$|^\.([0-9]+)$")
 _CURRENCY = re.compile(r"^[A-Za-z]{3}$")
 
 
@@ -30,8 +33,9 @@ def format_micro(amount: int) -> str:
 
 def parse_amount(text: str, *, field: str = "amount", allow_zero: bool = False) -> int:
     """A decimal string → micro-units. Refused with BAD_USER_INPUT naming `field`: anything but
-    plain digits with an optional point ("1e3", "-5", "1,5"), more than 6 decimals, zero
-    (unless `allow_zero`), more than MAX_AMOUNT."""
+    ASCII digits with an optional point ("1e3", "-5", "1,5", "５"), more than 6 decimals, zero
+    (unless `allow_zero`), more than MAX_AMOUNT. Surrounding blanks are ignored and either side
+    of the point may be empty ("5." is 5, ".5" is 0.5), as in most decimal inputs."""
     value = text.strip()
     match = _DECIMAL.match(value)
     if match is None:
@@ -56,6 +60,14 @@ def parse_currency(text: str, *, field: str = "currency") -> str:
     value = text.strip().upper()
     if not _CURRENCY.match(value):
         raise _bad(field, f"{field} must be a three-letter currency code, got {text!r}")
+    return value
+
+
+def check_currency(text: str, *, field: str = "currency") -> str:
+    """One of CURRENCIES, upper-cased; BAD_USER_INPUT naming `field` otherwise ("" too)."""
+    value = text.strip().upper()
+    if value not in CURRENCIES:
+        raise _bad(field, f"{field} must be one of {', '.join(CURRENCIES)}, got {text!r}")
     return value
 
 

@@ -19,6 +19,7 @@ on an Organization's own fields, the organization itself.
 from __future__ import annotations
 
 import enum
+import uuid
 from typing import Any
 
 from strawberry.extensions.field_extension import FieldExtension
@@ -26,13 +27,19 @@ from strawberry.permission import BasePermission, PermissionExtension
 
 from gpudeck.gateway.auth import Identity, rank
 from gpudeck.gateway.context import Info
-from gpudeck.gateway.errors import FORBIDDEN, NOT_FOUND, GatewayError
+from gpudeck.gateway.errors import BAD_USER_INPUT, FORBIDDEN, NOT_FOUND, GatewayError, camel
 
 
-def organization_not_found(organization_id: str) -> GatewayError:
-    return GatewayError(
-        f"organization {organization_id} not found", code=NOT_FOUND, field="organizationId"
-    )
+def organization_not_found(organization_id: str, field: str) -> GatewayError:
+    """Another organization's id, or one that does not exist: NOT_FOUND alike. One that is no
+    id at all (not a UUID) is BAD_USER_INPUT, as the services say of every malformed id."""
+    try:
+        uuid.UUID(organization_id)
+    except ValueError:
+        return GatewayError(
+            f"{field} is not a valid id: {organization_id!r}", code=BAD_USER_INPUT, field=field
+        )
+    return GatewayError(f"organization {organization_id} not found", code=NOT_FOUND, field=field)
 
 
 class Member(BasePermission):
@@ -46,10 +53,10 @@ class Member(BasePermission):
 
     async def has_permission(self, source: Any, info: Info, **kwargs: Any) -> bool:
         """True, or GatewayError with the code and message of the refusal."""
-        identity = await info.context.identity()
         organization = self.organization(source, kwargs)
+        identity = await info.context.identity_in(organization)
         if organization is not None and organization != identity.organization_id:
-            raise organization_not_found(organization)
+            raise organization_not_found(organization, camel(self.argument or "organization_id"))
         refusal = self.refuse(identity, kwargs)
         if refusal:
             raise GatewayError(refusal, code=FORBIDDEN)
@@ -118,6 +125,11 @@ class PlatformAdmin(BasePermission):
         return True
 
 
+def article(role: str) -> str:
+    """ "an admin", "a member": a role with its indefinite article."""
+    return f"{'an' if role[:1] in 'aeiou' else 'a'} {role}"
+
+
 def require(*permissions: BasePermission) -> list[FieldExtension]:
     """The field extension checking `permissions` in order (no schema directives)."""
     return [PermissionExtension(list(permissions), use_directives=False)]
@@ -139,7 +151,7 @@ class MayManageMember(Admin):
         target = next((m for m in members if m.user.id == user), None)
         if target is not None and rank(target.role) > rank(identity.role):
             raise GatewayError(
-                f"a {identity.role} may not change a member whose role is {target.role}",
+                f"{article(identity.role)} may not change a member whose role is {target.role}",
                 code=FORBIDDEN,
             )
         return True  # an unknown member is the wallet's NOT_FOUND
@@ -165,7 +177,8 @@ class MayManageToken(Writer):
             )
         if rank(token.role) > rank(identity.role):
             raise GatewayError(
-                f"a {identity.role} token may not revoke a {token.role} token", code=FORBIDDEN
+                f"{article(identity.role)} token may not revoke {article(token.role)} token",
+                code=FORBIDDEN,
             )
         own = token.id == identity.token_id or (
             bool(identity.user_id) and token.created_by == identity.user_id

@@ -8,7 +8,7 @@ from datetime import datetime
 import strawberry
 
 from gpudeck.gateway.context import Info
-from gpudeck.gateway.errors import FORBIDDEN, NOT_FOUND, GatewayError
+from gpudeck.gateway.errors import FORBIDDEN, NOT_FOUND, Arguments, GatewayError
 from gpudeck.gateway.permissions import (
     Admin,
     MayGrant,
@@ -156,7 +156,7 @@ async def list_members(info: Info, organization_id: str) -> list[OrganizationMem
 
 async def list_api_tokens(info: Info, organization_id: str) -> list[ApiToken]:
     """Every token for an owner or admin; the tokens its own user made for anyone else."""
-    identity = await info.context.identity()
+    identity = await info.context.identity_in(organization_id)
     tokens = await info.context.loaders.api_tokens.load(organization_id)
     if identity.role not in ("owner", "admin"):
         tokens = [
@@ -167,8 +167,8 @@ async def list_api_tokens(info: Info, organization_id: str) -> list[ApiToken]:
     return [ApiToken.from_pb(t) for t in tokens]
 
 
-async def _user_id(info: Info) -> str:
-    identity = await info.context.identity()
+async def _user_id(info: Info, organization_id: str) -> str:
+    identity = await info.context.identity_in(organization_id)
     if not identity.user_id:
         raise GatewayError(
             "this token belongs to no user, so it has no preferences", code=FORBIDDEN
@@ -179,7 +179,7 @@ async def _user_id(info: Info) -> str:
 async def load_preferences(info: Info, organization_id: str) -> Preferences:
     c = info.context.wallet
     request = account_pb2.GetPreferencesRequest(
-        organization_id=organization_id, user_id=await _user_id(info)
+        organization_id=organization_id, user_id=await _user_id(info, organization_id)
     )
     return Preferences.from_pb(await c.accounts.GetPreferences(request, metadata=c.metadata))
 
@@ -347,13 +347,13 @@ async def resolve_update_preferences(
     low_balance_notifications: bool | None = strawberry.UNSET,
 ) -> Preferences:
     wanted = account_pb2.Preferences(
-        organization_id=str(organization_id), user_id=await _user_id(info)
+        organization_id=str(organization_id), user_id=await _user_id(info, str(organization_id))
     )
     fields: list[str] = []
-    if display_currency:
+    if isinstance(display_currency, str):  # null, like leaving it out, keeps the value
         wanted.display_currency = check_display(display_currency)
         fields.append("display_currency")
-    if theme:
+    if isinstance(theme, str):
         wanted.theme = theme
         fields.append("theme")
     for name, value in (
@@ -403,7 +403,7 @@ class Mutation:
     rename_project = strawberry.mutation(
         resolver=resolve_rename_project,
         description="Give a project a new name, unique among the organization's projects.",
-        extensions=require(Writer("organization_id")),
+        extensions=[*require(Writer("organization_id")), Arguments(project_id="id")],
     )
 
     delete_project = strawberry.mutation(
@@ -412,7 +412,7 @@ class Mutation:
             "Delete a project: refused while it runs resources, or when it is the last one. "
             "Its spending history stays."
         ),
-        extensions=require(Admin("organization_id")),
+        extensions=[*require(Admin("organization_id")), Arguments(project_id="id")],
     )
 
     delete_organization = strawberry.mutation(
@@ -422,7 +422,7 @@ class Mutation:
             "while it runs resources, holds funds or has cash left; unspent credits are "
             "forfeited; every token of it stops working. True when done."
         ),
-        extensions=require(Owner("id")),
+        extensions=[*require(Owner("id")), Arguments(organization_id="id")],
     )
 
     invite_member = strawberry.mutation(

@@ -9,6 +9,7 @@ from datetime import date, datetime
 import strawberry
 
 from gpudeck.gateway.context import Info
+from gpudeck.gateway.errors import Arguments
 from gpudeck.gateway.money import parse_amount
 from gpudeck.gateway.permissions import BillingWriter, require
 from gpudeck.gateway.types.common import Conversion, Money, check_first, timestamp, when
@@ -417,7 +418,7 @@ class Mutation:
             "Change the plan at once. An upgrade charges the new plan's monthly fee (refused "
             "with INSUFFICIENT_FUNDS when the wallet cannot pay it) and grants its credits."
         ),
-        extensions=require(BillingWriter("organization_id")),
+        extensions=[*require(BillingWriter("organization_id")), Arguments(amount="")],
     )
 
     add_credits = strawberry.mutation(

@@ -10,7 +10,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from graphql import EnumValueNode, StringValueNode, ValueNode
 
 from gpudeck.gateway.errors import BAD_USER_INPUT, GatewayError
-from gpudeck.gateway.money import convert, format_micro, parse_currency
+from gpudeck.gateway.money import check_currency, convert, format_micro
 from gpudeck.proto.common.v1 import money_pb2
 
 
@@ -116,8 +116,8 @@ def timestamp(at: datetime | None) -> Timestamp | None:
 
 
 def display_currency(value: str | None, *, field: str = "displayCurrency") -> str:
-    """A display currency argument: "" when not given, else a checked, upper-cased code."""
-    return "" if value is None or not value.strip() else parse_currency(value, field=field)
+    """A display currency argument: "" when not given (null), else one of CURRENCIES."""
+    return "" if value is None else check_currency(value, field=field)
 
 
 def check_first(value: int | None, *, field: str = "first", maximum: int = 500) -> int:

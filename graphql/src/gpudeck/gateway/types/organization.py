@@ -9,12 +9,14 @@ which exchange rate was used.
 
 from __future__ import annotations
 
+import dataclasses
 from datetime import datetime
 
 import strawberry
 
+from gpudeck.gateway.auth import OrganizationRole
 from gpudeck.gateway.context import Info
-from gpudeck.gateway.errors import BAD_USER_INPUT, FORBIDDEN, GatewayError
+from gpudeck.gateway.errors import BAD_USER_INPUT, FORBIDDEN, Arguments, GatewayError
 from gpudeck.gateway.money import parse_currency
 from gpudeck.gateway.permissions import BillingReader, Member, Writer, require
 from gpudeck.gateway.types import account as accounts
@@ -223,7 +225,7 @@ class Organization:
             "Ledger transactions, newest first, in the wallet currency (top-ups keep what was "
             "paid). `before`: the last id of the previous page."
         ),
-        extensions=require(BillingReader()),
+        extensions=[*require(BillingReader()), Arguments(before_id="before")],
     )
 
     auto_top_up = strawberry.field(
@@ -276,7 +278,9 @@ class Organization:
 @strawberry.type(
     description=(
         "A new organization, and an owner token for it: `ownerToken` is its secret, shown "
-        "this once (null when a retry returned the first organization)."
+        "this once (null when a retry returned the first organization). Every field of "
+        "`organization` can be read here, as its owner; later operations on it need the owner "
+        "token (a token acts in its own organization only)."
     )
 )
 class CreateOrganizationPayload:
@@ -326,6 +330,21 @@ async def resolve_create_organization(
         idempotency_key=idempotency_key or "",
     )
     created = await c.accounts.CreateOrganization(request, metadata=c.metadata)
+    new = created.organization
+    if new.owner.id == identity.user_id:  # the caller's user owns it: show it in the payload
+        info.context.grant(
+            dataclasses.replace(
+                identity,
+                token_id=created.owner_api_token.id or identity.token_id,
+                organization_id=new.id,
+                role="owner",
+                organizations=(
+                    *identity.organizations,
+                    OrganizationRole(new.id, new.name, "owner"),
+                ),
+                expires_at=None,
+            )
+        )
     return CreateOrganizationPayload(
         organization=Organization.from_pb(created.organization),
         owner_token=created.owner_token or None,
@@ -341,7 +360,9 @@ class Mutation:
         resolver=resolve_create_organization,
         description=(
             "A new organization owned by the caller's user, with its wallet and a project "
-            '"default". A retry with the same idempotencyKey returns the first.'
+            '"default". A retry with the same idempotencyKey returns the first. Any token of '
+            "a user but a viewer's may create one: the new organization is the user's own, "
+            "and the token that asked still acts only where it did."
         ),
         extensions=require(Writer()),
     )

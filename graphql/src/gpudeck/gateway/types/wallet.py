@@ -15,7 +15,7 @@ import grpc
 import strawberry
 
 from gpudeck.gateway.context import Info
-from gpudeck.gateway.errors import BAD_USER_INPUT, GatewayError
+from gpudeck.gateway.errors import BAD_USER_INPUT, Arguments, GatewayError
 from gpudeck.gateway.live import Watch
 from gpudeck.gateway.money import parse_amount, parse_currency
 from gpudeck.gateway.permissions import BillingReader, BillingWriter, require
@@ -361,7 +361,7 @@ class Mutation:
             "Set the low-balance thresholds: amounts as decimal strings in the wallet currency, "
             "hours of run rate left. An argument left out keeps its value; null or 0 clears it."
         ),
-        extensions=require(BillingWriter("organization_id")),
+        extensions=[*require(BillingWriter("organization_id")), Arguments()],
     )
 
 

@@ -76,7 +76,7 @@ async def post_one(store: LedgerStore, conn: Conn, request: TransferRequest) -> 
         earlier = await _earlier(store, conn, request)
         if earlier is not None:  # refused now (say KYC was revoked), accepted the first time
             return earlier
-        raise refusal(exc) from None
+        raise refusal(exc, currency) from None
     row = await cur.fetchone()
     assert row is not None
     (tx_id, replayed, created_at, currency, balance, _credits, _held, rate, level,
@@ -121,12 +121,12 @@ REFUSALS: dict[str, type[DomainError]] = {
 }
 
 
-def refusal(exc: psycopg.errors.RaiseException) -> DomainError:
+def refusal(exc: psycopg.errors.RaiseException, currency: str) -> DomainError:
     """The domain error a `post_transfer` refusal stands for (its HINT is '<CODE>:<field>')."""
     code, _, field = (exc.diag.message_hint or "").partition(":")
     message = exc.diag.message_primary or str(exc)
-    if code == "INSUFFICIENT_FUNDS":
-        return InsufficientFunds(message)
+    if code == "INSUFFICIENT_FUNDS":  # the function names the currency once: say it twice
+        return InsufficientFunds(f"{message} {currency}")
     if code == "KYC_REQUIRED":
         return kyc_required(message)
     if code == "ABORTED":

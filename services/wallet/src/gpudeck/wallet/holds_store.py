@@ -20,9 +20,8 @@ from gpudeck.wallet.holds import (
     void_fingerprint,
 )
 from gpudeck.wallet.ids import uuid7
-from gpudeck.wallet.ledger import InsufficientFunds, Kind, Transaction, TransferRequest
+from gpudeck.wallet.ledger import Kind, Transaction, TransferRequest, short_of_funds
 from gpudeck.wallet.ledger_store import LedgerStore, db_now, lock_wallets
-from gpudeck.wallet.money import format_micro
 
 Conn = AsyncConnection[Any]
 COLUMNS = (
@@ -68,10 +67,7 @@ class HoldStore:
         wallet = locked[request.organization_id].wallet
         spendable = wallet.spendable_at(now)
         if spendable < request.amount:
-            raise InsufficientFunds(
-                f"insufficient funds: spendable {format_micro(spendable)} {wallet.currency}"
-                f" < amount {format_micro(request.amount)}"
-            )
+            raise short_of_funds(spendable, request.amount, wallet.currency)
         hold = Hold(
             id=uuid7(),
             organization_id=request.organization_id,

@@ -19,7 +19,7 @@ from functools import cached_property
 from typing import NamedTuple
 
 from gpudeck.kit.errors import DomainError, FailedPrecondition, InvalidArgument
-from gpudeck.wallet.money import check_amount, check_currency, convert, format_micro
+from gpudeck.wallet.money import MAX_AMOUNT, check_amount, check_currency, convert, format_micro
 
 
 class Kind(StrEnum):
@@ -65,7 +65,7 @@ def short_of_funds(spendable: int, amount: int, currency: str) -> InsufficientFu
     """The refusal of a charge of `amount` when only `spendable` is left."""
     return InsufficientFunds(
         f"insufficient funds: spendable {format_micro(spendable)} {currency}"
-        f" < amount {format_micro(amount)}"
+        f" < amount {format_micro(amount)} {currency}"
     )
 
 
@@ -319,7 +319,13 @@ class Book:
         converted = convert(request.amount, rate)
         if converted <= 0:
             raise InvalidArgument("amount converts to nothing at the current rate", field="amount")
-        check_amount(converted)
+        if converted > MAX_AMOUNT:
+            raise InvalidArgument(
+                f"amount is too large: {format_micro(request.amount)} {currency} is"
+                f" {format_micro(converted)} {wallet.currency} at the current rate, and a call"
+                f" may move at most {format_micro(MAX_AMOUNT)} {wallet.currency}",
+                field="amount",
+            )
         return converted, request.amount, format(rate, "f")
 
     def _legs(

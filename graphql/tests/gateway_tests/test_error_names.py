@@ -1,0 +1,172 @@
+"""Refusals name what the client sent, as the client spelled it: the GraphQL argument (in
+`extensions.field` and in the message), never the service's snake_case field; one error for one
+bad argument; amounts with their currency."""
+
+from __future__ import annotations
+
+from typing import Any
+
+ORGANIZATION = """query($id: ID!, $display: String) {
+  organization(id: $id, displayCurrency: $display) {
+    name
+    wallet { balance { amount } heldBalance { amount } spendable { amount } }
+    expenditure { currentPeriod { amount } last30Days { amount } }
+    billing { currentMonthTotal { amount } }
+  }
+}"""
+PREFERENCES = """mutation($org: ID!, $display: String, $theme: String) {
+  updatePreferences(organizationId: $org, displayCurrency: $display, theme: $theme) {
+    displayCurrency theme
+  }
+}"""
+
+
+def assert_names(error: dict[str, Any], code: str, field: str, *words: str) -> None:
+    assert error["extensions"]["code"] == code, error
+    assert error["extensions"].get("field") == field, error
+    assert "_" not in error["message"].split(":")[0], error  # no snake_case field names
+    for word in words:
+        assert word in error["message"], (word, error)
+
+
+async def test_an_unknown_display_currency_is_one_error_at_the_organization(gql, new_org) -> None:
+    org = await new_org()
+    for bad in ("XYZ", "", "usd1"):
+        error = await gql.error(ORGANIZATION, {"id": org.id, "display": bad}, token=org.token)
+        assert error["path"] == ["organization"], error
+        assert_names(error, "BAD_USER_INPUT", "displayCurrency", "displayCurrency", "INR, USD")
+    # Only plain fields asked: still refused, not silently ignored.
+    error = await gql.error(
+        'query($id: ID!) { organization(id: $id, displayCurrency: "EUR") { name } }',
+        {"id": org.id},
+        token=org.token,
+    )
+    assert_names(error, "BAD_USER_INPUT", "displayCurrency", "EUR")
+    # Lower case is a currency too; null is no choice at all.
+    for display in ("usd", None):
+        shown = await gql.data(ORGANIZATION, {"id": org.id, "display": display}, token=org.token)
+        assert shown["organization"]["wallet"]["balance"]["amount"] == "0.000000"
+
+
+async def test_preferences_refuse_empty_values_instead_of_ignoring_them(gql, new_org) -> None:
+    org = await new_org()
+    for variables, field in (({"display": ""}, "displayCurrency"), ({"theme": ""}, "theme")):
+        error = await gql.error(PREFERENCES, {"org": org.id, **variables}, token=org.token)
+        assert_names(error, "BAD_USER_INPUT", field, field)
+    error = await gql.error(PREFERENCES, {"org": org.id, "display": "EUR"}, token=org.token)
+    assert_names(error, "BAD_USER_INPUT", "displayCurrency", "INR, USD")
+    saved = await gql.data(PREFERENCES, {"org": org.id, "theme": "dark"}, token=org.token)
+    assert saved["updatePreferences"]["theme"] == "dark"
+    # null keeps the value, like leaving the argument out.
+    kept = await gql.data(PREFERENCES, {"org": org.id, "theme": None}, token=org.token)
+    assert kept["updatePreferences"]["theme"] == "dark"
+
+
+async def test_service_refusals_name_the_graphql_argument(gql, new_org) -> None:
+    org = await new_org()
+    # The wallet's `expires_at` is the mutation's `expiresAt`.
+    error = await gql.error(
+        'mutation($org: ID!) { createApiToken(organizationId: $org, name: "old", role: MEMBER,'
+        ' expiresAt: "2001-01-01T00:00:00Z") { token } }',
+        {"org": org.id},
+        token=org.token,
+    )
+    assert_names(error, "BAD_USER_INPUT", "expiresAt", "expiresAt")
+    # The wallet's `before_id` is the field's `before`.
+    error = await gql.error(
+        'query($id: ID!) { organization(id: $id) { transactions(before: "junk") { id } } }',
+        {"id": org.id},
+        token=org.token,
+    )
+    assert_names(error, "BAD_USER_INPUT", "before", "before")
+    # The wallet's `project_id` is the mutation's `id`.
+    for mutation in ("renameProject", "deleteProject"):
+        extra = ', name: "x"' if mutation == "renameProject" else ""
+        error = await gql.error(
+            f'mutation($org: ID!) {{ {mutation}(organizationId: $org, id: "junk"{extra})'
+            " { id } }",
+            {"org": org.id},
+            token=org.token,
+        )
+        assert_names(error, "BAD_USER_INPUT", "id", "id is not a valid id")
+
+
+async def test_a_malformed_organization_id_is_bad_input_and_another_one_not_found(
+    gql, new_org
+) -> None:
+    org, other = await new_org(), await new_org()
+    query = "query($id: ID!) { organization(id: $id) { name } }"
+    error = await gql.error(query, {"id": "junk"}, token=org.token)
+    assert_names(error, "BAD_USER_INPUT", "id", "id is not a valid id")
+    error = await gql.error(query, {"id": other.id}, token=org.token)
+    assert_names(error, "NOT_FOUND", "id", other.id)
+    error = await gql.error(
+        'mutation($org: ID!) { createProject(organizationId: $org, name: "p") { id } }',
+        {"org": other.id},
+        token=org.token,
+    )
+    assert_names(error, "NOT_FOUND", "organizationId", other.id)
+
+
+async def test_insufficient_funds_for_a_plan_says_both_amounts_with_their_currency(
+    gql, new_org
+) -> None:
+    org = await new_org()
+    plans = await gql.data(
+        "query($id: ID!) { organization(id: $id) { availablePlans { code monthlyFee { amount } } }"
+        " }",
+        {"id": org.id},
+        token=org.token,
+    )
+    paid = [
+        p
+        for p in plans["organization"]["availablePlans"]
+        if p["monthlyFee"]["amount"] != "0.000000"
+    ]
+    assert paid, plans
+    error = await gql.error(
+        "mutation($org: ID!, $plan: String!) { changePlan(organizationId: $org, planCode: $plan)"
+        " { plan { name } } }",
+        {"org": org.id, "plan": paid[0]["code"]},
+        token=org.token,
+    )
+    assert error["extensions"]["code"] == "INSUFFICIENT_FUNDS", error
+    assert "field" not in error["extensions"], error  # no argument of changePlan is at fault
+    fee = paid[0]["monthlyFee"]["amount"]
+    assert error["message"].endswith(f"< amount {fee} USD"), error
+    assert "spendable 0.000000 USD" in error["message"], error
+
+
+async def test_refusals_read_as_english(gql, new_org) -> None:
+    org = await new_org()
+    made = await gql.data(
+        'mutation($org: ID!) { a: createApiToken(organizationId: $org, name: "a", role: ADMIN)'
+        " { token } }",
+        {"org": org.id},
+        token=org.token,
+    )
+    tokens = await gql.data(
+        "query($id: ID!) { organization(id: $id) { apiTokens { id role } } }",
+        {"id": org.id},
+        token=org.token,
+    )
+    owner = next(t["id"] for t in tokens["organization"]["apiTokens"] if t["role"] == "owner")
+    error = await gql.error(
+        "mutation($id: ID!) { revokeApiToken(id: $id) { id } }",
+        {"id": owner},
+        token=made["a"]["token"],
+    )
+    assert error["extensions"]["code"] == "FORBIDDEN", error
+    assert error["message"] == "an admin token may not revoke an owner token", error
+
+
+async def test_a_refusal_naming_two_arguments_names_both_as_sent(gql, new_org) -> None:
+    org = await new_org()
+    error = await gql.error(
+        'mutation($org: ID!) { setLowBalanceThresholds(organizationId: $org, warningAmount: "5",'
+        ' criticalAmount: "10") { warningAmount { amount } } }',
+        {"org": org.id},
+        token=org.token,
+    )
+    assert_names(error, "BAD_USER_INPUT", "criticalAmount")
+    assert error["message"] == "criticalAmount must not exceed warningAmount", error
