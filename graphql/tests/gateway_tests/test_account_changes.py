@@ -1,4 +1,5 @@
-"""renameApiToken, renameProject, deleteProject and deleteOrganization through the gateway,
+"""renameApiToken, renameProject, deleteProject, renameOrganization, setKycStatus and
+deleteOrganization through the gateway,
 against the real wallet, NATS and PostgreSQL: who may, what each refusal looks like, and that a
 deleted organization's tokens stop working."""
 
@@ -14,6 +15,8 @@ import pytest
 
 from gpudeck.proto.common.v1.money_pb2 import Money
 from gpudeck.proto.wallet.v1 import account_pb2, wallet_pb2
+
+from .conftest import ADMIN_TOKEN
 
 USD = 1_000_000
 MAKE_TOKEN = """mutation($org: ID!, $name: String!, $role: Role!) {
@@ -282,3 +285,52 @@ async def test_deleting_the_organization_ends_its_tokens(gql, new_org, wallet_st
             account_pb2.GetOrganizationRequest(organization_id=org.id)
         )
     assert err.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+RENAME_ORG = """mutation($id: ID!, $name: String!) {
+  renameOrganization(id: $id, name: $name) { id name }
+}"""
+SET_KYC = """mutation($org: ID!, $status: String!) {
+  setKycStatus(organizationId: $org, status: $status) { id kycStatus }
+}"""
+
+
+async def test_an_owner_or_admin_renames_the_organization(gql, new_org) -> None:
+    org, other = await new_org(), await new_org()
+    renamed = await gql.data(RENAME_ORG, {"id": org.id, "name": "  Acme Labs "}, token=org.token)
+    assert renamed["renameOrganization"] == {"id": org.id, "name": "Acme Labs"}
+    card = await gql.data("query($id: ID!) { organization(id: $id) { name } }", {"id": org.id},
+                          token=org.token)  # fmt: skip
+    assert card["organization"]["name"] == "Acme Labs"
+    member = (
+        await gql.data(MAKE_TOKEN, {"org": org.id, "name": "m", "role": "MEMBER"}, token=org.token)
+    )["createApiToken"]["token"]
+    error = await gql.error(RENAME_ORG, {"id": org.id, "name": "Mine"}, token=member)
+    assert error["extensions"]["code"] == "FORBIDDEN", error
+    error = await gql.error(RENAME_ORG, {"id": other.id, "name": "Mine"}, token=org.token)
+    assert error["extensions"]["code"] == "NOT_FOUND", error
+    error = await gql.error(RENAME_ORG, {"id": org.id, "name": "  "}, token=org.token)
+    assert (error["extensions"]["code"], error["extensions"].get("field")) == (
+        "BAD_USER_INPUT",
+        "name",
+    ), error
+
+
+async def test_only_the_platform_admin_records_kyc_reviews(gql, new_org) -> None:
+    org = await new_org(verified=False)
+    done = await gql.data(SET_KYC, {"org": org.id, "status": "verified"}, token=ADMIN_TOKEN)
+    assert done["setKycStatus"] == {"id": org.id, "kycStatus": "verified"}
+    card = await gql.data("query($id: ID!) { organization(id: $id) { kycStatus } }",
+                          {"id": org.id}, token=org.token)  # fmt: skip
+    assert card["organization"]["kycStatus"] == "verified"
+    error = await gql.error(SET_KYC, {"org": org.id, "status": "pending"}, token=org.token)
+    assert error["extensions"]["code"] == "FORBIDDEN", error
+    error = await gql.error(SET_KYC, {"org": org.id, "status": "approved"}, token=ADMIN_TOKEN)
+    assert (error["extensions"]["code"], error["extensions"].get("field")) == (
+        "BAD_USER_INPUT",
+        "status",
+    ), error
+    assert error["message"].startswith("status "), error
+    missing = str(uuid.uuid4())
+    error = await gql.error(SET_KYC, {"org": missing, "status": "pending"}, token=ADMIN_TOKEN)
+    assert error["extensions"]["code"] == "NOT_FOUND", error

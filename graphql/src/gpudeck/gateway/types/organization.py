@@ -18,7 +18,14 @@ from gpudeck.gateway.auth import OrganizationRole
 from gpudeck.gateway.context import Info
 from gpudeck.gateway.errors import BAD_USER_INPUT, FORBIDDEN, Arguments, GatewayError
 from gpudeck.gateway.money import parse_currency
-from gpudeck.gateway.permissions import BillingReader, Member, Writer, require
+from gpudeck.gateway.permissions import (
+    Admin,
+    BillingReader,
+    Member,
+    PlatformAdmin,
+    Writer,
+    require,
+)
 from gpudeck.gateway.types import account as accounts
 from gpudeck.gateway.types import billing as bills
 from gpudeck.gateway.types import usage as usages
@@ -354,6 +361,22 @@ async def resolve_create_organization(
     )
 
 
+async def resolve_rename_organization(info: Info, id: strawberry.ID, name: str) -> Organization:
+    c = info.context.wallet
+    request = account_pb2.UpdateOrganizationRequest(organization_id=str(id), name=name)
+    return Organization.from_pb(await c.accounts.UpdateOrganization(request, metadata=c.metadata))
+
+
+async def resolve_set_kyc_status(
+    info: Info, organization_id: strawberry.ID, status: str
+) -> Organization:
+    c = info.context.wallet
+    request = account_pb2.SetKycStatusRequest(
+        organization_id=str(organization_id), kyc_status=status
+    )
+    return Organization.from_pb(await c.accounts.SetKycStatus(request, metadata=c.metadata))
+
+
 @strawberry.type
 class Mutation:
     create_organization = strawberry.mutation(
@@ -365,4 +388,19 @@ class Mutation:
             "and the token that asked still acts only where it did."
         ),
         extensions=require(Writer()),
+    )
+
+    rename_organization = strawberry.mutation(
+        resolver=resolve_rename_organization,
+        description="Give the organization a new name (owner or admin).",
+        extensions=[*require(Admin("id")), Arguments(organization_id="id")],
+    )
+
+    set_kyc_status = strawberry.mutation(
+        resolver=resolve_set_kyc_status,
+        description=(
+            "Record the outcome of a KYC review: unverified, pending or verified (the platform "
+            "admin only). Top-ups above the KYC limit need verified."
+        ),
+        extensions=[*require(PlatformAdmin()), Arguments(kyc_status="status")],
     )
