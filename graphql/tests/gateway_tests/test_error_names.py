@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import psycopg
+
 ORGANIZATION = """query($id: ID!, $display: String) {
   organization(id: $id, displayCurrency: $display) {
     name
@@ -170,3 +172,17 @@ async def test_a_refusal_naming_two_arguments_names_both_as_sent(gql, new_org) -
     )
     assert_names(error, "BAD_USER_INPUT", "criticalAmount")
     assert error["message"] == "criticalAmount must not exceed warningAmount", error
+
+
+async def test_a_display_currency_without_a_rate_is_one_error(gql, new_org, database_url) -> None:
+    org = await new_org()
+    with psycopg.connect(database_url) as conn:  # every test that converts sets its own rate
+        conn.execute("DELETE FROM wallet.exchange_rates")
+    body = await gql(ORGANIZATION, {"id": org.id, "display": "INR"}, token=org.token)
+    assert body["data"] == {"organization": None}, body
+    [error] = body["errors"]
+    assert error["path"] == ["organization"], error
+    assert error["extensions"]["code"] == "FAILED_PRECONDITION", error
+    assert error["extensions"]["reason"] == "EXCHANGE_RATE_MISSING", error
+    assert error["extensions"]["field"] == "displayCurrency", error
+    assert error["message"] == "no exchange rate between USD and INR is set", error

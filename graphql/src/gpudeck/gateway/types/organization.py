@@ -12,11 +12,19 @@ from __future__ import annotations
 import dataclasses
 from datetime import datetime
 
+import grpc
 import strawberry
 
 from gpudeck.gateway.auth import OrganizationRole
 from gpudeck.gateway.context import Info
-from gpudeck.gateway.errors import BAD_USER_INPUT, FORBIDDEN, Arguments, GatewayError
+from gpudeck.gateway.errors import (
+    BAD_USER_INPUT,
+    FORBIDDEN,
+    Arguments,
+    GatewayError,
+    from_rpc,
+    rpc_details,
+)
 from gpudeck.gateway.money import parse_currency
 from gpudeck.gateway.permissions import (
     Admin,
@@ -305,7 +313,21 @@ async def resolve_organization(
         if identity.user_id:
             display_currency = (await accounts.load_preferences(info, str(id))).display_currency
     display = check_display(display_currency)
-    return Organization.from_pb(found, display if display != found.currency else "")
+    if display in ("", found.currency):
+        return Organization.from_pb(found, "")
+    await _rate_exists(info, str(id), display)
+    return Organization.from_pb(found, display)
+
+
+async def _rate_exists(info: Info, organization_id: str, display: str) -> None:
+    """One error at `organization` when no exchange rate converts its amounts to `display`,
+    rather than one per amount. Asks for the summary in `display` (the `wallet` field reuses
+    it); any other failure is left to the fields that need it."""
+    try:
+        await info.context.loaders.summary.load((organization_id, display))
+    except grpc.aio.AioRpcError as error:
+        if rpc_details(error).get("reason") == "EXCHANGE_RATE_MISSING":
+            raise from_rpc(error) from error
 
 
 @strawberry.type
