@@ -189,3 +189,21 @@ async def test_the_live_summary_in_a_display_currency(
         assert wallet["balance"] == {"amount": "160.000000", "currency": "INR"}
     finally:
         await ws.close()
+
+
+async def test_a_subscription_with_an_unknown_display_currency_ends_with_one_error(
+    new_org, wallet_gateway
+) -> None:
+    org = await new_org()
+    ws = await connect(wallet_gateway, {"Authorization": f"Bearer {org.token}"})
+    try:
+        await subscribe(ws, org.id, display="XYZ")
+        reply = await receive(ws)
+        errors = reply["payload"]["errors"] if reply["type"] == "next" else reply["payload"]
+        assert len(errors) == 1, errors
+        assert errors[0]["extensions"]["code"] == "BAD_USER_INPUT", errors
+        assert errors[0]["extensions"]["field"] == "displayCurrency", errors
+        if reply["type"] == "next":  # then the subscription is over
+            assert (await receive(ws))["type"] == "complete"
+    finally:
+        await ws.close()
