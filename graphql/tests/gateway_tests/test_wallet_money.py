@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from decimal import ROUND_HALF_UP, Decimal
 
+import psycopg
 import pytest
 
 from gpudeck.proto.common.v1 import money_pb2
@@ -402,9 +403,14 @@ async def test_usage_analytics(gql, new_org, wallet_stubs) -> None:
 
 
 async def test_an_invoice_as_a_pdf_with_the_same_authorization(
-    gql, new_org, wallet_gateway, wallet_stubs
+    gql, new_org, wallet_gateway, wallet_stubs, database_url
 ) -> None:
     org, other = await new_org(), await new_org()
+    with psycopg.connect(database_url) as conn:  # it existed last month, the month invoiced
+        conn.execute(
+            "UPDATE wallet.organizations SET created_at = now() - interval '40 days' WHERE id = %s",
+            (org.id,),
+        )
     await wallet_stubs.wallet.GenerateInvoices(
         wallet_pb2.GenerateInvoicesRequest(organization_id=org.id)
     )

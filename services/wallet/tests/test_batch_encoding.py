@@ -52,7 +52,7 @@ def requests(org: uuid.UUID, count: int, project: uuid.UUID) -> list[TransferReq
                 {Kind.TOPUP: 1_000 + i, Kind.CHARGE: 100 + i}.get(kind, -5),
                 description=f"{AWKWARD} {i}",
                 project_id=project if i % 2 else None,
-                resource_type="pod\n",
+                resource_type="pod",  # a label: COPY escapes are tried on the free text
                 resource_id=f"r\\{i}",
                 reference=AWKWARD,
                 actor="user:\ttab",

@@ -783,3 +783,213 @@ async def test_the_wallets_own_keys_are_refused_to_callers(
     )
     assert [r.error_code for r in batch.results] == ["INVALID_ARGUMENT", ""]
     assert len(await transactions_of(wallet_stub, org)) == 1
+
+
+# ---------------------------------------------------------------------------- text, keys, kinds
+
+
+NUL = "a\x00b"
+
+
+async def test_control_characters_are_invalid_arguments_naming_the_field(
+    wallet_stub: WalletServiceStub, new_org: NewOrg
+) -> None:
+    org = await new_org()
+    await top_up(wallet_stub, org, 10 * USD)
+    calls = {
+        "description": wallet_stub.Transfer(transfer(org, pb.TOPUP, USD, description=NUL)),
+        "idempotency_key": wallet_stub.Transfer(transfer(org, pb.TOPUP, USD, key=NUL)),
+        "reference": wallet_stub.Transfer(transfer(org, pb.TOPUP, USD, reference=NUL)),
+        "resource_id": wallet_stub.OpenMeter(meter_request(org, resource_id=NUL)),
+        "meter_id": wallet_stub.OpenMeter(meter_request(org, meter_id=NUL)),
+        "meter": wallet_stub.RecordUsage(usage_request(org, meter=NUL)),
+        "dimensions.model": wallet_stub.RecordUsage(usage_request(org, dimensions={"model": NUL})),
+    }
+    calls["description "] = wallet_stub.CreateHold(hold_request(org, USD, description=NUL))
+    for field, call in calls.items():
+        err = await refused(call)
+        assert err.code() == grpc.StatusCode.INVALID_ARGUMENT, (field, err.details())
+        assert trailer(err, "x-error-field") == field.strip(), (field, err.details())
+    s = await summary(wallet_stub, org)
+    assert (s.balance.amount, s.held_balance.amount) == (10 * USD, 0)
+
+
+async def test_a_bad_batch_item_fails_alone(
+    wallet_stub: WalletServiceStub, new_org: NewOrg
+) -> None:
+    org = await new_org()
+    batch = await wallet_stub.TransferBatch(
+        pb.TransferBatchRequest(
+            transfers=[
+                transfer(org, pb.TOPUP, USD),
+                transfer(org, pb.TOPUP, USD, description=NUL),
+                transfer(org, pb.TOPUP, USD, description="x" * 1001),
+                transfer(org, pb.CHARGE, USD, resource_type="Bogus Type!"),
+            ]
+        ),
+        timeout=5,
+    )
+    assert [r.error_code for r in batch.results] == [
+        "",
+        "INVALID_ARGUMENT",
+        "INVALID_ARGUMENT",
+        "INVALID_ARGUMENT",
+    ]
+    assert "longer than 1000" in batch.results[2].error_message
+    assert "resource_type" in batch.results[3].error_message
+    assert (await summary(wallet_stub, org)).balance.amount == USD
+
+
+@pytest.mark.parametrize("key", ["meter:x", "hold:y", "plan:z"])
+async def test_the_wallets_own_keys_are_refused_for_holds_and_plans(
+    wallet_stub: WalletServiceStub, new_org: NewOrg, key: str
+) -> None:
+    org = await new_org()
+    await top_up(wallet_stub, org, 10 * USD)
+    hold = await wallet_stub.CreateHold(hold_request(org, USD), timeout=5)
+    calls = [
+        wallet_stub.CreateHold(hold_request(org, USD, key=key)),
+        wallet_stub.CaptureHold(pb.CaptureHoldRequest(hold_id=hold.id, idempotency_key=key)),
+        wallet_stub.VoidHold(pb.VoidHoldRequest(hold_id=hold.id, idempotency_key=key)),
+        wallet_stub.ChangePlan(
+            pb.ChangePlanRequest(organization_id=str(org), plan_code="premium", idempotency_key=key)
+        ),
+    ]
+    for call in calls:
+        err = await refused(call)
+        assert err.code() == grpc.StatusCode.INVALID_ARGUMENT, err.details()
+        assert trailer(err, "x-error-field") == "idempotency_key"
+    assert (await summary(wallet_stub, org)).held_balance.amount == USD
+
+
+async def test_a_credit_grant_that_has_already_expired_is_refused(
+    wallet_stub: WalletServiceStub, new_org: NewOrg
+) -> None:
+    org = await new_org()
+    request = transfer(org, pb.CREDIT_GRANT, 5 * USD, credit_source="promotion")
+    request.credit_expires_at.FromDatetime(datetime(2020, 1, 1, tzinfo=UTC))
+    err = await refused(wallet_stub.Transfer(request, timeout=5))
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert trailer(err, "x-error-field") == "credit_expires_at"
+    assert (await summary(wallet_stub, org)).balance.amount == 0
+
+
+async def test_list_transactions_refuses_what_it_cannot_answer(
+    wallet_stub: WalletServiceStub, new_org: NewOrg
+) -> None:
+    org = await new_org()
+    await top_up(wallet_stub, org, USD)
+    for request, code, field in (
+        (pb.ListTransactionsRequest(organization_id=str(uuid.uuid4())), "NOT_FOUND", None),
+        (pb.ListTransactionsRequest(organization_id=str(org), limit=-5), "INVALID_ARGUMENT", "limit"),
+        (pb.ListTransactionsRequest(organization_id=str(org), kinds=[99]), "INVALID_ARGUMENT",
+         "kinds"),
+    ):  # fmt: skip
+        err = await refused(wallet_stub.ListTransactions(request, timeout=5))
+        assert err.code().name == code, err.details()
+        if field:
+            assert trailer(err, "x-error-field") == field
+    # The kinds the wallet posts itself can be asked for too.
+    listed = await wallet_stub.ListTransactions(
+        pb.ListTransactionsRequest(organization_id=str(org), kinds=[pb.CREDIT_EXPIRY]), timeout=5
+    )
+    assert list(listed.transactions) == []
+
+
+async def test_a_usage_event_id_sent_again_with_other_values_is_refused(
+    wallet_stub: WalletServiceStub, new_org: NewOrg
+) -> None:
+    org = await new_org()
+    await top_up(wallet_stub, org, 10 * USD)
+    first = usage_request(org)
+    recorded = await wallet_stub.RecordUsage(first, timeout=5)
+    assert (await wallet_stub.RecordUsage(first, timeout=5)).event_id == recorded.event_id
+    changed = pb.RecordUsageRequest()
+    changed.CopyFrom(first)
+    changed.quantity = 5000.0
+    err = await refused(wallet_stub.RecordUsage(changed, timeout=5))
+    assert err.code() == grpc.StatusCode.ABORTED
+    assert trailer(err, "x-error-reason") == "IDEMPOTENCY_KEY_REUSED"
+    assert (await summary(wallet_stub, org)).balance.amount == 10 * USD - recorded.cost.amount
+
+
+async def test_money_calls_refuse_a_project_deleted_a_moment_ago(
+    wallet_stub: WalletServiceStub, account_stub: AccountServiceStub, new_org: NewOrg
+) -> None:
+    org = await new_org()
+    await new_project(account_stub, org, "kept")  # the last project cannot go
+    project = await new_project(account_stub, org, "short-lived")
+    await top_up(wallet_stub, org, 10 * USD)
+    await _calls(org, project)["charge"](wallet_stub)  # seen live: trusted for a few seconds
+    await account_stub.DeleteProject(account_pb2.DeleteProjectRequest(project_id=project))
+    for name, call in _calls(org, project).items():
+        err = await refused(call(wallet_stub))
+        assert err.code() == grpc.StatusCode.NOT_FOUND, (name, err.details())
+        assert trailer(err, "x-error-field") == "project_id"
+
+
+async def test_deleting_a_project_says_why_it_cannot(
+    wallet_stub: WalletServiceStub, account_stub: AccountServiceStub, new_org: NewOrg
+) -> None:
+    org = await new_org()
+    await new_project(account_stub, org, "kept")
+    project = await new_project(account_stub, org, "busy")
+    meter = await wallet_stub.OpenMeter(meter_request(org, project_id=project), timeout=5)
+    err = await refused(
+        account_stub.DeleteProject(account_pb2.DeleteProjectRequest(project_id=project))
+    )
+    assert (err.code(), trailer(err, "x-error-reason")) == (
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "PROJECT_IN_USE",
+    )
+    await wallet_stub.CloseMeter(pb.CloseMeterRequest(meter_id=meter.id))
+    await account_stub.DeleteProject(account_pb2.DeleteProjectRequest(project_id=project))
+    listed = await account_stub.ListProjects(
+        account_pb2.ListProjectsRequest(organization_id=str(org))
+    )
+    [last] = [p for p in listed.projects]
+    err = await refused(
+        account_stub.DeleteProject(account_pb2.DeleteProjectRequest(project_id=last.id))
+    )
+    assert trailer(err, "x-error-reason") == "LAST_PROJECT"
+
+
+async def test_an_auto_top_up_an_unverified_organization_could_never_post_is_refused(
+    wallet_stub: WalletServiceStub, new_org: NewOrg
+) -> None:
+    org = await new_org(kyc="unverified")
+    rule = pb.SetAutoTopUpRequest(
+        organization_id=str(org), enabled=True, below=10 * USD, amount=600 * USD
+    )
+    err = await refused(wallet_stub.SetAutoTopUp(rule, timeout=5))
+    assert err.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert (trailer(err, "x-error-reason"), trailer(err, "x-error-field")) == (
+        "KYC_REQUIRED",
+        "amount",
+    )
+    rule.amount = 400 * USD  # within the limit: fine
+    assert (await wallet_stub.SetAutoTopUp(rule, timeout=5)).amount == 400 * USD
+
+
+async def test_an_organization_waiting_for_a_top_up_payment_is_not_deleted(
+    wallet_stub: WalletServiceStub, account_stub: AccountServiceStub, new_org: NewOrg
+) -> None:
+    org = await new_org(name="Waiting Co")
+    rule = await wallet_stub.SetAutoTopUp(
+        pb.SetAutoTopUpRequest(organization_id=str(org), enabled=True, below=USD, amount=5 * USD),
+        timeout=5,
+    )
+    assert rule.pending.status == "pending"
+    delete = account_pb2.DeleteOrganizationRequest(
+        organization_id=str(org), confirm_name="Waiting Co"
+    )
+    err = await refused(account_stub.DeleteOrganization(delete))
+    assert trailer(err, "x-error-reason") == "ORGANIZATION_IN_USE"
+    assert "top-up" in (err.details() or "")
+    await wallet_stub.CompleteTopUp(
+        pb.CompleteTopUpRequest(pending_top_up_id=rule.pending.id, succeeded=False), timeout=5
+    )
+    await wallet_stub.SetAutoTopUp(
+        pb.SetAutoTopUpRequest(organization_id=str(org), enabled=False, below=USD, amount=5 * USD)
+    )
+    await account_stub.DeleteOrganization(delete)

@@ -39,6 +39,12 @@ def spend(wallet_pool: AsyncConnectionPool) -> Spend:
     return put
 
 
+async def founded(pool: AsyncConnectionPool, org: uuid.UUID, day: date) -> None:
+    """Say the organization was created on `day` (invoices are for months it existed in)."""
+    async with pool.connection() as conn:
+        await conn.execute("UPDATE organizations SET created_at = %s WHERE id = %s", (day, org))
+
+
 async def generate(
     stub: WalletServiceStub, period: str, org: uuid.UUID | None = None
 ) -> list[pb.Invoice]:
@@ -112,11 +118,22 @@ async def test_generating_for_every_organization_covers_those_that_spent(
 
 
 async def test_an_organization_that_spent_nothing_gets_an_empty_invoice_on_request(
-    wallet_stub: WalletServiceStub, new_org: NewOrg
+    wallet_stub: WalletServiceStub, wallet_pool: AsyncConnectionPool, new_org: NewOrg
 ) -> None:
     org = await new_org()
+    await founded(wallet_pool, org, date(2024, 11, 20))
     [invoice] = await generate(wallet_stub, "2024-11", org)
     assert (list(invoice.lines), invoice.total.amount) == ([], 0)
+    # A month that ended before it existed has nothing to bill, not even a zero invoice.
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await generate(wallet_stub, "2024-10", org)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert error_field(err.value) == "period"
+    assert "before organization" in (err.value.details() or "")
+    listed = await wallet_stub.ListInvoices(
+        pb.ListInvoicesRequest(organization_id=str(org)), timeout=TIMEOUT
+    )
+    assert [i.period for i in listed.invoices] == ["2024-11"]
 
 
 async def test_past_invoices_newest_first_with_the_next_invoice_date(
@@ -179,9 +196,10 @@ async def test_an_invoice_is_marked_paid_once(
 
 
 async def test_another_organizations_invoice_is_not_found(
-    wallet_stub: WalletServiceStub, new_org: NewOrg
+    wallet_stub: WalletServiceStub, wallet_pool: AsyncConnectionPool, new_org: NewOrg
 ) -> None:
     owner, other = await new_org(), await new_org()
+    await founded(wallet_pool, owner, date(2024, 1, 1))
     [invoice] = await generate(wallet_stub, "2024-06", owner)
     scoped = {"invoice_id": invoice.id, "organization_id": str(other)}
     calls = [

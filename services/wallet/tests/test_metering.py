@@ -7,6 +7,7 @@ import uuid
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 
+import grpc
 import pytest
 from google.protobuf.timestamp_pb2 import Timestamp
 from processes import TOKEN, start_wallet, wait_serving, wallet_env
@@ -15,7 +16,9 @@ from psycopg_pool import AsyncConnectionPool
 from gpudeck.kit.config import EventsConfig
 from gpudeck.kit.grpcclient import channel
 from gpudeck.proto.common.v1.money_pb2 import Money
+from gpudeck.proto.wallet.v1 import account_pb2
 from gpudeck.proto.wallet.v1 import wallet_pb2 as pb
+from gpudeck.proto.wallet.v1.account_pb2_grpc import AccountServiceStub
 from gpudeck.proto.wallet.v1.wallet_pb2_grpc import WalletServiceStub
 from gpudeck.wallet import audit
 from gpudeck.wallet.metering import owed
@@ -154,3 +157,63 @@ async def test_open_is_idempotent_and_run_rate_follows_meters(
     async with wallet_pool.connection() as conn:
         cur = await conn.execute("SELECT run_rate FROM wallets WHERE organization_id = %s", (org,))
         assert (await cur.fetchone()) == (0,)
+
+
+async def test_a_retry_that_changes_the_meter_is_refused_not_ignored(
+    wallet_stub: WalletServiceStub, account_stub: AccountServiceStub, new_org: NewOrg
+) -> None:
+    org = await new_org()
+    project = await account_stub.CreateProject(
+        account_pb2.CreateProjectRequest(organization_id=str(org), name="second")
+    )
+    request = pb.OpenMeterRequest(
+        meter_id=f"pod:{uuid.uuid4()}", organization_id=str(org), resource_id="pod-1",
+        resource_type="pod", hourly_rate=3_600_000,
+    )  # fmt: skip
+    await wallet_stub.OpenMeter(request)
+    for changed, says in (
+        ({"hourly_rate": 7_200_000}, "hourly_rate"),
+        ({"resource_id": "pod-2"}, "resource"),
+        ({"project_id": project.id}, "project_id"),
+    ):
+        retry = pb.OpenMeterRequest()
+        retry.CopyFrom(request)
+        for name, value in changed.items():
+            setattr(retry, name, value)
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await wallet_stub.OpenMeter(retry)
+        assert err.value.code() == grpc.StatusCode.ABORTED, changed
+        assert says in (err.value.details() or ""), err.value.details()
+        trailers = dict(err.value.trailing_metadata() or ())
+        assert trailers.get("x-error-reason") == "IDEMPOTENCY_KEY_REUSED", trailers
+    # The meter kept its first rate; the same request again is still the same meter.
+    again = await wallet_stub.OpenMeter(request)
+    assert again.hourly_rate == 3_600_000
+    # After a rate change, a late retry of the opening request still returns the meter.
+    await wallet_stub.UpdateMeterRate(
+        pb.UpdateMeterRateRequest(meter_id=request.meter_id, hourly_rate=1_800_000)
+    )
+    assert (await wallet_stub.OpenMeter(request)).hourly_rate == 1_800_000
+
+
+@pytest.mark.parametrize("opened", [datetime(1970, 1, 1, tzinfo=UTC), "25h ago"])
+async def test_a_meter_cannot_open_long_ago(
+    wallet_stub: WalletServiceStub, new_org: NewOrg, opened: datetime | str
+) -> None:
+    org = await new_org()
+    await top_up(wallet_stub, org, 10_000_000)
+    at = opened if isinstance(opened, datetime) else datetime.now(UTC) - timedelta(hours=25)
+    request = pb.OpenMeterRequest(
+        meter_id=f"pod:{uuid.uuid4()}", organization_id=str(org), resource_id="pod-1",
+        resource_type="pod", hourly_rate=3_600_000, at=ts(at),
+    )  # fmt: skip
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await wallet_stub.OpenMeter(request)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert ("x-error-field", "at") in list(err.value.trailing_metadata() or ())
+    meters = await wallet_stub.ListMeters(pb.ListMetersRequest(organization_id=str(org)))
+    assert not meters.meters
+    # An hour ago is a caller catching up: billed from then.
+    request.at.CopyFrom(ts(datetime.now(UTC) - timedelta(hours=1)))
+    opened_meter = await wallet_stub.OpenMeter(request)
+    assert opened_meter.opened_at.ToDatetime(UTC) < datetime.now(UTC) - timedelta(minutes=59)

@@ -77,7 +77,9 @@ def test_a_missing_rate_names_the_pair() -> None:
     assert "USD and INR" in err.value.message
 
 
-@pytest.mark.parametrize("text", ["0", "-1", "abc", "NaN", "1e12", "1.0000000000001"])
+@pytest.mark.parametrize(
+    "text", ["0", "-1", "abc", "NaN", "1e12", "1.0000000000001", "1_000", "\uff18\uff13", ""]
+)
 def test_bad_rates_are_refused(text: str) -> None:
     with pytest.raises(InvalidArgument) as err:
         parse_rate(text)
@@ -273,3 +275,31 @@ async def test_a_top_up_too_large_once_converted_says_so_in_both_currencies(
         pb.GetWalletSummaryRequest(organization_id=str(org)), timeout=5
     )
     assert s.balance.amount == 0
+
+
+async def test_a_rate_dated_in_the_future_waits_for_its_time(
+    wallet_stub: WalletServiceStub, wallet_pool: AsyncConnectionPool, new_org: NewOrg
+) -> None:
+    await clear_rates(wallet_pool)
+    now = datetime.now(UTC)
+    scheduled = await set_rate(wallet_stub, "USD", "INR", "90", now + timedelta(days=30))
+    current = await set_rate(wallet_stub, "USD", "INR", "83")
+    org = await new_org("INR")
+    topped = await wallet_stub.Transfer(
+        pb.TransferRequest(
+            idempotency_key=uuid.uuid4().hex,
+            organization_id=str(org),
+            kind=pb.TOPUP,
+            amount=Money(amount=1 * UNIT, currency="USD"),
+        ),
+        timeout=5,
+    )
+    assert topped.exchange_rate.rstrip("0").rstrip(".") == "83", topped.exchange_rate
+    s = await wallet_stub.GetWalletSummary(
+        pb.GetWalletSummaryRequest(organization_id=str(org), display_currency="USD"), timeout=5
+    )
+    assert s.conversion.rate_id == current.id
+    listed = await wallet_stub.ListExchangeRates(
+        pb.ListExchangeRatesRequest(base="USD", quote="INR"), timeout=5
+    )
+    assert [r.id for r in listed.rates] == [scheduled.id, current.id]  # history shows both

@@ -208,12 +208,19 @@ async def test_auto_top_up_fires_once_while_pending_and_completes_once(
         )
     ).transactions
     assert (tx.id, tx.idempotency_key) == (done.transaction_id, f"auto-topup:{pending_id}")
+    # The payment's webhook again: the same answer, nothing posted twice.
+    again = await wallet_stub.CompleteTopUp(
+        pb.CompleteTopUpRequest(pending_top_up_id=str(pending_id), succeeded=True), timeout=5
+    )
+    assert (again.status, again.transaction_id) == ("completed", done.transaction_id)
+    # The other outcome is refused: the money is in.
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await wallet_stub.CompleteTopUp(
-            pb.CompleteTopUpRequest(pending_top_up_id=str(pending_id), succeeded=True),
+            pb.CompleteTopUpRequest(pending_top_up_id=str(pending_id), succeeded=False),
             timeout=5,
         )
     assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert ("x-error-reason", "ALREADY_RESOLVED") in list(err.value.trailing_metadata() or ())
     assert await balance(wallet_stub, org) == 23 * USD
 
 

@@ -97,7 +97,7 @@ async def record_a_mix(stub: WalletServiceStub, org: uuid.UUID) -> None:
     await record(stub, org, "e5", quantity=64.0, dimensions=a, at=ts(now - timedelta(days=40)))
     await record(stub, org, "e6", meter="api_calls", quantity=1.0, unit_price=0, dimensions=b)
     await record(stub, org, "e7", quantity=8.0)  # no dimensions: daily only, under model ''
-    await record(stub, org, "e1", quantity=99.0, dimensions=b)  # a retry: counted once, as first
+    await record(stub, org, "e1", quantity=1500.0, dimensions=a, latency_ms=120)  # counted once
     await asyncio.gather(
         *(record(stub, org, "burst", quantity=16.0, dimensions=a) for _ in range(5))
     )

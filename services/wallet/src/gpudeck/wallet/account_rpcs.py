@@ -261,7 +261,9 @@ class AccountServicer(account_pb2_grpc.AccountServiceServicer):
     async def DeleteProject(self, request: pb.DeleteProjectRequest, context: object) -> pb.Project:
         project_id = convert.parse_id(request.project_id, "project_id")
         async with self.wallet.pool.connection() as conn, conn.transaction():
-            return project(await self.accounts.delete_project(conn, project_id))
+            deleted = await self.accounts.delete_project(conn, project_id)
+        self.wallet.ledger.projects.deleted(project_id)  # this process stops trusting it at once
+        return project(deleted)
 
     # ------------------------------------------------------------------ API tokens
 

@@ -15,6 +15,7 @@ from datetime import datetime
 
 from gpudeck.kit.errors import FailedPrecondition, InvalidArgument
 from gpudeck.wallet.money import check_amount, format_micro
+from gpudeck.wallet.text import check_label, check_text
 
 MAX_TIMEOUT_SECONDS = 30 * 24 * 3600
 DEFAULT_TIMEOUT_SECONDS = 15 * 60
@@ -85,6 +86,10 @@ class HoldRequest:
     def validate(self) -> HoldRequest:
         if not self.key.strip():
             raise InvalidArgument("idempotency_key is required", field="idempotency_key")
+        check_text(self.description, "description", max_length=1000)
+        check_text(self.resource_id, "resource_id")
+        if self.resource_type:
+            check_label(self.resource_type, "resource_type")
         check_amount(self.amount)
         if not 0 < self.timeout_seconds <= MAX_TIMEOUT_SECONDS:
             raise InvalidArgument(

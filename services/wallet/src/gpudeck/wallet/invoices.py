@@ -79,8 +79,10 @@ def parse_period(text: str, *, field: str = "period") -> Period:
     if match is None:
         raise InvalidArgument(f"{field} must be YYYY-MM, got {text!r}", field=field)
     year, month = int(match[1]), int(match[2])
-    if not 1 <= month <= 12 or year < 2000:
+    if not 1 <= month <= 12:
         raise InvalidArgument(f"{field} is not a month: {text!r}", field=field)
+    if year < 2000:
+        raise InvalidArgument(f"{field} must be 2000-01 or later, got {text!r}", field=field)
     return Period(year, month)
 
 

@@ -10,11 +10,12 @@ import json
 import uuid
 from collections import defaultdict
 from dataclasses import replace
+from datetime import datetime
 from typing import Any
 
 from psycopg import AsyncConnection
 
-from gpudeck.kit.errors import NotFound
+from gpudeck.kit.errors import InvalidArgument, NotFound
 from gpudeck.kit.events import Outbox
 from gpudeck.wallet import plan_events
 from gpudeck.wallet.ids import uuid7
@@ -75,8 +76,9 @@ class InvoiceStore:
     ) -> list[Invoice]:
         """Issue the invoices of `period`: for `organization_id` (even with nothing spent), or
         for every organization that spent in it. Returns them all, new and earlier ones."""
+        created = None
         if organization_id is not None:
-            await _check_organization(conn, organization_id)
+            created = await _organization_created(conn, organization_id)
         now = await db_now(conn)
         cur = await conn.execute(
             SPEND, (period.start, period.end, organization_id, organization_id)
@@ -84,6 +86,12 @@ class InvoiceStore:
         spend: dict[uuid.UUID, dict[str, int]] = defaultdict(dict)
         for org, resource_type, amount in await cur.fetchall():
             spend[org][resource_type] = amount
+        if created is not None and Period.of(created) > period and not spend:
+            raise InvalidArgument(  # nothing to bill: not even a zero invoice
+                f"period {period} ended before organization {organization_id} was created"
+                f" ({created.date().isoformat()})",
+                field="period",
+            )
         orgs = sorted({organization_id} if organization_id else set(spend))
         if not orgs:
             return []
@@ -128,7 +136,7 @@ class InvoiceStore:
         self, conn: Conn, organization_id: uuid.UUID, *, limit: int
     ) -> list[Invoice]:
         """The organization's invoices, the newest period first."""
-        await _check_organization(conn, organization_id)
+        await _organization_created(conn, organization_id)  # NotFound for an unknown one
         cur = await conn.execute(
             f"{SELECT} WHERE i.organization_id = %s ORDER BY i.period DESC LIMIT %s",
             (organization_id, limit),
@@ -201,7 +209,12 @@ class InvoiceStore:
         return paid
 
 
-async def _check_organization(conn: Conn, organization_id: uuid.UUID) -> None:
-    cur = await conn.execute("SELECT 1 FROM organizations WHERE id = %s", (organization_id,))
-    if await cur.fetchone() is None:
+async def _organization_created(conn: Conn, organization_id: uuid.UUID) -> datetime:
+    cur = await conn.execute(
+        "SELECT created_at FROM organizations WHERE id = %s", (organization_id,)
+    )
+    row = await cur.fetchone()
+    if row is None:
         raise NotFound(f"organization {organization_id} not found", field="organization_id")
+    created: datetime = row[0]
+    return created

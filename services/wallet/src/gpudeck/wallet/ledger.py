@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import uuid
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from decimal import Decimal
 from enum import StrEnum
 from functools import cached_property
@@ -20,6 +20,7 @@ from typing import NamedTuple
 
 from gpudeck.kit.errors import DomainError, FailedPrecondition, InvalidArgument
 from gpudeck.wallet.money import MAX_AMOUNT, check_amount, check_currency, convert, format_micro
+from gpudeck.wallet.text import check_label, check_text
 
 
 class Kind(StrEnum):
@@ -154,10 +155,12 @@ def validate(request: TransferRequest) -> TransferRequest:
     """Check what needs no balances; raise InvalidArgument naming the field."""
     if not request.key.strip():
         raise InvalidArgument("idempotency_key is required", field="idempotency_key")
-    if len(request.key) > 200:
-        raise InvalidArgument(
-            "idempotency_key is longer than 200 characters", field="idempotency_key"
-        )
+    check_text(request.key, "idempotency_key", max_length=300)  # a meter's keys hold its id
+    check_text(request.description, "description", max_length=1000)
+    check_text(request.reference, "reference")
+    check_text(request.resource_id, "resource_id")
+    if request.resource_type:
+        check_label(request.resource_type, "resource_type")
     check_amount(request.amount, allow_negative=request.kind is Kind.ADJUSTMENT)
     if request.currency:
         check_currency(request.currency)
@@ -169,6 +172,12 @@ def validate(request: TransferRequest) -> TransferRequest:
     ):
         raise InvalidArgument(
             "credit_source must be plan, promotion or purchase", field="credit_source"
+        )
+    expiry = request.credit_expires_at
+    if request.kind is Kind.CREDIT_GRANT and expiry is not None and expiry <= datetime.now(UTC):
+        raise InvalidArgument(
+            f"credit_expires_at must be in the future, got {expiry.isoformat()}",
+            field="credit_expires_at",
         )
     if request.lines and sum(line.amount for line in request.lines) != request.amount:
         raise InvalidArgument("lines must sum to the amount", field="lines")

@@ -11,9 +11,11 @@ from gpudeck.kit.logs import actor
 from gpudeck.proto.wallet.v1 import wallet_pb2 as pb
 from gpudeck.wallet import convert
 from gpudeck.wallet.deps import Wallet
+from gpudeck.wallet.fast_transfer import currency_of
 from gpudeck.wallet.holds import HoldRequest
 from gpudeck.wallet.ledger import Outcome, TransferRequest, check_client_key
 from gpudeck.wallet.metering import MeterRequest
+from gpudeck.wallet.text import check_text
 
 Ctx = grpc.aio.ServicerContext[Any, Any]
 MAX_BATCH = 10_000
@@ -91,12 +93,19 @@ class LedgerRpcs:
         self, request: pb.ListTransactionsRequest, context: Ctx
     ) -> pb.ListTransactionsResponse:
         org = convert.parse_id(request.organization_id, "organization_id")
-        limit = min(max(request.limit or 50, 1), 500)
-        kinds = [
-            convert.KIND_FROM_PROTO[k].value for k in request.kinds if k in convert.KIND_FROM_PROTO
-        ]
+        if not 0 <= request.limit <= 500:
+            raise InvalidArgument(
+                f"limit must be between 1 and 500 (0: 50), got {request.limit}", field="limit"
+            )
+        limit = request.limit or 50
+        listable = {proto: kind.value for kind, proto in convert.KIND_TO_PROTO.items()}
+        unknown = [k for k in request.kinds if k not in listable]
+        if unknown:
+            raise InvalidArgument(f"kinds: {unknown[0]} is no transaction kind", field="kinds")
+        kinds = [listable[k] for k in request.kinds]
         before = convert.optional_id(request.before_id, "before_id")
         async with self.wallet.pool.connection() as conn:
+            await currency_of(self.wallet.ledger, conn, org)  # NotFound for an unknown one
             cur = await conn.execute(
                 "SELECT id FROM transactions WHERE organization_id = %s"
                 " AND (%s::uuid IS NULL OR id < %s) AND (cardinality(%s::text[]) = 0 OR kind = ANY(%s))"
@@ -113,7 +122,7 @@ class LedgerRpcs:
 
     async def CreateHold(self, request: pb.CreateHoldRequest, context: Ctx) -> pb.Hold:
         hold_request = HoldRequest(
-            key=request.idempotency_key,
+            key=_require_key(request.idempotency_key),
             organization_id=convert.parse_id(request.organization_id, "organization_id"),
             amount=request.amount,
             timeout_seconds=request.timeout_seconds or HoldRequest.timeout_seconds,
@@ -191,9 +200,11 @@ class LedgerRpcs:
         return pb.ListMetersResponse(meters=[convert.meter(m) for m in meters])
 
 
-def _require_key(key: str) -> None:
+def _require_key(key: str) -> str:
+    """A caller's idempotency key: given, short, plain, and none of the wallet's own."""
     if not key.strip():
         raise InvalidArgument("idempotency_key is required", field="idempotency_key")
+    return check_client_key(check_text(key, "idempotency_key"))
 
 
 def _meter_id(value: str) -> str:

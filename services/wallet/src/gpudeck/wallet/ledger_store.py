@@ -100,13 +100,16 @@ WAIT_PLATFORM = """
 SELECT id, code, balance FROM ledger_accounts WHERE kind = 'platform' AND platform_pool = %s
 ORDER BY random() LIMIT 1 FOR UPDATE
 """
-# The latest rate of a pair; failing that, one over its inverse's (as display conversion does).
+# The latest rate of a pair in effect (as_of not in the future); failing that, one over its
+# inverse's (as display conversion does).
 LATEST_RATE = """
 SELECT rate FROM (
     (SELECT rate, 0 AS pick FROM exchange_rates WHERE base = %s AND quote = %s
+       AND as_of <= now()
      ORDER BY as_of DESC, id DESC LIMIT 1)
     UNION ALL
     (SELECT round(1 / rate, 12), 1 FROM exchange_rates WHERE base = %s AND quote = %s
+       AND as_of <= now()
      ORDER BY as_of DESC, id DESC LIMIT 1)
 ) latest ORDER BY pick LIMIT 1
 """

@@ -12,13 +12,17 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 
 from gpudeck.kit.errors import InvalidArgument
 from gpudeck.wallet.money import MAX_AMOUNT
+from gpudeck.wallet.text import check_text
 
 RESOURCE_TYPES = ("pod", "vm", "nfs_volume", "object_storage")
 MICROS_PER_HOUR = 3_600_000_000
+# How long before now a meter may say it opened (`at`): a caller catching up after an outage,
+# not one sending an unset time.
+MAX_BACKDATE = timedelta(hours=24)
 
 
 def owed(hourly_rate: int, start: datetime, end: datetime) -> int:
@@ -46,12 +50,20 @@ class Meter:
     total_charged: int
     currency: str = ""
 
-    def same_resource(self, other: MeterRequest) -> bool:
-        return (
-            self.organization_id == other.organization_id
-            and self.resource_id == other.resource_id
-            and self.resource_type == other.resource_type
-        )
+    def differs_from(self, request: MeterRequest, opening_rate: int | None) -> str:
+        """What an OpenMeter retry changes about the meter it opened ("" when nothing): the
+        resource (organization, id, type), the project or the rate it opened with."""
+        if (self.organization_id, self.resource_id, self.resource_type) != (
+            request.organization_id,
+            request.resource_id,
+            request.resource_type,
+        ):
+            return "resource"
+        if self.project_id != request.project_id:
+            return "project_id"
+        if opening_rate is not None and opening_rate != request.hourly_rate:
+            return "hourly_rate"
+        return ""
 
 
 @dataclass(frozen=True)
@@ -67,6 +79,8 @@ class MeterRequest:
     def validate(self) -> MeterRequest:
         if not self.meter_id.strip() or len(self.meter_id) > 200:
             raise InvalidArgument("meter_id is required (at most 200 characters)", field="meter_id")
+        check_text(self.meter_id, "meter_id")
+        check_text(self.resource_id, "resource_id")
         if self.resource_type not in RESOURCE_TYPES:
             raise InvalidArgument(
                 f"resource_type must be one of {', '.join(RESOURCE_TYPES)}",

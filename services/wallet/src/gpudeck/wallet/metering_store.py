@@ -16,7 +16,7 @@ from gpudeck.kit.errors import Conflict, FailedPrecondition, InvalidArgument, No
 from gpudeck.wallet import events
 from gpudeck.wallet.ledger import Kind, SpendLine, TransferRequest
 from gpudeck.wallet.ledger_store import LedgerStore, db_now, lock_wallets
-from gpudeck.wallet.metering import Meter, MeterRequest, check_rate, owed
+from gpudeck.wallet.metering import MAX_BACKDATE, Meter, MeterRequest, check_rate, owed
 
 Conn = AsyncConnection[Any]
 COLUMNS = (
@@ -77,6 +77,12 @@ class MeterStore:
         request.validate()
         now = await db_now(conn)
         at = _not_after(request.at, now)
+        if at < now - MAX_BACKDATE:  # an unset time (1970) would bill decades at once
+            raise InvalidArgument(
+                f"at {at.isoformat()} is more than {MAX_BACKDATE.days * 24} h ago: a meter opens"
+                " when its resource starts costing, at most that long before now",
+                field="at",
+            )
         locked = await lock_wallets(conn, [request.organization_id], now)
         if request.organization_id not in locked:
             raise NotFound(
@@ -85,24 +91,33 @@ class MeterStore:
         await self.ledger.projects.use(conn, request.organization_id, request.project_id)
         cur = await conn.execute(
             "INSERT INTO meters (id, organization_id, project_id, resource_id, resource_type,"
-            " hourly_rate, opened_at, segment_started_at, billed_until)"
-            " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s) ON CONFLICT (id) DO NOTHING RETURNING id",
+            " hourly_rate, opening_rate, opened_at, segment_started_at, billed_until)"
+            " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
+            " ON CONFLICT (id) DO NOTHING RETURNING id",
             (request.meter_id, request.organization_id, request.project_id, request.resource_id,
-             request.resource_type, request.hourly_rate, at, at, at),
+             request.resource_type, request.hourly_rate, request.hourly_rate, at, at, at),
         )  # fmt: skip
         created = await cur.fetchone() is not None
         meter = await self.get(conn, request.meter_id)
         if not created:
-            if not meter.same_resource(request):
+            other = meter.differs_from(request, await self._opening_rate(conn, request.meter_id))
+            if other:
                 raise Conflict(
-                    f"meter {request.meter_id!r} is already open for another resource",
+                    f"meter {request.meter_id!r} was opened with another {other}: a retry must"
+                    " send the same request (UpdateMeterRate changes a rate)",
                     field="meter_id",
+                    reason="IDEMPOTENCY_KEY_REUSED",
                 )
             return meter
         await self._add_run_rate(conn, meter.organization_id, meter.hourly_rate, now)
         await self.outbox.add(conn, self._event("wallet.meter.opened", meter))
         await self.ledger.refresh_levels(conn, [meter.organization_id], now)
         return meter
+
+    async def _opening_rate(self, conn: Conn, meter_id: str) -> int | None:
+        cur = await conn.execute("SELECT opening_rate FROM meters WHERE id = %s", (meter_id,))
+        row = await cur.fetchone()
+        return None if row is None else row[0]
 
     async def update_rate(
         self, conn: Conn, meter_id: str, hourly_rate: int, at: datetime | None = None

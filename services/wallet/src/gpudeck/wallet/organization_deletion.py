@@ -60,6 +60,14 @@ async def delete_organization(
             f"has {format_micro(wallet.held_balance)} {wallet.currency} in open holds;"
             " capture or void them first",
         )
+    cur = await conn.execute(
+        "SELECT count(*) FROM pending_topups WHERE organization_id = %s AND status = 'pending'",
+        (org,),
+    )
+    if (await cur.fetchone() or (0,))[0]:
+        raise _refused(
+            org, "has an automatic top-up waiting for its payment; complete or fail it first"
+        )
     if wallet.cash.balance:
         raise _refused(
             org,

@@ -60,7 +60,7 @@ class PlanRpcs:
 
     async def ChangePlan(self, request: pb.ChangePlanRequest, context: Ctx) -> pb.PlanStatus:
         change = ChangePlanRequest(
-            key=request.idempotency_key,
+            key=check_client_key(request.idempotency_key),
             organization_id=convert.parse_id(request.organization_id, "organization_id"),
             plan_code=request.plan_code,
             actor=actor.get(),

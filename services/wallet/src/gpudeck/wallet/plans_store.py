@@ -165,6 +165,10 @@ class PlanStore:
         credits available after it. Above `kyc_limit` the organization must be KYC-verified."""
         if request.kind is not Kind.CREDIT_GRANT or request.credit_source != PURCHASE_SOURCE:
             raise InvalidArgument("a purchase is a credit grant from purchase", field="kind")
+        now = await db_now(conn)
+        expires = request.credit_expires_at
+        if expires is not None and expires <= now:  # AddCredits calls it expires_at
+            raise InvalidArgument("expires_at must be in the future", field="expires_at")
         validate(request)
         _, currency, _, kyc = await _organization(conn, request.organization_id)
         if request.currency and request.currency != currency:
@@ -179,10 +183,6 @@ class PlanStore:
                 field="amount",
                 reason="KYC_REQUIRED",
             )
-        now = await db_now(conn)
-        expires = request.credit_expires_at
-        if expires is not None and expires <= now:
-            raise InvalidArgument("expires_at must be in the future", field="expires_at")
         [transaction] = await self._post(conn, [request], now)
         return transaction, await _credits(conn, request.organization_id)
 

@@ -5,7 +5,8 @@ same organization (NOT_FOUND otherwise, as for a project that does not exist), s
 booked to a project the caller cannot see. The wallet's own postings (a hold's capture, billing
 ticks) only need the organization's project, deleted or not: what was started before a project
 was deleted is still settled. A project never moves between organizations and a deletion is
-final, so those answers are cached; that a project is live is trusted for LIVE_SECONDS.
+final, so those answers are cached; that a project is live is trusted for LIVE_SECONDS (a
+deletion through this process is seen at once, one through another replica within that time).
 
 Using a project for a resource (a meter opened, usage recorded, a hold taken) also makes it
 "recently used": its `last_used_at` moves, at most once a minute per project and process.
@@ -73,6 +74,11 @@ class ProjectOwners:
             for org, project in named
             if self._owner.get(project) != org or (live and project in self._deleted)
         }
+
+    def deleted(self, project_id: uuid.UUID) -> None:
+        """A project was just deleted: money calls naming it are refused from now on."""
+        self._deleted.add(project_id)
+        self._live_until.pop(project_id, None)
 
     async def check(
         self, conn: Conn, organization_id: uuid.UUID, project_id: uuid.UUID | None

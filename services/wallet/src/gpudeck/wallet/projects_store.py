@@ -144,11 +144,15 @@ class ProjectStore(OrganizationStore):
         assert row is not None
         if row[0] <= 1:
             raise FailedPrecondition(
-                f"project {project_id} is the organization's last project", field="project_id"
+                f"project {project_id} is the organization's last project",
+                field="project_id",
+                reason="LAST_PROJECT",
             )
         if row[1]:
             raise FailedPrecondition(
-                f"project {project_id} still has running resources", field="project_id"
+                f"project {project_id} still has running resources",
+                field="project_id",
+                reason="PROJECT_IN_USE",
             )
         cur = await conn.execute(
             "UPDATE projects SET deleted_at = now() WHERE id = %s AND deleted_at IS NULL"

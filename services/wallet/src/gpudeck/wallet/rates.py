@@ -1,6 +1,7 @@
 """Exchange rates and conversions: any amount in INR or USD, saying which stored rate was used.
 
-A rate is stored as "1 base = rate quote", with history; the newest `as_of` of a pair wins.
+A rate is stored as "1 base = rate quote", with history; of a pair's rates whose `as_of` has
+come, the newest wins (a rate dated in the future is scheduled: it applies from then on).
 Converting base → quote multiplies by the rate; when only quote → base is stored, the amount is
 divided by that rate instead (`Conversion.inverse`). Either way the result is rounded half away
 from zero to the micro-unit, once per amount. The platform has no internet: rates come from
@@ -9,6 +10,7 @@ admins (SetExchangeRate) or from a `RateProvider` a deployment plugs in.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -20,6 +22,7 @@ from gpudeck.wallet.money import check_currency
 
 RATE_PLACES = 12  # numeric(24, 12)
 RATE_MAX = Decimal(10) ** 12
+_PLAIN_DECIMAL = re.compile(r"[0-9]+(?:\.[0-9]+)?")
 Pair = tuple[str, str]
 
 
@@ -110,10 +113,13 @@ def conversion(source: str, target: str, latest: Mapping[Pair, ExchangeRate]) ->
 
 
 def parse_rate(text: str, *, field: str = "rate") -> Decimal:
-    """A positive decimal with at most 12 places and below 1e12; InvalidArgument otherwise."""
+    """A positive decimal with at most 12 places and below 1e12, written out in ASCII digits
+    ("83.25"; not "1_000", "1e3" or "８３"); InvalidArgument otherwise."""
+    if not isinstance(text, str) or not _PLAIN_DECIMAL.fullmatch(text.strip()):
+        raise InvalidArgument(f"{field} is not a decimal number: {text!r}", field=field)
     try:
         value = Decimal(text.strip())
-    except (InvalidOperation, AttributeError):
+    except InvalidOperation:
         raise InvalidArgument(f"{field} is not a decimal number: {text!r}", field=field) from None
     if not value.is_finite() or value <= 0:
         raise InvalidArgument(f"{field} must be a positive number, got {text!r}", field=field)
@@ -132,7 +138,7 @@ def check_new_rate(rate: NewRate) -> NewRate:
     quote = check_currency(rate.quote, field="quote")
     if base == quote:
         raise InvalidArgument(f"base and quote are both {base}", field="quote")
-    value = parse_rate(str(rate.rate))
+    value = parse_rate(format(rate.rate, "f"))  # plain digits, however the Decimal was made
     source = rate.source.strip() or "admin"
     if len(source) > 100:
         raise InvalidArgument("source is longer than 100 characters", field="source")

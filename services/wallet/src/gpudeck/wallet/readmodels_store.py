@@ -58,9 +58,11 @@ ORDER BY last_charged_at DESC, resource_id LIMIT %s
 RATE_COLUMNS = "id, base, quote, rate, as_of, source"
 LATEST_RATES = f"""
 (SELECT {RATE_COLUMNS} FROM exchange_rates WHERE base = %(a)s AND quote = %(b)s
+   AND as_of <= now()
  ORDER BY as_of DESC, id DESC LIMIT 1)
 UNION ALL
 (SELECT {RATE_COLUMNS} FROM exchange_rates WHERE base = %(b)s AND quote = %(a)s
+   AND as_of <= now()
  ORDER BY as_of DESC, id DESC LIMIT 1)
 """
 

@@ -25,7 +25,7 @@ from gpudeck.wallet.alert_settings import (
     gives_up,
 )
 from gpudeck.wallet.alerts import Thresholds
-from gpudeck.wallet.ledger import Kind, TransferRequest
+from gpudeck.wallet.ledger import Kind, TransferRequest, over_kyc_limit
 from gpudeck.wallet.ledger_store import LedgerStore, db_now, lock_wallets
 
 Conn = AsyncConnection[Any]
@@ -114,6 +114,16 @@ class ThresholdStore:
         Saving clears why the rule had turned itself off, if it had."""
         check_auto_topup(enabled=enabled, below=below, amount=amount)
         now = await self._lock(conn, organization_id)
+        limit = self.ledger.policy.kyc_topup_limit
+        if enabled and limit and amount > limit:  # its payments could never be posted
+            cur = await conn.execute(
+                "SELECT o.kyc_status, w.currency FROM organizations o"
+                " JOIN wallets w ON w.organization_id = o.id WHERE o.id = %s",
+                (organization_id,),
+            )
+            kyc, currency = await cur.fetchone() or ("", "")
+            if kyc != "verified":
+                raise over_kyc_limit(limit, currency)
         await conn.execute(
             "INSERT INTO auto_topups (organization_id, enabled, below, amount)"
             " VALUES (%s, %s, %s, %s) ON CONFLICT (organization_id) DO UPDATE"
@@ -128,7 +138,8 @@ class ThresholdStore:
         self, conn: Conn, pending_id: uuid.UUID, *, succeeded: bool, reference: str, actor: str
     ) -> PendingTopUp:
         """Resolve a requested top-up once: on success the money is posted (a TOPUP keyed
-        "auto-topup:<id>"); a second resolution is FailedPrecondition. A failure that makes
+        "auto-topup:<id>"). The same resolution again (a payment webhook retried) returns it
+        as it is; the other one is FailedPrecondition (ALREADY_RESOLVED). A failure that makes
         MAX_AUTO_TOPUP_FAILURES in a row turns the rule off."""
         cur = await conn.execute(
             "SELECT organization_id FROM pending_topups WHERE id = %s", (pending_id,)
@@ -145,8 +156,12 @@ class ThresholdStore:
         assert found is not None
         pending = PendingTopUp(*found)
         if pending.status != "pending":
+            if pending.status == ("completed" if succeeded else "failed"):
+                return pending
             raise FailedPrecondition(
-                f"top-up {pending_id} is already {pending.status}", field="pending_top_up_id"
+                f"top-up {pending_id} is already {pending.status}",
+                field="pending_top_up_id",
+                reason="ALREADY_RESOLVED",
             )
         tx_id = None
         if succeeded:

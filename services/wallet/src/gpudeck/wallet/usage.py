@@ -14,12 +14,13 @@ from __future__ import annotations
 import math
 import uuid
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from decimal import ROUND_HALF_UP, Decimal
 
 from gpudeck.kit.errors import InvalidArgument
 from gpudeck.wallet.money import MAX_AMOUNT
+from gpudeck.wallet.text import check_label, check_text
 
 DIMENSIONS = ("model", "provider", "region", "api")
 DEFAULT_RESOURCE_TYPE = "api"
@@ -63,6 +64,13 @@ class UsageEvent:
     def resource_id(self) -> str:
         return self.dimensions.get("resource_id", "")
 
+    def same_as(self, retry: UsageEvent) -> bool:
+        """Whether `retry` is this event sent again (its time counts only when it has one)."""
+        at = self.at if retry.at is not None else None
+        return replace(self, dimensions=dict(self.dimensions), at=at) == replace(
+            retry, dimensions=dict(retry.dimensions)
+        )
+
     def rollup_dimensions(self) -> tuple[str, ...]:
         """The values of model, provider, region, api ("" when absent)."""
         return tuple(self.dimensions.get(d, "") for d in DIMENSIONS)
@@ -71,8 +79,7 @@ class UsageEvent:
 def _text(value: str, name: str, limit: int, *, required: bool = False) -> None:
     if required and not value.strip():
         raise InvalidArgument(f"{name} is required", field=name)
-    if len(value) > limit:
-        raise InvalidArgument(f"{name} is longer than {limit} characters", field=name)
+    check_text(value, name, max_length=limit)
 
 
 def validate(event: UsageEvent) -> UsageEvent:
@@ -94,6 +101,8 @@ def validate(event: UsageEvent) -> UsageEvent:
     for key, value in event.dimensions.items():
         _text(key, "dimensions", 64, required=True)
         _text(value, f"dimensions.{key}", 200)
+        if key == "resource_type":
+            check_label(value, "dimensions.resource_type")
     if event.cost > MAX_AMOUNT:
         raise InvalidArgument("quantity * unit_price is too large", field="unit_price")
     if event.at is not None and event.at.tzinfo is None:

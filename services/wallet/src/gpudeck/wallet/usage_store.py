@@ -150,9 +150,11 @@ class UsageStore:
     async def _first(self, conn: Conn, event: UsageEvent) -> UsageRecord:
         first = await self.get(conn, event.event_id)
         assert first is not None
-        if first.event.organization_id != event.organization_id:
+        if not first.event.same_as(event):
             raise Conflict(
-                f"event_id {event.event_id!r} was already used by another request", field="event_id"
+                f"event_id {event.event_id!r} was already used by another request",
+                field="event_id",
+                reason="IDEMPOTENCY_KEY_REUSED",
             )
         return first
 
