@@ -157,26 +157,16 @@ async def test_a_usage_event_is_charged_once_by_event_id(
     wallet_stub: WalletServiceStub, wallet_pool: AsyncConnectionPool, new_org: NewOrg
 ) -> None:
     org = await new_org("USD")
-    first = await record(
-        wallet_stub,
-        org,
-        "evt-1-" + str(org),
-        quantity=1500.0,
-        dimensions={"model": "llama-3", "provider": "p1", "region": "in", "api": "chat"},
-        latency_ms=120,
-    )
+    event = {
+        "quantity": 1500.0,
+        "dimensions": {"model": "llama-3", "provider": "p1", "region": "in", "api": "chat"},
+        "latency_ms": 120,
+    }
+    first = await record(wallet_stub, org, "evt-1-" + str(org), **event)
     assert first.cost == Money(amount=3000, currency="USD")
     assert first.transaction_id and first.unit_price == 2 * USD
     assert await balance(wallet_stub, org) == -3000  # usage may overdraw; auto-stop handles it
-    again = await record(
-        wallet_stub,
-        org,
-        "evt-1-" + str(org),
-        quantity=1500.0,
-        dimensions={"model": "llama-3", "provider": "p1", "region": "in", "api": "chat"},
-        latency_ms=120,
-    )
-    assert again == first
+    assert await record(wallet_stub, org, "evt-1-" + str(org), **event) == first  # a retry
     with pytest.raises(grpc.aio.AioRpcError) as err:  # the same id for another event
         await record(wallet_stub, org, "evt-1-" + str(org), quantity=99.0)
     assert err.value.code() == grpc.StatusCode.ABORTED
