@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import uuid
 from dataclasses import replace
 from datetime import UTC, date, datetime
@@ -141,3 +142,34 @@ def test_the_pdf_survives_names_outside_latin_1() -> None:
     document = pdf.render(invoice({"pod": USD}, name="Ācme — 株式会社", currency="INR"))
     assert document.startswith(b"%PDF-")
     assert b"INR 1.00" in document
+
+
+FONT = "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf"
+
+
+@pytest.mark.skipif(not os.path.isfile(FONT), reason="no DejaVu Sans here (fonts-dejavu-core)")
+def test_names_outside_latin_1_are_set_in_the_unicode_font_where_it_has_them() -> None:
+    name = "Ωmega ☃ Лаб 株式会社"
+    with_font = pdf.render(invoice({"pod": USD}, name=name), FONT)
+    without = pdf.render(invoice({"pod": USD}, name=name))
+    assert b"DejaVuSans" in with_font and b"DejaVuSans" not in without
+    assert b"USD 1.00" in with_font  # Latin-1 text stays Helvetica, searchable
+    # The font's glyphs for what it has; "?" only for what it lacks (here the CJK).
+    from fpdf import FPDF
+
+    doc = FPDF()
+    doc.add_font("u", "", FONT)
+    cmap = doc.fonts["u"].cmap
+    assert all(ord(c) in cmap for c in "Ωmega ☃ Лаб")
+    assert not any(ord(c) in cmap for c in "株式会社")
+
+
+def test_the_invoice_font_setting() -> None:
+    from gpudeck.kit.config import ConfigError
+    from gpudeck.wallet.deps import WalletSettings
+
+    assert WalletSettings.from_env({"GPUDECK_INVOICE_FONT": ""}).invoice_font == ""
+    if os.path.isfile(FONT):
+        assert WalletSettings.from_env({}).invoice_font == FONT
+    with pytest.raises(ConfigError, match="GPUDECK_INVOICE_FONT"):
+        WalletSettings.from_env({"GPUDECK_INVOICE_FONT": "/nonexistent/font.ttf"})

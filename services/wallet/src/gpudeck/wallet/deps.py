@@ -30,6 +30,9 @@ class WalletSettings:
     auto_topup_timeout: float = 3600.0
     rates_file: str = ""  # a JSON file of exchange rates to import [GPUDECK_RATES_FILE]
     rates_interval: float = 300.0  # seconds between its imports [GPUDECK_RATES_INTERVAL]
+    # A Unicode TrueType font for invoice text outside Latin-1 [GPUDECK_INVOICE_FONT]; by
+    # default DejaVu Sans when the system has it (Debian: fonts-dejavu-core); "" for none.
+    invoice_font: str = ""
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ) -> WalletSettings:
@@ -43,10 +46,24 @@ class WalletSettings:
             ),
             rates_file=_rates_file(env),
             rates_interval=number(env, "GPUDECK_RATES_INTERVAL", cls.rates_interval, minimum=1),
+            invoice_font=_invoice_font(env),
             kyc_topup_limit=int(
                 number(env, "GPUDECK_KYC_TOPUP_LIMIT", cls.kyc_topup_limit / 1_000_000) * 1_000_000
             ),
         )
+
+
+DEFAULT_INVOICE_FONT = "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf"
+
+
+def _invoice_font(env: Mapping[str, str]) -> str:
+    path = env.get("GPUDECK_INVOICE_FONT")
+    if path is None:
+        return DEFAULT_INVOICE_FONT if os.path.isfile(DEFAULT_INVOICE_FONT) else ""
+    path = path.strip()
+    if path and not (os.path.isfile(path) and path.lower().endswith((".ttf", ".otf"))):
+        raise ConfigError(f"GPUDECK_INVOICE_FONT={path!r} is not a .ttf or .otf file")
+    return path
 
 
 def _rates_file(env: Mapping[str, str]) -> str:

@@ -1,13 +1,19 @@
-"""An invoice as a PDF document (fpdf2, built-in Helvetica: no font files, nothing fetched).
+"""An invoice as a PDF document (fpdf2; nothing fetched).
 
-The page content is left uncompressed: invoices are one page, and their text stays searchable
-in the bytes. Helvetica covers Latin-1; other characters print as "?".
+Text is set in the built-in Helvetica, which covers Latin-1. A name outside it (Greek, Cyrillic,
+symbols, other scripts) is set in a Unicode TrueType font when the deployment has one
+(`font`: GPUDECK_INVOICE_FONT, by default Debian's DejaVu Sans when installed); characters that
+font lacks, or every one outside Latin-1 without such a font, print as "?". The page content is
+left uncompressed: invoices are one page, and their Latin-1 text stays searchable in the bytes.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 from fpdf import FPDF
 from fpdf.enums import XPos, YPos
+from fpdf.fonts import TTFFont
 
 from gpudeck.wallet.invoices import Invoice
 
@@ -43,16 +49,40 @@ PLAIN = str.maketrans(
 )
 
 
+UNICODE = "unicode"  # the name the TrueType font is added under
+
+
 def _text(value: str) -> str:
     return value.translate(PLAIN).encode("latin-1", errors="replace").decode("latin-1")
 
 
-def render(invoice: Invoice) -> bytes:
-    """The invoice on one A4 page: issuer, organization, period, status, lines and total."""
+def _cell(doc: FPDF, width: float, height: float, value: str, **kwargs: Any) -> None:
+    """A cell of free text: Helvetica when it is Latin-1, else the Unicode font if there is one
+    (its missing characters as "?"), else Helvetica with "?"."""
+    plain = value.translate(PLAIN)
+    font = doc.fonts.get(UNICODE)
+    try:
+        plain.encode("latin-1")
+    except UnicodeEncodeError:
+        if isinstance(font, TTFFont):
+            style, size = doc.font_style, doc.font_size_pt
+            doc.set_font(UNICODE, "", size)
+            shown = "".join(c if ord(c) in font.cmap else "?" for c in plain)
+            doc.cell(width, height, shown, **kwargs)
+            doc.set_font("Helvetica", style, size)
+            return
+    doc.cell(width, height, _text(plain), **kwargs)
+
+
+def render(invoice: Invoice, font: str = "") -> bytes:
+    """The invoice on one A4 page: issuer, organization, period, status, lines and total;
+    `font`: a Unicode TrueType font file for names outside Latin-1 ("" for none)."""
     doc = FPDF(format="A4")
+    if font:
+        doc.add_font(UNICODE, "", font)
     doc.set_compression(False)
     doc.set_creator(ISSUER)
-    doc.set_title(_text(f"Invoice {invoice.period} - {invoice.organization_name}"))
+    doc.set_title(f"Invoice {invoice.period} - {invoice.organization_name}")  # metadata: Unicode
     doc.set_auto_page_break(auto=True, margin=20)
     doc.add_page()
     width = doc.epw
@@ -81,7 +111,7 @@ def render(invoice: Invoice) -> bytes:
         doc.set_text_color(*GREY)
         doc.cell(40, 6, label)
         doc.set_text_color(0, 0, 0)
-        doc.cell(width - 40, 6, _text(value), new_x=XPos.LMARGIN, new_y=YPos.NEXT)
+        _cell(doc, width - 40, 6, value, new_x=XPos.LMARGIN, new_y=YPos.NEXT)
     doc.ln(6)
 
     amount_w, type_w = 45, 45
@@ -98,8 +128,8 @@ def render(invoice: Invoice) -> bytes:
         doc.cell(width, 8, "No charges in this period.", new_x=XPos.LMARGIN, new_y=YPos.NEXT)
         doc.set_text_color(0, 0, 0)
     for line in invoice.lines:
-        doc.cell(desc_w, 8, _text(line.description))
-        doc.cell(type_w, 8, _text(line.resource_type))
+        _cell(doc, desc_w, 8, line.description)
+        _cell(doc, type_w, 8, line.resource_type)
         doc.cell(amount_w, 8, format_amount(line.amount), align="R")
         doc.ln(8)
     _rule(doc)

@@ -142,7 +142,7 @@ class PlanRpcs:
         org = convert.optional_id(request.organization_id, "organization_id")
         async with self.wallet.pool.connection() as conn:
             invoice = await self._invoices.get(conn, invoice_id, org)
-        document = await asyncio.to_thread(pdf.render, invoice)
+        document = await asyncio.to_thread(pdf.render, invoice, self.wallet.settings.invoice_font)
         return pb.InvoicePdf(pdf=document, filename=pdf.filename(invoice))
 
 
