@@ -45,6 +45,10 @@ def field_of(err: grpc.aio.AioRpcError) -> str | None:
     return dict(err.trailing_metadata() or ()).get("x-error-field")  # type: ignore[no-any-return]
 
 
+def reason_of(err: grpc.aio.AioRpcError) -> str | None:
+    return dict(err.trailing_metadata() or ()).get("x-error-reason")  # type: ignore[no-any-return]
+
+
 def in_future(seconds: float) -> Timestamp:
     ts = Timestamp()
     ts.FromDatetime(datetime.now(UTC) + timedelta(seconds=seconds))
@@ -249,6 +253,7 @@ async def test_inviting_creates_the_user_once_and_lists_members_by_role(account_
     assert viewer.user.email == address and viewer.role == "viewer"
     err = await refused(invite(account_stub, org.id, "admin", address))
     assert err.code() == grpc.StatusCode.ALREADY_EXISTS and field_of(err) == "email"
+    assert reason_of(err) == "ALREADY_MEMBER"
     other = (await new_org(account_stub)).organization
     again = await invite(account_stub, other.id, "member", address)
     assert again.user.id == viewer.user.id
@@ -369,6 +374,7 @@ async def test_create_project_is_idempotent_by_key_and_names_are_unique(account_
         account_stub.CreateProject(pb.CreateProjectRequest(organization_id=org, name="ml"))
     )
     assert err.code() == grpc.StatusCode.ALREADY_EXISTS and field_of(err) == "name"
+    assert reason_of(err) == "NAME_TAKEN"
     err = await refused(
         account_stub.CreateProject(
             pb.CreateProjectRequest(organization_id=org, name="other", idempotency_key="p1")

@@ -164,7 +164,9 @@ class AccountStore(ProjectStore, TokenStore):
         assert row is not None
         user = User(*row)
         if user_id is not None and user.id != user_id:
-            raise AlreadyExists(f"{field} {email!r} belongs to another user", field=field)
+            raise AlreadyExists(
+                f"{field} {email!r} belongs to another user", field=field, reason="EMAIL_TAKEN"
+            )
         return user
 
     async def _created_before(self, conn: Conn, earlier: dict[str, Any]) -> CreatedOrganization:
@@ -200,7 +202,11 @@ class AccountStore(ProjectStore, TokenStore):
         )
         row = await cur.fetchone()
         if row is None:
-            raise AlreadyExists(f"{email} is already a member of organization {org}", field="email")
+            raise AlreadyExists(
+                f"{email} is already a member of organization {org}",
+                field="email",
+                reason="ALREADY_MEMBER",
+            )
         await self.outbox.add(conn, self._member_event("account.member.created", org, user, role))
         return Member(org, user, role, row[0])
 

@@ -61,6 +61,7 @@ class ProjectStore(OrganizationStore):
             raise AlreadyExists(
                 f"organization {org} already has a project named {name!r}",
                 field="name",
+                reason="NAME_TAKEN",
             )
         return _project(row)
 
@@ -121,6 +122,7 @@ class ProjectStore(OrganizationStore):
             raise AlreadyExists(
                 f"organization {project.organization_id} already has a project named {name!r}",
                 field="name",
+                reason="NAME_TAKEN",
             ) from None
         row = await cur.fetchone()
         if row is None:  # deleted while we waited for the lock
