@@ -186,3 +186,45 @@ async def test_a_display_currency_without_a_rate_is_one_error(gql, new_org, data
     assert error["extensions"]["reason"] == "EXCHANGE_RATE_MISSING", error
     assert error["extensions"]["field"] == "displayCurrency", error
     assert error["message"] == "no exchange rate between USD and INR is set", error
+
+
+async def test_token_ids_and_keys_are_checked_like_every_other(gql, new_org) -> None:
+    org = await new_org()
+    revoke = "mutation($id: ID!) { revokeApiToken(id: $id) { id } }"
+    error = await gql.error(revoke, {"id": "nope"}, token=org.token)
+    assert_names(error, "BAD_USER_INPUT", "id", "id is not a valid id")
+    missing = "00000000-0000-7000-8000-000000000000"
+    error = await gql.error(revoke, {"id": missing}, token=org.token)
+    assert_names(error, "NOT_FOUND", "id", missing)
+    # One limit for every idempotency key: 200 characters.
+    top_up = (
+        'mutation($org: ID!, $key: String!) { topUpWallet(organizationId: $org, amount: "1",'
+        ' currency: "USD", idempotencyKey: $key) { transaction { id } } }'
+    )
+    error = await gql.error(top_up, {"org": org.id, "key": "k" * 201}, token=org.token)
+    assert_names(error, "BAD_USER_INPUT", "idempotencyKey", "longer than 200")
+    assert await gql.data(top_up, {"org": org.id, "key": "k" * 200}, token=org.token)
+
+
+async def test_a_refused_role_is_told_what_it_asked_for(gql, new_org) -> None:
+    org = await new_org()
+    made = await gql.data(
+        'mutation($org: ID!) { createApiToken(organizationId: $org, name: "b", role: BILLING)'
+        " { token } }",
+        {"org": org.id},
+        token=org.token,
+    )
+    billing = made["createApiToken"]["token"]
+    error = await gql.error(
+        'mutation($id: ID!) { renameOrganization(id: $id, name: "New") { id } }',
+        {"id": org.id},
+        token=billing,
+    )
+    assert error["extensions"]["code"] == "FORBIDDEN", error
+    assert error["message"] == "only an owner or admin may renameOrganization", error
+    error = await gql.error(
+        'mutation($id: ID!) { deleteOrganization(id: $id, confirmName: "Acme") }',
+        {"id": org.id},
+        token=billing,
+    )
+    assert error["message"] == "only an owner may deleteOrganization", error

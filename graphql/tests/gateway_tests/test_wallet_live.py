@@ -199,11 +199,36 @@ async def test_a_subscription_with_an_unknown_display_currency_ends_with_one_err
     try:
         await subscribe(ws, org.id, display="XYZ")
         reply = await receive(ws)
-        errors = reply["payload"]["errors"] if reply["type"] == "next" else reply["payload"]
-        assert len(errors) == 1, errors
-        assert errors[0]["extensions"]["code"] == "BAD_USER_INPUT", errors
-        assert errors[0]["extensions"]["field"] == "displayCurrency", errors
-        if reply["type"] == "next":  # then the subscription is over
-            assert (await receive(ws))["type"] == "complete"
+        assert reply["type"] == "error", reply  # the subscription's own error, not an event's
+        [error] = reply["payload"]
+        assert error["extensions"]["code"] == "BAD_USER_INPUT", error
+        assert error["extensions"]["field"] == "displayCurrency", error
+    finally:
+        await ws.close()
+
+
+async def test_a_subscription_shows_the_caller_s_preferred_currency(
+    gql, new_org, wallet_gateway, wallet_stubs
+) -> None:
+    from gpudeck.proto.wallet.v1 import wallet_pb2
+
+    org = await new_org()
+    await wallet_stubs.wallet.SetExchangeRate(
+        wallet_pb2.SetExchangeRateRequest(base="USD", quote="INR", rate="83.25", source="test")
+    )
+    await gql.data(
+        'mutation($org: ID!) { updatePreferences(organizationId: $org, displayCurrency: "INR")'
+        " { displayCurrency } }",
+        {"org": org.id},
+        token=org.token,
+    )
+    ws = await connect(wallet_gateway, {"Authorization": f"Bearer {org.token}"})
+    try:
+        await subscribe(ws, org.id)  # no displayCurrency: the preference, as organization does
+        wallet = (await receive(ws))["payload"]["data"]["walletUpdated"]
+        assert (wallet["currency"], wallet["balance"]["currency"]) == ("INR", "INR"), wallet
+        await subscribe(ws, org.id, display="USD", op="2")  # an explicit one wins
+        wallet = (await receive(ws))["payload"]["data"]["walletUpdated"]
+        assert wallet["balance"]["currency"] == "USD", wallet
     finally:
         await ws.close()

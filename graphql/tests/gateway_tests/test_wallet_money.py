@@ -436,6 +436,11 @@ async def test_an_invoice_as_a_pdf_with_the_same_authorization(
     assert (await anonymous.json())["error"]["code"] == "UNAUTHENTICATED"
     elsewhere = await wallet_gateway.get(url, headers={"Authorization": f"Bearer {other.token}"})
     assert elsewhere.status == 404
+    junk = await wallet_gateway.get(
+        "/invoices/nope.pdf", headers={"Authorization": f"Bearer {org.token}"}
+    )
+    assert junk.status == 400
+    assert (await junk.json())["error"]["message"] == "id is not a valid id: 'nope'"
 
 
 def wallet_calls(method: str) -> float:

@@ -131,3 +131,13 @@ def test_the_gateway_knows_the_wallet_s_currencies() -> None:
     from gpudeck.wallet import money as wallet_money
 
     assert money.CURRENCIES == wallet_money.CURRENCIES
+
+
+def test_a_change_is_measured_against_the_size_of_the_period_before() -> None:
+    from gpudeck.gateway.types.billing import percent_change
+
+    assert percent_change(150, 100) == 50.0
+    assert percent_change(50, 100) == -50.0
+    assert percent_change(72_468_705, -699_565) == 10459.11  # from a refunded month: still up
+    assert percent_change(1, 3) == -66.67
+    assert percent_change(5, 0) is None

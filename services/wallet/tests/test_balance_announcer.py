@@ -3,6 +3,7 @@ them in a sweep, which finds what another replica changed or a crashed process n
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import Awaitable, Callable
 
@@ -71,3 +72,25 @@ async def test_a_sweep_finds_a_change_no_note_speaks_of(
     while await announce_balances(wallet, sweep=True) == 500:
         pass
     assert await announced_at(wallet_pool, org) > before
+
+
+async def test_a_change_not_committed_yet_is_noted_again_not_lost(
+    wallet_pool: AsyncConnectionPool, new_org: NewOrg
+) -> None:
+    """The ledger notes a wallet inside the writer's transaction; a round that runs before the
+    commit sees neither the change nor the row (the writer holds it) and must keep the note."""
+    wallet = Wallet(wallet_pool)
+    org = await new_org()
+    async with wallet_pool.connection() as conn:
+        await wallet.ledger.post_one(conn, TransferRequest("v", org, Kind.TOPUP, 5))
+    assert await announce_balances(wallet) == 1  # all said: nothing pending in the rows
+    await asyncio.sleep(1.1)  # and due again, were anything to change
+    async with wallet_pool.connection() as writer, writer.transaction():
+        await wallet.ledger.post_one(writer, TransferRequest("w", org, Kind.TOPUP, 5))
+        assert wallet.ledger.changed == {org}
+        assert await announce_balances(wallet) == 0  # not committed: nothing to say yet
+        assert wallet.ledger.changed == {org}  # but not forgotten
+    before = await announced_at(wallet_pool, org)
+    assert await announce_balances(wallet) == 1  # committed: the next round announces it
+    assert await announced_at(wallet_pool, org) > before
+    assert await announce_balances(wallet) == 0 and wallet.ledger.changed == set()

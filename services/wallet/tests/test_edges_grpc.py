@@ -879,11 +879,16 @@ async def test_list_transactions_refuses_what_it_cannot_answer(
 ) -> None:
     org = await new_org()
     await top_up(wallet_stub, org, USD)
+    foreign = await top_up(wallet_stub, await new_org(), USD)  # another organization's
     for request, code, field in (
         (pb.ListTransactionsRequest(organization_id=str(uuid.uuid4())), "NOT_FOUND", None),
         (pb.ListTransactionsRequest(organization_id=str(org), limit=-5), "INVALID_ARGUMENT", "limit"),
         (pb.ListTransactionsRequest(organization_id=str(org), kinds=[99]), "INVALID_ARGUMENT",
          "kinds"),
+        (pb.ListTransactionsRequest(organization_id=str(org), before_id=str(uuid.uuid4())),
+         "NOT_FOUND", "before_id"),
+        (pb.ListTransactionsRequest(organization_id=str(org), before_id=foreign.id),
+         "NOT_FOUND", "before_id"),
     ):  # fmt: skip
         err = await refused(wallet_stub.ListTransactions(request, timeout=5))
         assert err.code().name == code, err.details()
@@ -993,3 +998,18 @@ async def test_an_organization_waiting_for_a_top_up_payment_is_not_deleted(
         pb.SetAutoTopUpRequest(organization_id=str(org), enabled=False, below=USD, amount=5 * USD)
     )
     await account_stub.DeleteOrganization(delete)
+
+
+async def test_a_batch_lists_in_the_order_it_was_booked(
+    wallet_stub: WalletServiceStub, new_org: NewOrg
+) -> None:
+    org = await new_org()
+    await top_up(wallet_stub, org, 100 * USD)
+    await wallet_stub.TransferBatch(
+        pb.TransferBatchRequest(transfers=[transfer(org, pb.CHARGE, USD + i) for i in range(30)]),
+        timeout=5,
+    )
+    listed = await transactions_of(wallet_stub, org)  # newest first
+    charges = [t for t in listed if t.kind == pb.CHARGE]
+    afters = [t.balance_after.amount for t in charges]
+    assert len(afters) == 30 and afters == sorted(afters)  # each one lower than the one before

@@ -56,3 +56,11 @@ async def test_a_foreign_top_up_uses_the_inverse_rate_when_only_that_is_set(
                 conn, [TransferRequest("inr-topup-2", org, Kind.TOPUP, 1_000_000_000, "INR")]
             )
             assert outcome.error is not None and outcome.error.field == "currency"
+
+
+def test_ids_made_in_one_process_only_grow() -> None:
+    from gpudeck.wallet.ids import uuid7
+
+    ids = [uuid7() for _ in range(20_000)]  # many share a millisecond
+    assert ids == sorted(ids) and len(set(ids)) == len(ids)
+    assert {i.version for i in ids} == {7} and {i.variant for i in ids} == {uuid.RFC_4122}

@@ -303,3 +303,24 @@ async def test_a_rate_dated_in_the_future_waits_for_its_time(
         pb.ListExchangeRatesRequest(base="USD", quote="INR"), timeout=5
     )
     assert [r.id for r in listed.rates] == [scheduled.id, current.id]  # history shows both
+
+
+async def test_usage_records_in_another_currency_convert_their_unit_price_too(
+    wallet_stub: WalletServiceStub, wallet_pool: AsyncConnectionPool, new_org: NewOrg
+) -> None:
+    await clear_rates(wallet_pool)
+    org = await new_org("USD")
+    await set_rate(wallet_stub, "USD", "INR", "83.25")
+    await wallet_stub.RecordUsage(
+        pb.RecordUsageRequest(
+            event_id=uuid.uuid4().hex, organization_id=str(org), meter="tokens",
+            quantity=1_000_000.0, unit_price=2 * UNIT,
+        ),
+        timeout=5,
+    )  # fmt: skip
+    shown = await wallet_stub.GetUsageAnalytics(
+        pb.GetUsageAnalyticsRequest(organization_id=str(org), display_currency="INR"), timeout=5
+    )
+    [record] = shown.recent
+    assert record.cost == Money(amount=166_500_000, currency="INR")
+    assert record.unit_price == 166_500_000  # 2 USD per million, in INR like the cost

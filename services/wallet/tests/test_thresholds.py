@@ -319,3 +319,31 @@ async def test_an_enabled_rule_needs_amounts(
         )
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "amount" in (err.value.details() or "")
+
+
+def test_an_overdrawn_wallet_is_depleted_even_with_nothing_running() -> None:
+    from gpudeck.wallet.alerts import SERVICE_STATUS, Thresholds, level_for
+
+    none = Thresholds()
+    assert level_for(0, 0, none, 10) == "ok"  # a new, empty wallet: nothing to pause
+    assert level_for(-1, 0, none, 10) == "depleted"
+    assert SERVICE_STATUS[level_for(-346_338_829, 0, none, 10)] == "paused"
+    assert level_for(5 * USD, 0, Thresholds(critical_amount=10 * USD), 10) == "critical"
+
+
+async def test_usage_that_overdraws_pauses_the_wallet_until_topped_up(
+    wallet_stub: WalletServiceStub, new_org: NewOrg
+) -> None:
+    org = await new_org("USD")
+    await wallet_stub.RecordUsage(
+        pb.RecordUsageRequest(
+            event_id=uuid.uuid4().hex, organization_id=str(org), meter="tokens",
+            quantity=1_000_000.0, unit_price=3 * USD,
+        ),
+        timeout=5,
+    )  # fmt: skip
+    s = await wallet_stub.GetWalletSummary(pb.GetWalletSummaryRequest(organization_id=str(org)))
+    assert (s.balance.amount, s.service_status) == (-3 * USD, "paused")
+    await transfer(wallet_stub, org, pb.TOPUP, 5 * USD)
+    s = await wallet_stub.GetWalletSummary(pb.GetWalletSummaryRequest(organization_id=str(org)))
+    assert (s.balance.amount, s.service_status) == (2 * USD, "available")

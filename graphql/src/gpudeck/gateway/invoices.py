@@ -20,11 +20,11 @@ from gpudeck.gateway.errors import (
     BAD_USER_INPUT,
     FORBIDDEN,
     INTERNAL,
-    INTERNAL_MESSAGE,
     NOT_FOUND,
     UNAUTHENTICATED,
     UNAVAILABLE,
     GatewayError,
+    from_rpc,
     rpc_code,
 )
 from gpudeck.gateway.permissions import BillingReader
@@ -70,11 +70,10 @@ def handler(
         try:
             pdf = await client.wallet.RenderInvoicePdf(render, metadata=client.metadata)
         except grpc.aio.AioRpcError as exc:
-            code = rpc_code(exc)
-            if code == INTERNAL:
+            if rpc_code(exc) == INTERNAL:
                 log.error("rendering an invoice failed: %s", exc.details())
-                return _error(INTERNAL, INTERNAL_MESSAGE)
-            return _error(code, exc.details() or code)
+            refusal = from_rpc(exc, {"invoice_id": "id"})  # the id in the path
+            return _error(refusal.code, refusal.message)
         filename = pdf.filename.replace('"', "") or "invoice.pdf"
         return web.Response(
             body=pdf.pdf,

@@ -30,16 +30,23 @@ from gpudeck.gateway.context import Info
 from gpudeck.gateway.errors import BAD_USER_INPUT, FORBIDDEN, NOT_FOUND, GatewayError, camel
 
 
-def organization_not_found(organization_id: str, field: str) -> GatewayError:
-    """Another organization's id, or one that does not exist: NOT_FOUND alike. One that is no
-    id at all (not a UUID) is BAD_USER_INPUT, as the services say of every malformed id."""
+def malformed_id(value: str, field: str) -> GatewayError | None:
+    """BAD_USER_INPUT for a value that is no id at all (not a UUID), as the services say of
+    every malformed id; None for a well-formed one."""
     try:
-        uuid.UUID(organization_id)
+        uuid.UUID(value)
     except ValueError:
         return GatewayError(
-            f"{field} is not a valid id: {organization_id!r}", code=BAD_USER_INPUT, field=field
+            f"{field} is not a valid id: {value!r}", code=BAD_USER_INPUT, field=field
         )
-    return GatewayError(f"organization {organization_id} not found", code=NOT_FOUND, field=field)
+    return None
+
+
+def organization_not_found(organization_id: str, field: str) -> GatewayError:
+    """Another organization's id, or one that does not exist: NOT_FOUND alike."""
+    return malformed_id(organization_id, field) or GatewayError(
+        f"organization {organization_id} not found", code=NOT_FOUND, field=field
+    )
 
 
 class Member(BasePermission):
@@ -58,8 +65,8 @@ class Member(BasePermission):
         if organization is not None and organization != identity.organization_id:
             raise organization_not_found(organization, camel(self.argument or "organization_id"))
         refusal = self.refuse(identity, kwargs)
-        if refusal:
-            raise GatewayError(refusal, code=FORBIDDEN)
+        if refusal:  # "{field}": what was asked, as the query spells it
+            raise GatewayError(refusal.replace("{field}", info.field_name), code=FORBIDDEN)
         return True
 
     def organization(self, source: Any, kwargs: dict[str, Any]) -> str | None:
@@ -90,12 +97,12 @@ class BillingWriter(Member):
 
 class Admin(Member):
     minimum = "admin"
-    refusal = "only an owner or admin may manage members"
+    refusal = "only an owner or admin may {field}"
 
 
 class Owner(Member):
     minimum = "owner"
-    refusal = "only an owner may do this"
+    refusal = "only an owner may {field}"
 
 
 class MayGrant(Writer):
@@ -172,7 +179,7 @@ class MayManageToken(Writer):
         tokens = await info.context.loaders.api_tokens.load(identity.organization_id)
         token = next((t for t in tokens if t.id == wanted), None)
         if token is None:
-            raise GatewayError(
+            raise malformed_id(wanted, self.token_argument) or GatewayError(
                 f"API token {wanted} not found", code=NOT_FOUND, field=self.token_argument
             )
         if rank(token.role) > rank(identity.role):

@@ -184,6 +184,17 @@ async def load_preferences(info: Info, organization_id: str) -> Preferences:
     return Preferences.from_pb(await c.accounts.GetPreferences(request, metadata=c.metadata))
 
 
+async def display_for(info: Info, organization_id: str, given: str | None) -> str:
+    """The currency to show `organization_id`'s amounts in: `given` (checked: INR or USD), or
+    when it is null the caller's saved preference there ("" for none: the wallet's own)."""
+    if given is None:
+        identity = await info.context.identity_in(organization_id)
+        if not identity.user_id:
+            return ""
+        given = (await load_preferences(info, organization_id)).display_currency or None
+    return check_display(given)
+
+
 async def resolve_viewer(info: Info) -> Viewer:
     i = await info.context.identity()
     return Viewer(

@@ -30,18 +30,25 @@ def _conversion(
     return m.conversion if m.HasField("conversion") else None
 
 
+def percent_change(current: int, previous: int) -> float | None:
+    """(current − previous) / |previous| × 100, to 2 decimals: positive when spending grew, even
+    from a negative (refunded) period; None when `previous` is zero. Every change percent the
+    gateway shows is this one (the wallet's PeriodTotal.change_percent is the same, unrounded)."""
+    return round((current - previous) * 100 / abs(previous), 2) if previous else None
+
+
 @strawberry.type(description="A period's total and its change against the period before.")
 class PeriodTotal:
     total: Money
     change_percent: float | None = strawberry.field(
-        description="Null when the period before spent nothing."
+        description="Percent, 2 decimals; null when the period before spent nothing."
     )
 
     @classmethod
     def from_pb(cls, m: wallet_pb2.PeriodTotal) -> PeriodTotal:
         return cls(
             total=Money.from_pb(m.total),
-            change_percent=m.change_percent if m.HasField("change_percent") else None,
+            change_percent=round(m.change_percent, 2) if m.HasField("change_percent") else None,
         )
 
 
@@ -269,7 +276,7 @@ async def load_billing(info: Info, organization_id: str, display: str) -> Billin
         expenditure=spent,
         current_month_total=Money.from_pb(spent.current_period),
         last_month_total=Money.from_pb(spent.last_month.total),
-        trend_percent=round((current - last) * 100 / last, 2) if last else None,
+        trend_percent=percent_change(current, last),
         next_invoice_date=_date(spent.next_invoice_date),
         conversion=Conversion.from_pb(spent.conversion) if spent.HasField("conversion") else None,
     )

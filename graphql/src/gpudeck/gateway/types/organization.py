@@ -39,7 +39,6 @@ from gpudeck.gateway.types import billing as bills
 from gpudeck.gateway.types import usage as usages
 from gpudeck.gateway.types import wallet as wallets
 from gpudeck.gateway.types.common import Conversion, when
-from gpudeck.gateway.types.common import display_currency as check_display
 from gpudeck.proto.wallet.v1 import account_pb2
 
 
@@ -240,7 +239,7 @@ class Organization:
             "Ledger transactions, newest first, in the wallet currency (top-ups keep what was "
             "paid). `before`: the last id of the previous page."
         ),
-        extensions=[*require(BillingReader()), Arguments(before_id="before")],
+        extensions=[*require(BillingReader()), Arguments(before_id="before", limit="first")],
     )
 
     auto_top_up = strawberry.field(
@@ -308,11 +307,7 @@ async def resolve_organization(
     info: Info, id: strawberry.ID, display_currency: str | None = None
 ) -> Organization | None:
     found = await info.context.loaders.organization.load(str(id))
-    if display_currency is None:  # the caller's saved preference, if it has one
-        identity = await info.context.identity()
-        if identity.user_id:
-            display_currency = (await accounts.load_preferences(info, str(id))).display_currency
-    display = check_display(display_currency)
+    display = await accounts.display_for(info, str(id), display_currency)
     if display in ("", found.currency):
         return Organization.from_pb(found, "")
     await _rate_exists(info, str(id), display)

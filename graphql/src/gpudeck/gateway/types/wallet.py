@@ -19,8 +19,8 @@ from gpudeck.gateway.errors import BAD_USER_INPUT, Arguments, GatewayError
 from gpudeck.gateway.live import Watch
 from gpudeck.gateway.money import parse_amount, parse_currency
 from gpudeck.gateway.permissions import BillingReader, BillingWriter, require
+from gpudeck.gateway.types import account as accounts
 from gpudeck.gateway.types.common import Conversion, Money, check_first, when
-from gpudeck.gateway.types.common import display_currency as check_display
 from gpudeck.proto.common.v1 import money_pb2
 from gpudeck.proto.wallet.v1 import wallet_pb2
 
@@ -106,7 +106,8 @@ class TransactionKind(enum.Enum):
     ADJUSTMENT = "ADJUSTMENT"
     CREDIT_GRANT = "CREDIT_GRANT"
     USAGE = "USAGE"
-    OTHER = "OTHER"
+    CREDIT_EXPIRY = "CREDIT_EXPIRY"
+    OTHER = "OTHER"  # a kind this gateway does not know yet
 
 
 @strawberry.type(
@@ -151,6 +152,9 @@ class Transaction:
         )
 
 
+MAX_TRANSACTIONS = 500  # the wallet's page limit
+
+
 async def list_transactions(
     info: Info,
     organization_id: str,
@@ -158,12 +162,15 @@ async def list_transactions(
     before: str | None,
     kinds: list[TransactionKind] | None,
 ) -> list[Transaction]:
+    known = [wallet_pb2.TransferKind.Value(k.value) for k in kinds or () if k.value != "OTHER"]
+    if kinds and not known:  # only OTHER: none of the wallet's kinds is unknown here
+        return []
     c = info.context.wallet
     request = wallet_pb2.ListTransactionsRequest(
         organization_id=organization_id,
-        limit=check_first(first, maximum=1000),
+        limit=check_first(first, maximum=MAX_TRANSACTIONS),
         before_id=before or "",
-        kinds=[wallet_pb2.TransferKind.Value(k.value) for k in kinds or () if k.value != "OTHER"],
+        kinds=known,
     )
     answer = await c.wallet.ListTransactions(request, metadata=c.metadata)
     return [Transaction.from_pb(t) for t in answer.transactions]
@@ -256,10 +263,15 @@ async def resolve_set_auto_top_up(
     return AutoTopUp.from_pb(saved, organization.currency)
 
 
-@strawberry.type(description="What a top-up did: the transaction and the wallet after it.")
+@strawberry.type(
+    description=(
+        "What a top-up did: its transaction (on a retry with the same key, the first one, "
+        "with the balance right after it) and the wallet as it is now."
+    )
+)
 class TopUpPayload:
     transaction: Transaction
-    wallet: Wallet
+    wallet: Wallet = strawberry.field(description="The wallet now (not as of the transaction).")
 
 
 def _hours(value: float | None, field: str) -> float:
@@ -374,12 +386,19 @@ async def resolve_wallet_updated(
     organization_id: strawberry.ID,
     display_currency: str | None = None,
 ) -> AsyncGenerator[Wallet, None]:
+    """Checks the arguments before the stream starts (a bad one is the subscription's error,
+    not an event's), in the caller's preferred display currency when none is given."""
+    org = str(organization_id)
+    display = await accounts.display_for(info, org, display_currency)
+    return wallet_updates(info, org, display)
+
+
+async def wallet_updates(info: Info, org: str, display: str) -> AsyncGenerator[Wallet, None]:
     """Each summary is read fresh (fresh DataLoaders) and pushed when it differs from the last.
     The token is checked again at least every RECHECK_SECONDS: a revoked one ends the
     subscription with UNAUTHENTICATED. While the wallet is unreachable the subscription stays
     and tries again at the next wake or check."""
     context = info.context
-    org, display = str(organization_id), check_display(display_currency)
     live = context.live
     watching = live.watching(org) if live is not None else contextlib.nullcontext(Watch(org))
     last: wallet_pb2.WalletSummary | None = None

@@ -34,8 +34,9 @@ def hours_remaining(balance: int, run_rate: int) -> float | None:
 
 def level_for(balance: int, run_rate: int, thresholds: Thresholds, depletion_seconds: float) -> str:
     """The level of a wallet: depleted when the balance covers less than `depletion_seconds` of
-    the run rate; critical / warning when under an amount or hours-remaining threshold."""
-    if run_rate > 0 and balance * 3600 < run_rate * depletion_seconds:
+    the run rate, or is below zero (overdrawn by metered usage, even with nothing running now);
+    critical / warning when under an amount or hours-remaining threshold."""
+    if balance < 0 or (run_rate > 0 and balance * 3600 < run_rate * depletion_seconds):
         return "depleted"
     hours = hours_remaining(balance, run_rate)
 

@@ -142,7 +142,9 @@ RESERVED_KEY_PREFIXES = (
 
 
 def check_client_key(key: str) -> str:
-    """A caller's idempotency key: not one of the wallet's own (InvalidArgument)."""
+    """A caller's idempotency key: at most 200 plain characters, and not one of the wallet's
+    own (InvalidArgument)."""
+    check_text(key, "idempotency_key")
     if key.startswith(RESERVED_KEY_PREFIXES):
         raise InvalidArgument(
             f"idempotency_key may not start with {key.split(':', 1)[0]}: (the wallet's own keys)",

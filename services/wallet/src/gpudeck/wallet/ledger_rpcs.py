@@ -6,7 +6,7 @@ from typing import Any
 
 import grpc
 
-from gpudeck.kit.errors import DomainError, InvalidArgument
+from gpudeck.kit.errors import DomainError, InvalidArgument, NotFound
 from gpudeck.kit.logs import actor
 from gpudeck.proto.wallet.v1 import wallet_pb2 as pb
 from gpudeck.wallet import convert
@@ -15,7 +15,6 @@ from gpudeck.wallet.fast_transfer import currency_of
 from gpudeck.wallet.holds import HoldRequest
 from gpudeck.wallet.ledger import Outcome, TransferRequest, check_client_key
 from gpudeck.wallet.metering import MeterRequest
-from gpudeck.wallet.text import check_text
 
 Ctx = grpc.aio.ServicerContext[Any, Any]
 MAX_BATCH = 10_000
@@ -106,6 +105,13 @@ class LedgerRpcs:
         before = convert.optional_id(request.before_id, "before_id")
         async with self.wallet.pool.connection() as conn:
             await currency_of(self.wallet.ledger, conn, org)  # NotFound for an unknown one
+            if before is not None:  # a cursor is one of the organization's transactions
+                cur = await conn.execute(
+                    "SELECT 1 FROM transactions WHERE id = %s AND organization_id = %s",
+                    (before, org),
+                )
+                if await cur.fetchone() is None:
+                    raise NotFound(f"transaction {before} not found", field="before_id")
             cur = await conn.execute(
                 "SELECT id FROM transactions WHERE organization_id = %s"
                 " AND (%s::uuid IS NULL OR id < %s) AND (cardinality(%s::text[]) = 0 OR kind = ANY(%s))"
@@ -204,7 +210,7 @@ def _require_key(key: str) -> str:
     """A caller's idempotency key: given, short, plain, and none of the wallet's own."""
     if not key.strip():
         raise InvalidArgument("idempotency_key is required", field="idempotency_key")
-    return check_client_key(check_text(key, "idempotency_key"))
+    return check_client_key(key)
 
 
 def _meter_id(value: str) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import time
+import uuid
 from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
@@ -119,13 +120,20 @@ async def announce_balances(
                 )
             announced = {row[0] for row in rows}
             rest = [o for o in changed if o not in announced]
-            if rest:
+            if rest:  # not due yet, or a writer holds them (its change may not be committed)
                 cur = await conn.execute(
-                    "SELECT organization_id FROM wallets"
-                    " WHERE organization_id = ANY(%s) AND changed_at > announced_at",
+                    "SELECT organization_id, changed_at > announced_at FROM wallets"
+                    " WHERE organization_id = ANY(%s)",
                     (rest,),
                 )
-                wallet.ledger.mark_changed(row[0] for row in await cur.fetchall())
+                pending: dict[uuid.UUID, bool] = dict(await cur.fetchall())
+                cur = await conn.execute(
+                    "SELECT organization_id FROM wallets"
+                    " WHERE organization_id = ANY(%s) FOR SHARE SKIP LOCKED",
+                    (list(pending),),
+                )
+                free = {row[0] for row in await cur.fetchall()}
+                wallet.ledger.mark_changed(o for o, due in pending.items() if due or o not in free)
     except BaseException:
         wallet.ledger.mark_changed(changed)  # not announced: keep them for the next round
         raise

@@ -847,7 +847,7 @@ class UsageRecord(_message.Message):
     transaction_id: _builtins.str
     """the USAGE charge; empty when the cost was zero"""
     unit_price: _builtins.int
-    """micro-units per 1,000,000 units of quantity"""
+    """micro-units of cost's currency per 1,000,000 units of quantity"""
     @_builtins.property
     def cost(self) -> _money_pb2.Money: ...
     @_builtins.property
