@@ -229,3 +229,23 @@ def test_data_folder_in_use_is_refused(tmp_path: Path) -> None:
             *free_listen_flags(), env=clean_env(),
         )  # fmt: skip
     assert_one_line_error(result, str(tmp_path), "in use", "4242")
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("GPUDECK_BILLING_INTERVAL", "nan"),
+        ("GPUDECK_KYC_TOPUP_LIMIT", "inf"),
+        ("GPUDECK_DB_POOL_SIZE", "nan"),
+        ("GPUDECK_DB_POOL_SIZE", "1e9"),
+        ("GPUDECK_AUTO_TOPUP_TIMEOUT", "nan"),
+        ("GPUDECK_SHUTDOWN_GRACE", "-inf"),
+        ("GPUDECK_DEPLETION_SECONDS", "1e400"),
+    ],
+)
+def test_numbers_that_are_not_finite_or_sane_are_named(name: str, value: str) -> None:
+    env = clean_env(GPUDECK_SERVICE_TOKEN="t" * 24, **{name: value})
+    env["GPUDECK_DATABASE_URL"] = "postgresql://postgres@127.0.0.1:5432/postgres"
+    env["GPUDECK_NATS_URL"] = "nats://127.0.0.1:4222"
+    result = run_cli("serve", "wallet", env=env)
+    assert_one_line_error(result, name)

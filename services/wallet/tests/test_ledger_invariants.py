@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
+import sys
 import uuid
 from collections.abc import Awaitable, Callable
 
@@ -125,7 +127,10 @@ def assert_workload_was_clean(record: workload.Record) -> None:
 
 
 async def test_invariants_hold_after_a_concurrent_workload(
-    wallet_stub: WalletServiceStub, wallet_pool: AsyncConnectionPool, new_org: NewOrg
+    wallet_stub: WalletServiceStub,
+    wallet_pool: AsyncConnectionPool,
+    new_org: NewOrg,
+    database_url: str,
 ) -> None:
     orgs = [await new_org() for _ in range(4)]
     record = await workload.run(wallet_stub, orgs, clients=24, ops=40, pool=wallet_pool)
@@ -139,6 +144,15 @@ async def test_invariants_hold_after_a_concurrent_workload(
     await assert_books_sound(wallet_pool, orgs)
     await assert_acknowledged_are_recorded(wallet_pool, record)
     await assert_nothing_else_written(wallet_pool, orgs, record)
+    # What an operator runs says the same.
+    checked = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "gpudeck.wallet.audit",
+        env={**os.environ, "GPUDECK_DATABASE_URL": database_url},
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    out, err = await checked.communicate()
+    assert checked.returncode == 0, (out, err)
+    assert b"the books are sound" in out
 
 
 @pytest.mark.slow

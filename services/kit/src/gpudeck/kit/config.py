@@ -6,6 +6,7 @@ variable; `gpudeck.kit.runtime` prints it and exits with code 2.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from collections.abc import Mapping
@@ -97,7 +98,15 @@ def name_setting(env: Mapping[str, str], name: str, default: str) -> str:
     return value
 
 
-def number(env: Mapping[str, str], name: str, default: float, *, minimum: float = 0) -> float:
+def number(
+    env: Mapping[str, str],
+    name: str,
+    default: float,
+    *,
+    minimum: float = 0,
+    maximum: float = 1e12,
+) -> float:
+    """A finite number from `minimum` to `maximum` ("nan", "inf" and "1e400" are not)."""
     raw = env.get(name, "").strip()
     if not raw:
         return default
@@ -105,8 +114,12 @@ def number(env: Mapping[str, str], name: str, default: float, *, minimum: float 
         value = float(raw)
     except ValueError:
         raise ConfigError(f"{name}={raw!r} is not a number") from None
+    if not math.isfinite(value):
+        raise ConfigError(f"{name}={raw!r} is not a finite number")
     if value < minimum:
         raise ConfigError(f"{name}={raw!r} must be at least {minimum:g}")
+    if value > maximum:
+        raise ConfigError(f"{name}={raw!r} must be at most {maximum:g}")
     return value
 
 
@@ -171,7 +184,7 @@ class ServiceConfig:
             service_token=require(env, "GPUDECK_SERVICE_TOKEN"),
             log_level=log_level(env),
             shutdown_grace=number(env, "GPUDECK_SHUTDOWN_GRACE", 10.0),
-            db_pool_size=int(number(env, "GPUDECK_DB_POOL_SIZE", 8, minimum=2)),
+            db_pool_size=int(number(env, "GPUDECK_DB_POOL_SIZE", 8, minimum=2, maximum=1000)),
         )
 
 

@@ -8,6 +8,8 @@ probes and grpcurl), maps `DomainError`s to status codes, and counts and times t
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hmac
 import logging
 import os
@@ -39,6 +41,7 @@ STATUS = {
     "UNAVAILABLE": grpc.StatusCode.UNAVAILABLE,
 }
 VERSION = "0.1.0"
+QUIET = 0.2  # seconds without a new call before a draining server stops
 
 
 @dataclass(frozen=True)
@@ -71,6 +74,11 @@ class KitInterceptor(grpc.aio.ServerInterceptor):
     def __init__(self, token: str) -> None:
         self._expected = f"Bearer {token}"
         self._wrapped: dict[str, Handler] = {}
+        self.draining = False  # shutting down: new calls are refused as UNAVAILABLE
+        self.in_flight = 0  # unary calls being handled now
+        self.idle = asyncio.Event()
+        self.idle.set()
+        self.last_call = 0.0  # time.monotonic() of the latest call to arrive
 
     async def intercept_service(
         self,
@@ -97,8 +105,12 @@ class KitInterceptor(grpc.aio.ServerInterceptor):
         counters: dict[str, Any] = {}
         is_open = method.startswith(OPEN_SERVICES)
         expected = self._expected
+        this = self
 
         async def wrapped(req: Any, ctx: Context) -> Any:
+            if this.draining and not is_open:  # retryable, unlike the CANCELLED of a stop
+                this.last_call = time.monotonic()
+                await ctx.abort(grpc.StatusCode.UNAVAILABLE, "the service is shutting down")
             rid: Any = None
             auth: Any = None
             who: Any = None
@@ -114,6 +126,8 @@ class KitInterceptor(grpc.aio.ServerInterceptor):
             actor_token = actor.set(who or "")
             started = time.perf_counter()
             code = "OK"
+            this.in_flight += 1
+            this.idle.clear()
             try:
                 if not is_open and (auth is None or not hmac.compare_digest(auth, expected)):
                     code = "UNAUTHENTICATED"
@@ -151,6 +165,9 @@ class KitInterceptor(grpc.aio.ServerInterceptor):
                 counter.inc()
                 request_id.reset(token)
                 actor.reset(actor_token)
+                this.in_flight -= 1
+                if not this.in_flight:
+                    this.idle.set()
 
         wrapper: Handler = grpc.unary_unary_rpc_method_handler(
             wrapped,
@@ -241,8 +258,9 @@ class KitServer:
 
     async def start(self) -> int:
         """Bind and start; return the port (useful when listening on port 0)."""
+        self.interceptor = KitInterceptor(self.token)
         server = grpc.aio.server(
-            interceptors=[KitInterceptor(self.token)],
+            interceptors=[self.interceptor],
             options=[("grpc.so_reuseport", 0), *self.options],
         )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
@@ -264,6 +282,25 @@ class KitServer:
         return self.port
 
     async def stop(self, grace: float) -> None:
+        """Health NOT_SERVING; refuse new calls as UNAVAILABLE (clients retry those, with the
+        same idempotency keys) and let the calls in flight finish, up to `grace` seconds; then
+        stop the server (what is still running after that is cancelled)."""
         await self.health.enter_graceful_shutdown()
-        if self.server is not None:
-            await self.server.stop(grace)
+        if self.server is None:
+            return
+        started = time.monotonic()
+        deadline = started + grace
+        interceptor = self.interceptor
+        interceptor.draining = True
+        interceptor.last_call = started
+        # Calls gRPC has taken in but not handed over yet would be CANCELLED by the stop: wait
+        # until the handlers are idle and nothing has come in for QUIET seconds.
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(grace):
+                while True:
+                    await interceptor.idle.wait()
+                    quiet = time.monotonic() - interceptor.last_call
+                    if quiet >= QUIET:
+                        break
+                    await asyncio.sleep(QUIET - quiet)
+        await self.server.stop(max(deadline - time.monotonic(), 0.1))

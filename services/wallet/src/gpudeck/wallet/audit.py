@@ -1,7 +1,8 @@
 """Ledger invariants, checked from the rows: what must hold whatever happened before.
 
-`check(conn)` returns a line per violation (empty when the books are sound). Operators can run
-it; the concurrency and crash tests assert it is empty.
+`check(conn)` returns a line per violation (empty when the books are sound); the concurrency and
+crash tests assert it is empty. Operators run `python -m gpudeck.wallet.audit` (with
+GPUDECK_DATABASE_URL): exit 0 when sound, 1 with a line per violation.
 """
 
 from __future__ import annotations
@@ -64,3 +65,38 @@ async def check(conn: AsyncConnection[Any]) -> list[str]:
         if rows:
             problems.append(f"{name}: violated by {', '.join(rows)}")
     return problems
+
+
+async def _main() -> int:
+    """`python -m gpudeck.wallet.audit`: check the books of GPUDECK_DATABASE_URL's wallet schema;
+    exit 0 when sound, 1 with a line per violation, 2 when it cannot be reached or is unset."""
+    import os
+    import sys
+
+    import psycopg
+
+    from gpudeck.kit.config import ConfigError, database_url
+
+    try:
+        url = database_url(os.environ)
+        conn = await psycopg.AsyncConnection.connect(url, options="-c search_path=wallet,public")
+    except (ConfigError, psycopg.Error) as exc:
+        print(f"gpudeck.wallet.audit: {exc}".splitlines()[0], file=sys.stderr)
+        return 2
+    async with conn:
+        cur = await conn.execute("SELECT to_regclass('postings') IS NOT NULL")
+        if not (await cur.fetchone() or (False,))[0]:
+            print("gpudeck.wallet.audit: this database has no wallet schema", file=sys.stderr)
+            return 2
+        problems = await check(conn)
+    for problem in problems:
+        print(problem)
+    if not problems:
+        print("the books are sound: every invariant holds")
+    return 1 if problems else 0
+
+
+if __name__ == "__main__":
+    import asyncio
+
+    raise SystemExit(asyncio.run(_main()))
