@@ -1013,3 +1013,19 @@ async def test_a_batch_lists_in_the_order_it_was_booked(
     charges = [t for t in listed if t.kind == pb.CHARGE]
     afters = [t.balance_after.amount for t in charges]
     assert len(afters) == 30 and afters == sorted(afters)  # each one lower than the one before
+
+
+async def test_a_threshold_crossing_names_who_crossed_it(
+    wallet_stub: WalletServiceStub, new_org: NewOrg, events_config: EventsConfig
+) -> None:
+    org = await new_org()
+    await top_up(wallet_stub, org, 10 * USD)
+    await wallet_stub.SetThresholds(
+        pb.SetThresholdsRequest(organization_id=str(org), warning_amount=5 * USD), timeout=5
+    )
+    await wallet_stub.Transfer(transfer(org, pb.CHARGE, 6 * USD), metadata=AS_ACTOR, timeout=5)
+    found = await wallet_events(events_config, org, has_types("wallet.balance.warning"))
+    [event] = of_type(found, "wallet.balance.warning")
+    assert event.actor == ACTOR  # the charge's caller, not "system"
+    changed = await wallet_events(events_config, org, has_types("wallet.balance.changed"))
+    assert {e.actor for e in of_type(changed, "wallet.balance.changed")} == {"system"}

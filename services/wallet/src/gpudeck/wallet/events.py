@@ -125,7 +125,10 @@ def balance_event(
     run_rate: int,
     level: str,
     previous_level: str = "",
+    actor: str = "system",
 ) -> Event:
+    """A wallet.balance.* event; `actor` "" is the caller of the current call (the one whose
+    charge or top-up crossed a threshold), else "system"."""
     payload = pb.BalanceChanged(
         balance=money(balance, currency),
         held_balance=money(held_balance, currency),
@@ -137,7 +140,7 @@ def balance_event(
     hours = hours_remaining(balance, run_rate)
     if hours is not None:
         payload.hours_remaining = hours
-    return _event(event_type, payload, organization_id, actor="system")
+    return _event(event_type, payload, organization_id, actor=actor)
 
 
 def hold_changed(

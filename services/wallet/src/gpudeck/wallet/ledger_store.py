@@ -434,6 +434,7 @@ class LedgerStore:
                         run_rate=w.run_rate,
                         level=level,
                         previous_level=w.level,
+                        actor="",  # who crossed it
                     )
                 )
                 w.level = level
