@@ -12,6 +12,7 @@ import grpc
 import pytest
 from google.protobuf.timestamp_pb2 import Timestamp
 from psycopg_pool import AsyncConnectionPool
+from test_edges_grpc import usage_request
 
 from gpudeck.kit.errors import FailedPrecondition, InvalidArgument
 from gpudeck.proto.common.v1.money_pb2 import Money
@@ -312,12 +313,8 @@ async def test_usage_records_in_another_currency_convert_their_unit_price_too(
     org = await new_org("USD")
     await set_rate(wallet_stub, "USD", "INR", "83.25")
     await wallet_stub.RecordUsage(
-        pb.RecordUsageRequest(
-            event_id=uuid.uuid4().hex, organization_id=str(org), meter="tokens",
-            quantity=1_000_000.0, unit_price=2 * UNIT,
-        ),
-        timeout=5,
-    )  # fmt: skip
+        usage_request(org, quantity=1_000_000.0, unit_price=2 * UNIT), timeout=5
+    )
     shown = await wallet_stub.GetUsageAnalytics(
         pb.GetUsageAnalyticsRequest(organization_id=str(org), display_currency="INR"), timeout=5
     )

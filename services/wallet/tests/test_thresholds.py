@@ -16,7 +16,7 @@ import nats
 import pytest
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from psycopg_pool import AsyncConnectionPool
-from test_edges_grpc import wallet_events
+from test_edges_grpc import usage_request, wallet_events
 
 from gpudeck.kit.config import EventsConfig
 from gpudeck.kit.events import parse_event
@@ -336,12 +336,8 @@ async def test_usage_that_overdraws_pauses_the_wallet_until_topped_up(
 ) -> None:
     org = await new_org("USD")
     await wallet_stub.RecordUsage(
-        pb.RecordUsageRequest(
-            event_id=uuid.uuid4().hex, organization_id=str(org), meter="tokens",
-            quantity=1_000_000.0, unit_price=3 * USD,
-        ),
-        timeout=5,
-    )  # fmt: skip
+        usage_request(org, quantity=1_000_000.0, unit_price=3 * USD), timeout=5
+    )
     s = await wallet_stub.GetWalletSummary(pb.GetWalletSummaryRequest(organization_id=str(org)))
     assert (s.balance.amount, s.service_status) == (-3 * USD, "paused")
     await transfer(wallet_stub, org, pb.TOPUP, 5 * USD)
