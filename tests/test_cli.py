@@ -249,3 +249,20 @@ def test_numbers_that_are_not_finite_or_sane_are_named(name: str, value: str) ->
     env["GPUDECK_NATS_URL"] = "nats://127.0.0.1:4222"
     result = run_cli("serve", "wallet", env=env)
     assert_one_line_error(result, name)
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("GPUDECK_BILLING_INTERVAL", "abc"),
+        ("GPUDECK_INVOICE_FONT", "/nonexistent/font.ttf"),
+        ("GPUDECK_ADMIN_TOKEN", "short"),
+        ("GPUDECK_DB_POOL_SIZE", "nan"),
+    ],
+)
+def test_up_names_a_bad_service_setting_before_starting_anything(
+    tmp_path: Path, name: str, value: str
+) -> None:
+    result = run_cli("up", "--data-dir", str(tmp_path), env=clean_env(**{name: value}))
+    assert_one_line_error(result, name)
+    assert not any(tmp_path.iterdir())  # no database, no NATS: nothing was started

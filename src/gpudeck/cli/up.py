@@ -41,6 +41,7 @@ from gpudeck.cli.stack import (
     resolve,
 )
 from gpudeck.kit import logs
+from gpudeck.kit.config import ConfigError
 
 log = logging.getLogger("gpudeck.cli")
 
@@ -61,6 +62,28 @@ class UpOptions:
     startup_timeout: float = 120.0
 
 
+def check_settings(env: Mapping[str, str]) -> None:
+    """Each part's own settings, checked before anything starts: a bad one is one line naming
+    it (UsageError), not a child's log line after the others started. What `up` provides
+    itself (the URLs, the service token) stands in for what is not set yet."""
+    from gpudeck.gateway.config import Settings as GatewaySettings
+    from gpudeck.kit.config import ServiceConfig
+    from gpudeck.wallet.deps import WalletSettings
+
+    filled = {
+        "GPUDECK_DATABASE_URL": "postgresql://localhost/gpudeck",
+        "GPUDECK_NATS_URL": "nats://127.0.0.1:4222",
+        "GPUDECK_SERVICE_TOKEN": "set-by-up",
+    }
+    given = {**filled, **{k: v for k, v in env.items() if v.strip() or k not in filled}}
+    try:
+        ServiceConfig.from_env("wallet", given)
+        WalletSettings.from_env(given)
+        GatewaySettings.from_env(given)
+    except ConfigError as exc:
+        raise UsageError(str(exc)) from None
+
+
 def up(options: UpOptions, env: Mapping[str, str]) -> int:
     """Run the stack until stopped; return the exit code."""
     started = time.monotonic()
@@ -68,6 +91,7 @@ def up(options: UpOptions, env: Mapping[str, str]) -> int:
     level = env.get("GPUDECK_LOG_LEVEL", "").strip().upper() or "INFO"
     if level not in LOG_LEVELS:
         raise UsageError(f"GPUDECK_LOG_LEVEL={level!r} is not DEBUG, INFO, WARNING or ERROR")
+    check_settings(env)
     check_ports(stack)
     secrets = {"GPUDECK_SERVICE_TOKEN": SERVICE_TOKEN_FILE}
     if options.demo:  # the demo organization's owner token, so the API is usable at once
