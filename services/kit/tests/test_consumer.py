@@ -110,8 +110,13 @@ def handled(consumer: str, outcome: str) -> float:
 
 
 async def pending_acks(bus: EventBus, consumer: Consumer) -> int:
+    """Messages the consumer has not acked yet (-1 while its durable is not there yet: a busy
+    machine may ask before the server has it)."""
     [name] = consumer.names.values()
-    info = await bus.js.consumer_info(bus.config.stream, name)
+    try:
+        info = await bus.js.consumer_info(bus.config.stream, name)
+    except NotFoundError:
+        return -1
     return int(info.num_ack_pending) + int(info.num_pending)
 
 

@@ -20,7 +20,7 @@ async def announced_at(pool: AsyncConnectionPool, org: uuid.UUID) -> float:
     """When the wallet was last announced (epoch seconds; -inf: never)."""
     async with pool.connection() as conn:
         cur = await conn.execute(
-            "SELECT extract(epoch FROM announced_at)::float8 FROM wallets"
+            "SELECT extract(epoch FROM announced_at)::float8 FROM wallet_announcements"
             " WHERE organization_id = %s",
             (org,),
         )
@@ -94,3 +94,40 @@ async def test_a_change_not_committed_yet_is_noted_again_not_lost(
     assert await announce_balances(wallet) == 1  # committed: the next round announces it
     assert await announced_at(wallet_pool, org) > before
     assert await announce_balances(wallet) == 0 and wallet.ledger.changed == set()
+
+
+async def test_a_wallet_a_writer_holds_is_still_announced_with_its_committed_values(
+    wallet_pool: AsyncConnectionPool, new_org: NewOrg
+) -> None:
+    """A busy wallet is locked by one transfer after another; the announcer does not wait for a
+    gap: it announces what is committed."""
+    wallet = Wallet(wallet_pool)
+    org = await new_org()
+    async with wallet_pool.connection() as conn:
+        await wallet.ledger.post_one(conn, TransferRequest("x", org, Kind.TOPUP, 7))
+    async with wallet_pool.connection() as writer, writer.transaction():
+        await writer.execute(
+            "SELECT 1 FROM wallets WHERE organization_id = %s FOR UPDATE", (org,)
+        )  # the next transfer, holding the row
+        before = await announced_at(wallet_pool, org)
+        assert await announce_balances(wallet) == 1
+        assert await announced_at(wallet_pool, org) > before
+
+
+async def test_a_change_committed_after_an_announcement_is_announced_later(
+    wallet_pool: AsyncConnectionPool, new_org: NewOrg
+) -> None:
+    """A transfer stamps changed_at with its transaction's start; one that started before an
+    announcement and committed after it is still a change the next round announces."""
+    wallet = Wallet(wallet_pool)
+    org = await new_org()
+    async with wallet_pool.connection() as conn:
+        await wallet.ledger.post_one(conn, TransferRequest("early", org, Kind.TOPUP, 5))
+    async with wallet_pool.connection() as writer, writer.transaction():
+        await writer.execute("SELECT now()")  # this transaction's time is fixed from here
+        await asyncio.sleep(0.05)
+        assert await announce_balances(wallet) == 1  # announces the committed "early"
+        await wallet.ledger.post_one(writer, TransferRequest("late", org, Kind.TOPUP, 5))
+    await asyncio.sleep(1.1)
+    wallet.ledger.mark_changed([org])
+    assert await announce_balances(wallet) == 1  # "late" was not lost

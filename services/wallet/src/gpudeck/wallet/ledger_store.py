@@ -536,3 +536,8 @@ async def open_wallet(conn: Conn, organization_id: uuid.UUID, currency: str) -> 
         " SELECT %s, %s, id FROM cash ON CONFLICT (organization_id) DO NOTHING",
         (f"org:{organization_id}:cash", organization_id, currency, organization_id, currency),
     )
+    await conn.execute(
+        "INSERT INTO wallet_announcements (organization_id) VALUES (%s)"
+        " ON CONFLICT (organization_id) DO NOTHING",
+        (organization_id,),
+    )

@@ -93,6 +93,7 @@ async def delete_organization(
                 raise outcome.error
     await accounts.close_organization(conn, org)
     await conn.execute("DELETE FROM wallets WHERE organization_id = %s", (org,))
+    await conn.execute("DELETE FROM wallet_announcements WHERE organization_id = %s", (org,))
     ledger.currencies.pop(org, None)
     return organization
 

@@ -62,14 +62,22 @@ async def expire_credits(wallet: Wallet, *, limit: int = 1000) -> int:
         return sum(1 for o in outcomes if o.error is None)
 
 
-# The wallets due for a wallet.balance.changed: moved since their last one, a second ago or more.
-DUE = "changed_at > announced_at AND announced_at <= now() - interval '1 second'"
+# The wallets due for a wallet.balance.changed: moved since their last one (migration 014's
+# change counter), which was a second ago or more.
+DUE = "w.change_seq > a.announced_seq AND a.announced_at <= now() - interval '1 second'"
+# Stamps and returns them. It locks only the announcement rows (another announcer skips those),
+# never the wallet rows writers hold: what is announced is what is committed.
 ANNOUNCE = (
-    "UPDATE wallets w SET announced_at = now()"
-    " FROM (SELECT organization_id FROM wallets WHERE {where}"
-    "       ORDER BY organization_id LIMIT %s FOR UPDATE SKIP LOCKED) due"
-    " WHERE w.organization_id = due.organization_id"
-    " RETURNING w.organization_id, w.currency, w.balance, w.held_balance, w.run_rate, w.level"
+    "WITH due AS ("
+    " SELECT w.organization_id, w.currency, w.balance, w.held_balance, w.run_rate, w.level,"
+    "  w.change_seq"
+    " FROM wallets w JOIN wallet_announcements a USING (organization_id) WHERE {where}"
+    " ORDER BY w.organization_id LIMIT %s FOR UPDATE OF a SKIP LOCKED),"
+    " stamped AS (UPDATE wallet_announcements a"
+    "  SET announced_at = now(), announced_seq = due.change_seq FROM due"
+    "  WHERE a.organization_id = due.organization_id RETURNING a.organization_id)"
+    " SELECT organization_id, currency, balance, held_balance, run_rate, level"
+    " FROM due JOIN stamped USING (organization_id)"
 )
 SWEEP_INTERVAL = 30.0  # seconds between scans of every wallet
 ANNOUNCE_BATCH = 500  # wallets per announcing transaction
@@ -95,7 +103,8 @@ async def announce_balances(
                 cur = await conn.execute(ANNOUNCE.format(where=DUE), (limit,))
             else:
                 cur = await conn.execute(
-                    ANNOUNCE.format(where=f"organization_id = ANY(%s) AND {DUE}"), (changed, limit)
+                    ANNOUNCE.format(where=f"w.organization_id = ANY(%s) AND {DUE}"),
+                    (changed, limit),
                 )
             rows = await cur.fetchall()
             await wallet.ledger.outbox.add_many(
@@ -122,7 +131,8 @@ async def announce_balances(
             rest = [o for o in changed if o not in announced]
             if rest:  # not due yet, or a writer holds them (its change may not be committed)
                 cur = await conn.execute(
-                    "SELECT organization_id, changed_at > announced_at FROM wallets"
+                    "SELECT organization_id, w.change_seq > a.announced_seq"
+                    " FROM wallets w JOIN wallet_announcements a USING (organization_id)"
                     " WHERE organization_id = ANY(%s)",
                     (rest,),
                 )
