@@ -166,7 +166,7 @@ def test_names_outside_latin_1_are_set_in_the_unicode_font_where_it_has_them() -
 
 def test_the_invoice_font_setting() -> None:
     from gpudeck.kit.config import ConfigError
-    from gpudeck.wallet.deps import WalletSettings
+    from gpudeck.wallet.settings import WalletSettings
 
     assert WalletSettings.from_env({"GPUDECK_INVOICE_FONT": ""}).invoice_font == ""
     if os.path.isfile(FONT):

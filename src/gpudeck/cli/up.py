@@ -68,7 +68,7 @@ def check_settings(env: Mapping[str, str]) -> None:
     itself (the URLs, the service token) stands in for what is not set yet."""
     from gpudeck.gateway.config import Settings as GatewaySettings
     from gpudeck.kit.config import ServiceConfig
-    from gpudeck.wallet.deps import WalletSettings
+    from gpudeck.wallet.settings import WalletSettings
 
     filled = {
         "GPUDECK_DATABASE_URL": "postgresql://localhost/gpudeck",

@@ -2,75 +2,15 @@
 
 from __future__ import annotations
 
-import os
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from psycopg_pool import AsyncConnectionPool
 
-from gpudeck.kit.config import ConfigError, number
 from gpudeck.wallet.group_commit import GroupCommit
 from gpudeck.wallet.holds_store import HoldStore
 from gpudeck.wallet.ledger_store import LedgerStore, Policy
 from gpudeck.wallet.metering_store import MeterStore
-
-
-@dataclass(frozen=True)
-class WalletSettings:
-    """The wallet's own settings (environment variables in brackets)."""
-
-    billing_interval: float = 10.0  # seconds between billing ticks [GPUDECK_BILLING_INTERVAL]
-    depletion_seconds: float = 10.0  # [GPUDECK_DEPLETION_SECONDS]
-    kyc_topup_limit: int = (
-        500_000_000  # unverified orgs may top up at most this [GPUDECK_KYC_TOPUP_LIMIT]
-    )
-    announce_interval: float = 0.25  # how often wallet.balance.changed is considered
-    # An automatic top-up nobody completed within this long fails, so the rule can fire again
-    # [GPUDECK_AUTO_TOPUP_TIMEOUT]
-    auto_topup_timeout: float = 3600.0
-    rates_file: str = ""  # a JSON file of exchange rates to import [GPUDECK_RATES_FILE]
-    rates_interval: float = 300.0  # seconds between its imports [GPUDECK_RATES_INTERVAL]
-    # A Unicode TrueType font for invoice text outside Latin-1 [GPUDECK_INVOICE_FONT]; by
-    # default DejaVu Sans when the system has it (Debian: fonts-dejavu-core); "" for none.
-    invoice_font: str = ""
-
-    @classmethod
-    def from_env(cls, env: Mapping[str, str] = os.environ) -> WalletSettings:
-        return cls(
-            billing_interval=number(
-                env, "GPUDECK_BILLING_INTERVAL", cls.billing_interval, minimum=0.05
-            ),
-            depletion_seconds=number(env, "GPUDECK_DEPLETION_SECONDS", cls.depletion_seconds),
-            auto_topup_timeout=number(
-                env, "GPUDECK_AUTO_TOPUP_TIMEOUT", cls.auto_topup_timeout, minimum=1
-            ),
-            rates_file=_rates_file(env),
-            rates_interval=number(env, "GPUDECK_RATES_INTERVAL", cls.rates_interval, minimum=1),
-            invoice_font=_invoice_font(env),
-            kyc_topup_limit=int(
-                number(env, "GPUDECK_KYC_TOPUP_LIMIT", cls.kyc_topup_limit / 1_000_000) * 1_000_000
-            ),
-        )
-
-
-DEFAULT_INVOICE_FONT = "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf"
-
-
-def _invoice_font(env: Mapping[str, str]) -> str:
-    path = env.get("GPUDECK_INVOICE_FONT")
-    if path is None:
-        return DEFAULT_INVOICE_FONT if os.path.isfile(DEFAULT_INVOICE_FONT) else ""
-    path = path.strip()
-    if path and not (os.path.isfile(path) and path.lower().endswith((".ttf", ".otf"))):
-        raise ConfigError(f"GPUDECK_INVOICE_FONT={path!r} is not a .ttf or .otf file")
-    return path
-
-
-def _rates_file(env: Mapping[str, str]) -> str:
-    path = env.get("GPUDECK_RATES_FILE", "").strip()
-    if path and not os.path.isfile(path):
-        raise ConfigError(f"GPUDECK_RATES_FILE={path!r} is not a file")
-    return path
+from gpudeck.wallet.settings import WalletSettings
 
 
 @dataclass

@@ -9,8 +9,9 @@ from gpudeck.kit.runtime import ServiceContext, ServiceParts, ServiceSpec
 from gpudeck.proto.wallet.v1 import account_pb2, account_pb2_grpc, wallet_pb2, wallet_pb2_grpc
 from gpudeck.wallet import demo, workers
 from gpudeck.wallet.account_rpcs import AccountServicer
-from gpudeck.wallet.deps import Wallet, WalletSettings
+from gpudeck.wallet.deps import Wallet
 from gpudeck.wallet.servicer import WalletServicer
+from gpudeck.wallet.settings import WalletSettings
 
 
 async def build(ctx: ServiceContext) -> ServiceParts:
