@@ -9,7 +9,6 @@ probes and grpcurl), maps `DomainError`s to status codes, and counts and times t
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hmac
 import logging
 import os
@@ -76,8 +75,6 @@ class KitInterceptor(grpc.aio.ServerInterceptor):
         self._wrapped: dict[str, Handler] = {}
         self.draining = False  # shutting down: new calls are refused as UNAVAILABLE
         self.in_flight = 0  # unary calls being handled now
-        self.idle = asyncio.Event()
-        self.idle.set()
         self.last_call = 0.0  # time.monotonic() of the latest call to arrive
 
     async def intercept_service(
@@ -105,11 +102,10 @@ class KitInterceptor(grpc.aio.ServerInterceptor):
         counters: dict[str, Any] = {}
         is_open = method.startswith(OPEN_SERVICES)
         expected = self._expected
-        this = self
 
         async def wrapped(req: Any, ctx: Context) -> Any:
-            if this.draining and not is_open:  # retryable, unlike the CANCELLED of a stop
-                this.last_call = time.monotonic()
+            if self.draining and not is_open:  # retryable, unlike the CANCELLED of a stop
+                self.last_call = time.monotonic()
                 await ctx.abort(grpc.StatusCode.UNAVAILABLE, "the service is shutting down")
             rid: Any = None
             auth: Any = None
@@ -126,8 +122,7 @@ class KitInterceptor(grpc.aio.ServerInterceptor):
             actor_token = actor.set(who or "")
             started = time.perf_counter()
             code = "OK"
-            this.in_flight += 1
-            this.idle.clear()
+            self.in_flight += 1
             try:
                 if not is_open and (auth is None or not hmac.compare_digest(auth, expected)):
                     code = "UNAUTHENTICATED"
@@ -165,9 +160,7 @@ class KitInterceptor(grpc.aio.ServerInterceptor):
                 counter.inc()
                 request_id.reset(token)
                 actor.reset(actor_token)
-                this.in_flight -= 1
-                if not this.in_flight:
-                    this.idle.set()
+                self.in_flight -= 1
 
         wrapper: Handler = grpc.unary_unary_rpc_method_handler(
             wrapped,
@@ -294,13 +287,9 @@ class KitServer:
         interceptor.draining = True
         interceptor.last_call = started
         # Calls gRPC has taken in but not handed over yet would be CANCELLED by the stop: wait
-        # until the handlers are idle and nothing has come in for QUIET seconds.
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(grace):
-                while True:
-                    await interceptor.idle.wait()
-                    quiet = time.monotonic() - interceptor.last_call
-                    if quiet >= QUIET:
-                        break
-                    await asyncio.sleep(QUIET - quiet)
+        # until no handler runs and nothing has come in for QUIET seconds (or the grace ends).
+        while time.monotonic() < deadline and (
+            interceptor.in_flight or time.monotonic() - interceptor.last_call < QUIET
+        ):
+            await asyncio.sleep(0.02)
         await self.server.stop(max(deadline - time.monotonic(), 0.1))

@@ -49,8 +49,9 @@ class Meter:
     billed_until: datetime
     total_charged: int
     currency: str = ""
+    opening_rate: int | None = None  # None: opened before the wallet kept it (migration 013)
 
-    def differs_from(self, request: MeterRequest, opening_rate: int | None) -> str:
+    def differs_from(self, request: MeterRequest) -> str:
         """What an OpenMeter retry changes about the meter it opened ("" when nothing): the
         resource (organization, id, type), the project or the rate it opened with."""
         if (self.organization_id, self.resource_id, self.resource_type) != (
@@ -61,7 +62,7 @@ class Meter:
             return "resource"
         if self.project_id != request.project_id:
             return "project_id"
-        if opening_rate is not None and opening_rate != request.hourly_rate:
+        if self.opening_rate is not None and self.opening_rate != request.hourly_rate:
             return "hourly_rate"
         return ""
 

@@ -22,7 +22,7 @@ Conn = AsyncConnection[Any]
 COLUMNS = (
     "m.id, m.organization_id, m.project_id, m.resource_id, m.resource_type, m.hourly_rate,"
     " m.opened_at, m.closed_at, m.segment_started_at, m.segment_charged, m.billed_until,"
-    " m.total_charged, w.currency"
+    " m.total_charged, w.currency, m.opening_rate"
 )
 # What each open meter of these organizations owes since its last bill, charged up to %(now)s.
 TICK = """
@@ -100,7 +100,7 @@ class MeterStore:
         created = await cur.fetchone() is not None
         meter = await self.get(conn, request.meter_id)
         if not created:
-            other = meter.differs_from(request, await self._opening_rate(conn, request.meter_id))
+            other = meter.differs_from(request)
             if other:
                 raise Conflict(
                     f"meter {request.meter_id!r} was opened with another {other}: a retry must"
@@ -113,11 +113,6 @@ class MeterStore:
         await self.outbox.add(conn, self._event("wallet.meter.opened", meter))
         await self.ledger.refresh_levels(conn, [meter.organization_id], now)
         return meter
-
-    async def _opening_rate(self, conn: Conn, meter_id: str) -> int | None:
-        cur = await conn.execute("SELECT opening_rate FROM meters WHERE id = %s", (meter_id,))
-        row = await cur.fetchone()
-        return None if row is None else row[0]
 
     async def update_rate(
         self, conn: Conn, meter_id: str, hourly_rate: int, at: datetime | None = None
