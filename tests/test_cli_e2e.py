@@ -117,8 +117,11 @@ class Launcher:
             return json.loads(response.read())
 
     def http_status(self, path: str) -> int:
+        return self.http_get(path)[0]
+
+    def http_get(self, path: str) -> tuple[int, str]:
         with urllib.request.urlopen(f"http://{self.gateway}{path}", timeout=10) as response:
-            return int(response.status)
+            return int(response.status), response.read().decode()
 
 
 @pytest.fixture
@@ -146,7 +149,12 @@ def test_up_serves_every_service_and_stops_without_leftovers(
     try:
         launcher.wait_up()
         assert_all_serving(launcher)
-        assert launcher.http_status("/metrics") == 200
+        status, metrics = launcher.http_get("/metrics")
+        assert status == 200
+        assert "gpudeck_graphql_websockets" in metrics
+        # The gateway has no outbox and consumes no stream: none of their series show there.
+        assert "gpudeck_outbox" not in metrics
+        assert "gpudeck_events_handled_total" not in metrics
         children = launcher.tree()
         assert len(children) == 6  # five services and the gateway, nothing embedded
     finally:

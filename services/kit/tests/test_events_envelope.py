@@ -72,3 +72,12 @@ def test_copy_rows_of_events_hex_encode_the_payload() -> None:
     )
     with pytest.raises(ValueError, match="event id"):
         _copy_text([Event(id="bad\tid", type="wallet.charge.posted")])
+
+
+def test_every_exported_name_loads_from_its_module() -> None:
+    import gpudeck.kit.events as events
+
+    for name in events.__all__:
+        assert getattr(events, name) is not None, name
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        events.nope  # noqa: B018
