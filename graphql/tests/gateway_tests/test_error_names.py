@@ -228,3 +228,26 @@ async def test_a_refused_role_is_told_what_it_asked_for(gql, new_org) -> None:
         token=billing,
     )
     assert error["message"] == "only an owner may deleteOrganization", error
+
+
+async def test_a_value_of_the_wrong_type_names_its_argument(gql, new_org) -> None:
+    org = await new_org()
+    cases = [
+        ('{ organization(id: "%s") { transactions(kinds: [NOPE]) { id } } }', {}, "kinds"),
+        ('{ organization(id: "%s") { spendingTrend(days: "7") { date } } }', {}, "days"),
+        (
+            'query($k: [TransactionKind!]) { organization(id: "%s") '
+            "{ transactions(kinds: $k) { id } } }",
+            {"k": ["TOPUP", "SUPERUSER"]},
+            "kinds",
+        ),
+    ]
+    for query, variables, argument in cases:
+        for _ in range(2):  # the second answer comes from the validation cache: named once
+            error = await gql.error(query % org.id, variables, token=org.token)
+            assert_names(error, "GRAPHQL_VALIDATION_FAILED", argument)
+            assert error["message"].startswith(f"{argument}: "), error
+            assert not error["message"].startswith(f"{argument}: {argument}"), error
+    # An error that is about no argument names none.
+    error = await gql.error("{ health { nope } }", token=org.token)
+    assert "field" not in error["extensions"], error

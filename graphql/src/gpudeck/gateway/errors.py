@@ -24,7 +24,8 @@ says so with `extensions=[Arguments(organization_id="id")]`.
 
 A resolver raises `GatewayError(message, code=...)` for its own refusals; a gRPC error from a
 service passes through with its details as the message. Syntax and validation errors get
-GRAPHQL_PARSE_FAILED and GRAPHQL_VALIDATION_FAILED. Only INTERNAL errors are logged with their
+GRAPHQL_PARSE_FAILED and GRAPHQL_VALIDATION_FAILED; a literal of the wrong type or an unknown enum
+value names its argument in `extensions.field` and the message. Only INTERNAL errors are logged with their
 traceback; their text never reaches the client.
 """
 
@@ -36,7 +37,18 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import grpc
-from graphql import GraphQLError, GraphQLSyntaxError
+from graphql import DocumentNode, GraphQLError, GraphQLSyntaxError
+from graphql.language import (
+    ArgumentNode,
+    ListValueNode,
+    Node,
+    ObjectValueNode,
+    ValueNode,
+    VariableDefinitionNode,
+    VariableNode,
+    Visitor,
+)
+from graphql.language.visitor import BREAK, visit
 from strawberry.extensions.field_extension import FieldExtension
 
 from gpudeck.kit.errors import DomainError
@@ -175,7 +187,7 @@ def classify(error: GraphQLError) -> tuple[str, str]:
     return INTERNAL, INTERNAL_MESSAGE  # a bug, e.g. null for a non-null field
 
 
-def process(errors: list[GraphQLError]) -> None:
+def process(errors: list[GraphQLError], document: DocumentNode | None = None) -> None:
     """Give each error its `extensions.code` (in place) and log the ones a person must look at.
 
     Called by the schema for every error of every result, subscription events included. An
@@ -193,6 +205,8 @@ def process(errors: list[GraphQLError]) -> None:
             log.debug("graphql error", extra={"code": code, "error": error.message})
         error.extensions = {**(error.extensions or {}), **_details(error), "code": code}
         error.message = message
+        if code == VALIDATION_FAILED and document is not None:
+            _name_argument(error, document)
 
 
 def _details(error: GraphQLError) -> dict[str, str]:
@@ -203,6 +217,57 @@ def _details(error: GraphQLError) -> dict[str, str]:
         details = {"field": original.field, "reason": original.reason}
         return {key: value for key, value in details.items() if value}
     return {}
+
+
+def _name_argument(error: GraphQLError, document: DocumentNode) -> None:
+    """A validation error about a value (`days: "x"`, `kinds: [NOPE]`, or a variable `$k` given
+    a bad value) names the argument it was given for; once, as the same error may come from the
+    validation cache."""
+    extensions = error.extensions or {}
+    node = error.nodes[0] if error.nodes else None
+    if isinstance(node, VariableDefinitionNode):
+        node = node.variable
+    if "field" in extensions or not isinstance(node, ValueNode):
+        return
+    name = argument_of(document, node)
+    if name:
+        error.extensions = {**extensions, "field": name}
+        error.message = f"{name}: {error.message}"
+
+
+def argument_of(document: DocumentNode, value: Node) -> str | None:
+    """The argument of `document` whose value is or contains `value`, as `arg` or
+    `arg.inputField`; None when `value` is not in an argument."""
+    found: list[str] = []
+
+    class Finder(Visitor):
+        def enter_argument(self, node: ArgumentNode, *_: Any) -> Any:
+            path = _within(node.value, value)
+            if path is not None:
+                found.append(".".join([node.name.value, *path]))
+                return BREAK
+            return self.SKIP
+
+    visit(document, Finder())
+    return found[0] if found else None
+
+
+def _within(node: ValueNode, value: Node) -> list[str] | None:
+    if node is value:
+        return []
+    if isinstance(node, VariableNode) and isinstance(value, VariableNode):
+        return [] if node.name.value == value.name.value else None
+    if isinstance(node, ListValueNode):
+        for item in node.values:
+            path = _within(item, value)
+            if path is not None:
+                return path
+    if isinstance(node, ObjectValueNode):
+        for field in node.fields:
+            path = _within(field.value, value)
+            if path is not None:
+                return [field.name.value, *path]
+    return None
 
 
 def _path(error: GraphQLError) -> str:

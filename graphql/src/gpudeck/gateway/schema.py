@@ -86,7 +86,7 @@ class GatewaySchema(strawberry.Schema):
     def process_errors(
         self, errors_: list[GraphQLError], execution_context: ExecutionContext | None = None
     ) -> None:
-        errors.process(errors_)
+        errors.process(errors_, execution_context.graphql_document if execution_context else None)
 
 
 def build_schema() -> strawberry.Schema:
