@@ -4,7 +4,8 @@ A `Book` holds the balances of the accounts a batch touches (loaded and locked b
 `Book.apply(request)` checks one transfer against the balances as they stand after the earlier
 transfers of the batch, and on success moves them and returns the planned transaction; a refused
 transfer changes nothing. Postings of a transaction sum to zero. Charges spend credits before
-cash, the credit that expires first first.
+cash, the credit that expires first first; refunds give back where the latest spending came from
+(`refunds`).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from typing import NamedTuple
 
 from gpudeck.kit.errors import DomainError, FailedPrecondition, InvalidArgument
 from gpudeck.wallet.money import MAX_AMOUNT, check_amount, check_currency, convert, format_micro
+from gpudeck.wallet.refunds import Leg, unspend
 from gpudeck.wallet.text import check_label, check_text
 
 
@@ -264,6 +266,10 @@ class Book:
     now: datetime | None = None
     # Top-ups above this (wallet currency) need a KYC-verified organization; 0: no limit.
     kyc_topup_limit: int = 0
+    # The spending history (`refunds`), oldest first, of organizations with credit grants that
+    # this batch refunds; without one a refund goes to cash. Grants with nothing left, by id.
+    spending: dict[uuid.UUID, list[Leg]] = field(default_factory=dict)
+    spent_credits: dict[int, Account] = field(default_factory=dict)
 
     def apply(self, request: TransferRequest, transaction_id: uuid.UUID) -> PlannedTransaction:
         wallet = self.wallets.get(request.organization_id)
@@ -283,6 +289,9 @@ class Book:
             wallet.balance += delta
             if acct.kind == "credit":
                 wallet.credit_total += delta
+        history = self.spending.get(wallet.organization_id)
+        if history is not None and request.kind in (*SPENDING, Kind.REFUND):
+            history.extend((acct.id, delta) for acct, delta in legs)
         if wallet.credits:
             wallet.credits = [c for c in wallet.credits if c.balance > 0 or c.kind != "credit"]
         spend: tuple[SpendLine, ...] = ()
@@ -343,7 +352,9 @@ class Book:
         self, request: TransferRequest, wallet: Wallet, amount: int
     ) -> list[tuple[Account, int]]:
         kind = request.kind
-        if kind in (Kind.TOPUP, Kind.REFUND, Kind.ADJUSTMENT):
+        if kind is Kind.REFUND:
+            return self._refund_legs(wallet, amount)
+        if kind in (Kind.TOPUP, Kind.ADJUSTMENT):
             return [(wallet.cash, amount)]
         if kind is Kind.CREDIT_GRANT:
             account = self.new_credit_accounts[request.key]
@@ -373,6 +384,31 @@ class Book:
         if left:
             legs.append((wallet.cash, -left))
         return legs
+
+    def _refund_legs(self, wallet: Wallet, amount: int) -> list[tuple[Account, int]]:
+        history = self.spending.get(wallet.organization_id)
+        if history is None:
+            return [(wallet.cash, amount)]
+        back, rest = unspend(amount, reversed(history))
+        if rest:
+            cash = wallet.cash.id
+            back = [leg for leg in back if leg[0] != cash] + [
+                (cash, dict(back).get(cash, 0) + rest)
+            ]
+        return [(self._account(wallet, account_id), take) for account_id, take in back]
+
+    def _account(self, wallet: Wallet, account_id: int) -> Account:
+        """One of the wallet's accounts by id; a spent grant given money back becomes one of
+        the credits it may spend again."""
+        if account_id == wallet.cash.id:
+            return wallet.cash
+        for credit in wallet.credits:
+            if credit.id == account_id:
+                return credit
+        account = self.spent_credits.pop(account_id)
+        wallet.credits.append(account)
+        wallet.credits.sort(key=_expiry_order)
+        return account
 
 
 def _expired(account: Account, now: datetime | None) -> bool:

@@ -50,6 +50,7 @@ from gpudeck.wallet.ledger_rows import (
 )
 from gpudeck.wallet.project_owners import ProjectOwners
 from gpudeck.wallet.project_owners import not_found as project_not_found
+from gpudeck.wallet.refunds_store import load_spending
 
 Conn = AsyncConnection[Any]
 
@@ -238,6 +239,7 @@ class LedgerStore:
             kyc_topup_limit=self.policy.kyc_topup_limit,
         )
         to_plan, replays, same_as = await self._read_around(conn, requests, valid, outcomes, book)
+        await load_spending(conn, book, [requests[i] for i in to_plan])
         planned_at: dict[int, PlannedTransaction] = {}
         for i in to_plan:
             try:

@@ -48,7 +48,8 @@ async def expire_credits(wallet: Wallet, *, limit: int = 1000) -> int:
         await lock_wallets(conn, [org for _, org, _ in due], now)
         requests = [
             TransferRequest(
-                key=f"credit-expiry:{acct_id}",
+                # A grant can expire more than once: a refund may give an expired one money back.
+                key=f"credit-expiry:{acct_id}:{now.isoformat()}",
                 organization_id=org,
                 kind=Kind.CREDIT_EXPIRY,
                 amount=balance,

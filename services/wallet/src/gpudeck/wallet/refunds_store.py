@@ -1,0 +1,80 @@
+"""The SQL of refunds: the spending history a refund gives back by (see `refunds`).
+
+Only organizations that have had credit grants need it: without one every leg is cash. The
+history is read newest first, a page at a time, until it covers what the batch refunds, so a
+refund reads as much of a long ledger as it gives back, not all of it. Called with the wallets
+locked, so no spending or refund of these organizations commits meanwhile.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections import defaultdict
+from collections.abc import Sequence
+from typing import Any
+
+from psycopg import AsyncConnection
+
+from gpudeck.wallet.ledger import Account, Book, Kind, TransferRequest
+from gpudeck.wallet.refunds import Leg, unspend
+
+Conn = AsyncConnection[Any]
+PAGE = 1000
+NEWEST = (uuid.UUID(int=(1 << 128) - 1), (1 << 63) - 1)
+
+WITH_GRANTS = (
+    "SELECT DISTINCT organization_id FROM ledger_accounts"
+    " WHERE kind = 'credit' AND organization_id = ANY(%s)"
+)
+# The organization's own legs of its charges, usage and refunds, newest first, before a cursor.
+HISTORY = """
+SELECT t.id, p.id, p.account_id, p.amount
+FROM transactions t
+JOIN postings p ON p.transaction_id = t.id
+JOIN ledger_accounts a ON a.id = p.account_id AND a.organization_id = t.organization_id
+WHERE t.organization_id = %s AND t.kind IN ('charge', 'usage', 'refund')
+  AND (t.id, p.id) < (%s, %s)
+ORDER BY t.id DESC, p.id DESC
+LIMIT %s
+"""
+SPENT_GRANTS = (
+    "SELECT id, balance, kind, expires_at, code FROM ledger_accounts"
+    " WHERE id = ANY(%s) AND kind = 'credit' ORDER BY id FOR UPDATE"
+)
+
+
+async def load_spending(conn: Conn, book: Book, requests: Sequence[TransferRequest]) -> None:
+    """Give `book` the spending history of the organizations with credit grants that
+    `requests` refund, and the grants it names that have nothing left."""
+    refunds: dict[uuid.UUID, int] = defaultdict(int)
+    for request in requests:
+        if request.kind is Kind.REFUND and request.organization_id in book.wallets:
+            refunds[request.organization_id] += request.amount
+    if not refunds:
+        return
+    cur = await conn.execute(WITH_GRANTS, (sorted(refunds),))
+    named: set[int] = set()
+    for (org,) in await cur.fetchall():
+        history = await _history(conn, org, refunds[org])
+        book.spending[org] = history[::-1]
+        named.update(account_id for account_id, _ in history)
+    wallets = [book.wallets[org] for org in book.spending]
+    held = {a.id for w in wallets for a in (w.cash, *w.credits)}
+    spent = sorted(named - held)
+    if spent:
+        cur = await conn.execute(SPENT_GRANTS, (spent,))
+        for account_id, balance, kind, expires_at, code in await cur.fetchall():
+            book.spent_credits[account_id] = Account(account_id, balance, kind, expires_at, code)
+
+
+async def _history(conn: Conn, org: uuid.UUID, amount: int) -> list[Leg]:
+    """Newest first, enough of it to give `amount` back (or all of it)."""
+    legs: list[Leg] = []
+    cursor = NEWEST
+    while True:
+        cur = await conn.execute(HISTORY, (org, *cursor, PAGE))
+        rows = await cur.fetchall()
+        legs.extend((account_id, delta) for _, _, account_id, delta in rows)
+        if len(rows) < PAGE or unspend(amount, legs)[1] == 0:
+            return legs
+        cursor = (rows[-1][0], rows[-1][1])
