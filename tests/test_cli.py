@@ -147,10 +147,32 @@ def test_child_output_is_forwarded_as_json_lines() -> None:
 # --- bad input -----------------------------------------------------------------------------
 
 
-def test_malformed_database_url_is_named(tmp_path: Path) -> None:
-    env = clean_env(GPUDECK_DATABASE_URL="mysql://nowhere", GPUDECK_NATS_URL="nats://x:4222")
+@pytest.mark.parametrize(
+    "url",
+    [
+        "mysql://nowhere",
+        "postgresql://[::1/db",  # an unclosed bracket
+        "postgresql://%zz@127.0.0.1/db",  # libpq refuses the encoding (it used to retry for 10 s)
+        "postgresql://127.0.0.1/db?nope=1",
+        "postgresql://",  # names no database: libpq would pick one by the user's name
+    ],
+)
+def test_malformed_database_url_is_named(tmp_path: Path, url: str) -> None:
+    env = clean_env(GPUDECK_DATABASE_URL=url, GPUDECK_NATS_URL="nats://x:4222")
     result = run_cli("up", "--data-dir", str(tmp_path), env=env)
     assert_one_line_error(result, "GPUDECK_DATABASE_URL")
+    # The books' check reads the same setting the same way.
+    audit = subprocess.run(
+        [sys.executable, "-m", "gpudeck.wallet.audit"], env=env, capture_output=True, text=True
+    )
+    assert audit.returncode == 2 and len(audit.stderr.splitlines()) == 1, audit.stderr
+    assert "GPUDECK_DATABASE_URL" in audit.stderr
+
+
+def test_malformed_nats_url_is_named(tmp_path: Path) -> None:
+    env = clean_env(GPUDECK_DATABASE_URL="postgresql:///db", GPUDECK_NATS_URL="nats://[::1:4222")
+    result = run_cli("up", "--data-dir", str(tmp_path), env=env)
+    assert_one_line_error(result, "GPUDECK_NATS_URL")
 
 
 def test_unreachable_database_is_named(tmp_path: Path, nats_url: str) -> None:

@@ -63,25 +63,36 @@ def address(env: Mapping[str, str], name: str, default: str) -> str:
 
 
 def database_url(env: Mapping[str, str], name: str = "GPUDECK_DATABASE_URL") -> str:
+    import psycopg
+    from psycopg.conninfo import conninfo_to_dict
+
     value = require(env, name)
-    parts = urlsplit(value)
-    if parts.scheme not in ("postgresql", "postgres"):
+    if not value.startswith(("postgresql://", "postgres://")):
         raise ConfigError(f"{name} must be a postgresql:// URL, got {value!r}")
     try:
-        parts.port  # noqa: B018 - raises on a malformed port
+        urlsplit(value).port  # noqa: B018 - raises on a malformed port
     except ValueError:
-        raise ConfigError(f"{name} has a malformed port: {value!r}") from None
+        raise ConfigError(f"{name} has a malformed host or port: {value!r}") from None
+    try:  # what libpq itself would refuse (percent-encoding, brackets, unknown parameters)
+        params = conninfo_to_dict(value)
+    except psycopg.Error as exc:
+        reason = str(exc).strip().splitlines()[0]
+        raise ConfigError(f"{name} is not a valid PostgreSQL URL: {reason}") from None
+    if not params.get("dbname"):
+        raise ConfigError(
+            f"{name} names no database (postgresql://user@host:port/dbname): {value!r}"
+        )
     return value
 
 
 def nats_url(env: Mapping[str, str], name: str = "GPUDECK_NATS_URL") -> str:
     value = require(env, name)
     for server in value.split(","):
-        parts = urlsplit(server.strip())
         try:
+            parts = urlsplit(server.strip())
             port = parts.port
         except ValueError:
-            raise ConfigError(f"{name} has a malformed port: {value!r}") from None
+            raise ConfigError(f"{name} has a malformed host or port: {value!r}") from None
         if (
             parts.scheme not in ("nats", "tls")
             or not parts.hostname
