@@ -232,3 +232,19 @@ async def test_a_subscription_shows_the_caller_s_preferred_currency(
         assert wallet["balance"]["currency"] == "USD", wallet
     finally:
         await ws.close()
+
+
+async def test_an_organization_id_spelled_otherwise_is_watched_all_the_same(
+    gql, new_org, wallet_gateway
+) -> None:
+    org = await new_org()
+    ws = await connect(wallet_gateway, {"Authorization": f"Bearer {org.token}"})
+    try:
+        await subscribe(ws, org.id.upper())
+        first = await receive(ws)
+        assert first["type"] == "next", first
+        await gql.data(TOP_UP, {"org": org.id, "amount": "2", "key": "upper"}, token=org.token)
+        pushed = await receive(ws, timeout=8)
+        assert pushed["payload"]["data"]["walletUpdated"]["balance"]["amount"] == "2.000000"
+    finally:
+        await ws.close()

@@ -28,6 +28,7 @@ from strawberry.permission import BasePermission, PermissionExtension
 from gpudeck.gateway.auth import Identity, rank
 from gpudeck.gateway.context import Info
 from gpudeck.gateway.errors import BAD_USER_INPUT, FORBIDDEN, NOT_FOUND, GatewayError, camel
+from gpudeck.gateway.ids import canonical_id
 
 
 def malformed_id(value: str, field: str) -> GatewayError | None:
@@ -71,8 +72,8 @@ class Member(BasePermission):
 
     def organization(self, source: Any, kwargs: dict[str, Any]) -> str | None:
         if self.argument is not None:
-            value = kwargs.get(self.argument)
-            return None if value is None else str(value)
+            value = kwargs.get(self.argument)  # canonical already, but on a subscription's root
+            return None if value is None else canonical_id(str(value))
         return getattr(source, "organization_id", None)
 
     def refuse(self, identity: Identity, kwargs: dict[str, Any]) -> str:
@@ -154,14 +155,19 @@ class MayManageMember(Admin):
         await super().has_permission(source, info, **kwargs)
         identity = await info.context.identity()
         user = str(kwargs.get(self.user_argument) or "")
+        field = camel(self.user_argument)
         members = await info.context.loaders.members.load(identity.organization_id)
         target = next((m for m in members if m.user.id == user), None)
-        if target is not None and rank(target.role) > rank(identity.role):
+        if target is None:
+            raise malformed_id(user, field) or GatewayError(
+                f"user {user} is not a member of this organization", code=NOT_FOUND, field=field
+            )
+        if rank(target.role) > rank(identity.role):
             raise GatewayError(
                 f"{article(identity.role)} may not change a member whose role is {target.role}",
                 code=FORBIDDEN,
             )
-        return True  # an unknown member is the wallet's NOT_FOUND
+        return True
 
 
 class MayManageToken(Writer):

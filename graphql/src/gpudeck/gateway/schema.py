@@ -28,6 +28,7 @@ from strawberry.types.graphql import OperationType
 
 from gpudeck.gateway import errors
 from gpudeck.gateway.context import PerOperation
+from gpudeck.gateway.ids import CanonicalIds
 from gpudeck.gateway.introspection import IntrospectionNeedsToken
 from gpudeck.gateway.metrics import OperationMetrics
 from gpudeck.gateway.types import account, billing, health, organization, rates, wallet
@@ -99,6 +100,7 @@ def build_schema() -> strawberry.Schema:
         lambda: ValidationCache(maxsize=CACHE_SIZE),
         IntrospectionNeedsToken,
         OperationMetrics,
+        CanonicalIds,
     ]
     return GatewaySchema(
         query=Query,

@@ -3,12 +3,12 @@ mutations that change them."""
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import UTC, datetime
 
 import strawberry
 
 from gpudeck.gateway.context import Info
-from gpudeck.gateway.errors import FORBIDDEN, NOT_FOUND, Arguments, GatewayError
+from gpudeck.gateway.errors import BAD_USER_INPUT, FORBIDDEN, NOT_FOUND, Arguments, GatewayError
 from gpudeck.gateway.permissions import (
     Admin,
     MayGrant,
@@ -239,6 +239,7 @@ async def resolve_create_api_token(
     expires_at: datetime | None = None,
 ) -> CreateApiTokenPayload:
     identity = await info.context.identity()
+    expires_at = _within_callers_life(expires_at, identity.expires_at)
     c = info.context.wallet
     request = account_pb2.CreateApiTokenRequest(
         organization_id=str(organization_id),
@@ -251,6 +252,23 @@ async def resolve_create_api_token(
         request.expires_at.CopyFrom(expiry)
     answer = await c.accounts.CreateApiToken(request, metadata=c.metadata)
     return CreateApiTokenPayload(token=answer.token, api_token=ApiToken.from_pb(answer.api_token))
+
+
+def _within_callers_life(wanted: datetime | None, limit: datetime | None) -> datetime | None:
+    """A new token's expiry: a token that expires makes only tokens that expire no later (by
+    default, with it), so a short-lived credential never mints a lasting one."""
+    if limit is None:
+        return wanted
+    if wanted is None:
+        return limit
+    if (wanted if wanted.tzinfo is not None else wanted.replace(tzinfo=UTC)) > limit:
+        raise GatewayError(
+            f"expiresAt may not be later than the calling token's own expiry"
+            f" ({limit.isoformat()}): a token cannot outlive the one that makes it",
+            code=BAD_USER_INPUT,
+            field="expiresAt",
+        )
+    return wanted
 
 
 async def resolve_revoke_api_token(info: Info, id: strawberry.ID) -> ApiToken:
@@ -394,7 +412,8 @@ class Mutation:
         resolver=resolve_create_api_token,
         description=(
             "A new API token acting in this organization with `role` (not above the caller's "
-            "own). The answer carries the secret; it is never shown again."
+            "own). A calling token that expires makes tokens that expire no later (by default, "
+            "with it). The answer carries the secret; it is never shown again."
         ),
         extensions=require(MayGrant("organization_id")),
     )

@@ -352,6 +352,9 @@ async def resolve_create_organization(
         currency=parse_currency(currency),
         owner_user_id=identity.user_id,
         idempotency_key=idempotency_key or "",
+        # A retry must come from the same token: another token of the user (a member's, say)
+        # sending the key makes its own organization and sees nothing of the first.
+        caller_scope=f"token:{identity.token_id}" if identity.token_id else "",
     )
     created = await c.accounts.CreateOrganization(request, metadata=c.metadata)
     new = created.organization

@@ -16,6 +16,7 @@ import strawberry
 
 from gpudeck.gateway.context import Info
 from gpudeck.gateway.errors import BAD_USER_INPUT, Arguments, GatewayError
+from gpudeck.gateway.ids import canonical_id
 from gpudeck.gateway.live import Watch
 from gpudeck.gateway.money import parse_amount, parse_currency
 from gpudeck.gateway.permissions import BillingReader, BillingWriter, require
@@ -387,8 +388,9 @@ async def resolve_wallet_updated(
     display_currency: str | None = None,
 ) -> AsyncGenerator[Wallet, None]:
     """Checks the arguments before the stream starts (a bad one is the subscription's error,
-    not an event's), in the caller's preferred display currency when none is given."""
-    org = str(organization_id)
+    not an event's), in the caller's preferred display currency when none is given. (Arguments
+    of a subscription's root field are not made canonical by `CanonicalIds`: done here.)"""
+    org = canonical_id(str(organization_id))
     display = await accounts.display_for(info, org, display_currency)
     return wallet_updates(info, org, display)
 

@@ -153,6 +153,7 @@ class AccountServicer(account_pb2_grpc.AccountServiceServicer):
             owner_email=request.owner_email,
             owner_name=request.owner_name,
             idempotency_key=request.idempotency_key,
+            caller_scope=request.caller_scope,
         )
         async with self.wallet.pool.connection() as conn, conn.transaction():
             return created(await self.accounts.create_organization(conn, new))

@@ -36,6 +36,7 @@ from gpudeck.wallet.ledger_store import open_wallet
 from gpudeck.wallet.money import check_currency
 from gpudeck.wallet.organizations_store import RANKED, Conn
 from gpudeck.wallet.projects_store import ProjectStore
+from gpudeck.wallet.text import check_text
 from gpudeck.wallet.tokens_store import TokenStore
 
 MEMBER = """
@@ -52,6 +53,7 @@ class NewOrganization:
     owner_email: str = ""
     owner_name: str = ""
     idempotency_key: str = ""
+    caller_scope: str = ""  # keys are this caller's own (the gateway: "token:<id>")
 
 
 @dataclass(frozen=True)
@@ -82,13 +84,16 @@ class AccountStore(ProjectStore, TokenStore):
     ) -> CreatedOrganization:
         """Organization, owner membership, wallet, project "default" and an owner token, at once.
 
-        With an idempotency key, a retry by the same owner returns the first organization
-        (without the token's secret); the same key with another name or currency is refused.
+        With an idempotency key, a retry by the same owner (and caller scope, when given)
+        returns the first organization (without the token's secret); the same key with another
+        name or currency is refused.
         """
         name = check_name(request.name)
         currency = check_currency(request.currency)
         owner = await self._owner(conn, request)
         scope, key = f"user:{owner.id}", request.idempotency_key
+        if request.caller_scope:
+            scope = f"{scope}:{check_text(request.caller_scope, 'caller_scope')}"
         digest = fingerprint("organization.create", name=name, currency=currency)
         if key:
             earlier = await idempotency.recall(conn, scope, key, digest)

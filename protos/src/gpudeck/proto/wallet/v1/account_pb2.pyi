@@ -187,6 +187,7 @@ class CreateOrganizationRequest(_message.Message):
     IDEMPOTENCY_KEY_FIELD_NUMBER: _builtins.int
     OWNER_EMAIL_FIELD_NUMBER: _builtins.int
     OWNER_NAME_FIELD_NUMBER: _builtins.int
+    CALLER_SCOPE_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     currency: _builtins.str
     owner_user_id: _builtins.str
@@ -194,9 +195,16 @@ class CreateOrganizationRequest(_message.Message):
     owner_user_id is empty or names no user yet.
     """
     idempotency_key: _builtins.str
-    """Optional; a retry with the same key (per owner) returns the first organization."""
+    """Optional; a retry with the same key (per owner, and per caller_scope when set) returns the
+    first organization.
+    """
     owner_email: _builtins.str
     owner_name: _builtins.str
+    caller_scope: _builtins.str
+    """Who is calling, when the owner has several credentials (the gateway: "token:<id>"). Keys
+    are then that caller's own: another credential of the same owner sending the same key makes
+    its own organization and learns nothing of the first.
+    """
     def __init__(
         self,
         *,
@@ -206,10 +214,11 @@ class CreateOrganizationRequest(_message.Message):
         idempotency_key: _builtins.str = ...,
         owner_email: _builtins.str = ...,
         owner_name: _builtins.str = ...,
+        caller_scope: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["currency", b"currency", "idempotency_key", b"idempotency_key", "name", b"name", "owner_email", b"owner_email", "owner_name", b"owner_name", "owner_user_id", b"owner_user_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["caller_scope", b"caller_scope", "currency", b"currency", "idempotency_key", b"idempotency_key", "name", b"name", "owner_email", b"owner_email", "owner_name", b"owner_name", "owner_user_id", b"owner_user_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -1,0 +1,134 @@
+"""A token acts in its own organization with its own role, however ids are spelled, whatever key
+it sends, and never outlives the token that made it."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+MAKE_TOKEN = """mutation($org: ID!, $name: String!, $role: Role!, $expires: DateTime) {
+  createApiToken(organizationId: $org, name: $name, role: $role, expiresAt: $expires) {
+    token apiToken { id role expiresAt }
+  }
+}"""
+INVITE = """mutation($org: ID!, $email: String!, $role: Role!) {
+  inviteMember(organizationId: $org, email: $email, role: $role) { user { id } role }
+}"""
+SET_ROLE = """mutation($org: ID!, $user: ID!, $role: Role!) {
+  setMemberRole(organizationId: $org, userId: $user, role: $role) { role }
+}"""
+REMOVE = "mutation($org: ID!, $user: ID!) { removeMember(organizationId: $org, userId: $user) }"
+CREATE_ORG = """mutation($key: String) {
+  createOrganization(name: "Second", currency: "USD", idempotencyKey: $key) {
+    organization { id name wallet { balance { amount } } }
+    ownerToken
+  }
+}"""
+
+
+async def make_token(gql, org, role: str, *, by: str | None = None, **variables: Any) -> dict:
+    made = await gql.data(
+        MAKE_TOKEN,
+        {"org": org.id, "name": f"{role} token", "role": role, **variables},
+        token=by or org.token,
+    )
+    token: dict[str, Any] = made["createApiToken"]
+    return token
+
+
+def spellings(value: str) -> list[str]:
+    plain = uuid.UUID(value)
+    return [value.upper(), plain.hex, "{" + value + "}", plain.urn]
+
+
+async def test_an_id_spelled_otherwise_is_the_same_id(gql, new_org) -> None:
+    org = await new_org(name="Spelled")
+    for spelled in spellings(org.id):
+        data = await gql.data("query($id: ID!) { organization(id: $id) { id name } }",
+                              {"id": spelled}, token=org.token)  # fmt: skip
+        assert data["organization"] == {"id": org.id, "name": "Spelled"}
+    project = await gql.data(
+        'mutation($org: ID!) { createProject(organizationId: $org, name: "p") { id } }',
+        {"org": org.id.upper()},
+        token=org.token,
+    )
+    assert project["createProject"]["id"]
+    other = await new_org()
+    error = await gql.error("query($id: ID!) { organization(id: $id) { id } }",
+                            {"id": other.id.upper()}, token=org.token)  # fmt: skip
+    assert error["extensions"]["code"] == "NOT_FOUND"
+
+
+async def test_an_admin_cannot_touch_an_owner_however_the_id_is_spelled(gql, new_org) -> None:
+    org = await new_org()
+    second = await gql.data(
+        INVITE, {"org": org.id, "email": f"{uuid.uuid4().hex[:8]}@example.com", "role": "OWNER"},
+        token=org.token,
+    )  # fmt: skip
+    assert second["inviteMember"]["role"] == "owner"
+    admin = (await make_token(gql, org, "ADMIN"))["token"]
+    for spelled in [org.user_id, *spellings(org.user_id)]:
+        for mutation, extra in ((SET_ROLE, {"role": "VIEWER"}), (REMOVE, {})):
+            variables = {"org": org.id, "user": spelled, **extra}
+            error = await gql.error(mutation, variables, token=admin)
+            assert error["extensions"]["code"] == "FORBIDDEN", (spelled, error)
+    # The owner is still an owner, and their token still works.
+    viewer = await gql.data("{ viewer { organizations { role } } }", token=org.token)
+    assert viewer["viewer"]["organizations"] == [{"role": "owner"}]
+
+
+async def test_a_member_that_is_not_one_is_not_found_and_a_bad_id_bad_input(gql, new_org) -> None:
+    org = await new_org()
+    error = await gql.error(SET_ROLE, {"org": org.id, "user": str(uuid.uuid4()), "role": "VIEWER"},
+                            token=org.token)  # fmt: skip
+    assert (error["extensions"]["code"], error["extensions"]["field"]) == ("NOT_FOUND", "userId")
+    error = await gql.error(REMOVE, {"org": org.id, "user": "nobody"}, token=org.token)
+    assert (error["extensions"]["code"], error["extensions"]["field"]) == (
+        "BAD_USER_INPUT",
+        "userId",
+    )
+
+
+async def test_a_creation_key_belongs_to_the_token_that_sent_it(gql, new_org) -> None:
+    org = await new_org()
+    first = (await gql.data(CREATE_ORG, {"key": "make-second"}, token=org.token))[
+        "createOrganization"
+    ]
+    assert first["ownerToken"]
+    # The same token retrying gets the first organization (its secret only once).
+    again = (await gql.data(CREATE_ORG, {"key": "make-second"}, token=org.token))[
+        "createOrganization"
+    ]
+    assert again["organization"]["id"] == first["organization"]["id"]
+    assert again["ownerToken"] is None
+    # A member token of the same user sending that key makes its own, and sees nothing of the first.
+    member = (await make_token(gql, org, "MEMBER"))["token"]
+    theirs = (await gql.data(CREATE_ORG, {"key": "make-second"}, token=member))[
+        "createOrganization"
+    ]
+    assert theirs["organization"]["id"] not in (first["organization"]["id"], org.id)
+    error = await gql.error("query($id: ID!) { organization(id: $id) { name } }",
+                            {"id": first["organization"]["id"]}, token=member)  # fmt: skip
+    assert error["extensions"]["code"] == "NOT_FOUND"
+
+
+async def test_a_token_that_expires_makes_no_token_that_outlives_it(gql, new_org) -> None:
+    org = await new_org()
+    ends = (datetime.now(UTC) + timedelta(hours=1)).replace(microsecond=0)
+    short = await make_token(gql, org, "ADMIN", expires=ends.isoformat())
+    child = await make_token(gql, org, "ADMIN", by=short["token"])
+    assert datetime.fromisoformat(child["apiToken"]["expiresAt"]) == ends
+    sooner = (ends - timedelta(minutes=30)).isoformat()
+    child = await make_token(gql, org, "MEMBER", by=short["token"], expires=sooner)
+    assert datetime.fromisoformat(child["apiToken"]["expiresAt"]) == ends - timedelta(minutes=30)
+    later = (ends + timedelta(days=1)).isoformat()
+    variables = {"org": org.id, "name": "lasting", "role": "ADMIN", "expires": later}
+    error = await gql.error(MAKE_TOKEN, variables, token=short["token"])
+    assert (error["extensions"]["code"], error["extensions"]["field"]) == (
+        "BAD_USER_INPUT",
+        "expiresAt",
+    )
+    # A token that does not expire may make either.
+    lasting = await make_token(gql, org, "ADMIN")
+    assert lasting["apiToken"]["expiresAt"] is None
