@@ -132,3 +132,79 @@ async def test_a_token_that_expires_makes_no_token_that_outlives_it(gql, new_org
     # A token that does not expire may make either.
     lasting = await make_token(gql, org, "ADMIN")
     assert lasting["apiToken"]["expiresAt"] is None
+
+
+KEYED_TOKEN = """mutation($org: ID!, $name: String!, $key: String) {
+  createApiToken(organizationId: $org, name: $name, role: MEMBER, idempotencyKey: $key) {
+    token apiToken { id name }
+  }
+}"""
+KEYED_INVITE = """mutation($org: ID!, $email: String!, $key: String) {
+  inviteMember(organizationId: $org, email: $email, role: MEMBER, idempotencyKey: $key) {
+    user { id } role
+  }
+}"""
+KEYED_REMOVE = """mutation($org: ID!, $user: ID!, $key: String) {
+  removeMember(organizationId: $org, userId: $user, idempotencyKey: $key)
+}"""
+KEYED_DELETE_PROJECT = """mutation($org: ID!, $id: ID!, $key: String) {
+  deleteProject(organizationId: $org, id: $id, idempotencyKey: $key) { id name }
+}"""
+
+
+async def test_a_retried_token_creation_returns_the_first_token_without_its_secret(
+    gql, new_org
+) -> None:
+    org = await new_org()
+    variables = {"org": org.id, "name": "ci", "key": "token-1"}
+    first = (await gql.data(KEYED_TOKEN, variables, token=org.token))["createApiToken"]
+    again = (await gql.data(KEYED_TOKEN, variables, token=org.token))["createApiToken"]
+    assert first["token"] and again["token"] is None
+    assert again["apiToken"] == first["apiToken"]
+    listed = await gql.data("query($id: ID!) { organization(id: $id) { apiTokens { name } } }",
+                            {"id": org.id}, token=org.token)  # fmt: skip
+    assert [t["name"] for t in listed["organization"]["apiTokens"]].count("ci") == 1
+    error = await gql.error(KEYED_TOKEN, {**variables, "name": "other"}, token=org.token)
+    assert error["extensions"]["code"] == "CONFLICT"
+    # Another token's key is its own: the same key makes its own token.
+    admin = (await make_token(gql, org, "ADMIN"))["token"]
+    theirs = (await gql.data(KEYED_TOKEN, variables, token=admin))["createApiToken"]
+    assert theirs["token"] and theirs["apiToken"]["id"] != first["apiToken"]["id"]
+
+
+async def test_retried_member_and_project_changes_answer_as_the_first_time(gql, new_org) -> None:
+    org = await new_org()
+    email = f"{uuid.uuid4().hex[:8]}@example.com"
+    invite = {"org": org.id, "email": email, "key": "invite-1"}
+    first = (await gql.data(KEYED_INVITE, invite, token=org.token))["inviteMember"]
+    assert (await gql.data(KEYED_INVITE, invite, token=org.token))["inviteMember"] == first
+    unkeyed = await gql.error(KEYED_INVITE, {**invite, "key": None}, token=org.token)
+    assert unkeyed["extensions"]["reason"] == "ALREADY_MEMBER"
+
+    remove = {"org": org.id, "user": first["user"]["id"], "key": "remove-1"}
+    for _ in range(2):
+        assert (await gql.data(KEYED_REMOVE, remove, token=org.token))["removeMember"] is True
+    gone = await gql.error(KEYED_REMOVE, {**remove, "key": "remove-2"}, token=org.token)
+    assert gone["extensions"]["code"] == "NOT_FOUND"
+
+    made = await gql.data(
+        'mutation($org: ID!) { createProject(organizationId: $org, name: "temp") { id } }',
+        {"org": org.id},
+        token=org.token,
+    )
+    delete = {"org": org.id, "id": made["createProject"]["id"], "key": "delete-1"}
+    first_delete = await gql.data(KEYED_DELETE_PROJECT, delete, token=org.token)
+    assert await gql.data(KEYED_DELETE_PROJECT, delete, token=org.token) == first_delete
+    # Another organization's live project stays NOT_FOUND (the wallet checks whose it is).
+    kept = await gql.data(
+        'mutation($org: ID!) { createProject(organizationId: $org, name: "kept") { id } }',
+        {"org": org.id},
+        token=org.token,
+    )
+    other = await new_org()
+    theirs = {"org": other.id, "id": kept["createProject"]["id"], "key": "x"}
+    error = await gql.error(KEYED_DELETE_PROJECT, theirs, token=other.token)
+    assert error["extensions"]["code"] == "NOT_FOUND"
+    projects = await gql.data("query($id: ID!) { organization(id: $id) { projects { name } } }",
+                              {"id": org.id}, token=org.token)  # fmt: skip
+    assert {"name": "kept"} in projects["organization"]["projects"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import uuid
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
@@ -545,3 +546,47 @@ async def test_the_demo_organization_is_verified_has_a_project_and_the_bootstrap
             " AND quote IN ('USD', 'INR')"
         )
         assert (await cur.fetchone()) != (0,), "the demo can show INR and USD"
+
+
+async def test_deleting_an_organization_again_with_its_key_returns_the_first_answer(
+    account_stub: Stub,
+) -> None:
+    org = (await new_org(account_stub, name="Leaving")).organization
+    request = pb.DeleteOrganizationRequest(
+        organization_id=org.id, confirm_name="Leaving", idempotency_key="leave-1"
+    )
+    first = await account_stub.DeleteOrganization(request)
+    assert await account_stub.DeleteOrganization(request) == first
+    unkeyed = pb.DeleteOrganizationRequest(organization_id=org.id, confirm_name="Leaving")
+    assert (await refused(account_stub.DeleteOrganization(unkeyed))).code() == (
+        grpc.StatusCode.NOT_FOUND
+    )
+    other = pb.DeleteOrganizationRequest(
+        organization_id=org.id, confirm_name="Other", idempotency_key="leave-1"
+    )
+    assert (await refused(account_stub.DeleteOrganization(other))).code() == (
+        grpc.StatusCode.ABORTED
+    )
+
+
+async def test_a_keyed_token_creation_is_one_token_and_its_secret_is_never_kept(
+    account_stub: Stub, wallet_pool: AsyncConnectionPool
+) -> None:
+    org = (await new_org(account_stub)).organization
+    request = pb.CreateApiTokenRequest(
+        organization_id=org.id, name="ci", role="member", idempotency_key="t-1"
+    )
+    first = await account_stub.CreateApiToken(request)
+    again = await account_stub.CreateApiToken(request)
+    assert first.token and not again.token
+    assert again.api_token == first.api_token
+    async with wallet_pool.connection() as conn:
+        cur = await conn.execute(
+            "SELECT result FROM idempotency WHERE key = 't-1' AND scope LIKE %s",
+            (f"org:{org.id}:token:%",),
+        )
+        [(stored,)] = await cur.fetchall()
+    kept = pb.CreateApiTokenResponse.FromString(base64.b64decode(stored["answer"]))
+    assert kept.api_token == first.api_token and kept.token == ""
+    listed = await account_stub.ListApiTokens(pb.ListApiTokensRequest(organization_id=org.id))
+    assert [t.name for t in listed.api_tokens].count("ci") == 1

@@ -136,7 +136,10 @@ class Preferences:
 
 @strawberry.type(description="A new API token: `token` is its secret, shown this once only.")
 class CreateApiTokenPayload:
-    token: str
+    token: str | None = strawberry.field(
+        description="The secret, shown once: null when a retry with the same idempotencyKey "
+        "answers again."
+    )
     api_token: ApiToken
 
 
@@ -237,6 +240,7 @@ async def resolve_create_api_token(
     name: str,
     role: Role,
     expires_at: datetime | None = None,
+    idempotency_key: str | None = None,
 ) -> CreateApiTokenPayload:
     identity = await info.context.identity()
     expires_at = _within_callers_life(expires_at, identity.expires_at)
@@ -246,12 +250,15 @@ async def resolve_create_api_token(
         name=name,
         role=str(role),
         created_by=identity.user_id,
+        idempotency_key=idempotency_key or "",
     )
     expiry = timestamp(expires_at)
     if expiry is not None:
         request.expires_at.CopyFrom(expiry)
     answer = await c.accounts.CreateApiToken(request, metadata=c.metadata)
-    return CreateApiTokenPayload(token=answer.token, api_token=ApiToken.from_pb(answer.api_token))
+    return CreateApiTokenPayload(
+        token=answer.token or None, api_token=ApiToken.from_pb(answer.api_token)
+    )
 
 
 def _within_callers_life(wanted: datetime | None, limit: datetime | None) -> datetime | None:
@@ -312,11 +319,17 @@ async def resolve_rename_project(
 
 
 async def resolve_delete_project(
-    info: Info, organization_id: strawberry.ID, id: strawberry.ID
+    info: Info,
+    organization_id: strawberry.ID,
+    id: strawberry.ID,
+    idempotency_key: str | None = None,
 ) -> Project:
-    await _project_of(info, organization_id, id)
     c = info.context.wallet
-    request = account_pb2.DeleteProjectRequest(project_id=str(id))
+    request = account_pb2.DeleteProjectRequest(
+        project_id=str(id),
+        organization_id=str(organization_id),
+        idempotency_key=idempotency_key or "",
+    )
     return Project.from_pb(await c.accounts.DeleteProject(request, metadata=c.metadata))
 
 
@@ -337,10 +350,15 @@ async def resolve_invite_member(
     email: str,
     role: Role,
     name: str | None = None,
+    idempotency_key: str | None = None,
 ) -> OrganizationMember:
     c = info.context.wallet
     request = account_pb2.InviteMemberRequest(
-        organization_id=str(organization_id), email=email, role=str(role), name=name or ""
+        organization_id=str(organization_id),
+        email=email,
+        role=str(role),
+        name=name or "",
+        idempotency_key=idempotency_key or "",
     )
     return OrganizationMember.from_pb(await c.accounts.InviteMember(request, metadata=c.metadata))
 
@@ -356,11 +374,16 @@ async def resolve_set_member_role(
 
 
 async def resolve_remove_member(
-    info: Info, organization_id: strawberry.ID, user_id: strawberry.ID
+    info: Info,
+    organization_id: strawberry.ID,
+    user_id: strawberry.ID,
+    idempotency_key: str | None = None,
 ) -> bool:
     c = info.context.wallet
     request = account_pb2.RemoveMemberRequest(
-        organization_id=str(organization_id), user_id=str(user_id)
+        organization_id=str(organization_id),
+        user_id=str(user_id),
+        idempotency_key=idempotency_key or "",
     )
     await c.accounts.RemoveMember(request, metadata=c.metadata)
     return True
@@ -413,7 +436,8 @@ class Mutation:
         description=(
             "A new API token acting in this organization with `role` (not above the caller's "
             "own). A calling token that expires makes tokens that expire no later (by default, "
-            "with it). The answer carries the secret; it is never shown again."
+            "with it). The answer carries the secret; it is never shown again (a retry with the "
+            "same idempotencyKey returns the same token, its secret null)."
         ),
         extensions=require(MayGrant("organization_id")),
     )
@@ -440,7 +464,8 @@ class Mutation:
         resolver=resolve_delete_project,
         description=(
             "Delete a project: refused while it runs resources, or when it is the last one. "
-            "Its spending history stays."
+            "Its spending history stays. A retry with the same idempotencyKey returns the first "
+            "answer."
         ),
         extensions=[*require(Admin("organization_id")), Arguments(project_id="id")],
     )
@@ -457,7 +482,10 @@ class Mutation:
 
     invite_member = strawberry.mutation(
         resolver=resolve_invite_member,
-        description="Add the user with `email` (made if new) as a member with `role`.",
+        description=(
+            "Add the user with `email` (made if new) as a member with `role`. A retry with "
+            "the same idempotencyKey returns the first answer."
+        ),
         extensions=require(Admin("organization_id"), MayGrant("organization_id")),
     )
 
@@ -469,7 +497,10 @@ class Mutation:
 
     remove_member = strawberry.mutation(
         resolver=resolve_remove_member,
-        description="Remove a member (not the last owner). True when done.",
+        description=(
+            "Remove a member (not the last owner). True when done; a retry with the same "
+            "idempotencyKey is true again."
+        ),
         extensions=require(MayManageMember("organization_id")),
     )
 

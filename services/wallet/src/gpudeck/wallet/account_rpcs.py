@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import uuid
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
-from gpudeck.kit.errors import InvalidArgument
+from google.protobuf.message import Message
+from psycopg import AsyncConnection
+
+from gpudeck.kit.errors import InvalidArgument, NotFound
 from gpudeck.kit.logs import actor
 from gpudeck.proto.wallet.v1 import account_pb2 as pb
 from gpudeck.proto.wallet.v1 import account_pb2_grpc
-from gpudeck.wallet import convert
+from gpudeck.wallet import convert, idempotency
 from gpudeck.wallet.accounts import (
     ApiToken,
     Identity,
@@ -21,6 +28,45 @@ from gpudeck.wallet.accounts import (
 from gpudeck.wallet.accounts_store import AccountStore, CreatedOrganization, NewOrganization
 from gpudeck.wallet.deps import Wallet
 from gpudeck.wallet.organization_deletion import delete_organization
+from gpudeck.wallet.text import check_text
+
+Answer = TypeVar("Answer", bound=Message)
+
+
+async def once(
+    conn: AsyncConnection[Any],
+    scope: str,
+    request: Any,
+    answer_type: type[Answer],
+    act: Callable[[], Awaitable[Answer]],
+    *,
+    secret: str = "",
+) -> Answer:
+    """`act`'s answer, or with `request.idempotency_key` the answer first given for it by this
+    caller (`x-actor`) in `scope`: a retry changes nothing. The field `secret` of the answer is
+    not kept (a retry gets it empty); another request with the key is ABORTED."""
+    key = check_text(request.idempotency_key, "idempotency_key")
+    if not key:
+        return await act()
+    scope = f"{scope}:{actor.get()}"
+    # Serializes the calls with this key (the scopes here have no row every caller locks).
+    await conn.execute("SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))", (f"{scope} {key}",))
+    payload = type(request)()
+    payload.CopyFrom(request)
+    payload.idempotency_key = ""
+    digest = hashlib.sha256(payload.SerializeToString(deterministic=True)).digest()
+    earlier = await idempotency.recall(conn, scope, key, digest)
+    if earlier is not None:
+        return answer_type.FromString(base64.b64decode(earlier["answer"]))
+    answer = await act()
+    kept = answer_type()
+    kept.CopyFrom(answer)
+    if secret:
+        kept.ClearField(secret)
+    stored = {"answer": base64.b64encode(kept.SerializeToString()).decode()}
+    await idempotency.remember(conn, scope, key, digest, stored)
+    return answer
+
 
 DEFAULT_PROJECTS = 50
 MAX_PROJECTS = 500
@@ -177,12 +223,16 @@ class AccountServicer(account_pb2_grpc.AccountServiceServicer):
         self, request: pb.DeleteOrganizationRequest, context: object
     ) -> pb.Organization:
         org = _org(request.organization_id)
-        async with self.wallet.pool.connection() as conn, conn.transaction():
+
+        async def delete() -> pb.Organization:
             deleted = await delete_organization(
                 self.accounts, self.wallet.ledger, conn, org,
                 confirm_name=request.confirm_name, actor=actor.get(),
             )  # fmt: skip
-        return organization(deleted)
+            return organization(deleted)
+
+        async with self.wallet.pool.connection() as conn, conn.transaction():
+            return await once(conn, f"org:{org}:delete", request, pb.Organization, delete)
 
     async def SetKycStatus(
         self, request: pb.SetKycStatusRequest, context: object
@@ -204,11 +254,16 @@ class AccountServicer(account_pb2_grpc.AccountServiceServicer):
 
     async def InviteMember(self, request: pb.InviteMemberRequest, context: object) -> pb.Member:
         org = _org(request.organization_id)
-        async with self.wallet.pool.connection() as conn, conn.transaction():
-            invited = await self.accounts.invite_member(
-                conn, org, request.email, request.role, name=request.name
+
+        async def invite() -> pb.Member:
+            return member(
+                await self.accounts.invite_member(
+                    conn, org, request.email, request.role, name=request.name
+                )
             )
-        return member(invited)
+
+        async with self.wallet.pool.connection() as conn, conn.transaction():
+            return await once(conn, f"org:{org}:invite", request, pb.Member, invite)
 
     async def SetMemberRole(self, request: pb.SetMemberRoleRequest, context: object) -> pb.Member:
         org = _org(request.organization_id)
@@ -222,9 +277,13 @@ class AccountServicer(account_pb2_grpc.AccountServiceServicer):
     ) -> pb.RemoveMemberResponse:
         org = _org(request.organization_id)
         user_id = convert.parse_id(request.user_id, "user_id")
-        async with self.wallet.pool.connection() as conn, conn.transaction():
+
+        async def remove() -> pb.RemoveMemberResponse:
             await self.accounts.remove_member(conn, org, user_id)
-        return pb.RemoveMemberResponse()
+            return pb.RemoveMemberResponse()
+
+        async with self.wallet.pool.connection() as conn, conn.transaction():
+            return await once(conn, f"org:{org}:remove", request, pb.RemoveMemberResponse, remove)
 
     # ------------------------------------------------------------------ projects
 
@@ -261,10 +320,20 @@ class AccountServicer(account_pb2_grpc.AccountServiceServicer):
 
     async def DeleteProject(self, request: pb.DeleteProjectRequest, context: object) -> pb.Project:
         project_id = convert.parse_id(request.project_id, "project_id")
+
+        owner = convert.optional_id(request.organization_id, "organization_id")
+
+        async def delete() -> pb.Project:
+            if owner is not None:
+                found = await self.accounts.get_project(conn, project_id)
+                if found.organization_id != owner:
+                    raise NotFound(f"project {project_id} not found", field="project_id")
+            return project(await self.accounts.delete_project(conn, project_id))
+
         async with self.wallet.pool.connection() as conn, conn.transaction():
-            deleted = await self.accounts.delete_project(conn, project_id)
+            deleted = await once(conn, f"project:{project_id}:delete", request, pb.Project, delete)
         self.wallet.ledger.projects.deleted(project_id)  # this process stops trusting it at once
-        return project(deleted)
+        return deleted
 
     # ------------------------------------------------------------------ API tokens
 
@@ -274,7 +343,8 @@ class AccountServicer(account_pb2_grpc.AccountServiceServicer):
         org = _org(request.organization_id)
         created_by = convert.optional_id(request.created_by, "created_by")
         expires_at = convert.optional_time(request, "expires_at")
-        async with self.wallet.pool.connection() as conn, conn.transaction():
+
+        async def create() -> pb.CreateApiTokenResponse:
             secret, token = await self.accounts.create_token(
                 conn,
                 org,
@@ -283,7 +353,12 @@ class AccountServicer(account_pb2_grpc.AccountServiceServicer):
                 expires_at=expires_at,
                 created_by=created_by,
             )
-        return pb.CreateApiTokenResponse(token=secret, api_token=api_token(token))
+            return pb.CreateApiTokenResponse(token=secret, api_token=api_token(token))
+
+        async with self.wallet.pool.connection() as conn, conn.transaction():
+            return await once(
+                conn, f"org:{org}:token", request, pb.CreateApiTokenResponse, create, secret="token"
+            )
 
     async def ListApiTokens(
         self, request: pb.ListApiTokensRequest, context: object

@@ -299,18 +299,24 @@ class DeleteOrganizationRequest(_message.Message):
 
     ORGANIZATION_ID_FIELD_NUMBER: _builtins.int
     CONFIRM_NAME_FIELD_NUMBER: _builtins.int
+    IDEMPOTENCY_KEY_FIELD_NUMBER: _builtins.int
     organization_id: _builtins.str
     confirm_name: _builtins.str
     """must equal the organization's name"""
+    idempotency_key: _builtins.str
+    """Optional; a retry by the same caller with the same key returns the first answer (a token's
+    secret only the first time); the same key with another request is ABORTED.
+    """
     def __init__(
         self,
         *,
         organization_id: _builtins.str = ...,
         confirm_name: _builtins.str = ...,
+        idempotency_key: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["confirm_name", b"confirm_name", "organization_id", b"organization_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["confirm_name", b"confirm_name", "idempotency_key", b"idempotency_key", "organization_id", b"organization_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -415,12 +421,17 @@ class InviteMemberRequest(_message.Message):
     EMAIL_FIELD_NUMBER: _builtins.int
     ROLE_FIELD_NUMBER: _builtins.int
     NAME_FIELD_NUMBER: _builtins.int
+    IDEMPOTENCY_KEY_FIELD_NUMBER: _builtins.int
     organization_id: _builtins.str
     email: _builtins.str
     """a user is created for an address not seen before"""
     role: _builtins.str
     name: _builtins.str
     """the new user's name, if one is created"""
+    idempotency_key: _builtins.str
+    """Optional; a retry by the same caller with the same key returns the first answer (a token's
+    secret only the first time); the same key with another request is ABORTED.
+    """
     def __init__(
         self,
         *,
@@ -428,10 +439,11 @@ class InviteMemberRequest(_message.Message):
         email: _builtins.str = ...,
         role: _builtins.str = ...,
         name: _builtins.str = ...,
+        idempotency_key: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["email", b"email", "name", b"name", "organization_id", b"organization_id", "role", b"role"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["email", b"email", "idempotency_key", b"idempotency_key", "name", b"name", "organization_id", b"organization_id", "role", b"role"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -468,17 +480,23 @@ class RemoveMemberRequest(_message.Message):
 
     ORGANIZATION_ID_FIELD_NUMBER: _builtins.int
     USER_ID_FIELD_NUMBER: _builtins.int
+    IDEMPOTENCY_KEY_FIELD_NUMBER: _builtins.int
     organization_id: _builtins.str
     user_id: _builtins.str
+    idempotency_key: _builtins.str
+    """Optional; a retry by the same caller with the same key returns the first answer (a token's
+    secret only the first time); the same key with another request is ABORTED.
+    """
     def __init__(
         self,
         *,
         organization_id: _builtins.str = ...,
         user_id: _builtins.str = ...,
+        idempotency_key: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["organization_id", b"organization_id", "user_id", b"user_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["idempotency_key", b"idempotency_key", "organization_id", b"organization_id", "user_id", b"user_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -647,15 +665,25 @@ class DeleteProjectRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     PROJECT_ID_FIELD_NUMBER: _builtins.int
+    ORGANIZATION_ID_FIELD_NUMBER: _builtins.int
+    IDEMPOTENCY_KEY_FIELD_NUMBER: _builtins.int
     project_id: _builtins.str
+    organization_id: _builtins.str
+    """When set, the project must be one of this organization's (NOT_FOUND otherwise)."""
+    idempotency_key: _builtins.str
+    """Optional; a retry by the same caller with the same key returns the first answer (a token's
+    secret only the first time); the same key with another request is ABORTED.
+    """
     def __init__(
         self,
         *,
         project_id: _builtins.str = ...,
+        organization_id: _builtins.str = ...,
+        idempotency_key: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["project_id", b"project_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["idempotency_key", b"idempotency_key", "organization_id", b"organization_id", "project_id", b"project_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -739,11 +767,16 @@ class CreateApiTokenRequest(_message.Message):
     ROLE_FIELD_NUMBER: _builtins.int
     EXPIRES_AT_FIELD_NUMBER: _builtins.int
     CREATED_BY_FIELD_NUMBER: _builtins.int
+    IDEMPOTENCY_KEY_FIELD_NUMBER: _builtins.int
     organization_id: _builtins.str
     name: _builtins.str
     role: _builtins.str
     created_by: _builtins.str
     """The creating user's id; when given, they must be a member and `role` may not exceed theirs."""
+    idempotency_key: _builtins.str
+    """Optional; a retry by the same caller with the same key returns the first answer (a token's
+    secret only the first time); the same key with another request is ABORTED.
+    """
     @_builtins.property
     def expires_at(self) -> _timestamp_pb2.Timestamp: ...
     def __init__(
@@ -754,10 +787,11 @@ class CreateApiTokenRequest(_message.Message):
         role: _builtins.str = ...,
         expires_at: _timestamp_pb2.Timestamp | None = ...,
         created_by: _builtins.str = ...,
+        idempotency_key: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["expires_at", b"expires_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_by", b"created_by", "expires_at", b"expires_at", "name", b"name", "organization_id", b"organization_id", "role", b"role"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_by", b"created_by", "expires_at", b"expires_at", "idempotency_key", b"idempotency_key", "name", b"name", "organization_id", b"organization_id", "role", b"role"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
