@@ -208,3 +208,19 @@ async def test_retried_member_and_project_changes_answer_as_the_first_time(gql, 
     projects = await gql.data("query($id: ID!) { organization(id: $id) { projects { name } } }",
                               {"id": org.id}, token=org.token)  # fmt: skip
     assert {"name": "kept"} in projects["organization"]["projects"]
+
+
+async def test_an_organization_made_by_a_token_that_expires_gets_an_owner_token_as_short(
+    gql, new_org
+) -> None:
+    org = await new_org()
+    ends = (datetime.now(UTC) + timedelta(hours=2)).replace(microsecond=0)
+    short = await make_token(gql, org, "MEMBER", expires=ends.isoformat())
+    made = await gql.data(
+        'mutation { createOrganization(name: "Brief", currency: "USD") {'
+        " ownerToken ownerApiToken { expiresAt } organization { apiTokens { expiresAt } } } }",
+        token=short["token"],
+    )
+    payload = made["createOrganization"]
+    assert datetime.fromisoformat(payload["ownerApiToken"]["expiresAt"]) == ends
+    assert payload["organization"]["apiTokens"] == [payload["ownerApiToken"]]

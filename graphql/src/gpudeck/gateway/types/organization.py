@@ -356,6 +356,8 @@ async def resolve_create_organization(
         # sending the key makes its own organization and sees nothing of the first.
         caller_scope=f"token:{identity.token_id}" if identity.token_id else "",
     )
+    if identity.expires_at is not None:  # the owner token lives no longer than the caller's
+        request.owner_token_expires_at.FromDatetime(identity.expires_at)
     created = await c.accounts.CreateOrganization(request, metadata=c.metadata)
     new = created.organization
     if new.owner.id == identity.user_id:  # the caller's user owns it: show it in the payload
@@ -369,7 +371,7 @@ async def resolve_create_organization(
                     *identity.organizations,
                     OrganizationRole(new.id, new.name, "owner"),
                 ),
-                expires_at=None,
+                expires_at=identity.expires_at,
             )
         )
     return CreateOrganizationPayload(

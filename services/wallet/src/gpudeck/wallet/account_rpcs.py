@@ -200,6 +200,7 @@ class AccountServicer(account_pb2_grpc.AccountServiceServicer):
             owner_name=request.owner_name,
             idempotency_key=request.idempotency_key,
             caller_scope=request.caller_scope,
+            owner_token_expires_at=convert.optional_time(request, "owner_token_expires_at"),
         )
         async with self.wallet.pool.connection() as conn, conn.transaction():
             return created(await self.accounts.create_organization(conn, new))

@@ -10,6 +10,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 from psycopg import sql
@@ -54,6 +55,7 @@ class NewOrganization:
     owner_name: str = ""
     idempotency_key: str = ""
     caller_scope: str = ""  # keys are this caller's own (the gateway: "token:<id>")
+    owner_token_expires_at: datetime | None = None
 
 
 @dataclass(frozen=True)
@@ -117,7 +119,8 @@ class AccountStore(ProjectStore, TokenStore):
         ]
         secret, token = "", None
         if owner_token:
-            secret, token = await self._insert_token(conn, org, "owner", "owner", owner.id, None)
+            expires = request.owner_token_expires_at
+            secret, token = await self._insert_token(conn, org, "owner", "owner", owner.id, expires)
             news.append(self._token_event("account.token.created", token))
         await self.outbox.add_many(conn, news)
         if key:

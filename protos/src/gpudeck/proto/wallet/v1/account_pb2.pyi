@@ -188,6 +188,7 @@ class CreateOrganizationRequest(_message.Message):
     OWNER_EMAIL_FIELD_NUMBER: _builtins.int
     OWNER_NAME_FIELD_NUMBER: _builtins.int
     CALLER_SCOPE_FIELD_NUMBER: _builtins.int
+    OWNER_TOKEN_EXPIRES_AT_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     currency: _builtins.str
     owner_user_id: _builtins.str
@@ -205,6 +206,12 @@ class CreateOrganizationRequest(_message.Message):
     are then that caller's own: another credential of the same owner sending the same key makes
     its own organization and learns nothing of the first.
     """
+    @_builtins.property
+    def owner_token_expires_at(self) -> _timestamp_pb2.Timestamp:
+        """When set, the owner token expires then (the gateway: a calling token that expires makes no
+        token that outlives it).
+        """
+
     def __init__(
         self,
         *,
@@ -215,10 +222,11 @@ class CreateOrganizationRequest(_message.Message):
         owner_email: _builtins.str = ...,
         owner_name: _builtins.str = ...,
         caller_scope: _builtins.str = ...,
+        owner_token_expires_at: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["owner_token_expires_at", b"owner_token_expires_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["caller_scope", b"caller_scope", "currency", b"currency", "idempotency_key", b"idempotency_key", "name", b"name", "owner_email", b"owner_email", "owner_name", b"owner_name", "owner_user_id", b"owner_user_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["caller_scope", b"caller_scope", "currency", b"currency", "idempotency_key", b"idempotency_key", "name", b"name", "owner_email", b"owner_email", "owner_name", b"owner_name", "owner_token_expires_at", b"owner_token_expires_at", "owner_user_id", b"owner_user_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
