@@ -224,3 +224,14 @@ async def test_an_organization_made_by_a_token_that_expires_gets_an_owner_token_
     payload = made["createOrganization"]
     assert datetime.fromisoformat(payload["ownerApiToken"]["expiresAt"]) == ends
     assert payload["organization"]["apiTokens"] == [payload["ownerApiToken"]]
+
+
+async def test_an_expiry_no_timestamp_holds_is_bad_input(gql, new_org) -> None:
+    org = await new_org()
+    variables = {"org": org.id, "name": "ancient", "role": "MEMBER"}
+    error = await gql.error(MAKE_TOKEN, {**variables, "expires": "0001-01-01T00:00:00+14:00"},
+                            token=org.token)  # fmt: skip
+    assert (error["extensions"]["code"], error["extensions"]["field"]) == (
+        "BAD_USER_INPUT",
+        "expiresAt",
+    )

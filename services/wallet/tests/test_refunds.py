@@ -18,6 +18,7 @@ from gpudeck.proto.wallet.v1 import wallet_pb2 as pb
 from gpudeck.proto.wallet.v1.wallet_pb2_grpc import WalletServiceStub
 from gpudeck.wallet import audit
 from gpudeck.wallet.ledger import Account, Book, Kind, TransferRequest, Wallet
+from gpudeck.wallet.ledger_store import LedgerStore
 from gpudeck.wallet.refunds import unspend
 
 NewOrg = Callable[..., Awaitable[uuid.UUID]]
@@ -242,4 +243,50 @@ async def test_an_expired_grant_given_money_back_expires_it_again(service: Servi
     assert legs == {"credit": 3_000_000}
     await credits_expired(wallet_pool, org)  # and it expires again
     assert await accounts(wallet_pool, org) == {"cash": 10_000_000, "credit": 0}
+    assert await books_balance(wallet_pool)
+
+
+def test_a_grant_emptied_earlier_in_the_batch_gets_its_money_back() -> None:
+    grant = Account(PROMO, 10, "credit")
+    book, wallet = _book([grant], [])
+    org = wallet.organization_id
+    charge = TransferRequest(key=uuid.uuid4().hex, organization_id=org, kind=Kind.CHARGE, amount=10)
+    book.apply(charge, uuid.uuid4())
+    assert wallet.credits == []
+    planned = book.apply(_refund(org, 10), uuid.uuid4())
+    assert [(p.account_id, p.amount) for p in planned.postings] == [(PROMO, 10), (9, -10)]
+    assert wallet.credits == [grant] and grant.balance == 10
+    # And again: spent, refunded, spent, refunded.
+    book.apply(charge, uuid.uuid4())
+    book.apply(_refund(org, 10), uuid.uuid4())
+    assert grant.balance == 10 and wallet.cash.balance == 100
+
+
+async def test_a_refund_follows_commit_order_not_id_order(service: Service) -> None:
+    """A charge takes its id before it waits for the wallet lock, so one that commits later may
+    have the smaller id; the refund must undo the one committed last."""
+    wallet_stub, wallet_pool, new_org = service
+    org = await new_org()
+    await transfer(wallet_stub, org, pb.TOPUP, 100)
+    await transfer(wallet_stub, org, pb.CREDIT_GRANT, 10, credit_source="promotion")
+    store = LedgerStore("wallet")
+
+    def charge() -> TransferRequest:
+        return TransferRequest(
+            key=uuid.uuid4().hex, organization_id=org, kind=Kind.CHARGE, amount=10
+        )
+
+    async with wallet_pool.connection() as holder, wallet_pool.connection() as waiter:
+        async with holder.transaction():
+            await holder.execute(
+                "SELECT 1 FROM wallets WHERE organization_id = %s FOR UPDATE", (org,)
+            )
+            late = asyncio.create_task(store.post_one(waiter, charge()))  # takes its id, waits
+            await asyncio.sleep(0.3)
+            [first] = await store.post_transfers(holder, [charge()], fast_path=False)
+        later = await late
+    assert first.transaction is not None and later.id < first.transaction.id  # ids inverted
+    # The later charge drew cash (the first took the grant): the refund gives cash back.
+    await transfer(wallet_stub, org, pb.REFUND, 10)
+    assert await accounts(wallet_pool, org) == {"cash": 100, "credit": 0}
     assert await books_balance(wallet_pool)

@@ -252,7 +252,7 @@ async def resolve_create_api_token(
         created_by=identity.user_id,
         idempotency_key=idempotency_key or "",
     )
-    expiry = timestamp(expires_at)
+    expiry = timestamp(expires_at, "expiresAt")
     if expiry is not None:
         request.expires_at.CopyFrom(expiry)
     answer = await c.accounts.CreateApiToken(request, metadata=c.metadata)

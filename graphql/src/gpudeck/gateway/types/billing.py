@@ -407,7 +407,7 @@ async def resolve_add_credits(
         amount=money_pb2.Money(amount=micro),
         reference=reference or "",
     )
-    expiry = timestamp(expires_at)
+    expiry = timestamp(expires_at, "expiresAt")
     if expiry is not None:
         request.expires_at.CopyFrom(expiry)
     answer = await c.wallet.AddCredits(request, metadata=c.metadata)

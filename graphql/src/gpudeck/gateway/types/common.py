@@ -106,12 +106,18 @@ def when(ts: Timestamp, present: bool = True) -> datetime | None:
     return ts.ToDatetime(UTC) if present and (ts.seconds or ts.nanos) else None
 
 
-def timestamp(at: datetime | None) -> Timestamp | None:
-    """An aware datetime as a protobuf timestamp (naive ones are taken as UTC)."""
+def timestamp(at: datetime | None, field: str) -> Timestamp | None:
+    """An aware datetime as a protobuf timestamp (naive ones are taken as UTC); BAD_USER_INPUT
+    naming `field` for one no timestamp holds (year 1 at +14:00)."""
     if at is None:
         return None
     ts = Timestamp()
-    ts.FromDatetime(at if at.tzinfo is not None else at.replace(tzinfo=UTC))
+    try:
+        ts.FromDatetime(at if at.tzinfo is not None else at.replace(tzinfo=UTC))
+    except (OverflowError, ValueError):
+        raise GatewayError(
+            f"{field} is out of range: {at.isoformat()}", code=BAD_USER_INPUT, field=field
+        ) from None
     return ts
 
 

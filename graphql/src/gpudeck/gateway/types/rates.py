@@ -59,7 +59,7 @@ async def resolve_set_exchange_rate(
     request = wallet_pb2.SetExchangeRateRequest(
         base=base.upper(), quote=quote.upper(), rate=rate, source=origin or "admin"
     )
-    stamp = timestamp(as_of)
+    stamp = timestamp(as_of, "asOf")
     if stamp is not None:
         request.as_of.CopyFrom(stamp)
     return ExchangeRate.from_pb(await c.wallet.SetExchangeRate(request, metadata=c.metadata))

@@ -1,7 +1,8 @@
 """The set-based fast path of `post_transfers`: the common transfers of a batch in one statement
 (the SQL function `post_transfer_batch`, in migrations/007_post_transfer_batch.sql).
 
-Which transfers take it: top-ups, charges, usage, refunds and adjustments in the wallet currency,
+Which transfers take it: top-ups, charges, usage and adjustments in the wallet currency (refunds
+read the spending history: general path),
 from callers (keyed, no overdraft), of organizations whose every transfer in the batch is such
 one. The function itself leaves (DEFER) organizations with credits to the general path, which
 `post_transfers` runs next in the same transaction; a repeated key within the batch goes there

@@ -293,7 +293,10 @@ class Book:
         if history is not None and request.kind in (*SPENDING, Kind.REFUND):
             history.extend((acct.id, delta) for acct, delta in legs)
         if wallet.credits:
-            wallet.credits = [c for c in wallet.credits if c.balance > 0 or c.kind != "credit"]
+            spent = [c for c in wallet.credits if c.balance <= 0 and c.kind == "credit"]
+            if spent:  # a refund later in the batch may give them money back
+                self.spent_credits.update((c.id, c) for c in spent)
+                wallet.credits = [c for c in wallet.credits if c.balance > 0 or c.kind != "credit"]
         spend: tuple[SpendLine, ...] = ()
         if request.kind in SPENDING:
             spend = request.spend_lines(amount)

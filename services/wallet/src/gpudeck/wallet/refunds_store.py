@@ -68,13 +68,20 @@ async def load_spending(conn: Conn, book: Book, requests: Sequence[TransferReque
 
 
 async def _history(conn: Conn, org: uuid.UUID, amount: int) -> list[Leg]:
-    """Newest first, enough of it to give `amount` back (or all of it)."""
-    legs: list[Leg] = []
+    """Newest first, enough of it to give `amount` back (or all of it).
+
+    Pages follow the transactions' ids (the index), but a transaction's id is taken before it
+    waits for the wallet lock, so ids can be out of commit order by the length of a wait (or
+    within a millisecond across replicas). Posting ids are drawn from a sequence after the lock:
+    the legs are put in their order."""
+    rows: list[Any] = []
     cursor = NEWEST
     while True:
         cur = await conn.execute(HISTORY, (org, *cursor, PAGE))
-        rows = await cur.fetchall()
-        legs.extend((account_id, delta) for _, _, account_id, delta in rows)
-        if len(rows) < PAGE or unspend(amount, legs)[1] == 0:
+        page = await cur.fetchall()
+        rows.extend(page)
+        rows.sort(key=lambda row: row[1], reverse=True)
+        legs = [(account_id, delta) for _, _, account_id, delta in rows]
+        if len(page) < PAGE or unspend(amount, legs)[1] == 0:
             return legs
-        cursor = (rows[-1][0], rows[-1][1])
+        cursor = (page[-1][0], page[-1][1])
