@@ -156,7 +156,7 @@ class MayManageMember(Admin):
         identity = await info.context.identity()
         user = str(kwargs.get(self.user_argument) or "")
         members = await info.context.loaders.members.load(identity.organization_id)
-        target = next((m for m in members if m.user.id == canonical_id(user)), None)
+        target = next((m for m in members if m.user.id == user), None)  # canonical: CanonicalIds
         if target is None:
             # Not a member (now): the wallet's NOT_FOUND, or its first answer to a retried call.
             return True

@@ -293,10 +293,13 @@ class Book:
         if history is not None and request.kind in (*SPENDING, Kind.REFUND):
             history.extend((acct.id, delta) for acct, delta in legs)
         if wallet.credits:
-            spent = [c for c in wallet.credits if c.balance <= 0 and c.kind == "credit"]
-            if spent:  # a refund later in the batch may give them money back
-                self.spent_credits.update((c.id, c) for c in spent)
-                wallet.credits = [c for c in wallet.credits if c.balance > 0 or c.kind != "credit"]
+            left = []
+            for credit in wallet.credits:
+                if credit.balance > 0 or credit.kind != "credit":
+                    left.append(credit)
+                else:  # a refund later in the batch may give it money back
+                    self.spent_credits[credit.id] = credit
+            wallet.credits = left
         spend: tuple[SpendLine, ...] = ()
         if request.kind in SPENDING:
             spend = request.spend_lines(amount)
@@ -393,12 +396,10 @@ class Book:
         if history is None:
             return [(wallet.cash, amount)]
         back, rest = unspend(amount, reversed(history))
+        legs = dict(back)
         if rest:
-            cash = wallet.cash.id
-            back = [leg for leg in back if leg[0] != cash] + [
-                (cash, dict(back).get(cash, 0) + rest)
-            ]
-        return [(self._account(wallet, account_id), take) for account_id, take in back]
+            legs[wallet.cash.id] = legs.get(wallet.cash.id, 0) + rest
+        return [(self._account(wallet, account_id), take) for account_id, take in legs.items()]
 
     def _account(self, wallet: Wallet, account_id: int) -> Account:
         """One of the wallet's accounts by id; a spent grant given money back becomes one of
