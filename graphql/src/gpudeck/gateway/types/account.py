@@ -19,7 +19,7 @@ from gpudeck.gateway.permissions import (
     Writer,
     require,
 )
-from gpudeck.gateway.types.common import Role, check_first, role, timestamp, when
+from gpudeck.gateway.types.common import OptionalKey, Role, check_first, role, timestamp, when
 from gpudeck.gateway.types.common import display_currency as check_display
 from gpudeck.proto.wallet.v1 import account_pb2
 
@@ -225,7 +225,7 @@ async def resolve_create_project(
     info: Info,
     organization_id: strawberry.ID,
     name: str,
-    idempotency_key: str | None = None,
+    idempotency_key: OptionalKey = None,
 ) -> Project:
     c = info.context.wallet
     request = account_pb2.CreateProjectRequest(
@@ -240,7 +240,7 @@ async def resolve_create_api_token(
     name: str,
     role: Role,
     expires_at: datetime | None = None,
-    idempotency_key: str | None = None,
+    idempotency_key: OptionalKey = None,
 ) -> CreateApiTokenPayload:
     identity = await info.context.identity()
     expires_at = _within_callers_life(expires_at, identity.expires_at)
@@ -278,22 +278,31 @@ def _within_callers_life(wanted: datetime | None, limit: datetime | None) -> dat
     return wanted
 
 
-async def resolve_revoke_api_token(info: Info, id: strawberry.ID) -> ApiToken:
+async def resolve_revoke_api_token(
+    info: Info, id: strawberry.ID, idempotency_key: OptionalKey = None
+) -> ApiToken:
     identity = await info.context.identity()
     c = info.context.wallet
     request = account_pb2.RevokeApiTokenRequest(
-        organization_id=identity.organization_id, api_token_id=str(id)
+        organization_id=identity.organization_id,
+        api_token_id=str(id),
+        idempotency_key=idempotency_key or "",
     )
     revoked = await c.accounts.RevokeApiToken(request, metadata=c.metadata)
     info.context.auth.forget(revoked.id)
     return ApiToken.from_pb(revoked)
 
 
-async def resolve_rename_api_token(info: Info, id: strawberry.ID, name: str) -> ApiToken:
+async def resolve_rename_api_token(
+    info: Info, id: strawberry.ID, name: str, idempotency_key: OptionalKey = None
+) -> ApiToken:
     identity = await info.context.identity()
     c = info.context.wallet
     request = account_pb2.RenameApiTokenRequest(
-        organization_id=identity.organization_id, api_token_id=str(id), name=name
+        organization_id=identity.organization_id,
+        api_token_id=str(id),
+        name=name,
+        idempotency_key=idempotency_key or "",
     )
     return ApiToken.from_pb(await c.accounts.RenameApiToken(request, metadata=c.metadata))
 
@@ -310,11 +319,17 @@ async def _project_of(
 
 
 async def resolve_rename_project(
-    info: Info, organization_id: strawberry.ID, id: strawberry.ID, name: str
+    info: Info,
+    organization_id: strawberry.ID,
+    id: strawberry.ID,
+    name: str,
+    idempotency_key: OptionalKey = None,
 ) -> Project:
     await _project_of(info, organization_id, id)
     c = info.context.wallet
-    request = account_pb2.RenameProjectRequest(project_id=str(id), name=name)
+    request = account_pb2.RenameProjectRequest(
+        project_id=str(id), name=name, idempotency_key=idempotency_key or ""
+    )
     return Project.from_pb(await c.accounts.RenameProject(request, metadata=c.metadata))
 
 
@@ -322,7 +337,7 @@ async def resolve_delete_project(
     info: Info,
     organization_id: strawberry.ID,
     id: strawberry.ID,
-    idempotency_key: str | None = None,
+    idempotency_key: OptionalKey = None,
 ) -> Project:
     c = info.context.wallet
     request = account_pb2.DeleteProjectRequest(
@@ -333,11 +348,15 @@ async def resolve_delete_project(
     return Project.from_pb(await c.accounts.DeleteProject(request, metadata=c.metadata))
 
 
-async def resolve_delete_organization(info: Info, id: strawberry.ID, confirm_name: str) -> bool:
+async def resolve_delete_organization(
+    info: Info, id: strawberry.ID, confirm_name: str, idempotency_key: OptionalKey = None
+) -> bool:
     identity = await info.context.identity()
     c = info.context.wallet
     request = account_pb2.DeleteOrganizationRequest(
-        organization_id=str(id), confirm_name=confirm_name
+        organization_id=str(id),
+        confirm_name=confirm_name,
+        idempotency_key=idempotency_key or "",
     )
     await c.accounts.DeleteOrganization(request, metadata=c.metadata)
     info.context.auth.forget(identity.token_id)  # its other tokens fail within the cache's life
@@ -350,7 +369,7 @@ async def resolve_invite_member(
     email: str,
     role: Role,
     name: str | None = None,
-    idempotency_key: str | None = None,
+    idempotency_key: OptionalKey = None,
 ) -> OrganizationMember:
     c = info.context.wallet
     request = account_pb2.InviteMemberRequest(
@@ -364,11 +383,18 @@ async def resolve_invite_member(
 
 
 async def resolve_set_member_role(
-    info: Info, organization_id: strawberry.ID, user_id: strawberry.ID, role: Role
+    info: Info,
+    organization_id: strawberry.ID,
+    user_id: strawberry.ID,
+    role: Role,
+    idempotency_key: OptionalKey = None,
 ) -> OrganizationMember:
     c = info.context.wallet
     request = account_pb2.SetMemberRoleRequest(
-        organization_id=str(organization_id), user_id=str(user_id), role=str(role)
+        organization_id=str(organization_id),
+        user_id=str(user_id),
+        role=str(role),
+        idempotency_key=idempotency_key or "",
     )
     return OrganizationMember.from_pb(await c.accounts.SetMemberRole(request, metadata=c.metadata))
 
@@ -377,7 +403,7 @@ async def resolve_remove_member(
     info: Info,
     organization_id: strawberry.ID,
     user_id: strawberry.ID,
-    idempotency_key: str | None = None,
+    idempotency_key: OptionalKey = None,
 ) -> bool:
     c = info.context.wallet
     request = account_pb2.RemoveMemberRequest(
@@ -397,6 +423,7 @@ async def resolve_update_preferences(
     compact_mode: bool | None = strawberry.UNSET,
     email_notifications: bool | None = strawberry.UNSET,
     low_balance_notifications: bool | None = strawberry.UNSET,
+    idempotency_key: OptionalKey = None,
 ) -> Preferences:
     wanted = account_pb2.Preferences(
         organization_id=str(organization_id), user_id=await _user_id(info, str(organization_id))
@@ -419,7 +446,9 @@ async def resolve_update_preferences(
     c = info.context.wallet
     if not fields:
         return await load_preferences(info, str(organization_id))
-    request = account_pb2.UpdatePreferencesRequest(preferences=wanted, fields=fields)
+    request = account_pb2.UpdatePreferencesRequest(
+        preferences=wanted, fields=fields, idempotency_key=idempotency_key or ""
+    )
     return Preferences.from_pb(await c.accounts.UpdatePreferences(request, metadata=c.metadata))
 
 

@@ -12,7 +12,14 @@ from gpudeck.gateway.context import Info
 from gpudeck.gateway.errors import Arguments
 from gpudeck.gateway.money import parse_amount
 from gpudeck.gateway.permissions import BillingWriter, require
-from gpudeck.gateway.types.common import Conversion, Money, check_first, timestamp, when
+from gpudeck.gateway.types.common import (
+    Conversion,
+    Money,
+    OptionalKey,
+    check_first,
+    timestamp,
+    when,
+)
 from gpudeck.gateway.types.wallet import Transaction
 from gpudeck.proto.common.v1 import money_pb2
 from gpudeck.proto.wallet.v1 import wallet_pb2
@@ -374,7 +381,7 @@ async def resolve_change_plan(
     info: Info,
     organization_id: strawberry.ID,
     plan_code: str,
-    idempotency_key: str | None = None,
+    idempotency_key: OptionalKey = None,
 ) -> PlanChange:
     c = info.context.wallet
     request = wallet_pb2.ChangePlanRequest(

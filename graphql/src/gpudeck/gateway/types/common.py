@@ -1,9 +1,10 @@
-"""Types every domain shares: Money, Conversion, Role, and reading them from protobuf."""
+"""Types every domain shares: Money, Conversion, Role, the optional idempotency key, and reading
+them from protobuf."""
 
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import NewType
+from typing import Annotated, NewType
 
 import strawberry
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -12,6 +13,19 @@ from graphql import EnumValueNode, StringValueNode, ValueNode
 from gpudeck.gateway.errors import BAD_USER_INPUT, GatewayError
 from gpudeck.gateway.money import check_currency, convert, format_micro
 from gpudeck.proto.common.v1 import money_pb2
+
+# The optional key of a mutation: a retry by the same caller with it gets the first answer and
+# changes nothing (a late retry cannot undo a newer change); the key with other arguments is a
+# CONFLICT.
+OptionalKey = Annotated[
+    str | None,
+    strawberry.argument(
+        description=(
+            "Optional. A retry by the same caller with this key returns the first answer and "
+            "changes nothing; the same key with other arguments is a CONFLICT."
+        )
+    ),
+]
 
 
 @strawberry.type(

@@ -38,7 +38,7 @@ from gpudeck.gateway.types import account as accounts
 from gpudeck.gateway.types import billing as bills
 from gpudeck.gateway.types import usage as usages
 from gpudeck.gateway.types import wallet as wallets
-from gpudeck.gateway.types.common import Conversion, when
+from gpudeck.gateway.types.common import Conversion, OptionalKey, when
 from gpudeck.proto.wallet.v1 import account_pb2
 
 
@@ -339,7 +339,7 @@ class Query:
 
 
 async def resolve_create_organization(
-    info: Info, name: str, currency: str, idempotency_key: str | None = None
+    info: Info, name: str, currency: str, idempotency_key: OptionalKey = None
 ) -> CreateOrganizationPayload:
     identity = await info.context.identity()
     if not identity.user_id:
@@ -383,18 +383,24 @@ async def resolve_create_organization(
     )
 
 
-async def resolve_rename_organization(info: Info, id: strawberry.ID, name: str) -> Organization:
+async def resolve_rename_organization(
+    info: Info, id: strawberry.ID, name: str, idempotency_key: OptionalKey = None
+) -> Organization:
     c = info.context.wallet
-    request = account_pb2.UpdateOrganizationRequest(organization_id=str(id), name=name)
+    request = account_pb2.UpdateOrganizationRequest(
+        organization_id=str(id), name=name, idempotency_key=idempotency_key or ""
+    )
     return Organization.from_pb(await c.accounts.UpdateOrganization(request, metadata=c.metadata))
 
 
 async def resolve_set_kyc_status(
-    info: Info, organization_id: strawberry.ID, status: str
+    info: Info, organization_id: strawberry.ID, status: str, idempotency_key: OptionalKey = None
 ) -> Organization:
     c = info.context.wallet
     request = account_pb2.SetKycStatusRequest(
-        organization_id=str(organization_id), kyc_status=status
+        organization_id=str(organization_id),
+        kyc_status=status,
+        idempotency_key=idempotency_key or "",
     )
     return Organization.from_pb(await c.accounts.SetKycStatus(request, metadata=c.metadata))
 

@@ -10,7 +10,7 @@ import strawberry
 
 from gpudeck.gateway.context import Info
 from gpudeck.gateway.permissions import Member, PlatformAdmin, require
-from gpudeck.gateway.types.common import check_first, timestamp, when
+from gpudeck.gateway.types.common import OptionalKey, check_first, timestamp, when
 from gpudeck.proto.wallet.v1 import wallet_pb2
 
 
@@ -54,10 +54,15 @@ async def resolve_set_exchange_rate(
     as_of: datetime | None = None,
     # (`source` is Strawberry's name for the parent value: the argument is named in the schema)
     origin: Annotated[str | None, strawberry.argument(name="source")] = None,
+    idempotency_key: OptionalKey = None,
 ) -> ExchangeRate:
     c = info.context.wallet
     request = wallet_pb2.SetExchangeRateRequest(
-        base=base.upper(), quote=quote.upper(), rate=rate, source=origin or "admin"
+        base=base.upper(),
+        quote=quote.upper(),
+        rate=rate,
+        source=origin or "admin",
+        idempotency_key=idempotency_key or "",
     )
     stamp = timestamp(as_of, "asOf")
     if stamp is not None:

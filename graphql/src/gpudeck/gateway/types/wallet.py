@@ -21,7 +21,7 @@ from gpudeck.gateway.live import Watch
 from gpudeck.gateway.money import parse_amount, parse_currency
 from gpudeck.gateway.permissions import BillingReader, BillingWriter, require
 from gpudeck.gateway.types import account as accounts
-from gpudeck.gateway.types.common import Conversion, Money, check_first, when
+from gpudeck.gateway.types.common import Conversion, Money, OptionalKey, check_first, when
 from gpudeck.proto.common.v1 import money_pb2
 from gpudeck.proto.wallet.v1 import wallet_pb2
 
@@ -249,7 +249,12 @@ async def load_auto_topup(info: Info, organization_id: str) -> AutoTopUp:
 
 
 async def resolve_set_auto_top_up(
-    info: Info, organization_id: strawberry.ID, enabled: bool, below: str, amount: str
+    info: Info,
+    organization_id: strawberry.ID,
+    enabled: bool,
+    below: str,
+    amount: str,
+    idempotency_key: OptionalKey = None,
 ) -> AutoTopUp:
     org = str(organization_id)
     c = info.context.wallet
@@ -258,6 +263,7 @@ async def resolve_set_auto_top_up(
         enabled=enabled,
         below=parse_amount(below, field="below", allow_zero=not enabled),
         amount=parse_amount(amount, field="amount", allow_zero=not enabled),
+        idempotency_key=idempotency_key or "",
     )
     saved = await c.wallet.SetAutoTopUp(request, metadata=c.metadata)
     organization = await info.context.loaders.organization.load(org)
@@ -323,25 +329,30 @@ async def resolve_set_low_balance_thresholds(
     critical_amount: str | None = strawberry.UNSET,
     warning_hours: float | None = strawberry.UNSET,
     critical_hours: float | None = strawberry.UNSET,
+    idempotency_key: OptionalKey = None,
 ) -> Thresholds:
     org = str(organization_id)
     c = info.context.wallet
-    current = await info.context.loaders.thresholds.load(org)
     request = wallet_pb2.SetThresholdsRequest(
-        organization_id=org,
-        warning_amount=current.warning_amount,
-        critical_amount=current.critical_amount,
-        warning_hours=current.warning_hours,
-        critical_hours=current.critical_hours,
+        organization_id=org, idempotency_key=idempotency_key or ""
     )
+    # Only the thresholds given change: the wallet merges them under its lock.
     if warning_amount is not strawberry.UNSET:
         request.warning_amount = _amount(warning_amount, "warningAmount")
+        request.fields.append("warning_amount")
     if critical_amount is not strawberry.UNSET:
         request.critical_amount = _amount(critical_amount, "criticalAmount")
+        request.fields.append("critical_amount")
     if warning_hours is not strawberry.UNSET:
         request.warning_hours = _hours(warning_hours, "warningHours")
+        request.fields.append("warning_hours")
     if critical_hours is not strawberry.UNSET:
         request.critical_hours = _hours(critical_hours, "criticalHours")
+        request.fields.append("critical_hours")
+    if not request.fields:
+        current = await info.context.loaders.thresholds.load(org)
+        organization = await info.context.loaders.organization.load(org)
+        return Thresholds.from_pb(current, organization.currency)
     saved = await c.wallet.SetThresholds(request, metadata=c.metadata)
     organization = await info.context.loaders.organization.load(org)
     return Thresholds.from_pb(saved, organization.currency)

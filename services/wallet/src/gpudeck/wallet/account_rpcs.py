@@ -2,20 +2,13 @@
 
 from __future__ import annotations
 
-import base64
-import hashlib
 import uuid
-from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
-
-from google.protobuf.message import Message
-from psycopg import AsyncConnection
 
 from gpudeck.kit.errors import InvalidArgument, NotFound
 from gpudeck.kit.logs import actor
 from gpudeck.proto.wallet.v1 import account_pb2 as pb
 from gpudeck.proto.wallet.v1 import account_pb2_grpc
-from gpudeck.wallet import convert, idempotency
+from gpudeck.wallet import convert
 from gpudeck.wallet.accounts import (
     ApiToken,
     Identity,
@@ -27,46 +20,8 @@ from gpudeck.wallet.accounts import (
 )
 from gpudeck.wallet.accounts_store import AccountStore, CreatedOrganization, NewOrganization
 from gpudeck.wallet.deps import Wallet
+from gpudeck.wallet.once import once
 from gpudeck.wallet.organization_deletion import delete_organization
-from gpudeck.wallet.text import check_text
-
-Answer = TypeVar("Answer", bound=Message)
-
-
-async def once(
-    conn: AsyncConnection[Any],
-    scope: str,
-    request: Any,
-    answer_type: type[Answer],
-    act: Callable[[], Awaitable[Answer]],
-    *,
-    secret: str = "",
-) -> Answer:
-    """`act`'s answer, or with `request.idempotency_key` the answer first given for it by this
-    caller (`x-actor`) in `scope`: a retry changes nothing. The field `secret` of the answer is
-    not kept (a retry gets it empty); another request with the key is ABORTED."""
-    key = check_text(request.idempotency_key, "idempotency_key")
-    if not key:
-        return await act()
-    scope = f"{scope}:{actor.get()}"
-    # Serializes the calls with this key (the scopes here have no row every caller locks).
-    await conn.execute("SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))", (f"{scope} {key}",))
-    payload = type(request)()
-    payload.CopyFrom(request)
-    payload.idempotency_key = ""
-    digest = hashlib.sha256(payload.SerializeToString(deterministic=True)).digest()
-    earlier = await idempotency.recall(conn, scope, key, digest)
-    if earlier is not None:
-        return answer_type.FromString(base64.b64decode(earlier["answer"]))
-    answer = await act()
-    kept = answer_type()
-    kept.CopyFrom(answer)
-    if secret:
-        kept.ClearField(secret)
-    stored = {"answer": base64.b64encode(kept.SerializeToString()).decode()}
-    await idempotency.remember(conn, scope, key, digest, stored)
-    return answer
-
 
 DEFAULT_PROJECTS = 50
 MAX_PROJECTS = 500
@@ -216,9 +171,14 @@ class AccountServicer(account_pb2_grpc.AccountServiceServicer):
         self, request: pb.UpdateOrganizationRequest, context: object
     ) -> pb.Organization:
         org = _org(request.organization_id)
+
+        async def rename() -> pb.Organization:
+            return organization(
+                await self.accounts.update_organization(conn, org, name=request.name)
+            )
+
         async with self.wallet.pool.connection() as conn, conn.transaction():
-            updated = await self.accounts.update_organization(conn, org, name=request.name)
-        return organization(updated)
+            return await once(conn, f"org:{org}:update", request, pb.Organization, rename)
 
     async def DeleteOrganization(
         self, request: pb.DeleteOrganizationRequest, context: object
@@ -239,9 +199,12 @@ class AccountServicer(account_pb2_grpc.AccountServiceServicer):
         self, request: pb.SetKycStatusRequest, context: object
     ) -> pb.Organization:
         org = _org(request.organization_id)
+
+        async def set_status() -> pb.Organization:
+            return organization(await self.accounts.set_kyc_status(conn, org, request.kyc_status))
+
         async with self.wallet.pool.connection() as conn, conn.transaction():
-            updated = await self.accounts.set_kyc_status(conn, org, request.kyc_status)
-        return organization(updated)
+            return await once(conn, f"org:{org}:kyc", request, pb.Organization, set_status)
 
     # ------------------------------------------------------------------ members
 
@@ -269,9 +232,12 @@ class AccountServicer(account_pb2_grpc.AccountServiceServicer):
     async def SetMemberRole(self, request: pb.SetMemberRoleRequest, context: object) -> pb.Member:
         org = _org(request.organization_id)
         user_id = convert.parse_id(request.user_id, "user_id")
+
+        async def set_role() -> pb.Member:
+            return member(await self.accounts.set_member_role(conn, org, user_id, request.role))
+
         async with self.wallet.pool.connection() as conn, conn.transaction():
-            changed = await self.accounts.set_member_role(conn, org, user_id, request.role)
-        return member(changed)
+            return await once(conn, f"org:{org}:role", request, pb.Member, set_role)
 
     async def RemoveMember(
         self, request: pb.RemoveMemberRequest, context: object
@@ -316,8 +282,12 @@ class AccountServicer(account_pb2_grpc.AccountServiceServicer):
 
     async def RenameProject(self, request: pb.RenameProjectRequest, context: object) -> pb.Project:
         project_id = convert.parse_id(request.project_id, "project_id")
-        async with self.wallet.pool.connection() as conn, conn.transaction():
+
+        async def rename() -> pb.Project:
             return project(await self.accounts.rename_project(conn, project_id, request.name))
+
+        async with self.wallet.pool.connection() as conn, conn.transaction():
+            return await once(conn, f"project:{project_id}:rename", request, pb.Project, rename)
 
     async def DeleteProject(self, request: pb.DeleteProjectRequest, context: object) -> pb.Project:
         project_id = convert.parse_id(request.project_id, "project_id")
@@ -374,16 +344,24 @@ class AccountServicer(account_pb2_grpc.AccountServiceServicer):
     ) -> pb.ApiToken:
         org = _org(request.organization_id)
         token_id = convert.parse_id(request.api_token_id, "api_token_id")
-        async with self.wallet.pool.connection() as conn, conn.transaction():
+
+        async def revoke() -> pb.ApiToken:
             return api_token(await self.accounts.revoke_token(conn, org, token_id))
+
+        async with self.wallet.pool.connection() as conn, conn.transaction():
+            return await once(conn, f"org:{org}:revoke", request, pb.ApiToken, revoke)
 
     async def RenameApiToken(
         self, request: pb.RenameApiTokenRequest, context: object
     ) -> pb.ApiToken:
         org = _org(request.organization_id)
         token_id = convert.parse_id(request.api_token_id, "api_token_id")
-        async with self.wallet.pool.connection() as conn, conn.transaction():
+
+        async def rename() -> pb.ApiToken:
             return api_token(await self.accounts.rename_token(conn, org, token_id, request.name))
+
+        async with self.wallet.pool.connection() as conn, conn.transaction():
+            return await once(conn, f"org:{org}:token-name", request, pb.ApiToken, rename)
 
     # ------------------------------------------------------------------ preferences
 
@@ -408,6 +386,12 @@ class AccountServicer(account_pb2_grpc.AccountServiceServicer):
             email_notifications=m.email_notifications,
             low_balance_notifications=m.low_balance_notifications,
         )
+
+        async def update() -> pb.Preferences:
+            return preferences(
+                await self.accounts.update_preferences(conn, wanted, list(request.fields))
+            )
+
+        scope = f"org:{wanted.organization_id}:preferences"
         async with self.wallet.pool.connection() as conn, conn.transaction():
-            stored = await self.accounts.update_preferences(conn, wanted, list(request.fields))
-        return preferences(stored)
+            return await once(conn, scope, request, pb.Preferences, update)

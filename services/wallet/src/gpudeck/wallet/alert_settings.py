@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 
 from gpudeck.kit.errors import InvalidArgument
@@ -54,6 +54,21 @@ def gives_up(failures_in_a_row: int) -> bool:
 
 def give_up_reason() -> str:
     return f"turned off after {MAX_AUTO_TOPUP_FAILURES} automatic top-ups in a row failed"
+
+
+THRESHOLD_FIELDS = ("warning_amount", "critical_amount", "warning_hours", "critical_hours")
+
+
+def merge_thresholds(current: Thresholds, wanted: Thresholds, fields: list[str]) -> Thresholds:
+    """`current` with the `fields` of `wanted` (all when empty), checked."""
+    for name in fields:
+        if name not in THRESHOLD_FIELDS:
+            raise InvalidArgument(
+                f"fields: unknown threshold {name!r}; known: {', '.join(THRESHOLD_FIELDS)}",
+                field="fields",
+            )
+    chosen = {name: getattr(wanted, name) for name in (fields or THRESHOLD_FIELDS)}
+    return check_thresholds(replace(current, **chosen))
 
 
 def check_thresholds(t: Thresholds) -> Thresholds:

@@ -13,6 +13,7 @@ from gpudeck.wallet import readmodels as rm
 from gpudeck.wallet import readmodels_store as store
 from gpudeck.wallet.alerts import Thresholds
 from gpudeck.wallet.deps import Wallet
+from gpudeck.wallet.once import once
 from gpudeck.wallet.rates import Conversion, NewRate, parse_rate
 from gpudeck.wallet.read_convert import Display
 from gpudeck.wallet.thresholds_store import ThresholdStore
@@ -138,8 +139,13 @@ class ReadRpcs:
             as_of=convert.optional_time(request, "as_of"),
             source=request.source or actor.get() or "admin",
         )
-        async with self.wallet.pool.connection() as conn:
+
+        async def add() -> pb.ExchangeRate:
             return read_convert.exchange_rate(await store.add_rate(conn, new))
+
+        scope = f"rate:{new.base}:{new.quote}"
+        async with self.wallet.pool.connection() as conn, conn.transaction():
+            return await once(conn, scope, request, pb.ExchangeRate, add)
 
     async def ListExchangeRates(
         self, request: pb.ListExchangeRatesRequest, context: Ctx
@@ -159,9 +165,15 @@ class ReadRpcs:
             request.warning_hours,
             request.critical_hours,
         )
+
+        async def save() -> pb.Thresholds:
+            fields = list(request.fields)
+            return read_convert.thresholds(
+                await self._alerts.set_thresholds(conn, org, thresholds, fields)
+            )
+
         async with self.wallet.pool.connection() as conn, conn.transaction():
-            saved = await self._alerts.set_thresholds(conn, org, thresholds)
-        return read_convert.thresholds(saved)
+            return await once(conn, f"org:{org}:thresholds", request, pb.Thresholds, save)
 
     async def GetThresholds(self, request: pb.GetThresholdsRequest, context: Ctx) -> pb.Thresholds:
         org = convert.parse_id(request.organization_id, "organization_id")
@@ -176,11 +188,15 @@ class ReadRpcs:
 
     async def SetAutoTopUp(self, request: pb.SetAutoTopUpRequest, context: Ctx) -> pb.AutoTopUp:
         org = convert.parse_id(request.organization_id, "organization_id")
-        async with self.wallet.pool.connection() as conn, conn.transaction():
+
+        async def save() -> pb.AutoTopUp:
             rule = await self._alerts.set_auto_topup(
                 conn, org, enabled=request.enabled, below=request.below, amount=request.amount
             )
-        return read_convert.auto_topup(rule)
+            return read_convert.auto_topup(rule)
+
+        async with self.wallet.pool.connection() as conn, conn.transaction():
+            return await once(conn, f"org:{org}:auto-topup", request, pb.AutoTopUp, save)
 
     async def CompleteTopUp(
         self, request: pb.CompleteTopUpRequest, context: Ctx

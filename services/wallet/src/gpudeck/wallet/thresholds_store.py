@@ -20,9 +20,9 @@ from gpudeck.wallet.alert_settings import (
     PendingTopUp,
     ThresholdSettings,
     check_auto_topup,
-    check_thresholds,
     give_up_reason,
     gives_up,
+    merge_thresholds,
 )
 from gpudeck.wallet.alerts import Thresholds
 from gpudeck.wallet.ledger import Kind, TransferRequest, over_kyc_limit
@@ -57,11 +57,14 @@ class ThresholdStore:
         return ThresholdSettings(organization_id, Thresholds(wa, ca, wh, ch), level)
 
     async def set_thresholds(
-        self, conn: Conn, organization_id: uuid.UUID, thresholds: Thresholds
-    ) -> ThresholdSettings:
-        """Save the thresholds, then settle the level: a crossing they cause emits its event."""
-        t = check_thresholds(thresholds)
+        self, conn: Conn, organization_id: uuid.UUID, thresholds: Thresholds,
+        fields: list[str] | None = None,
+    ) -> ThresholdSettings:  # fmt: skip
+        """Save the `fields` of `thresholds` (all when none), then settle the level: a crossing
+        they cause emits its event."""
         now = await self._lock(conn, organization_id)
+        current = await self.get_thresholds(conn, organization_id)
+        t = merge_thresholds(current.thresholds, thresholds, fields or [])
         await conn.execute(
             "INSERT INTO thresholds (organization_id, warning_amount, critical_amount,"
             " warning_hours, critical_hours) VALUES (%s, %s, %s, %s, %s)"

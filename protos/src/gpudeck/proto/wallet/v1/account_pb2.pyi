@@ -285,17 +285,24 @@ class UpdateOrganizationRequest(_message.Message):
 
     ORGANIZATION_ID_FIELD_NUMBER: _builtins.int
     NAME_FIELD_NUMBER: _builtins.int
+    IDEMPOTENCY_KEY_FIELD_NUMBER: _builtins.int
     organization_id: _builtins.str
     name: _builtins.str
+    idempotency_key: _builtins.str
+    """Optional; a retry by the same caller with the same key returns the first answer and
+    changes nothing (a stale retry cannot undo a later change); another request with the
+    key is ABORTED.
+    """
     def __init__(
         self,
         *,
         organization_id: _builtins.str = ...,
         name: _builtins.str = ...,
+        idempotency_key: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "organization_id", b"organization_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["idempotency_key", b"idempotency_key", "name", b"name", "organization_id", b"organization_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -336,17 +343,24 @@ class SetKycStatusRequest(_message.Message):
 
     ORGANIZATION_ID_FIELD_NUMBER: _builtins.int
     KYC_STATUS_FIELD_NUMBER: _builtins.int
+    IDEMPOTENCY_KEY_FIELD_NUMBER: _builtins.int
     organization_id: _builtins.str
     kyc_status: _builtins.str
+    idempotency_key: _builtins.str
+    """Optional; a retry by the same caller with the same key returns the first answer and
+    changes nothing (a stale retry cannot undo a later change); another request with the
+    key is ABORTED.
+    """
     def __init__(
         self,
         *,
         organization_id: _builtins.str = ...,
         kyc_status: _builtins.str = ...,
+        idempotency_key: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["kyc_status", b"kyc_status", "organization_id", b"organization_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["idempotency_key", b"idempotency_key", "kyc_status", b"kyc_status", "organization_id", b"organization_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -464,19 +478,26 @@ class SetMemberRoleRequest(_message.Message):
     ORGANIZATION_ID_FIELD_NUMBER: _builtins.int
     USER_ID_FIELD_NUMBER: _builtins.int
     ROLE_FIELD_NUMBER: _builtins.int
+    IDEMPOTENCY_KEY_FIELD_NUMBER: _builtins.int
     organization_id: _builtins.str
     user_id: _builtins.str
     role: _builtins.str
+    idempotency_key: _builtins.str
+    """Optional; a retry by the same caller with the same key returns the first answer and
+    changes nothing (a stale retry cannot undo a later change); another request with the
+    key is ABORTED.
+    """
     def __init__(
         self,
         *,
         organization_id: _builtins.str = ...,
         user_id: _builtins.str = ...,
         role: _builtins.str = ...,
+        idempotency_key: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["organization_id", b"organization_id", "role", b"role", "user_id", b"user_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["idempotency_key", b"idempotency_key", "organization_id", b"organization_id", "role", b"role", "user_id", b"user_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -703,17 +724,24 @@ class RenameProjectRequest(_message.Message):
 
     PROJECT_ID_FIELD_NUMBER: _builtins.int
     NAME_FIELD_NUMBER: _builtins.int
+    IDEMPOTENCY_KEY_FIELD_NUMBER: _builtins.int
     project_id: _builtins.str
     name: _builtins.str
+    idempotency_key: _builtins.str
+    """Optional; a retry by the same caller with the same key returns the first answer and
+    changes nothing (a stale retry cannot undo a later change); another request with the
+    key is ABORTED.
+    """
     def __init__(
         self,
         *,
         project_id: _builtins.str = ...,
         name: _builtins.str = ...,
+        idempotency_key: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "project_id", b"project_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["idempotency_key", b"idempotency_key", "name", b"name", "project_id", b"project_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -874,17 +902,24 @@ class RevokeApiTokenRequest(_message.Message):
 
     ORGANIZATION_ID_FIELD_NUMBER: _builtins.int
     API_TOKEN_ID_FIELD_NUMBER: _builtins.int
+    IDEMPOTENCY_KEY_FIELD_NUMBER: _builtins.int
     organization_id: _builtins.str
     api_token_id: _builtins.str
+    idempotency_key: _builtins.str
+    """Optional; a retry by the same caller with the same key returns the first answer and
+    changes nothing (a stale retry cannot undo a later change); another request with the
+    key is ABORTED.
+    """
     def __init__(
         self,
         *,
         organization_id: _builtins.str = ...,
         api_token_id: _builtins.str = ...,
+        idempotency_key: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["api_token_id", b"api_token_id", "organization_id", b"organization_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["api_token_id", b"api_token_id", "idempotency_key", b"idempotency_key", "organization_id", b"organization_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -897,19 +932,26 @@ class RenameApiTokenRequest(_message.Message):
     ORGANIZATION_ID_FIELD_NUMBER: _builtins.int
     API_TOKEN_ID_FIELD_NUMBER: _builtins.int
     NAME_FIELD_NUMBER: _builtins.int
+    IDEMPOTENCY_KEY_FIELD_NUMBER: _builtins.int
     organization_id: _builtins.str
     api_token_id: _builtins.str
     name: _builtins.str
+    idempotency_key: _builtins.str
+    """Optional; a retry by the same caller with the same key returns the first answer and
+    changes nothing (a stale retry cannot undo a later change); another request with the
+    key is ABORTED.
+    """
     def __init__(
         self,
         *,
         organization_id: _builtins.str = ...,
         api_token_id: _builtins.str = ...,
         name: _builtins.str = ...,
+        idempotency_key: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["api_token_id", b"api_token_id", "name", b"name", "organization_id", b"organization_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["api_token_id", b"api_token_id", "idempotency_key", b"idempotency_key", "name", b"name", "organization_id", b"organization_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -982,6 +1024,12 @@ class UpdatePreferencesRequest(_message.Message):
 
     PREFERENCES_FIELD_NUMBER: _builtins.int
     FIELDS_FIELD_NUMBER: _builtins.int
+    IDEMPOTENCY_KEY_FIELD_NUMBER: _builtins.int
+    idempotency_key: _builtins.str
+    """Optional; a retry by the same caller with the same key returns the first answer and
+    changes nothing (a stale retry cannot undo a later change); another request with the
+    key is ABORTED.
+    """
     @_builtins.property
     def preferences(self) -> Global___Preferences: ...
     @_builtins.property
@@ -993,10 +1041,11 @@ class UpdatePreferencesRequest(_message.Message):
         *,
         preferences: Global___Preferences | None = ...,
         fields: _abc.Iterable[_builtins.str] | None = ...,
+        idempotency_key: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["preferences", b"preferences"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["fields", b"fields", "preferences", b"preferences"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["fields", b"fields", "idempotency_key", b"idempotency_key", "preferences", b"preferences"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -1616,10 +1616,16 @@ class SetExchangeRateRequest(_message.Message):
     RATE_FIELD_NUMBER: _builtins.int
     AS_OF_FIELD_NUMBER: _builtins.int
     SOURCE_FIELD_NUMBER: _builtins.int
+    IDEMPOTENCY_KEY_FIELD_NUMBER: _builtins.int
     base: _builtins.str
     quote: _builtins.str
     rate: _builtins.str
     source: _builtins.str
+    idempotency_key: _builtins.str
+    """Optional; a retry by the same caller with the same key returns the first answer and
+    changes nothing (a stale retry cannot undo a later change); another request with the
+    key is ABORTED.
+    """
     @_builtins.property
     def as_of(self) -> _timestamp_pb2.Timestamp: ...
     def __init__(
@@ -1630,10 +1636,11 @@ class SetExchangeRateRequest(_message.Message):
         rate: _builtins.str = ...,
         as_of: _timestamp_pb2.Timestamp | None = ...,
         source: _builtins.str = ...,
+        idempotency_key: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["as_of", b"as_of"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["as_of", b"as_of", "base", b"base", "quote", b"quote", "rate", b"rate", "source", b"source"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["as_of", b"as_of", "base", b"base", "idempotency_key", b"idempotency_key", "quote", b"quote", "rate", b"rate", "source", b"source"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1732,11 +1739,24 @@ class SetThresholdsRequest(_message.Message):
     CRITICAL_AMOUNT_FIELD_NUMBER: _builtins.int
     WARNING_HOURS_FIELD_NUMBER: _builtins.int
     CRITICAL_HOURS_FIELD_NUMBER: _builtins.int
+    IDEMPOTENCY_KEY_FIELD_NUMBER: _builtins.int
+    FIELDS_FIELD_NUMBER: _builtins.int
     organization_id: _builtins.str
     warning_amount: _builtins.int
     critical_amount: _builtins.int
     warning_hours: _builtins.float
     critical_hours: _builtins.float
+    idempotency_key: _builtins.str
+    """Optional; a retry by the same caller with the same key returns the first answer and
+    changes nothing (a stale retry cannot undo a later change); another request with the
+    key is ABORTED.
+    """
+    @_builtins.property
+    def fields(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Which to change (warning_amount, critical_amount, warning_hours, critical_hours); the others
+        keep their values. Empty: all four.
+        """
+
     def __init__(
         self,
         *,
@@ -1745,10 +1765,12 @@ class SetThresholdsRequest(_message.Message):
         critical_amount: _builtins.int = ...,
         warning_hours: _builtins.float = ...,
         critical_hours: _builtins.float = ...,
+        idempotency_key: _builtins.str = ...,
+        fields: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["critical_amount", b"critical_amount", "critical_hours", b"critical_hours", "organization_id", b"organization_id", "warning_amount", b"warning_amount", "warning_hours", b"warning_hours"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["critical_amount", b"critical_amount", "critical_hours", b"critical_hours", "fields", b"fields", "idempotency_key", b"idempotency_key", "organization_id", b"organization_id", "warning_amount", b"warning_amount", "warning_hours", b"warning_hours"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1840,10 +1862,16 @@ class SetAutoTopUpRequest(_message.Message):
     ENABLED_FIELD_NUMBER: _builtins.int
     BELOW_FIELD_NUMBER: _builtins.int
     AMOUNT_FIELD_NUMBER: _builtins.int
+    IDEMPOTENCY_KEY_FIELD_NUMBER: _builtins.int
     organization_id: _builtins.str
     enabled: _builtins.bool
     below: _builtins.int
     amount: _builtins.int
+    idempotency_key: _builtins.str
+    """Optional; a retry by the same caller with the same key returns the first answer and
+    changes nothing (a stale retry cannot undo a later change); another request with the
+    key is ABORTED.
+    """
     def __init__(
         self,
         *,
@@ -1851,10 +1879,11 @@ class SetAutoTopUpRequest(_message.Message):
         enabled: _builtins.bool = ...,
         below: _builtins.int = ...,
         amount: _builtins.int = ...,
+        idempotency_key: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["amount", b"amount", "below", b"below", "enabled", b"enabled", "organization_id", b"organization_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["amount", b"amount", "below", b"below", "enabled", b"enabled", "idempotency_key", b"idempotency_key", "organization_id", b"organization_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
