@@ -53,6 +53,12 @@ async def test_graphiqls_introspection_fits_the_limits(gql, new_org) -> None:
     assert data["__schema"]["queryType"]["name"] == "Query"
 
 
+async def test_a_type_is_looked_up_by_name(gql, new_org) -> None:
+    org = await new_org()
+    data = await gql.data('{ __type(name: "Money") { fields { name } } }', token=org.token)
+    assert {f["name"] for f in data["__type"]["fields"]} == {"amount", "currency"}
+
+
 async def test_an_unknown_token_is_unauthenticated(gql) -> None:
     error = await gql.error(VIEWER, token="gpd_not-a-real-token")
     assert error["extensions"]["code"] == "UNAUTHENTICATED"

@@ -27,8 +27,10 @@ def canonical_id(value: str) -> str:
 
 @cache
 def _id_arguments(parent: GraphQLObjectType, field: str) -> tuple[str, ...]:
-    args = parent.fields[field].args
-    return tuple(name for name, arg in args.items() if get_named_type(arg.type) is GraphQLID)
+    found = parent.fields.get(field)  # none for introspection's own: __type(name:), …
+    if found is None:
+        return ()
+    return tuple(name for name, arg in found.args.items() if get_named_type(arg.type) is GraphQLID)
 
 
 def _canonical(value: Any) -> Any:
