@@ -56,7 +56,7 @@ def test_only_the_other_direction_stored_divides_and_says_so() -> None:
     assert c.factor == Decimal("0.012012012012")
 
 
-def test_the_direct_rate_wins_over_the_inverse() -> None:
+def test_at_the_same_time_the_rate_stored_last_wins() -> None:
     latest = {
         ("INR", "USD"): stored("INR", "USD", "0.0125", 2),
         ("USD", "INR"): stored("USD", "INR", "83.25", 1),
@@ -64,6 +64,14 @@ def test_the_direct_rate_wins_over_the_inverse() -> None:
     c = conversion("INR", "USD", latest)
     assert not c.inverse and c.rate is not None and c.rate.id == 2
     assert c.apply(80 * UNIT) == 1 * UNIT
+
+
+def test_a_newer_rate_of_the_other_direction_wins_over_an_old_direct_one() -> None:
+    old = ExchangeRate(1, "INR", "USD", Decimal("0.01"), NOW - timedelta(days=365))
+    latest = {("INR", "USD"): old, ("USD", "INR"): stored("USD", "INR", "83", 2)}
+    c = conversion("INR", "USD", latest)
+    assert c.inverse and c.rate is not None and c.rate.id == 2
+    assert c.apply(8300 * UNIT) == 100 * UNIT
 
 
 def test_the_same_currency_converts_nothing() -> None:
@@ -306,6 +314,43 @@ async def test_a_rate_dated_in_the_future_waits_for_its_time(
     assert [r.id for r in listed.rates] == [scheduled.id, current.id]  # history shows both
 
 
+async def test_a_top_up_converts_at_the_newest_rate_of_either_direction(
+    wallet_stub: WalletServiceStub, wallet_pool: AsyncConnectionPool, new_org: NewOrg
+) -> None:
+    """A year-old INR → USD rate does not beat today's USD → INR one; the amount is divided by it
+    exactly, as a display would, and the transaction records the rate it used."""
+    await clear_rates(wallet_pool)
+    await set_rate(wallet_stub, "INR", "USD", "0.01", datetime.now(UTC) - timedelta(days=365))
+    await set_rate(wallet_stub, "USD", "INR", "83")
+    org = await new_org("USD")
+    paid = Money(amount=100_000_000 * UNIT, currency="INR")
+    topped = await wallet_stub.Transfer(
+        pb.TransferRequest(
+            idempotency_key=uuid.uuid4().hex, organization_id=str(org), kind=pb.TOPUP, amount=paid
+        ),
+        timeout=5,
+    )
+    assert topped.amount.amount == 1_204_819_277_108  # 1e8 / 83 = 1,204,819.277108 43…
+    assert topped.exchange_rate == "0.012048192771"
+    shown = await wallet_stub.GetWalletSummary(
+        pb.GetWalletSummaryRequest(organization_id=str(org), display_currency="INR"), timeout=5
+    )
+    assert shown.conversion.rate == "83"
+    await clear_rates(wallet_pool)
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await wallet_stub.Transfer(
+            pb.TransferRequest(
+                idempotency_key=uuid.uuid4().hex, organization_id=str(org), kind=pb.TOPUP,
+                amount=paid,
+            ),
+            timeout=5,
+        )  # fmt: skip
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    metadata = dict(err.value.trailing_metadata() or ())
+    assert metadata.get("x-error-reason") == "EXCHANGE_RATE_MISSING"
+    assert metadata.get("x-error-field") == "currency"
+
+
 async def test_usage_records_in_another_currency_convert_their_unit_price_too(
     wallet_stub: WalletServiceStub, wallet_pool: AsyncConnectionPool, new_org: NewOrg
 ) -> None:
@@ -321,3 +366,34 @@ async def test_usage_records_in_another_currency_convert_their_unit_price_too(
     [record] = shown.recent
     assert record.cost == Money(amount=166_500_000, currency="INR")
     assert record.unit_price == 166_500_000  # 2 USD per million, in INR like the cost
+
+
+async def test_a_converted_card_adds_up_and_an_amount_too_large_to_show_is_named(
+    wallet_stub: WalletServiceStub, wallet_pool: AsyncConnectionPool, new_org: NewOrg
+) -> None:
+    await clear_rates(wallet_pool)
+    await set_rate(wallet_stub, "USD", "INR", "83")
+    org = await new_org("INR")
+    await top_up(wallet_stub, org, 100)  # 100 micro-INR
+    await wallet_stub.CreateHold(
+        pb.CreateHoldRequest(
+            idempotency_key=uuid.uuid4().hex, organization_id=str(org), amount=50,
+            timeout_seconds=60,
+        ),
+        timeout=5,
+    )  # fmt: skip
+    request = pb.GetWalletSummaryRequest(organization_id=str(org), display_currency="USD")
+    s = await wallet_stub.GetWalletSummary(request, timeout=5)
+    # 100 / 83 → 1 and 50 / 83 → 1 micro-USD: spendable is what the card shows less what it holds
+    assert (s.balance.amount, s.held_balance.amount, s.spendable.amount) == (1, 1, 0)
+
+    await clear_rates(wallet_pool)
+    await set_rate(wallet_stub, "USD", "INR", "0.000000000001")  # 1 INR = 1e12 USD
+    await top_up(wallet_stub, org, 10_000 * UNIT)
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await wallet_stub.GetWalletSummary(request, timeout=5)
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    metadata = dict(err.value.trailing_metadata() or ())
+    assert metadata.get("x-error-field") == "display_currency"
+    assert metadata.get("x-error-reason") == "AMOUNT_TOO_LARGE"
+    await clear_rates(wallet_pool)

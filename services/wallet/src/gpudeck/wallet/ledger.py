@@ -14,13 +14,13 @@ import hashlib
 import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from decimal import Decimal
 from enum import StrEnum
 from functools import cached_property
 from typing import NamedTuple
 
 from gpudeck.kit.errors import DomainError, FailedPrecondition, InvalidArgument
-from gpudeck.wallet.money import MAX_AMOUNT, check_amount, check_currency, convert, format_micro
+from gpudeck.wallet.money import MAX_AMOUNT, check_amount, check_currency, format_micro
+from gpudeck.wallet.rates import Conversion, format_rate
 from gpudeck.wallet.refunds import Leg, unspend
 from gpudeck.wallet.text import check_label, check_text
 
@@ -259,7 +259,7 @@ class Book:
     wallets: dict[uuid.UUID, Wallet]
     platform: dict[str, Account]
     # (payment currency, wallet currency) → rate, for top-ups across currencies.
-    rates: dict[tuple[str, str], Decimal] = field(default_factory=dict)
+    rates: dict[tuple[str, str], Conversion] = field(default_factory=dict)  # payment → wallet
     # Credit accounts made for this batch's CREDIT_GRANTs, by idempotency key.
     new_credit_accounts: dict[str, Account] = field(default_factory=dict)
     # Credits expiring at or before `now` are not spent (the sweeper moves them out).
@@ -341,8 +341,9 @@ class Book:
             raise FailedPrecondition(
                 f"no exchange rate from {currency} to {wallet.currency} is set",
                 field="currency",
+                reason="EXCHANGE_RATE_MISSING",
             )
-        converted = convert(request.amount, rate)
+        converted = rate.apply(request.amount)
         if converted <= 0:
             raise InvalidArgument("amount converts to nothing at the current rate", field="amount")
         if converted > MAX_AMOUNT:
@@ -352,7 +353,7 @@ class Book:
                 f" may move at most {format_micro(MAX_AMOUNT)} {wallet.currency}",
                 field="amount",
             )
-        return converted, request.amount, format(rate, "f")
+        return converted, request.amount, format_rate(rate.factor)
 
     def _legs(
         self, request: TransferRequest, wallet: Wallet, amount: int

@@ -13,7 +13,6 @@ from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from decimal import Decimal
 from typing import Any
 
 from psycopg import AsyncConnection
@@ -50,6 +49,8 @@ from gpudeck.wallet.ledger_rows import (
 )
 from gpudeck.wallet.project_owners import ProjectOwners
 from gpudeck.wallet.project_owners import not_found as project_not_found
+from gpudeck.wallet.rates import conversion
+from gpudeck.wallet.readmodels_store import LATEST_RATES, rate_row
 from gpudeck.wallet.refunds_store import load_spending
 
 Conn = AsyncConnection[Any]
@@ -100,19 +101,6 @@ ORDER BY random() LIMIT 1 FOR UPDATE SKIP LOCKED
 WAIT_PLATFORM = """
 SELECT id, code, balance FROM ledger_accounts WHERE kind = 'platform' AND platform_pool = %s
 ORDER BY random() LIMIT 1 FOR UPDATE
-"""
-# The latest rate of a pair in effect (as_of not in the future); failing that, one over its
-# inverse's (as display conversion does).
-LATEST_RATE = """
-SELECT rate FROM (
-    (SELECT rate, 0 AS pick FROM exchange_rates WHERE base = %s AND quote = %s
-       AND as_of <= now()
-     ORDER BY as_of DESC, id DESC LIMIT 1)
-    UNION ALL
-    (SELECT round(1 / rate, 12), 1 FROM exchange_rates WHERE base = %s AND quote = %s
-       AND as_of <= now()
-     ORDER BY as_of DESC, id DESC LIMIT 1)
-) latest ORDER BY pick LIMIT 1
 """
 # Above this many transactions a batch is written with COPY instead of pipelined INSERTs.
 COPY_THRESHOLD = 64
@@ -320,7 +308,8 @@ class LedgerStore:
                 )
             platform_curs = [(pool, await conn.execute(TAKE_PLATFORM, (pool,))) for pool in pools]
             rate_curs = [
-                (pair, await conn.execute(LATEST_RATE, (*pair, pair[1], pair[0]))) for pair in pairs
+                (pair, await conn.execute(LATEST_RATES, {"a": pair[0], "b": pair[1]}))
+                for pair in pairs
             ]
             if keys_cur is not None:
                 for org, key, fingerprint, tx_id in await keys_cur.fetchall():
@@ -330,9 +319,9 @@ class LedgerStore:
                 if row is not None:
                     book.platform[pool] = Account(row[0], row[2], "platform", None, row[1])
             for pair, cur in rate_curs:
-                row = await cur.fetchone()
-                if row is not None:
-                    book.rates[pair] = Decimal(row[0])
+                latest = {(r.base, r.quote): r for r in map(rate_row, await cur.fetchall())}
+                if latest:  # as displays convert: the newest rate of either direction
+                    book.rates[pair] = conversion(*pair, latest)
         for pool in pools:
             if pool not in book.platform:  # every shard was held: wait for one
                 cur = await conn.execute(WAIT_PLATFORM, (pool,))

@@ -1,10 +1,11 @@
 """Exchange rates and conversions: any amount in INR or USD, saying which stored rate was used.
 
-A rate is stored as "1 base = rate quote", with history; of a pair's rates whose `as_of` has
-come, the newest wins (a rate dated in the future is scheduled: it applies from then on).
-Converting base → quote multiplies by the rate; when only quote → base is stored, the amount is
-divided by that rate instead (`Conversion.inverse`). Either way the result is rounded half away
-from zero to the micro-unit, once per amount. The platform has no internet: rates come from
+A rate is stored as "1 base = rate quote", with history. Of the rates of a pair whose `as_of`
+has come, in either direction, the newest wins (a rate dated in the future is scheduled: it
+applies from then on); at the same `as_of`, the one stored last. Converting base → quote
+multiplies by the rate; with a quote → base rate, the amount is divided by it instead
+(`Conversion.inverse`). Either way the result is rounded half away from zero to the micro-unit,
+once per amount. Top-ups in another currency convert the same way. The platform has no internet: rates come from
 admins (SetExchangeRate) or from a `RateProvider` a deployment plugs in.
 """
 
@@ -91,25 +92,32 @@ class Conversion:
             return int(value.quantize(Decimal(1), rounding=ROUND_HALF_UP))
 
 
-def conversion(source: str, target: str, latest: Mapping[Pair, ExchangeRate]) -> Conversion:
-    """The conversion from `source` to `target` with the latest rates of either direction.
-
-    The direct pair is used when stored; otherwise its inverse; FailedPrecondition naming the
-    pair when neither is.
-    """
+def conversion(
+    source: str,
+    target: str,
+    latest: Mapping[Pair, ExchangeRate],
+    *,
+    field: str = "display_currency",
+) -> Conversion:
+    """The conversion from `source` to `target` with the newest of the latest rates of the two
+    directions (`latest`: by pair); FailedPrecondition naming `field` when neither is stored."""
     if source == target:
         return Conversion(source, target)
     direct = latest.get((source, target))
-    if direct is not None:
-        return Conversion(source, target, direct)
     inverse = latest.get((target, source))
+    if direct is not None and (inverse is None or _newer(direct, inverse)):
+        return Conversion(source, target, direct)
     if inverse is not None:
         return Conversion(source, target, inverse, inverse=True)
     raise FailedPrecondition(
         f"no exchange rate between {source} and {target} is set",
-        field="display_currency",
+        field=field,
         reason="EXCHANGE_RATE_MISSING",
     )
+
+
+def _newer(a: ExchangeRate, b: ExchangeRate) -> bool:
+    return (a.as_of, a.id) > (b.as_of, b.id)
 
 
 def parse_rate(text: str, *, field: str = "rate") -> Decimal:

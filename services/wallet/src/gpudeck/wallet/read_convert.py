@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
 
+from gpudeck.kit.errors import FailedPrecondition
 from gpudeck.proto.common.v1.money_pb2 import Conversion as ConversionPb
 from gpudeck.proto.common.v1.money_pb2 import Money
 from gpudeck.proto.wallet.v1 import wallet_pb2 as pb
@@ -17,6 +18,8 @@ from gpudeck.wallet.alert_settings import AutoTopUp, PendingTopUp, ThresholdSett
 from gpudeck.wallet.convert import timestamp
 from gpudeck.wallet.rates import Conversion, ExchangeRate, format_rate
 from gpudeck.wallet.usage import Analytics, DimensionUsage, UsageRecord
+
+INT64_MAX = 2**63 - 1  # what Money.amount (int64) holds
 
 
 def rfc3339(at: datetime) -> str:
@@ -45,7 +48,19 @@ class Display:
         return self.conversion.target
 
     def money(self, amount: int) -> Money:
-        return Money(amount=self.conversion.apply(amount), currency=self.conversion.target)
+        """`amount` shown; FailedPrecondition naming the display currency when the rate makes it
+        more than a Money can hold (a rate far off, or a huge balance)."""
+        shown = self.conversion.apply(amount)
+        if not -INT64_MAX <= shown <= INT64_MAX:
+            c = self.conversion
+            rate = format_rate(c.rate.rate) if c.rate is not None else "1"
+            raise FailedPrecondition(
+                f"an amount of {c.source} is too large to show in {c.target} at the exchange"
+                f" rate {rate}: check the rate, or leave display_currency out",
+                field="display_currency",
+                reason="AMOUNT_TOO_LARGE",
+            )
+        return Money(amount=shown, currency=self.conversion.target)
 
     def by_type(self, parts: tuple[tuple[str, int], ...]) -> list[pb.AmountByType]:
         return [pb.AmountByType(resource_type=t, amount=self.money(a)) for t, a in parts]
@@ -66,12 +81,14 @@ class Display:
 
 def summary(s: rm.Summary, d: Display) -> pb.WalletSummary:
     st = s.state
+    balance, held = d.money(st.balance), d.money(st.held_balance)
     message = pb.WalletSummary(
         organization_id=str(st.organization_id),
         currency=d.currency,
-        balance=d.money(st.balance),
-        held_balance=d.money(st.held_balance),
-        spendable=d.money(s.spendable),
+        balance=balance,
+        held_balance=held,
+        # balance − held as shown, so the converted card adds up too
+        spendable=Money(amount=balance.amount - held.amount, currency=d.currency),
         credits=d.money(st.credits),
         run_rate=pb.RunRate(
             per_hour=d.money(s.run_rate.per_hour),

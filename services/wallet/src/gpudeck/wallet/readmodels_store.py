@@ -67,7 +67,7 @@ UNION ALL
 """
 
 
-def _rate(row: Sequence[Any]) -> ExchangeRate:
+def rate_row(row: Sequence[Any]) -> ExchangeRate:
     rate_id, base, quote, rate, as_of, source = row
     return ExchangeRate(rate_id, base, quote, Decimal(rate), as_of, source)
 
@@ -146,7 +146,7 @@ async def resource_costs(
 async def latest_rates(conn: Conn, a: str, b: str) -> dict[Pair, ExchangeRate]:
     """The newest stored rate of a → b and of b → a, where they exist."""
     cur = await conn.execute(LATEST_RATES, {"a": a, "b": b})
-    rates = [_rate(row) for row in await cur.fetchall()]
+    rates = [rate_row(row) for row in await cur.fetchall()]
     return {(r.base, r.quote): r for r in rates}
 
 
@@ -169,7 +169,7 @@ async def add_rate(conn: Conn, new: NewRate) -> ExchangeRate:
     )
     row = await cur.fetchone()
     assert row is not None
-    return _rate(row)
+    return rate_row(row)
 
 
 async def list_rates(conn: Conn, base: str, quote: str, limit: int) -> list[ExchangeRate]:
@@ -182,7 +182,7 @@ async def list_rates(conn: Conn, base: str, quote: str, limit: int) -> list[Exch
         " ORDER BY as_of DESC, id DESC LIMIT %(limit)s",
         {"base": base, "quote": quote, "limit": limit},
     )
-    return [_rate(row) for row in await cur.fetchall()]
+    return [rate_row(row) for row in await cur.fetchall()]
 
 
 async def import_rates(
