@@ -352,6 +352,18 @@ async def test_credits_that_expired_already_are_refused(
     assert error_field(err.value) == "expires_at"
 
 
+@pytest.mark.parametrize("seconds", [10**12, -(10**12)])
+async def test_an_expiry_no_date_holds_is_refused_naming_it(
+    wallet_stub: WalletServiceStub, new_org: NewOrg, seconds: int
+) -> None:
+    org = await new_org()
+    request = add_credits(org, USD, expires_at=Timestamp(seconds=seconds))
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await wallet_stub.AddCredits(request, timeout=TIMEOUT)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert error_field(err.value) == "expires_at"
+
+
 async def test_large_purchases_need_kyc(
     wallet_stub: WalletServiceStub, new_org: NewOrg, wallet_pool: AsyncConnectionPool
 ) -> None:

@@ -1,5 +1,5 @@
 """Settling what the prepaid wallet already paid, and what never came back: invoices are marked
-paid while the wallet is not overdrawn (at once when a top-up ends an overdraft); automatic
+paid while the wallet's cash is not overdrawn (credits do not count; at once when a top-up ends an overdraft); automatic
 top-ups pending too long fail (and fire again if the wallet is still below the rule's line).
 Real PostgreSQL, the stores the workers call, and the running wallet for the top-up."""
 
@@ -73,7 +73,11 @@ async def test_invoices_are_paid_unless_the_wallet_is_overdrawn(
     assert paid[0].status == PAID and paid[0].paid_at is not None
     assert await statuses(wallet_pool, [funded, overdrawn]) == {funded: PAID, overdrawn: OPEN}
 
-    await post(wallet_pool, ledger, overdrawn, Kind.TOPUP, 3 * USD)  # back to exactly zero
+    await post(wallet_pool, ledger, overdrawn, Kind.CREDIT_GRANT, 20 * USD)  # a promotion
+    async with wallet_pool.connection() as conn, conn.transaction():
+        assert await invoices.settle(conn, [overdrawn]) == [], "credits never pay back cash"
+
+    await post(wallet_pool, ledger, overdrawn, Kind.TOPUP, 3 * USD)  # cash back to exactly zero
     async with wallet_pool.connection() as conn, conn.transaction():
         paid = await invoices.settle(conn, [funded, overdrawn])
     assert [i.organization_id for i in paid] == [overdrawn]

@@ -62,10 +62,14 @@ def to_datetime(ts: Timestamp) -> datetime:
 
 
 def optional_time(message: object, field: str) -> datetime | None:
-    """The timestamp `field` of `message` if set."""
-    if message.HasField(field):  # type: ignore[attr-defined]
+    """The timestamp `field` of `message` if set; InvalidArgument naming it when no date holds
+    it (before year 1 or after 9999)."""
+    if not message.HasField(field):  # type: ignore[attr-defined]
+        return None
+    try:
         return to_datetime(getattr(message, field))
-    return None
+    except ValueError:
+        raise InvalidArgument(f"{field} is out of range (years 1 to 9999)", field=field) from None
 
 
 def timestamp(value: datetime | None) -> Timestamp | None:

@@ -169,14 +169,15 @@ class InvoiceStore:
         moved_since_issue: bool = False,
     ) -> list[Invoice]:
         """Mark paid the open invoices the prepaid balance has covered: the wallet paid each
-        charge as it accrued, so an invoice is settled unless the wallet is overdrawn (metered
-        usage may take it below zero); then it stays open until a top-up brings it back.
+        charge as it accrued, so an invoice is settled unless the wallet's cash is overdrawn
+        (metered usage may take it below zero, and credits granted later never pay that back);
+        then it stays open until a top-up brings the cash back to zero.
         `moved_since_issue`: only those whose wallet moved after the invoice was issued (what
         a top-up does; the balance announcer settles these within a second of it)."""
         cur = await conn.execute(
             "UPDATE invoices SET status = %s, paid_at = now() WHERE id IN ("
             " SELECT i.id FROM invoices i JOIN wallets w ON w.organization_id = i.organization_id"
-            " WHERE i.status = %s AND w.balance >= 0"
+            " WHERE i.status = %s AND w.balance - w.credits >= 0"
             " AND (%s::uuid[] IS NULL OR i.organization_id = ANY(%s))"
             " AND (NOT %s OR w.changed_at > i.issued_at)"
             " ORDER BY i.id LIMIT %s FOR UPDATE OF i SKIP LOCKED) RETURNING id",
