@@ -4,6 +4,7 @@ display currencies, invoices as PDF."""
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from decimal import ROUND_HALF_UP, Decimal
 
 import psycopg
@@ -441,6 +442,43 @@ async def test_an_invoice_as_a_pdf_with_the_same_authorization(
     )
     assert junk.status == 400
     assert (await junk.json())["error"]["message"] == "id is not a valid id: 'nope'"
+
+
+async def test_an_invoice_stays_in_its_own_currency_whatever_the_display(
+    gql, new_org, wallet_stubs, database_url
+) -> None:
+    """Converted line by line at today's rate, an issued invoice would change with the rate and
+    its lines would not add up to its total (50 + 50 micro-INR)."""
+    org = await new_org("INR")
+    with psycopg.connect(database_url) as conn:
+        conn.execute(
+            "UPDATE wallet.organizations SET created_at = '2025-01-01' WHERE id = %s", (org.id,)
+        )
+        for resource_type in ("pod", "vm"):
+            conn.execute(
+                "INSERT INTO wallet.daily_spend (organization_id, day, resource_type, amount)"
+                " VALUES (%s, '2025-03-10', %s, 50)",
+                (org.id, resource_type),
+            )
+    await wallet_stubs.wallet.GenerateInvoices(
+        wallet_pb2.GenerateInvoicesRequest(organization_id=org.id, period="2025-03")
+    )
+    source = f"invoice-test-{org.id[:8]}"  # dated long ago: only used while no other rate is
+    rate = wallet_pb2.SetExchangeRateRequest(base="USD", quote="INR", rate="0.5", source=source)
+    rate.as_of.FromDatetime(datetime(2001, 1, 1, tzinfo=UTC))
+    await wallet_stubs.wallet.SetExchangeRate(rate)
+    query = """query($id: ID!, $display: String) {
+      organization(id: $id, displayCurrency: $display) {
+        billing { invoices { total { amount currency } lines { amount { amount currency } } } }
+      }
+    }"""
+    for display in (None, "USD"):
+        data = await gql.data(query, {"id": org.id, "display": display}, token=org.token)
+        [invoice] = data["organization"]["billing"]["invoices"]
+        assert invoice["total"] == {"amount": "0.000100", "currency": "INR"}, display
+        assert [line["amount"]["amount"] for line in invoice["lines"]] == ["0.000050"] * 2
+    with psycopg.connect(database_url) as conn:
+        conn.execute("DELETE FROM wallet.exchange_rates WHERE source = %s", (source,))
 
 
 def wallet_calls(method: str) -> float:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import uuid
 from dataclasses import replace
-from datetime import UTC, date, datetime
+from datetime import UTC, date, datetime, timedelta
 
 import pytest
 
@@ -50,7 +50,18 @@ def test_a_bad_period_is_an_invalid_argument_naming_the_field(text: str) -> None
 def test_the_billable_period_defaults_to_the_last_complete_month() -> None:
     assert billable_period("", NOW) == Period(2025, 6)
     assert billable_period("2025-02", NOW) == Period(2025, 2)
-    assert billable_period("", datetime(2025, 1, 1, tzinfo=UTC)) == Period(2024, 12)
+    assert billable_period("", datetime(2025, 1, 1, 1, tzinfo=UTC)) == Period(2024, 12)
+
+
+def test_a_month_is_invoiced_only_once_it_has_settled() -> None:
+    """Spend dated in the last second of a month may commit just after it: an hour passes before
+    the month is final, so an invoice issued on the stroke of midnight cannot miss it."""
+    midnight = datetime(2025, 1, 1, tzinfo=UTC)
+    assert billable_period("", midnight + timedelta(minutes=59)) == Period(2024, 11)
+    with pytest.raises(InvalidArgument) as err:
+        billable_period("2024-12", midnight + timedelta(minutes=59))
+    assert "2025-01-01 01:00 UTC" in err.value.message
+    assert billable_period("2024-12", midnight + timedelta(hours=1)) == Period(2024, 12)
 
 
 @pytest.mark.parametrize("text", ["2025-07", "2025-08", "2031-01"])

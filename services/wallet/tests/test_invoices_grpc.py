@@ -11,7 +11,9 @@ import pytest
 from psycopg_pool import AsyncConnectionPool
 
 from gpudeck.proto.common.v1.money_pb2 import Money
+from gpudeck.proto.wallet.v1 import account_pb2 as apb
 from gpudeck.proto.wallet.v1 import wallet_pb2 as pb
+from gpudeck.proto.wallet.v1.account_pb2_grpc import AccountServiceStub
 from gpudeck.proto.wallet.v1.wallet_pb2_grpc import WalletServiceStub
 from gpudeck.wallet.deps import Wallet
 from gpudeck.wallet.invoices import Period
@@ -169,6 +171,28 @@ async def test_the_invoice_renders_to_a_pdf_with_its_total(
     assert b"USD 1,234.75" in rendered.pdf
     assert b"Render Labs" in rendered.pdf and b"2025-05" in rendered.pdf
     assert rendered.filename == f"invoice-2025-05-{invoice.id[:8]}.pdf"
+
+
+async def test_an_issued_invoice_keeps_the_name_the_organization_had(
+    wallet_stub: WalletServiceStub, account_stub: AccountServiceStub, new_org: NewOrg,
+    spend: Spend,
+) -> None:  # fmt: skip
+    org = await new_org(name="Ledger Co")
+    await spend(org, date(2025, 4, 2), "pod", 5 * USD)
+    [invoice] = await generate(wallet_stub, "2025-04", org)
+    await account_stub.UpdateOrganization(
+        apb.UpdateOrganizationRequest(organization_id=str(org), name="Renamed Ltd"),
+        timeout=TIMEOUT,
+    )
+    found = await wallet_stub.GetInvoice(pb.GetInvoiceRequest(invoice_id=invoice.id))
+    assert found.organization_name == "Ledger Co"
+    rendered = await wallet_stub.RenderInvoicePdf(
+        pb.RenderInvoicePdfRequest(invoice_id=invoice.id), timeout=TIMEOUT
+    )
+    assert b"Ledger Co" in rendered.pdf and b"Renamed" not in rendered.pdf
+    await spend(org, date(2025, 5, 2), "pod", 5 * USD)
+    [later] = await generate(wallet_stub, "2025-05", org)
+    assert later.organization_name == "Renamed Ltd"
 
 
 async def test_an_invoice_is_marked_paid_once(

@@ -209,7 +209,9 @@ class InvoiceLine:
 
 @strawberry.type(
     description=(
-        "A monthly invoice. `pdfUrl` is this gateway's path to its PDF, fetched with the same "
+        "A monthly invoice. Its amounts are in the currency it was issued in (the wallet's), "
+        "whatever the display currency: an issued invoice never changes, not even with "
+        "exchange rates. `pdfUrl` is this gateway's path to its PDF, fetched with the same "
         "Authorization header."
     )
 )
@@ -226,13 +228,13 @@ class Invoice:
     pdf_url: str
 
     @classmethod
-    def from_pb(cls, m: wallet_pb2.Invoice, conversion: money_pb2.Conversion | None) -> Invoice:
+    def from_pb(cls, m: wallet_pb2.Invoice) -> Invoice:
         return cls(
             id=strawberry.ID(m.id),
             period=m.period,
             period_start=_date(m.period_start),
             period_end=_date(m.period_end),
-            total=Money.from_pb(m.total, conversion),
+            total=Money.from_pb(m.total),
             status=m.status,
             issued_at=when(m.issued_at, m.HasField("issued_at")),
             paid_at=when(m.paid_at, m.HasField("paid_at")),
@@ -240,7 +242,7 @@ class Invoice:
                 InvoiceLine(
                     resource_type=line.resource_type,
                     description=line.description,
-                    amount=Money.from_pb(line.amount, conversion),
+                    amount=Money.from_pb(line.amount),
                 )
                 for line in m.lines
             ],
@@ -252,7 +254,7 @@ async def resolve_invoices(root: Billing, info: Info, first: int | None = None) 
     answer = await info.context.loaders.invoices.load(
         (root.organization_id, check_first(first, maximum=120))
     )
-    return [Invoice.from_pb(i, _conversion(root.expenditure)) for i in answer.invoices]
+    return [Invoice.from_pb(i) for i in answer.invoices]
 
 
 @strawberry.type(

@@ -6,7 +6,8 @@ the sum of its lines. The wallet is prepaid, so issuing an invoice moves no mone
 when issued and marked paid once settled (open → paid, exactly once): by the wallet-monthly loop
 as soon as the wallet's balance is not negative (the charges were paid from it as they accrued;
 an overdrawn wallet owes part of them until a top-up), or by MarkInvoicePaid. The next invoice is made
-on the first day of the next month, for the month that just ended.
+on the first day of the next month, for the month that just ended, once it has settled (an hour
+after midnight UTC: see SETTLING).
 """
 
 from __future__ import annotations
@@ -86,17 +87,25 @@ def parse_period(text: str, *, field: str = "period") -> Period:
     return Period(year, month)
 
 
+# How long after a month ends its spending is taken as final. A transfer dates its spend when
+# its transaction starts and may commit a moment later (after a wait for a wallet's lock): an
+# invoice issued at the stroke of midnight could miss spend dated a second before it, and an
+# issued invoice never changes.
+SETTLING = timedelta(hours=1)
+
+
 def billable_period(text: str, now: datetime, *, field: str = "period") -> Period:
-    """The period to invoice: `text`, or the last complete month when empty; never one that
-    has not ended yet (its spending is not final)."""
-    current = Period.of(now)
+    """The period to invoice: `text`, or the last settled month when empty; never one that has
+    not ended and settled (SETTLING) yet: its spending is not final."""
+    latest = Period.of(now - SETTLING).previous()
     if not text.strip():
-        return current.previous()
+        return latest
     period = parse_period(text, field=field)
-    if period >= current:
+    if period > latest:
+        settles = datetime.combine(period.end, datetime.min.time(), UTC) + SETTLING
         raise InvalidArgument(
-            f"{field} {period} has not ended yet: the latest period to invoice is"
-            f" {current.previous()}",
+            f"{field} {period} has not ended and settled yet (it may be invoiced from"
+            f" {settles:%Y-%m-%d %H:%M} UTC): the latest period to invoice is {latest}",
             field=field,
         )
     return period

@@ -32,7 +32,7 @@ from gpudeck.wallet.ledger_store import db_now
 
 Conn = AsyncConnection[Any]
 COLUMNS = (
-    "i.id, i.organization_id, o.name, i.period, i.currency, i.lines, i.status,"
+    "i.id, i.organization_id, coalesce(i.organization_name, o.name), i.period, i.currency, i.lines, i.status,"
     " i.issued_at, i.paid_at"
 )
 SELECT = f"SELECT {COLUMNS} FROM invoices i JOIN organizations o ON o.id = i.organization_id"
@@ -42,9 +42,10 @@ WHERE day >= %s AND day < %s AND (%s::uuid IS NULL OR organization_id = %s)
 GROUP BY organization_id, resource_type
 """
 INSERT = """
-INSERT INTO invoices (id, organization_id, period, currency, total, lines, issued_at)
-SELECT * FROM unnest(%s::uuid[], %s::uuid[], %s::text[], %s::text[], %s::bigint[], %s::jsonb[],
-                     %s::timestamptz[])
+INSERT INTO invoices (id, organization_id, organization_name, period, currency, total, lines,
+                      issued_at)
+SELECT * FROM unnest(%s::uuid[], %s::uuid[], %s::text[], %s::text[], %s::text[], %s::bigint[],
+                     %s::jsonb[], %s::timestamptz[])
 ON CONFLICT (organization_id, period) DO NOTHING
 RETURNING id
 """
@@ -109,6 +110,7 @@ class InvoiceStore:
             (
                 [d.id for d in drafts],
                 [d.organization_id for d in drafts],
+                [d.organization_name for d in drafts],
                 [str(period)] * len(drafts),
                 [d.currency for d in drafts],
                 [d.total for d in drafts],
