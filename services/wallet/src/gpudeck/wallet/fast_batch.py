@@ -4,7 +4,8 @@
 Which transfers take it: top-ups, charges, usage and adjustments in the wallet currency (refunds
 read the spending history: general path),
 from callers (keyed, no overdraft), of organizations whose every transfer in the batch is such
-one. The function itself leaves (DEFER) organizations with credits to the general path, which
+one, and that are KYC-verified if they top up (the KYC limit counts all an organization ever
+added, which the general path reads). The function itself leaves (DEFER) organizations with credits to the general path, which
 `post_transfers` runs next in the same transaction; a repeated key within the batch goes there
 too and finds the first one's transaction. Tests run the same transfers through both paths and
 compare them (tests/test_fast_batch_parity.py).
@@ -27,6 +28,7 @@ from gpudeck.wallet.idempotency import key_reused
 from gpudeck.wallet.ids import uuid7
 from gpudeck.wallet.ledger import (
     SPENDING,
+    Kind,
     Outcome,
     PostingView,
     TransferRequest,
@@ -75,6 +77,7 @@ async def post_fast(
         for i in valid
         if not fits(requests[i], currencies.get(requests[i].organization_id))
     }
+    unfit |= await _unverified_adding(store, conn, [requests[i] for i in valid])
     seen: set[tuple[uuid.UUID, str]] = set()
     fast: list[int] = []
     rest: list[int] = []
@@ -173,6 +176,23 @@ async def post_fast(
         async with conn.transaction():  # a savepoint in the caller's, or its own
             await store.refresh_levels(conn, moved, created_at)
     return sorted(deferred.union(rest))
+
+
+async def _unverified_adding(
+    store: LedgerStore, conn: Conn, requests: Sequence[TransferRequest]
+) -> set[uuid.UUID]:
+    """Organizations not KYC-verified that top up in the batch: the limit counts all they ever
+    added, which the general path (`ledger.Book`) reads; the set-based function checks each
+    top-up alone."""
+    if not store.policy.kyc_topup_limit:
+        return set()
+    adding = list({r.organization_id for r in requests if r.kind is Kind.TOPUP})
+    if not adding:
+        return set()
+    cur = await conn.execute(
+        "SELECT id FROM organizations WHERE id = ANY(%s) AND kyc_status <> 'verified'", (adding,)
+    )
+    return {row[0] for row in await cur.fetchall()}
 
 
 def _refusal(

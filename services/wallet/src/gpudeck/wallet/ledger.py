@@ -64,6 +64,22 @@ def over_kyc_limit(limit: int, currency: str) -> FailedPrecondition:
     )
 
 
+def adds_money(request: TransferRequest) -> bool:
+    """Whether the transfer is money the organization adds (what the KYC limit counts)."""
+    return request.kind is Kind.TOPUP or (
+        request.kind is Kind.CREDIT_GRANT and request.credit_source == "purchase"
+    )
+
+
+def check_kyc_room(limit: int, wallet: Wallet, amount: int) -> None:
+    """An organization not KYC-verified may add at most `limit` in all (0: no limit)."""
+    if limit and not wallet.kyc_verified and wallet.added + amount > limit:
+        raise kyc_required(
+            f"an organization not KYC-verified may add at most {format_micro(limit)}"
+            f" {wallet.currency} in all ({format_micro(wallet.added)} added so far)"
+        )
+
+
 def short_of_funds(spendable: int, amount: int, currency: str) -> InsufficientFunds:
     """The refusal of a charge of `amount` when only `spendable` is left."""
     return InsufficientFunds(
@@ -215,6 +231,7 @@ class Wallet:
     run_rate: int = 0
     level: str = "ok"
     kyc_verified: bool = True
+    added: int = 0  # top-ups and purchased credits ever (counted when not KYC-verified)
 
     @property
     def spendable(self) -> int:
@@ -278,9 +295,9 @@ class Book:
                 f"organization {request.organization_id} has no wallet", field="organization_id"
             )
         amount, payment, rate = self._wallet_amount(request, wallet)
-        limit = self.kyc_topup_limit
-        if request.kind is Kind.TOPUP and limit and amount > limit and not wallet.kyc_verified:
-            raise over_kyc_limit(limit, wallet.currency)
+        adding = adds_money(request)
+        if adding:
+            check_kyc_room(self.kyc_topup_limit, wallet, amount)
         other = self.platform[platform_pool(request.kind, wallet.currency)]
         legs = self._legs(request, wallet, amount)
         postings = [_move(acct, delta) for acct, delta in legs]
@@ -289,6 +306,8 @@ class Book:
             wallet.balance += delta
             if acct.kind == "credit":
                 wallet.credit_total += delta
+        if adding:
+            wallet.added += amount
         history = self.spending.get(wallet.organization_id)
         if history is not None and request.kind in (*SPENDING, Kind.REFUND):
             history.extend((acct.id, delta) for acct, delta in legs)

@@ -69,7 +69,7 @@ class Policy:
     """Settings of the rules the store applies."""
 
     depletion_seconds: float = 10.0
-    kyc_topup_limit: int = 0  # top-ups above it need a KYC-verified organization; 0: no limit
+    kyc_topup_limit: int = 0  # what an organization not KYC-verified may add in all; 0: no limit
 
 
 # One statement locks the wallets and their spendable accounts (FOR UPDATE OF both), so a
@@ -81,6 +81,7 @@ SELECT w.organization_id, w.currency, w.balance, w.credits, w.held_balance, w.ru
        o.kyc_status = 'verified', coalesce(t.warning_amount, 0), coalesce(t.critical_amount, 0),
        coalesce(t.warning_hours, 0), coalesce(t.critical_hours, 0),
        CASE WHEN u.enabled THEN u.below ELSE 0 END, coalesce(u.amount, 0),
+       CASE WHEN o.kyc_status = 'verified' THEN 0 ELSE money_added(w.organization_id) END,
        a.id, a.kind, a.balance, a.expires_at, a.code
 FROM wallets w
 JOIN organizations o ON o.id = w.organization_id
@@ -133,12 +134,13 @@ async def lock_wallets(
         lw = locked.get(org)
         if lw is None:
             (_, currency, balance, credits, held, rate, level, verified) = row[:8]
-            (wa, ca, wh, ch, below, amount) = row[8:14]
+            (wa, ca, wh, ch, below, amount, added) = row[8:15]
             wallet = Wallet(
-                org, currency, Account(0, 0), [], balance, credits, held, rate, level, verified
-            )
+                org, currency, Account(0, 0), [], balance, credits, held, rate, level, verified,
+                added,
+            )  # fmt: skip
             lw = locked[org] = LockedWallet(wallet, Thresholds(wa, ca, wh, ch), below, amount)
-        acct_id, kind, acct_balance, expires_at, code = row[14:]
+        acct_id, kind, acct_balance, expires_at, code = row[15:]
         account = Account(acct_id, acct_balance, kind, expires_at, code)
         if kind == "cash":
             lw.wallet.cash = account

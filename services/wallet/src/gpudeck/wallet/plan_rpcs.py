@@ -87,9 +87,7 @@ class PlanRpcs:
             actor=actor.get(),
         )
         async with self.wallet.pool.connection() as conn, conn.transaction():
-            tx, available = await self._plans.add_credits(
-                conn, purchase, kyc_limit=self.wallet.settings.kyc_topup_limit
-            )
+            tx, available = await self._plans.add_credits(conn, purchase)
         return pb.AddCreditsResponse(
             transaction=convert.transaction(tx),
             available_credits=convert.money(available, tx.currency),

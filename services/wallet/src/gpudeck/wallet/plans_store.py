@@ -14,7 +14,7 @@ from typing import Any
 
 from psycopg import AsyncConnection
 
-from gpudeck.kit.errors import FailedPrecondition, InvalidArgument, NotFound
+from gpudeck.kit.errors import InvalidArgument, NotFound
 from gpudeck.wallet import idempotency, plan_events
 from gpudeck.wallet.ledger import (
     InsufficientFunds,
@@ -24,7 +24,7 @@ from gpudeck.wallet.ledger import (
     validate,
 )
 from gpudeck.wallet.ledger_store import LedgerStore, db_now, lock_wallets
-from gpudeck.wallet.money import check_currency, format_micro
+from gpudeck.wallet.money import check_currency
 from gpudeck.wallet.plans import (
     DEFAULT_PLAN,
     ChangePlanRequest,
@@ -154,15 +154,10 @@ class PlanStore:
         await self.outbox.add(conn, event)
         return "renewed"
 
-    async def add_credits(
-        self,
-        conn: Conn,
-        request: TransferRequest,
-        *,
-        kyc_limit: int,
-    ) -> tuple[Transaction, int]:
+    async def add_credits(self, conn: Conn, request: TransferRequest) -> tuple[Transaction, int]:
         """Post a purchase of credits (a CREDIT_GRANT from "purchase"); its transaction and the
-        credits available after it. Above `kyc_limit` the organization must be KYC-verified."""
+        credits available after it. Past the KYC limit (all the money it added) the organization
+        must be KYC-verified (the ledger checks)."""
         if request.kind is not Kind.CREDIT_GRANT or request.credit_source != PURCHASE_SOURCE:
             raise InvalidArgument("a purchase is a credit grant from purchase", field="kind")
         now = await db_now(conn)
@@ -170,18 +165,11 @@ class PlanStore:
         if expires is not None and expires <= now:  # AddCredits calls it expires_at
             raise InvalidArgument("expires_at must be in the future", field="expires_at")
         validate(request)
-        _, currency, _, kyc = await _organization(conn, request.organization_id)
+        _, currency, _, _ = await _organization(conn, request.organization_id)
         if request.currency and request.currency != currency:
             raise InvalidArgument(
                 f"currency {request.currency} is not the wallet currency {currency}",
                 field="currency",
-            )
-        if kyc_limit and request.amount > kyc_limit and kyc != "verified":
-            raise FailedPrecondition(
-                f"purchases above {format_micro(kyc_limit)} {currency} need a KYC-verified"
-                f" organization (kyc_status is {kyc})",
-                field="amount",
-                reason="KYC_REQUIRED",
             )
         [transaction] = await self._post(conn, [request], now)
         return transaction, await _credits(conn, request.organization_id)
