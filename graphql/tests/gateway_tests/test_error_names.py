@@ -160,6 +160,12 @@ async def test_refusals_read_as_english(gql, new_org) -> None:
     )
     assert error["extensions"]["code"] == "FORBIDDEN", error
     assert error["message"] == "an admin token may not revoke an owner token", error
+    error = await gql.error(
+        'mutation($id: ID!) { renameApiToken(id: $id, name: "x") { id } }',
+        {"id": owner},
+        token=made["a"]["token"],
+    )
+    assert error["message"] == "an admin token may not rename an owner token", error
 
 
 async def test_a_refusal_naming_two_arguments_names_both_as_sent(gql, new_org) -> None:

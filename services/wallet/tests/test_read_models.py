@@ -141,6 +141,7 @@ def test_trend_days_out_of_range_name_the_field(days: int) -> None:
     with pytest.raises(InvalidArgument) as err:
         rm.check_days(days)
     assert err.value.field == "days"
+    assert err.value.message.endswith(f", got {days}")
 
 
 def test_run_rate_projections_and_types() -> None:

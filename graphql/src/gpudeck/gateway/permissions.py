@@ -186,9 +186,10 @@ class MayManageToken(Writer):
             raise malformed_id(wanted, self.token_argument) or GatewayError(
                 f"API token {wanted} not found", code=NOT_FOUND, field=self.token_argument
             )
+        verb = "rename" if info.field_name.startswith("rename") else "revoke"
         if rank(token.role) > rank(identity.role):
             raise GatewayError(
-                f"{article(identity.role)} token may not revoke {article(token.role)} token",
+                f"{article(identity.role)} token may not {verb} {article(token.role)} token",
                 code=FORBIDDEN,
             )
         own = token.id == identity.token_id or (
@@ -196,6 +197,6 @@ class MayManageToken(Writer):
         )
         if not own and rank(identity.role) < rank("admin"):
             raise GatewayError(
-                "only an owner or admin may revoke tokens made by others", code=FORBIDDEN
+                f"only an owner or admin may {verb} tokens made by others", code=FORBIDDEN
             )
         return True

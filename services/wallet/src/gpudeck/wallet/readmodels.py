@@ -170,7 +170,9 @@ def check_days(days: int) -> int:
     """How many days a trend covers: 0 means 7; at most 366."""
     days = days or 7
     if not 1 <= days <= MAX_TREND_DAYS:
-        raise InvalidArgument(f"days must be between 1 and {MAX_TREND_DAYS}", field="days")
+        raise InvalidArgument(
+            f"days must be between 1 and {MAX_TREND_DAYS}, got {days}", field="days"
+        )
     return days
 
 
@@ -178,7 +180,9 @@ def check_months(months: int) -> int:
     """How many months a breakdown covers: 0 means 6; at most 36."""
     months = months or 6
     if not 1 <= months <= MAX_MONTHS:
-        raise InvalidArgument(f"months must be between 1 and {MAX_MONTHS}", field="months")
+        raise InvalidArgument(
+            f"months must be between 1 and {MAX_MONTHS}, got {months}", field="months"
+        )
     return months
 
 
@@ -213,7 +217,7 @@ class ResourceCost:
 def check_limit(limit: int, *, default: int = 100, maximum: int = 1000) -> int:
     limit = limit or default
     if not 1 <= limit <= maximum:
-        raise InvalidArgument(f"limit must be between 1 and {maximum}", field="limit")
+        raise InvalidArgument(f"limit must be between 1 and {maximum}, got {limit}", field="limit")
     return limit
 
 

@@ -136,14 +136,16 @@ class UsageRecord:
 def check_top(top: int) -> int:
     top = top or DEFAULT_TOP
     if not 1 <= top <= MAX_TOP:
-        raise InvalidArgument(f"top must be between 1 and {MAX_TOP}", field="top")
+        raise InvalidArgument(f"top must be between 1 and {MAX_TOP}, got {top}", field="top")
     return top
 
 
 def check_recent(recent: int) -> int:
     recent = recent or DEFAULT_RECENT
     if not 1 <= recent <= MAX_RECENT:
-        raise InvalidArgument(f"recent must be between 1 and {MAX_RECENT}", field="recent")
+        raise InvalidArgument(
+            f"recent must be between 1 and {MAX_RECENT}, got {recent}", field="recent"
+        )
     return recent
 
 
