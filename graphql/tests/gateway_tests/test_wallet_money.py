@@ -4,7 +4,7 @@ display currencies, invoices as PDF."""
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 from decimal import ROUND_HALF_UP, Decimal
 
 import psycopg
@@ -165,6 +165,45 @@ async def test_an_upgrade_charges_the_fee_and_grants_the_credits(gql, new_org) -
     assert card["organization"]["plan"]["availableCredits"] == changed["plan"]["includedCredits"]
     codes = [p["code"] for p in card["organization"]["availablePlans"]]
     assert codes == ["standard", "premium", "enterprise"]
+
+
+async def test_the_plan_card_lists_each_grant_of_credits_and_when_the_plan_renews(
+    gql, new_org
+) -> None:
+    org = await new_org()
+    await top_up(gql, org, "1000", "grants-money")
+    changed = await gql.data(
+        """mutation($org: ID!) { changePlan(organizationId: $org, planCode: "premium") {
+          plan { renewsOn creditGrants { source } } } }""",
+        {"org": org.id},
+        token=org.token,
+    )
+    today = datetime.now(UTC).date()
+    next_month = date(today.year + today.month // 12, today.month % 12 + 1, 1)
+    assert changed["changePlan"]["plan"] == {
+        "renewsOn": next_month.isoformat(), "creditGrants": [{"source": "plan"}],
+    }  # fmt: skip
+    await gql.data(
+        'mutation($org: ID!) { addCredits(organizationId: $org, amount: "5", '
+        'idempotencyKey: "grants-1", expiresAt: "2099-01-01T00:00:00Z") { availableCredits '
+        "{ amount } } }",
+        {"org": org.id},
+        token=org.token,
+    )
+    card = await gql.data(
+        "query($id: ID!) { organization(id: $id) { plan { creditGrants { available { amount }"
+        " source expiresAt grantedAt } } } }",
+        {"id": org.id},
+        token=org.token,
+    )
+    grants = card["organization"]["plan"]["creditGrants"]
+    assert [g["source"] for g in grants] == ["plan", "purchase"]  # the first to expire first
+    assert grants[0]["expiresAt"].startswith(next_month.isoformat())
+    assert grants[1] == {
+        "available": {"amount": "5.000000"}, "source": "purchase",
+        "expiresAt": "2099-01-01T00:00:00+00:00", "grantedAt": grants[1]["grantedAt"],
+    }  # fmt: skip
+    assert grants[1]["grantedAt"] is not None
 
 
 async def test_a_charge_above_the_balance_is_insufficient_funds(gql, new_org, wallet_stubs) -> None:

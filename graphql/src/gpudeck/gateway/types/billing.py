@@ -308,10 +308,30 @@ class PlanOption:
         )
 
 
+@strawberry.type(description="What is left of one grant of credits.")
+class CreditGrant:
+    available: Money
+    source: str = strawberry.field(description="plan, promotion or purchase")
+    expires_at: datetime | None = strawberry.field(description="null: never")
+    granted_at: datetime | None
+
+    @classmethod
+    def from_pb(
+        cls, m: wallet_pb2.CreditGrant, conversion: money_pb2.Conversion | None
+    ) -> CreditGrant:
+        return cls(
+            available=Money.from_pb(m.available, conversion),
+            source=m.source,
+            expires_at=when(m.expires_at, m.HasField("expires_at")),
+            granted_at=when(m.granted_at, m.HasField("granted_at")),
+        )
+
+
 @strawberry.type(
     description=(
         "The plan card: the current plan and the credits available (the unexpired credit part "
-        "of the balance)."
+        "of the balance), grant by grant in the order they are spent (the first to expire "
+        "first); `renewsOn`: when a paid plan renews (null for a free one)."
     )
 )
 class Plan:
@@ -320,6 +340,8 @@ class Plan:
     monthly_fee: Money
     included_credits: Money
     available_credits: Money
+    credit_grants: list[CreditGrant]
+    renews_on: date | None
     conversion: Conversion | None
 
     @classmethod
@@ -330,6 +352,8 @@ class Plan:
             monthly_fee=Money.from_pb(m.plan.monthly_fee, conversion),
             included_credits=Money.from_pb(m.plan.included_credits, conversion),
             available_credits=Money.from_pb(m.available_credits, conversion),
+            credit_grants=[CreditGrant.from_pb(g, conversion) for g in m.credit_grants],
+            renews_on=_date(m.renews_on),
             conversion=Conversion.from_pb(conversion) if conversion is not None else None,
         )
 
@@ -363,7 +387,7 @@ async def list_plans(info: Info, organization_id: str, display: str) -> list[Pla
     )
 )
 class PlanChange:
-    plan: Plan
+    plan: Plan = strawberry.field(description="The plan card now, its credit grants included.")
     previous_plan_code: str
     charged: Money
     credits_granted: Money
@@ -392,8 +416,11 @@ async def resolve_change_plan(
         plan_code=plan_code,
     )
     status = await c.wallet.ChangePlan(request, metadata=c.metadata)
+    now = await c.wallet.GetPlan(
+        wallet_pb2.GetPlanRequest(organization_id=str(organization_id)), metadata=c.metadata
+    )
     return PlanChange(
-        plan=Plan.from_pb(status, None),
+        plan=Plan.from_pb(now, None),
         previous_plan_code=status.previous_plan_code,
         charged=Money.from_pb(status.charged),
         credits_granted=Money.from_pb(status.credits_granted),

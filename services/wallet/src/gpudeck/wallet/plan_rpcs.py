@@ -8,6 +8,7 @@ KYC limit of money coming in; Transfer's CREDIT_GRANT stays the operators' tool 
 from __future__ import annotations
 
 import asyncio
+from datetime import UTC
 from functools import cached_property
 from typing import Any, TypeAlias
 
@@ -20,7 +21,7 @@ from gpudeck.wallet.invoices import Invoice, billable_period, next_invoice_date
 from gpudeck.wallet.invoices_store import InvoiceStore
 from gpudeck.wallet.ledger import Kind, TransferRequest, check_client_key
 from gpudeck.wallet.ledger_store import db_now
-from gpudeck.wallet.plans import ChangePlanRequest, Plan, PlanStatus
+from gpudeck.wallet.plans import ChangePlanRequest, Plan, PlanStatus, next_month_start
 from gpudeck.wallet.plans_store import PURCHASE_SOURCE, PlanStore
 
 # grpc.aio.ServicerContext, which these calls never use: left untyped so this module needs no
@@ -56,7 +57,22 @@ class PlanRpcs:
     async def GetPlan(self, request: pb.GetPlanRequest, context: Ctx) -> pb.PlanStatus:
         org = convert.parse_id(request.organization_id, "organization_id")
         async with self.wallet.pool.connection() as conn:
-            return _status(await self._plans.status(conn, org))
+            status = _status(await self._plans.status(conn, org))
+            grants = await self._plans.credit_grants(conn, org)
+            now = await db_now(conn)
+        currency = status.available_credits.currency
+        status.credit_grants.extend(
+            pb.CreditGrant(
+                available=convert.money(g.available, currency),
+                source=g.source,
+                expires_at=convert.timestamp(g.expires_at),
+                granted_at=convert.timestamp(g.granted_at),
+            )
+            for g in grants
+        )
+        if status.plan.monthly_fee.amount or status.plan.included_credits.amount:
+            status.renews_on = next_month_start(now.astimezone(UTC).date()).isoformat()
+        return status
 
     async def ChangePlan(self, request: pb.ChangePlanRequest, context: Ctx) -> pb.PlanStatus:
         change = ChangePlanRequest(

@@ -207,6 +207,16 @@ def plan_transfers(
 
 
 @dataclass(frozen=True)
+class CreditGrant:
+    """What is left of one grant of credits."""
+
+    available: int
+    source: str  # plan, promotion or purchase
+    expires_at: datetime | None
+    granted_at: datetime
+
+
+@dataclass(frozen=True)
 class PlanStatus:
     """An organization's plan and available credits; after a change, what the change did."""
 

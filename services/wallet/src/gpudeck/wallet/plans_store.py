@@ -28,6 +28,7 @@ from gpudeck.wallet.money import check_currency
 from gpudeck.wallet.plans import (
     DEFAULT_PLAN,
     ChangePlanRequest,
+    CreditGrant,
     Plan,
     PlanChange,
     PlanStatus,
@@ -82,6 +83,18 @@ class PlanStore:
         """The organization's plan and its available credits (the wallet's unexpired credits)."""
         plan_code, currency, credits, _ = await _organization(conn, organization_id)
         return PlanStatus(await self._current(conn, plan_code, currency), credits)
+
+    async def credit_grants(self, conn: Conn, organization_id: uuid.UUID) -> list[CreditGrant]:
+        """The grants of credits with money left and not expired, in the order they are
+        spent: the first to expire first."""
+        cur = await conn.execute(
+            "SELECT balance, coalesce(credit_source, ''), expires_at, created_at"
+            " FROM ledger_accounts WHERE organization_id = %s AND kind = 'credit'"
+            " AND balance > 0 AND (expires_at IS NULL OR expires_at > now())"
+            " ORDER BY expires_at NULLS LAST, id",
+            (organization_id,),
+        )
+        return [CreditGrant(*row) for row in await cur.fetchall()]
 
     async def change(self, conn: Conn, request: ChangePlanRequest) -> PlanStatus:
         """Change the organization's plan by the rule of `plans`; idempotent by request key."""

@@ -2054,8 +2054,11 @@ class PlanStatus(_message.Message):
     CHARGED_FIELD_NUMBER: _builtins.int
     CREDITS_GRANTED_FIELD_NUMBER: _builtins.int
     PREVIOUS_PLAN_CODE_FIELD_NUMBER: _builtins.int
+    CREDIT_GRANTS_FIELD_NUMBER: _builtins.int
+    RENEWS_ON_FIELD_NUMBER: _builtins.int
     previous_plan_code: _builtins.str
     """ChangePlan only"""
+    renews_on: _builtins.str
     @_builtins.property
     def plan(self) -> Global___Plan: ...
     @_builtins.property
@@ -2070,6 +2073,12 @@ class PlanStatus(_message.Message):
 
     @_builtins.property
     def credits_granted(self) -> _money_pb2.Money: ...
+    @_builtins.property
+    def credit_grants(self) -> _containers.RepeatedCompositeFieldContainer[Global___CreditGrant]:
+        """GetPlan only: the credits available, grant by grant, the first to expire (and be spent)
+        first; and when a paid plan renews next (YYYY-MM-DD, UTC; empty for a free plan).
+        """
+
     def __init__(
         self,
         *,
@@ -2078,14 +2087,52 @@ class PlanStatus(_message.Message):
         charged: _money_pb2.Money | None = ...,
         credits_granted: _money_pb2.Money | None = ...,
         previous_plan_code: _builtins.str = ...,
+        credit_grants: _abc.Iterable[Global___CreditGrant] | None = ...,
+        renews_on: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["available_credits", b"available_credits", "charged", b"charged", "credits_granted", b"credits_granted", "plan", b"plan"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["available_credits", b"available_credits", "charged", b"charged", "credits_granted", b"credits_granted", "plan", b"plan", "previous_plan_code", b"previous_plan_code"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["available_credits", b"available_credits", "charged", b"charged", "credit_grants", b"credit_grants", "credits_granted", b"credits_granted", "plan", b"plan", "previous_plan_code", b"previous_plan_code", "renews_on", b"renews_on"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___PlanStatus: _TypeAlias = PlanStatus  # noqa: Y015
+
+@_typing.final
+class CreditGrant(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    AVAILABLE_FIELD_NUMBER: _builtins.int
+    SOURCE_FIELD_NUMBER: _builtins.int
+    EXPIRES_AT_FIELD_NUMBER: _builtins.int
+    GRANTED_AT_FIELD_NUMBER: _builtins.int
+    source: _builtins.str
+    """plan, promotion or purchase"""
+    @_builtins.property
+    def available(self) -> _money_pb2.Money:
+        """what is left of it"""
+
+    @_builtins.property
+    def expires_at(self) -> _timestamp_pb2.Timestamp:
+        """unset: never"""
+
+    @_builtins.property
+    def granted_at(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        available: _money_pb2.Money | None = ...,
+        source: _builtins.str = ...,
+        expires_at: _timestamp_pb2.Timestamp | None = ...,
+        granted_at: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["available", b"available", "expires_at", b"expires_at", "granted_at", b"granted_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["available", b"available", "expires_at", b"expires_at", "granted_at", b"granted_at", "source", b"source"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CreditGrant: _TypeAlias = CreditGrant  # noqa: Y015
 
 @_typing.final
 class ChangePlanRequest(_message.Message):
