@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import uuid
 from dataclasses import replace
 from datetime import UTC, date, datetime, timedelta
@@ -153,6 +154,20 @@ def test_the_pdf_survives_names_outside_latin_1() -> None:
     document = pdf.render(invoice({"pod": USD}, name="Ācme — 株式会社", currency="INR"))
     assert document.startswith(b"%PDF-")
     assert b"INR 1.00" in document
+
+
+def test_long_names_stay_on_the_page_and_many_lines_repeat_the_header() -> None:
+    name = " ".join(["Very Long Organization Name Holdings"] * 3)[:100]
+    long_type = "x" * 40
+    spend = {f"type_{i:02d}": USD for i in range(60)} | {long_type: USD}
+    document = pdf.render(invoice(spend, name=name))
+    assert b"(" + name.encode() + b")" not in document, "a name wider than the page wraps"
+    assert all(word.encode() in document for word in set(name.split()))
+    assert long_type.encode() not in document and b"xxxxxxxx..." in document  # cut short
+    pages = len(re.findall(rb"/Type /Page\b(?!s)", document))
+    assert pages >= 2
+    assert document.count(b"(Resource type)") == pages  # the table's header on every page
+    assert b"USD 61.00" in document
 
 
 FONT = "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf"

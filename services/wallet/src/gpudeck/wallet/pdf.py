@@ -3,8 +3,10 @@
 Text is set in the built-in Helvetica, which covers Latin-1. A name outside it (Greek, Cyrillic,
 symbols, other scripts) is set in a Unicode TrueType font when the deployment has one
 (`font`: GPUDECK_INVOICE_FONT, by default Debian's DejaVu Sans when installed); characters that
-font lacks, or every one outside Latin-1 without such a font, print as "?". The page content is
-left uncompressed: invoices are one page, and their Latin-1 text stays searchable in the bytes.
+font lacks, or every one outside Latin-1 without such a font, print as "?". Long names wrap in
+the header and are cut short ("...") in table cells; lines that do not fit go on to further
+pages under the table's header again. The page content is left uncompressed: invoices are
+short, and their Latin-1 text stays searchable in the bytes.
 """
 
 from __future__ import annotations
@@ -56,26 +58,41 @@ def _text(value: str) -> str:
     return value.translate(PLAIN).encode("latin-1", errors="replace").decode("latin-1")
 
 
-def _cell(doc: FPDF, width: float, height: float, value: str, **kwargs: Any) -> None:
+def _cell(
+    doc: FPDF, width: float, height: float, value: str, *, wrap: bool = False, **kwargs: Any
+) -> None:
     """A cell of free text: Helvetica when it is Latin-1, else the Unicode font if there is one
-    (its missing characters as "?"), else Helvetica with "?"."""
+    (its missing characters as "?"), else Helvetica with "?". Too long for `width`, it wraps
+    onto more lines (`wrap`) or is cut short with "..."."""
     plain = value.translate(PLAIN)
     font = doc.fonts.get(UNICODE)
+    style, size = doc.font_style, doc.font_size_pt
+    shown = _text(plain)
     try:
         plain.encode("latin-1")
     except UnicodeEncodeError:
         if isinstance(font, TTFFont):
-            style, size = doc.font_style, doc.font_size_pt
             doc.set_font(UNICODE, "", size)
             shown = "".join(c if ord(c) in font.cmap else "?" for c in plain)
-            doc.cell(width, height, shown, **kwargs)
-            doc.set_font("Helvetica", style, size)
-            return
-    doc.cell(width, height, _text(plain), **kwargs)
+    if wrap:
+        doc.multi_cell(width, height, shown, **kwargs)
+    else:
+        doc.cell(width, height, _fit(doc, shown, width), **kwargs)
+    doc.set_font("Helvetica", style, size)
+
+
+def _fit(doc: FPDF, text: str, width: float) -> str:
+    """`text`, cut short with "..." to fit in a cell `width` wide (with its margins)."""
+    room = width - 2 * doc.c_margin
+    if doc.get_string_width(text) <= room:
+        return text
+    while text and doc.get_string_width(text + "...") > room:
+        text = text[:-1]
+    return text + "..."
 
 
 def render(invoice: Invoice, font: str = "") -> bytes:
-    """The invoice on one A4 page: issuer, organization, period, status, lines and total;
+    """The invoice on A4: issuer, organization, period, status, lines and total;
     `font`: a Unicode TrueType font file for names outside Latin-1 ("" for none)."""
     doc = FPDF(format="A4")
     if font:
@@ -111,23 +128,30 @@ def render(invoice: Invoice, font: str = "") -> bytes:
         doc.set_text_color(*GREY)
         doc.cell(40, 6, label)
         doc.set_text_color(0, 0, 0)
-        _cell(doc, width - 40, 6, value, new_x=XPos.LMARGIN, new_y=YPos.NEXT)
+        _cell(doc, width - 40, 6, value, wrap=True, new_x=XPos.LMARGIN, new_y=YPos.NEXT)
     doc.ln(6)
 
     amount_w, type_w = 45, 45
     desc_w = width - amount_w - type_w
-    doc.set_font("Helvetica", "B", 10)
-    doc.cell(desc_w, 8, "Description")
-    doc.cell(type_w, 8, "Resource type")
-    doc.cell(amount_w, 8, f"Amount ({invoice.currency})", align="R")
-    doc.ln(8)
-    _rule(doc)
-    doc.set_font("Helvetica", "", 10)
+
+    def header() -> None:
+        doc.set_font("Helvetica", "B", 10)
+        doc.cell(desc_w, 8, "Description")
+        doc.cell(type_w, 8, "Resource type")
+        doc.cell(amount_w, 8, f"Amount ({invoice.currency})", align="R")
+        doc.ln(8)
+        _rule(doc)
+        doc.set_font("Helvetica", "", 10)
+
+    header()
     if not invoice.lines:
         doc.set_text_color(*GREY)
         doc.cell(width, 8, "No charges in this period.", new_x=XPos.LMARGIN, new_y=YPos.NEXT)
         doc.set_text_color(0, 0, 0)
     for line in invoice.lines:
+        if doc.will_page_break(8):
+            doc.add_page()
+            header()
         _cell(doc, desc_w, 8, line.description)
         _cell(doc, type_w, 8, line.resource_type)
         doc.cell(amount_w, 8, format_amount(line.amount), align="R")
