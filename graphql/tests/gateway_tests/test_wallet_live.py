@@ -116,6 +116,16 @@ async def test_a_subscription_without_a_token_is_unauthenticated(new_org, wallet
         await ws.close()
 
 
+async def test_a_connection_with_a_token_that_is_not_valid_is_refused(wallet_gateway) -> None:
+    ws = await wallet_gateway.ws_connect("/graphql", protocols=[TRANSPORT_WS])
+    try:
+        await ws.send_json({"type": "connection_init", "payload": {"Authorization": "Bearer x"}})
+        msg = await asyncio.wait_for(ws.receive(), timeout=10)
+        assert msg.type == WSMsgType.CLOSE and msg.data == 4403, msg
+    finally:
+        await ws.close()
+
+
 async def test_a_subscription_follows_the_roles(gql, new_org, wallet_gateway) -> None:
     org, other = await new_org(), await new_org()
     made = await gql.data(

@@ -3,7 +3,9 @@
 The wallet announces `wallet.balance.changed` (at most once a second per organization) on the
 subject `<prefix>.wallet.balance.changed`. A core NATS subscription receives it (live views need
 no JetStream); each subscription of the organization is woken (`Watch.wait`), and re-reads
-what it shows. Wakes coalesce: a subscriber that is busy when two events come wakes once.
+what it shows. Wakes coalesce: a subscriber that is busy when two events come wakes once. The
+subscribers woken by one event share one read of what they show (`shared_read`): a thousand of
+them cost the wallet one call, not a thousand.
 
 NATS being down is a normal state: `start()` returns at once and connects in the background,
 reconnecting forever; after a reconnection every watcher is woken (events may have been missed),
@@ -15,7 +17,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Hashable, Iterator
+from typing import Any, TypeVar
 
 from nats.aio.msg import Msg
 
@@ -25,6 +28,7 @@ from gpudeck.kit.events import EventBus, InvalidEvent, parse_event
 log = logging.getLogger(__name__)
 
 BALANCE_CHANGED = "wallet.balance.changed"
+T = TypeVar("T")
 
 
 class Watch:
@@ -74,6 +78,10 @@ class LiveEvents:
         self._task: asyncio.Task[None] | None = None
         self._subscribed = asyncio.Event()
         self._watchers: dict[str, set[Watch]] = {}
+        # Wakes so far, of all organizations and of each: a read keyed by them began after them.
+        self._wakes_of_all = 0
+        self._wakes: dict[str, int] = {}
+        self._reads: dict[Hashable, asyncio.Future[Any]] = {}
 
     @property
     def subject(self) -> str:
@@ -127,7 +135,32 @@ class LiveEvents:
     def watchers(self) -> int:
         return sum(len(w) for w in self._watchers.values())
 
+    def generation(self, organization_id: str) -> tuple[int, int]:
+        """How many wakes `organization_id`'s watchers have had: a key for reads begun since."""
+        return self._wakes_of_all, self._wakes.get(organization_id, 0)
+
+    async def shared_read(self, key: Hashable, read: Callable[[], Awaitable[T]]) -> T:
+        """`read()`'s result, shared by every caller with `key` while it runs (its error too).
+        Key it with `generation(org)` taken after the wake: a read begun before it is not
+        shared with whoever it woke. A caller cancelled does not cancel it for the others."""
+        running = self._reads.get(key)
+        if running is None:
+            running = asyncio.ensure_future(read())
+            self._reads[key] = running
+            running.add_done_callback(lambda done: self._read_done(key, done))
+        return await asyncio.shield(running)  # type: ignore[no-any-return]
+
+    def _read_done(self, key: Hashable, done: asyncio.Future[Any]) -> None:
+        if self._reads.get(key) is done:
+            del self._reads[key]
+        if not done.cancelled():
+            done.exception()  # retrieved here too: every caller may have gone
+
     def _wake(self, organization_id: str | None = None) -> None:
+        if organization_id is None:
+            self._wakes_of_all += 1
+        elif organization_id in self._watchers:  # counted for those watched only
+            self._wakes[organization_id] = self._wakes.get(organization_id, 0) + 1
         groups = (
             self._watchers.values()
             if organization_id is None

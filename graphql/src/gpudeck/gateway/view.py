@@ -3,16 +3,23 @@ the fields that need it: only `health` needs no token), our GraphiQL page and
 websocket bookkeeping (so shutdown can close them all).
 
 Websockets speak graphql-transport-ws and the legacy graphql-ws; pages on other origins may not
-open one (Strawberry's default).
+open one (Strawberry's default). A connection_init with a token that is not valid is refused
+(graphql-transport-ws: 4403); one with no token is accepted, for `health`. The server pings
+every websocket (HEARTBEAT) and closes one that stops answering, so a vanished client does not
+hold its subscriptions.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import weakref
 from datetime import timedelta
+from typing import Any
 
 from aiohttp import WSCloseCode, web
 from strawberry.aiohttp.views import GraphQLView
+from strawberry.exceptions import ConnectionRejectionError
 from strawberry.schema import BaseSchema
 from strawberry.subscriptions import GRAPHQL_TRANSPORT_WS_PROTOCOL, GRAPHQL_WS_PROTOCOL
 
@@ -20,10 +27,13 @@ from gpudeck.gateway import graphiql
 from gpudeck.gateway.auth import Authenticator
 from gpudeck.gateway.backends import Backends
 from gpudeck.gateway.context import Context
+from gpudeck.gateway.errors import UNAUTHENTICATED, GatewayError
 from gpudeck.gateway.live import LiveEvents
 from gpudeck.gateway.metrics import WEBSOCKETS
 
 KEEP_ALIVE_INTERVAL = 10.0
+HEARTBEAT = 30.0  # seconds between websocket pings; no pong within half of it closes the socket
+CLOSE_TIMEOUT = 2.0  # seconds a websocket gets to close at shutdown before it is cut
 CONNECTION_INIT_TIMEOUT = timedelta(seconds=10)
 MAX_SUBSCRIPTIONS_PER_CONNECTION = 50
 
@@ -48,7 +58,10 @@ class GatewayView(GraphQLView[Context, None]):
         self.backends = backends
         self.auth = auth
         self.live = live
-        self.websockets: weakref.WeakSet[web.WebSocketResponse] = weakref.WeakSet()
+        # Open websockets and their requests (whose transport a stuck one is cut by).
+        self.websockets: weakref.WeakKeyDictionary[web.WebSocketResponse, web.Request] = (
+            weakref.WeakKeyDictionary()
+        )
 
     async def get_context(
         self, request: web.Request, response: web.Response | web.WebSocketResponse
@@ -67,9 +80,23 @@ class GatewayView(GraphQLView[Context, None]):
     async def create_websocket_response(
         self, request: web.Request, subprotocol: str | None
     ) -> web.WebSocketResponse:
-        ws = await super().create_websocket_response(request, subprotocol)
-        self.websockets.add(ws)
+        ws = web.WebSocketResponse(
+            protocols=[subprotocol] if subprotocol else [], heartbeat=HEARTBEAT
+        )
+        await ws.prepare(request)
+        self.websockets[ws] = request
         return ws
+
+    async def on_ws_connect(self, context: Context) -> Any:
+        """Refuse a connection_init whose token is not valid (none is fine: `health`)."""
+        if context.token:
+            try:
+                await context.identity()
+            except GatewayError as exc:
+                if exc.code == UNAUTHENTICATED:
+                    raise ConnectionRejectionError({"message": str(exc)}) from None
+                # the wallet unreachable: accepted; operations say UNAVAILABLE themselves
+        return await super().on_ws_connect(context)
 
     async def __call__(self, request: web.Request) -> web.StreamResponse:
         if not self.is_websocket_request(request):
@@ -82,6 +109,18 @@ class GatewayView(GraphQLView[Context, None]):
             gauge.dec()
 
     async def close_websockets(self) -> None:
-        """Close every open websocket with 1001 (going away): the gateway is shutting down."""
-        for ws in list(self.websockets):
-            await ws.close(code=WSCloseCode.GOING_AWAY, message=b"server shutting down")
+        """Close every open websocket with 1001 (going away), all at once: the gateway is
+        shutting down. One whose client does not read is cut after CLOSE_TIMEOUT."""
+
+        async def close(ws: web.WebSocketResponse, request: web.Request) -> None:
+            try:
+                await asyncio.wait_for(
+                    ws.close(code=WSCloseCode.GOING_AWAY, message=b"server shutting down"),
+                    CLOSE_TIMEOUT,
+                )
+            except (TimeoutError, ConnectionError):
+                if request.transport is not None:
+                    request.transport.abort()
+
+        with contextlib.suppress(Exception):
+            await asyncio.gather(*(close(ws, r) for ws, r in list(self.websockets.items())))

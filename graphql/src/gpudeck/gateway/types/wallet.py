@@ -30,7 +30,12 @@ T = TypeVar("T")
 
 # How often a live subscription checks its token again, and re-reads while NATS is down.
 RECHECK_SECONDS = 5.0
-TRANSIENT = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+# What a live view waits out (the wallet restarting, or shedding load under a burst of reads).
+TRANSIENT = (
+    grpc.StatusCode.UNAVAILABLE,
+    grpc.StatusCode.DEADLINE_EXCEEDED,
+    grpc.StatusCode.CANCELLED,
+)
 
 
 @strawberry.type(description="Run rate of one resource type (pod, vm, nfs_volume, ...).")
@@ -407,28 +412,37 @@ async def resolve_wallet_updated(
 
 
 async def wallet_updates(info: Info, org: str, display: str) -> AsyncGenerator[Wallet, None]:
-    """Each summary is read fresh (fresh DataLoaders) and pushed when it differs from the last.
-    The token is checked again at least every RECHECK_SECONDS: a revoked one ends the
-    subscription with UNAUTHENTICATED. While the wallet is unreachable the subscription stays
-    and tries again at the next wake or check."""
+    """Each summary is read fresh (fresh DataLoaders; the subscribers one event wakes share one
+    read) and pushed when it differs from the last. The token is checked again at least every
+    RECHECK_SECONDS: a revoked one ends the subscription with UNAUTHENTICATED. While the wallet
+    is unreachable the subscription stays, and reads again at each check until a read works."""
     context = info.context
     live = context.live
+
+    async def read() -> wallet_pb2.WalletSummary:
+        return await context.fresh_loaders().summary.load((org, display))
+
     watching = live.watching(org) if live is not None else contextlib.nullcontext(Watch(org))
     last: wallet_pb2.WalletSummary | None = None
     with watching as watch:
-        summary: wallet_pb2.WalletSummary | None
-        summary = await context.fresh_loaders().summary.load((org, display))
+        summary: wallet_pb2.WalletSummary | None = await read()
         while True:
             if summary is not None and summary != last:
                 last = summary
                 yield Wallet.from_pb(summary)
+            stale = summary is None  # a change may have gone unread: read at the next check
             while True:
                 woken = await watch.wait(RECHECK_SECONDS)
                 if not await _passing(context.reauthenticate()):
+                    stale = stale or woken
                     continue
-                if woken or live is None or not live.connected:
+                if woken or stale or live is None or not live.connected:
                     break
-            summary = await _passing(context.fresh_loaders().summary.load((org, display)))
+            if live is None:
+                summary = await _passing(read())
+            else:
+                key = (org, display, live.generation(org))
+                summary = await _passing(live.shared_read(key, read))
 
 
 async def _passing(call: Awaitable[T]) -> T | None:
