@@ -257,3 +257,12 @@ async def test_a_value_of_the_wrong_type_names_its_argument(gql, new_org) -> Non
     # An error that is about no argument names none.
     error = await gql.error("{ health { nope } }", token=org.token)
     assert "field" not in error["extensions"], error
+
+
+async def test_a_huge_bad_id_is_named_without_being_sent_back_whole(gql, new_org) -> None:
+    org = await new_org()
+    error = await gql.error(
+        "query($id: ID!) { organization(id: $id) { name } }", {"id": "x" * 100_000}, token=org.token
+    )
+    assert error["extensions"] == {"code": "BAD_USER_INPUT", "field": "id"}
+    assert "100000 characters" in error["message"] and len(error["message"]) < 200

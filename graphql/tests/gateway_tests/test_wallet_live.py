@@ -181,6 +181,34 @@ async def test_a_revoked_token_ends_its_subscription(
         await ws.close()
 
 
+async def test_a_token_revoked_through_the_gateway_ends_its_subscription_at_once(
+    gql, new_org, wallet_gateway
+) -> None:
+    """Not after the few seconds the token's answer is cached, and the next check: at once."""
+    org = await new_org()
+    made = await gql.data(
+        'mutation($org: ID!) { createApiToken(organizationId: $org, name: "b", role: BILLING)'
+        " { token apiToken { id } } }",
+        {"org": org.id},
+        token=org.token,
+    )
+    ws = await connect(
+        wallet_gateway, {"Authorization": f"Bearer {made['createApiToken']['token']}"}
+    )
+    try:
+        await subscribe(ws, org.id)
+        assert (await receive(ws))["type"] == "next"
+        await gql.data(
+            "mutation($id: ID!) { revokeApiToken(id: $id) { id } }",
+            {"id": made["createApiToken"]["apiToken"]["id"]},
+            token=org.token,
+        )
+        reply = await receive(ws, timeout=2)
+        assert reply["payload"]["errors"][0]["extensions"]["code"] == "UNAUTHENTICATED"
+    finally:
+        await ws.close()
+
+
 async def test_the_live_summary_in_a_display_currency(
     gql, new_org, wallet_gateway, wallet_stubs
 ) -> None:

@@ -135,6 +135,11 @@ class LiveEvents:
     def watchers(self) -> int:
         return sum(len(w) for w in self._watchers.values())
 
+    def wake(self, organization_id: str) -> None:
+        """Wake `organization_id`'s watchers now, as an event would (e.g. one of its tokens was
+        just revoked here: their subscriptions check their tokens again at once)."""
+        self._wake(organization_id)
+
     def generation(self, organization_id: str) -> tuple[int, int]:
         """How many wakes `organization_id`'s watchers have had: a key for reads begun since."""
         return self._wakes_of_all, self._wakes.get(organization_id, 0)

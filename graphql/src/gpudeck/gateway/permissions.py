@@ -29,6 +29,7 @@ from gpudeck.gateway.auth import Identity, rank
 from gpudeck.gateway.context import Info
 from gpudeck.gateway.errors import BAD_USER_INPUT, FORBIDDEN, NOT_FOUND, GatewayError, camel
 from gpudeck.gateway.ids import canonical_id
+from gpudeck.kit.errors import echo
 
 
 def malformed_id(value: str, field: str) -> GatewayError | None:
@@ -38,7 +39,7 @@ def malformed_id(value: str, field: str) -> GatewayError | None:
         uuid.UUID(value)
     except ValueError:
         return GatewayError(
-            f"{field} is not a valid id: {value!r}", code=BAD_USER_INPUT, field=field
+            f"{field} is not a valid id: {echo(value)}", code=BAD_USER_INPUT, field=field
         )
     return None
 

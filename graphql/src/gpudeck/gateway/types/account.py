@@ -290,6 +290,8 @@ async def resolve_revoke_api_token(
     )
     revoked = await c.accounts.RevokeApiToken(request, metadata=c.metadata)
     info.context.auth.forget(revoked.id)
+    if info.context.live is not None:  # its subscriptions check their token now, and end
+        info.context.live.wake(identity.organization_id)
     return ApiToken.from_pb(revoked)
 
 
@@ -360,6 +362,8 @@ async def resolve_delete_organization(
     )
     await c.accounts.DeleteOrganization(request, metadata=c.metadata)
     info.context.auth.forget(identity.token_id)  # its other tokens fail within the cache's life
+    if info.context.live is not None:
+        info.context.live.wake(identity.organization_id)
     return True
 
 

@@ -63,3 +63,11 @@ class Unauthenticated(DomainError):
 
 class Unavailable(DomainError):
     code = "UNAVAILABLE"
+
+
+def echo(value: str, limit: int = 64) -> str:
+    """`value` quoted for an error message, cut short past `limit` characters: a message names
+    what was wrong without sending back all of a huge input."""
+    if len(value) <= limit:
+        return repr(value)
+    return f"{value[:limit]!r}… ({len(value)} characters)"

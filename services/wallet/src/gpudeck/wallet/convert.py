@@ -8,7 +8,7 @@ from functools import lru_cache
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from gpudeck.kit.errors import InvalidArgument
+from gpudeck.kit.errors import InvalidArgument, echo
 from gpudeck.proto.common.v1.money_pb2 import Money
 from gpudeck.proto.wallet.v1 import wallet_pb2 as pb
 from gpudeck.wallet.holds import Hold
@@ -34,7 +34,7 @@ def parse_id(value: str, field: str) -> uuid.UUID:
     try:
         return uuid.UUID(value)
     except ValueError:
-        raise InvalidArgument(f"{field} is not a valid id: {value!r}", field=field) from None
+        raise InvalidArgument(f"{field} is not a valid id: {echo(value)}", field=field) from None
 
 
 class IdCache:
