@@ -251,7 +251,8 @@ async def test_spending_billing_and_transactions_after_charges(gql, new_org, wal
           spendingTrend(days: 7) { date total { amount } byResourceType { resourceType amount { amount } } }
           billing { currentMonthTotal { amount currency } lastMonthTotal { amount }
                     trendPercent nextInvoiceDate invoices { id } }
-          transactions(first: 10) { kind amount { amount } resourceType balanceAfter { amount } }
+          transactions(first: 10) { kind amount { amount } balanceChange { amount } resourceType
+                                     balanceAfter { amount } }
           charges: transactions(first: 10, kinds: [CHARGE]) { amount { amount } }
         } }"""
     data = (await gql.data(query, {"id": org.id}, token=org.token))["organization"]
@@ -275,6 +276,8 @@ async def test_spending_billing_and_transactions_after_charges(gql, new_org, wal
     assert billing["nextInvoiceDate"].endswith("-01")
     assert [t["kind"] for t in data["transactions"]] == ["CHARGE", "CHARGE", "TOPUP"]
     assert data["transactions"][0]["balanceAfter"]["amount"] == "96.500000"
+    changes = [t["balanceChange"]["amount"] for t in data["transactions"]]
+    assert changes == ["-1.000000", "-2.500000", "100.000000"]  # each after the one below it
     assert [c["amount"]["amount"] for c in data["charges"]] == ["1.000000", "2.500000"]
 
 

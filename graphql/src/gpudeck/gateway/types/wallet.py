@@ -116,16 +116,24 @@ class TransactionKind(enum.Enum):
     OTHER = "OTHER"  # a kind this gateway does not know yet
 
 
+# Kinds that take money from the balance (their `amount` is what they took); an adjustment's
+# amount carries its own sign; the other kinds add.
+TAKING = {TransactionKind.CHARGE, TransactionKind.USAGE, TransactionKind.CREDIT_EXPIRY}
+
+
 @strawberry.type(
     description=(
         "One ledger transaction, in the wallet currency; a top-up also keeps what was paid "
-        "(`paymentAmount`, in its own currency) and the `exchangeRate` used."
+        "(`paymentAmount`, in its own currency) and the `exchangeRate` used. `amount` is what "
+        "moved (an adjustment's with its sign); `balanceChange` what it did to the balance: "
+        "negative for charges, usage and expired credits."
     )
 )
 class Transaction:
     id: strawberry.ID
     kind: TransactionKind
     amount: Money
+    balance_change: Money
     payment_amount: Money | None
     exchange_rate: str | None
     description: str
@@ -144,6 +152,11 @@ class Transaction:
             id=strawberry.ID(m.id),
             kind=kind or TransactionKind.OTHER,
             amount=Money.from_pb(m.amount),
+            balance_change=Money.from_pb(
+                money_pb2.Money(amount=-m.amount.amount, currency=m.amount.currency)
+                if kind in TAKING
+                else m.amount
+            ),
             payment_amount=Money.from_pb(m.payment_amount)
             if m.HasField("payment_amount")
             else None,
