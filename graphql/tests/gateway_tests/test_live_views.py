@@ -38,10 +38,11 @@ def unavailable() -> grpc.aio.AioRpcError:
 class Wallet:
     """The wallet's summaries as a subscription reads them: `balance`, or a failure queued."""
 
-    def __init__(self) -> None:
+    def __init__(self, shown_in: str = "USD") -> None:
         self.balance = 0
         self.reads = 0
         self.failures = 0
+        self.shown_in = shown_in  # the display currency (the wallet's is USD)
 
     async def load(self, key: Any) -> wallet_pb2.WalletSummary:
         self.reads += 1
@@ -50,8 +51,9 @@ class Wallet:
             self.failures -= 1
             raise unavailable()
         return wallet_pb2.WalletSummary(
-            organization_id=ORG, currency="USD", balance=Money(amount=self.balance, currency="USD")
-        )
+            organization_id=ORG, currency=self.shown_in, wallet_currency="USD",
+            balance=Money(amount=self.balance, currency=self.shown_in),
+        )  # fmt: skip
 
 
 def subscription(live: LiveEvents, wallet: Wallet) -> AsyncGenerator[Any, None]:
@@ -82,6 +84,21 @@ async def test_a_read_that_failed_after_a_change_is_tried_again_at_the_next_chec
     live._wake(ORG)  # the change is announced; its read fails; no other event comes
     pushed = await asyncio.wait_for(anext(updates), timeout=5)
     assert pushed.balance.amount == "7.000000"
+    await updates.aclose()
+
+
+async def test_a_converted_summary_follows_the_rate_with_no_event(
+    live: LiveEvents, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A new exchange rate changes what an INR card of a USD wallet shows, and no event says so:
+    such a subscription reads again at each check."""
+    monkeypatch.setattr(wallet_types, "RECHECK_SECONDS", 0.05)
+    wallet = Wallet(shown_in="INR")
+    updates = subscription(live, wallet)
+    assert (await anext(updates)).balance.amount == "0.000000"
+    wallet.balance = 90_000_000  # the same dollars at a new rate; nothing announced
+    pushed = await asyncio.wait_for(anext(updates), timeout=5)
+    assert pushed.balance == wallet_types.Money(amount="90.000000", currency="INR")
     await updates.aclose()
 
 

@@ -7,6 +7,7 @@ import contextlib
 import enum
 import logging
 import math
+import time
 from collections.abc import AsyncGenerator, Awaitable
 from datetime import UTC, datetime
 from typing import TypeVar
@@ -428,7 +429,9 @@ async def wallet_updates(info: Info, org: str, display: str) -> AsyncGenerator[W
     """Each summary is read fresh (fresh DataLoaders; the subscribers one event wakes share one
     read) and pushed when it differs from the last. The token is checked again at least every
     RECHECK_SECONDS: a revoked one ends the subscription with UNAUTHENTICATED. While the wallet
-    is unreachable the subscription stays, and reads again at each check until a read works."""
+    is unreachable the subscription stays, and reads again at each check until a read works.
+    A summary converted to another currency is read at each check too: exchange rates change
+    (or a scheduled one comes due) with no event of the wallet's."""
     context = info.context
     live = context.live
 
@@ -444,18 +447,24 @@ async def wallet_updates(info: Info, org: str, display: str) -> AsyncGenerator[W
                 last = summary
                 yield Wallet.from_pb(summary)
             stale = summary is None  # a change may have gone unread: read at the next check
+            converted = last is not None and last.currency != (
+                last.wallet_currency or last.currency
+            )
             while True:
                 woken = await watch.wait(RECHECK_SECONDS)
                 if not await _passing(context.reauthenticate()):
                     stale = stale or woken
                     continue
-                if woken or stale or live is None or not live.connected:
+                if woken or stale or converted or live is None or not live.connected:
                     break
             if live is None:
                 summary = await _passing(read())
-            else:
-                key = (org, display, live.generation(org))
-                summary = await _passing(live.shared_read(key, read))
+                continue
+            # Keyed so a read is shared only by those it began after: the event's subscribers,
+            # or those checking in the same RECHECK_SECONDS.
+            when = "woken" if woken else int(time.monotonic() // RECHECK_SECONDS)
+            key = (org, display, live.generation(org), when)
+            summary = await _passing(live.shared_read(key, read))
 
 
 async def _passing(call: Awaitable[T]) -> T | None:
