@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import weakref
 from datetime import timedelta
 from typing import Any
@@ -30,6 +31,8 @@ from gpudeck.gateway.context import Context
 from gpudeck.gateway.errors import UNAUTHENTICATED, GatewayError
 from gpudeck.gateway.live import LiveEvents
 from gpudeck.gateway.metrics import WEBSOCKETS
+
+log = logging.getLogger(__name__)
 
 KEEP_ALIVE_INTERVAL = 10.0
 HEARTBEAT = 30.0  # seconds between websocket pings; no pong within half of it closes the socket
@@ -95,7 +98,8 @@ class GatewayView(GraphQLView[Context, None]):
             except GatewayError as exc:
                 if exc.code == UNAUTHENTICATED:
                     raise ConnectionRejectionError({"message": str(exc)}) from None
-                # the wallet unreachable: accepted; operations say UNAVAILABLE themselves
+            except Exception as exc:  # the wallet unreachable: each operation will say so
+                log.info("token not checked at connection_init", extra={"error": repr(exc)})
         return await super().on_ws_connect(context)
 
     async def __call__(self, request: web.Request) -> web.StreamResponse:
