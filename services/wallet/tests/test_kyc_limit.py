@@ -99,3 +99,63 @@ async def test_a_verified_organization_has_no_limit(
     for _ in range(3):
         await wallet_stub.Transfer(top_up(org, 400 * USD))
     assert await balance(wallet_stub, org) == 1200 * USD
+
+
+async def test_batches_and_purchases_at_once_are_counted_one_after_the_other(
+    wallet_stub: WalletServiceStub, new_org: NewOrg
+) -> None:
+    """They take the general path, which reads what was added after it holds the wallet: not
+    with the snapshot taken before it waited for the lock."""
+    batches, purchases = await new_org(kyc="unverified"), await new_org(kyc="unverified")
+    calls = [
+        *(
+            wallet_stub.TransferBatch(
+                pb.TransferBatchRequest(transfers=[top_up(batches, 100 * USD)])
+            )
+            for _ in range(8)
+        ),
+        *(
+            wallet_stub.AddCredits(
+                pb.AddCreditsRequest(
+                    idempotency_key=uuid.uuid4().hex,
+                    organization_id=str(purchases),
+                    amount=Money(amount=100 * USD),
+                )
+            )
+            for _ in range(8)
+        ),
+    ]
+    await asyncio.gather(*calls, return_exceptions=True)
+    assert await balance(wallet_stub, batches) == 500 * USD
+    assert await balance(wallet_stub, purchases) == 500 * USD
+
+
+async def test_an_automatic_top_up_is_asked_for_only_with_room_and_credited_once_paid(
+    wallet_stub: WalletServiceStub, new_org: NewOrg
+) -> None:
+    org = await new_org(kyc="unverified")
+    await wallet_stub.Transfer(top_up(org, 300 * USD))
+    rule = pb.SetAutoTopUpRequest(organization_id=str(org), enabled=True, below=100 * USD)
+    rule.amount = 300 * USD  # 600 in all: it could never be paid in
+    await refused(wallet_stub.SetAutoTopUp(rule))
+    rule.amount = 200 * USD
+    await wallet_stub.SetAutoTopUp(rule)
+    charge = pb.TransferRequest(
+        idempotency_key=uuid.uuid4().hex, organization_id=str(org), kind=pb.CHARGE,
+        amount=Money(amount=250 * USD),
+    )  # fmt: skip
+    await wallet_stub.Transfer(charge)  # 50 left: below the rule's 100, it asks for 200
+    asked = await wallet_stub.GetAutoTopUp(pb.GetAutoTopUpRequest(organization_id=str(org)))
+    assert asked.pending.status == "pending"
+    # The payment is taken, and meanwhile the organization topped up by hand: no room is left,
+    # yet money already paid is credited.
+    await wallet_stub.Transfer(top_up(org, 100 * USD))
+    done = await wallet_stub.CompleteTopUp(
+        pb.CompleteTopUpRequest(pending_top_up_id=asked.pending.id, succeeded=True)
+    )
+    assert done.status == "completed"
+    assert await balance(wallet_stub, org) == 350 * USD
+    charge.idempotency_key, charge.amount.amount = uuid.uuid4().hex, 300 * USD
+    await wallet_stub.Transfer(charge)  # 50 left again, but no room: nothing is asked for
+    after = await wallet_stub.GetAutoTopUp(pb.GetAutoTopUpRequest(organization_id=str(org)))
+    assert not after.HasField("pending") or after.pending.status != "pending"

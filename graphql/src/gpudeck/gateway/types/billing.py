@@ -6,6 +6,7 @@ from __future__ import annotations
 import uuid
 from datetime import date, datetime
 
+import grpc
 import strawberry
 
 from gpudeck.gateway.context import Info
@@ -416,11 +417,14 @@ async def resolve_change_plan(
         plan_code=plan_code,
     )
     status = await c.wallet.ChangePlan(request, metadata=c.metadata)
-    now = await c.wallet.GetPlan(
-        wallet_pb2.GetPlanRequest(organization_id=str(organization_id)), metadata=c.metadata
-    )
+    try:  # the card now, grants included; the change is made whether or not this answers
+        card = await c.wallet.GetPlan(
+            wallet_pb2.GetPlanRequest(organization_id=str(organization_id)), metadata=c.metadata
+        )
+    except grpc.aio.AioRpcError:
+        card = status
     return PlanChange(
-        plan=Plan.from_pb(now, None),
+        plan=Plan.from_pb(card, None),
         previous_plan_code=status.previous_plan_code,
         charged=Money.from_pb(status.charged),
         credits_granted=Money.from_pb(status.credits_granted),

@@ -134,7 +134,7 @@ class Transaction:
     id: strawberry.ID
     kind: TransactionKind
     amount: Money
-    balance_change: Money
+    balance_change: Money | None = strawberry.field(description="null for a kind not known here")
     payment_amount: Money | None
     exchange_rate: str | None
     description: str
@@ -153,7 +153,9 @@ class Transaction:
             id=strawberry.ID(m.id),
             kind=kind or TransactionKind.OTHER,
             amount=Money.from_pb(m.amount),
-            balance_change=Money.from_pb(
+            balance_change=None
+            if kind is None
+            else Money.from_pb(
                 money_pb2.Money(amount=-m.amount.amount, currency=m.amount.currency)
                 if kind in TAKING
                 else m.amount

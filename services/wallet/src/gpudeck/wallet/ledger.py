@@ -74,10 +74,14 @@ def adds_money(request: TransferRequest) -> bool:
 def check_kyc_room(limit: int, wallet: Wallet, amount: int) -> None:
     """An organization not KYC-verified may add at most `limit` in all (0: no limit)."""
     if limit and not wallet.kyc_verified and wallet.added + amount > limit:
-        raise kyc_required(
-            f"an organization not KYC-verified may add at most {format_micro(limit)}"
-            f" {wallet.currency} in all ({format_micro(wallet.added)} added so far)"
-        )
+        raise no_kyc_room(limit, wallet.added, wallet.currency)
+
+
+def no_kyc_room(limit: int, added: int, currency: str) -> FailedPrecondition:
+    return kyc_required(
+        f"an organization not KYC-verified may add at most {format_micro(limit)} {currency}"
+        f" in all ({format_micro(added)} added so far)"
+    )
 
 
 def short_of_funds(spendable: int, amount: int, currency: str) -> InsufficientFunds:
@@ -123,6 +127,9 @@ class TransferRequest:
     # it); billing ticks are atomic with their meters and need no idempotency record.
     allow_overdraft: bool = False
     record_key: bool = True
+    # An automatic top-up being completed: its KYC room was checked when it was asked for, and
+    # the payment is taken by now, so it is credited whatever the limit says since.
+    kyc_checked: bool = False
 
     @cached_property
     def fingerprint(self) -> bytes:
@@ -296,7 +303,7 @@ class Book:
             )
         amount, payment, rate = self._wallet_amount(request, wallet)
         adding = adds_money(request)
-        if adding:
+        if adding and not request.kyc_checked:
             check_kyc_room(self.kyc_topup_limit, wallet, amount)
         other = self.platform[platform_pool(request.kind, wallet.currency)]
         legs = self._legs(request, wallet, amount)

@@ -81,7 +81,6 @@ SELECT w.organization_id, w.currency, w.balance, w.credits, w.held_balance, w.ru
        o.kyc_status = 'verified', coalesce(t.warning_amount, 0), coalesce(t.critical_amount, 0),
        coalesce(t.warning_hours, 0), coalesce(t.critical_hours, 0),
        CASE WHEN u.enabled THEN u.below ELSE 0 END, coalesce(u.amount, 0),
-       CASE WHEN o.kyc_status = 'verified' THEN 0 ELSE money_added(w.organization_id) END,
        a.id, a.kind, a.balance, a.expires_at, a.code
 FROM wallets w
 JOIN organizations o ON o.id = w.organization_id
@@ -134,13 +133,12 @@ async def lock_wallets(
         lw = locked.get(org)
         if lw is None:
             (_, currency, balance, credits, held, rate, level, verified) = row[:8]
-            (wa, ca, wh, ch, below, amount, added) = row[8:15]
+            (wa, ca, wh, ch, below, amount) = row[8:14]
             wallet = Wallet(
-                org, currency, Account(0, 0), [], balance, credits, held, rate, level, verified,
-                added,
-            )  # fmt: skip
+                org, currency, Account(0, 0), [], balance, credits, held, rate, level, verified
+            )
             lw = locked[org] = LockedWallet(wallet, Thresholds(wa, ca, wh, ch), below, amount)
-        acct_id, kind, acct_balance, expires_at, code = row[15:]
+        acct_id, kind, acct_balance, expires_at, code = row[14:]
         account = Account(acct_id, acct_balance, kind, expires_at, code)
         if kind == "cash":
             lw.wallet.cash = account
@@ -148,6 +146,15 @@ async def lock_wallets(
             lw.wallet.credits.append(account)
     for lw in locked.values():
         lw.wallet.credits.sort(key=lambda a: (a.expires_at is None, a.expires_at or now, a.id))
+    unverified = [org for org, lw in locked.items() if not lw.wallet.kyc_verified]
+    if unverified:
+        # What they added, read now the wallets are locked (a statement of its own: the locking
+        # one read before its wait, and missed what committed meanwhile).
+        cur = await conn.execute(
+            "SELECT o, money_added(o) FROM unnest(%s::uuid[]) AS o", (unverified,)
+        )
+        for org, added in await cur.fetchall():
+            locked[org].wallet.added = added
     return locked
 
 
@@ -452,6 +459,11 @@ class LedgerStore:
         await self.outbox.add_many(conn, batch.events)
 
     async def _request_auto_topup(self, conn: Conn, lw: LockedWallet, batch: Batch) -> None:
+        """Ask for the rule's top-up, unless the KYC limit leaves no room for it: a payment
+        once taken is credited whatever the limit (`kyc_checked`), so it is checked here."""
+        w, limit = lw.wallet, self.policy.kyc_topup_limit
+        if limit and not w.kyc_verified and w.added + lw.auto_topup_amount > limit:
+            return
         pending_id = uuid7()
         cur = await conn.execute(
             "INSERT INTO pending_topups (id, organization_id, amount, currency)"

@@ -56,11 +56,13 @@ class PlanRpcs:
 
     async def GetPlan(self, request: pb.GetPlanRequest, context: Ctx) -> pb.PlanStatus:
         org = convert.parse_id(request.organization_id, "organization_id")
-        async with self.wallet.pool.connection() as conn:
+        async with self.wallet.pool.connection() as conn, conn.transaction():
             status = _status(await self._plans.status(conn, org))
             grants = await self._plans.credit_grants(conn, org)
             now = await db_now(conn)
         currency = status.available_credits.currency
+        # What the grants hold now: credits past their expiry count no more, swept or not yet.
+        status.available_credits.amount = sum(g.available for g in grants)
         status.credit_grants.extend(
             pb.CreditGrant(
                 available=convert.money(g.available, currency),

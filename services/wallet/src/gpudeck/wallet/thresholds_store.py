@@ -25,7 +25,7 @@ from gpudeck.wallet.alert_settings import (
     merge_thresholds,
 )
 from gpudeck.wallet.alerts import Thresholds
-from gpudeck.wallet.ledger import Kind, TransferRequest, over_kyc_limit
+from gpudeck.wallet.ledger import Kind, TransferRequest, no_kyc_room
 from gpudeck.wallet.ledger_store import LedgerStore, db_now, lock_wallets
 
 Conn = AsyncConnection[Any]
@@ -118,15 +118,15 @@ class ThresholdStore:
         check_auto_topup(enabled=enabled, below=below, amount=amount)
         now = await self._lock(conn, organization_id)
         limit = self.ledger.policy.kyc_topup_limit
-        if enabled and limit and amount > limit:  # its payments could never be posted
+        if enabled and limit:  # a rule with no room left under the KYC limit could never fire
             cur = await conn.execute(
-                "SELECT o.kyc_status, w.currency FROM organizations o"
-                " JOIN wallets w ON w.organization_id = o.id WHERE o.id = %s",
+                "SELECT o.kyc_status = 'verified', w.currency, money_added(o.id)"
+                " FROM organizations o JOIN wallets w ON w.organization_id = o.id WHERE o.id = %s",
                 (organization_id,),
             )
-            kyc, currency = await cur.fetchone() or ("", "")
-            if kyc != "verified":
-                raise over_kyc_limit(limit, currency)
+            verified, currency, added = await cur.fetchone() or (True, "", 0)
+            if not verified and added + amount > limit:
+                raise no_kyc_room(limit, added, currency)
         await conn.execute(
             "INSERT INTO auto_topups (organization_id, enabled, below, amount)"
             " VALUES (%s, %s, %s, %s) ON CONFLICT (organization_id) DO UPDATE"
@@ -180,6 +180,7 @@ class ThresholdStore:
                         description="Automatic top-up",
                         reference=reference,
                         actor=actor or "system",
+                        kyc_checked=True,
                     )
                 ],
                 now=now,
