@@ -205,6 +205,7 @@ BILLING_FIELDS = {
     "plan": "plan { code }",
     "usage": "usage { calls24h }",
     "transactions": "transactions(first: 5) { id }",
+    "holds": "holds { id }",
 }
 
 

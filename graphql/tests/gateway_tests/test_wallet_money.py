@@ -281,6 +281,45 @@ async def test_spending_billing_and_transactions_after_charges(gql, new_org, wal
     assert [c["amount"]["amount"] for c in data["charges"]] == ["1.000000", "2.500000"]
 
 
+async def test_the_held_balance_is_listed_hold_by_hold(gql, new_org, wallet_stubs) -> None:
+    org = await new_org()
+    await top_up(gql, org, "100", "holds-money")
+    made = []
+    for amount, resource in ((7_000_000, "pod-a"), (5_500_000, "pod-b"), (1_000_000, "pod-c")):
+        made.append(
+            await wallet_stubs.wallet.CreateHold(
+                wallet_pb2.CreateHoldRequest(
+                    idempotency_key=f"hold-{org.id}-{resource}", organization_id=org.id,
+                    amount=amount, timeout_seconds=600, description="Pod start",
+                    resource_type="pod", resource_id=resource,
+                )
+            )
+        )  # fmt: skip
+    await wallet_stubs.wallet.VoidHold(
+        wallet_pb2.VoidHoldRequest(idempotency_key="void-c", hold_id=made[2].id)
+    )
+    data = await gql.data(
+        "query($id: ID!) { organization(id: $id) { wallet { heldBalance { amount } }"
+        " holds { id amount { amount currency } resourceType resourceId description expiresAt } } }",
+        {"id": org.id},
+        token=org.token,
+    )
+    holds = data["organization"]["holds"]
+    assert [h["resourceId"] for h in holds] == ["pod-b", "pod-a"]  # open ones, newest first
+    assert holds[0]["amount"] == {"amount": "5.500000", "currency": "USD"}
+    assert holds[0]["resourceType"] == "pod" and holds[0]["description"] == "Pod start"
+    assert holds[0]["expiresAt"] is not None
+    assert data["organization"]["wallet"]["heldBalance"]["amount"] == "12.500000"
+    error = await gql.error(
+        "query($id: ID!) { organization(id: $id) { holds(first: 0) { id } } }",
+        {"id": org.id},
+        token=org.token,
+    )
+    assert (
+        error["extensions"]["code"] == "BAD_USER_INPUT" and error["extensions"]["field"] == "first"
+    )
+
+
 async def test_cost_per_resource_since_it_was_created(gql, new_org, wallet_stubs) -> None:
     org = await new_org()
     await top_up(gql, org, "100", "costs")

@@ -207,3 +207,45 @@ async def test_top_ups_above_the_kyc_limit_need_a_verified_organization(
             assert isinstance(reply, pb.TransferBatchResponse)
             assert reply.results[0].error_code == "FAILED_PRECONDITION"
             assert "KYC" in reply.results[0].error_message
+
+
+async def test_the_open_holds_are_listed_newest_first(
+    wallet_stub: WalletServiceStub, new_org: NewOrg
+) -> None:
+    org = await new_org()
+    await wallet_stub.Transfer(transfer(org, pb.TOPUP, 50 * USD))
+    made = [
+        await wallet_stub.CreateHold(
+            pb.CreateHoldRequest(
+                idempotency_key=f"h{i}",
+                organization_id=str(org),
+                amount=(i + 1) * USD,
+                timeout_seconds=60,
+                resource_type="pod",
+                resource_id=f"pod-{i}",
+            )
+        )
+        for i in range(3)
+    ]
+    await wallet_stub.CaptureHold(
+        pb.CaptureHoldRequest(idempotency_key="c0", hold_id=made[0].id, amount=USD)
+    )
+    listed = await wallet_stub.ListHolds(pb.ListHoldsRequest(organization_id=str(org)))
+    assert [h.id for h in listed.holds] == [made[2].id, made[1].id]
+    assert (listed.holds[0].resource_type, listed.holds[0].resource_id) == ("pod", "pod-2")
+    summary = await wallet_stub.GetWalletSummary(
+        pb.GetWalletSummaryRequest(organization_id=str(org))
+    )
+    assert sum(h.amount.amount for h in listed.holds) == summary.held_balance.amount
+    one = await wallet_stub.ListHolds(pb.ListHoldsRequest(organization_id=str(org), limit=1))
+    assert [h.id for h in one.holds] == [made[2].id]
+    for request, code in (
+        (pb.ListHoldsRequest(organization_id=str(uuid.uuid4())), grpc.StatusCode.NOT_FOUND),
+        (
+            pb.ListHoldsRequest(organization_id=str(org), limit=501),
+            grpc.StatusCode.INVALID_ARGUMENT,
+        ),
+    ):
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await wallet_stub.ListHolds(request)
+        assert err.value.code() == code

@@ -110,6 +110,12 @@ async def resolve_transactions(
     )
 
 
+async def resolve_holds(
+    root: Organization, info: Info, first: int | None = 50
+) -> list[wallets.Hold] | None:
+    return await wallets.list_holds(info, root.organization_id, first)
+
+
 async def resolve_auto_top_up(root: Organization, info: Info) -> wallets.AutoTopUp | None:
     return await wallets.load_auto_topup(info, root.organization_id)
 
@@ -240,6 +246,15 @@ class Organization:
             "paid). `before`: the last id of the previous page."
         ),
         extensions=[*require(BillingReader()), Arguments(before_id="before", limit="first")],
+    )
+
+    holds = strawberry.field(
+        resolver=resolve_holds,
+        description=(
+            "The open holds, newest first, in the wallet currency: what `wallet.heldBalance` "
+            "is made of."
+        ),
+        extensions=[*require(BillingReader()), Arguments(limit="first")],
     )
 
     auto_top_up = strawberry.field(

@@ -175,6 +175,46 @@ class Transaction:
 
 
 MAX_TRANSACTIONS = 500  # the wallet's page limit
+MAX_HOLDS = 500
+
+
+@strawberry.type(
+    description=(
+        "Money set aside for a pending operation (a pod starting, a purchase): part of the "
+        "held balance until it is captured, voided or expires."
+    )
+)
+class Hold:
+    id: strawberry.ID
+    amount: Money
+    description: str
+    resource_type: str
+    resource_id: str
+    project_id: strawberry.ID | None
+    created_at: datetime | None
+    expires_at: datetime | None
+
+    @classmethod
+    def from_pb(cls, m: wallet_pb2.Hold) -> Hold:
+        return cls(
+            id=strawberry.ID(m.id),
+            amount=Money.from_pb(m.amount),
+            description=m.description,
+            resource_type=m.resource_type,
+            resource_id=m.resource_id,
+            project_id=strawberry.ID(m.project_id) if m.project_id else None,
+            created_at=when(m.created_at, m.HasField("created_at")),
+            expires_at=when(m.expires_at, m.HasField("expires_at")),
+        )
+
+
+async def list_holds(info: Info, organization_id: str, first: int | None) -> list[Hold]:
+    c = info.context.wallet
+    request = wallet_pb2.ListHoldsRequest(
+        organization_id=organization_id, limit=check_first(first, maximum=MAX_HOLDS)
+    )
+    answer = await c.wallet.ListHolds(request, metadata=c.metadata)
+    return [Hold.from_pb(h) for h in answer.holds]
 
 
 async def list_transactions(

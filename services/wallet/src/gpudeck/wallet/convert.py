@@ -146,6 +146,9 @@ def hold(h: Hold) -> pb.Hold:
         created_at=timestamp(h.created_at),
         expires_at=timestamp(h.expires_at),
         resolved_at=timestamp(h.resolved_at),
+        project_id=str(h.project_id or ""),
+        resource_type=h.resource_type,
+        resource_id=h.resource_id,
     )
 
 

@@ -51,6 +51,21 @@ class HoldStore:
             raise NotFound(f"hold {hold_id} not found", field="hold_id")
         return _hold(row)
 
+    async def list_open(self, conn: Conn, organization_id: uuid.UUID, limit: int) -> list[Hold]:
+        """The organization's open holds, newest first (NotFound for no such organization)."""
+        cur = await conn.execute(
+            "SELECT 1 FROM wallets WHERE organization_id = %s", (organization_id,)
+        )
+        if await cur.fetchone() is None:
+            raise NotFound(f"organization {organization_id} not found", field="organization_id")
+        cur = await conn.execute(
+            f"SELECT {COLUMNS} FROM holds h JOIN wallets w USING (organization_id)"
+            " WHERE h.organization_id = %s AND h.status = 'open'"
+            " ORDER BY h.created_at DESC, h.id DESC LIMIT %s",
+            (organization_id, limit),
+        )
+        return [_hold(row) for row in await cur.fetchall()]
+
     async def create(self, conn: Conn, request: HoldRequest, *, actor: str = "") -> Hold:
         request.validate()
         now = await db_now(conn)

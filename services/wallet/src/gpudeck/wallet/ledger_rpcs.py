@@ -15,6 +15,7 @@ from gpudeck.wallet.fast_transfer import currency_of
 from gpudeck.wallet.holds import HoldRequest
 from gpudeck.wallet.ledger import Outcome, TransferRequest, check_client_key
 from gpudeck.wallet.metering import MeterRequest
+from gpudeck.wallet.readmodels import check_limit
 
 Ctx = grpc.aio.ServicerContext[Any, Any]
 MAX_BATCH = 10_000
@@ -167,6 +168,13 @@ class LedgerRpcs:
         hold_id = convert.parse_id(request.hold_id, "hold_id")
         async with self.wallet.pool.connection() as conn:
             return convert.hold(await self.wallet.holds.get(conn, hold_id))
+
+    async def ListHolds(self, request: pb.ListHoldsRequest, context: Ctx) -> pb.ListHoldsResponse:
+        org = convert.parse_id(request.organization_id, "organization_id")
+        limit = check_limit(request.limit, default=50, maximum=500)
+        async with self.wallet.pool.connection() as conn:
+            holds = await self.wallet.holds.list_open(conn, org, limit)
+        return pb.ListHoldsResponse(holds=[convert.hold(h) for h in holds])
 
     # ------------------------------------------------------------------ meters
 

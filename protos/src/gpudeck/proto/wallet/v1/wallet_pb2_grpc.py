@@ -69,6 +69,11 @@ class WalletServiceStub:
                 request_serializer=gpudeck_dot_wallet_dot_v1_dot_wallet__pb2.GetHoldRequest.SerializeToString,
                 response_deserializer=gpudeck_dot_wallet_dot_v1_dot_wallet__pb2.Hold.FromString,
                 _registered_method=True)
+        self.ListHolds = channel.unary_unary(
+                '/gpudeck.wallet.v1.WalletService/ListHolds',
+                request_serializer=gpudeck_dot_wallet_dot_v1_dot_wallet__pb2.ListHoldsRequest.SerializeToString,
+                response_deserializer=gpudeck_dot_wallet_dot_v1_dot_wallet__pb2.ListHoldsResponse.FromString,
+                _registered_method=True)
         self.OpenMeter = channel.unary_unary(
                 '/gpudeck.wallet.v1.WalletService/OpenMeter',
                 request_serializer=gpudeck_dot_wallet_dot_v1_dot_wallet__pb2.OpenMeterRequest.SerializeToString,
@@ -250,6 +255,13 @@ class WalletServiceServicer:
 
     def GetHold(self, request, context):
         """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListHolds(self, request, context):
+        """The open holds of an organization, newest first: what its held balance is made of.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -461,6 +473,11 @@ def add_WalletServiceServicer_to_server(servicer, server):
                     servicer.GetHold,
                     request_deserializer=gpudeck_dot_wallet_dot_v1_dot_wallet__pb2.GetHoldRequest.FromString,
                     response_serializer=gpudeck_dot_wallet_dot_v1_dot_wallet__pb2.Hold.SerializeToString,
+            ),
+            'ListHolds': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListHolds,
+                    request_deserializer=gpudeck_dot_wallet_dot_v1_dot_wallet__pb2.ListHoldsRequest.FromString,
+                    response_serializer=gpudeck_dot_wallet_dot_v1_dot_wallet__pb2.ListHoldsResponse.SerializeToString,
             ),
             'OpenMeter': grpc.unary_unary_rpc_method_handler(
                     servicer.OpenMeter,
@@ -787,6 +804,33 @@ class WalletService:
             '/gpudeck.wallet.v1.WalletService/GetHold',
             gpudeck_dot_wallet_dot_v1_dot_wallet__pb2.GetHoldRequest.SerializeToString,
             gpudeck_dot_wallet_dot_v1_dot_wallet__pb2.Hold.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListHolds(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gpudeck.wallet.v1.WalletService/ListHolds',
+            gpudeck_dot_wallet_dot_v1_dot_wallet__pb2.ListHoldsRequest.SerializeToString,
+            gpudeck_dot_wallet_dot_v1_dot_wallet__pb2.ListHoldsResponse.FromString,
             options,
             channel_credentials,
             insecure,

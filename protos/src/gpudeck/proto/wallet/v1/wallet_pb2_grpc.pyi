@@ -46,6 +46,8 @@ class WalletServiceStub:
     CaptureHold: _grpc.UnaryUnaryMultiCallable[_wallet_pb2.CaptureHoldRequest, _wallet_pb2.CaptureHoldResponse]
     VoidHold: _grpc.UnaryUnaryMultiCallable[_wallet_pb2.VoidHoldRequest, _wallet_pb2.Hold]
     GetHold: _grpc.UnaryUnaryMultiCallable[_wallet_pb2.GetHoldRequest, _wallet_pb2.Hold]
+    ListHolds: _grpc.UnaryUnaryMultiCallable[_wallet_pb2.ListHoldsRequest, _wallet_pb2.ListHoldsResponse]
+    """The open holds of an organization, newest first: what its held balance is made of."""
     OpenMeter: _grpc.UnaryUnaryMultiCallable[_wallet_pb2.OpenMeterRequest, _wallet_pb2.Meter]
     """Metering: per-second billing of running resources. Rounded down per rate segment: by time t
     a segment started at s owes floor(hourly_rate × µs(t − s) / 3,600,000,000) micro-units, and
@@ -96,6 +98,8 @@ class WalletServiceAsyncStub(WalletServiceStub):
     CaptureHold: _aio.UnaryUnaryMultiCallable[_wallet_pb2.CaptureHoldRequest, _wallet_pb2.CaptureHoldResponse]  # type: ignore[assignment]
     VoidHold: _aio.UnaryUnaryMultiCallable[_wallet_pb2.VoidHoldRequest, _wallet_pb2.Hold]  # type: ignore[assignment]
     GetHold: _aio.UnaryUnaryMultiCallable[_wallet_pb2.GetHoldRequest, _wallet_pb2.Hold]  # type: ignore[assignment]
+    ListHolds: _aio.UnaryUnaryMultiCallable[_wallet_pb2.ListHoldsRequest, _wallet_pb2.ListHoldsResponse]  # type: ignore[assignment]
+    """The open holds of an organization, newest first: what its held balance is made of."""
     OpenMeter: _aio.UnaryUnaryMultiCallable[_wallet_pb2.OpenMeterRequest, _wallet_pb2.Meter]  # type: ignore[assignment]
     """Metering: per-second billing of running resources. Rounded down per rate segment: by time t
     a segment started at s owes floor(hourly_rate × µs(t − s) / 3,600,000,000) micro-units, and
@@ -185,6 +189,14 @@ class WalletServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _wallet_pb2.GetHoldRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_wallet_pb2.Hold, _abc.Awaitable[_wallet_pb2.Hold]]: ...
+
+    @_abc_1.abstractmethod
+    def ListHolds(
+        self,
+        request: _wallet_pb2.ListHoldsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_wallet_pb2.ListHoldsResponse, _abc.Awaitable[_wallet_pb2.ListHoldsResponse]]:
+        """The open holds of an organization, newest first: what its held balance is made of."""
 
     @_abc_1.abstractmethod
     def OpenMeter(
