@@ -281,6 +281,42 @@ async def test_spending_billing_and_transactions_after_charges(gql, new_org, wal
     assert [c["amount"]["amount"] for c in data["charges"]] == ["1.000000", "2.500000"]
 
 
+async def test_one_transaction_says_what_it_took_from_credits_and_from_cash(
+    gql, new_org, wallet_stubs
+) -> None:
+    org, other = await new_org(), await new_org()
+    paid = await wallet_stubs.wallet.Transfer(
+        wallet_pb2.TransferRequest(
+            idempotency_key="paid-1", organization_id=org.id, kind=wallet_pb2.TOPUP,
+            amount=money_pb2.Money(amount=10_000_000), reference="pay_123",
+        )
+    )  # fmt: skip
+    await wallet_stubs.wallet.Transfer(
+        wallet_pb2.TransferRequest(
+            idempotency_key="promo-1", organization_id=org.id, kind=wallet_pb2.CREDIT_GRANT,
+            amount=money_pb2.Money(amount=3_000_000), credit_source="promotion",
+        )
+    )  # fmt: skip
+    charged = await wallet_stubs.wallet.Transfer(
+        wallet_pb2.TransferRequest(
+            idempotency_key="charge-1", organization_id=org.id, kind=wallet_pb2.CHARGE,
+            amount=money_pb2.Money(amount=5_000_000), resource_type="pod",
+        )
+    )  # fmt: skip
+    query = """query($org: ID!, $tx: ID!) { organization(id: $org) { transaction(id: $tx) {
+      kind reference balanceChange { amount } creditsChange { amount } cashChange { amount } } } }"""
+    one = await gql.data(query, {"org": org.id, "tx": charged.id}, token=org.token)
+    assert one["organization"]["transaction"] == {
+        "kind": "CHARGE", "reference": "", "balanceChange": {"amount": "-5.000000"},
+        "creditsChange": {"amount": "-3.000000"}, "cashChange": {"amount": "-2.000000"},
+    }  # fmt: skip
+    topped = await gql.data(query, {"org": org.id, "tx": paid.id}, token=org.token)
+    assert topped["organization"]["transaction"]["reference"] == "pay_123"
+    assert topped["organization"]["transaction"]["cashChange"] == {"amount": "10.000000"}
+    error = await gql.error(query, {"org": other.id, "tx": charged.id}, token=other.token)
+    assert error["extensions"] == {"code": "NOT_FOUND", "field": "id"}
+
+
 async def test_the_held_balance_is_listed_hold_by_hold(gql, new_org, wallet_stubs) -> None:
     org = await new_org()
     await top_up(gql, org, "100", "holds-money")

@@ -110,6 +110,12 @@ async def resolve_transactions(
     )
 
 
+async def resolve_transaction(
+    root: Organization, info: Info, id: strawberry.ID
+) -> wallets.Transaction | None:
+    return await wallets.load_transaction(info, root.organization_id, str(id))
+
+
 async def resolve_holds(
     root: Organization, info: Info, first: int | None = 50
 ) -> list[wallets.Hold] | None:
@@ -246,6 +252,12 @@ class Organization:
             "paid). `before`: the last id of the previous page."
         ),
         extensions=[*require(BillingReader()), Arguments(before_id="before", limit="first")],
+    )
+
+    transaction = strawberry.field(
+        resolver=resolve_transaction,
+        description="One transaction of the organization (NOT_FOUND for another's).",
+        extensions=[*require(BillingReader()), Arguments(transaction_id="id")],
     )
 
     holds = strawberry.field(

@@ -127,7 +127,9 @@ TAKING = {TransactionKind.CHARGE, TransactionKind.USAGE, TransactionKind.CREDIT_
         "One ledger transaction, in the wallet currency; a top-up also keeps what was paid "
         "(`paymentAmount`, in its own currency) and the `exchangeRate` used. `amount` is what "
         "moved (an adjustment's with its sign); `balanceChange` what it did to the balance: "
-        "negative for charges, usage and expired credits."
+        "negative for charges, usage and expired credits; of it, `creditsChange` moved "
+        "credits and `cashChange` cash (a charge paid partly with credits shows both). "
+        "`reference`: the caller's, e.g. a payment id."
     )
 )
 class Transaction:
@@ -135,6 +137,9 @@ class Transaction:
     kind: TransactionKind
     amount: Money
     balance_change: Money | None = strawberry.field(description="null for a kind not known here")
+    cash_change: Money
+    credits_change: Money
+    reference: str
     payment_amount: Money | None
     exchange_rate: str | None
     description: str
@@ -160,6 +165,9 @@ class Transaction:
                 if kind in TAKING
                 else m.amount
             ),
+            cash_change=_moved(m, ":cash"),
+            credits_change=_moved(m, ":credit:"),
+            reference=m.reference,
             payment_amount=Money.from_pb(m.payment_amount)
             if m.HasField("payment_amount")
             else None,
@@ -172,6 +180,24 @@ class Transaction:
             created_at=when(m.created_at, m.HasField("created_at")),
             actor=m.actor,
         )
+
+
+def _moved(m: wallet_pb2.Transaction, part: str) -> Money:
+    """What the transaction moved on the organization's accounts of one kind (":cash" or
+    ":credit:"), from its postings."""
+    own = f"org:{m.organization_id}"
+    moved = sum(
+        p.amount for p in m.postings if p.account.startswith(own) and part in p.account[len(own) :]
+    )
+    return Money.from_pb(money_pb2.Money(amount=moved, currency=m.amount.currency))
+
+
+async def load_transaction(info: Info, organization_id: str, transaction_id: str) -> Transaction:
+    c = info.context.wallet
+    request = wallet_pb2.GetTransactionRequest(
+        organization_id=organization_id, transaction_id=transaction_id
+    )
+    return Transaction.from_pb(await c.wallet.GetTransaction(request, metadata=c.metadata))
 
 
 MAX_TRANSACTIONS = 500  # the wallet's page limit

@@ -107,6 +107,7 @@ def fill_transaction(message: pb.Transaction, tx: Transaction, *, postings: bool
         message.created_at.seconds, message.created_at.nanos = _seconds_nanos(tx.created_at)
     message.idempotency_key = tx.idempotency_key
     message.actor = tx.actor
+    message.reference = tx.reference
     if postings:
         add = message.postings.add
         for p in tx.postings:

@@ -125,6 +125,17 @@ class LedgerRpcs:
             transactions=[convert.transaction(found[i]) for i in ids]
         )
 
+    async def GetTransaction(
+        self, request: pb.GetTransactionRequest, context: Ctx
+    ) -> pb.Transaction:
+        org = convert.parse_id(request.organization_id, "organization_id")
+        tx_id = convert.parse_id(request.transaction_id, "transaction_id")
+        async with self.wallet.pool.connection() as conn:
+            found = (await self.wallet.ledger.load_transactions(conn, [tx_id])).get(tx_id)
+        if found is None or found.organization_id != org:
+            raise NotFound(f"transaction {tx_id} not found", field="transaction_id")
+        return convert.transaction(found)
+
     # ------------------------------------------------------------------ holds
 
     async def CreateHold(self, request: pb.CreateHoldRequest, context: Ctx) -> pb.Hold:

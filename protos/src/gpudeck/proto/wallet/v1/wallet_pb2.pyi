@@ -178,6 +178,7 @@ class Transaction(_message.Message):
     CREATED_AT_FIELD_NUMBER: _builtins.int
     IDEMPOTENCY_KEY_FIELD_NUMBER: _builtins.int
     ACTOR_FIELD_NUMBER: _builtins.int
+    REFERENCE_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     organization_id: _builtins.str
     kind: Global___TransferKind.ValueType
@@ -189,6 +190,8 @@ class Transaction(_message.Message):
     project_id: _builtins.str
     idempotency_key: _builtins.str
     actor: _builtins.str
+    reference: _builtins.str
+    """the caller's (e.g. a payment id)"""
     @_builtins.property
     def amount(self) -> _money_pb2.Money:
         """in the wallet currency"""
@@ -223,14 +226,37 @@ class Transaction(_message.Message):
         created_at: _timestamp_pb2.Timestamp | None = ...,
         idempotency_key: _builtins.str = ...,
         actor: _builtins.str = ...,
+        reference: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["amount", b"amount", "balance_after", b"balance_after", "created_at", b"created_at", "payment_amount", b"payment_amount"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["actor", b"actor", "amount", b"amount", "balance_after", b"balance_after", "created_at", b"created_at", "description", b"description", "exchange_rate", b"exchange_rate", "id", b"id", "idempotency_key", b"idempotency_key", "kind", b"kind", "organization_id", b"organization_id", "payment_amount", b"payment_amount", "postings", b"postings", "project_id", b"project_id", "resource_id", b"resource_id", "resource_type", b"resource_type"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["actor", b"actor", "amount", b"amount", "balance_after", b"balance_after", "created_at", b"created_at", "description", b"description", "exchange_rate", b"exchange_rate", "id", b"id", "idempotency_key", b"idempotency_key", "kind", b"kind", "organization_id", b"organization_id", "payment_amount", b"payment_amount", "postings", b"postings", "project_id", b"project_id", "reference", b"reference", "resource_id", b"resource_id", "resource_type", b"resource_type"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Transaction: _TypeAlias = Transaction  # noqa: Y015
+
+@_typing.final
+class GetTransactionRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ORGANIZATION_ID_FIELD_NUMBER: _builtins.int
+    TRANSACTION_ID_FIELD_NUMBER: _builtins.int
+    organization_id: _builtins.str
+    transaction_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        organization_id: _builtins.str = ...,
+        transaction_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["organization_id", b"organization_id", "transaction_id", b"transaction_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetTransactionRequest: _TypeAlias = GetTransactionRequest  # noqa: Y015
 
 @_typing.final
 class TransferBatchRequest(_message.Message):

@@ -49,6 +49,11 @@ class WalletServiceStub:
                 request_serializer=gpudeck_dot_wallet_dot_v1_dot_wallet__pb2.ListTransactionsRequest.SerializeToString,
                 response_deserializer=gpudeck_dot_wallet_dot_v1_dot_wallet__pb2.ListTransactionsResponse.FromString,
                 _registered_method=True)
+        self.GetTransaction = channel.unary_unary(
+                '/gpudeck.wallet.v1.WalletService/GetTransaction',
+                request_serializer=gpudeck_dot_wallet_dot_v1_dot_wallet__pb2.GetTransactionRequest.SerializeToString,
+                response_deserializer=gpudeck_dot_wallet_dot_v1_dot_wallet__pb2.Transaction.FromString,
+                _registered_method=True)
         self.CreateHold = channel.unary_unary(
                 '/gpudeck.wallet.v1.WalletService/CreateHold',
                 request_serializer=gpudeck_dot_wallet_dot_v1_dot_wallet__pb2.CreateHoldRequest.SerializeToString,
@@ -230,6 +235,13 @@ class WalletServiceServicer:
 
     def ListTransactions(self, request, context):
         """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetTransaction(self, request, context):
+        """One transaction of an organization, with its postings.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -453,6 +465,11 @@ def add_WalletServiceServicer_to_server(servicer, server):
                     servicer.ListTransactions,
                     request_deserializer=gpudeck_dot_wallet_dot_v1_dot_wallet__pb2.ListTransactionsRequest.FromString,
                     response_serializer=gpudeck_dot_wallet_dot_v1_dot_wallet__pb2.ListTransactionsResponse.SerializeToString,
+            ),
+            'GetTransaction': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetTransaction,
+                    request_deserializer=gpudeck_dot_wallet_dot_v1_dot_wallet__pb2.GetTransactionRequest.FromString,
+                    response_serializer=gpudeck_dot_wallet_dot_v1_dot_wallet__pb2.Transaction.SerializeToString,
             ),
             'CreateHold': grpc.unary_unary_rpc_method_handler(
                     servicer.CreateHold,
@@ -696,6 +713,33 @@ class WalletService:
             '/gpudeck.wallet.v1.WalletService/ListTransactions',
             gpudeck_dot_wallet_dot_v1_dot_wallet__pb2.ListTransactionsRequest.SerializeToString,
             gpudeck_dot_wallet_dot_v1_dot_wallet__pb2.ListTransactionsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetTransaction(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gpudeck.wallet.v1.WalletService/GetTransaction',
+            gpudeck_dot_wallet_dot_v1_dot_wallet__pb2.GetTransactionRequest.SerializeToString,
+            gpudeck_dot_wallet_dot_v1_dot_wallet__pb2.Transaction.FromString,
             options,
             channel_credentials,
             insecure,

@@ -41,6 +41,8 @@ class WalletServiceStub:
     TransferBatch: _grpc.UnaryUnaryMultiCallable[_wallet_pb2.TransferBatchRequest, _wallet_pb2.TransferBatchResponse]
     """Many transfers, one commit, a result per item (an item may fail while others succeed)."""
     ListTransactions: _grpc.UnaryUnaryMultiCallable[_wallet_pb2.ListTransactionsRequest, _wallet_pb2.ListTransactionsResponse]
+    GetTransaction: _grpc.UnaryUnaryMultiCallable[_wallet_pb2.GetTransactionRequest, _wallet_pb2.Transaction]
+    """One transaction of an organization, with its postings."""
     CreateHold: _grpc.UnaryUnaryMultiCallable[_wallet_pb2.CreateHoldRequest, _wallet_pb2.Hold]
     """Holds: funds reserved for pending operations; each resolves exactly once."""
     CaptureHold: _grpc.UnaryUnaryMultiCallable[_wallet_pb2.CaptureHoldRequest, _wallet_pb2.CaptureHoldResponse]
@@ -93,6 +95,8 @@ class WalletServiceAsyncStub(WalletServiceStub):
     TransferBatch: _aio.UnaryUnaryMultiCallable[_wallet_pb2.TransferBatchRequest, _wallet_pb2.TransferBatchResponse]  # type: ignore[assignment]
     """Many transfers, one commit, a result per item (an item may fail while others succeed)."""
     ListTransactions: _aio.UnaryUnaryMultiCallable[_wallet_pb2.ListTransactionsRequest, _wallet_pb2.ListTransactionsResponse]  # type: ignore[assignment]
+    GetTransaction: _aio.UnaryUnaryMultiCallable[_wallet_pb2.GetTransactionRequest, _wallet_pb2.Transaction]  # type: ignore[assignment]
+    """One transaction of an organization, with its postings."""
     CreateHold: _aio.UnaryUnaryMultiCallable[_wallet_pb2.CreateHoldRequest, _wallet_pb2.Hold]  # type: ignore[assignment]
     """Holds: funds reserved for pending operations; each resolves exactly once."""
     CaptureHold: _aio.UnaryUnaryMultiCallable[_wallet_pb2.CaptureHoldRequest, _wallet_pb2.CaptureHoldResponse]  # type: ignore[assignment]
@@ -160,6 +164,14 @@ class WalletServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _wallet_pb2.ListTransactionsRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_wallet_pb2.ListTransactionsResponse, _abc.Awaitable[_wallet_pb2.ListTransactionsResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def GetTransaction(
+        self,
+        request: _wallet_pb2.GetTransactionRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_wallet_pb2.Transaction, _abc.Awaitable[_wallet_pb2.Transaction]]:
+        """One transaction of an organization, with its postings."""
 
     @_abc_1.abstractmethod
     def CreateHold(
