@@ -62,7 +62,18 @@ async def test_a_subscription_over_plain_http_is_refused(gateway) -> None:
     query = "subscription { health { service } }"
     resp = await gateway.post("/graphql", json={"query": query})
     assert resp.status == 400
-    assert "subscriptions are not allowed" in await resp.text()
+    [error] = (await resp.json())["errors"]
+    assert error["extensions"]["code"] == "BAD_REQUEST"
+    assert "subscriptions are not allowed" in error["message"]
+
+
+async def test_a_body_that_is_not_json_is_a_graphql_error_too(gateway) -> None:
+    resp = await gateway.post(
+        "/graphql", data=b"{not json", headers={"Content-Type": "application/json"}
+    )
+    assert resp.status == 400
+    [error] = (await resp.json())["errors"]
+    assert error["extensions"]["code"] == "BAD_REQUEST"
 
 
 async def test_too_deep_a_query_is_refused(gateway) -> None:

@@ -67,6 +67,7 @@ INSUFFICIENT_FUNDS = "INSUFFICIENT_FUNDS"
 INTERNAL = "INTERNAL"
 PARSE_FAILED = "GRAPHQL_PARSE_FAILED"
 VALIDATION_FAILED = "GRAPHQL_VALIDATION_FAILED"
+BAD_REQUEST = "BAD_REQUEST"  # no GraphQL request at all: no query, bad JSON, a subscription by POST
 INTERNAL_MESSAGE = "internal error"
 
 # By status name, so gRPC status codes and kit DomainError codes share one table.

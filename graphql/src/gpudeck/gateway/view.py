@@ -19,6 +19,7 @@ from datetime import timedelta
 from typing import Any
 
 from aiohttp import WSCloseCode, web
+from cross_web import HTTPException
 from strawberry.aiohttp.views import GraphQLView
 from strawberry.exceptions import ConnectionRejectionError
 from strawberry.schema import BaseSchema
@@ -28,7 +29,7 @@ from gpudeck.gateway import graphiql
 from gpudeck.gateway.auth import Authenticator
 from gpudeck.gateway.backends import Backends
 from gpudeck.gateway.context import Context
-from gpudeck.gateway.errors import UNAUTHENTICATED, GatewayError
+from gpudeck.gateway.errors import BAD_REQUEST, UNAUTHENTICATED, GatewayError
 from gpudeck.gateway.live import LiveEvents
 from gpudeck.gateway.metrics import WEBSOCKETS
 
@@ -104,7 +105,11 @@ class GatewayView(GraphQLView[Context, None]):
 
     async def __call__(self, request: web.Request) -> web.StreamResponse:
         if not self.is_websocket_request(request):
-            return await super().__call__(request)
+            try:
+                return await self.run(request=request)
+            except HTTPException as exc:  # no GraphQL request at all: still a GraphQL error
+                error = {"message": exc.reason, "extensions": {"code": BAD_REQUEST}}
+                return web.json_response({"errors": [error]}, status=exc.status_code)
         gauge = WEBSOCKETS.labels(await self.pick_websocket_subprotocol(request) or "none")
         gauge.inc()
         try:
