@@ -5,6 +5,7 @@ from collections.abc import Awaitable, Callable
 
 import grpc
 import pytest
+from psycopg_pool import AsyncConnectionPool
 
 from gpudeck.proto.common.v1.money_pb2 import Money
 from gpudeck.proto.wallet.v1 import wallet_pb2 as pb
@@ -210,7 +211,7 @@ async def test_top_ups_above_the_kyc_limit_need_a_verified_organization(
 
 
 async def test_the_open_holds_are_listed_newest_first(
-    wallet_stub: WalletServiceStub, new_org: NewOrg
+    wallet_stub: WalletServiceStub, new_org: NewOrg, wallet_pool: AsyncConnectionPool
 ) -> None:
     org = await new_org()
     await wallet_stub.Transfer(transfer(org, pb.TOPUP, 50 * USD))
@@ -237,6 +238,13 @@ async def test_the_open_holds_are_listed_newest_first(
         pb.GetWalletSummaryRequest(organization_id=str(org))
     )
     assert sum(h.amount.amount for h in listed.holds) == summary.held_balance.amount
+    async with wallet_pool.connection() as conn:  # past its expiry, not yet swept
+        await conn.execute(
+            "UPDATE holds SET expires_at = now() - interval '1 second' WHERE id = %s",
+            (made[1].id,),
+        )
+    listed = await wallet_stub.ListHolds(pb.ListHoldsRequest(organization_id=str(org)))
+    assert [h.id for h in listed.holds] == [made[2].id]
     one = await wallet_stub.ListHolds(pb.ListHoldsRequest(organization_id=str(org), limit=1))
     assert [h.id for h in one.holds] == [made[2].id]
     for request, code in (

@@ -52,7 +52,8 @@ class HoldStore:
         return _hold(row)
 
     async def list_open(self, conn: Conn, organization_id: uuid.UUID, limit: int) -> list[Hold]:
-        """The organization's open holds, newest first (NotFound for no such organization)."""
+        """The organization's open holds, newest first, without those past their expiry that
+        the sweep has not reached yet (NotFound for no such organization)."""
         cur = await conn.execute(
             "SELECT 1 FROM wallets WHERE organization_id = %s", (organization_id,)
         )
@@ -60,7 +61,7 @@ class HoldStore:
             raise NotFound(f"organization {organization_id} not found", field="organization_id")
         cur = await conn.execute(
             f"SELECT {COLUMNS} FROM holds h JOIN wallets w USING (organization_id)"
-            " WHERE h.organization_id = %s AND h.status = 'open'"
+            " WHERE h.organization_id = %s AND h.status = 'open' AND h.expires_at > now()"
             " ORDER BY h.created_at DESC, h.id DESC LIMIT %s",
             (organization_id, limit),
         )
