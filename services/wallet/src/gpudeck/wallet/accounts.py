@@ -18,6 +18,7 @@ from datetime import datetime
 
 from gpudeck.kit.errors import InvalidArgument, PermissionDenied
 from gpudeck.wallet.money import check_currency
+from gpudeck.wallet.text import chosen_fields
 
 ROLES = ("owner", "admin", "billing", "member", "viewer")
 RANK = {role: len(ROLES) - i for i, role in enumerate(ROLES)}  # owner 5 … viewer 1
@@ -251,13 +252,7 @@ class Preferences:
 
 def check_preference_update(values: dict[str, object], fields: list[str]) -> dict[str, object]:
     """The preferences an update changes, checked: those `fields` names (all when empty)."""
-    for name in fields:
-        if name not in PREFERENCE_FIELDS:
-            raise InvalidArgument(
-                f"fields: unknown preference {name!r}; known: {', '.join(PREFERENCE_FIELDS)}",
-                field="fields",
-            )
-    chosen = {name: values[name] for name in (fields or PREFERENCE_FIELDS)}
+    chosen = {name: values[name] for name in chosen_fields(fields, PREFERENCE_FIELDS, "preference")}
     if "display_currency" in chosen:
         chosen["display_currency"] = check_currency(
             str(chosen["display_currency"]), field="display_currency"

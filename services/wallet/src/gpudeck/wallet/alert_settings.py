@@ -11,6 +11,7 @@ from datetime import datetime
 from gpudeck.kit.errors import InvalidArgument
 from gpudeck.wallet.alerts import Thresholds
 from gpudeck.wallet.money import MAX_AMOUNT, check_amount
+from gpudeck.wallet.text import chosen_fields
 
 MAX_HOURS = 24 * 366
 # Automatic top-ups that may fail in a row (declined, or never completed) before the rule turns
@@ -61,13 +62,8 @@ THRESHOLD_FIELDS = ("warning_amount", "critical_amount", "warning_hours", "criti
 
 def merge_thresholds(current: Thresholds, wanted: Thresholds, fields: list[str]) -> Thresholds:
     """`current` with the `fields` of `wanted` (all when empty), checked."""
-    for name in fields:
-        if name not in THRESHOLD_FIELDS:
-            raise InvalidArgument(
-                f"fields: unknown threshold {name!r}; known: {', '.join(THRESHOLD_FIELDS)}",
-                field="fields",
-            )
-    chosen = {name: getattr(wanted, name) for name in (fields or THRESHOLD_FIELDS)}
+    names = chosen_fields(fields, THRESHOLD_FIELDS, "threshold")
+    chosen = {name: getattr(wanted, name) for name in names}
     return check_thresholds(replace(current, **chosen))
 
 

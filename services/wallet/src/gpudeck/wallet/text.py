@@ -36,3 +36,14 @@ def check_label(value: str, field: str) -> str:
             field=field,
         )
     return value
+
+
+def chosen_fields(fields: list[str], known: tuple[str, ...], what: str) -> tuple[str, ...]:
+    """The names an update changes: `fields` (all `known` when empty); InvalidArgument naming
+    "fields" for a name not known (`what`: what the names are of, e.g. "preference")."""
+    for name in fields:
+        if name not in known:
+            raise InvalidArgument(
+                f"fields: unknown {what} {name!r}; known: {', '.join(known)}", field="fields"
+            )
+    return tuple(fields) or known
