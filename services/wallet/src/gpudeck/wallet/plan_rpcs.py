@@ -57,9 +57,10 @@ class PlanRpcs:
     async def GetPlan(self, request: pb.GetPlanRequest, context: Ctx) -> pb.PlanStatus:
         org = convert.parse_id(request.organization_id, "organization_id")
         async with self.wallet.pool.connection() as conn, conn.transaction():
-            status = _status(await self._plans.status(conn, org))
+            current = await self._plans.status(conn, org)
             grants = await self._plans.credit_grants(conn, org)
             now = await db_now(conn)
+        status = _status(current)
         currency = status.available_credits.currency
         # What the grants hold now: credits past their expiry count no more, swept or not yet.
         status.available_credits.amount = sum(g.available for g in grants)
@@ -72,7 +73,7 @@ class PlanRpcs:
             )
             for g in grants
         )
-        if status.plan.monthly_fee.amount or status.plan.included_credits.amount:
+        if current.plan.paid:
             status.renews_on = next_month_start(now.astimezone(UTC).date()).isoformat()
         return status
 
