@@ -237,6 +237,40 @@ async def test_create_hold_is_idempotent_by_key(
     assert (await summary(wallet_stub, org)).held_balance.amount == 4 * USD
 
 
+@pytest.mark.parametrize("batch", [False, True], ids=["single", "batch"])
+async def test_a_retry_may_name_the_wallet_currency_or_leave_it_out(
+    wallet_stub: WalletServiceStub, new_org: NewOrg, batch: bool
+) -> None:
+    """Naming the wallet's own currency or leaving it out is one request, as a retry sees."""
+    org = await new_org()
+
+    async def send(currency: str) -> pb.Transaction:
+        request = transfer(org, pb.TOPUP, 7 * USD, key="pay-7", currency=currency)
+        if not batch:
+            return await wallet_stub.Transfer(request, timeout=5)
+        answer = await wallet_stub.TransferBatch(
+            pb.TransferBatchRequest(transfers=[request]), timeout=5
+        )
+        return answer.results[0].transaction
+
+    first = await send("")
+    assert await send("USD") == first
+    assert await send("usd") == first
+    assert (await summary(wallet_stub, org)).balance.amount == 7 * USD
+    # Another payment currency is another request.
+    if batch:
+        other = transfer(org, pb.TOPUP, 7 * USD, key="pay-7", currency="INR")
+        answer = await wallet_stub.TransferBatch(
+            pb.TransferBatchRequest(transfers=[other]), timeout=5
+        )
+        assert answer.results[0].error_code == "ABORTED"
+        assert "different request" in answer.results[0].error_message
+    else:
+        err = await refused(send("INR"))
+        assert trailer(err, "x-error-reason") == "IDEMPOTENCY_KEY_REUSED"
+    assert (await summary(wallet_stub, org)).balance.amount == 7 * USD
+
+
 @pytest.mark.parametrize(
     "amount",
     [0, -1, -5 * USD, MAX_AMOUNT + 1, INT64_MAX],

@@ -302,6 +302,34 @@ async def test_added_credits_are_available_and_spent_before_cash(
     assert await summary(org) == (17 * USD, 12 * USD)
 
 
+async def test_a_credit_purchase_retried_later_answers_as_the_first_call(
+    wallet_stub: WalletServiceStub, new_org: NewOrg
+) -> None:
+    org = await new_org()
+    first = await wallet_stub.AddCredits(add_credits(org, 6 * USD, key="buy"), timeout=TIMEOUT)
+    await wallet_stub.Transfer(
+        pb.TransferRequest(
+            idempotency_key=uuid.uuid4().hex,
+            organization_id=str(org),
+            kind=pb.CHARGE,
+            amount=Money(amount=2 * USD),
+        ),
+        timeout=TIMEOUT,
+    )
+    # The wallet currency named or left out: the same purchase, so the same first answer.
+    retry = await wallet_stub.AddCredits(
+        add_credits(org, 6 * USD, key="buy", currency="USD"), timeout=TIMEOUT
+    )
+    assert retry == first
+    assert first.available_credits.amount == 6 * USD
+    status = await wallet_stub.GetPlan(pb.GetPlanRequest(organization_id=str(org)), timeout=TIMEOUT)
+    assert status.available_credits.amount == 4 * USD
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await wallet_stub.AddCredits(add_credits(org, 7 * USD, key="buy"), timeout=TIMEOUT)
+    assert err.value.code() == grpc.StatusCode.ABORTED
+    assert "different request" in str(err.value.details())
+
+
 async def test_added_credits_may_expire(wallet_stub: WalletServiceStub, new_org: NewOrg) -> None:
     org = await new_org()
     soon = Timestamp()

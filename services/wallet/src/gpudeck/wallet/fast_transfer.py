@@ -45,6 +45,7 @@ async def post_one(store: LedgerStore, conn: Conn, request: TransferRequest) -> 
     Run it outside a transaction: the statement is its own. Raises the refusal."""
     validate(request)
     currency = await currency_of(store, conn, request.organization_id)
+    request = request.in_wallet_terms(currency)
     if (
         request.kind not in FAST_KINDS
         or request.lines

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from enum import StrEnum
 from functools import cached_property
@@ -149,6 +149,13 @@ class TransferRequest:
             self.reference,
         )
         return hashlib.sha256("\x1f".join(parts).encode()).digest()
+
+    def in_wallet_terms(self, wallet_currency: str | None) -> TransferRequest:
+        """This request with its currency left out if it names the wallet's own: the same
+        payment either way, so one fingerprint (a retry may name it or not)."""
+        if self.currency and self.currency == wallet_currency:
+            return replace(self, currency="")
+        return self
 
     def spend_lines(self, amount: int) -> tuple[SpendLine, ...]:
         if self.lines:

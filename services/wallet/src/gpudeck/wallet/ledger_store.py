@@ -188,6 +188,17 @@ class LedgerStore:
                 cache[org] = currency
         return {o: cache[o] for o in organization_ids if o in cache}
 
+    async def _in_wallet_terms(
+        self, conn: Conn, requests: Sequence[TransferRequest]
+    ) -> Sequence[TransferRequest]:
+        """`requests`, each naming its wallet's own currency left to name none (one fingerprint
+        for both: see `TransferRequest.in_wallet_terms`)."""
+        named = {r.organization_id for r in requests if r.currency}
+        if not named:
+            return requests
+        currencies = await self.wallet_currencies(conn, named)
+        return [r.in_wallet_terms(currencies.get(r.organization_id)) for r in requests]
+
     def mark_changed(self, organization_ids: Iterable[uuid.UUID]) -> None:
         """Note wallets whose balance, held balance or run rate this process moved."""
         self.changed.update(organization_ids)
@@ -213,6 +224,7 @@ class LedgerStore:
         Round trips: one to lock and load the wallets, one (pipelined) for earlier keys and the
         platform accounts, one (pipelined, or COPY for large batches) to write everything.
         """
+        requests = await self._in_wallet_terms(conn, requests)
         # Callers' transfers need live projects; the wallet's own (which pass `now`) settle what
         # was started before a project was deleted.
         outcomes, valid = await _validated(conn, self.projects, requests, live=now is None)
@@ -260,6 +272,7 @@ class LedgerStore:
         """Post transfers that need not commit together (concurrent calls grouped): what the
         fast path takes commits with its one statement, the rest together after it. Run it
         outside a transaction. A result per request, as `post_transfers`."""
+        requests = await self._in_wallet_terms(conn, requests)
         outcomes, valid = await _validated(conn, self.projects, requests, live=True)
         if valid:
             valid = await fast_batch.post_fast(self, conn, requests, valid, outcomes)

@@ -184,8 +184,19 @@ class PlanStore:
                 f"currency {request.currency} is not the wallet currency {currency}",
                 field="currency",
             )
+        request = request.in_wallet_terms(currency)
         [transaction] = await self._post(conn, [request], now)
-        return transaction, await _credits(conn, request.organization_id)
+        # A retry answers as the first call did: the credits available then, not now. (The
+        # post above locked the wallet, so a concurrent first call has committed its answer.)
+        scope = str(request.organization_id)
+        earlier = await idempotency.recall(conn, scope, request.key, request.fingerprint)
+        if earlier is not None:
+            return transaction, int(earlier["available_credits"])
+        available = await _credits(conn, request.organization_id)
+        await idempotency.remember(
+            conn, scope, request.key, request.fingerprint, {"available_credits": available}
+        )
+        return transaction, available
 
     async def _post(
         self, conn: Conn, transfers: Sequence[TransferRequest], now: datetime
