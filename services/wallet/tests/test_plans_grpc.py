@@ -31,12 +31,19 @@ TIMEOUT = 10
 
 
 async def top_up(stub: WalletServiceStub, org: uuid.UUID, amount: int) -> pb.Transaction:
+    return await post(stub, org, pb.TOPUP, amount)
+
+
+async def post(
+    stub: WalletServiceStub, org: uuid.UUID, kind: pb.TransferKind, amount: int, **kw: str
+) -> pb.Transaction:
     return await stub.Transfer(
         pb.TransferRequest(
             idempotency_key=uuid.uuid4().hex,
             organization_id=str(org),
-            kind=pb.TOPUP,
+            kind=kind,
             amount=Money(amount=amount),
+            **kw,
         ),
         timeout=TIMEOUT,
     )
@@ -289,16 +296,7 @@ async def test_added_credits_are_available_and_spent_before_cash(
         add_credits(org, 20 * USD, key="buy-1", reference="pay_123"), timeout=TIMEOUT
     )
     assert again.transaction == added.transaction
-    await wallet_stub.Transfer(
-        pb.TransferRequest(
-            idempotency_key=uuid.uuid4().hex,
-            organization_id=str(org),
-            kind=pb.CHARGE,
-            amount=Money(amount=8 * USD),
-            resource_type="pod",
-        ),
-        timeout=TIMEOUT,
-    )
+    await post(wallet_stub, org, pb.CHARGE, 8 * USD, resource_type="pod")
     assert await summary(org) == (17 * USD, 12 * USD)
 
 
@@ -307,15 +305,7 @@ async def test_a_credit_purchase_retried_later_answers_as_the_first_call(
 ) -> None:
     org = await new_org()
     first = await wallet_stub.AddCredits(add_credits(org, 6 * USD, key="buy"), timeout=TIMEOUT)
-    await wallet_stub.Transfer(
-        pb.TransferRequest(
-            idempotency_key=uuid.uuid4().hex,
-            organization_id=str(org),
-            kind=pb.CHARGE,
-            amount=Money(amount=2 * USD),
-        ),
-        timeout=TIMEOUT,
-    )
+    await post(wallet_stub, org, pb.CHARGE, 2 * USD)
     # The wallet currency named or left out: the same purchase, so the same first answer.
     retry = await wallet_stub.AddCredits(
         add_credits(org, 6 * USD, key="buy", currency="USD"), timeout=TIMEOUT
