@@ -258,6 +258,7 @@ def test_data_folder_in_use_is_refused(tmp_path: Path) -> None:
     [
         ("GPUDECK_BILLING_INTERVAL", "nan"),
         ("GPUDECK_KYC_TOPUP_LIMIT", "inf"),
+        ("GPUDECK_KYC_TOPUP_LIMIT", "USD:500,EUR:400"),
         ("GPUDECK_DB_POOL_SIZE", "nan"),
         ("GPUDECK_DB_POOL_SIZE", "1e9"),
         ("GPUDECK_AUTO_TOPUP_TIMEOUT", "nan"),

@@ -15,11 +15,11 @@ from typing import Any
 from psycopg_pool import AsyncConnectionPool
 
 from gpudeck.wallet import fast_batch
-from gpudeck.wallet.ledger import Kind, Outcome, TransferRequest
+from gpudeck.wallet.ledger import Kind, KycLimits, Outcome, TransferRequest
 from gpudeck.wallet.ledger_store import LedgerStore, Policy
 
 NewOrg = Callable[..., Awaitable[uuid.UUID]]
-STORE = LedgerStore(policy=Policy(kyc_topup_limit=1_000_000))
+STORE = LedgerStore(policy=Policy(kyc_limits=KycLimits(other=1_000_000)))
 
 
 def answer(outcome: Outcome) -> tuple[Any, ...]:

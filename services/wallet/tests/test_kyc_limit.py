@@ -159,3 +159,30 @@ async def test_an_automatic_top_up_is_asked_for_only_with_room_and_credited_once
     await wallet_stub.Transfer(charge)  # 50 left again, but no room: nothing is asked for
     after = await wallet_stub.GetAutoTopUp(pb.GetAutoTopUpRequest(organization_id=str(org)))
     assert not after.HasField("pending") or after.pending.status != "pending"
+
+
+async def test_each_wallet_currency_has_its_own_limit(
+    wallet_stub: WalletServiceStub, new_org: NewOrg
+) -> None:
+    """By default 500 USD and 40,000 INR: an INR wallet's limit is not 500 rupees."""
+    rupee = 1_000_000
+    org = await new_org(currency="INR", kyc="unverified")
+    rule = pb.SetAutoTopUpRequest(organization_id=str(org), enabled=True, below=100 * rupee)
+    rule.amount = 10_000 * rupee
+    await wallet_stub.SetAutoTopUp(rule)  # room for it under 40,000
+    await wallet_stub.Transfer(top_up(org, 30_000 * rupee))
+    batch = pb.TransferBatchRequest(transfers=[top_up(org, 6_000 * rupee) for _ in range(2)])
+    reply = await wallet_stub.TransferBatch(batch)
+    assert [r.error_code for r in reply.results] == ["", "FAILED_PRECONDITION"]
+    purchase = pb.AddCreditsRequest(
+        idempotency_key=uuid.uuid4().hex,
+        organization_id=str(org),
+        amount=Money(amount=4_001 * rupee),
+    )
+    err = await refused(wallet_stub.AddCredits(purchase))
+    assert "40000.000000 INR in all (36000.000000 added so far)" in (err.details() or "")
+    purchase.idempotency_key, purchase.amount.amount = uuid.uuid4().hex, 4_000 * rupee
+    await wallet_stub.AddCredits(purchase)
+    await refused(wallet_stub.Transfer(top_up(org, 1)))
+    await refused(wallet_stub.SetAutoTopUp(rule))
+    assert await balance(wallet_stub, org) == 40_000 * rupee

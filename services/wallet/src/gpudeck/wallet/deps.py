@@ -26,7 +26,7 @@ class Wallet:
         self.ledger = LedgerStore(
             policy=Policy(
                 depletion_seconds=self.settings.depletion_seconds,
-                kyc_topup_limit=self.settings.kyc_topup_limit,
+                kyc_limits=self.settings.kyc_limits,
             )
         )
         self.holds = HoldStore(self.ledger)

@@ -124,7 +124,9 @@ async def post_fast(
             [e.type for e in built],
             [e.SerializeToString() for e in built],
             store.outbox_channel,
-            store.policy.kyc_topup_limit,
+            # Organizations not verified that top up went to the general path (which applies
+            # their currency's limit); this is the function's backstop, the strictest there is.
+            store.policy.kyc_limits.lowest(),
         ),
     )
     row = await cur.fetchone()
@@ -184,7 +186,7 @@ async def _unverified_adding(
     """Organizations not KYC-verified that top up in the batch: the limit counts all they ever
     added, which the general path (`ledger.Book`) reads; the set-based function checks each
     top-up alone."""
-    if not store.policy.kyc_topup_limit:
+    if not store.policy.kyc_limits.any():
         return set()
     adding = list({r.organization_id for r in requests if r.kind is Kind.TOPUP})
     if not adding:
@@ -206,7 +208,7 @@ def _refusal(
     if status == "ABORTED":
         return key_reused(request.key)
     if status == "KYC_REQUIRED":
-        return over_kyc_limit(store.policy.kyc_topup_limit, currency or "")
+        return over_kyc_limit(store.policy.kyc_limits.of(currency or ""), currency or "")
     if status == "INSUFFICIENT_FUNDS":
         return short_of_funds(spendable or 0, request.amount, currency or "")
     return DomainError(f"transfer not posted: {status}")

@@ -71,7 +71,7 @@ async def post_one(store: LedgerStore, conn: Conn, request: TransferRequest) -> 
                 request.resource_type, request.resource_id, request.reference, request.key,
                 request.fingerprint if request.record_key else None, request.actor, platform,
                 request.allow_overdraft, event.id, event.type, event.SerializeToString(),
-                store.outbox_channel, store.policy.kyc_topup_limit,
+                store.outbox_channel, store.policy.kyc_limits.of(currency),
             ),
         )  # fmt: skip
     except psycopg.errors.RaiseException as exc:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from enum import StrEnum
@@ -55,6 +56,25 @@ class InsufficientFunds(FailedPrecondition):
 
 def kyc_required(message: str) -> FailedPrecondition:
     return FailedPrecondition(message, field="amount", reason="KYC_REQUIRED")
+
+
+@dataclass(frozen=True)
+class KycLimits:
+    """What an organization not KYC-verified may add in all (top-ups and purchased credits), in
+    micro-units of its wallet currency: a limit per currency, `other` for the rest; 0: none."""
+
+    by_currency: Mapping[str, int] = field(default_factory=dict)
+    other: int = 0
+
+    def of(self, currency: str) -> int:
+        return self.by_currency.get(currency, self.other)
+
+    def any(self) -> bool:
+        return bool(self.other or any(self.by_currency.values()))
+
+    def lowest(self) -> int:
+        """The smallest limit there is (0: none at all)."""
+        return min((n for n in (self.other, *self.by_currency.values()) if n), default=0)
 
 
 def over_kyc_limit(limit: int, currency: str) -> FailedPrecondition:
@@ -295,8 +315,8 @@ class Book:
     new_credit_accounts: dict[str, Account] = field(default_factory=dict)
     # Credits expiring at or before `now` are not spent (the sweeper moves them out).
     now: datetime | None = None
-    # Top-ups above this (wallet currency) need a KYC-verified organization; 0: no limit.
-    kyc_topup_limit: int = 0
+    # What organizations not KYC-verified may add in all, by wallet currency.
+    kyc_limits: KycLimits = field(default_factory=KycLimits)
     # The spending history (`refunds`), oldest first, of organizations with credit grants that
     # this batch refunds; without one a refund goes to cash. Grants with nothing left, by id.
     spending: dict[uuid.UUID, list[Leg]] = field(default_factory=dict)
@@ -311,7 +331,7 @@ class Book:
         amount, payment, rate = self._wallet_amount(request, wallet)
         adding = adds_money(request)
         if adding and not request.kyc_checked:
-            check_kyc_room(self.kyc_topup_limit, wallet, amount)
+            check_kyc_room(self.kyc_limits.of(wallet.currency), wallet, amount)
         other = self.platform[platform_pool(request.kind, wallet.currency)]
         legs = self._legs(request, wallet, amount)
         postings = [_move(acct, delta) for acct, delta in legs]

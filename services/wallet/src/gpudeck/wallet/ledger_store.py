@@ -11,7 +11,7 @@ from __future__ import annotations
 import uuid
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
@@ -28,6 +28,7 @@ from gpudeck.wallet.ledger import (
     Account,
     Book,
     Kind,
+    KycLimits,
     Outcome,
     PlannedTransaction,
     PostingView,
@@ -69,7 +70,7 @@ class Policy:
     """Settings of the rules the store applies."""
 
     depletion_seconds: float = 10.0
-    kyc_topup_limit: int = 0  # what an organization not KYC-verified may add in all; 0: no limit
+    kyc_limits: KycLimits = field(default_factory=KycLimits)
 
 
 # One statement locks the wallets and their spendable accounts (FOR UPDATE OF both), so a
@@ -245,7 +246,7 @@ class LedgerStore:
             wallets={org: lw.wallet for org, lw in locked.items()},
             platform={},
             now=batch.now,
-            kyc_topup_limit=self.policy.kyc_topup_limit,
+            kyc_limits=self.policy.kyc_limits,
         )
         to_plan, replays, same_as = await self._read_around(conn, requests, valid, outcomes, book)
         await load_spending(conn, book, [requests[i] for i in to_plan])
@@ -474,7 +475,8 @@ class LedgerStore:
     async def _request_auto_topup(self, conn: Conn, lw: LockedWallet, batch: Batch) -> None:
         """Ask for the rule's top-up, unless the KYC limit leaves no room for it: a payment
         once taken is credited whatever the limit (`kyc_checked`), so it is checked here."""
-        w, limit = lw.wallet, self.policy.kyc_topup_limit
+        w = lw.wallet
+        limit = self.policy.kyc_limits.of(w.currency)
         if limit and not w.kyc_verified and w.added + lw.auto_topup_amount > limit:
             return
         pending_id = uuid7()

@@ -8,6 +8,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from gpudeck.kit.config import ConfigError, number
+from gpudeck.wallet.ledger import KycLimits
+from gpudeck.wallet.money import CURRENCIES
+
+DEFAULT_KYC_LIMITS = KycLimits({"USD": 500_000_000, "INR": 40_000_000_000})
+KYC_LIMIT = "GPUDECK_KYC_TOPUP_LIMIT"
 
 
 @dataclass(frozen=True)
@@ -16,9 +21,9 @@ class WalletSettings:
 
     billing_interval: float = 10.0  # seconds between billing ticks [GPUDECK_BILLING_INTERVAL]
     depletion_seconds: float = 10.0  # [GPUDECK_DEPLETION_SECONDS]
-    kyc_topup_limit: int = (
-        500_000_000  # unverified orgs may top up at most this [GPUDECK_KYC_TOPUP_LIMIT]
-    )
+    # What an organization not KYC-verified may add in all, by wallet currency
+    # [GPUDECK_KYC_TOPUP_LIMIT: "500" for every currency, or "USD:500,INR:40000"]
+    kyc_limits: KycLimits = DEFAULT_KYC_LIMITS
     announce_interval: float = 0.25  # how often wallet.balance.changed is considered
     # An automatic top-up nobody completed within this long fails, so the rule can fire again
     # [GPUDECK_AUTO_TOPUP_TIMEOUT]
@@ -42,9 +47,7 @@ class WalletSettings:
             rates_file=_rates_file(env),
             rates_interval=number(env, "GPUDECK_RATES_INTERVAL", cls.rates_interval, minimum=1),
             invoice_font=_invoice_font(env),
-            kyc_topup_limit=int(
-                number(env, "GPUDECK_KYC_TOPUP_LIMIT", cls.kyc_topup_limit / 1_000_000) * 1_000_000
-            ),
+            kyc_limits=kyc_limits(env),
         )
 
 
@@ -66,3 +69,29 @@ def _rates_file(env: Mapping[str, str]) -> str:
     if path and not os.path.isfile(path):
         raise ConfigError(f"GPUDECK_RATES_FILE={path!r} is not a file")
     return path
+
+
+def kyc_limits(env: Mapping[str, str]) -> KycLimits:
+    """GPUDECK_KYC_TOPUP_LIMIT: one amount for every currency ("500"), or one per currency
+    ("USD:500,INR:40000"; a currency not named has no limit); 0 is no limit."""
+    raw = env.get(KYC_LIMIT, "").strip()
+    if not raw:
+        return DEFAULT_KYC_LIMITS
+    if ":" not in raw:
+        return KycLimits(other=_micro(raw))
+    limits: dict[str, int] = {}
+    for part in raw.split(","):
+        currency, sep, amount = (s.strip() for s in part.partition(":"))
+        currency = currency.upper()
+        if not sep or currency not in CURRENCIES or currency in limits:
+            raise ConfigError(
+                f"{KYC_LIMIT}={raw!r}: {part.strip()!r} is not CURRENCY:AMOUNT with a currency"
+                f" of {', '.join(CURRENCIES)} named once"
+            )
+        limits[currency] = _micro(amount)
+    return KycLimits(limits)
+
+
+def _micro(amount: str) -> int:
+    """A limit in whole units (`number`'s checks) as micro-units."""
+    return round(number({KYC_LIMIT: amount}, KYC_LIMIT, 0) * 1_000_000)

@@ -117,15 +117,16 @@ class ThresholdStore:
         Saving clears why the rule had turned itself off, if it had."""
         check_auto_topup(enabled=enabled, below=below, amount=amount)
         now = await self._lock(conn, organization_id)
-        limit = self.ledger.policy.kyc_topup_limit
-        if enabled and limit:  # a rule with no room left under the KYC limit could never fire
+        limits = self.ledger.policy.kyc_limits
+        if enabled and limits.any():  # a rule with no room left under the KYC limit never fires
             cur = await conn.execute(
                 "SELECT o.kyc_status = 'verified', w.currency, money_added(o.id)"
                 " FROM organizations o JOIN wallets w ON w.organization_id = o.id WHERE o.id = %s",
                 (organization_id,),
             )
             verified, currency, added = await cur.fetchone() or (True, "", 0)
-            if not verified and added + amount > limit:
+            limit = limits.of(currency)
+            if limit and not verified and added + amount > limit:
                 raise no_kyc_room(limit, added, currency)
         await conn.execute(
             "INSERT INTO auto_topups (organization_id, enabled, below, amount)"
