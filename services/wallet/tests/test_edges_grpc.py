@@ -237,6 +237,53 @@ async def test_create_hold_is_idempotent_by_key(
     assert (await summary(wallet_stub, org)).held_balance.amount == 4 * USD
 
 
+async def test_a_key_is_one_request_whatever_the_call(
+    wallet_stub: WalletServiceStub, wallet_pool: AsyncConnectionPool, new_org: NewOrg
+) -> None:
+    """A key a transfer used is refused to a hold, a capture or a plan change, and the other
+    way round, on every path a transfer takes; retries still get their first answers."""
+    org = await new_org()
+    await top_up(wallet_stub, org, 100 * USD)
+    paid = await wallet_stub.Transfer(transfer(org, pb.CHARGE, USD, key="t-key"), timeout=5)
+    hold = await wallet_stub.CreateHold(hold_request(org, 5 * USD, key="h-key"), timeout=5)
+
+    def reused(err: grpc.aio.AioRpcError) -> bool:
+        return trailer(err, "x-error-reason") == "IDEMPOTENCY_KEY_REUSED"
+
+    assert reused(await refused(wallet_stub.CreateHold(hold_request(org, USD, key="t-key"))))
+    capture = pb.CaptureHoldRequest(idempotency_key="t-key", hold_id=hold.id)
+    assert reused(await refused(wallet_stub.CaptureHold(capture)))
+    change = pb.ChangePlanRequest(idempotency_key="t-key", organization_id=str(org))
+    change.plan_code = "premium"
+    assert reused(await refused(wallet_stub.ChangePlan(change)))
+    # The hold's key, to a transfer: alone (the one-statement path), among others at once (the
+    # grouped path), in a batch, and as a refund (the general path).
+    assert reused(await refused(wallet_stub.Transfer(transfer(org, pb.CHARGE, USD, key="h-key"))))
+    at_once = await asyncio.gather(
+        *(wallet_stub.Transfer(transfer(org, pb.CHARGE, USD), timeout=5) for _ in range(6)),
+        wallet_stub.Transfer(transfer(org, pb.CHARGE, USD, key="h-key"), timeout=5),
+        return_exceptions=True,
+    )
+    assert all(isinstance(r, pb.Transaction) for r in at_once[:-1])
+    last = at_once[-1]
+    assert isinstance(last, grpc.aio.AioRpcError) and reused(last)
+    batch = pb.TransferBatchRequest(
+        transfers=[transfer(org, pb.CHARGE, USD, key="h-key"), transfer(org, pb.CHARGE, USD)]
+    )
+    answers = (await wallet_stub.TransferBatch(batch, timeout=5)).results
+    assert [r.error_code for r in answers] == ["ABORTED", ""]
+    assert "different request" in answers[0].error_message
+    refund = transfer(org, pb.REFUND, USD, key="h-key")
+    assert reused(await refused(wallet_stub.Transfer(refund)))
+    # Retries with their own payloads are answered as the first time.
+    again = await wallet_stub.Transfer(transfer(org, pb.CHARGE, USD, key="t-key"), timeout=5)
+    assert again.id == paid.id
+    assert (await wallet_stub.CreateHold(hold_request(org, 5 * USD, key="h-key"))).id == hold.id
+    wallet = await summary(wallet_stub, org)
+    assert (wallet.balance.amount, wallet.held_balance.amount) == (92 * USD, 5 * USD)
+    assert await holds_of(wallet_pool, org) == 1
+
+
 @pytest.mark.parametrize("batch", [False, True], ids=["single", "batch"])
 async def test_a_retry_may_name_the_wallet_currency_or_leave_it_out(
     wallet_stub: WalletServiceStub, new_org: NewOrg, batch: bool

@@ -104,7 +104,7 @@ async def _earlier(store: LedgerStore, conn: Conn, request: TransferRequest) -> 
         return None
     cur = await conn.execute(FIND_KEYS, ([request.organization_id], [request.key]))
     row = await cur.fetchone()
-    if row is None or row[2] != request.fingerprint:
+    if row is None or row[3] is None or row[2] != request.fingerprint:
         return None
     return (await store.load_transactions(conn, [row[3]]))[row[3]]
 

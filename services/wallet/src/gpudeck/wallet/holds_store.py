@@ -76,7 +76,9 @@ class HoldStore:
                 f"organization {request.organization_id} not found", field="organization_id"
             )
         scope, fingerprint = str(request.organization_id), request.fingerprint()
-        earlier = await idempotency.recall(conn, scope, request.key, fingerprint)
+        earlier = await idempotency.recall_in_wallet(
+            conn, request.organization_id, request.key, fingerprint
+        )
         if earlier is not None:
             return Hold.from_json(earlier)
         await self.ledger.projects.use(conn, request.organization_id, request.project_id)
@@ -116,7 +118,7 @@ class HoldStore:
     ) -> tuple[Hold, Transaction | None]:
         hold = await self._lock(conn, hold_id)
         scope, fingerprint = str(hold.organization_id), capture_fingerprint(hold_id, amount)
-        earlier = await idempotency.recall(conn, scope, key, fingerprint)
+        earlier = await idempotency.recall_in_wallet(conn, hold.organization_id, key, fingerprint)
         if earlier is not None:
             first = Hold.from_json(earlier)
             txs = await self.ledger.load_transactions(
@@ -157,7 +159,7 @@ class HoldStore:
     async def void(self, conn: Conn, hold_id: uuid.UUID, key: str) -> Hold:
         hold = await self._lock(conn, hold_id)
         scope, fingerprint = str(hold.organization_id), void_fingerprint(hold_id)
-        earlier = await idempotency.recall(conn, scope, key, fingerprint)
+        earlier = await idempotency.recall_in_wallet(conn, hold.organization_id, key, fingerprint)
         if earlier is not None:
             return Hold.from_json(earlier)
         now = await db_now(conn)

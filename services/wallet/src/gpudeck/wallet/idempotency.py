@@ -1,13 +1,15 @@
 """Idempotency of single mutating calls: remember each key's answer, replay it on retry.
 
 The caller holds the lock that serializes the scope (the organization's wallet row), so two
-calls with one key cannot both miss the first lookup. Batches of transfers use the same table
+calls with one key cannot both miss the first lookup. In an organization's own scope a key is
+one request whatever the call, transfers included (`recall_in_wallet`). Batches of transfers use the same table
 in bulk (ledger_store).
 """
 
 from __future__ import annotations
 
 import json
+import uuid
 from typing import Any
 
 from psycopg import AsyncConnection
@@ -36,6 +38,22 @@ async def recall(
     if bytes(row[0]) != fingerprint:
         raise key_reused(key)
     return row[1]  # type: ignore[no-any-return]
+
+
+async def recall_in_wallet(
+    conn: AsyncConnection[Any], organization_id: uuid.UUID, key: str, fingerprint: bytes
+) -> dict[str, Any] | None:
+    """`recall` in the organization's own scope (holds, plan changes, credit purchases), where
+    a transfer's key counts too: one the organization's ledger used for another request is
+    Conflict (the transfer side checks this table: migrations/017_one_key_one_request.sql)."""
+    cur = await conn.execute(
+        "SELECT 1 FROM transactions t WHERE t.organization_id = %s AND t.idempotency_key = %s"
+        " AND t.fingerprint IS DISTINCT FROM %s",
+        (organization_id, key, fingerprint),
+    )
+    if await cur.fetchone() is not None:
+        raise key_reused(key)
+    return await recall(conn, str(organization_id), key, fingerprint)
 
 
 async def remember(

@@ -18,14 +18,22 @@ from gpudeck.wallet.ledger import Book, Kind, PlannedTransaction, PostingView, T
 
 Conn = AsyncConnection[Any]
 
-# A LATERAL probe per key, so the plan is an index lookup however small the table was when the
+# Earlier uses of these (organization, key) pairs: the transaction with the key (its fingerprint
+# and id), or else a hold, capture, void, plan change or credit purchase with it (the
+# idempotency table: its fingerprint, no id; see migrations/017_one_key_one_request.sql). A
+# LATERAL probe per key, so the plan is an index lookup however small the table was when the
 # statement was prepared (a cached hash join over a scan of a then-small table grows with it).
 FIND_KEYS = """
-SELECT k.o, k.key, t.fingerprint, t.id FROM unnest(%s::uuid[], %s::text[]) AS k (o, key)
-CROSS JOIN LATERAL (
+SELECT k.o, k.key, coalesce(t.fingerprint, i.fingerprint), t.id
+FROM unnest(%s::uuid[], %s::text[]) AS k (o, key)
+LEFT JOIN LATERAL (
     SELECT t.fingerprint, t.id FROM transactions t
     WHERE t.organization_id = k.o AND t.idempotency_key = k.key LIMIT 1
-) t
+) t ON true
+LEFT JOIN LATERAL (
+    SELECT i.fingerprint FROM idempotency i WHERE i.scope = k.o::text AND i.key = k.key
+) i ON true
+WHERE t.id IS NOT NULL OR i.fingerprint IS NOT NULL
 """
 TRANSACTION_COLUMNS = (
     "id, organization_id, kind, amount, currency, payment_amount, payment_currency,"

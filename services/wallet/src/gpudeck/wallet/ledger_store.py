@@ -318,7 +318,7 @@ class LedgerStore:
                 and requests[i].currency != wallets[requests[i].organization_id].currency
             }
         )
-        found: dict[tuple[uuid.UUID, str], tuple[bytes | None, uuid.UUID]] = {}
+        found: dict[tuple[uuid.UUID, str], tuple[bytes | None, uuid.UUID | None]] = {}
         async with conn.pipeline():
             keys_cur = None
             if keyed:
@@ -362,12 +362,11 @@ class LedgerStore:
                 continue
             scoped = (request.organization_id, request.key)
             fingerprint = request.fingerprint
-            if scoped in found:
-                earlier, tx_id = found[scoped]
-                if earlier != fingerprint:
-                    outcomes[i] = Outcome(error=key_reused(request.key))
-                else:
-                    replays[i] = tx_id
+            earlier, tx_id = found.get(scoped, (fingerprint, None))
+            if earlier != fingerprint:  # a transfer, hold, plan change … with another payload
+                outcomes[i] = Outcome(error=key_reused(request.key))
+            elif tx_id is not None:
+                replays[i] = tx_id
             elif scoped in first_of:
                 earlier_fp, j = first_of[scoped]
                 if earlier_fp != fingerprint:

@@ -106,7 +106,7 @@ class PlanStore:
             raise NotFound(f"organization {org} not found", field="organization_id")
         previous, currency = found
         scope, fingerprint = str(org), request.fingerprint()
-        earlier = await idempotency.recall(conn, scope, request.key, fingerprint)
+        earlier = await idempotency.recall_in_wallet(conn, org, request.key, fingerprint)
         if earlier is not None:
             return PlanStatus.from_json(earlier)
         target = await self.plan(conn, request.plan_code, currency)
@@ -189,7 +189,9 @@ class PlanStore:
         # A retry answers as the first call did: the credits available then, not now. (The
         # post above locked the wallet, so a concurrent first call has committed its answer.)
         scope = str(request.organization_id)
-        earlier = await idempotency.recall(conn, scope, request.key, request.fingerprint)
+        earlier = await idempotency.recall_in_wallet(
+            conn, request.organization_id, request.key, request.fingerprint
+        )
         if earlier is not None:
             return transaction, int(earlier["available_credits"])
         available = await _credits(conn, request.organization_id)
