@@ -25,20 +25,20 @@ def test_by_default_each_currency_has_its_own_limit() -> None:
 def test_one_amount_is_every_currency_s_limit() -> None:
     limits = parsed("250.5")
     assert (limits.of("USD"), limits.of("INR")) == (250_500_000, 250_500_000)
-    assert limits.any() and limits.lowest() == 250_500_000
+    assert limits.any()
 
 
 def test_a_limit_per_currency_and_none_for_a_currency_not_named() -> None:
     limits = parsed(" usd:10 , INR : 800")
     assert (limits.of("USD"), limits.of("INR")) == (10 * UNIT, 800 * UNIT)
-    assert limits.lowest() == 10 * UNIT
     only_inr = parsed("INR:800")
     assert (only_inr.of("USD"), only_inr.of("INR")) == (0, 800 * UNIT)
 
 
 def test_zero_is_no_limit() -> None:
     assert not parsed("0").any()
-    assert parsed("USD:0,INR:5").lowest() == 5 * UNIT
+    assert not parsed("USD:0,INR:0").any()
+    assert parsed("USD:0,INR:5").any()
 
 
 @pytest.mark.parametrize(
@@ -50,6 +50,7 @@ def test_zero_is_no_limit() -> None:
         ("USD:inf", "not a finite number"),
         ("-1", "must be at least 0"),
         ("USD:5,", "'' is not CURRENCY:AMOUNT"),
+        ("USD:", "'USD:' is not CURRENCY:AMOUNT"),
     ],
 )
 def test_a_bad_limit_is_a_configuration_error_naming_the_variable(value: str, says: str) -> None:

@@ -46,6 +46,9 @@ async def recall_in_wallet(
     """`recall` in the organization's own scope (holds, plan changes, credit purchases), where
     a transfer's key counts too: one the organization's ledger used for another request is
     Conflict (the transfer side checks this table: migrations/017_one_key_one_request.sql)."""
+    earlier = await recall(conn, str(organization_id), key, fingerprint)
+    if earlier is not None:
+        return earlier
     cur = await conn.execute(
         "SELECT 1 FROM transactions t WHERE t.organization_id = %s AND t.idempotency_key = %s"
         " AND t.fingerprint IS DISTINCT FROM %s",
@@ -53,7 +56,7 @@ async def recall_in_wallet(
     )
     if await cur.fetchone() is not None:
         raise key_reused(key)
-    return await recall(conn, str(organization_id), key, fingerprint)
+    return None
 
 
 async def remember(

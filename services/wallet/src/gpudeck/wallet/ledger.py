@@ -72,10 +72,6 @@ class KycLimits:
     def any(self) -> bool:
         return bool(self.other or any(self.by_currency.values()))
 
-    def lowest(self) -> int:
-        """The smallest limit there is (0: none at all)."""
-        return min((n for n in (self.other, *self.by_currency.values()) if n), default=0)
-
 
 def over_kyc_limit(limit: int, currency: str) -> FailedPrecondition:
     """The refusal of a top-up above the KYC limit by an organization not verified."""

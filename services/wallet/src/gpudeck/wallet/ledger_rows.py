@@ -31,7 +31,7 @@ LEFT JOIN LATERAL (
     WHERE t.organization_id = k.o AND t.idempotency_key = k.key LIMIT 1
 ) t ON true
 LEFT JOIN LATERAL (
-    SELECT i.fingerprint FROM idempotency i WHERE i.scope = k.o::text AND i.key = k.key
+    SELECT i.fingerprint FROM idempotency i WHERE i.scope = k.o::text AND i.key = k.key LIMIT 1
 ) i ON true
 WHERE t.id IS NOT NULL OR i.fingerprint IS NOT NULL
 """

@@ -83,7 +83,7 @@ def kyc_limits(env: Mapping[str, str]) -> KycLimits:
     for part in raw.split(","):
         currency, sep, amount = (s.strip() for s in part.partition(":"))
         currency = currency.upper()
-        if not sep or currency not in CURRENCIES or currency in limits:
+        if not sep or not amount or currency not in CURRENCIES or currency in limits:
             raise ConfigError(
                 f"{KYC_LIMIT}={raw!r}: {part.strip()!r} is not CURRENCY:AMOUNT with a currency"
                 f" of {', '.join(CURRENCIES)} named once"

@@ -69,9 +69,14 @@ DECLARE
 BEGIN
     PERFORM 1 FROM wallets w WHERE w.organization_id = ANY(p_orgs)
     ORDER BY w.organization_id FOR UPDATE;
+    -- A LATERAL probe per key (LIMIT 1 keeps it one: a join could be planned as a scan of
+    -- the whole table, which holds every account call's answers too).
     SELECT array_agg(x.i) INTO v_taken
     FROM unnest(p_idx, p_keys, p_fingerprints) WITH ORDINALITY AS x (k, key, fp, i)
-    JOIN idempotency t ON t.scope = p_orgs[x.k]::text AND t.key = x.key AND t.fingerprint <> x.fp;
+    CROSS JOIN LATERAL (
+        SELECT 1 FROM idempotency t
+        WHERE t.scope = p_orgs[x.k]::text AND t.key = x.key AND t.fingerprint <> x.fp LIMIT 1
+    ) taken;
     FOREACH i IN ARRAY coalesce(v_taken, '{}') LOOP
         v_currencies[i] := '(key taken)';
     END LOOP;
