@@ -1,14 +1,16 @@
 """The set-based fast path of `post_transfers`: the common transfers of a batch in one statement
-(the SQL function `post_transfer_batch`, in migrations/007_post_transfer_batch.sql).
+(the SQL function `post_transfer_batch`: migrations/007_post_transfer_batch.sql, wrapped by
+017_one_key_one_request.sql).
 
 Which transfers take it: top-ups, charges, usage and adjustments in the wallet currency (refunds
-read the spending history: general path),
-from callers (keyed, no overdraft), of organizations whose every transfer in the batch is such
-one, and that are KYC-verified if they top up (the KYC limit counts all an organization ever
-added, which the general path reads). The function itself leaves (DEFER) organizations with credits to the general path, which
-`post_transfers` runs next in the same transaction; a repeated key within the batch goes there
-too and finds the first one's transaction. Tests run the same transfers through both paths and
-compare them (tests/test_fast_batch_parity.py).
+read the spending history: general path), from callers (keyed, no overdraft), of organizations
+whose every transfer in the batch is such one. Under the wallets' locks the function leaves
+(DEFER) to the general path, with the organization's later items: organizations with credits,
+an item whose key the organization used for a hold, plan change or credit purchase, and a
+top-up of an organization not KYC-verified (the KYC limit counts all it ever added, which the
+general path reads). `post_transfers` runs that path next in the same transaction; a repeated
+key within the batch goes there too and finds the first one's transaction. Tests run the same
+transfers through both paths and compare them (tests/test_fast_batch_parity.py).
 """
 
 from __future__ import annotations
@@ -28,11 +30,9 @@ from gpudeck.wallet.idempotency import key_reused
 from gpudeck.wallet.ids import uuid7
 from gpudeck.wallet.ledger import (
     SPENDING,
-    Kind,
     Outcome,
     PostingView,
     TransferRequest,
-    over_kyc_limit,
     posted_in_wallet_currency,
     short_of_funds,
 )
@@ -47,7 +47,7 @@ POST_BATCH = """
 SELECT * FROM post_transfer_batch(
     %b::uuid[], %b::int[], %b::uuid[], %b::text[], %b::bigint[], %b::text[], %b::text[],
     %b::uuid[], %b::text[], %b::text[], %b::text[], %b::text[], %b::bytea[], %b::text[],
-    %b::text[], %b::text[], %b::bytea[], %b::text, %b::bigint)
+    %b::text[], %b::text[], %b::bytea[], %b::text, %b::boolean)
 """
 
 
@@ -77,7 +77,6 @@ async def post_fast(
         for i in valid
         if not fits(requests[i], currencies.get(requests[i].organization_id))
     }
-    unfit |= await _unverified_adding(store, conn, [requests[i] for i in valid])
     seen: set[tuple[uuid.UUID, str]] = set()
     fast: list[int] = []
     rest: list[int] = []
@@ -124,10 +123,9 @@ async def post_fast(
             [e.type for e in built],
             [e.SerializeToString() for e in built],
             store.outbox_channel,
-            # No limit here: organizations not verified that top up went to the general path,
-            # which applies their currency's limit; one un-verified since that read is taken
-            # as verified when it topped up (the two were at once).
-            0,
+            # Top-ups of organizations not KYC-verified go to the general path (the function
+            # reads who is verified under the wallets' locks), which applies their limit.
+            store.policy.kyc_limits.any(),
         ),
     )
     row = await cur.fetchone()
@@ -159,7 +157,7 @@ async def post_fast(
         elif status == "DEFER":
             deferred.add(i)
         else:
-            error = _refusal(status, request, org_currencies[k], afters[n], store)
+            error = _refusal(status, request, org_currencies[k], afters[n])
             outcomes[i] = Outcome(error=error)
     store.mark_changed(orgs[k] for k in touched)
     if replays:
@@ -181,35 +179,15 @@ async def post_fast(
     return sorted(deferred.union(rest))
 
 
-async def _unverified_adding(
-    store: LedgerStore, conn: Conn, requests: Sequence[TransferRequest]
-) -> set[uuid.UUID]:
-    """Organizations not KYC-verified that top up in the batch: the limit counts all they ever
-    added, which the general path (`ledger.Book`) reads; the set-based function checks each
-    top-up alone."""
-    if not store.policy.kyc_limits.any():
-        return set()
-    adding = list({r.organization_id for r in requests if r.kind is Kind.TOPUP})
-    if not adding:
-        return set()
-    cur = await conn.execute(
-        "SELECT id FROM organizations WHERE id = ANY(%s) AND kyc_status <> 'verified'", (adding,)
-    )
-    return {row[0] for row in await cur.fetchall()}
-
-
 def _refusal(
-    status: str, request: TransferRequest, currency: str | None, spendable: int | None,
-    store: LedgerStore,
-) -> DomainError:  # fmt: skip
+    status: str, request: TransferRequest, currency: str | None, spendable: int | None
+) -> DomainError:
     if status == "NOT_FOUND":
         return NotFound(
             f"organization {request.organization_id} not found", field="organization_id"
         )
     if status == "ABORTED":
         return key_reused(request.key)
-    if status == "KYC_REQUIRED":
-        return over_kyc_limit(store.policy.kyc_limits.of(currency or ""), currency or "")
     if status == "INSUFFICIENT_FUNDS":
         return short_of_funds(spendable or 0, request.amount, currency or "")
     return DomainError(f"transfer not posted: {status}")

@@ -38,10 +38,12 @@ BEGIN
 END
 $$;
 
--- post_transfer_batch: lock the wallets, then send an item whose key is taken (and its
--- organization's later items) to the general path, which refuses it under the same lock: the
--- batch body (007's, renamed) defers an item that names a currency not its wallet's, so the
--- item is marked with one no wallet has.
+-- post_transfer_batch: lock the wallets, then leave to the general path (which runs next, under
+-- the same locks) what it alone decides: an item whose key is taken, which it refuses per item,
+-- and with p_kyc_limited a top-up of an organization not KYC-verified, whose limit counts all
+-- the money it ever added (016) in its own currency. The batch body (007's, renamed) defers an
+-- item that names a currency not its wallet's, with the organization's later items, so such an
+-- item is marked with a currency no wallet has; the body's own KYC check is off.
 ALTER FUNCTION post_transfer_batch(uuid[], int[], uuid[], text[], bigint[], text[], text[],
     uuid[], text[], text[], text[], text[], bytea[], text[], text[], text[], bytea[], text,
     bigint) RENAME TO post_transfer_batch_items;
@@ -51,7 +53,7 @@ CREATE FUNCTION post_transfer_batch(
     p_currencies text[], p_descriptions text[], p_projects uuid[], p_resource_types text[],
     p_resource_ids text[], p_references text[], p_keys text[], p_fingerprints bytea[],
     p_actors text[], p_event_ids text[], p_event_types text[], p_events bytea[],
-    p_channel text, p_kyc_limit bigint)
+    p_channel text, p_kyc_limited boolean)
 RETURNS TABLE (
     created_at timestamptz, statuses text[], found_ids uuid[], afters bigint[],
     cash_befores bigint[], platform_befores bigint[], platform_slots int[], platform_codes text[],
@@ -63,26 +65,31 @@ LANGUAGE plpgsql
 SET plan_cache_mode = force_generic_plan
 AS $$
 DECLARE
-    v_taken int[];
+    v_general int[];
+    v_unverified uuid[];
     v_currencies text[] := p_currencies;
     i int;
 BEGIN
     PERFORM 1 FROM wallets w WHERE w.organization_id = ANY(p_orgs)
     ORDER BY w.organization_id FOR UPDATE;
-    -- A LATERAL probe per key (LIMIT 1 keeps it one: a join could be planned as a scan of
-    -- the whole table, which holds every account call's answers too).
-    SELECT array_agg(x.i) INTO v_taken
-    FROM unnest(p_idx, p_keys, p_fingerprints) WITH ORDINALITY AS x (k, key, fp, i)
-    CROSS JOIN LATERAL (
+    IF p_kyc_limited AND 'topup' = ANY(p_kinds) THEN
+        SELECT array_agg(o.id) INTO v_unverified FROM organizations o
+        WHERE o.id = ANY(p_orgs) AND o.kyc_status <> 'verified';
+    END IF;
+    -- Under OR the EXISTS stays a probe of the key's index per item (as a join it could be
+    -- planned as a scan of the whole table, which holds every account call's answers too).
+    SELECT array_agg(x.i) INTO v_general
+    FROM unnest(p_idx, p_kinds, p_keys, p_fingerprints) WITH ORDINALITY AS x (k, kind, key, fp, i)
+    WHERE (x.kind = 'topup' AND p_orgs[x.k] = ANY(v_unverified))
+       OR EXISTS (
         SELECT 1 FROM idempotency t
-        WHERE t.scope = p_orgs[x.k]::text AND t.key = x.key AND t.fingerprint <> x.fp LIMIT 1
-    ) taken;
-    FOREACH i IN ARRAY coalesce(v_taken, '{}') LOOP
-        v_currencies[i] := '(key taken)';
+        WHERE t.scope = p_orgs[x.k]::text AND t.key = x.key AND t.fingerprint <> x.fp);
+    FOREACH i IN ARRAY coalesce(v_general, '{}') LOOP
+        v_currencies[i] := '(general path)';
     END LOOP;
     RETURN QUERY SELECT * FROM post_transfer_batch_items(
         p_ids, p_idx, p_orgs, p_kinds, p_amounts, v_currencies, p_descriptions, p_projects,
         p_resource_types, p_resource_ids, p_references, p_keys, p_fingerprints, p_actors,
-        p_event_ids, p_event_types, p_events, p_channel, p_kyc_limit);
+        p_event_ids, p_event_types, p_events, p_channel, 0);
 END
 $$;
