@@ -73,13 +73,6 @@ class KycLimits:
         return bool(self.other or any(self.by_currency.values()))
 
 
-def over_kyc_limit(limit: int, currency: str) -> FailedPrecondition:
-    """The refusal of a top-up above the KYC limit by an organization not verified."""
-    return kyc_required(
-        f"top-ups above {format_micro(limit)} {currency} need a KYC-verified organization"
-    )
-
-
 def adds_money(request: TransferRequest) -> bool:
     """Whether the transfer is money the organization adds (what the KYC limit counts)."""
     return request.kind is Kind.TOPUP or (
