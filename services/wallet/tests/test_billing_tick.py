@@ -12,20 +12,27 @@ from psycopg_pool import AsyncConnectionPool
 
 from gpudeck.wallet import audit
 from gpudeck.wallet.deps import Wallet
-from gpudeck.wallet.metering import MeterRequest
-from gpudeck.wallet.metering_store import BILLING_LOCK, MeterStore, bill_open_meters
+from gpudeck.wallet.metering import MeterRequest, owed
+from gpudeck.wallet.metering_store import (
+    BILLING_LOCK,
+    TICK,
+    BillingRefused,
+    MeterStore,
+    bill_open_meters,
+)
+from gpudeck.wallet.money import MAX_AMOUNT
 
 NewOrg = Callable[..., Awaitable[uuid.UUID]]
 RATE = 36_000_000  # 10,000 micro-units a second
 
 
-async def open_meter(wallet: Wallet, org: uuid.UUID, seconds_ago: float) -> str:
+async def open_meter(wallet: Wallet, org: uuid.UUID, seconds_ago: float, rate: int = RATE) -> str:
     meter_id = f"pod:{uuid.uuid4()}"
     async with wallet.pool.connection() as conn, conn.transaction():
         await wallet.meters.open(
             conn,
             MeterRequest(
-                meter_id, org, "pod-x", "pod", RATE,
+                meter_id, org, "pod-x", "pod", rate,
                 at=datetime.now(UTC) - timedelta(seconds=seconds_ago),
             ),
         )  # fmt: skip
@@ -93,3 +100,89 @@ async def test_a_tick_that_dies_mid_way_is_made_good_by_the_next(
             await conn.execute("SELECT pg_advisory_unlock(%s)", (BILLING_LOCK,))
     assert total == RATE * (elapsed // timedelta(microseconds=1)) // 3_600_000_000
     assert total >= 30 * 10_000
+
+
+async def balance(pool: AsyncConnectionPool, org: uuid.UUID) -> int:
+    async with pool.connection() as conn:
+        cur = await conn.execute("SELECT balance FROM wallets WHERE organization_id = %s", (org,))
+        row = await cur.fetchone()
+        assert row is not None
+        return int(row[0])
+
+
+async def test_a_meter_owing_more_than_one_transfer_moves_is_charged_in_parts(
+    wallet_pool: AsyncConnectionPool, new_org: NewOrg
+) -> None:
+    """The highest rate OpenMeter takes, opened 3 h ago, owes 3 × MAX_AMOUNT at the first tick:
+    it is charged in parts (it was refused as "too large", and stopped every tick)."""
+    wallet = Wallet(wallet_pool)
+    big_org, small_org = await new_org(), await new_org()
+    small = await open_meter(wallet, small_org, 60)
+    big = await open_meter(wallet, big_org, 3 * 3600, rate=MAX_AMOUNT)
+    assert await bill_open_meters(wallet_pool, wallet.meters) > 3 * MAX_AMOUNT
+    big_total, _ = await charged(wallet_pool, big)
+    assert big_total >= 3 * MAX_AMOUNT
+    assert await balance(wallet_pool, big_org) == -big_total
+    small_total, _ = await charged(wallet_pool, small)
+    assert small_total >= 60 * 10_000
+    assert await balance(wallet_pool, small_org) == -small_total
+    # Closing it settles in parts too, and ends its billing.
+    async with wallet_pool.connection() as conn, conn.transaction():
+        closed = await wallet.meters.close(conn, big)
+    assert closed.total_charged == owed(MAX_AMOUNT, closed.opened_at, closed.closed_at)
+    assert await balance(wallet_pool, big_org) == -closed.total_charged
+    async with wallet_pool.connection() as conn:
+        cur = await conn.execute(
+            "SELECT count(*), max(amount) FROM transactions WHERE organization_id = %s",
+            (big_org,),
+        )
+        parts, largest = await cur.fetchone() or (0, 0)
+    assert parts >= 4 and largest <= MAX_AMOUNT
+
+
+class RefusingStore(MeterStore):
+    """The real store, except that the ledger "refuses" one organization's charge."""
+
+    refused: uuid.UUID
+
+    async def bill(self, conn, organization_ids):  # type: ignore[no-untyped-def]
+        if self.refused in organization_ids:
+            raise BillingRefused(self.refused, RuntimeError("refused"))
+        return await super().bill(conn, organization_ids)
+
+
+async def test_an_organization_the_ledger_refuses_does_not_stop_the_others(
+    wallet_pool: AsyncConnectionPool, new_org: NewOrg
+) -> None:
+    wallet = Wallet(wallet_pool)
+    orgs = sorted([await new_org() for _ in range(3)])
+    meters = [await open_meter(wallet, org, 30) for org in orgs]
+    store = RefusingStore(wallet.ledger)
+    store.refused = orgs[1]
+    assert await bill_open_meters(wallet_pool, store, chunk=2) > 0
+    totals = [(await charged(wallet_pool, m))[0] for m in meters]
+    assert totals[0] >= 300_000 and totals[2] >= 300_000, totals  # both chunks billed
+    assert totals[1] == 0  # left for the next tick, its seconds not lost:
+    assert await bill_open_meters(wallet_pool, wallet.meters) > 0
+    assert (await charged(wallet_pool, meters[1]))[0] >= 300_000
+
+
+@pytest.mark.parametrize(
+    ("rate", "micros"),
+    [(2_500_000_003, 366_666_661), (MAX_AMOUNT, 86_399_999_999), (1_000_003, 1), (7, 999_999)],
+)
+async def test_the_tick_rounds_as_the_documented_rule(
+    wallet_pool: AsyncConnectionPool, new_org: NewOrg, rate: int, micros: int
+) -> None:
+    """The tick's SQL charges exactly `metering.owed` (it rounded a quotient first, one
+    micro-unit over, for large amounts)."""
+    wallet = Wallet(wallet_pool)
+    org = await new_org()
+    meter = await open_meter(wallet, org, 0, rate=rate)
+    async with wallet_pool.connection() as conn, conn.transaction(force_rollback=True):
+        cur = await conn.execute("SELECT segment_started_at FROM meters WHERE id = %s", (meter,))
+        [start] = await cur.fetchone() or (None,)
+        now = start + timedelta(microseconds=micros)
+        cur = await conn.execute(TICK, {"now": now, "orgs": [org]})
+        rows = await cur.fetchall()
+    assert [r[-1] for r in rows] == [owed(rate, start, now)]

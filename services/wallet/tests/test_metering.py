@@ -14,6 +14,7 @@ from processes import TOKEN, start_wallet, wait_serving, wallet_env
 from psycopg_pool import AsyncConnectionPool
 
 from gpudeck.kit.config import EventsConfig
+from gpudeck.kit.errors import Conflict
 from gpudeck.kit.grpcclient import channel
 from gpudeck.proto.common.v1.money_pb2 import Money
 from gpudeck.proto.wallet.v1 import account_pb2
@@ -21,7 +22,9 @@ from gpudeck.proto.wallet.v1 import wallet_pb2 as pb
 from gpudeck.proto.wallet.v1.account_pb2_grpc import AccountServiceStub
 from gpudeck.proto.wallet.v1.wallet_pb2_grpc import WalletServiceStub
 from gpudeck.wallet import audit
-from gpudeck.wallet.metering import owed
+from gpudeck.wallet.deps import Wallet
+from gpudeck.wallet.ledger import SpendLine
+from gpudeck.wallet.metering import MeterRequest, in_transfers, owed
 
 NewOrg = Callable[..., Awaitable[uuid.UUID]]
 
@@ -39,6 +42,17 @@ def test_owed_floors_the_cumulative_amount() -> None:
     # Many small steps add up to the same floor as one step: no drift.
     steps = [owed(1_000_003, start, start + timedelta(milliseconds=250 * i)) for i in range(21)]
     assert steps[-1] == 1388 and steps == sorted(steps)
+
+
+def test_in_transfers_cuts_what_one_transfer_cannot_move() -> None:
+    lines = [SpendLine("pod", 7, "a"), SpendLine("vm", 25, "b"), SpendLine("pod", 3, "c")]
+    groups = in_transfers(lines, limit=10)
+    assert [sum(line.amount for line in g) for g in groups] == [10, 10, 10, 5]
+    assert [(line.resource_id, line.amount) for g in groups for line in g] == [
+        ("a", 7), ("b", 3), ("b", 10), ("b", 10), ("b", 2), ("c", 3),
+    ]  # fmt: skip
+    assert in_transfers(lines, limit=100) == [lines]
+    assert in_transfers([]) == []
 
 
 async def top_up(stub: WalletServiceStub, org: uuid.UUID, amount: int) -> None:
@@ -217,3 +231,53 @@ async def test_a_meter_cannot_open_long_ago(
     request.at.CopyFrom(ts(datetime.now(UTC) - timedelta(hours=1)))
     opened_meter = await wallet_stub.OpenMeter(request)
     assert opened_meter.opened_at.ToDatetime(UTC) < datetime.now(UTC) - timedelta(minutes=59)
+
+
+async def test_a_close_waiting_on_a_rate_change_takes_effect_after_it(
+    wallet_pool: AsyncConnectionPool, new_org: NewOrg
+) -> None:
+    """A close (no `at`) whose transaction began before a rate change committed: it closes the
+    meter at the change (the new rate owed nothing yet); it was refused as "before the meter's
+    current rate began", an INVALID_ARGUMENT the caller had not caused."""
+    wallet = Wallet(wallet_pool)
+    org = await new_org()
+    meter_id = f"pod:{uuid.uuid4()}"
+    async with wallet_pool.connection() as conn, conn.transaction():
+        await wallet.meters.open(
+            conn,
+            MeterRequest(
+                meter_id, org, "pod-1", "pod", 3_600_000,
+                at=datetime.now(UTC) - timedelta(seconds=30),
+            ),
+        )  # fmt: skip
+    async with wallet_pool.connection() as closing, closing.transaction():
+        await closing.execute("SELECT now()")  # the close's transaction (and its now) begins
+        async with wallet_pool.connection() as other, other.transaction():
+            changed = await wallet.meters.update_rate(other, meter_id, 7_200_000)
+        closed = await wallet.meters.close(closing, meter_id)
+    assert closed.closed_at == changed.segment_started_at
+    assert closed.total_charged == owed(3_600_000, closed.opened_at, changed.segment_started_at)
+    async with wallet_pool.connection() as conn:
+        cur = await conn.execute("SELECT run_rate FROM wallets WHERE organization_id = %s", (org,))
+        assert (await cur.fetchone()) == (0,)
+
+
+async def test_a_retry_of_an_open_near_the_backdate_limit_is_still_the_same_meter(
+    wallet_pool: AsyncConnectionPool, new_org: NewOrg
+) -> None:
+    wallet = Wallet(wallet_pool)
+    org = await new_org()
+    request = MeterRequest(
+        f"pod:{uuid.uuid4()}", org, "pod-1", "pod", 3_600_000,
+        at=datetime.now(UTC) - timedelta(hours=24) + timedelta(seconds=1),
+    )  # fmt: skip
+    async with wallet_pool.connection() as conn, conn.transaction():
+        opened = await wallet.meters.open(conn, request)
+    await asyncio.sleep(1.5)  # the retry's `at` is now more than 24 h ago
+    async with wallet_pool.connection() as conn, conn.transaction():
+        again = await wallet.meters.open(conn, request)
+    assert again.opened_at == opened.opened_at
+    changed = MeterRequest(request.meter_id, org, "pod-2", "pod", 3_600_000, at=request.at)
+    with pytest.raises(Conflict):
+        async with wallet_pool.connection() as conn, conn.transaction():
+            await wallet.meters.open(conn, changed)

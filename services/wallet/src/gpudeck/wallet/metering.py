@@ -10,11 +10,14 @@ rate is a whole number of micro-units per second (rate divisible by 3600), exact
 
 from __future__ import annotations
 
+import dataclasses
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from gpudeck.kit.errors import InvalidArgument
+from gpudeck.wallet.ledger import SpendLine
 from gpudeck.wallet.money import MAX_AMOUNT
 from gpudeck.wallet.text import check_text
 
@@ -32,6 +35,27 @@ def owed(hourly_rate: int, start: datetime, end: datetime) -> int:
     if micros <= 0:
         return 0
     return hourly_rate * micros // MICROS_PER_HOUR
+
+
+def in_transfers(lines: Sequence[SpendLine], limit: int = MAX_AMOUNT) -> list[list[SpendLine]]:
+    """`lines` cut into groups that each sum to at most `limit`, the most one transfer moves
+    (a line too large for one is cut in parts): what a meter owes is charged however large
+    it has grown (a high rate, a long outage of billing), never refused as "too large"."""
+    groups: list[list[SpendLine]] = [[]]
+    room = limit
+    for line in lines:
+        left = line.amount
+        while left > 0:
+            if room == 0:
+                groups.append([])
+                room = limit
+            part = min(left, room)
+            groups[-1].append(
+                line if part == line.amount else dataclasses.replace(line, amount=part)
+            )
+            left -= part
+            room -= part
+    return [g for g in groups if g]
 
 
 @dataclass(frozen=True)

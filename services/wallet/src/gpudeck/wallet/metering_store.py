@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 import uuid
 from collections import defaultdict
 from collections.abc import Sequence
@@ -16,7 +17,14 @@ from gpudeck.kit.errors import Conflict, FailedPrecondition, InvalidArgument, No
 from gpudeck.wallet import events
 from gpudeck.wallet.ledger import Kind, SpendLine, TransferRequest
 from gpudeck.wallet.ledger_store import LedgerStore, db_now, lock_wallets
-from gpudeck.wallet.metering import MAX_BACKDATE, Meter, MeterRequest, check_rate, owed
+from gpudeck.wallet.metering import (
+    MAX_BACKDATE,
+    Meter,
+    MeterRequest,
+    check_rate,
+    in_transfers,
+    owed,
+)
 
 Conn = AsyncConnection[Any]
 COLUMNS = (
@@ -24,13 +32,14 @@ COLUMNS = (
     " m.opened_at, m.closed_at, m.segment_started_at, m.segment_charged, m.billed_until,"
     " m.total_charged, w.currency, m.opening_rate"
 )
-# What each open meter of these organizations owes since its last bill, charged up to %(now)s.
+# What each open meter of these organizations owes since its last bill, charged up to %(now)s:
+# `metering.owed` in SQL, in whole numbers (`div`), so no rounding of a quotient comes first.
 TICK = """
 WITH due AS (
     SELECT id,
-           floor(hourly_rate::numeric
-                 * (extract(epoch FROM (%(now)s::timestamptz - segment_started_at)) * 1000000)
-                 / 3600000000)::bigint - segment_charged AS delta
+           div(hourly_rate::numeric
+                 * (extract(epoch FROM (%(now)s::timestamptz - segment_started_at)) * 1000000),
+               3600000000)::bigint - segment_charged AS delta
     FROM meters
     WHERE organization_id = ANY(%(orgs)s) AND closed_at IS NULL AND billed_until < %(now)s
 )
@@ -42,6 +51,7 @@ FROM due
 WHERE m.id = due.id
 RETURNING m.organization_id, m.project_id, m.resource_type, m.resource_id, due.delta
 """
+log = logging.getLogger(__name__)
 BILLING_LOCK = int.from_bytes(
     hashlib.sha256(b"gpudeck.wallet.billing").digest()[:8], "big", signed=True
 )
@@ -63,6 +73,12 @@ class MeterStore:
             raise NotFound(f"meter {meter_id!r} not found", field="meter_id")
         return Meter(*row)
 
+    async def _find(self, conn: Conn, meter_id: str) -> Meter | None:
+        try:
+            return await self.get(conn, meter_id)
+        except NotFound:
+            return None
+
     async def list(self, conn: Conn, organization_id: uuid.UUID, *, open_only: bool) -> list[Meter]:
         cur = await conn.execute(
             f"SELECT {COLUMNS} FROM meters m JOIN wallets w USING (organization_id)"
@@ -77,16 +93,19 @@ class MeterStore:
         request.validate()
         now = await db_now(conn)
         at = _not_after(request.at, now)
-        if at < now - MAX_BACKDATE:  # an unset time (1970) would bill decades at once
-            raise InvalidArgument(
-                f"at {at.isoformat()} is more than {MAX_BACKDATE.days * 24} h ago: a meter opens"
-                " when its resource starts costing, at most that long before now",
-                field="at",
-            )
         locked = await lock_wallets(conn, [request.organization_id], now)
         if request.organization_id not in locked:
             raise NotFound(
                 f"organization {request.organization_id} not found", field="organization_id"
+            )
+        if at < now - MAX_BACKDATE:  # an unset time (1970) would bill decades at once
+            opened = await self._find(conn, request.meter_id)
+            if opened is not None:  # a retry of an open made in time: still the same request
+                return _replayed(opened, request)
+            raise InvalidArgument(
+                f"at {at.isoformat()} is more than {MAX_BACKDATE.days * 24} h ago: a meter opens"
+                " when its resource starts costing, at most that long before now",
+                field="at",
             )
         await self.ledger.projects.use(conn, request.organization_id, request.project_id)
         cur = await conn.execute(
@@ -100,15 +119,7 @@ class MeterStore:
         created = await cur.fetchone() is not None
         meter = await self.get(conn, request.meter_id)
         if not created:
-            other = meter.differs_from(request)
-            if other:
-                raise Conflict(
-                    f"meter {request.meter_id!r} was opened with another {other}: a retry must"
-                    " send the same request (UpdateMeterRate changes a rate)",
-                    field="meter_id",
-                    reason="IDEMPOTENCY_KEY_REUSED",
-                )
-            return meter
+            return _replayed(meter, request)
         await self._add_run_rate(conn, meter.organization_id, meter.hourly_rate, now)
         await self.outbox.add(conn, self._event("wallet.meter.opened", meter))
         await self.ledger.refresh_levels(conn, [meter.organization_id], now)
@@ -123,7 +134,7 @@ class MeterStore:
             raise FailedPrecondition(f"meter {meter_id!r} is closed", field="meter_id")
         if meter.hourly_rate == hourly_rate:
             return meter
-        at = _not_before(_not_after(at, now), meter.segment_started_at)
+        at = _in_segment(at, now, meter.segment_started_at)
         await self._settle(conn, meter, at, now)
         await conn.execute(
             "UPDATE meters SET hourly_rate = %s, segment_started_at = %s, segment_charged = 0,"
@@ -141,7 +152,7 @@ class MeterStore:
         meter, now = await self._lock(conn, meter_id)
         if meter.closed_at is not None:
             return meter
-        at = _not_before(_not_after(at, now), meter.segment_started_at)
+        at = _in_segment(at, now, meter.segment_started_at)
         await self._settle(conn, meter, at, now)
         await conn.execute(
             "UPDATE meters SET closed_at = %s, billed_until = %s WHERE id = %s", (at, at, meter_id)
@@ -163,21 +174,23 @@ class MeterStore:
                 lines[org].append(SpendLine(rtype, delta, rid, project))
         requests = [
             TransferRequest(
-                key=f"usage:{now.isoformat()}:{org}",
+                key=f"usage:{now.isoformat()}:{org}" + (f":{part}" if part else ""),
                 organization_id=org,
                 kind=Kind.USAGE,
-                amount=sum(line.amount for line in org_lines),
+                amount=sum(line.amount for line in group),
                 description="Metered usage",
-                lines=tuple(org_lines),
+                lines=tuple(group),
                 allow_overdraft=True,
                 record_key=False,
                 actor="system",
             )
             for org, org_lines in sorted(lines.items())
+            for part, group in enumerate(in_transfers(org_lines))
         ]
-        for outcome in await self.ledger.post_transfers(conn, requests, now=now):
+        outcomes = await self.ledger.post_transfers(conn, requests, now=now)
+        for request, outcome in zip(requests, outcomes, strict=True):
             if outcome.error is not None:
-                raise outcome.error
+                raise BillingRefused(request.organization_id, outcome.error)
         return sum(r.amount for r in requests)
 
     async def _lock(self, conn: Conn, meter_id: str) -> tuple[Meter, datetime]:
@@ -197,28 +210,27 @@ class MeterStore:
             (delta, delta, meter.id),
         )
         line = SpendLine(meter.resource_type, abs(delta), meter.resource_id, meter.project_id)
-        [outcome] = await self.ledger.post_transfers(
-            conn,
-            [
-                TransferRequest(
-                    key=f"meter:{meter.id}:{meter.segment_started_at.isoformat()}:{at.isoformat()}",
-                    organization_id=meter.organization_id,
-                    kind=Kind.USAGE if delta > 0 else Kind.REFUND,
-                    amount=abs(delta),
-                    description="Metered usage" if delta > 0 else "Metered usage correction",
-                    project_id=meter.project_id,
-                    resource_type=meter.resource_type,
-                    resource_id=meter.resource_id,
-                    lines=(line,),
-                    allow_overdraft=True,
-                    record_key=False,
-                    actor="system",
-                )
-            ],
-            now=now,
-        )
-        if outcome.error is not None:
-            raise outcome.error
+        key = f"meter:{meter.id}:{meter.segment_started_at.isoformat()}:{at.isoformat()}"
+        requests = [
+            TransferRequest(
+                key=key + (f":{part}" if part else ""),
+                organization_id=meter.organization_id,
+                kind=Kind.USAGE if delta > 0 else Kind.REFUND,
+                amount=sum(part_line.amount for part_line in group),
+                description="Metered usage" if delta > 0 else "Metered usage correction",
+                project_id=meter.project_id,
+                resource_type=meter.resource_type,
+                resource_id=meter.resource_id,
+                lines=tuple(group),
+                allow_overdraft=True,
+                record_key=False,
+                actor="system",
+            )
+            for part, group in enumerate(in_transfers([line]))
+        ]
+        for outcome in await self.ledger.post_transfers(conn, requests, now=now):
+            if outcome.error is not None:
+                raise outcome.error
 
     async def _add_run_rate(
         self, conn: Conn, organization_id: uuid.UUID, delta: int, now: datetime
@@ -264,11 +276,59 @@ async def bill_open_meters(
             orgs = [r[0] for r in await cur.fetchall()]
             total = 0
             for start in range(0, len(orgs), chunk):
-                async with conn.transaction():
-                    total += await store.bill(conn, orgs[start : start + chunk])
+                total += await _bill_chunk(conn, store, orgs[start : start + chunk])
             return total
         finally:
             await conn.execute("SELECT pg_advisory_unlock(%s)", (BILLING_LOCK,))
+
+
+async def _bill_chunk(conn: Conn, store: MeterStore, orgs: list[uuid.UUID]) -> int:
+    """Bill `orgs` in one commit. An organization whose charge is refused (a bug, or data the
+    ledger rejects) is left out and logged, and the others are billed without it: one cannot
+    stop the billing of everyone. Its meters keep their `billed_until`; the next tick tries it
+    again, so nothing it owes is lost."""
+    while orgs:
+        try:
+            async with conn.transaction():
+                return await store.bill(conn, orgs)
+        except BillingRefused as refused:
+            log.error(
+                "billing refused",
+                extra={"organization_id": str(refused.organization_id), "error": str(refused)},
+            )
+            orgs = [o for o in orgs if o != refused.organization_id]
+    return 0
+
+
+class BillingRefused(Exception):
+    """The ledger refused one organization's metered usage in a tick."""
+
+    def __init__(self, organization_id: uuid.UUID, error: Exception) -> None:
+        super().__init__(f"organization {organization_id}: {error}")
+        self.organization_id = organization_id
+
+
+def _in_segment(at: datetime | None, now: datetime, start: datetime) -> datetime:
+    """The time a rate change or close takes effect in a segment that began at `start`: `at`
+    (never in the future), or, when none is given, now. A rate change may have committed
+    after this transaction's now() (it began before the wallet's lock was free): then now is
+    that change's start, and the segment has owed nothing yet."""
+    if at is None:
+        return max(now, start)
+    return _not_before(_not_after(at, now), start)
+
+
+def _replayed(meter: Meter, request: MeterRequest) -> Meter:
+    """The meter an OpenMeter retry opened, or the refusal of a retry that changes it."""
+    other = meter.differs_from(request)
+    if other:
+        raise Conflict(
+            f"meter {request.meter_id!r} was opened with another {other}: a retry must"
+            " send the same request (UpdateMeterRate changes a rate)",
+            field="meter_id",
+            reason="IDEMPOTENCY_KEY_REUSED",
+        )
+    return meter
 
 
 def _not_after(at: datetime | None, now: datetime) -> datetime:
