@@ -550,7 +550,9 @@ async def test_a_negative_rate_update_is_an_invalid_argument(
     await top_up(wallet_stub, org, 100 * USD)
     meter = await wallet_stub.OpenMeter(meter_request(org, hourly_rate=720_000), timeout=5)
     err = await refused(
-        wallet_stub.UpdateMeterRate(pb.UpdateMeterRateRequest(meter_id=meter.id, hourly_rate=-1))
+        wallet_stub.UpdateMeterRate(
+            pb.UpdateMeterRateRequest(meter_id=meter.id, hourly_rate=-1, idempotency_key="r1")
+        )
     )
     assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "hourly_rate" in (err.details() or "")
@@ -561,7 +563,9 @@ async def test_a_negative_rate_update_is_an_invalid_argument(
 async def test_unknown_meters_are_not_found(wallet_stub: WalletServiceStub) -> None:
     missing = f"pod:{uuid.uuid4()}"
     for call in (
-        wallet_stub.UpdateMeterRate(pb.UpdateMeterRateRequest(meter_id=missing, hourly_rate=1)),
+        wallet_stub.UpdateMeterRate(
+            pb.UpdateMeterRateRequest(meter_id=missing, hourly_rate=1, idempotency_key="r1")
+        ),
         wallet_stub.CloseMeter(pb.CloseMeterRequest(meter_id=missing)),
     ):
         err = await refused(call)
@@ -579,7 +583,7 @@ async def test_a_rate_update_on_a_closed_meter_is_refused(
     closed = await wallet_stub.CloseMeter(pb.CloseMeterRequest(meter_id=meter.id))
     err = await refused(
         wallet_stub.UpdateMeterRate(
-            pb.UpdateMeterRateRequest(meter_id=meter.id, hourly_rate=720_000)
+            pb.UpdateMeterRateRequest(meter_id=meter.id, hourly_rate=720_000, idempotency_key="r1")
         )
     )
     assert err.code() == grpc.StatusCode.FAILED_PRECONDITION

@@ -142,7 +142,10 @@ async def test_rate_change_bills_each_segment_at_its_rate(
     )  # fmt: skip
     await wallet_stub.UpdateMeterRate(
         pb.UpdateMeterRateRequest(
-            meter_id=meter_id, hourly_rate=7_200_000, at=ts(start + timedelta(seconds=10))
+            meter_id=meter_id,
+            hourly_rate=7_200_000,
+            at=ts(start + timedelta(seconds=10)),
+            idempotency_key="rate-1",
         )
     )
     closed = await wallet_stub.CloseMeter(
@@ -205,7 +208,9 @@ async def test_a_retry_that_changes_the_meter_is_refused_not_ignored(
     assert again.hourly_rate == 3_600_000
     # After a rate change, a late retry of the opening request still returns the meter.
     await wallet_stub.UpdateMeterRate(
-        pb.UpdateMeterRateRequest(meter_id=request.meter_id, hourly_rate=1_800_000)
+        pb.UpdateMeterRateRequest(
+            meter_id=request.meter_id, hourly_rate=1_800_000, idempotency_key="rate-1"
+        )
     )
     assert (await wallet_stub.OpenMeter(request)).hourly_rate == 1_800_000
 
@@ -253,7 +258,7 @@ async def test_a_close_waiting_on_a_rate_change_takes_effect_after_it(
     async with wallet_pool.connection() as closing, closing.transaction():
         await closing.execute("SELECT now()")  # the close's transaction (and its now) begins
         async with wallet_pool.connection() as other, other.transaction():
-            changed = await wallet.meters.update_rate(other, meter_id, 7_200_000)
+            changed = await wallet.meters.update_rate(other, meter_id, 7_200_000, None, "up-1")
         closed = await wallet.meters.close(closing, meter_id)
     assert closed.closed_at == changed.segment_started_at
     assert closed.total_charged == owed(3_600_000, closed.opened_at, changed.segment_started_at)
@@ -281,3 +286,43 @@ async def test_a_retry_of_an_open_near_the_backdate_limit_is_still_the_same_mete
     with pytest.raises(Conflict):
         async with wallet_pool.connection() as conn, conn.transaction():
             await wallet.meters.open(conn, changed)
+
+
+async def test_a_rate_change_is_one_request_per_key(
+    wallet_stub: WalletServiceStub, new_org: NewOrg
+) -> None:
+    """A late retry of an older rate change answers as it did and changes nothing: it would
+    otherwise undo the newer change (A → B → A). A key is required; another request with it
+    is ABORTED."""
+    org = await new_org()
+    meter = await wallet_stub.OpenMeter(
+        pb.OpenMeterRequest(
+            meter_id=f"pod:{uuid.uuid4()}", organization_id=str(org), resource_id="pod-1",
+            resource_type="pod", hourly_rate=3_600_000,
+        )
+    )  # fmt: skip
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await wallet_stub.UpdateMeterRate(
+            pb.UpdateMeterRateRequest(meter_id=meter.id, hourly_rate=7_200_000)
+        )
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert ("x-error-field", "idempotency_key") in list(err.value.trailing_metadata() or ())
+    scale_up = pb.UpdateMeterRateRequest(
+        meter_id=meter.id, hourly_rate=7_200_000, idempotency_key="scale-up"
+    )
+    first = await wallet_stub.UpdateMeterRate(scale_up)
+    assert first.hourly_rate == 7_200_000
+    await wallet_stub.UpdateMeterRate(
+        pb.UpdateMeterRateRequest(meter_id=meter.id, hourly_rate=1_800_000, idempotency_key="down")
+    )
+    late = await wallet_stub.UpdateMeterRate(scale_up)  # the first call's answer, replayed
+    assert late == first
+    meters = await wallet_stub.ListMeters(pb.ListMetersRequest(organization_id=str(org)))
+    assert [m.hourly_rate for m in meters.meters] == [1_800_000]  # the newer change stands
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await wallet_stub.UpdateMeterRate(
+            pb.UpdateMeterRateRequest(
+                meter_id=meter.id, hourly_rate=9_000_000, idempotency_key="scale-up"
+            )
+        )
+    assert err.value.code() == grpc.StatusCode.ABORTED

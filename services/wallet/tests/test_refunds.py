@@ -194,7 +194,9 @@ async def test_a_backdated_rate_change_gives_expiring_plan_credits_back(service:
     meter = await open_meter(wallet_stub, org, 3_600_000_000, start)  # 1.0 a second
     await billed(wallet_pool, meter.id, 5_000_000)
     await wallet_stub.UpdateMeterRate(
-        pb.UpdateMeterRateRequest(meter_id=meter.id, hourly_rate=0, at=ts(start))
+        pb.UpdateMeterRateRequest(
+            meter_id=meter.id, hourly_rate=0, at=ts(start), idempotency_key="rate-1"
+        )
     )
     await wallet_stub.CloseMeter(pb.CloseMeterRequest(meter_id=meter.id))
     assert await accounts(wallet_pool, org) == {"cash": 0, "credit": 60_000_000}

@@ -204,9 +204,10 @@ class LedgerRpcs:
 
     async def UpdateMeterRate(self, request: pb.UpdateMeterRateRequest, context: Ctx) -> pb.Meter:
         at = convert.optional_time(request, "at")
+        key = _require_key(request.idempotency_key)
         async with self.wallet.pool.connection() as conn, conn.transaction():
             meter = await self.wallet.meters.update_rate(
-                conn, _meter_id(request.meter_id), request.hourly_rate, at
+                conn, _meter_id(request.meter_id), request.hourly_rate, at, key
             )
         return convert.meter(meter)
 

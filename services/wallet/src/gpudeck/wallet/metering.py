@@ -11,10 +11,13 @@ rate is a whole number of micro-units per second (rate divisible by 3600), exact
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import Any
 
 from gpudeck.kit.errors import InvalidArgument
 from gpudeck.wallet.ledger import SpendLine
@@ -75,6 +78,32 @@ class Meter:
     currency: str = ""
     opening_rate: int | None = None  # None: opened before the wallet kept it (migration 013)
 
+    def to_json(self) -> dict[str, Any]:
+        """The meter as an answer remembered for a retry (`from_json` reads it back)."""
+        return {
+            k: v.isoformat()
+            if isinstance(v, datetime)
+            else str(v)
+            if isinstance(v, uuid.UUID)
+            else v
+            for k, v in dataclasses.asdict(self).items()
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Meter:
+        def time(name: str) -> datetime | None:
+            return datetime.fromisoformat(data[name]) if data[name] is not None else None
+
+        read: dict[str, Any] = {
+            **data,
+            "organization_id": uuid.UUID(data["organization_id"]),
+            "project_id": uuid.UUID(data["project_id"]) if data["project_id"] else None,
+            **{
+                k: time(k) for k in ("opened_at", "closed_at", "segment_started_at", "billed_until")
+            },
+        }
+        return cls(**read)
+
     def differs_from(self, request: MeterRequest) -> str:
         """What an OpenMeter retry changes about the meter it opened ("" when nothing): the
         resource (organization, id, type), the project or the rate it opened with."""
@@ -115,6 +144,17 @@ class MeterRequest:
             raise InvalidArgument("resource_id is required", field="resource_id")
         check_rate(self.hourly_rate)
         return self
+
+
+def rate_change_fingerprint(meter_id: str, hourly_rate: int, at: datetime | None) -> bytes:
+    """What makes an UpdateMeterRate call the same request as another with its key."""
+    payload = {
+        "op": "meter.update_rate",
+        "meter_id": meter_id,
+        "hourly_rate": hourly_rate,
+        "at": at.isoformat() if at is not None else None,
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).digest()
 
 
 def check_rate(hourly_rate: int) -> int:

@@ -14,7 +14,7 @@ from psycopg import AsyncConnection
 from psycopg_pool import AsyncConnectionPool
 
 from gpudeck.kit.errors import Conflict, FailedPrecondition, InvalidArgument, NotFound
-from gpudeck.wallet import events
+from gpudeck.wallet import events, idempotency
 from gpudeck.wallet.ledger import Kind, SpendLine, TransferRequest
 from gpudeck.wallet.ledger_store import LedgerStore, db_now, lock_wallets
 from gpudeck.wallet.metering import (
@@ -24,6 +24,7 @@ from gpudeck.wallet.metering import (
     check_rate,
     in_transfers,
     owed,
+    rate_change_fingerprint,
 )
 
 Conn = AsyncConnection[Any]
@@ -126,10 +127,24 @@ class MeterStore:
         return meter
 
     async def update_rate(
-        self, conn: Conn, meter_id: str, hourly_rate: int, at: datetime | None = None
+        self, conn: Conn, meter_id: str, hourly_rate: int, at: datetime | None, key: str
     ) -> Meter:
+        """Bill the meter at `hourly_rate` from `at` (default now). A retry with `key` answers
+        as the first call did and changes nothing: a late retry never undoes a newer change."""
         check_rate(hourly_rate)
         meter, now = await self._lock(conn, meter_id)
+        org, fingerprint = meter.organization_id, rate_change_fingerprint(meter_id, hourly_rate, at)
+        earlier = await idempotency.recall_in_wallet(conn, org, key, fingerprint)
+        if earlier is not None:
+            return Meter.from_json(earlier)
+        updated = await self._change_rate(conn, meter, hourly_rate, at, now)
+        await idempotency.remember(conn, str(org), key, fingerprint, updated.to_json())
+        return updated
+
+    async def _change_rate(
+        self, conn: Conn, meter: Meter, hourly_rate: int, at: datetime | None, now: datetime
+    ) -> Meter:
+        meter_id = meter.id
         if meter.closed_at is not None:
             raise FailedPrecondition(f"meter {meter_id!r} is closed", field="meter_id")
         if meter.hourly_rate == hourly_rate:

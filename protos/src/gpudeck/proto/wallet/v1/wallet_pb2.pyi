@@ -722,8 +722,13 @@ class UpdateMeterRateRequest(_message.Message):
     METER_ID_FIELD_NUMBER: _builtins.int
     HOURLY_RATE_FIELD_NUMBER: _builtins.int
     AT_FIELD_NUMBER: _builtins.int
+    IDEMPOTENCY_KEY_FIELD_NUMBER: _builtins.int
     meter_id: _builtins.str
     hourly_rate: _builtins.int
+    idempotency_key: _builtins.str
+    """Required: a retry with this key answers as the first call did and changes nothing (a late
+    retry of an older change must not undo a newer one); another request with it is ABORTED.
+    """
     @_builtins.property
     def at(self) -> _timestamp_pb2.Timestamp: ...
     def __init__(
@@ -732,10 +737,11 @@ class UpdateMeterRateRequest(_message.Message):
         meter_id: _builtins.str = ...,
         hourly_rate: _builtins.int = ...,
         at: _timestamp_pb2.Timestamp | None = ...,
+        idempotency_key: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["at", b"at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["at", b"at", "hourly_rate", b"hourly_rate", "meter_id", b"meter_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["at", b"at", "hourly_rate", b"hourly_rate", "idempotency_key", b"idempotency_key", "meter_id", b"meter_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
