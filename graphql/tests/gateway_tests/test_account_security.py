@@ -113,6 +113,63 @@ async def test_a_creation_key_belongs_to_the_token_that_sent_it(gql, new_org) ->
     assert error["extensions"]["code"] == "NOT_FOUND"
 
 
+RETRY_THEN = """mutation($key: String, $org: ID!) {
+  c: createOrganization(name: "Second", currency: "USD", idempotencyKey: $key) {
+    organization { id }
+  }
+  %s
+}"""
+LATER_IN_THE_NEW_ONE = {
+    "t": 't: createApiToken(organizationId: $org, name: "regained", role: OWNER) { token }',
+    "u": 'u: topUpWallet(organizationId: $org, amount: "5", currency: "USD",'
+    ' idempotencyKey: "regained") { wallet { balance { amount } } }',
+}
+
+
+async def test_a_retried_creation_acts_as_owner_in_its_own_payload_only(gql, new_org) -> None:
+    """A member token's retry must not lend it the new organization's owner for the rest of
+    the document: it could make itself an owner token there, or move money."""
+    org = await new_org()
+    member = (await make_token(gql, org, "MEMBER"))["token"]
+    key = f"scoped-{uuid.uuid4().hex[:8]}"
+    first = (await gql.data(CREATE_ORG, {"key": key}, token=member))["createOrganization"]
+    new_id = first["organization"]["id"]
+    for alias, later in LATER_IN_THE_NEW_ONE.items():
+        body = await gql(RETRY_THEN % later, {"key": key, "org": new_id}, token=member)
+        [error] = body["errors"]
+        assert (error["path"], error["extensions"]["code"]) == ([alias], "NOT_FOUND"), body
+    # The retry's own payload still shows it, as its owner.
+    again = (await gql.data(CREATE_ORG, {"key": key}, token=member))["createOrganization"]
+    assert again["organization"]["wallet"] == {"balance": {"amount": "0.000000"}}
+
+
+CREATE_ORG_CARD = """mutation($key: String) {
+  createOrganization(name: "Second", currency: "USD", idempotencyKey: $key) {
+    organization { id name teamSize kycStatus planCode owner { email } }
+    ownerToken ownerApiToken { id }
+  }
+}"""
+
+
+async def test_a_retry_after_the_user_left_shows_nothing_of_the_organization(gql, new_org) -> None:
+    """Once the caller's user no longer owns it, the retry's payload hides the organization
+    as `organization(id:)` hides another one: NOT_FOUND."""
+    org = await new_org()
+    key = f"left-{uuid.uuid4().hex[:8]}"
+    first = (await gql.data(CREATE_ORG_CARD, {"key": key}, token=org.token))["createOrganization"]
+    new_id, owner = first["organization"]["id"], first["ownerToken"]
+    email = f"{uuid.uuid4().hex[:8]}@example.com"
+    await gql.data(INVITE, {"org": new_id, "email": email, "role": "OWNER"}, token=owner)
+    await gql.data(REMOVE, {"org": new_id, "user": org.user_id}, token=owner)
+    body = await gql(CREATE_ORG_CARD, {"key": key}, token=org.token)
+    assert body["data"] == {
+        "createOrganization": {"organization": None, "ownerToken": None, "ownerApiToken": None}
+    }
+    refusals = sorted((e["path"][-1], e["extensions"]["code"]) for e in body["errors"])
+    assert refusals == [("organization", "NOT_FOUND"), ("ownerApiToken", "NOT_FOUND")]
+    assert email not in str(body)
+
+
 async def test_a_token_that_expires_makes_no_token_that_outlives_it(gql, new_org) -> None:
     org = await new_org()
     ends = (datetime.now(UTC) + timedelta(hours=1)).replace(microsecond=0)

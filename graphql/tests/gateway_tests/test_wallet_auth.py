@@ -44,6 +44,42 @@ async def test_introspection_needs_a_token(gql, new_org) -> None:
     assert "errors" not in body
 
 
+async def test_a_root_typename_needs_a_token(gql, new_org) -> None:
+    """The contract: without a valid token every operation but `health` fails. `__typename`
+    has no resolver of ours to refuse it, so the operation asking for it is refused whole."""
+    for query in (
+        "{ __typename }",
+        "mutation { __typename }",
+        "{ health { service } __typename }",
+        "{ ...Name } fragment Name on Query { __typename }",
+    ):
+        for token in (None, "gpd_not-a-real-token"):
+            error = await gql.error(query, token=token)
+            assert error["extensions"]["code"] == "UNAUTHENTICATED", (query, token)
+    body = await gql("{ health { __typename service } }")  # not at the root: health's own
+    assert "errors" not in body
+    org = await new_org()
+    assert await gql.data("{ __typename }", token=org.token) == {"__typename": "Query"}
+    assert await gql.data("mutation { __typename }", token=org.token) == {"__typename": "Mutation"}
+
+
+def test_every_root_field_but_health_checks_the_caller() -> None:
+    """Why only the meta fields are checked up front: each of the schema's own root fields
+    refuses a caller without a valid token through its permission."""
+    from strawberry.permission import PermissionExtension
+
+    from gpudeck.gateway.schema import build_schema
+
+    schema = build_schema()
+    for root in ("Query", "Mutation", "Subscription"):
+        definition = schema.get_type_by_name(root)
+        for field in definition.fields:
+            if field.python_name == "health":
+                continue
+            permissions = [e for e in field.extensions if isinstance(e, PermissionExtension)]
+            assert permissions, f"{root}.{field.graphql_name or field.python_name}"
+
+
 async def test_graphiqls_introspection_fits_the_limits(gql, new_org) -> None:
     from graphql import get_introspection_query
 

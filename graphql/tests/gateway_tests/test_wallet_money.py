@@ -441,6 +441,34 @@ async def test_a_malformed_display_currency_is_bad_user_input(gql, new_org) -> N
     assert error["extensions"] == {"code": "BAD_USER_INPUT", "field": "displayCurrency"}
 
 
+async def test_an_amount_too_large_for_the_display_currency_is_a_failed_precondition(
+    gql, new_org, wallet_stubs, database_url
+) -> None:
+    """Plans are converted by the gateway itself: at a rate far off, a fee that no Money can
+    hold is refused as the wallet refuses its own amounts, not an INTERNAL error."""
+    org = await new_org("USD")
+    source = f"overflow-test-{org.id[:8]}"  # removed after: the table is shared
+    await wallet_stubs.wallet.SetExchangeRate(
+        wallet_pb2.SetExchangeRateRequest(
+            base="USD", quote="INR", rate="900000000000", source=source
+        )
+    )
+    query = """query($id: ID!) { organization(id: $id, displayCurrency: "INR") {
+        availablePlans { code monthlyFee { amount } } } }"""
+    try:
+        error = await gql.error(query, {"id": org.id}, token=org.token)
+    finally:
+        with psycopg.connect(database_url) as conn:
+            conn.execute("DELETE FROM wallet.exchange_rates WHERE source = %s", (source,))
+    assert error["path"] == ["organization", "availablePlans"]
+    assert error["extensions"] == {
+        "code": "FAILED_PRECONDITION",
+        "reason": "AMOUNT_TOO_LARGE",
+        "field": "displayCurrency",
+    }
+    assert "displayCurrency" in error["message"]
+
+
 async def test_thresholds_keep_what_is_not_given(gql, new_org) -> None:
     org = await new_org()
     mutation = """mutation($org: ID!, $warning: String, $critical: String, $hours: Float) {

@@ -71,6 +71,24 @@ def test_conversion_multiplies_from_the_base_and_divides_from_the_quote() -> Non
     assert convert(usd, None) is usd
 
 
+def test_a_conversion_a_money_cannot_hold_is_refused_naming_the_display_currency() -> None:
+    """As the wallet refuses it (FAILED_PRECONDITION, AMOUNT_TOO_LARGE), not an INTERNAL error
+    from protobuf's int64 range check."""
+    far_off = money_pb2.Conversion(base="USD", quote="INR", rate="900000000000")
+    fee = money_pb2.Money(amount=99_000_000, currency="USD")
+    with pytest.raises(GatewayError) as refused:
+        convert(fee, far_off)
+    assert (refused.value.code, refused.value.reason) == ("FAILED_PRECONDITION", "AMOUNT_TOO_LARGE")
+    assert refused.value.field == "displayCurrency"
+    assert "displayCurrency" in refused.value.message
+    inr = money_pb2.Money(amount=99_000_000, currency="INR")
+    tiny = money_pb2.Conversion(base="USD", quote="INR", rate="0.000000000001")
+    with pytest.raises(GatewayError):
+        convert(inr, tiny)  # divided: as large
+    fits = money_pb2.Money(amount=9_000_000, currency="USD")  # 9e6 × 9e11 < 2^63
+    assert convert(fits, far_off).amount == 9_000_000 * 900_000_000_000
+
+
 def test_bearer_tokens() -> None:
     assert bearer("Bearer abc") == "abc"
     assert bearer("bearer   abc ") == "abc"

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from typing import Any
 
 import aiohttp
+import pytest
 from aiohttp import WSMsgType
 
 TRANSPORT_WS = "graphql-transport-ws"
@@ -93,6 +95,31 @@ async def test_a_bad_interval_is_refused_with_bad_user_input(gateway) -> None:
         errors = reply["payload"]["errors"] if reply["type"] == "next" else reply["payload"]
         assert errors[0]["extensions"]["code"] == "BAD_USER_INPUT"
         assert "intervalSeconds" in errors[0]["message"]
+
+
+@pytest.mark.parametrize(
+    ("payload", "headers"),
+    [
+        ({"Authorization": "Basic x"}, {}),
+        ({"authorization": "Bearer"}, {}),
+        ({}, {"Authorization": "Basic x"}),  # the handshake's header, none in the payload
+    ],
+)
+async def test_a_malformed_authorization_is_refused_not_a_crash(
+    gateway, caplog: pytest.LogCaptureFixture, payload: dict[str, str], headers: dict[str, str]
+) -> None:
+    """Refused as an unknown token is: 4403 on graphql-transport-ws, connection_error on
+    graphql-ws; never a dropped socket with a traceback in the log."""
+    async with gateway.ws_connect("/graphql", protocols=[TRANSPORT_WS], headers=headers) as ws:
+        await ws.send_json({"type": "connection_init", "payload": payload})
+        msg = await asyncio.wait_for(ws.receive(), timeout=5)
+        assert (msg.type, msg.data) == (WSMsgType.CLOSE, 4403)
+    async with gateway.ws_connect("/graphql", protocols=[LEGACY_WS], headers=headers) as ws:
+        await ws.send_json({"type": "connection_init", "payload": payload})
+        refused = await receive(ws)
+        assert refused["type"] == "connection_error"
+        assert "Bearer" in refused["payload"]["message"]
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
 
 
 async def test_an_unknown_subprotocol_is_refused(gateway) -> None:

@@ -15,6 +15,7 @@ from typing import Any
 
 import strawberry
 from aiohttp import web
+from graphql.pyutils import Path
 from strawberry.extensions import SchemaExtension
 
 from gpudeck.gateway.auth import Authenticator, Identity, token_from
@@ -37,8 +38,9 @@ class Context:
     live: LiveEvents | None = None
     connection_params: dict[str, Any] | None = None  # a websocket's connection_init payload
     _identity: Identity | None = field(default=None, repr=False)
-    # Identities the operation gained in other organizations (createOrganization's new one).
-    _grants: dict[str, Identity] = field(default_factory=dict, repr=False)
+    # Identities the operation gained in other organizations (createOrganization's new one),
+    # by (root field's response key, organization id): see `grant`.
+    _grants: dict[tuple[str, str], Identity] = field(default_factory=dict, repr=False)
     _client: WalletClient | None = field(default=None, repr=False)
     loaders: Loaders = field(init=False, repr=False)
 
@@ -66,16 +68,20 @@ class Context:
             self._identity = await self.auth.authenticate(self.token)
         return self._identity
 
-    async def identity_in(self, organization_id: str | None) -> Identity:
-        """Who the caller is in `organization_id`: the identity this operation was granted
-        there (see `grant`), else the caller's own."""
-        granted = self._grants.get(organization_id or "")
+    async def identity_in(self, organization_id: str | None, info: Info) -> Identity:
+        """Who the caller is in `organization_id` at the field `info` resolves: the identity
+        granted there to the root field this field is under (see `grant`), else the caller's
+        own."""
+        granted = self._grants.get((root_key(info.path), organization_id or ""))
         return granted if granted is not None else await self.identity()
 
-    def grant(self, identity: Identity) -> None:
-        """Let the rest of this operation act as `identity` in its organization: the owner of
-        an organization the operation just created, so its payload can show the new one."""
-        self._grants[identity.organization_id] = identity
+    def grant(self, identity: Identity, info: Info) -> None:
+        """Let the root field `info` resolves act as `identity` in its organization, within its
+        own selection only: the owner of an organization createOrganization just made, so its
+        payload can show the new one. Later root fields of the same document (`createApiToken`
+        in the new organization, say) still act as the caller's own token: a retry must not
+        hand the caller an owner's powers its token never had."""
+        self._grants[(root_key(info.path), identity.organization_id)] = identity
 
     async def reauthenticate(self) -> Identity:
         """The caller again, through the authenticator's short cache: for long subscriptions,
@@ -90,6 +96,13 @@ class Context:
         if self._client is None or self._client.actor != actor:
             self._client = WalletClient(self.backends.channel(WALLET), actor=actor)
         return self._client
+
+
+def root_key(path: Path) -> str:
+    """The response key (alias or name) of the root field `path` is under."""
+    while path.prev is not None:
+        path = path.prev
+    return str(path.key)
 
 
 class PerOperation(SchemaExtension):

@@ -1,7 +1,11 @@
-"""Introspection (`__schema`, `__type` at the root) needs a valid token like every other field
-but `health`: the schema is the API's map, and the issue's contract is "without a valid token
-every operation but health fails with UNAUTHENTICATED". GraphiQL sends the Headers tab's
-token with its introspection query, so admins get their docs and completion once it is set.
+"""The root's meta fields (`__schema`, `__type`, `__typename`) need a valid token like every
+other field but `health`: the issue's contract is "without a valid token every operation but
+health fails with UNAUTHENTICATED", and the schema is the API's map. The schema's own fields
+each refuse through their permissions (every root field but `health` has one); the meta fields
+have no resolver of ours, so the operation asking for one is refused here, as a whole.
+`__typename` inside a selection (`health { __typename }`) is not at the root and needs nothing.
+GraphiQL sends the Headers tab's token with its introspection query, so admins get their docs
+and completion once it is set.
 
 Checked once per operation, before it runs, from the parsed document (fragments followed).
 """
@@ -26,11 +30,12 @@ from strawberry.extensions import SchemaExtension
 from gpudeck.gateway.context import Context
 from gpudeck.gateway.errors import GatewayError
 
-META_FIELDS = frozenset({"__schema", "__type"})
+META_FIELDS = frozenset({"__schema", "__type", "__typename"})
 
 
-def asks_for_the_schema(document: DocumentNode, operation_name: str | None) -> bool:
-    """Whether the operation to run selects `__schema` or `__type` at its root."""
+def asks_for_meta_fields(document: DocumentNode, operation_name: str | None) -> bool:
+    """Whether the operation to run selects `__schema`, `__type` or `__typename` at its
+    root."""
     fragments = {
         d.name.value: d for d in document.definitions if isinstance(d, FragmentDefinitionNode)
     }
@@ -62,7 +67,7 @@ def asks_for_the_schema(document: DocumentNode, operation_name: str | None) -> b
 
 
 class IntrospectionNeedsToken(SchemaExtension):
-    """Refuses an operation that asks for the schema without a valid token."""
+    """Refuses an operation that asks for a meta field at its root without a valid token."""
 
     async def on_execute(self) -> AsyncIterator[None]:
         ctx = self.execution_context
@@ -71,7 +76,7 @@ class IntrospectionNeedsToken(SchemaExtension):
         if (
             isinstance(context, Context)
             and document is not None
-            and asks_for_the_schema(document, ctx.operation_name)
+            and asks_for_meta_fields(document, ctx.operation_name)
         ):
             try:
                 await context.identity()

@@ -3,7 +3,9 @@
 Clients send amounts as decimal strings ("12.5", at most 6 decimals) and get them back with
 exactly 6 ("12.500000"); floats never carry money. `convert` applies an exchange rate the way
 the wallet does (see wallet.proto, read models): multiplied when the rate's base is the source
-currency, divided when it is the target, rounded half away from zero to the micro-unit.
+currency, divided when it is the target, rounded half away from zero to the micro-unit. An
+amount a Money cannot hold after conversion is refused as the wallet refuses it
+(FAILED_PRECONDITION, reason AMOUNT_TOO_LARGE, field displayCurrency), not left to protobuf.
 """
 
 from __future__ import annotations
@@ -11,12 +13,14 @@ from __future__ import annotations
 import re
 from decimal import ROUND_HALF_UP, Decimal, localcontext
 
-from gpudeck.gateway.errors import BAD_USER_INPUT, GatewayError
+from gpudeck.gateway.errors import BAD_USER_INPUT, FAILED_PRECONDITION, GatewayError
 from gpudeck.proto.common.v1 import money_pb2
 
 MICRO = 1_000_000
 # The largest amount one call may move (the wallet's limit): 1e9 units.
 MAX_AMOUNT = 10**15
+# What a Money's int64 `amount` holds (the wallet's bound: symmetric, as it checks).
+INT64_MAX = 2**63 - 1
 # The currencies wallets hold and amounts can be shown in (the wallet's CURRENCIES).
 CURRENCIES = ("INR", "USD")
 # ASCII digits only: str.isdigit-style matching would take "١٢" or "５" as numbers.
@@ -73,7 +77,9 @@ def check_currency(text: str, *, field: str = "currency") -> str:
 
 def convert(amount: money_pb2.Money, conversion: money_pb2.Conversion | None) -> money_pb2.Money:
     """`amount` in the currency `conversion` leads to (unchanged without one, or when the
-    conversion does not start from the amount's currency)."""
+    conversion does not start from the amount's currency). FAILED_PRECONDITION naming
+    displayCurrency when the result is more than a Money holds (a rate far off): the wallet's
+    own answer to the same amount, where an unchecked one would fail as INTERNAL."""
     if conversion is None or not conversion.rate:
         return amount
     rate = Decimal(conversion.rate)
@@ -86,6 +92,14 @@ def convert(amount: money_pb2.Money, conversion: money_pb2.Conversion | None) ->
         else:
             return amount
         micro = int(value.quantize(Decimal(1), rounding=ROUND_HALF_UP))
+    if not -INT64_MAX <= micro <= INT64_MAX:
+        raise GatewayError(
+            f"an amount of {amount.currency} is too large to show in {target} at the exchange"
+            f" rate {conversion.rate}: check the rate, or leave displayCurrency out",
+            code=FAILED_PRECONDITION,
+            field="displayCurrency",
+            reason="AMOUNT_TOO_LARGE",
+        )
     return money_pb2.Money(amount=micro, currency=target)
 
 

@@ -63,7 +63,7 @@ class Member(BasePermission):
     async def has_permission(self, source: Any, info: Info, **kwargs: Any) -> bool:
         """True, or GatewayError with the code and message of the refusal."""
         organization = self.organization(source, kwargs)
-        identity = await info.context.identity_in(organization)
+        identity = await info.context.identity_in(organization, info)
         if organization is not None and organization != identity.organization_id:
             raise organization_not_found(organization, camel(self.argument or "organization_id"))
         refusal = self.refuse(identity, kwargs)

@@ -3,8 +3,9 @@ the fields that need it: only `health` needs no token), our GraphiQL page and
 websocket bookkeeping (so shutdown can close them all).
 
 Websockets speak graphql-transport-ws and the legacy graphql-ws; pages on other origins may not
-open one (Strawberry's default). A connection_init with a token that is not valid is refused
-(graphql-transport-ws: 4403); one with no token is accepted, for `health`. The server pings
+open one (Strawberry's default). A connection_init with a token that is not valid, or an
+`Authorization` that is not `Bearer <token>`, is refused (graphql-transport-ws: 4403, graphql-ws:
+connection_error); one with no token is accepted, for `health`. The server pings
 every websocket (HEARTBEAT) and closes one that stops answering, so a vanished client does not
 hold its subscriptions.
 """
@@ -92,15 +93,18 @@ class GatewayView(GraphQLView[Context, None]):
         return ws
 
     async def on_ws_connect(self, context: Context) -> Any:
-        """Refuse a connection_init whose token is not valid (none is fine: `health`)."""
-        if context.token:
-            try:
+        """Refuse a connection_init whose token is not valid (none is fine: `health`). An
+        `Authorization` that is not `Bearer <token>`, in the payload or (without one there) in
+        the handshake's header, is refused the same way: reading the token raises
+        UNAUTHENTICATED, which must not escape as a crash of the socket."""
+        try:
+            if context.token:
                 await context.identity()
-            except GatewayError as exc:
-                if exc.code == UNAUTHENTICATED:
-                    raise ConnectionRejectionError({"message": str(exc)}) from None
-            except Exception as exc:  # the wallet unreachable: each operation will say so
-                log.info("token not checked at connection_init", extra={"error": repr(exc)})
+        except GatewayError as exc:
+            if exc.code == UNAUTHENTICATED:
+                raise ConnectionRejectionError({"message": str(exc)}) from None
+        except Exception as exc:  # the wallet unreachable: each operation will say so
+            log.info("token not checked at connection_init", extra={"error": repr(exc)})
         return await super().on_ws_connect(context)
 
     async def __call__(self, request: web.Request) -> web.StreamResponse:

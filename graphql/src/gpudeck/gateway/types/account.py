@@ -159,7 +159,7 @@ async def list_members(info: Info, organization_id: str) -> list[OrganizationMem
 
 async def list_api_tokens(info: Info, organization_id: str) -> list[ApiToken]:
     """Every token for an owner or admin; the tokens its own user made for anyone else."""
-    identity = await info.context.identity_in(organization_id)
+    identity = await info.context.identity_in(organization_id, info)
     tokens = await info.context.loaders.api_tokens.load(organization_id)
     if identity.role not in ("owner", "admin"):
         tokens = [
@@ -171,7 +171,7 @@ async def list_api_tokens(info: Info, organization_id: str) -> list[ApiToken]:
 
 
 async def _user_id(info: Info, organization_id: str) -> str:
-    identity = await info.context.identity_in(organization_id)
+    identity = await info.context.identity_in(organization_id, info)
     if not identity.user_id:
         raise GatewayError(
             "this token belongs to no user, so it has no preferences", code=FORBIDDEN
@@ -191,7 +191,7 @@ async def display_for(info: Info, organization_id: str, given: str | None) -> st
     """The currency to show `organization_id`'s amounts in: `given` (checked: INR or USD), or
     when it is null the caller's saved preference there ("" for none: the wallet's own)."""
     if given is None:
-        identity = await info.context.identity_in(organization_id)
+        identity = await info.context.identity_in(organization_id, info)
         if not identity.user_id:
             return ""
         given = (await load_preferences(info, organization_id)).display_currency or None

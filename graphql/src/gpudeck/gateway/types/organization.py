@@ -319,15 +319,32 @@ class Organization:
 @strawberry.type(
     description=(
         "A new organization, and an owner token for it: `ownerToken` is its secret, shown "
-        "this once (null when a retry returned the first organization). Every field of "
-        "`organization` can be read here, as its owner; later operations on it need the owner "
-        "token (a token acts in its own organization only)."
+        "this once (null when a retry returned the first organization). While the caller's "
+        "user owns the organization, every field of `organization` can be read here, as its "
+        "owner; later operations on it, later root fields of the same document too, need the "
+        "owner token (a token acts in its own organization only)."
     )
 )
 class CreateOrganizationPayload:
-    organization: Organization
+    """What createOrganization answers. `organization` and `ownerApiToken` are checked like
+    `organization(id:)`: a retry after the caller's user stopped owning the organization (left
+    it, was removed) must not show its name, members or tokens to a token that may no longer
+    see them."""
+
+    organization: Organization | None = strawberry.field(
+        description=(
+            "The organization, as its owner. Null with NOT_FOUND, as `organization(id:)` says "
+            "of another organization, when a retry comes after the caller's user stopped "
+            "owning it."
+        ),
+        extensions=require(Member()),
+    )
     owner_token: str | None
-    owner_api_token: accounts.ApiToken | None
+    owner_api_token: accounts.ApiToken | None = strawberry.field(
+        description="The owner token made with it; null with NOT_FOUND as `organization`.",
+        extensions=require(Member()),
+    )
+    organization_id: strawberry.Private[str]  # what Member checks `organization` against
 
 
 async def resolve_organization(
@@ -387,7 +404,9 @@ async def resolve_create_organization(
         request.owner_token_expires_at.FromDatetime(identity.expires_at)
     created = await c.accounts.CreateOrganization(request, metadata=c.metadata)
     new = created.organization
-    if new.owner.id == identity.user_id:  # the caller's user owns it: show it in the payload
+    # The caller's user owns it: its payload (only) shows it. Otherwise (a retry after the user
+    # left) the payload's fields are NOT_FOUND to the caller's own token.
+    if new.owner.id == identity.user_id:
         info.context.grant(
             dataclasses.replace(
                 identity,
@@ -399,14 +418,16 @@ async def resolve_create_organization(
                     OrganizationRole(new.id, new.name, "owner"),
                 ),
                 expires_at=identity.expires_at,
-            )
+            ),
+            info,
         )
     return CreateOrganizationPayload(
-        organization=Organization.from_pb(created.organization),
+        organization=Organization.from_pb(new),
         owner_token=created.owner_token or None,
         owner_api_token=accounts.ApiToken.from_pb(created.owner_api_token)
         if created.HasField("owner_api_token")
         else None,
+        organization_id=new.id,
     )
 
 
