@@ -583,10 +583,118 @@ async def test_a_keyed_token_creation_is_one_token_and_its_secret_is_never_kept(
     async with wallet_pool.connection() as conn:
         cur = await conn.execute(
             "SELECT result FROM idempotency WHERE key = 't-1' AND scope LIKE %s",
-            (f"org:{org.id}:token:%",),
+            (f"org:{org.id}:%",),
         )
         [(stored,)] = await cur.fetchall()
     kept = pb.CreateApiTokenResponse.FromString(base64.b64decode(stored["answer"]))
     assert kept.api_token == first.api_token and kept.token == ""
     listed = await account_stub.ListApiTokens(pb.ListApiTokensRequest(organization_id=org.id))
     assert [t.name for t in listed.api_tokens].count("ci") == 1
+
+
+async def test_a_key_is_one_request_whatever_the_account_call(account_stub: Stub) -> None:
+    """One caller's key in one organization names one request: sent with another call (an
+    invite's key with a role change, a project, a rename) it is ABORTED and changes nothing."""
+    created = await new_org(account_stub)
+    org = created.organization.id
+    invite_request = pb.InviteMemberRequest(
+        organization_id=org, email=email(), role="member", idempotency_key="K"
+    )
+    invited = await account_stub.InviteMember(invite_request)
+    [project] = (
+        await account_stub.ListProjects(pb.ListProjectsRequest(organization_id=org))
+    ).projects
+    others = (
+        account_stub.SetMemberRole(
+            pb.SetMemberRoleRequest(
+                organization_id=org, user_id=invited.user.id, role="admin", idempotency_key="K"
+            )
+        ),
+        account_stub.CreateProject(
+            pb.CreateProjectRequest(organization_id=org, name="ml", idempotency_key="K")
+        ),
+        account_stub.RenameProject(
+            pb.RenameProjectRequest(project_id=project.id, name="renamed", idempotency_key="K")
+        ),
+        account_stub.UpdateOrganization(
+            pb.UpdateOrganizationRequest(organization_id=org, name="Other", idempotency_key="K")
+        ),
+        account_stub.RemoveMember(
+            pb.RemoveMemberRequest(
+                organization_id=org, user_id=invited.user.id, idempotency_key="K"
+            )
+        ),
+    )
+    for call in others:
+        err = await refused(call)
+        assert err.code() == grpc.StatusCode.ABORTED, err
+        assert reason_of(err) == "IDEMPOTENCY_KEY_REUSED"
+    members = await account_stub.ListMembers(pb.ListMembersRequest(organization_id=org))
+    assert {(m.user.id, m.role) for m in members.members} >= {(invited.user.id, "member")}
+    projects = await account_stub.ListProjects(pb.ListProjectsRequest(organization_id=org))
+    assert [p.name for p in projects.projects] == [project.name]
+    assert (
+        await account_stub.GetOrganization(pb.GetOrganizationRequest(organization_id=org))
+    ).name == "Acme"
+    assert await account_stub.InviteMember(invite_request) == invited  # the retry still replays
+
+
+@pytest.mark.parametrize(
+    ("request_", "field"),
+    [
+        (
+            pb.CreateOrganizationRequest(name="A", currency="USD", idempotency_key="k\x00"),
+            "idempotency_key",
+        ),
+        (
+            pb.CreateOrganizationRequest(name="A", currency="USD", idempotency_key="k" * 201),
+            "idempotency_key",
+        ),
+        (pb.CreateOrganizationRequest(name="A", currency="USD", owner_name="\x00x"), "owner_name"),
+        (
+            pb.CreateOrganizationRequest(name="A", currency="USD", owner_name="n" * 101),
+            "owner_name",
+        ),
+        (
+            pb.CreateOrganizationRequest(
+                name="A", currency="USD", owner_token_expires_at=in_future(-86_400)
+            ),
+            "owner_token_expires_at",
+        ),
+    ],
+)
+async def test_a_new_organizations_key_name_and_token_expiry_are_checked(
+    account_stub: Stub,
+    wallet_pool: AsyncConnectionPool,
+    request_: pb.CreateOrganizationRequest,
+    field: str,
+) -> None:
+    request = pb.CreateOrganizationRequest()
+    request.CopyFrom(request_)
+    request.owner_email = email()
+    err = await refused(account_stub.CreateOrganization(request))
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT, err
+    assert field_of(err) == field
+    async with wallet_pool.connection() as conn:
+        cur = await conn.execute("SELECT 1 FROM users WHERE email = %s", (request.owner_email,))
+        assert await cur.fetchone() is None  # nothing half-made
+
+
+@pytest.mark.parametrize(
+    ("change", "field"),
+    [
+        ({"name": "\x07\x1b[31mred"}, "name"),
+        ({"name": "n" * 101}, "name"),
+        ({"idempotency_key": "k\x00"}, "idempotency_key"),
+    ],
+)
+async def test_an_invited_members_name_and_key_are_checked(
+    account_stub: Stub, change: dict[str, str], field: str
+) -> None:
+    org = (await new_org(account_stub)).organization.id
+    request = pb.InviteMemberRequest(organization_id=org, email=email(), role="member", **change)
+    err = await refused(account_stub.InviteMember(request))
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT, err
+    assert field_of(err) == field
+    members = await account_stub.ListMembers(pb.ListMembersRequest(organization_id=org))
+    assert len(members.members) == 1

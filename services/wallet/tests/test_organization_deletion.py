@@ -478,6 +478,13 @@ async def test_deleting_an_organization_forfeits_credits_revokes_tokens_and_clos
     project = await account_stub.CreateProject(
         apb.CreateProjectRequest(organization_id=org, name="ml")
     )
+    [default] = [
+        p
+        for p in (
+            await account_stub.ListProjects(apb.ListProjectsRequest(organization_id=org))
+        ).projects
+        if p.id != project.id
+    ]
     # Cash in and spent to exactly zero, then credits of which some are spent.
     await wallet_stub.Transfer(transfer(org, wpb.TOPUP, 5 * USD))
     await wallet_stub.Transfer(transfer(org, wpb.CHARGE, 5 * USD, project_id=project.id))
@@ -553,17 +560,34 @@ async def test_deleting_an_organization_forfeits_credits_revokes_tokens_and_clos
         assert err.code() == grpc.StatusCode.NOT_FOUND, err
         assert field_of(err) == "organization_id", err
     assert await state(wallet_pool, org) == after
+    # Its projects went with it: not found, not usable.
+    for project_id in (project.id, default.id):
+        for call in (
+            account_stub.GetProject(apb.GetProjectRequest(project_id=project_id)),
+            account_stub.TouchProject(apb.TouchProjectRequest(project_id=project_id)),
+        ):
+            err = await refused(call)
+            assert err.code() == grpc.StatusCode.NOT_FOUND, err
+            assert field_of(err) == "project_id"
 
-    # The events: both tokens revoked, then the organization deleted.
+    # The events: both tokens revoked, both projects deleted, then the organization deleted.
     published = await stream_events(
         wallet_service,
         org,
-        until=Counter({"account.token.deleted": 2, "account.organization.deleted": 1}),
+        until=Counter(
+            {
+                "account.token.deleted": 2,
+                "account.project.deleted": 2,
+                "account.organization.deleted": 1,
+            }
+        ),
     )
     gone = changed(published, "account.organization.deleted")
     assert [(g.kind, g.id, g.name) for g in gone] == [("organization", org, name)]
     revoked = changed(published, "account.token.deleted")
     assert sorted(t.id for t in revoked) == sorted([created.owner_api_token.id, admin.api_token.id])
+    projects = changed(published, "account.project.deleted")
+    assert sorted(p.id for p in projects) == sorted([project.id, default.id])
 
 
 async def test_an_organization_with_no_money_is_deleted_without_a_transaction(

@@ -22,6 +22,7 @@ from gpudeck.wallet.accounts_store import AccountStore, CreatedOrganization, New
 from gpudeck.wallet.deps import Wallet
 from gpudeck.wallet.once import once
 from gpudeck.wallet.organization_deletion import delete_organization
+from gpudeck.wallet.organizations_store import Conn
 
 DEFAULT_PROJECTS = 50
 MAX_PROJECTS = 500
@@ -178,7 +179,7 @@ class AccountServicer(account_pb2_grpc.AccountServiceServicer):
             )
 
         async with self.wallet.pool.connection() as conn, conn.transaction():
-            return await once(conn, f"org:{org}:update", request, pb.Organization, rename)
+            return await once(conn, f"org:{org}", request, pb.Organization, rename)
 
     async def DeleteOrganization(
         self, request: pb.DeleteOrganizationRequest, context: object
@@ -193,7 +194,7 @@ class AccountServicer(account_pb2_grpc.AccountServiceServicer):
             return organization(deleted)
 
         async with self.wallet.pool.connection() as conn, conn.transaction():
-            return await once(conn, f"org:{org}:delete", request, pb.Organization, delete)
+            return await once(conn, f"org:{org}", request, pb.Organization, delete)
 
     async def SetKycStatus(
         self, request: pb.SetKycStatusRequest, context: object
@@ -204,7 +205,7 @@ class AccountServicer(account_pb2_grpc.AccountServiceServicer):
             return organization(await self.accounts.set_kyc_status(conn, org, request.kyc_status))
 
         async with self.wallet.pool.connection() as conn, conn.transaction():
-            return await once(conn, f"org:{org}:kyc", request, pb.Organization, set_status)
+            return await once(conn, f"org:{org}", request, pb.Organization, set_status)
 
     # ------------------------------------------------------------------ members
 
@@ -227,7 +228,7 @@ class AccountServicer(account_pb2_grpc.AccountServiceServicer):
             )
 
         async with self.wallet.pool.connection() as conn, conn.transaction():
-            return await once(conn, f"org:{org}:invite", request, pb.Member, invite)
+            return await once(conn, f"org:{org}", request, pb.Member, invite)
 
     async def SetMemberRole(self, request: pb.SetMemberRoleRequest, context: object) -> pb.Member:
         org = _org(request.organization_id)
@@ -237,7 +238,7 @@ class AccountServicer(account_pb2_grpc.AccountServiceServicer):
             return member(await self.accounts.set_member_role(conn, org, user_id, request.role))
 
         async with self.wallet.pool.connection() as conn, conn.transaction():
-            return await once(conn, f"org:{org}:role", request, pb.Member, set_role)
+            return await once(conn, f"org:{org}", request, pb.Member, set_role)
 
     async def RemoveMember(
         self, request: pb.RemoveMemberRequest, context: object
@@ -250,17 +251,23 @@ class AccountServicer(account_pb2_grpc.AccountServiceServicer):
             return pb.RemoveMemberResponse()
 
         async with self.wallet.pool.connection() as conn, conn.transaction():
-            return await once(conn, f"org:{org}:remove", request, pb.RemoveMemberResponse, remove)
+            return await once(conn, f"org:{org}", request, pb.RemoveMemberResponse, remove)
 
     # ------------------------------------------------------------------ projects
 
     async def CreateProject(self, request: pb.CreateProjectRequest, context: object) -> pb.Project:
         org = _org(request.organization_id)
+
+        async def create() -> pb.Project:
+            return project(await self.accounts.create_project(conn, org, request.name))
+
         async with self.wallet.pool.connection() as conn, conn.transaction():
-            made = await self.accounts.create_project(
-                conn, org, request.name, idempotency_key=request.idempotency_key
-            )
-        return project(made)
+            return await once(conn, f"org:{org}", request, pb.Project, create)
+
+    async def _project_scope(self, conn: Conn, project_id: uuid.UUID) -> str:
+        """The idempotency scope of a call on a project: its organization's."""
+        found = await self.accounts.get_project(conn, project_id, deleted=True)
+        return f"org:{found.organization_id}"
 
     async def GetProject(self, request: pb.GetProjectRequest, context: object) -> pb.Project:
         project_id = convert.parse_id(request.project_id, "project_id")
@@ -287,7 +294,8 @@ class AccountServicer(account_pb2_grpc.AccountServiceServicer):
             return project(await self.accounts.rename_project(conn, project_id, request.name))
 
         async with self.wallet.pool.connection() as conn, conn.transaction():
-            return await once(conn, f"project:{project_id}:rename", request, pb.Project, rename)
+            scope = await self._project_scope(conn, project_id)
+            return await once(conn, scope, request, pb.Project, rename)
 
     async def DeleteProject(self, request: pb.DeleteProjectRequest, context: object) -> pb.Project:
         project_id = convert.parse_id(request.project_id, "project_id")
@@ -302,7 +310,8 @@ class AccountServicer(account_pb2_grpc.AccountServiceServicer):
             return project(await self.accounts.delete_project(conn, project_id))
 
         async with self.wallet.pool.connection() as conn, conn.transaction():
-            deleted = await once(conn, f"project:{project_id}:delete", request, pb.Project, delete)
+            scope = await self._project_scope(conn, project_id)
+            deleted = await once(conn, scope, request, pb.Project, delete)
         self.wallet.ledger.projects.deleted(project_id)  # this process stops trusting it at once
         return deleted
 
@@ -328,7 +337,7 @@ class AccountServicer(account_pb2_grpc.AccountServiceServicer):
 
         async with self.wallet.pool.connection() as conn, conn.transaction():
             return await once(
-                conn, f"org:{org}:token", request, pb.CreateApiTokenResponse, create, secret="token"
+                conn, f"org:{org}", request, pb.CreateApiTokenResponse, create, secret="token"
             )
 
     async def ListApiTokens(
@@ -349,7 +358,7 @@ class AccountServicer(account_pb2_grpc.AccountServiceServicer):
             return api_token(await self.accounts.revoke_token(conn, org, token_id))
 
         async with self.wallet.pool.connection() as conn, conn.transaction():
-            return await once(conn, f"org:{org}:revoke", request, pb.ApiToken, revoke)
+            return await once(conn, f"org:{org}", request, pb.ApiToken, revoke)
 
     async def RenameApiToken(
         self, request: pb.RenameApiTokenRequest, context: object
@@ -361,7 +370,7 @@ class AccountServicer(account_pb2_grpc.AccountServiceServicer):
             return api_token(await self.accounts.rename_token(conn, org, token_id, request.name))
 
         async with self.wallet.pool.connection() as conn, conn.transaction():
-            return await once(conn, f"org:{org}:token-name", request, pb.ApiToken, rename)
+            return await once(conn, f"org:{org}", request, pb.ApiToken, rename)
 
     # ------------------------------------------------------------------ preferences
 
@@ -392,6 +401,6 @@ class AccountServicer(account_pb2_grpc.AccountServiceServicer):
                 await self.accounts.update_preferences(conn, wanted, list(request.fields))
             )
 
-        scope = f"org:{wanted.organization_id}:preferences"
+        scope = f"org:{wanted.organization_id}"
         async with self.wallet.pool.connection() as conn, conn.transaction():
             return await once(conn, scope, request, pb.Preferences, update)

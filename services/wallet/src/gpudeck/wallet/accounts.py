@@ -100,6 +100,11 @@ def check_name(name: str, *, field: str = "name") -> str:
     return value
 
 
+def check_user_name(name: str, *, field: str = "name") -> str:
+    """A person's name, which may be left out (""); else as `check_name`."""
+    return check_name(name, field=field) if name.strip() else ""
+
+
 def check_email(email: str, *, field: str = "email") -> str:
     """An address shaped like local@domain.tld, lower-cased."""
     value = email.strip().lower()
@@ -147,9 +152,11 @@ def token_digest(secret: str) -> bytes:
     return hashlib.sha256(secret.encode()).digest()
 
 
-def check_expiry(expires_at: datetime | None, now: datetime) -> datetime | None:
+def check_expiry(
+    expires_at: datetime | None, now: datetime, *, field: str = "expires_at"
+) -> datetime | None:
     if expires_at is not None and expires_at <= now:
-        raise InvalidArgument("expires_at must be in the future", field="expires_at")
+        raise InvalidArgument(f"{field} must be in the future", field=field)
     return expires_at
 
 

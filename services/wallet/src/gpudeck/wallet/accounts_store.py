@@ -27,13 +27,15 @@ from gpudeck.wallet.accounts import (
     Project,
     User,
     check_email,
+    check_expiry,
     check_name,
     check_preference_update,
     check_role,
+    check_user_name,
     fingerprint,
 )
 from gpudeck.wallet.ids import uuid7
-from gpudeck.wallet.ledger_store import open_wallet
+from gpudeck.wallet.ledger_store import db_now, open_wallet
 from gpudeck.wallet.money import check_currency
 from gpudeck.wallet.organizations_store import RANKED, Conn
 from gpudeck.wallet.projects_store import ProjectStore
@@ -92,15 +94,20 @@ class AccountStore(ProjectStore, TokenStore):
         """
         name = check_name(request.name)
         currency = check_currency(request.currency)
+        key = check_text(request.idempotency_key, "idempotency_key")
+        expires = request.owner_token_expires_at
         owner = await self._owner(conn, request)
-        scope, key = f"user:{owner.id}", request.idempotency_key
+        scope = f"user:{owner.id}"
         if request.caller_scope:
             scope = f"{scope}:{check_text(request.caller_scope, 'caller_scope')}"
-        digest = fingerprint("organization.create", name=name, currency=currency)
+        expiry = {"owner_token_expires_at": expires.isoformat()} if expires else {}
+        digest = fingerprint("organization.create", name=name, currency=currency, **expiry)
         if key:
             earlier = await idempotency.recall(conn, scope, key, digest)
             if earlier is not None:
                 return await self._created_before(conn, earlier)
+        if owner_token:
+            check_expiry(expires, await db_now(conn), field="owner_token_expires_at")
         org = organization_id or uuid7()
         await conn.execute(
             "INSERT INTO organizations (id, name, owner_user_id, currency) VALUES (%s, %s, %s, %s)",
@@ -119,7 +126,6 @@ class AccountStore(ProjectStore, TokenStore):
         ]
         secret, token = "", None
         if owner_token:
-            expires = request.owner_token_expires_at
             secret, token = await self._insert_token(conn, org, "owner", "owner", owner.id, expires)
             news.append(self._token_event("account.token.created", token))
         await self.outbox.add_many(conn, news)
@@ -129,6 +135,24 @@ class AccountStore(ProjectStore, TokenStore):
                 result["token_id"] = str(token.id)
             await idempotency.remember(conn, scope, key, digest, result)
         return CreatedOrganization(await self.get_organization(conn, org), secret, token, project)
+
+    async def close_organization(self, conn: Conn, org: uuid.UUID) -> None:
+        """Mark a (locked) organization deleted, revoke all its tokens and delete its projects
+        (a resource can no longer name one), with their events."""
+        cur = await conn.execute(
+            "UPDATE organizations SET deleted_at = now() WHERE id = %s AND deleted_at IS NULL"
+            " RETURNING name",
+            (org,),
+        )
+        row = await cur.fetchone()
+        if row is None:
+            raise NotFound(f"organization {org} not found", field="organization_id")
+        news = [
+            *await self._revoke_all_tokens(conn, org),
+            *await self._delete_all_projects(conn, org),
+        ]
+        news.append(self._organization_event("account.organization.deleted", org, row[0]))
+        await self.outbox.add_many(conn, news)
 
     async def _owner(self, conn: Conn, request: NewOrganization) -> User:
         """The owning user, row-locked (which serializes their creations), made if need be."""
@@ -148,7 +172,7 @@ class AccountStore(ProjectStore, TokenStore):
         return await self._user_by_email(
             conn,
             email,
-            name=request.owner_name.strip(),
+            name=check_user_name(request.owner_name, field="owner_name"),
             user_id=request.owner_user_id,
             field="owner_email",
         )
@@ -202,7 +226,7 @@ class AccountStore(ProjectStore, TokenStore):
         """Add the user with `email` (created if new) to the organization with `role`."""
         email, role = check_email(email), check_role(role)
         await self.lock_organization(conn, org)
-        user = await self._user_by_email(conn, email, name=name.strip())
+        user = await self._user_by_email(conn, email, name=check_user_name(name))
         cur = await conn.execute(
             "INSERT INTO memberships (organization_id, user_id, role) VALUES (%s, %s, %s)"
             " ON CONFLICT DO NOTHING RETURNING created_at",

@@ -29,8 +29,10 @@ async def once(
     secret: str = "",
 ) -> Answer:
     """`act`'s answer, or with `request.idempotency_key` the answer first given for it by this
-    caller (`x-actor`) in `scope`: a retry changes nothing. The field `secret` of the answer is
-    not kept (a retry gets it empty); another request with the key is ABORTED."""
+    caller (`x-actor`) in `scope` (an organization: `org:<id>`): a retry changes nothing. A key
+    is one request whatever the call: another request with it, of this call or another one
+    (the request's type is part of its fingerprint), is ABORTED. The field `secret` of the
+    answer is not kept (a retry gets it empty)."""
     key = check_text(request.idempotency_key, "idempotency_key")
     if not key:
         return await act()
@@ -40,7 +42,8 @@ async def once(
     payload = type(request)()
     payload.CopyFrom(request)
     payload.idempotency_key = ""
-    digest = hashlib.sha256(payload.SerializeToString(deterministic=True)).digest()
+    call = payload.DESCRIPTOR.full_name.encode()
+    digest = hashlib.sha256(call + b"\0" + payload.SerializeToString(deterministic=True)).digest()
     earlier = await idempotency.recall(conn, scope, key, digest)
     if earlier is not None:
         return answer_type.FromString(base64.b64decode(earlier["answer"]))

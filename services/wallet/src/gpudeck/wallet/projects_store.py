@@ -14,8 +14,8 @@ import psycopg
 
 from gpudeck.kit.errors import AlreadyExists, FailedPrecondition, NotFound
 from gpudeck.proto.events.v1.envelope_pb2 import Event
-from gpudeck.wallet import events, idempotency
-from gpudeck.wallet.accounts import Project, check_name, fingerprint
+from gpudeck.wallet import events
+from gpudeck.wallet.accounts import Project, check_name
 from gpudeck.wallet.ids import uuid7
 from gpudeck.wallet.organizations_store import Conn, OrganizationStore
 
@@ -30,21 +30,11 @@ def _project(row: Sequence[Any]) -> Project:
 class ProjectStore(OrganizationStore):
     """An organization's projects."""
 
-    async def create_project(
-        self, conn: Conn, org: uuid.UUID, name: str, *, idempotency_key: str = ""
-    ) -> Project:
+    async def create_project(self, conn: Conn, org: uuid.UUID, name: str) -> Project:
         name = check_name(name)
         await self.lock_organization(conn, org)
-        scope, digest = f"org:{org}:projects", fingerprint("project.create", name=name)
-        if idempotency_key:
-            earlier = await idempotency.recall(conn, scope, idempotency_key, digest)
-            if earlier is not None:
-                return await self.get_project(conn, uuid.UUID(earlier["project_id"]), deleted=True)
         project = await self._insert_project(conn, org, name, None)
         await self.outbox.add(conn, self._project_event("account.project.created", project))
-        if idempotency_key:
-            result = {"project_id": str(project.id)}
-            await idempotency.remember(conn, scope, idempotency_key, digest, result)
         return project
 
     async def _insert_project(
@@ -167,6 +157,16 @@ class ProjectStore(OrganizationStore):
         deleted = _project(row)
         await self.outbox.add(conn, self._project_event("account.project.deleted", deleted))
         return deleted
+
+    async def _delete_all_projects(self, conn: Conn, org: uuid.UUID) -> list[Event]:
+        """Soft-delete every live project of the organization; their events."""
+        cur = await conn.execute(
+            "UPDATE projects SET deleted_at = now() WHERE organization_id = %s"
+            f" AND deleted_at IS NULL RETURNING {PROJECT_COLUMNS}",
+            (org,),
+        )
+        rows = await cur.fetchall()
+        return [self._project_event("account.project.deleted", _project(row)) for row in rows]
 
     @staticmethod
     def _project_event(event_type: str, project: Project) -> Event:

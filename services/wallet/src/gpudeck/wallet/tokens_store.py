@@ -166,29 +166,16 @@ class TokenStore(OrganizationStore):
             return token
         return await self._token_in(conn, org, token_id)
 
-    async def close_organization(self, conn: Conn, org: uuid.UUID) -> None:
-        """Mark a (locked) organization deleted and revoke all its tokens, with their events."""
-        cur = await conn.execute(
-            "UPDATE organizations SET deleted_at = now() WHERE id = %s AND deleted_at IS NULL"
-            " RETURNING name",
-            (org,),
-        )
-        row = await cur.fetchone()
-        if row is None:
-            raise NotFound(f"organization {org} not found", field="organization_id")
+    async def _revoke_all_tokens(self, conn: Conn, org: uuid.UUID) -> list[Event]:
+        """Revoke every live token of the organization; their events."""
         cur = await conn.execute(
             "UPDATE api_tokens SET revoked_at = now() WHERE organization_id = %s"
             f" AND revoked_at IS NULL RETURNING {TOKEN_COLUMNS}",
             (org,),
         )
-        revoked = [_token(row) for row in await cur.fetchall()]
-        await self.outbox.add_many(
-            conn,
-            [
-                *(self._token_event("account.token.deleted", t) for t in revoked),
-                self._organization_event("account.organization.deleted", org, row[0]),
-            ],
-        )
+        return [
+            self._token_event("account.token.deleted", _token(row)) for row in await cur.fetchall()
+        ]
 
     async def _revoke_tokens_of(
         self, conn: Conn, org: uuid.UUID, user_id: uuid.UUID, *, above: str | None
