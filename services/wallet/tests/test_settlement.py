@@ -94,7 +94,7 @@ async def pending(pool: AsyncConnectionPool, org: uuid.UUID) -> list[str]:
         return [row[0] for row in await cur.fetchall()]
 
 
-async def test_a_top_up_pending_too_long_fails_and_the_rule_fires_again(
+async def test_a_top_up_pending_too_long_expires_the_rule_fires_again_and_a_late_payment_counts(
     wallet_pool: AsyncConnectionPool, new_org: NewOrg
 ) -> None:
     ledger = LedgerStore()
@@ -112,10 +112,45 @@ async def test_a_top_up_pending_too_long_fails_and_the_rule_fires_again(
         )
 
     async with wallet_pool.connection() as conn, conn.transaction():
-        failed = await thresholds.fail_stale_topups(conn, 3600)
-    assert failed >= 1
-    assert await pending(wallet_pool, stale) == ["failed", "pending"]  # still below: asks again
+        expired = await thresholds.fail_stale_topups(conn, 3600)
+    assert expired >= 1
+    assert await pending(wallet_pool, stale) == ["expired", "pending"]  # still below: asks again
     assert await pending(wallet_pool, fresh) == ["pending"]  # within the hour: left alone
+
+    # The payment of the expired one succeeds after all: it is credited, not refused (the
+    # customer paid), once; a late failure of it changes nothing.
+    async with wallet_pool.connection() as conn:
+        cur = await conn.execute(
+            "SELECT id FROM pending_topups WHERE organization_id = %s AND status = 'expired'",
+            (stale,),
+        )
+        [(late,)] = await cur.fetchall()
+    for _ in range(2):  # the webhook retried
+        async with wallet_pool.connection() as conn, conn.transaction():
+            done = await thresholds.complete_topup(
+                conn, late, succeeded=True, reference="pay-1", actor="payments"
+            )
+        assert done.status == "completed" and done.transaction_id is not None
+    async with wallet_pool.connection() as conn:
+        cur = await conn.execute("SELECT balance FROM wallets WHERE organization_id = %s", (stale,))
+        assert await cur.fetchone() == (USD,)
+    assert await pending(wallet_pool, stale) == ["completed", "pending"]
+    async with wallet_pool.connection() as conn, conn.transaction():
+        await conn.execute(
+            "UPDATE pending_topups SET status = 'expired' WHERE organization_id = %s"
+            " AND status = 'pending'",
+            (stale,),
+        )
+        cur = await conn.execute(
+            "SELECT id FROM pending_topups WHERE organization_id = %s AND status = 'expired'",
+            (stale,),
+        )
+        [(other,)] = await cur.fetchall()
+    async with wallet_pool.connection() as conn, conn.transaction():
+        gone = await thresholds.complete_topup(
+            conn, other, succeeded=False, reference="", actor="payments"
+        )
+    assert gone.status == "expired" and gone.transaction_id is None
 
 
 async def test_a_top_up_that_ends_an_overdraft_pays_the_open_invoice_at_once(

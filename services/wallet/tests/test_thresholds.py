@@ -286,7 +286,7 @@ async def test_three_failed_top_ups_in_a_row_turn_the_rule_off_until_it_is_saved
     assert not stopped.HasField("pending") or not stopped.pending.id  # no fourth request
     assert "3 automatic top-ups in a row failed" in stopped.disabled_reason
     await transfer(wallet_stub, org, pb.CHARGE, USD // 10)
-    assert [s for _, s in await pending_ids(wallet_pool, org)] == ["failed"] * 3
+    assert [s for _, s in await pending_ids(wallet_pool, org)] == ["expired", "failed", "failed"]
     disabled = await wallet_events(
         events_config, org, lambda found: any(e.type.endswith("disabled") for e in found)
     )

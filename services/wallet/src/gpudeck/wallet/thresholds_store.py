@@ -143,8 +143,9 @@ class ThresholdStore:
     ) -> PendingTopUp:
         """Resolve a requested top-up once: on success the money is posted (a TOPUP keyed
         "auto-topup:<id>"). The same resolution again (a payment webhook retried) returns it
-        as it is; the other one is FailedPrecondition (ALREADY_RESOLVED). A failure that makes
-        MAX_AUTO_TOPUP_FAILURES in a row turns the rule off."""
+        as it is; the other one is FailedPrecondition (ALREADY_RESOLVED). A success reported
+        after the request expired (`fail_stale_topups`) is still credited: the payment went
+        through. A failure that makes MAX_AUTO_TOPUP_FAILURES in a row turns the rule off."""
         cur = await conn.execute(
             "SELECT organization_id FROM pending_topups WHERE id = %s", (pending_id,)
         )
@@ -159,7 +160,9 @@ class ThresholdStore:
         found = await cur.fetchone()
         assert found is not None
         pending = PendingTopUp(*found)
-        if pending.status != "pending":
+        if pending.status == "expired" and not succeeded:
+            return pending  # it failed already, by timing out: nothing to add
+        if pending.status not in ("pending", "expired"):
             if pending.status == ("completed" if succeeded else "failed"):
                 return pending
             raise FailedPrecondition(
@@ -201,15 +204,16 @@ class ThresholdStore:
             await conn.execute(
                 "UPDATE auto_topups SET failures = 0 WHERE organization_id = %s", (organization_id,)
             )
-        else:
+        elif pending.status == "pending":
             await self._count_failures(conn, [organization_id])
         return PendingTopUp(*done)
 
     async def fail_stale_topups(self, conn: Conn, older_than_seconds: float) -> int:
-        """Fail the automatic top-ups still pending after `older_than_seconds` (the payment
-        never came back), so the rule is free to fire again: at once if the wallet is still
-        below its line (a new request), unless that made MAX_AUTO_TOPUP_FAILURES in a row and
-        turned the rule off. How many failed."""
+        """Expire the automatic top-ups still pending after `older_than_seconds` (the payment
+        did not come back in time; counted as a failure), so the rule is free to fire again: at
+        once if the wallet is still below its line (a new request), unless that made
+        MAX_AUTO_TOPUP_FAILURES in a row and turned the rule off. A payment that succeeds after
+        all is still credited (`complete_topup`). How many expired."""
         stale = "status = 'pending' AND created_at < now() - make_interval(secs => %s)"
         cur = await conn.execute(
             f"SELECT DISTINCT organization_id FROM pending_topups WHERE {stale}",
@@ -221,7 +225,7 @@ class ThresholdStore:
         now = await db_now(conn)
         await lock_wallets(conn, orgs, now)  # the wallet first, as everywhere
         cur = await conn.execute(
-            "UPDATE pending_topups SET status = 'failed', resolved_at = %s"
+            "UPDATE pending_topups SET status = 'expired', resolved_at = %s"
             f" WHERE organization_id = ANY(%s) AND {stale} RETURNING organization_id",
             (now, orgs, older_than_seconds),
         )

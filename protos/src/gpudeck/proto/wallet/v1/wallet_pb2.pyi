@@ -1986,7 +1986,9 @@ class PendingTopUp(_message.Message):
     id: _builtins.str
     organization_id: _builtins.str
     status: _builtins.str
-    """pending, completed, failed"""
+    """pending, completed, failed, or expired (no answer in time: counted as a failure, but a
+    success reported later is still credited).
+    """
     transaction_id: _builtins.str
     @_builtins.property
     def amount(self) -> _money_pb2.Money: ...
