@@ -117,3 +117,36 @@ async def test_the_monthly_loop_renews_every_organization_due(
     )
     again = await renew_plans(Wallet(wallet_pool), now=later)
     assert again == {"renewed": 0, "downgraded": 0}
+
+
+async def test_a_downgrade_pays_the_lower_plan_from_the_next_month_not_this_one(
+    wallet_pool: AsyncConnectionPool, new_org: NewOrg
+) -> None:
+    """Enterprise, then down to Premium in one month: Enterprise was paid for this month, so
+    no renewal charges Premium until the next (it did, within the hour)."""
+    org = await new_org()
+    async with wallet_pool.connection() as conn, conn.transaction():
+        [topup] = await STORE.ledger.post_transfers(
+            conn, [TransferRequest("cash", org, Kind.TOPUP, 2_000 * USD)]
+        )
+        assert topup.error is None
+        await STORE.change(conn, ChangePlanRequest("up", org, "enterprise"))
+        await STORE.change(conn, ChangePlanRequest("down", org, "premium"))
+        cur = await conn.execute("SELECT balance FROM wallets WHERE organization_id = %s", (org,))
+        [before] = await cur.fetchone() or (None,)
+    async with wallet_pool.connection() as conn, conn.transaction():
+        now = await db_now(conn)
+        assert org not in await STORE.due_renewals(conn, now)
+        assert await STORE.renew(conn, org, now) == ""
+        cur = await conn.execute("SELECT balance FROM wallets WHERE organization_id = %s", (org,))
+        assert await cur.fetchone() == (before,)
+    assert await plan_of(wallet_pool, org) == "premium"
+    later = await next_month(wallet_pool)
+    async with wallet_pool.connection() as conn, conn.transaction():
+        assert org in await STORE.due_renewals(conn, later)
+        assert await STORE.renew(conn, org, later) == "renewed"
+        cur = await conn.execute(
+            "SELECT count(*) FROM transactions WHERE organization_id = %s AND idempotency_key = %s",
+            (org, fee_key("premium", billing_month(later))),
+        )
+        assert await cur.fetchone() == (1,)

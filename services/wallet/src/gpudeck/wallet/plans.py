@@ -17,7 +17,8 @@ The rule of a plan change (`plan_change`):
 The rule of a renewal (`plan_renewal`): in each billing month an organization on a paid plan is
 charged that plan's fee and granted its credits (expiring at the month's end) once, with the
 same ledger keys as an upgrade, so a plan paid for this month (an upgrade on the 20th, a renewal
-run twice) is not paid again. A wallet that cannot pay the fee moves to the default plan at once
+run twice) is not paid again, nor is a lower plan the organization moved down to after paying
+for a higher one this month (it pays the lower fee from the next month). A wallet that cannot pay the fee moves to the default plan at once
 and is charged nothing: wallet.plan.changed says so, with the system as its actor.
 
 Billing months are UTC calendar months, written YYYY-MM.

@@ -110,7 +110,7 @@ class PlanStore:
         if earlier is not None:
             return PlanStatus.from_json(earlier)
         target = await self.plan(conn, request.plan_code, currency)
-        paid = await self._paid_this_month(conn, org, target.code, billing_month(now))
+        paid = await self._paid_this_month(conn, org, target.code, month=billing_month(now))
         change = plan_change(org, previous, target, now, paid_this_month=paid, actor=request.actor)
         await self._post(conn, change.transfers, now)
         if change.changes_anything:
@@ -126,7 +126,8 @@ class PlanStore:
         return status
 
     async def due_renewals(self, conn: Conn, now: datetime, *, limit: int = 500) -> list[uuid.UUID]:
-        """Organizations on a paid plan that has not been paid for in the month of `now`."""
+        """Organizations on a paid plan that paid for no plan in the month of `now` (one that
+        moved down from a plan it paid for this month pays the lower one from the next)."""
         month = billing_month(now)
         cur = await conn.execute(
             "SELECT o.id FROM organizations o"
@@ -136,10 +137,9 @@ class PlanStore:
             "   AND CASE w.currency WHEN 'INR' THEN p.monthly_fee_inr + p.credits_inr"
             "       ELSE p.monthly_fee_usd + p.credits_usd END > 0"
             "   AND NOT EXISTS (SELECT 1 FROM transactions t WHERE t.organization_id = o.id"
-            "       AND t.idempotency_key IN ('plan:' || o.plan_code || ':' || %s || ':fee',"
-            "                                 'plan:' || o.plan_code || ':' || %s || ':credits'))"
+            "       AND t.idempotency_key = ANY(%s))"
             " ORDER BY o.id LIMIT %s",
-            (month, month, limit),
+            (await self._month_keys(conn, month), limit),
         )
         return [row[0] for row in await cur.fetchall()]
 
@@ -151,7 +151,8 @@ class PlanStore:
         if found is None:
             return ""
         plan, currency = found
-        if not plan.paid or await self._paid_this_month(conn, org, plan.code, billing_month(now)):
+        month = billing_month(now)
+        if not plan.paid or await self._paid_this_month(conn, org, month=month):
             return ""
         renewal = plan_renewal(org, plan, now)
         try:
@@ -244,16 +245,28 @@ class PlanStore:
             return Plan(plan_code, plan_code.title(), currency, 0, 0, 0)
 
     async def _paid_this_month(
-        self, conn: Conn, organization_id: uuid.UUID, plan_code: str, month: str
+        self, conn: Conn, organization_id: uuid.UUID, plan_code: str = "", *, month: str
     ) -> bool:
-        """Whether the plan's fee or credits for `month` are already in the ledger (whose
-        transactions are unique by organization and key)."""
+        """Whether the fee or credits of the plan (of any plan, without `plan_code`) for
+        `month` are already in the ledger (whose transactions are unique by organization and
+        key)."""
+        keys = (
+            [fee_key(plan_code, month), credits_key(plan_code, month)]
+            if plan_code
+            else await self._month_keys(conn, month)
+        )
         cur = await conn.execute(
             "SELECT 1 FROM transactions WHERE organization_id = %s AND idempotency_key = ANY(%s)"
             " LIMIT 1",
-            (organization_id, [fee_key(plan_code, month), credits_key(plan_code, month)]),
+            (organization_id, keys),
         )
         return await cur.fetchone() is not None
+
+    async def _month_keys(self, conn: Conn, month: str) -> list[str]:
+        """The ledger keys of every plan's fee and credits for `month`."""
+        cur = await conn.execute("SELECT code FROM plans ORDER BY code")
+        codes = [row[0] for row in await cur.fetchall()]
+        return [key for c in codes for key in (fee_key(c, month), credits_key(c, month))]
 
 
 async def _organization(conn: Conn, organization_id: uuid.UUID) -> tuple[str, str, int, str]:
