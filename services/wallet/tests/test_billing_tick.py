@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import pytest
+from psycopg import AsyncConnection
 from psycopg_pool import AsyncConnectionPool
 
 from gpudeck.wallet import audit
@@ -18,6 +21,7 @@ from gpudeck.wallet.metering_store import (
     TICK,
     BillingRefused,
     MeterStore,
+    bill_chunk,
     bill_open_meters,
 )
 from gpudeck.wallet.money import MAX_AMOUNT
@@ -117,9 +121,10 @@ async def test_a_meter_owing_more_than_one_transfer_moves_is_charged_in_parts(
     it is charged in parts (it was refused as "too large", and stopped every tick)."""
     wallet = Wallet(wallet_pool)
     big_org, small_org = await new_org(), await new_org()
-    small = await open_meter(wallet, small_org, 60)
-    big = await open_meter(wallet, big_org, 3 * 3600, rate=MAX_AMOUNT)
-    assert await bill_open_meters(wallet_pool, wallet.meters) > 3 * MAX_AMOUNT
+    async with billing_replica(wallet_pool) as conn:
+        small = await open_meter(wallet, small_org, 60)
+        big = await open_meter(wallet, big_org, 3 * 3600, rate=MAX_AMOUNT)
+        assert await bill_chunk(conn, wallet.meters, [big_org, small_org]) > 3 * MAX_AMOUNT
     big_total, _ = await charged(wallet_pool, big)
     assert big_total >= 3 * MAX_AMOUNT
     assert await balance(wallet_pool, big_org) == -big_total
@@ -156,15 +161,28 @@ async def test_an_organization_the_ledger_refuses_does_not_stop_the_others(
 ) -> None:
     wallet = Wallet(wallet_pool)
     orgs = sorted([await new_org() for _ in range(3)])
-    meters = [await open_meter(wallet, org, 30) for org in orgs]
     store = RefusingStore(wallet.ledger)
     store.refused = orgs[1]
-    assert await bill_open_meters(wallet_pool, store, chunk=2) > 0
-    totals = [(await charged(wallet_pool, m))[0] for m in meters]
-    assert totals[0] >= 300_000 and totals[2] >= 300_000, totals  # both chunks billed
-    assert totals[1] == 0  # left for the next tick, its seconds not lost:
-    assert await bill_open_meters(wallet_pool, wallet.meters) > 0
-    assert (await charged(wallet_pool, meters[1]))[0] >= 300_000
+    async with billing_replica(wallet_pool) as conn:
+        meters = [await open_meter(wallet, org, 30) for org in orgs]
+        assert await bill_chunk(conn, store, orgs) > 0
+        totals = [(await charged(wallet_pool, m))[0] for m in meters]
+        assert totals[0] >= 300_000 and totals[2] >= 300_000, totals  # the others billed
+        assert totals[1] == 0  # left for the next tick, its seconds not lost:
+        assert await bill_chunk(conn, wallet.meters, orgs) > 0
+        assert (await charged(wallet_pool, meters[1]))[0] >= 300_000
+
+
+@contextlib.asynccontextmanager
+async def billing_replica(pool: AsyncConnectionPool) -> AsyncIterator[AsyncConnection[Any]]:
+    """A connection holding the billing lock: this run's wallet service (which bills every open
+    meter of the database) leaves the test's meters alone meanwhile."""
+    async with pool.connection() as conn:
+        await conn.execute("SELECT pg_advisory_lock(%s)", (BILLING_LOCK,))
+        try:
+            yield conn
+        finally:
+            await conn.execute("SELECT pg_advisory_unlock(%s)", (BILLING_LOCK,))
 
 
 @pytest.mark.parametrize(
@@ -178,8 +196,8 @@ async def test_the_tick_rounds_as_the_documented_rule(
     micro-unit over, for large amounts)."""
     wallet = Wallet(wallet_pool)
     org = await new_org()
-    meter = await open_meter(wallet, org, 0, rate=rate)
-    async with wallet_pool.connection() as conn, conn.transaction(force_rollback=True):
+    async with billing_replica(wallet_pool) as conn, conn.transaction(force_rollback=True):
+        meter = await open_meter(wallet, org, 0, rate=rate)
         cur = await conn.execute("SELECT segment_started_at FROM meters WHERE id = %s", (meter,))
         [start] = await cur.fetchone() or (None,)
         now = start + timedelta(microseconds=micros)

@@ -23,6 +23,12 @@ from gpudeck.kit.events import parse_event
 from gpudeck.proto.common.v1.money_pb2 import Money
 from gpudeck.proto.wallet.v1 import wallet_pb2 as pb
 from gpudeck.proto.wallet.v1.wallet_pb2_grpc import WalletServiceStub
+from gpudeck.wallet.alerts import Thresholds
+from gpudeck.wallet.deps import Wallet
+from gpudeck.wallet.ledger import Kind, TransferRequest
+from gpudeck.wallet.ledger_store import LedgerStore
+from gpudeck.wallet.thresholds_store import ThresholdStore
+from gpudeck.wallet.workers import announce_balances
 
 NewOrg = Callable[..., Awaitable[uuid.UUID]]
 USD = 1_000_000
@@ -343,3 +349,73 @@ async def test_usage_that_overdraws_pauses_the_wallet_until_topped_up(
     await transfer(wallet_stub, org, pb.TOPUP, 5 * USD)
     s = await wallet_stub.GetWalletSummary(pb.GetWalletSummaryRequest(organization_id=str(org)))
     assert (s.balance.amount, s.service_status) == (2 * USD, "available")
+
+
+class LosingStore(LedgerStore):
+    """The ledger, except that its first level check after a transfer is lost, as when the
+    process dies (or the connection drops) right after a fast-path commit."""
+
+    armed = False
+
+    async def refresh_levels(self, conn, organization_ids, now=None):  # type: ignore[no-untyped-def]
+        if self.armed:
+            self.armed = False
+            raise ConnectionError("lost after the commit")
+        await super().refresh_levels(conn, organization_ids, now)
+
+
+@pytest.mark.parametrize("found_by", ["the retry", "a grouped retry", "the sweep"])
+async def test_a_level_check_lost_after_the_commit_is_made_good(
+    wallet_pool: AsyncConnectionPool, new_org: Callable[..., Awaitable[uuid.UUID]], found_by: str
+) -> None:
+    """The fast path commits a transfer, then checks the wallet's level (edge events, auto
+    top-up) in a second step. Lost, that step used to be lost for good: a retry was a replay,
+    and nothing else looked again. Now the retry does, and so does the announcer's sweep."""
+    ledger = LosingStore()
+    thresholds = ThresholdStore(ledger)
+    org = await new_org()
+    async with wallet_pool.connection() as conn:
+        await ledger.post_one(conn, TransferRequest("t", org, Kind.TOPUP, 100 * USD))
+    async with wallet_pool.connection() as conn, conn.transaction():
+        await thresholds.set_thresholds(conn, org, Thresholds(warning_amount=50 * USD))
+        await thresholds.set_auto_topup(conn, org, enabled=True, below=50 * USD, amount=10 * USD)
+    ledger.armed = True
+    charge = TransferRequest("c1", org, Kind.CHARGE, 60 * USD, resource_type="pod")
+
+    async def post() -> None:
+        async with wallet_pool.connection() as conn:
+            if found_by == "a grouped retry":  # concurrent calls, posted together
+                [outcome] = await ledger.post_independent(conn, [charge])
+                assert outcome.error is None
+            else:
+                await ledger.post_one(conn, charge)
+
+    with pytest.raises(ConnectionError):
+        await post()
+
+    async def state() -> tuple[str, int]:
+        async with wallet_pool.connection() as conn:
+            cur = await conn.execute(
+                "SELECT w.level, (SELECT count(*) FROM pending_topups p"
+                "  WHERE p.organization_id = w.organization_id)"
+                " FROM wallets w WHERE w.organization_id = %s",
+                (org,),
+            )
+            row = await cur.fetchone()
+        assert row is not None
+        return row[0], row[1]
+
+    assert await state() == ("ok", 0)  # committed, but its edge not seen
+    if found_by != "the sweep":
+        await post()
+    else:
+        async with wallet_pool.connection() as conn:
+            await conn.execute(
+                "UPDATE wallet_announcements SET announced_at = now() - interval '2 seconds'"
+                " WHERE organization_id = %s",
+                (org,),
+            )
+        wallet = Wallet(wallet_pool)
+        wallet.ledger = ledger
+        await announce_balances(wallet, sweep=True)
+    assert await state() == ("warning", 1)

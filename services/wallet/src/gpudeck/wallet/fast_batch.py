@@ -173,6 +173,9 @@ async def post_fast(
         ) != levels[k]
         or (below[k] and balances[k] < below[k])
     ]  # fmt: skip
+    # A replay's first call may have lost its level check (run after its commit when the batch
+    # is its own transaction): check its wallet again (no event if the level stands).
+    moved = sorted({*moved, *(requests[i].organization_id for i in replays)})
     if moved:
         async with conn.transaction():  # a savepoint in the caller's, or its own
             await store.refresh_levels(conn, moved, created_at)

@@ -84,6 +84,10 @@ async def post_one(store: LedgerStore, conn: Conn, request: TransferRequest) -> 
     (tx_id, replayed, created_at, currency, balance, _credits, _held, rate, level,
      wa, ca, wh, ch, below, codes, amounts, befores, afters) = row  # fmt: skip
     if replayed:
+        # The first call's level check ran after its commit, and may have been lost with it
+        # (a crash, a dropped connection): the retry makes sure of it (no event if it ran).
+        async with conn.transaction():
+            await store.refresh_levels(conn, [request.organization_id])
         return (await store.load_transactions(conn, [tx_id]))[tx_id]
     store.mark_changed([request.organization_id])
     thresholds = Thresholds(wa, ca, wh, ch)

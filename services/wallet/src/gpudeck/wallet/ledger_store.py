@@ -463,9 +463,11 @@ class LedgerStore:
             )
 
     async def refresh_levels(
-        self, conn: Conn, organization_ids: Sequence[uuid.UUID], now: datetime
+        self, conn: Conn, organization_ids: Sequence[uuid.UUID], now: datetime | None = None
     ) -> None:
-        """Re-settle the levels of these wallets after a change other than a transfer."""
+        """Re-settle the levels of these wallets after a change other than a transfer (or
+        one whose check may have been lost); `now` by default the transaction's."""
+        now = now or await db_now(conn)
         locked = await lock_wallets(conn, organization_ids, now)
         batch = Batch(now)
         await self.settle_levels(conn, list(locked.values()), batch)

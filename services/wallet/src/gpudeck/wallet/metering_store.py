@@ -291,13 +291,13 @@ async def bill_open_meters(
             orgs = [r[0] for r in await cur.fetchall()]
             total = 0
             for start in range(0, len(orgs), chunk):
-                total += await _bill_chunk(conn, store, orgs[start : start + chunk])
+                total += await bill_chunk(conn, store, orgs[start : start + chunk])
             return total
         finally:
             await conn.execute("SELECT pg_advisory_unlock(%s)", (BILLING_LOCK,))
 
 
-async def _bill_chunk(conn: Conn, store: MeterStore, orgs: list[uuid.UUID]) -> int:
+async def bill_chunk(conn: Conn, store: MeterStore, orgs: list[uuid.UUID]) -> int:
     """Bill `orgs` in one commit. An organization whose charge is refused (a bug, or data the
     ledger rejects) is left out and logged, and the others are billed without it: one cannot
     stop the billing of everyone. Its meters keep their `billed_until`; the next tick tries it

@@ -80,6 +80,10 @@ ANNOUNCE = (
     " SELECT organization_id, currency, balance, held_balance, run_rate, level"
     " FROM due JOIN stamped USING (organization_id)"
 )
+SWEPT = (
+    "SELECT w.organization_id FROM wallets w JOIN wallet_announcements a USING (organization_id)"
+    " WHERE {where} ORDER BY w.organization_id LIMIT %s"
+)
 SWEEP_INTERVAL = 30.0  # seconds between scans of every wallet
 ANNOUNCE_BATCH = 500  # wallets per announcing transaction
 
@@ -101,6 +105,12 @@ async def announce_balances(
     try:
         async with wallet.pool.connection() as conn, conn.transaction():
             if sweep:
+                # A change whose level check was lost (a crash right after a fast-path commit)
+                # has its edge found here, before it is announced.
+                cur = await conn.execute(SWEPT.format(where=DUE), (limit,))
+                swept = [row[0] for row in await cur.fetchall()]
+                if swept:
+                    await wallet.ledger.refresh_levels(conn, swept)
                 cur = await conn.execute(ANNOUNCE.format(where=DUE), (limit,))
             else:
                 cur = await conn.execute(
