@@ -264,6 +264,9 @@ def test_data_folder_in_use_is_refused(tmp_path: Path) -> None:
         ("GPUDECK_AUTO_TOPUP_TIMEOUT", "nan"),
         ("GPUDECK_SHUTDOWN_GRACE", "-inf"),
         ("GPUDECK_DEPLETION_SECONDS", "1e400"),
+        ("GPUDECK_AUTO_TOPUP_TIMEOUT", "1e12"),  # past what a database interval holds
+        ("GPUDECK_WALLET_LISTEN", "127.0.0.1:²"),  # a digit to str.isdigit, not to int()
+        ("GPUDECK_WALLET_METRICS_LISTEN", "127.0.0.1:٣"),
     ],
 )
 def test_numbers_that_are_not_finite_or_sane_are_named(name: str, value: str) -> None:
@@ -289,3 +292,19 @@ def test_up_names_a_bad_service_setting_before_starting_anything(
     result = run_cli("up", "--data-dir", str(tmp_path), env=clean_env(**{name: value}))
     assert_one_line_error(result, name)
     assert not any(tmp_path.iterdir())  # no database, no NATS: nothing was started
+
+
+def test_a_font_file_that_is_not_a_font_is_named(tmp_path: Path) -> None:
+    """Named at start (one line, exit 2): every invoice PDF would fail with it."""
+    font = tmp_path / "bad.ttf"
+    font.write_bytes(bytes(range(256)) * 8)
+    env = clean_env(GPUDECK_SERVICE_TOKEN="t" * 24, GPUDECK_INVOICE_FONT=str(font))
+    env["GPUDECK_DATABASE_URL"] = "postgresql://postgres@127.0.0.1:5432/postgres"
+    env["GPUDECK_NATS_URL"] = "nats://127.0.0.1:4222"
+    result = run_cli("serve", "wallet", env=env)
+    assert_one_line_error(result, "GPUDECK_INVOICE_FONT", "bad.ttf")
+
+
+def test_a_nats_port_in_other_digits_is_named(tmp_path: Path) -> None:
+    result = run_cli("up", "--data-dir", str(tmp_path), env=clean_env(GPUDECK_NATS_PORT="²"))
+    assert_one_line_error(result, "GPUDECK_NATS_PORT")

@@ -20,6 +20,7 @@ from gpudeck.kit.config import (
     GATEWAY_PORT,
     SERVICES,
     ConfigError,
+    ascii_digits,
     database_url,
     env_key,
     nats_url,
@@ -170,7 +171,7 @@ def resolve(
     except ConfigError as exc:
         raise UsageError(str(exc)) from None
     port_raw = env.get("GPUDECK_NATS_PORT", "").strip()
-    if port_raw and not (port_raw.isdigit() and 0 < int(port_raw) <= 65535):
+    if port_raw and not (ascii_digits(port_raw) and 0 < int(port_raw) <= 65535):
         raise UsageError(f"GPUDECK_NATS_PORT={port_raw!r} is not a port number (1-65535)")
     return Stack(
         parts=tuple(parts),

@@ -51,9 +51,14 @@ def require(env: Mapping[str, str], name: str) -> str:
 def parse_address(name: str, value: str) -> tuple[str, int]:
     """`host:port` (port 0 means any free port) → (host, port)."""
     host, sep, port = value.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+    if not sep or not host or not ascii_digits(port) or not 0 <= int(port) <= 65535:
         raise ConfigError(f"{name}={value!r} is not a host:port address")
     return host.strip("[]"), int(port)
+
+
+def ascii_digits(text: str) -> bool:
+    """0-9 only: str.isdigit alone takes "²" or "٣", which int() refuses."""
+    return text.isascii() and text.isdigit()
 
 
 def address(env: Mapping[str, str], name: str, default: str) -> str:

@@ -91,6 +91,16 @@ def _fit(doc: FPDF, text: str, width: float) -> str:
     return text + "..."
 
 
+def check_font(font: str) -> str:
+    """`font` if it loads as an invoice font; ValueError saying why not (a wallet checks its
+    GPUDECK_INVOICE_FONT at start, so a bad file is a configuration error, not a failing PDF)."""
+    try:
+        FPDF().add_font(UNICODE, "", font)
+    except Exception as exc:
+        raise ValueError(f"{font!r} is not a font fpdf can use ({type(exc).__name__})") from None
+    return font
+
+
 def render(invoice: Invoice, font: str = "") -> bytes:
     """The invoice on A4: issuer, organization, period, status, lines and total;
     `font`: a Unicode TrueType font file for names outside Latin-1 ("" for none)."""

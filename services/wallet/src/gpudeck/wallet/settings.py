@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from gpudeck.kit.config import ConfigError, number
 from gpudeck.wallet.ledger import KycLimits
 from gpudeck.wallet.money import CURRENCIES
+from gpudeck.wallet.pdf import check_font
 
 DEFAULT_KYC_LIMITS = KycLimits({"USD": 500_000_000, "INR": 40_000_000_000})
 KYC_LIMIT = "GPUDECK_KYC_TOPUP_LIMIT"
@@ -41,8 +42,8 @@ class WalletSettings:
                 env, "GPUDECK_BILLING_INTERVAL", cls.billing_interval, minimum=0.05
             ),
             depletion_seconds=number(env, "GPUDECK_DEPLETION_SECONDS", cls.depletion_seconds),
-            auto_topup_timeout=number(
-                env, "GPUDECK_AUTO_TOPUP_TIMEOUT", cls.auto_topup_timeout, minimum=1
+            auto_topup_timeout=number(  # a database interval: at most about 30 years
+                env, "GPUDECK_AUTO_TOPUP_TIMEOUT", cls.auto_topup_timeout, minimum=1, maximum=1e9
             ),
             rates_file=_rates_file(env),
             rates_interval=number(env, "GPUDECK_RATES_INTERVAL", cls.rates_interval, minimum=1),
@@ -61,6 +62,11 @@ def _invoice_font(env: Mapping[str, str]) -> str:
     path = path.strip()
     if path and not (os.path.isfile(path) and path.lower().endswith((".ttf", ".otf"))):
         raise ConfigError(f"GPUDECK_INVOICE_FONT={path!r} is not a .ttf or .otf file")
+    if path:
+        try:
+            check_font(path)
+        except ValueError as exc:
+            raise ConfigError(f"GPUDECK_INVOICE_FONT={exc}") from None
     return path
 
 
