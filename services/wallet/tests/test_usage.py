@@ -36,6 +36,8 @@ def test_cost_is_quantity_times_price_per_million_rounded_half_up() -> None:
     assert cost(1, 500_000) == 1  # 0.5 micro-units → 1
     assert cost(1, 499_999) == 0
     assert cost(3, 500_000) == 2  # 1.5 → 2
+    # …388.49999999999997 exactly: 28 significant digits rounded it to …388.5, then up.
+    assert cost(855983.95817169, 160265836047213) == 137184984699388
     assert cost(0.1, 10_000_000) == 1  # 0.1 taken as written, not as its binary neighbour
     assert cost(0, 123) == 0 and cost(10**9, 0) == 0
 

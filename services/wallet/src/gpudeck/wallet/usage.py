@@ -16,7 +16,7 @@ import uuid
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
-from decimal import ROUND_HALF_UP, Decimal
+from decimal import ROUND_HALF_UP, Decimal, localcontext
 
 from gpudeck.kit.errors import InvalidArgument
 from gpudeck.wallet.money import MAX_AMOUNT
@@ -35,8 +35,9 @@ DEFAULT_RECENT, MAX_RECENT = 50, 500
 
 def cost(quantity: float, unit_price: int) -> int:
     """quantity * unit_price / 1,000,000 in micro-units, rounded half away from zero."""
-    exact = Decimal(repr(quantity)) * unit_price / PRICE_UNITS
-    return int(exact.quantize(Decimal(1), rounding=ROUND_HALF_UP))
+    with localcontext(prec=60):  # exact for every quantity and price taken (28 digits is not)
+        exact = Decimal(repr(quantity)) * unit_price / PRICE_UNITS
+        return int(exact.quantize(Decimal(1), rounding=ROUND_HALF_UP))
 
 
 @dataclass(frozen=True)
