@@ -67,11 +67,12 @@ def test_copy_rows_of_events_hex_encode_the_payload() -> None:
     from gpudeck.proto.events.v1.envelope_pb2 import Event
 
     event = Event(id="0a1b-2c", type="wallet.charge.posted")
-    assert _copy_text([event]) == (
+    assert _copy_text([event], [event.SerializeToString()]) == (
         f"0a1b-2c\twallet.charge.posted\t\\\\x{event.SerializeToString().hex()}\n"
     )
+    bad = Event(id="bad\tid", type="wallet.charge.posted")
     with pytest.raises(ValueError, match="event id"):
-        _copy_text([Event(id="bad\tid", type="wallet.charge.posted")])
+        _copy_text([bad], [bad.SerializeToString()])
 
 
 def test_every_exported_name_loads_from_its_module() -> None:

@@ -21,7 +21,7 @@ from psycopg_pool import AsyncConnectionPool
 from gpudeck.cli.embedded import EmbeddedNats, free_port
 from gpudeck.kit.config import EventsConfig
 from gpudeck.kit.events import Event, EventBus, Outbox, Relay, new_event, parse_event
-from gpudeck.kit.events.outbox import channel
+from gpudeck.kit.events.outbox import MAX_EVENT_BYTES, channel
 
 
 @pytest.fixture
@@ -225,6 +225,23 @@ async def test_adding_outside_a_transaction_is_refused(
     async with pool.connection() as conn:
         with pytest.raises(RuntimeError, match="transaction"):
             await Outbox(schema).add(conn, event(schema))
+    assert await outbox_rows(pool, schema) == 0
+
+
+@pytest.mark.parametrize("count", [1, 3, 100])  # add, add_many by INSERT, by COPY
+async def test_an_event_too_large_to_publish_is_refused_when_written(
+    pool: AsyncConnectionPool, schema: str, count: int
+) -> None:
+    """NATS refuses a message over its max_payload: written, such an event would stop the
+    relay at it for good (each pass starts at the oldest row), so the writer is refused."""
+    big = event(schema, "x" * (MAX_EVENT_BYTES + 1))
+    events = [event(schema) for _ in range(count - 1)] + [big]
+    with pytest.raises(ValueError, match="bytes"):
+        async with pool.connection() as conn, conn.transaction():
+            if count == 1:
+                await Outbox(schema).add(conn, big)
+            else:
+                await Outbox(schema).add_many(conn, events)
     assert await outbox_rows(pool, schema) == 0
 
 

@@ -120,11 +120,7 @@ class RunningService:
         grace = self.config.shutdown_grace
         if self.server is not None:
             await self.server.stop(grace)
-        for worker in reversed(self.workers):
-            try:
-                await asyncio.wait_for(worker.stop(), grace)
-            except Exception:
-                log.exception("worker did not stop cleanly")
+        await stop_workers(self.workers, grace)
         if self.relay is not None:
             await self.relay.stop()
         if self.bus is not None:
@@ -169,3 +165,29 @@ def run(spec: ServiceSpec, env: Mapping[str, str] | None = None) -> None:
         fail(str(exc))
     except KeyboardInterrupt:
         pass
+
+
+async def stop_workers(workers: Sequence[Worker], grace: float) -> None:
+    """Stop `workers` together, each letting its running step finish, all within `grace`
+    seconds (one after another, shutdown could take grace × their number); those still
+    running then are cancelled and named."""
+    stopping = {asyncio.ensure_future(w.stop()): w for w in workers}
+    if not stopping:
+        return
+    _, late = await asyncio.wait(stopping, timeout=grace)
+    for task in late:
+        task.cancel()
+    if late:
+        await asyncio.wait(late)
+    for task, worker in stopping.items():
+        if task in late:
+            log.warning(
+                "worker did not stop within the grace period",
+                extra={"worker": getattr(worker, "name", repr(worker)), "grace": grace},
+            )
+        elif not task.cancelled() and task.exception() is not None:
+            log.error(
+                "worker did not stop cleanly",
+                exc_info=task.exception(),
+                extra={"worker": getattr(worker, "name", repr(worker))},
+            )

@@ -25,6 +25,9 @@ from gpudeck.proto.events.v1.envelope_pb2 import Event
 
 # Above this many events `add_many` uses COPY.
 COPY_ABOVE = 64
+# The largest event the outbox takes: under NATS's default max_payload (1 MiB), with room for
+# headers. A larger one could never be published, and the relay would stop at it for good.
+MAX_EVENT_BYTES = 1_000_000
 
 
 def channel(schema: str) -> str:
@@ -69,7 +72,7 @@ class Outbox:
     async def add(self, conn: AsyncConnection[Any], event: Event) -> None:
         """Write `event` within the caller's open transaction on `conn`."""
         _check_in_transaction(conn)
-        data = event.SerializeToString()
+        data = _checked_size(event, event.SerializeToString())
         await conn.execute(self._add, (event.id, check_type(event.type), data, self._channel))
 
     async def add_many(self, conn: AsyncConnection[Any], events: Sequence[Event]) -> None:
@@ -81,14 +84,14 @@ class Outbox:
         if not events:
             return
         _check_in_transaction(conn)
+        datas = [_checked_size(e, e.SerializeToString()) for e in events]
         if len(events) > COPY_ABOVE and conn.info.pipeline_status == PipelineStatus.OFF:
             await conn.execute(self._notify, (self._channel,))
             async with conn.cursor().copy(self._copy) as copy:
-                await copy.write(_copy_text(events))
+                await copy.write(_copy_text(events, datas))
             return
         ids = [e.id for e in events]
         types = [check_type(e.type) for e in events]
-        datas = [e.SerializeToString() for e in events]
         await conn.execute(self._add_many, (ids, types, datas, self._channel))
 
 
@@ -96,14 +99,24 @@ class Outbox:
 _PLAIN_ID = re.compile(r"^[A-Za-z0-9._:-]+$")
 
 
-def _copy_text(events: Sequence[Event]) -> str:
-    """The events as COPY text rows (id, type, bytea in hex): one buffer, one write."""
+def _copy_text(events: Sequence[Event], datas: Sequence[bytes]) -> str:
+    """The events (serialized: `datas`) as COPY text rows (id, type, bytea in hex): one
+    buffer, one write."""
     rows = []
-    for e in events:
+    for e, data in zip(events, datas, strict=True):
         if not _PLAIN_ID.match(e.id):
             raise ValueError(f"event id {e.id!r} must be letters, digits, '.', ':', '_' or '-'")
-        rows.append(f"{e.id}\t{check_type(e.type)}\t\\\\x{e.SerializeToString().hex()}\n")
+        rows.append(f"{e.id}\t{check_type(e.type)}\t\\\\x{data.hex()}\n")
     return "".join(rows)
+
+
+def _checked_size(event: Event, data: bytes) -> bytes:
+    if len(data) > MAX_EVENT_BYTES:
+        raise ValueError(
+            f"event {event.type} is {len(data)} bytes: more than the {MAX_EVENT_BYTES} an"
+            " outbox event may hold (NATS would refuse it)"
+        )
+    return data
 
 
 def _check_in_transaction(conn: AsyncConnection[Any]) -> None:
