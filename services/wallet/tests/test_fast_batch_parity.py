@@ -40,6 +40,7 @@ def answer(outcome: Outcome) -> tuple[Any, ...]:
 async def run(pool: AsyncConnectionPool, new_org: NewOrg, *, fast_path: bool) -> list[Any]:
     a, b, with_credits = await new_org(), await new_org(), await new_org()
     unverified, inr = await new_org(kyc="unverified"), await new_org(currency="INR")
+    d = await new_org()
     later = datetime.now(UTC) + timedelta(days=30)
     seed = [
         TransferRequest("seed-b", b, Kind.TOPUP, 5_000_000),
@@ -64,6 +65,14 @@ async def run(pool: AsyncConnectionPool, new_org: NewOrg, *, fast_path: bool) ->
         TransferRequest("seed-b", b, Kind.TOPUP, 5_000_000),  # a retry of an earlier call
         TransferRequest("12", b, Kind.CHARGE, 200_000, resource_type="pod", resource_id="p9"),
         TransferRequest("13", b, Kind.CHARGE, 300_000, resource_type="nfs_volume", resource_id="p9"),
+        # A key whose first use is refused: its second use is refused alike, though the
+        # wallet could pay it by then; the same key with another payload is a conflict.
+        TransferRequest("d0", d, Kind.TOPUP, 50),
+        TransferRequest("dK", d, Kind.CHARGE, 100),
+        TransferRequest("d1", d, Kind.TOPUP, 100),
+        TransferRequest("dK", d, Kind.CHARGE, 100),
+        TransferRequest("dJ", d, Kind.CHARGE, 1_000),
+        TransferRequest("dJ", d, Kind.CHARGE, 10),
     ]  # fmt: skip
     async with pool.connection() as conn, conn.transaction():
         seeded = await STORE.post_transfers(conn, seed, fast_path=fast_path)
@@ -73,7 +82,7 @@ async def run(pool: AsyncConnectionPool, new_org: NewOrg, *, fast_path: bool) ->
     assert first is not None and again is not None and first.id == again.id
     retried, seeded_tx = outcomes[14].transaction, seeded[0].transaction
     assert retried is not None and seeded_tx is not None and retried.id == seeded_tx.id
-    orgs = [a, b, with_credits, unverified, inr]
+    orgs = [a, b, with_credits, unverified, inr, d]
     async with pool.connection() as conn:
         wallets = await (
             await conn.execute(
@@ -120,6 +129,10 @@ async def test_a_batch_through_the_fast_path_ends_as_through_the_planner(
     assert answers[9][5][0][0] == -1_000_000  # the credit account paid first
     assert answers[11] == ("NotFound", "organization_id")
     assert answers[12] == ("InvalidArgument", "currency")
+    assert answers[18] == answers[20] == ("InsufficientFunds", "amount")
+    assert answers[21] == ("InsufficientFunds", "amount")
+    assert answers[22] == ("Conflict", "idempotency_key")
+    assert fast[1][5][0] == 150  # d: both top-ups, no charge
     assert fast[4][1] == 0  # every transaction's postings sum to zero
 
 
@@ -134,7 +147,7 @@ async def test_the_fast_path_takes_the_common_transfers_and_leaves_the_rest(
     batch = [TransferRequest(f"t{i}", plain, Kind.TOPUP, 1_000 + i) for i in range(50)]
     batch += [
         TransferRequest("c1", with_credits, Kind.TOPUP, 5),  # the organization has credits
-        TransferRequest("t3", plain, Kind.TOPUP, 1_003),  # repeats a key of this batch
+        TransferRequest("t3", plain, Kind.TOPUP, 1_003),  # repeats a key of this batch...
         TransferRequest("x", plain, Kind.CREDIT_GRANT, 7),  # not a kind it takes...
     ]
     batch_b = [TransferRequest("y", plain, Kind.CHARGE, 1)]
@@ -146,7 +159,12 @@ async def test_the_fast_path_takes_the_common_transfers_and_leaves_the_rest(
         del batch[-1]
         outcomes = [None] * len(batch)
         rest = await fast_batch.post_fast(STORE, conn, batch, list(range(len(batch))), outcomes)
-        assert rest == [50, 51]
+        assert rest == list(range(52))  # ...so all of `plain` goes to the planner, in order
+        assert outcomes == [None] * len(batch)
+        del batch[-1]
+        outcomes = [None] * len(batch)
+        rest = await fast_batch.post_fast(STORE, conn, batch, list(range(len(batch))), outcomes)
+        assert rest == [50]
         done = [o.transaction for o in outcomes[:50] if o is not None]
         assert len(done) == 50
         assert len({tx.postings[1].account for tx in done if tx}) == 1  # one platform shard

@@ -12,8 +12,8 @@ import pytest
 from psycopg_pool import AsyncConnectionPool
 
 from gpudeck.kit.errors import Conflict, DomainError, InvalidArgument
-from gpudeck.wallet.ledger import InsufficientFunds, Kind, Transaction, TransferRequest
-from gpudeck.wallet.ledger_store import LedgerStore
+from gpudeck.wallet.ledger import InsufficientFunds, Kind, KycLimits, Transaction, TransferRequest
+from gpudeck.wallet.ledger_store import LedgerStore, Policy
 
 NewOrg = Callable[..., Awaitable[uuid.UUID]]
 STORE = LedgerStore()
@@ -110,6 +110,9 @@ async def test_both_paths_post_the_same_entries(
         (TransferRequest("k", uuid.UUID(int=0), Kind.TOPUP, 2), Conflict),
         (TransferRequest("k2", uuid.UUID(int=0), Kind.CHARGE, 5, currency="INR"), InvalidArgument),
         (TransferRequest("k3", uuid.UUID(int=0), Kind.CHARGE, 10**9), InsufficientFunds),
+        # The key of another request first, whatever else is wrong with it.
+        (TransferRequest("k", uuid.UUID(int=0), Kind.CHARGE, 5, currency="INR"), Conflict),
+        (TransferRequest("k", uuid.UUID(int=0), Kind.CHARGE, 10**9), Conflict),
     ],
 )
 async def test_both_paths_refuse_alike(
@@ -125,3 +128,27 @@ async def test_both_paths_refuse_alike(
                     second.key, org, second.kind, second.amount, currency=second.currency
                 ),
             )
+
+
+async def test_a_reused_key_is_named_before_the_kyc_limit(
+    wallet_pool: AsyncConnectionPool, new_org: NewOrg
+) -> None:
+    store = LedgerStore(policy=Policy(kyc_limits=KycLimits(other=1_000_000)))
+
+    async def refusal(request: TransferRequest, fast_path: bool | None) -> DomainError | None:
+        async with wallet_pool.connection() as conn:
+            if fast_path is None:  # the single fast path
+                try:
+                    await store.post_one(conn, request)
+                except DomainError as exc:
+                    return exc
+                return None
+            async with conn.transaction():
+                [outcome] = await store.post_transfers(conn, [request], fast_path=fast_path)
+            return outcome.error
+
+    for fast_path in (None, True, False):  # post_one, set-based, planned
+        org = await new_org(kyc="unverified")
+        assert await refusal(TransferRequest("k", org, Kind.TOPUP, 1), fast_path) is None
+        over = TransferRequest("k", org, Kind.TOPUP, 2_000_000)  # another payload, over the limit
+        assert isinstance(await refusal(over, fast_path), Conflict), fast_path

@@ -64,3 +64,29 @@ def test_ids_made_in_one_process_only_grow() -> None:
     ids = [uuid7() for _ in range(20_000)]  # many share a millisecond
     assert ids == sorted(ids) and len(set(ids)) == len(ids)
     assert {i.version for i in ids} == {7} and {i.variant for i in ids} == {uuid.RFC_4122}
+
+
+async def test_a_refused_credit_grant_leaves_its_key_usable(
+    wallet_pool: AsyncConnectionPool, new_org: NewOrg
+) -> None:
+    """A grant's account is opened before the grant is decided; a refused grant (another
+    currency) left it behind, and every later use of the key failed its whole batch."""
+    store = LedgerStore()
+    org, other = await new_org(), await new_org()
+    async with wallet_pool.connection() as conn, conn.transaction():
+        [refused] = await store.post_transfers(
+            conn, [TransferRequest("g1", org, Kind.CREDIT_GRANT, 5_000_000, currency="INR")]
+        )
+    assert refused.error is not None and refused.error.field == "currency"
+    batch = [TransferRequest(f"x{i}", other, Kind.TOPUP, 1) for i in range(999)]
+    batch.append(TransferRequest("g1", org, Kind.CREDIT_GRANT, 5_000_000))  # corrected
+    async with wallet_pool.connection() as conn, conn.transaction():
+        outcomes = await store.post_transfers(conn, batch)
+    assert all(o.error is None for o in outcomes), [o.error for o in outcomes if o.error]
+    async with wallet_pool.connection() as conn:
+        cur = await conn.execute(
+            "SELECT organization_id, balance, credits FROM wallets WHERE organization_id = ANY(%s)",
+            ([org, other],),
+        )
+        rows = {row[0]: row[1:] for row in await cur.fetchall()}
+    assert rows == {org: (5_000_000, 5_000_000), other: (999, 0)}

@@ -77,17 +77,17 @@ async def post_fast(
         for i in valid
         if not fits(requests[i], currencies.get(requests[i].organization_id))
     }
+    # A key sent twice in the batch: the second use is decided by the first (its replay, its
+    # refusal, or a conflict), which the general path does in order. Sent there alone, it was
+    # decided again after every fast item: a refused first use could be posted the second time.
     seen: set[tuple[uuid.UUID, str]] = set()
-    fast: list[int] = []
-    rest: list[int] = []
     for i in valid:
-        request = requests[i]
-        scoped = (request.organization_id, request.key)
-        if request.organization_id in unfit or scoped in seen:
-            rest.append(i)
-        else:
-            seen.add(scoped)
-            fast.append(i)
+        scoped = (requests[i].organization_id, requests[i].key)
+        if scoped in seen:
+            unfit.add(scoped[0])
+        seen.add(scoped)
+    fast = [i for i in valid if requests[i].organization_id not in unfit]
+    rest = [i for i in valid if requests[i].organization_id in unfit]
     if not fast:
         return rest
     orgs = sorted({requests[i].organization_id for i in fast})

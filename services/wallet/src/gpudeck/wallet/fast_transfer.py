@@ -14,6 +14,7 @@ from psycopg import AsyncConnection
 from gpudeck.kit.errors import Conflict, DomainError, InvalidArgument, NotFound
 from gpudeck.wallet import events
 from gpudeck.wallet.alerts import Thresholds, level_for
+from gpudeck.wallet.idempotency import key_reused
 from gpudeck.wallet.ids import uuid7
 from gpudeck.wallet.ledger import (
     PLATFORM_ACCOUNT,
@@ -103,12 +104,17 @@ async def post_one(store: LedgerStore, conn: Conn, request: TransferRequest) -> 
 
 async def _earlier(store: LedgerStore, conn: Conn, request: TransferRequest) -> Transaction | None:
     """The transaction an earlier call with the same key and payload wrote, if any: a retry is
-    answered with it whatever the wallet's state is now."""
+    answered with it whatever the wallet's state is now. A key used for another request is
+    refused as such (key_reused), before any other refusal, as the general path does."""
     if not request.record_key:
         return None
     cur = await conn.execute(FIND_KEYS, ([request.organization_id], [request.key]))
     row = await cur.fetchone()
-    if row is None or row[3] is None or row[2] != request.fingerprint:
+    if row is None:
+        return None
+    if row[2] != request.fingerprint:
+        raise key_reused(request.key)
+    if row[3] is None:
         return None
     return (await store.load_transactions(conn, [row[3]]))[row[3]]
 

@@ -109,8 +109,13 @@ NEW_CREDIT_ACCOUNTS = """
 INSERT INTO ledger_accounts (code, organization_id, kind, currency, expires_at, credit_source)
 SELECT 'org:' || o || ':credit:' || k, o, 'credit', c, e, s
 FROM unnest(%s::uuid[], %s::text[], %s::text[], %s::timestamptz[], %s::text[]) AS x(o, k, c, e, s)
+ON CONFLICT (code) DO UPDATE SET expires_at = EXCLUDED.expires_at,
+    credit_source = EXCLUDED.credit_source
+    WHERE ledger_accounts.balance = 0
 RETURNING id, code
 """
+# (A grant's account is opened before the grant is decided: one refused (KYC, currency) leaves
+# its empty account, which a corrected retry with the key takes over.)
 
 
 async def db_now(conn: Conn) -> datetime:
