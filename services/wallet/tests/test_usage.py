@@ -26,6 +26,7 @@ from gpudeck.wallet.usage import (
     hourly,
     validate,
 )
+from gpudeck.wallet.usage_store import ALL_TIME_TOP
 
 NewOrg = Callable[..., Awaitable[uuid.UUID]]
 USD = 1_000_000
@@ -337,3 +338,28 @@ async def test_usage_analytics(
     assert meters["tokens"] == (a.today_quantity, 3 + (4 if earlier_today else 0))
     assert {u.dimension for u in every.today_by_meter} == {"meter"}
     assert every.today_quantity == a.today_quantity + 1.0
+
+
+async def test_all_time_shows_the_values_of_each_dimension_used_most(
+    wallet_stub: WalletServiceStub, wallet_pool: AsyncConnectionPool, new_org: NewOrg
+) -> None:
+    """At most ALL_TIME_TOP values per dimension (the answer grew with every model ever used)."""
+    org = await new_org()
+    async with wallet_pool.connection() as conn:
+        await conn.execute(
+            "INSERT INTO usage_totals (organization_id, meter, dimension, value, calls, errors,"
+            " quantity, cost) SELECT %s, 'tokens', 'model', 'm' || i, 1, 0, i, i"
+            " FROM generate_series(1, %s) AS i",
+            (org, ALL_TIME_TOP + 5),
+        )
+        await conn.execute(
+            "INSERT INTO usage_totals (organization_id, meter, dimension, value, calls, errors,"
+            " quantity, cost) VALUES (%s, 'tokens', 'region', 'in', 3, 1, 7, 7)",
+            (org,),
+        )
+    a = await wallet_stub.GetUsageAnalytics(
+        pb.GetUsageAnalyticsRequest(organization_id=str(org)), timeout=5
+    )
+    models = [u.value for u in a.all_time if u.dimension == "model"]
+    assert models == [f"m{i}" for i in range(ALL_TIME_TOP + 5, 5, -1)]  # largest first
+    assert [(u.value, u.calls) for u in a.all_time if u.dimension == "region"] == [("in", 3)]

@@ -78,12 +78,21 @@ WHERE organization_id = %(org)s AND hour >= %(since)s AND (%(meter)s = '' OR met
 GROUP BY hour
 """
 # Per dimension and value: one row each per meter in the all-time totals.
+# The ALL_TIME_TOP values of each dimension used most (a model per fine-tune or a region per
+# zone could otherwise make the answer grow without bound).
 ALL_TIME = """
-SELECT dimension, value, sum(quantity), sum(cost)::bigint, sum(calls)::bigint, sum(errors)::bigint
-FROM usage_totals
-WHERE organization_id = %(org)s AND (%(meter)s = '' OR meter = %(meter)s)
-GROUP BY 1, 2
+SELECT dimension, value, q, c, n, e FROM (
+    SELECT dimension, value, sum(quantity) AS q, sum(cost)::bigint AS c, sum(calls)::bigint AS n,
+           sum(errors)::bigint AS e,
+           row_number() OVER (PARTITION BY dimension
+                              ORDER BY sum(quantity) DESC, sum(cost) DESC, value) AS r
+    FROM usage_totals
+    WHERE organization_id = %(org)s AND (%(meter)s = '' OR meter = %(meter)s)
+    GROUP BY 1, 2
+) ranked
+WHERE r <= %(all_time_top)s
 """
+ALL_TIME_TOP = 100
 
 
 def _record(row: Sequence[Any]) -> UsageRecord:
@@ -248,8 +257,9 @@ async def _hours(
 
 
 async def _all_time(conn: Conn, args: Args) -> tuple[DimensionUsage, ...]:
-    """Per dimension (model, provider, region, api) and value set: everything ever used."""
-    cur = await conn.execute(ALL_TIME, args)
+    """Per dimension (model, provider, region, api) and value set: everything ever used, the
+    ALL_TIME_TOP values used most of each."""
+    cur = await conn.execute(ALL_TIME, {**args, "all_time_top": ALL_TIME_TOP})
     return per_dimension(DimensionUsage(*row) for row in await cur.fetchall())
 
 

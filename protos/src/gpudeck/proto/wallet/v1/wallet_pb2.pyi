@@ -1612,7 +1612,7 @@ class UsageAnalytics(_message.Message):
 
     @_builtins.property
     def all_time(self) -> _containers.RepeatedCompositeFieldContainer[Global___DimensionUsage]:
-        """per dimension and value (values that are set)"""
+        """Per dimension and value (values that are set): the 100 values of each used most."""
 
     @_builtins.property
     def recent(self) -> _containers.RepeatedCompositeFieldContainer[Global___UsageRecord]: ...
