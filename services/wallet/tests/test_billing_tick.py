@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 from psycopg import AsyncConnection
 from psycopg_pool import AsyncConnectionPool
+from test_group_commit import balance
 
 from gpudeck.wallet import audit
 from gpudeck.wallet.deps import Wallet
@@ -104,14 +105,6 @@ async def test_a_tick_that_dies_mid_way_is_made_good_by_the_next(
             await conn.execute("SELECT pg_advisory_unlock(%s)", (BILLING_LOCK,))
     assert total == RATE * (elapsed // timedelta(microseconds=1)) // 3_600_000_000
     assert total >= 30 * 10_000
-
-
-async def balance(pool: AsyncConnectionPool, org: uuid.UUID) -> int:
-    async with pool.connection() as conn:
-        cur = await conn.execute("SELECT balance FROM wallets WHERE organization_id = %s", (org,))
-        row = await cur.fetchone()
-        assert row is not None
-        return int(row[0])
 
 
 async def test_a_meter_owing_more_than_one_transfer_moves_is_charged_in_parts(
