@@ -158,7 +158,7 @@ async def test_graphiql_runs_a_subscription_over_a_websocket(fleet, gateway, bro
     page = await open_graphiql(browser, str(gateway.make_url("/graphql")), traffic)
     await page.get_by_role("button", name="Headers").click()
     await set_editor(page, HEADERS_EDITOR, '{"Authorization": "Bearer t"}')
-    query = "subscription { health(intervalSeconds: 0.5) { service status } }"
+    query = "subscription { health(intervalSeconds: 1) { service status } }"
     await set_editor(page, QUERY_EDITOR, query)
     await page.click(".graphiql-execute-button")
     await wait_for_response(page, "SERVING")

@@ -11,6 +11,8 @@ import pytest
 from aiohttp.test_utils import TestClient
 
 from gpudeck.gateway.app import BACKENDS
+from gpudeck.gateway.backends import Backends, ServingStatus
+from gpudeck.gateway.schema import MAX_ALIASES
 
 HEALTH = "{ health { service status } }"
 
@@ -49,11 +51,41 @@ async def test_health_reports_each_service_in_order(fleet, gateway) -> None:
 
 
 async def test_health_follows_a_service_that_changes(fleet, gateway) -> None:
+    gateway.app[BACKENDS].health_ttl = 0.2  # the cache's lifetime, shortened for the test
     assert statuses(await post(gateway, HEALTH))["wallet"] == "SERVING"
     await fleet.set_status("wallet", serving=False)
+    assert statuses(await post(gateway, HEALTH))["wallet"] == "SERVING"  # still the cached one
+    await asyncio.sleep(0.25)
     assert statuses(await post(gateway, HEALTH))["wallet"] == "NOT_SERVING"
     await fleet.set_status("wallet", serving=True)
+    await asyncio.sleep(0.25)
     assert statuses(await post(gateway, HEALTH))["wallet"] == "SERVING"
+
+
+def count_checks(backends: Backends) -> list[str]:
+    """The services `backends` checks from now on, one entry per gRPC health check."""
+    checked: list[str] = []
+    check = backends.check
+
+    async def counted(service: str) -> ServingStatus:
+        checked.append(service)
+        return await check(service)
+
+    backends.check = counted  # type: ignore[method-assign]
+    return checked
+
+
+async def test_callers_at_once_and_within_a_second_share_one_round_of_checks(gateway) -> None:
+    """`health` needs no token: 30 aliases, or many requests at once, cost one check of each
+    service, not one each."""
+    backends = gateway.app[BACKENDS]
+    checked = count_checks(backends)
+    aliases = " ".join(f"h{n}: health {{ service status }}" for n in range(MAX_ALIASES))
+    bodies = await asyncio.gather(*(post(gateway, "{ " + aliases + " }") for _ in range(5)))
+    assert all(len(body["data"]) == MAX_ALIASES for body in bodies)
+    assert sorted(checked) == sorted(backends.services)
+    await post(gateway, HEALTH)  # within the second: the same answer
+    assert len(checked) == len(backends.services)
 
 
 async def test_health_over_get(gateway) -> None:

@@ -1,17 +1,26 @@
-"""/healthz, /metrics, the query limits and `extensions.code` on errors."""
+"""/healthz, /metrics, the query limits, `extensions.code` on errors, and answers too large."""
 
 from __future__ import annotations
 
+import asyncio
+import uuid
 from typing import Any
 
 import grpc
 import pytest
 import strawberry
+from aiohttp.test_utils import TestClient, TestServer
 from graphql import GraphQLError
 
-from gpudeck.gateway import errors
+from gpudeck.gateway import errors, metrics
+from gpudeck.gateway.app import BACKENDS, make_app
+from gpudeck.gateway.backends import Backends
+from gpudeck.gateway.config import Settings
 from gpudeck.gateway.schema import MAX_ALIASES, MAX_DEPTH, GatewaySchema
 from gpudeck.kit.errors import NotFound
+from gpudeck.proto.wallet.v1 import wallet_pb2
+
+from .conftest import WALLET_TOKEN, Gql
 
 
 async def post(client, query: str, **extra: Any) -> dict[str, Any]:
@@ -28,20 +37,49 @@ async def test_healthz_says_ok(gateway) -> None:
     assert await resp.json() == {"status": "ok"}
 
 
-async def test_metrics_count_and_time_operations_by_name(gateway) -> None:
-    await post(gateway, "query FleetHealth { health { service } }")
-    await post(gateway, "query FleetHealth { health { nope } }")
-    resp = await gateway.get("/metrics")
+async def test_metrics_count_and_time_operations_by_name(gql, new_org, wallet_gateway) -> None:
+    org = await new_org()
+    await gql("query TeamCard { viewer { id } }", token=org.token)
+    await gql("query TeamCard { viewer { nope } }", token=org.token)  # its label, once it has one
+    resp = await wallet_gateway.get("/metrics")
     assert resp.status == 200
     assert resp.content_type == "text/plain"
     text = await resp.text()
-    ok = 'gpudeck_graphql_operations_total{operation="FleetHealth",outcome="ok",type="query"}'
-    failed = (
-        'gpudeck_graphql_operations_total{operation="FleetHealth",outcome="error",type="query"}'
-    )
+    ok = 'gpudeck_graphql_operations_total{operation="TeamCard",outcome="ok",type="query"}'
+    failed = 'gpudeck_graphql_operations_total{operation="TeamCard",outcome="error",type="query"}'
     assert ok in text
     assert failed in text
-    assert 'gpudeck_graphql_operation_seconds_count{operation="FleetHealth",type="query"}' in text
+    assert 'gpudeck_graphql_operation_seconds_count{operation="TeamCard",type="query"}' in text
+
+
+async def test_only_valid_operations_of_authenticated_callers_get_a_label_of_their_own(
+    gql, new_org, wallet_gateway
+) -> None:
+    """Operation names come from clients: anonymous ones, and ones that do not validate, count
+    as "other" and take none of the MAX_OPERATION_NAMES labels, so a flood of made-up names
+    cannot leave the real operations unnamed until a restart."""
+    org = await new_org()
+    run = uuid.uuid4().hex[:8]
+    flood = [
+        ("query Junk%s_%d { nope }", None),  # fails validation, anonymous
+        ("query Probe%s_%d { health { service } }", None),  # valid, but anonymous
+        ("query Bogus%s_%d { health { service } }", "gpd_not-a-token"),
+        ("query Typo%s_%d { viewer { nope } }", org.token),  # authenticated, does not validate
+    ]
+    sent = [
+        (template % (run, n), token)
+        for n in range(metrics.MAX_OPERATION_NAMES // len(flood) + 5)
+        for template, token in flood
+    ]
+    for batch in range(0, len(sent), 50):
+        await asyncio.gather(*(gql(q, token=t) for q, t in sent[batch : batch + 50]))
+    await gql(f"query Dashboard{run} {{ viewer {{ id }} }}", token=org.token)
+    text = await (await wallet_gateway.get("/metrics")).text()
+    assert f'operation="Dashboard{run}"' in text
+    assert run not in text.replace(f"Dashboard{run}", "")
+    assert (
+        'gpudeck_graphql_operations_total{operation="other",outcome="error",type="query"}' in text
+    )
 
 
 def codes(body: dict[str, Any]) -> list[str]:
@@ -127,6 +165,17 @@ class Failing:
         raise _rpc_error(grpc.StatusCode.UNAVAILABLE, "connection refused")
 
     @strawberry.field
+    def too_large(self) -> str:  # the gateway's own receive limit, as gRPC words it
+        raise _rpc_error(
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            "Received message larger than max (5242880 vs. 4194304)",
+        )
+
+    @strawberry.field
+    def limited(self) -> str:  # a service's own refusal: try again later
+        raise _rpc_error(grpc.StatusCode.RESOURCE_EXHAUSTED, "too many requests: slow down")
+
+    @strawberry.field
     def grpc_internal(self) -> str:
         raise _rpc_error(grpc.StatusCode.INTERNAL, "stack trace with secrets")
 
@@ -151,6 +200,8 @@ class Failing:
         ("denied", "FORBIDDEN", "not your organization"),
         ("anonymous", "UNAUTHENTICATED", "missing token"),
         ("down", "UNAVAILABLE", "connection refused"),
+        ("tooLarge", "RESPONSE_TOO_LARGE", "the answer is too large: ask for fewer items"),
+        ("limited", "RATE_LIMITED", "too many requests: slow down"),
         ("grpcInternal", "INTERNAL", "internal error"),
         ("bug", "INTERNAL", "internal error"),
         ("domain", "NOT_FOUND", "wallet 'w1' not found"),
@@ -188,3 +239,60 @@ async def test_parsing_and_validation_are_cached_across_requests(gateway) -> Non
     before = _get_validate_cache(CACHE_SIZE).cache_info().hits
     await post(gateway, query)
     assert _get_validate_cache(CACHE_SIZE).cache_info().hits == before + 1
+
+
+# Answers as large as the wallet sends: the gateway's receive limit is the wallet's, not gRPC's
+# default 4 MiB, and an answer above it is RESPONSE_TOO_LARGE (asking again will not help).
+
+RECENT = "query($id: ID!, $n: Int!) { organization(id: $id) { usage(recent: $n) { recent { eventId } } } }"
+
+
+async def record_big_usage(wallet_stubs, org_id: str, count: int) -> None:
+    """`count` usage records of about 21 KB each (32 dimensions at their longest)."""
+    dimensions = {f"k{i:02d}".ljust(64, "k"): "漢" * 200 for i in range(32)}
+    for start in range(0, count, 25):
+        await asyncio.gather(
+            *(
+                wallet_stubs.wallet.RecordUsage(
+                    wallet_pb2.RecordUsageRequest(
+                        event_id=f"{org_id}-big-{n}",
+                        organization_id=org_id,
+                        meter="tokens",
+                        quantity=1,
+                        unit_price=0,
+                        dimensions=dimensions,
+                        success=True,
+                    )
+                )
+                for n in range(start, min(start + 25, count))
+            )
+        )
+
+
+async def test_an_answer_over_grpcs_default_4_mib_is_received(gql, new_org, wallet_stubs) -> None:
+    org = await new_org()
+    await record_big_usage(wallet_stubs, org.id, 210)  # about 4.5 MB
+    data = await gql.data(RECENT, {"id": org.id, "n": 210}, token=org.token)
+    assert len(data["organization"]["usage"]["recent"]) == 210
+
+
+async def test_an_answer_above_the_receive_limit_is_response_too_large(
+    new_org, wallet_stubs, wallet_address
+) -> None:
+    org = await new_org()
+    await record_big_usage(wallet_stubs, org.id, 3)
+    settings = Settings(
+        service_token=WALLET_TOKEN,
+        listen="127.0.0.1:0",
+        service_addresses={"wallet": wallet_address},
+    )
+    backends = Backends(settings.service_addresses, token=WALLET_TOKEN, max_receive_bytes=32_768)
+    client = TestClient(TestServer(make_app(settings, backends=backends), host="127.0.0.1"))
+    await client.start_server()
+    try:
+        assert client.app[BACKENDS] is backends
+        error = await Gql(client).error(RECENT, {"id": org.id, "n": 3}, token=org.token)
+    finally:
+        await client.close()
+    assert error["extensions"] == {"code": "RESPONSE_TOO_LARGE"}
+    assert error["message"] == "the answer is too large: ask for fewer items"

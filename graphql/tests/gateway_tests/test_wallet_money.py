@@ -435,6 +435,33 @@ async def test_amounts_in_a_display_currency_say_which_rate(gql, new_org, wallet
     assert same["organization"]["wallet"]["conversion"] is None
 
 
+async def test_a_converted_trend_and_breakdown_say_which_rate(gql, new_org, wallet_stubs) -> None:
+    """Each day and month shown in a display currency names the rate it was converted with, as
+    every other converted amount does; none without a display currency."""
+    rate = await wallet_stubs.wallet.SetExchangeRate(
+        wallet_pb2.SetExchangeRateRequest(base="USD", quote="INR", rate="83.25", source="test")
+    )
+    org = await new_org("USD")
+    await top_up(gql, org, "10", "trend-money")
+    await charge(wallet_stubs, org, 2_000_000)
+    query = """query($id: ID!, $display: String) {
+      organization(id: $id, displayCurrency: $display) {
+        spendingTrend(days: 2) { total { amount currency } conversion { base quote rate rateId } }
+        monthlyBreakdown(months: 1) { total { currency } conversion { base quote rate rateId } }
+    } }"""
+    shown = (await gql.data(query, {"id": org.id, "display": "INR"}, token=org.token))[
+        "organization"
+    ]
+    used = {"base": "USD", "quote": "INR", "rate": "83.25", "rateId": str(rate.id)}
+    assert [day["conversion"] for day in shown["spendingTrend"]] == [used, used]
+    assert shown["spendingTrend"][-1]["total"] == {"amount": "166.500000", "currency": "INR"}
+    assert shown["monthlyBreakdown"] == [{"total": {"currency": "INR"}, "conversion": used}]
+
+    plain = (await gql.data(query, {"id": org.id}, token=org.token))["organization"]
+    assert [day["conversion"] for day in plain["spendingTrend"]] == [None, None]
+    assert plain["monthlyBreakdown"][0]["conversion"] is None
+
+
 async def test_a_malformed_display_currency_is_bad_user_input(gql, new_org) -> None:
     org = await new_org()
     error = await gql.error(WALLET, {"id": org.id, "display": "dollars"}, token=org.token)
@@ -546,6 +573,48 @@ async def test_usage_analytics(gql, new_org, wallet_stubs) -> None:
     assert len(usage["hourly48h"]) == 48
     assert usage["hourly48h"][-1]["success"] == 2 and usage["hourly48h"][-1]["errors"] == 1
     assert len(usage["recent"]) == 2
+
+
+async def test_usage_counts_past_32_bits_are_read_back_exactly(
+    gql, new_org, wallet_stubs, database_url
+) -> None:
+    """The wallet counts calls in int64: a count above GraphQL's 32-bit Int is a Long, read back
+    exactly (as Int it made the whole usage card INTERNAL)."""
+    org = await new_org()
+    await wallet_stubs.wallet.RecordUsage(
+        wallet_pb2.RecordUsageRequest(
+            event_id=f"{org.id}-many",
+            organization_id=org.id,
+            meter="tokens",
+            quantity=1,
+            unit_price=0,
+            dimensions={"model": "busy"},
+            success=True,
+        )
+    )
+    calls, errors = 5_000_000_000, 2_500_000_001  # the rollups follow by trigger
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        conn.execute("SET search_path TO wallet")  # as the wallet's trigger expects
+        conn.execute(
+            "UPDATE usage_hourly SET calls = %s, errors = %s WHERE organization_id = %s",
+            (calls, errors, org.id),
+        )
+    usage = (
+        await gql.data(
+            """query($id: ID!) { organization(id: $id) { usage {
+              calls24h todayByModel { calls errors } topModels { calls errors }
+              hourly48h { success errors } allTime { dimension calls errors }
+            } } }""",
+            {"id": org.id},
+            token=org.token,
+        )
+    )["organization"]["usage"]
+    both = {"calls": calls, "errors": errors}
+    assert usage["calls24h"] == calls
+    assert usage["todayByModel"] == [both]
+    assert usage["topModels"] == [both]
+    assert usage["hourly48h"][-1] == {"success": calls - errors, "errors": errors}
+    assert usage["allTime"] == [{"dimension": "model", **both}]
 
 
 async def test_an_invoice_as_a_pdf_with_the_same_authorization(

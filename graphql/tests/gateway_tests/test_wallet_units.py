@@ -8,6 +8,7 @@ from gpudeck.gateway.auth import bearer, token_from
 from gpudeck.gateway.config import Settings
 from gpudeck.gateway.errors import GatewayError, camel
 from gpudeck.gateway.money import MAX_AMOUNT, convert, format_micro, parse_amount
+from gpudeck.gateway.types.common import parse_long
 from gpudeck.proto.common.v1 import money_pb2
 
 
@@ -159,3 +160,11 @@ def test_a_change_is_measured_against_the_size_of_the_period_before() -> None:
     assert percent_change(72_468_705, -699_565) == 10459.11  # from a refunded month: still up
     assert percent_change(1, 3) == -66.67
     assert percent_change(5, 0) is None
+
+
+def test_a_long_takes_whole_numbers_of_64_bits_only() -> None:
+    assert parse_long(2**63 - 1) == 2**63 - 1
+    assert parse_long(-(2**63)) == -(2**63)
+    for bad in (2**63, "5", 5.0, True):
+        with pytest.raises(GatewayError):
+            parse_long(bad)

@@ -68,6 +68,12 @@ class Context:
             self._identity = await self.auth.authenticate(self.token)
         return self._identity
 
+    @property
+    def authenticated(self) -> bool:
+        """Whether this operation has shown who the caller is (a field needed it and the token
+        was valid): `health` alone never asks."""
+        return self._identity is not None
+
     async def identity_in(self, organization_id: str | None, info: Info) -> Identity:
         """Who the caller is in `organization_id` at the field `info` resolves: the identity
         granted there to the root field this field is under (see `grant`), else the caller's

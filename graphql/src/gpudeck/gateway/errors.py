@@ -8,6 +8,8 @@
     PERMISSION_DENIED                     →  FORBIDDEN
     UNAUTHENTICATED                       →  UNAUTHENTICATED
     RESOURCE_EXHAUSTED                    →  RATE_LIMITED
+    RESOURCE_EXHAUSTED, an answer larger
+      than the gateway receives           →  RESPONSE_TOO_LARGE, "the answer is too large: ..."
     UNAVAILABLE, DEADLINE_EXCEEDED        →  UNAVAILABLE
     anything else (INTERNAL, a bug)       →  INTERNAL, message replaced by "internal error"
 
@@ -62,6 +64,7 @@ FAILED_PRECONDITION = "FAILED_PRECONDITION"
 FORBIDDEN = "FORBIDDEN"
 UNAUTHENTICATED = "UNAUTHENTICATED"
 RATE_LIMITED = "RATE_LIMITED"
+RESPONSE_TOO_LARGE = "RESPONSE_TOO_LARGE"
 UNAVAILABLE = "UNAVAILABLE"
 INSUFFICIENT_FUNDS = "INSUFFICIENT_FUNDS"
 INTERNAL = "INTERNAL"
@@ -69,6 +72,10 @@ PARSE_FAILED = "GRAPHQL_PARSE_FAILED"
 VALIDATION_FAILED = "GRAPHQL_VALIDATION_FAILED"
 BAD_REQUEST = "BAD_REQUEST"  # no GraphQL request at all: no query, bad JSON, a subscription by POST
 INTERNAL_MESSAGE = "internal error"
+TOO_LARGE_MESSAGE = "the answer is too large: ask for fewer items"
+# gRPC's own words when an answer exceeds the channel's grpc.max_receive_message_length: the
+# same status as a service's rate limit, but asking again can never succeed.
+_TOO_LARGE = "Received message larger than max"
 
 # By status name, so gRPC status codes and kit DomainError codes share one table.
 CODES = {
@@ -120,8 +127,17 @@ def rpc_details(error: grpc.aio.AioRpcError) -> dict[str, str]:
     return out
 
 
+def too_large(error: grpc.aio.AioRpcError) -> bool:
+    """Whether `error` is gRPC refusing an answer above the channel's receive limit."""
+    return error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and _TOO_LARGE in (
+        error.details() or ""
+    )
+
+
 def rpc_code(error: grpc.aio.AioRpcError) -> str:
     """The `extensions.code` of a failed gRPC call."""
+    if too_large(error):
+        return RESPONSE_TOO_LARGE
     code = CODES.get(error.code().name, INTERNAL)
     reason = rpc_details(error).get("reason", "")
     return REASON_CODES.get(reason, code) if code != INTERNAL else INTERNAL
@@ -134,6 +150,8 @@ def from_rpc(error: grpc.aio.AioRpcError, names: dict[str, str] | None = None) -
     code = rpc_code(error)
     if code == INTERNAL:
         return GatewayError(INTERNAL_MESSAGE, code=INTERNAL)
+    if code == RESPONSE_TOO_LARGE:  # gRPC's own words ("Stream removed (CLIENT: ...)") stay here
+        return GatewayError(TOO_LARGE_MESSAGE, code=RESPONSE_TOO_LARGE)
     details = rpc_details(error)
     message, field = error.details() or code, details.get("field", "")
     argument = (names or {}).get(field, camel(field))

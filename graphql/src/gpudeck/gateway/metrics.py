@@ -1,8 +1,11 @@
 """Prometheus metrics of the gateway, served at /metrics: operations by name, type and outcome,
 their latency, and the websockets open.
 
-Operation names come from clients, so a label takes only a valid GraphQL name of at most 64
-characters and only the first `MAX_OPERATION_NAMES` distinct names; the rest count as "other".
+Operation names come from clients, so a name becomes a label only if it is a valid GraphQL name
+of at most 64 characters, among the first `MAX_OPERATION_NAMES` distinct ones of operations that
+parsed, validated and ran for an authenticated caller; the rest count as "other" (a name that
+already has its label keeps it). Otherwise anyone, without a token, could take every label with
+made-up names and leave the real operations "other" until a restart.
 """
 
 from __future__ import annotations
@@ -16,6 +19,8 @@ from graphql import GraphQLError
 from prometheus_client import REGISTRY, Counter, Gauge, Histogram
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from strawberry.extensions import SchemaExtension
+
+from gpudeck.gateway.context import Context
 
 MAX_OPERATION_NAMES = 500
 _NAME = re.compile(r"^[_A-Za-z][_0-9A-Za-z]{0,63}$")
@@ -40,24 +45,32 @@ WEBSOCKETS = Gauge(
     "gpudeck_graphql_websockets", "Websocket connections open, by protocol.", ["protocol"]
 )
 
-_seen: set[str] = set()
+_labelled: set[str] = set()  # the names that have a label of their own
 
 
-def operation_label(name: str | None) -> str:
+def operation_label(name: str | None, *, may_claim: bool) -> str:
+    """The label of operation `name`: its own if it has one, or may take one of the free ones
+    (`may_claim`: it parsed, validated and ran for an authenticated caller); else a fixed one."""
     if not name:
         return "anonymous"
     if not _NAME.match(name):
         return "invalid"
-    if name not in _seen:
-        if len(_seen) >= MAX_OPERATION_NAMES:
+    if name not in _labelled:
+        if not may_claim or len(_labelled) >= MAX_OPERATION_NAMES:
             return "other"
-        _seen.add(name)
+        _labelled.add(name)
     return name
 
 
 class OperationMetrics(SchemaExtension):
     """Counts each operation and times queries and mutations (a subscription's lifetime is not
     a latency: its events are counted instead)."""
+
+    ran = False  # parsed and validated: execution started
+
+    def on_execute(self) -> Iterator[None]:
+        self.ran = True
+        yield
 
     def on_operation(self) -> Iterator[None]:
         started = time.perf_counter()
@@ -72,8 +85,14 @@ class OperationMetrics(SchemaExtension):
 
     def on_stream_result(self, result: object) -> Iterator[None]:
         if self._kind() == "subscription":
-            SUBSCRIPTION_EVENTS.labels(operation_label(self.execution_context.operation_name)).inc()
+            SUBSCRIPTION_EVENTS.labels(self._label(failed=False)).inc()
         yield
+
+    def _label(self, *, failed: bool) -> str:
+        context = self.execution_context.context
+        authenticated = isinstance(context, Context) and context.authenticated
+        may_claim = self.ran and not failed and authenticated
+        return operation_label(self.execution_context.operation_name, may_claim=may_claim)
 
     def _kind(self) -> str:
         try:
@@ -84,7 +103,7 @@ class OperationMetrics(SchemaExtension):
     def _record(self, seconds: float, *, failed: bool) -> None:
         ctx = self.execution_context
         kind = self._kind()
-        name = operation_label(ctx.operation_name)
+        name = self._label(failed=failed)
         errors: list[GraphQLError] | None = getattr(ctx.result, "errors", None)
         if errors is None and ctx.pre_execution_errors:
             errors = ctx.pre_execution_errors

@@ -32,7 +32,7 @@ from gpudeck.gateway.ids import CanonicalIds
 from gpudeck.gateway.introspection import IntrospectionNeedsToken
 from gpudeck.gateway.metrics import OperationMetrics
 from gpudeck.gateway.types import account, billing, health, organization, rates, wallet
-from gpudeck.gateway.types.common import ROLE_SCALAR, Role
+from gpudeck.gateway.types.common import LONG_SCALAR, ROLE_SCALAR, Long, Role
 
 MAX_DEPTH = 10
 MAX_ALIASES = 30
@@ -107,5 +107,5 @@ def build_schema() -> strawberry.Schema:
         mutation=Mutation,
         subscription=Subscription,
         extensions=extensions,
-        config=StrawberryConfig(scalar_map={Role: ROLE_SCALAR}),
+        config=StrawberryConfig(scalar_map={Role: ROLE_SCALAR, Long: LONG_SCALAR}),
     )

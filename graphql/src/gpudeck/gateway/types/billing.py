@@ -98,18 +98,27 @@ class AmountByType:
     amount: Money
 
 
-@strawberry.type(description="One day's spending (UTC), in total and by resource type.")
+@strawberry.type(
+    description="One day's spending (UTC), in total and by resource type; `conversion`: the rate "
+    "its amounts were shown with in the display currency (null when not converted)."
+)
 class DaySpend:
     date: date
     total: Money
     by_resource_type: list[AmountByType]
+    # On each item, as the list is the field's type (a contract): the whole trend's rate.
+    conversion: Conversion | None
 
 
-@strawberry.type(description="One month's spending (YYYY-MM), in total and by resource type.")
+@strawberry.type(
+    description="One month's spending (YYYY-MM), in total and by resource type; `conversion`: "
+    "the rate its amounts were shown with in the display currency (null when not converted)."
+)
 class MonthSpend:
     month: str
     total: Money
     by_resource_type: list[AmountByType]
+    conversion: Conversion | None
 
 
 def _by_type(parts: list[wallet_pb2.AmountByType]) -> list[AmountByType]:
@@ -126,11 +135,13 @@ async def spending_trend(
         organization_id=organization_id, days=days, display_currency=display
     )
     trend = await c.wallet.GetSpendingTrend(request, metadata=c.metadata)
+    conversion = Conversion.from_pb(trend.conversion)
     return [
         DaySpend(
             date=date.fromisoformat(d.date),
             total=Money.from_pb(d.total),
             by_resource_type=_by_type(list(d.by_resource_type)),
+            conversion=conversion,
         )
         for d in trend.days
     ]
@@ -144,11 +155,13 @@ async def monthly_breakdown(
         organization_id=organization_id, months=months, display_currency=display
     )
     breakdown = await c.wallet.GetMonthlyBreakdown(request, metadata=c.metadata)
+    conversion = Conversion.from_pb(breakdown.conversion)
     return [
         MonthSpend(
             month=m.month,
             total=Money.from_pb(m.total),
             by_resource_type=_by_type(list(m.by_resource_type)),
+            conversion=conversion,
         )
         for m in breakdown.months
     ]

@@ -1,5 +1,5 @@
-"""Types every domain shares: Money, Conversion, Role, the optional idempotency key, and reading
-them from protobuf."""
+"""Types every domain shares: Money, Conversion, Role, Long, the optional idempotency key, and
+reading them from protobuf."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from typing import Annotated, NewType
 
 import strawberry
 from google.protobuf.timestamp_pb2 import Timestamp
-from graphql import EnumValueNode, StringValueNode, ValueNode
+from graphql import EnumValueNode, IntValueNode, StringValueNode, ValueNode
 
 from gpudeck.gateway.errors import BAD_USER_INPUT, GatewayError
 from gpudeck.gateway.money import check_currency, convert, format_micro
@@ -108,6 +108,38 @@ ROLE_SCALAR = strawberry.scalar(
     serialize=lambda value: str(value).lower(),
     parse_value=_parse_role,
     parse_literal=_parse_role_literal,
+)
+
+
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+
+
+def parse_long(value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise GatewayError(f"a Long must be a whole number, got {value!r}", code=BAD_USER_INPUT)
+    if not INT64_MIN <= value <= INT64_MAX:
+        raise GatewayError(f"a Long must fit in 64 bits, got {value}", code=BAD_USER_INPUT)
+    return value
+
+
+def parse_long_literal(node: ValueNode, variables: dict[str, object] | None = None) -> int:
+    if isinstance(node, IntValueNode):
+        return parse_long(int(node.value))
+    raise GatewayError("a Long must be a whole number", code=BAD_USER_INPUT)
+
+
+# A count the services keep in int64 (calls, errors): GraphQL's Int is 32-bit, so a busy
+# organization's count would fail the whole field as INTERNAL.
+Long = NewType("Long", int)
+# The schema maps Long to this scalar (StrawberryConfig.scalar_map in gpudeck.gateway.schema).
+LONG_SCALAR = strawberry.scalar(
+    name="Long",
+    description="A 64-bit signed integer, sent as a JSON number. JavaScript's JSON.parse reads it"
+    " exactly only up to 2^53 (Number.MAX_SAFE_INTEGER); read larger values with a parser that"
+    " keeps big integers.",
+    serialize=int,
+    parse_value=parse_long,
+    parse_literal=parse_long_literal,
 )
 
 

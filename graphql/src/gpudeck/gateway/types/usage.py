@@ -1,6 +1,7 @@
 """Per-call and per-token usage (inference, API calls): today by model, the top models of 30
 days, calls in the last 24 hours with success rate and latency, 48 hours by the hour, all-time
-breakdowns and the most recent records. Read from the wallet's GetUsageAnalytics."""
+breakdowns and the most recent records. Read from the wallet's GetUsageAnalytics; counts are
+Long, as the wallet keeps them (int64)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import strawberry
 
 from gpudeck.gateway.context import Info
 from gpudeck.gateway.errors import BAD_USER_INPUT, GatewayError
-from gpudeck.gateway.types.common import Conversion, Money, when
+from gpudeck.gateway.types.common import Conversion, Long, Money, when
 from gpudeck.proto.wallet.v1 import wallet_pb2
 
 
@@ -20,8 +21,8 @@ class DimensionUsage:
     value: str
     quantity: float
     cost: Money
-    calls: int
-    errors: int
+    calls: Long
+    errors: Long
 
     @classmethod
     def from_pb(cls, m: wallet_pb2.DimensionUsage) -> DimensionUsage:
@@ -30,16 +31,16 @@ class DimensionUsage:
             value=m.value,
             quantity=m.quantity,
             cost=Money.from_pb(m.cost),
-            calls=m.calls,
-            errors=m.errors,
+            calls=Long(m.calls),
+            errors=Long(m.errors),
         )
 
 
 @strawberry.type(description="Calls that succeeded and failed in one hour (UTC).")
 class HourCount:
     hour: datetime
-    success: int
-    errors: int
+    success: Long
+    errors: Long
 
 
 @strawberry.type
@@ -99,7 +100,7 @@ class Usage:
     top_models: list[DimensionUsage] = strawberry.field(
         description="The top models by quantity over the last 30 days."
     )
-    calls_24h: int
+    calls_24h: Long
     success_rate_24h: float | None
     average_latency_ms_24h: float | None
     hourly_48h: list[HourCount]
@@ -115,7 +116,7 @@ class Usage:
             today_by_model=[DimensionUsage.from_pb(d) for d in m.today_by_model],
             today_by_meter=[DimensionUsage.from_pb(d) for d in m.today_by_meter],
             top_models=[DimensionUsage.from_pb(d) for d in m.top_models_30_days],
-            calls_24h=m.calls_24h,
+            calls_24h=Long(m.calls_24h),
             success_rate_24h=m.success_rate_24h if m.HasField("success_rate_24h") else None,
             average_latency_ms_24h=m.average_latency_ms_24h
             if m.HasField("average_latency_ms_24h")
@@ -123,8 +124,8 @@ class Usage:
             hourly_48h=[
                 HourCount(
                     hour=datetime.fromisoformat(h.hour.replace("Z", "+00:00")),
-                    success=h.success,
-                    errors=h.errors,
+                    success=Long(h.success),
+                    errors=Long(h.errors),
                 )
                 for h in m.hourly_48h
             ],
