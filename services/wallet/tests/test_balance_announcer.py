@@ -9,8 +9,10 @@ from collections.abc import Awaitable, Callable
 
 from psycopg_pool import AsyncConnectionPool
 
+from gpudeck.wallet.alerts import Thresholds
 from gpudeck.wallet.deps import Wallet
 from gpudeck.wallet.ledger import Kind, TransferRequest
+from gpudeck.wallet.thresholds_store import ThresholdStore
 from gpudeck.wallet.workers import announce_balances
 
 NewOrg = Callable[..., Awaitable[uuid.UUID]]
@@ -131,3 +133,38 @@ async def test_a_change_committed_after_an_announcement_is_announced_later(
     await asyncio.sleep(1.1)
     wallet.ledger.mark_changed([org])
     assert await announce_balances(wallet) == 1  # "late" was not lost
+
+
+async def test_a_sweep_that_waited_for_a_wallet_stamps_when_it_announced(
+    wallet_pool: AsyncConnectionPool, new_org: NewOrg
+) -> None:
+    """The sweep checks levels under the wallets' locks first, and may wait there: stamped with
+    its transaction's start, the next change could be announced again within the second."""
+    wallet = Wallet(wallet_pool)
+    org = await new_org()
+    async with wallet_pool.connection() as conn:
+        await wallet.ledger.post_one(conn, TransferRequest("t", org, Kind.TOPUP, 5))
+    async with wallet_pool.connection() as holder:
+        async with holder.transaction():
+            await holder.execute(
+                "SELECT 1 FROM wallets WHERE organization_id = %s FOR UPDATE", (org,)
+            )
+            sweep = asyncio.create_task(announce_balances(wallet, sweep=True))
+            await asyncio.sleep(1.2)  # the sweep waits for the wallet meanwhile
+            cur = await holder.execute("SELECT extract(epoch FROM clock_timestamp())::float8")
+            released = float((await cur.fetchone() or (0.0,))[0])
+        await sweep
+    assert await announced_at(wallet_pool, org) >= released
+
+
+async def test_a_level_moved_by_settings_is_noted_for_the_live_view(
+    wallet_pool: AsyncConnectionPool, new_org: NewOrg
+) -> None:
+    wallet = Wallet(wallet_pool)
+    org = await new_org()
+    async with wallet_pool.connection() as conn:
+        await wallet.ledger.post_one(conn, TransferRequest("t", org, Kind.TOPUP, 5))
+    wallet.ledger.take_changed()
+    async with wallet_pool.connection() as conn, conn.transaction():
+        await ThresholdStore(wallet.ledger).set_thresholds(conn, org, Thresholds(warning_amount=10))
+    assert org in wallet.ledger.take_changed()  # announced next round, not at the next sweep

@@ -14,6 +14,7 @@ from psycopg import AsyncConnection
 from psycopg_pool import AsyncConnectionPool
 from test_group_commit import balance
 
+from gpudeck.kit.logs import actor
 from gpudeck.wallet import audit
 from gpudeck.wallet.deps import Wallet
 from gpudeck.wallet.metering import MeterRequest, owed
@@ -197,3 +198,56 @@ async def test_the_tick_rounds_as_the_documented_rule(
         cur = await conn.execute(TICK, {"now": now, "orgs": [org]})
         rows = await cur.fetchall()
     assert [r[-1] for r in rows] == [owed(rate, start, now)]
+
+
+async def test_a_ticks_charge_names_the_project_and_a_close_its_caller(
+    wallet_pool: AsyncConnectionPool, new_org: NewOrg
+) -> None:
+    """One charge per organization and project, so its event names the project (the audit
+    log's); a close settles as its caller, the tick as the system."""
+    wallet = Wallet(wallet_pool)
+    org = await new_org()
+    async with wallet_pool.connection() as conn:
+        cur = await conn.execute("SELECT id FROM projects WHERE organization_id = %s", (org,))
+        row = await cur.fetchone()
+    project = row[0] if row else None
+    if project is None:
+        project = uuid.uuid4()
+        async with wallet_pool.connection() as conn:
+            await conn.execute(
+                "INSERT INTO projects (id, organization_id, name) VALUES (%s, %s, 'ml')",
+                (project, org),
+            )
+    async with billing_replica(wallet_pool) as conn:
+        async with wallet_pool.connection() as c, c.transaction():
+            opened = await wallet.meters.open(
+                c,
+                MeterRequest(
+                    f"pod:{uuid.uuid4()}", org, "pod-x", "pod", RATE, project_id=project,
+                    at=datetime.now(UTC) - timedelta(seconds=30),
+                ),
+            )  # fmt: skip
+            await wallet.meters.open(
+                c,
+                MeterRequest(
+                    f"vol:{uuid.uuid4()}", org, "vol-x", "nfs_volume", RATE,
+                    at=datetime.now(UTC) - timedelta(seconds=30),
+                ),
+            )  # fmt: skip
+        assert await bill_chunk(conn, wallet.meters, [org]) > 0
+        token = actor.set("user:closer")
+        try:
+            async with wallet_pool.connection() as c, c.transaction():
+                await wallet.meters.close(c, opened.id, datetime.now(UTC) - timedelta(seconds=10))
+        finally:
+            actor.reset(token)
+    async with wallet_pool.connection() as conn:
+        cur = await conn.execute(
+            "SELECT kind, project_id, actor FROM transactions WHERE organization_id = %s"
+            " ORDER BY created_at, kind",
+            (org,),
+        )
+        rows = await cur.fetchall()
+    ticked = {(p, a) for k, p, a in rows if k == "usage"}
+    assert ticked == {(project, "system"), (None, "system")}  # one charge per project
+    assert ("refund", project, "user:closer") in rows  # the close gave back 10 s

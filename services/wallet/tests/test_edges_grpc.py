@@ -4,6 +4,7 @@ service (real PostgreSQL, NATS and gRPC; no mocks)."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -18,13 +19,19 @@ from psycopg_pool import AsyncConnectionPool
 
 from gpudeck.kit.config import EventsConfig
 from gpudeck.kit.events import parse_event, unpack
+from gpudeck.kit.logs import actor
 from gpudeck.proto.common.v1.money_pb2 import Money
 from gpudeck.proto.events.v1.envelope_pb2 import Event
 from gpudeck.proto.wallet.v1 import account_pb2, events_pb2
 from gpudeck.proto.wallet.v1 import wallet_pb2 as pb
 from gpudeck.proto.wallet.v1.account_pb2_grpc import AccountServiceStub
 from gpudeck.proto.wallet.v1.wallet_pb2_grpc import WalletServiceStub
+from gpudeck.wallet.alerts import Thresholds
+from gpudeck.wallet.group_commit import GroupCommit
+from gpudeck.wallet.ledger import Kind, TransferRequest
+from gpudeck.wallet.ledger_store import LedgerStore
 from gpudeck.wallet.money import MAX_AMOUNT
+from gpudeck.wallet.thresholds_store import ThresholdStore
 
 NewOrg = Callable[..., Awaitable[uuid.UUID]]
 USD = 1_000_000
@@ -1114,3 +1121,36 @@ async def test_a_threshold_crossing_names_who_crossed_it(
     assert event.actor == ACTOR  # the charge's caller, not "system"
     changed = await wallet_events(events_config, org, has_types("wallet.balance.changed"))
     assert {e.actor for e in of_type(changed, "wallet.balance.changed")} == {"system"}
+
+
+async def test_a_threshold_crossed_in_a_group_names_its_own_caller(
+    wallet_pool: AsyncConnectionPool,
+    new_org: NewOrg,
+    events_config: EventsConfig,
+    wallet_service: object,  # its relay publishes what this test writes
+) -> None:
+    """Group commit posts many callers' transfers in one writer task, which the first caller
+    started: its actor used to name the threshold crossings of everyone in the group."""
+    ledger = LedgerStore()
+    a, b = await new_org(), await new_org()
+    async with wallet_pool.connection() as conn, conn.transaction():
+        await ledger.post_transfers(conn, [TransferRequest("seed", b, Kind.TOPUP, 10 * USD)])
+        await ThresholdStore(ledger).set_thresholds(conn, b, Thresholds(warning_amount=5 * USD))
+    groups = GroupCommit(wallet_pool, ledger, writers=1)
+
+    async def as_caller(who: str, request: TransferRequest) -> None:
+        actor.set(who)
+        await groups.post(dataclasses.replace(request, actor=who))
+
+    first = asyncio.create_task(  # starts the one writer, in user:a's context
+        as_caller("user:a", TransferRequest("a1", a, Kind.TOPUP, USD))
+    )
+    await asyncio.sleep(0)
+    await asyncio.gather(
+        first,
+        as_caller("user:b", TransferRequest("b1", b, Kind.CHARGE, 6 * USD)),
+        *(as_caller("user:a", TransferRequest(f"a{i}", a, Kind.TOPUP, USD)) for i in range(2, 6)),
+    )
+    found = await wallet_events(events_config, b, has_types("wallet.balance.warning"))
+    [event] = of_type(found, "wallet.balance.warning")
+    assert event.actor == "user:b"

@@ -357,11 +357,11 @@ class LosingStore(LedgerStore):
 
     armed = False
 
-    async def refresh_levels(self, conn, organization_ids, now=None):  # type: ignore[no-untyped-def]
+    async def refresh_levels(self, conn, organization_ids, now=None, **kw):  # type: ignore[no-untyped-def]
         if self.armed:
             self.armed = False
             raise ConnectionError("lost after the commit")
-        await super().refresh_levels(conn, organization_ids, now)
+        await super().refresh_levels(conn, organization_ids, now, **kw)
 
 
 @pytest.mark.parametrize("found_by", ["the retry", "a grouped retry", "the sweep"])

@@ -177,8 +177,9 @@ async def post_fast(
     # is its own transaction): check its wallet again (no event if the level stands).
     moved = sorted({*moved, *(requests[i].organization_id for i in replays)})
     if moved:
+        actors = {requests[i].organization_id: requests[i].actor for i in fast}  # the last
         async with conn.transaction():  # a savepoint in the caller's, or its own
-            await store.refresh_levels(conn, moved, created_at)
+            await store.refresh_levels(conn, moved, created_at, actors=actors)
     return sorted(deferred.union(rest))
 
 

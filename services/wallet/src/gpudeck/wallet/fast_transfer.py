@@ -84,18 +84,19 @@ async def post_one(store: LedgerStore, conn: Conn, request: TransferRequest) -> 
     assert row is not None
     (tx_id, replayed, created_at, currency, balance, _credits, _held, rate, level,
      wa, ca, wh, ch, below, codes, amounts, befores, afters) = row  # fmt: skip
+    by = {request.organization_id: request.actor}  # who crossed a threshold, if it did
     if replayed:
         # The first call's level check ran after its commit, and may have been lost with it
         # (a crash, a dropped connection): the retry makes sure of it (no event if it ran).
         async with conn.transaction():
-            await store.refresh_levels(conn, [request.organization_id])
+            await store.refresh_levels(conn, [request.organization_id], actors=by)
         return (await store.load_transactions(conn, [tx_id]))[tx_id]
     store.mark_changed([request.organization_id])
     thresholds = Thresholds(wa, ca, wh, ch)
     new_level = level_for(balance, rate, thresholds, store.policy.depletion_seconds)
     if new_level != level or (below and balance < below):
         async with conn.transaction():
-            await store.refresh_levels(conn, [request.organization_id], created_at)
+            await store.refresh_levels(conn, [request.organization_id], created_at, actors=by)
     postings = tuple(
         PostingView(c, a, b, f) for c, a, b, f in zip(codes, amounts, befores, afters, strict=True)
     )

@@ -16,6 +16,7 @@ Writers run as their own tasks: a caller giving up (deadline) never cancels a gr
 from __future__ import annotations
 
 import asyncio
+import contextvars
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import Histogram
@@ -59,7 +60,9 @@ class GroupCommit:
         self._queue.append((request, future))
         if self._writing < self.writers:
             self._writing += 1
-            task = asyncio.create_task(self._write())
+            # In a context of its own: the writer posts every caller's transfers, so it must
+            # not carry the first caller's (its actor, for one, would name the others' facts).
+            task = asyncio.create_task(self._write(), context=contextvars.Context())
             self._running.add(task)
             task.add_done_callback(self._running.discard)
         return await asyncio.shield(future)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import uuid
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -416,7 +416,8 @@ class LedgerStore:
             batch.events.extend(events.transactions_posted(planned, batch.now))
         touched = sorted({p.request.organization_id for p in planned})
         self.mark_changed(touched)
-        await self.settle_levels(conn, [locked[o] for o in touched], batch)
+        actors = {p.request.organization_id: p.request.actor for p in planned}  # the last
+        await self.settle_levels(conn, [locked[o] for o in touched], batch, actors)
         if not planned:
             await self.outbox.add_many(conn, batch.events)
             return
@@ -433,8 +434,15 @@ class LedgerStore:
             await roll_up(conn, planned, batch.now)
             await self.outbox.add_many(conn, batch.events)
 
-    async def settle_levels(self, conn: Conn, locked: Sequence[LockedWallet], batch: Batch) -> None:
-        """Recompute the level of each wallet; emit one event per edge; fire auto top-ups."""
+    async def settle_levels(
+        self,
+        conn: Conn,
+        locked: Sequence[LockedWallet],
+        batch: Batch,
+        actors: Mapping[uuid.UUID, str] | None = None,
+    ) -> None:
+        """Recompute the level of each wallet; emit one event per edge, naming who crossed it
+        (`actors`: who moved each wallet; else the caller); fire auto top-ups."""
         changed_orgs: list[uuid.UUID] = []
         changed_levels: list[str] = []
         for lw in locked:
@@ -452,7 +460,7 @@ class LedgerStore:
                         run_rate=w.run_rate,
                         level=level,
                         previous_level=w.level,
-                        actor="",  # who crossed it
+                        actor=(actors or {}).get(w.organization_id, ""),
                     )
                 )
                 w.level = level
@@ -466,16 +474,23 @@ class LedgerStore:
                 " WHERE w.organization_id = v.o",
                 (changed_orgs, changed_levels),
             )
+            self.mark_changed(changed_orgs)  # live views show the level (a settings change)
 
     async def refresh_levels(
-        self, conn: Conn, organization_ids: Sequence[uuid.UUID], now: datetime | None = None
+        self,
+        conn: Conn,
+        organization_ids: Sequence[uuid.UUID],
+        now: datetime | None = None,
+        *,
+        actors: Mapping[uuid.UUID, str] | None = None,
     ) -> None:
         """Re-settle the levels of these wallets after a change other than a transfer (or
-        one whose check may have been lost); `now` by default the transaction's."""
+        one whose check may have been lost); `now` by default the transaction's; `actors`
+        as `settle_levels`."""
         now = now or await db_now(conn)
         locked = await lock_wallets(conn, organization_ids, now)
         batch = Batch(now)
-        await self.settle_levels(conn, list(locked.values()), batch)
+        await self.settle_levels(conn, list(locked.values()), batch, actors)
         await self.outbox.add_many(conn, batch.events)
 
     async def _request_auto_topup(self, conn: Conn, lw: LockedWallet, batch: Batch) -> None:

@@ -14,6 +14,7 @@ from psycopg import AsyncConnection
 from psycopg_pool import AsyncConnectionPool
 
 from gpudeck.kit.errors import Conflict, FailedPrecondition, InvalidArgument, NotFound
+from gpudeck.kit.logs import actor
 from gpudeck.wallet import events, idempotency
 from gpudeck.wallet.ledger import Kind, SpendLine, TransferRequest
 from gpudeck.wallet.ledger_store import LedgerStore, db_now, lock_wallets
@@ -183,23 +184,28 @@ class MeterStore:
         now = await db_now(conn)
         await lock_wallets(conn, organization_ids, now)
         cur = await conn.execute(TICK, {"now": now, "orgs": list(organization_ids)})
-        lines: dict[uuid.UUID, list[SpendLine]] = defaultdict(list)
+        # One charge per organization and project (its event names the project, for the
+        # audit log), its lines per meter (for the rollups).
+        lines: dict[tuple[uuid.UUID, uuid.UUID | None], list[SpendLine]] = defaultdict(list)
         for org, project, rtype, rid, delta in await cur.fetchall():
             if delta > 0:
-                lines[org].append(SpendLine(rtype, delta, rid, project))
+                lines[(org, project)].append(SpendLine(rtype, delta, rid, project))
         requests = [
             TransferRequest(
-                key=f"usage:{now.isoformat()}:{org}" + (f":{part}" if part else ""),
+                key=f"usage:{now.isoformat()}:{org}"
+                + (f":{project}" if project else "")
+                + (f":{part}" if part else ""),
                 organization_id=org,
                 kind=Kind.USAGE,
                 amount=sum(line.amount for line in group),
                 description="Metered usage",
+                project_id=project,
                 lines=tuple(group),
                 allow_overdraft=True,
                 record_key=False,
                 actor="system",
             )
-            for org, org_lines in sorted(lines.items())
+            for (org, project), org_lines in sorted(lines.items(), key=_by_org_and_project)
             for part, group in enumerate(in_transfers(org_lines))
         ]
         outcomes = await self.ledger.post_transfers(conn, requests, now=now)
@@ -239,7 +245,7 @@ class MeterStore:
                 lines=tuple(group),
                 allow_overdraft=True,
                 record_key=False,
-                actor="system",
+                actor=actor.get() or "system",  # who closed it or changed its rate
             )
             for part, group in enumerate(in_transfers([line]))
         ]
@@ -321,6 +327,11 @@ class BillingRefused(Exception):
     def __init__(self, organization_id: uuid.UUID, error: Exception) -> None:
         super().__init__(f"organization {organization_id}: {error}")
         self.organization_id = organization_id
+
+
+def _by_org_and_project(item: tuple[tuple[uuid.UUID, uuid.UUID | None], Any]) -> tuple[str, str]:
+    (org, project), _ = item
+    return str(org), str(project or "")
 
 
 def _in_segment(at: datetime | None, now: datetime, start: datetime) -> datetime:

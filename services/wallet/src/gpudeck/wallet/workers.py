@@ -64,8 +64,9 @@ async def expire_credits(wallet: Wallet, *, limit: int = 1000) -> int:
 
 
 # The wallets due for a wallet.balance.changed: moved since their last one (migration 014's
-# change counter), which was a second ago or more.
-DUE = "w.change_seq > a.announced_seq AND a.announced_at <= now() - interval '1 second'"
+# change counter), which was a second ago or more. The clock, not now(): an announcing
+# transaction may have waited for wallet locks (the sweep's level check) since it began.
+DUE = "w.change_seq > a.announced_seq AND a.announced_at <= clock_timestamp() - interval '1 second'"
 # Stamps and returns them. It locks only the announcement rows (another announcer skips those),
 # never the wallet rows writers hold: what is announced is what is committed.
 ANNOUNCE = (
@@ -75,7 +76,7 @@ ANNOUNCE = (
     " FROM wallets w JOIN wallet_announcements a USING (organization_id) WHERE {where}"
     " ORDER BY w.organization_id LIMIT %s FOR UPDATE OF a SKIP LOCKED),"
     " stamped AS (UPDATE wallet_announcements a"
-    "  SET announced_at = now(), announced_seq = due.change_seq FROM due"
+    "  SET announced_at = clock_timestamp(), announced_seq = due.change_seq FROM due"
     "  WHERE a.organization_id = due.organization_id RETURNING a.organization_id)"
     " SELECT organization_id, currency, balance, held_balance, run_rate, level"
     " FROM due JOIN stamped USING (organization_id)"
