@@ -11,7 +11,7 @@ MEMBERS := $(wildcard protos/pyproject.toml services/*/pyproject.toml graphql/py
 .PHONY: run test lint lint-fix protos protos-check bench sync lock clean
 
 run: $(VENV)/.synced
-	$(BIN)/gpudeck up --demo
+	@$(BIN)/gpudeck up --demo
 
 test: $(VENV)/.synced
 	$(BIN)/pytest $(PYTEST_ARGS)
