@@ -266,3 +266,29 @@ async def test_trend_days_out_of_range_are_invalid(
         )
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "days" in (err.value.details() or "")
+
+
+async def test_the_status_is_the_one_of_the_balance_shown(
+    wallet_stub: WalletServiceStub, wallet_pool: AsyncConnectionPool, new_org: NewOrg
+) -> None:
+    """A fast-path transfer commits its balance, then the level a moment later: read in
+    between, the card showed the new balance with the old status (40 left, "available")."""
+    org = await new_org()
+    await transfer(wallet_stub, org, pb.TOPUP, 100 * USD)
+    await wallet_stub.SetThresholds(
+        pb.SetThresholdsRequest(organization_id=str(org), critical_amount=50 * USD), timeout=5
+    )
+    async with wallet_pool.connection() as conn:  # the charge's balance, its level not yet
+        await conn.execute(
+            "UPDATE wallets SET balance = balance - %s WHERE organization_id = %s",
+            (60 * USD, org),
+        )
+    try:
+        s = await wallet_stub.GetWalletSummary(pb.GetWalletSummaryRequest(organization_id=str(org)))
+    finally:  # the ledger's own balance again (audit.check reads every wallet)
+        async with wallet_pool.connection() as conn:
+            await conn.execute(
+                "UPDATE wallets SET balance = balance + %s WHERE organization_id = %s",
+                (60 * USD, org),
+            )
+    assert (s.balance.amount, s.service_status) == (40 * USD, "critical")

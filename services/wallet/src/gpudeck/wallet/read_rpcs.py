@@ -41,7 +41,8 @@ class ReadRpcs:
     ) -> pb.WalletSummary:
         org = convert.parse_id(request.organization_id, "organization_id")
         async with self.wallet.pool.connection() as conn:
-            state, _, by_type = await store.wallet(conn, org)
+            depletion = self.wallet.ledger.policy.depletion_seconds
+            state, _, by_type = await store.wallet(conn, org, depletion)
             display = Display(
                 await store.conversion_to(conn, state.currency, request.display_currency)
             )

@@ -17,6 +17,7 @@ from psycopg import AsyncConnection
 
 from gpudeck.kit.errors import NotFound
 from gpudeck.wallet import readmodels as rm
+from gpudeck.wallet.alerts import Thresholds, level_for
 from gpudeck.wallet.money import check_currency
 from gpudeck.wallet.rates import (
     Conversion,
@@ -32,8 +33,10 @@ Conn = AsyncConnection[Any]
 
 WALLET = """
 SELECT w.organization_id, w.currency, w.balance, w.credits, w.held_balance, w.run_rate, w.level,
-       now(), m.types, m.rates
+       now(), m.types, m.rates, coalesce(t.warning_amount, 0), coalesce(t.critical_amount, 0),
+       coalesce(t.warning_hours, 0), coalesce(t.critical_hours, 0)
 FROM wallets w
+LEFT JOIN thresholds t ON t.organization_id = w.organization_id
 LEFT JOIN LATERAL (
     SELECT array_agg(t ORDER BY t) AS types, array_agg(r ORDER BY t) AS rates
     FROM (SELECT resource_type AS t, sum(hourly_rate)::bigint AS r FROM meters
@@ -77,14 +80,17 @@ def utc_day(now: datetime) -> date:
 
 
 async def wallet(
-    conn: Conn, organization_id: uuid.UUID
+    conn: Conn, organization_id: uuid.UUID, depletion_seconds: float
 ) -> tuple[rm.WalletState, datetime, dict[str, int]]:
-    """The wallet row, the database's now, and the open meters' hourly rates by type."""
+    """The wallet row, the database's now, and the open meters' hourly rates by type. Its level
+    is the one of the balance read with it (`level_for`): the stored one, which edge events
+    follow, is written a moment after a fast-path transfer commits its balance."""
     cur = await conn.execute(WALLET, (organization_id,))
     row = await cur.fetchone()
     if row is None:
         raise NotFound(f"organization {organization_id} not found", field="organization_id")
-    org, currency, balance, credits, held, rate, level, now, types, rates = row
+    org, currency, balance, credits, held, rate, _stored, now, types, rates, *limits = row
+    level = level_for(balance, rate, Thresholds(*limits), depletion_seconds)
     state = rm.WalletState(org, currency, balance, credits, held, rate, level)
     return state, now, dict(zip(types or (), rates or (), strict=True))
 
