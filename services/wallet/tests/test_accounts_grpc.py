@@ -13,8 +13,11 @@ import pytest
 from google.protobuf.timestamp_pb2 import Timestamp
 from psycopg_pool import AsyncConnectionPool
 
+from gpudeck.proto.common.v1.money_pb2 import Money
 from gpudeck.proto.wallet.v1 import account_pb2 as pb
+from gpudeck.proto.wallet.v1 import wallet_pb2 as wpb
 from gpudeck.proto.wallet.v1.account_pb2_grpc import AccountServiceStub
+from gpudeck.proto.wallet.v1.wallet_pb2_grpc import WalletServiceStub
 from gpudeck.wallet import demo
 
 Stub = AccountServiceStub
@@ -698,3 +701,48 @@ async def test_an_invited_members_name_and_key_are_checked(
     assert field_of(err) == field
     members = await account_stub.ListMembers(pb.ListMembersRequest(organization_id=org))
     assert len(members.members) == 1
+
+
+async def test_a_key_is_one_request_in_its_organization_whoever_sends_it(
+    account_stub: Stub, wallet_stub: WalletServiceStub
+) -> None:
+    """Account calls, settings and money calls share an organization's keys: a key a top-up
+    used is ABORTED for an invite and the other way round; another caller's key is ABORTED
+    too (only its sender gets the first answer back)."""
+    org = (await new_org(account_stub)).organization.id
+
+    def top_up(key: str) -> Any:
+        return wallet_stub.Transfer(
+            wpb.TransferRequest(
+                idempotency_key=key, organization_id=org, kind=wpb.TOPUP,
+                amount=Money(amount=1_000_000),
+            )
+        )  # fmt: skip
+
+    def invite_with(key: str) -> pb.InviteMemberRequest:
+        return pb.InviteMemberRequest(
+            organization_id=org, email=email(), role="member", idempotency_key=key
+        )
+
+    await top_up("paid")
+    err = await refused(account_stub.InviteMember(invite_with("paid")))
+    assert (err.code(), reason_of(err)) == (grpc.StatusCode.ABORTED, "IDEMPOTENCY_KEY_REUSED")
+
+    request = invite_with("invited")
+    first = await account_stub.InviteMember(request, metadata=(("x-actor", "user:a"),))
+    assert await account_stub.InviteMember(request, metadata=(("x-actor", "user:a"),)) == first
+    for call in (
+        top_up("invited"),
+        account_stub.InviteMember(request, metadata=(("x-actor", "user:b"),)),
+        wallet_stub.SetThresholds(
+            wpb.SetThresholdsRequest(
+                organization_id=org, warning_amount=1, idempotency_key="invited"
+            )
+        ),
+    ):
+        err = await refused(call)
+        assert (err.code(), reason_of(err)) == (grpc.StatusCode.ABORTED, "IDEMPOTENCY_KEY_REUSED")
+    members = await account_stub.ListMembers(pb.ListMembersRequest(organization_id=org))
+    assert len(members.members) == 2  # the owner and the one invite
+    wallet = await wallet_stub.GetWalletSummary(wpb.GetWalletSummaryRequest(organization_id=org))
+    assert wallet.balance.amount == 1_000_000  # the one top-up

@@ -66,3 +66,27 @@ async def remember(
         "INSERT INTO idempotency (scope, key, fingerprint, result) VALUES (%s, %s, %s, %s)",
         (scope, key, fingerprint, json.dumps(result)),
     )
+
+
+async def refuse_taken(conn: AsyncConnection[Any], organization_id: uuid.UUID, key: str) -> None:
+    """Conflict if the organization's key is taken: by a transfer, or in the organization's own
+    scope (a hold, plan change, credit purchase, or an account call of any caller: `take`)."""
+    cur = await conn.execute(
+        "SELECT 1 FROM idempotency WHERE scope = %s AND key = %s"
+        " UNION ALL SELECT 1 FROM transactions WHERE organization_id = %s AND idempotency_key = %s",
+        (str(organization_id), key, organization_id, key),
+    )
+    if await cur.fetchone() is not None:
+        raise key_reused(key)
+
+
+async def take(
+    conn: AsyncConnection[Any], organization_id: uuid.UUID, key: str, fingerprint: bytes
+) -> None:
+    """Mark the key used in the organization's own scope, where the money calls look (with no
+    answer: an account call's answer is its caller's, kept in its own scope)."""
+    await conn.execute(
+        "INSERT INTO idempotency (scope, key, fingerprint, result) VALUES (%s, %s, %s, '{}')"
+        " ON CONFLICT DO NOTHING",
+        (str(organization_id), key, fingerprint),
+    )

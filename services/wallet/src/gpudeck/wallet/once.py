@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -30,28 +31,34 @@ async def once(
 ) -> Answer:
     """`act`'s answer, or with `request.idempotency_key` the answer first given for it by this
     caller (`x-actor`) in `scope` (an organization: `org:<id>`): a retry changes nothing. A key
-    is one request whatever the call: another request with it, of this call or another one
-    (the request's type is part of its fingerprint), is ABORTED. The field `secret` of the
-    answer is not kept (a retry gets it empty)."""
+    is one request in its organization whatever the call and whoever sends it: another request
+    with it (the request's type is part of its fingerprint), a transfer's, a hold's or a plan
+    change's key too, is ABORTED; only its sender gets the first answer back. The field
+    `secret` of the answer is not kept (a retry gets it empty)."""
     key = check_text(request.idempotency_key, "idempotency_key")
     if not key:
         return await act()
-    scope = f"{scope}:{actor.get()}"
-    # Serializes the calls with this key (the scopes here have no row every caller locks).
+    organization = scope.removeprefix("org:") if scope.startswith("org:") else ""
+    mine = f"{scope}:{actor.get()}"
+    # Serializes the calls with this key in the scope (no row every caller locks here).
     await conn.execute("SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))", (f"{scope} {key}",))
     payload = type(request)()
     payload.CopyFrom(request)
     payload.idempotency_key = ""
     call = payload.DESCRIPTOR.full_name.encode()
     digest = hashlib.sha256(call + b"\0" + payload.SerializeToString(deterministic=True)).digest()
-    earlier = await idempotency.recall(conn, scope, key, digest)
+    earlier = await idempotency.recall(conn, mine, key, digest)
     if earlier is not None:
         return answer_type.FromString(base64.b64decode(earlier["answer"]))
+    if organization:  # taken by another caller, or by the money calls (transfers, holds …)
+        await idempotency.refuse_taken(conn, uuid.UUID(organization), key)
     answer = await act()
     kept = answer_type()
     kept.CopyFrom(answer)
     if secret:
         kept.ClearField(secret)
     stored = {"answer": base64.b64encode(kept.SerializeToString()).decode()}
-    await idempotency.remember(conn, scope, key, digest, stored)
+    await idempotency.remember(conn, mine, key, digest, stored)
+    if organization:  # the money calls see it taken (their keys live in this scope)
+        await idempotency.take(conn, uuid.UUID(organization), key, digest)
     return answer

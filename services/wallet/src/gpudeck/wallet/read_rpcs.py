@@ -174,7 +174,7 @@ class ReadRpcs:
             )
 
         async with self.wallet.pool.connection() as conn, conn.transaction():
-            return await once(conn, f"org:{org}:thresholds", request, pb.Thresholds, save)
+            return await once(conn, f"org:{org}", request, pb.Thresholds, save)
 
     async def GetThresholds(self, request: pb.GetThresholdsRequest, context: Ctx) -> pb.Thresholds:
         org = convert.parse_id(request.organization_id, "organization_id")
@@ -197,7 +197,7 @@ class ReadRpcs:
             return read_convert.auto_topup(rule)
 
         async with self.wallet.pool.connection() as conn, conn.transaction():
-            return await once(conn, f"org:{org}:auto-topup", request, pb.AutoTopUp, save)
+            return await once(conn, f"org:{org}", request, pb.AutoTopUp, save)
 
     async def CompleteTopUp(
         self, request: pb.CompleteTopUpRequest, context: Ctx
