@@ -7,6 +7,7 @@ from __future__ import annotations
 from typing import Any
 
 import psycopg
+import pytest
 
 ORGANIZATION = """query($id: ID!, $display: String) {
   organization(id: $id, displayCurrency: $display) {
@@ -266,3 +267,27 @@ async def test_a_huge_bad_id_is_named_without_being_sent_back_whole(gql, new_org
     )
     assert error["extensions"] == {"code": "BAD_USER_INPUT", "field": "id"}
     assert "100000 characters" in error["message"] and len(error["message"]) < 200
+
+
+@pytest.mark.parametrize(
+    ("mutation", "field"),
+    [
+        (
+            'mutation($v: String!) { topUpWallet(organizationId: "%s", amount: "1",'
+            ' currency: $v, idempotencyKey: "k") { wallet { currency } } }',
+            "currency",
+        ),
+        (
+            'mutation($v: String!) { topUpWallet(organizationId: "%s", amount: $v,'
+            ' currency: "USD", idempotencyKey: "k") { wallet { currency } } }',
+            "amount",
+        ),
+    ],
+)
+async def test_a_huge_bad_value_is_named_without_being_sent_back_whole(
+    gql, new_org, mutation: str, field: str
+) -> None:
+    org = await new_org()
+    error = await gql.error(mutation % org.id, {"v": "U" * 20_000}, token=org.token)
+    assert error["extensions"].get("field") == field, error
+    assert "20000 characters" in error["message"] and len(error["message"]) < 300, error

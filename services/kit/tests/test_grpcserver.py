@@ -28,13 +28,14 @@ def _raising(kind: str) -> Any:
             "not_found": errors.NotFound("organization 'x' not found"),
             "invalid": errors.InvalidArgument("amount must be positive", field="amount"),
             "state": errors.FailedPrecondition("hold is already captured"),
+            "huge": errors.InvalidArgument("theme is not one of light, dark: " + "x" * 20_000),
         }[kind]
 
     return grpc.unary_unary_rpc_method_handler(behave)
 
 
 def _add_test_service(_servicer: object, server: grpc.aio.Server) -> None:
-    kinds = ["not_found", "invalid", "state", "crash", "slow"]
+    kinds = ["not_found", "invalid", "state", "crash", "slow", "huge"]
     handlers = {k: _raising(k) for k in kinds}
     server.add_generic_rpc_handlers(
         (grpc.method_handlers_generic_handler("test.Faults", handlers),)
@@ -121,6 +122,18 @@ async def test_domain_errors_map_to_status_codes(
         with pytest.raises(grpc.aio.AioRpcError) as err:
             await call(b"")
     assert (err.value.code(), err.value.details()) == (code, message)
+
+
+async def test_a_huge_message_is_cut_short_not_lost(server: KitServer) -> None:
+    """gRPC carries the message as metadata: 20,000 characters failed the call as
+    RESOURCE_EXHAUSTED (over the client's limit) with no word of what was wrong."""
+    async with channel(target(server), TOKEN) as ch:
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await ch.unary_unary("/test.Faults/huge")(b"")
+    details = err.value.details() or ""
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert details.startswith("theme is not one of") and len(details) <= 2000
+    assert details.endswith("(20033 characters)")
 
 
 async def test_a_call_past_its_deadline_fails_with_deadline_exceeded(server: KitServer) -> None:

@@ -746,3 +746,42 @@ async def test_a_key_is_one_request_in_its_organization_whoever_sends_it(
     assert len(members.members) == 2  # the owner and the one invite
     wallet = await wallet_stub.GetWalletSummary(wpb.GetWalletSummaryRequest(organization_id=org))
     assert wallet.balance.amount == 1_000_000  # the one top-up
+
+
+@pytest.mark.parametrize(
+    ("call", "field"),
+    [
+        ("invite_nul", "email"),
+        ("invite_huge", "email"),
+        ("kyc_huge", "kyc_status"),
+        ("theme_huge", "theme"),
+    ],
+)
+async def test_a_hostile_value_is_named_in_a_short_message(
+    account_stub: Stub, call: str, field: str
+) -> None:
+    """A NUL reached the database (INTERNAL); a huge value was sent back whole, past what a
+    gRPC client takes, and the call failed as RESOURCE_EXHAUSTED."""
+    created = await new_org(account_stub)
+    org, owner = created.organization.id, created.organization.owner.id
+    huge = "x" * 20_000
+    attempt = {
+        "invite_nul": lambda: account_stub.InviteMember(
+            pb.InviteMemberRequest(organization_id=org, email="a\x00b@x.com", role="member")
+        ),
+        "invite_huge": lambda: account_stub.InviteMember(
+            pb.InviteMemberRequest(organization_id=org, email=huge + "@x.com", role="member")
+        ),
+        "kyc_huge": lambda: account_stub.SetKycStatus(
+            pb.SetKycStatusRequest(organization_id=org, kyc_status=huge)
+        ),
+        "theme_huge": lambda: account_stub.UpdatePreferences(
+            pb.UpdatePreferencesRequest(
+                preferences=pb.Preferences(organization_id=org, user_id=owner, theme=huge),
+                fields=["theme"],
+            )
+        ),
+    }[call]
+    err = await refused(attempt())
+    assert (err.code(), field_of(err)) == (grpc.StatusCode.INVALID_ARGUMENT, field)
+    assert len(err.details() or "") < 500

@@ -14,6 +14,7 @@ import re
 from decimal import ROUND_HALF_UP, Decimal, localcontext
 
 from gpudeck.gateway.errors import BAD_USER_INPUT, FAILED_PRECONDITION, GatewayError
+from gpudeck.kit.errors import echo
 from gpudeck.proto.common.v1 import money_pb2
 
 MICRO = 1_000_000
@@ -44,16 +45,16 @@ def parse_amount(text: str, *, field: str = "amount", allow_zero: bool = False) 
     match = _DECIMAL.match(value)
     if match is None:
         if value.startswith("-") and _DECIMAL.match(value[1:]):
-            raise _bad(field, f"{field} must be positive, got {text!r}")
-        raise _bad(field, f'{field} must be a decimal number like "12.50", got {text!r}')
+            raise _bad(field, f"{field} must be positive, got {echo(text)}")
+        raise _bad(field, f'{field} must be a decimal number like "12.50", got {echo(text)}')
     whole, fraction = match.group(1) or "0", match.group(2) or match.group(3) or ""
     if len(fraction) > 6:
-        raise _bad(field, f"{field} has more than 6 decimal places: {text!r}")
+        raise _bad(field, f"{field} has more than 6 decimal places: {echo(text)}")
     if len(whole) > 16:
         raise _bad(field, f"{field} is too large: at most {format_micro(MAX_AMOUNT)}")
     micro = int(whole) * MICRO + int(fraction.ljust(6, "0"))
     if micro == 0 and not allow_zero:
-        raise _bad(field, f"{field} must be positive, got {text!r}")
+        raise _bad(field, f"{field} must be positive, got {echo(text)}")
     if micro > MAX_AMOUNT:
         raise _bad(field, f"{field} is too large: at most {format_micro(MAX_AMOUNT)}")
     return micro
@@ -63,7 +64,7 @@ def parse_currency(text: str, *, field: str = "currency") -> str:
     """A three-letter code, upper-cased (which ones exist is the wallet's to say)."""
     value = text.strip().upper()
     if not _CURRENCY.match(value):
-        raise _bad(field, f"{field} must be a three-letter currency code, got {text!r}")
+        raise _bad(field, f"{field} must be a three-letter currency code, got {echo(text)}")
     return value
 
 
@@ -71,7 +72,7 @@ def check_currency(text: str, *, field: str = "currency") -> str:
     """One of CURRENCIES, upper-cased; BAD_USER_INPUT naming `field` otherwise ("" too)."""
     value = text.strip().upper()
     if value not in CURRENCIES:
-        raise _bad(field, f"{field} must be one of {', '.join(CURRENCIES)}, got {text!r}")
+        raise _bad(field, f"{field} must be one of {', '.join(CURRENCIES)}, got {echo(text)}")
     return value
 
 

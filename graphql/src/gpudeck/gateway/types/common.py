@@ -12,6 +12,7 @@ from graphql import EnumValueNode, IntValueNode, StringValueNode, ValueNode
 
 from gpudeck.gateway.errors import BAD_USER_INPUT, GatewayError
 from gpudeck.gateway.money import check_currency, convert, format_micro
+from gpudeck.kit.errors import echo
 from gpudeck.proto.common.v1 import money_pb2
 
 # The optional key of a mutation: a retry by the same caller with it gets the first answer and
@@ -84,7 +85,7 @@ def _parse_role(value: object) -> str:
     name = str(value).strip().lower()
     if name not in ROLES:
         raise GatewayError(
-            f"role must be one of {', '.join(ROLES)}, got {value!r}",
+            f"role must be one of {', '.join(ROLES)}, got {echo(str(value))}",
             code=BAD_USER_INPUT,
             field="role",
         )
@@ -116,7 +117,9 @@ INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 
 def parse_long(value: object) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
-        raise GatewayError(f"a Long must be a whole number, got {value!r}", code=BAD_USER_INPUT)
+        raise GatewayError(
+            f"a Long must be a whole number, got {echo(str(value))}", code=BAD_USER_INPUT
+        )
     if not INT64_MIN <= value <= INT64_MAX:
         raise GatewayError(f"a Long must fit in 64 bits, got {value}", code=BAD_USER_INPUT)
     return value

@@ -143,7 +143,7 @@ class KitInterceptor(grpc.aio.ServerInterceptor):
                     trailers.append(("x-error-reason", exc.reason))
                 if exc.field:
                     trailers.append(("x-error-field", exc.field))
-                await ctx.abort(status, exc.message, tuple(trailers))
+                await ctx.abort(status, _fits(exc.message), tuple(trailers))
             except grpc.aio.AbortError:
                 if code == "OK":
                     code = ctx.code().name if ctx.code() else "UNKNOWN"
@@ -293,3 +293,15 @@ class KitServer:
         ):
             await asyncio.sleep(0.02)
         await self.server.stop(max(deadline - time.monotonic(), 0.1))
+
+
+# gRPC sends a status message as metadata: past 8 KiB a client may drop it (past 16 KiB it
+# must), and the call then fails as RESOURCE_EXHAUSTED with no word of the real error.
+MAX_MESSAGE = 2000
+
+
+def _fits(message: str) -> str:
+    """`message`, cut short to MAX_MESSAGE characters (one echoing a huge input, say)."""
+    if len(message) <= MAX_MESSAGE:
+        return message
+    return message[: MAX_MESSAGE - 30] + f"… ({len(message)} characters)"

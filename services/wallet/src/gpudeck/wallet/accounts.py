@@ -16,7 +16,7 @@ import uuid
 from dataclasses import dataclass
 from datetime import datetime
 
-from gpudeck.kit.errors import InvalidArgument, PermissionDenied
+from gpudeck.kit.errors import InvalidArgument, PermissionDenied, echo
 from gpudeck.wallet.money import check_currency
 from gpudeck.wallet.text import chosen_fields
 
@@ -39,7 +39,7 @@ def check_role(role: str, *, field: str = "role") -> str:
     value = role.strip().lower()
     if value not in RANK:
         raise InvalidArgument(
-            f"{field} must be one of {', '.join(ROLES)}, got {role!r}", field=field
+            f"{field} must be one of {', '.join(ROLES)}, got {echo(role)}", field=field
         )
     return value
 
@@ -81,7 +81,8 @@ def check_grant(granter: str, role: str, *, field: str = "role") -> None:
         raise PermissionDenied(f"a {granter} may not grant any role", field=field)
     if not can_grant(granter, role):
         raise PermissionDenied(
-            f"{field} {role!r} exceeds the granting user's own role {granter!r}", field=field
+            f"{field} {echo(role)} exceeds the granting user's own role {echo(granter)}",
+            field=field,
         )
 
 
@@ -110,8 +111,8 @@ def check_email(email: str, *, field: str = "email") -> str:
     value = email.strip().lower()
     if not value:
         raise InvalidArgument(f"{field} is required", field=field)
-    if len(value) > MAX_EMAIL or not _EMAIL.match(value):
-        raise InvalidArgument(f"{field} is not an email address: {email!r}", field=field)
+    if len(value) > MAX_EMAIL or not _EMAIL.match(value) or _CONTROL.search(value):
+        raise InvalidArgument(f"{field} is not an email address: {echo(email)}", field=field)
     return value
 
 
@@ -119,7 +120,7 @@ def check_kyc_status(status: str, *, field: str = "kyc_status") -> str:
     value = status.strip().lower()
     if value not in KYC_STATUSES:
         raise InvalidArgument(
-            f"{field} must be one of {', '.join(KYC_STATUSES)}, got {status!r}", field=field
+            f"{field} must be one of {', '.join(KYC_STATUSES)}, got {echo(status)}", field=field
         )
     return value
 
@@ -128,7 +129,7 @@ def check_theme(theme: str, *, field: str = "theme") -> str:
     value = theme.strip().lower()
     if value not in THEMES:
         raise InvalidArgument(
-            f"{field} must be one of {', '.join(THEMES)}, got {theme!r}", field=field
+            f"{field} must be one of {', '.join(THEMES)}, got {echo(theme)}", field=field
         )
     return value
 

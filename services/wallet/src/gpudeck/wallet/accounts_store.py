@@ -15,7 +15,7 @@ from typing import Any
 
 from psycopg import sql
 
-from gpudeck.kit.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
+from gpudeck.kit.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, echo
 from gpudeck.proto.events.v1.envelope_pb2 import Event
 from gpudeck.wallet import events, idempotency
 from gpudeck.wallet.accounts import (
@@ -197,7 +197,7 @@ class AccountStore(ProjectStore, TokenStore):
         user = User(*row)
         if user_id is not None and user.id != user_id:
             raise AlreadyExists(
-                f"{field} {email!r} belongs to another user", field=field, reason="EMAIL_TAKEN"
+                f"{field} {echo(email)} belongs to another user", field=field, reason="EMAIL_TAKEN"
             )
         return user
 

@@ -14,12 +14,12 @@ from typing import Any
 
 from psycopg import AsyncConnection
 
-from gpudeck.kit.errors import Conflict
+from gpudeck.kit.errors import Conflict, echo
 
 
 def key_reused(key: str) -> Conflict:
     return Conflict(
-        f"idempotency_key {key!r} was already used with a different request",
+        f"idempotency_key {echo(key)} was already used with a different request",
         field="idempotency_key",
         reason="IDEMPOTENCY_KEY_REUSED",
     )

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
-from gpudeck.kit.errors import FailedPrecondition, InvalidArgument
+from gpudeck.kit.errors import FailedPrecondition, InvalidArgument, echo
 
 PERIOD = re.compile(r"^(\d{4})-(\d{2})$")
 OPEN, PAID = "open", "paid"
@@ -78,12 +78,12 @@ def parse_period(text: str, *, field: str = "period") -> Period:
     """ "2025-06" → Period(2025, 6); InvalidArgument naming the field otherwise."""
     match = PERIOD.match(text.strip())
     if match is None:
-        raise InvalidArgument(f"{field} must be YYYY-MM, got {text!r}", field=field)
+        raise InvalidArgument(f"{field} must be YYYY-MM, got {echo(text)}", field=field)
     year, month = int(match[1]), int(match[2])
     if not 1 <= month <= 12:
-        raise InvalidArgument(f"{field} is not a month: {text!r}", field=field)
+        raise InvalidArgument(f"{field} is not a month: {echo(text)}", field=field)
     if year < 2000:
-        raise InvalidArgument(f"{field} must be 2000-01 or later, got {text!r}", field=field)
+        raise InvalidArgument(f"{field} must be 2000-01 or later, got {echo(text)}", field=field)
     return Period(year, month)
 
 

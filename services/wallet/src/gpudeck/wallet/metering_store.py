@@ -13,7 +13,7 @@ from typing import Any
 from psycopg import AsyncConnection
 from psycopg_pool import AsyncConnectionPool
 
-from gpudeck.kit.errors import Conflict, FailedPrecondition, InvalidArgument, NotFound
+from gpudeck.kit.errors import Conflict, FailedPrecondition, InvalidArgument, NotFound, echo
 from gpudeck.kit.logs import actor
 from gpudeck.wallet import events, idempotency
 from gpudeck.wallet.ledger import Kind, SpendLine, TransferRequest
@@ -72,7 +72,7 @@ class MeterStore:
         )
         row = await cur.fetchone()
         if row is None:
-            raise NotFound(f"meter {meter_id!r} not found", field="meter_id")
+            raise NotFound(f"meter {echo(meter_id)} not found", field="meter_id")
         return Meter(*row)
 
     async def _find(self, conn: Conn, meter_id: str) -> Meter | None:
@@ -147,7 +147,7 @@ class MeterStore:
     ) -> Meter:
         meter_id = meter.id
         if meter.closed_at is not None:
-            raise FailedPrecondition(f"meter {meter_id!r} is closed", field="meter_id")
+            raise FailedPrecondition(f"meter {echo(meter_id)} is closed", field="meter_id")
         if meter.hourly_rate == hourly_rate:
             return meter
         at = _in_segment(at, now, meter.segment_started_at)
@@ -349,7 +349,7 @@ def _replayed(meter: Meter, request: MeterRequest) -> Meter:
     other = meter.differs_from(request)
     if other:
         raise Conflict(
-            f"meter {request.meter_id!r} was opened with another {other}: a retry must"
+            f"meter {echo(request.meter_id)} was opened with another {other}: a retry must"
             " send the same request (UpdateMeterRate changes a rate)",
             field="meter_id",
             reason="IDEMPOTENCY_KEY_REUSED",

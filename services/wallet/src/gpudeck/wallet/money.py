@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from decimal import ROUND_HALF_UP, Decimal
 
-from gpudeck.kit.errors import InvalidArgument
+from gpudeck.kit.errors import InvalidArgument, echo
 
 MICRO = 1_000_000
 CURRENCIES = ("INR", "USD")
@@ -19,7 +19,7 @@ def check_currency(currency: str, *, field: str = "currency") -> str:
     code = currency.strip().upper()
     if code not in CURRENCIES:
         raise InvalidArgument(
-            f"{field} must be one of {', '.join(CURRENCIES)}, got {currency!r}", field=field
+            f"{field} must be one of {', '.join(CURRENCIES)}, got {echo(currency)}", field=field
         )
     return code
 

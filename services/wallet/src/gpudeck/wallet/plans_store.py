@@ -14,7 +14,7 @@ from typing import Any
 
 from psycopg import AsyncConnection
 
-from gpudeck.kit.errors import InvalidArgument, NotFound
+from gpudeck.kit.errors import InvalidArgument, NotFound, echo
 from gpudeck.wallet import idempotency, plan_events
 from gpudeck.wallet.ledger import (
     InsufficientFunds,
@@ -74,7 +74,9 @@ class PlanStore:
             if plan.code == wanted:
                 return plan
         known = ", ".join(p.code for p in plans)
-        raise InvalidArgument(f"plan_code must be one of {known}, got {code!r}", field="plan_code")
+        raise InvalidArgument(
+            f"plan_code must be one of {known}, got {echo(code)}", field="plan_code"
+        )
 
     async def wallet_currency(self, conn: Conn, organization_id: uuid.UUID) -> str:
         return (await _organization(conn, organization_id))[1]

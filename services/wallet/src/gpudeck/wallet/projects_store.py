@@ -12,7 +12,7 @@ from typing import Any
 
 import psycopg
 
-from gpudeck.kit.errors import AlreadyExists, FailedPrecondition, NotFound
+from gpudeck.kit.errors import AlreadyExists, FailedPrecondition, NotFound, echo
 from gpudeck.proto.events.v1.envelope_pb2 import Event
 from gpudeck.wallet import events
 from gpudeck.wallet.accounts import Project, check_name
@@ -49,7 +49,7 @@ class ProjectStore(OrganizationStore):
         row = await cur.fetchone()
         if row is None:
             raise AlreadyExists(
-                f"organization {org} already has a project named {name!r}",
+                f"organization {org} already has a project named {echo(name)}",
                 field="name",
                 reason="NAME_TAKEN",
             )
@@ -110,7 +110,7 @@ class ProjectStore(OrganizationStore):
                 )
         except psycopg.errors.UniqueViolation:
             raise AlreadyExists(
-                f"organization {project.organization_id} already has a project named {name!r}",
+                f"organization {project.organization_id} already has a project named {echo(name)}",
                 field="name",
                 reason="NAME_TAKEN",
             ) from None

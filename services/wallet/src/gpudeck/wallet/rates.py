@@ -18,8 +18,9 @@ from datetime import datetime
 from decimal import ROUND_HALF_UP, Decimal, InvalidOperation, localcontext
 from typing import Protocol
 
-from gpudeck.kit.errors import FailedPrecondition, InvalidArgument
+from gpudeck.kit.errors import FailedPrecondition, InvalidArgument, echo
 from gpudeck.wallet.money import check_currency
+from gpudeck.wallet.text import check_text
 
 RATE_PLACES = 12  # numeric(24, 12)
 RATE_MAX = Decimal(10) ** 12
@@ -124,18 +125,20 @@ def parse_rate(text: str, *, field: str = "rate") -> Decimal:
     """A positive decimal with at most 12 places and below 1e12, written out in ASCII digits
     ("83.25"; not "1_000", "1e3" or "８３"); InvalidArgument otherwise."""
     if not isinstance(text, str) or not _PLAIN_DECIMAL.fullmatch(text.strip()):
-        raise InvalidArgument(f"{field} is not a decimal number: {text!r}", field=field)
+        raise InvalidArgument(f"{field} is not a decimal number: {echo(text)}", field=field)
     try:
         value = Decimal(text.strip())
     except InvalidOperation:
-        raise InvalidArgument(f"{field} is not a decimal number: {text!r}", field=field) from None
+        raise InvalidArgument(
+            f"{field} is not a decimal number: {echo(text)}", field=field
+        ) from None
     if not value.is_finite() or value <= 0:
-        raise InvalidArgument(f"{field} must be a positive number, got {text!r}", field=field)
+        raise InvalidArgument(f"{field} must be a positive number, got {echo(text)}", field=field)
     if value >= RATE_MAX:
-        raise InvalidArgument(f"{field} is too large: {text!r}", field=field)
+        raise InvalidArgument(f"{field} is too large: {echo(text)}", field=field)
     if value != value.quantize(Decimal(1).scaleb(-RATE_PLACES), ROUND_HALF_UP):
         raise InvalidArgument(
-            f"{field} has more than {RATE_PLACES} decimal places: {text!r}", field=field
+            f"{field} has more than {RATE_PLACES} decimal places: {echo(text)}", field=field
         )
     return value
 
@@ -147,9 +150,7 @@ def check_new_rate(rate: NewRate) -> NewRate:
     if base == quote:
         raise InvalidArgument(f"base and quote are both {base}", field="quote")
     value = parse_rate(format(rate.rate, "f"))  # plain digits, however the Decimal was made
-    source = rate.source.strip() or "admin"
-    if len(source) > 100:
-        raise InvalidArgument("source is longer than 100 characters", field="source")
+    source = check_text(rate.source.strip(), "source", max_length=100) or "admin"
     if rate.as_of is not None and rate.as_of.tzinfo is None:
         raise InvalidArgument("as_of must carry a time zone", field="as_of")
     return NewRate(base, quote, value, rate.as_of, source)

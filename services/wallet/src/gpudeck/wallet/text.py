@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import re
 
-from gpudeck.kit.errors import InvalidArgument
+from gpudeck.kit.errors import InvalidArgument, echo
 
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 _LABEL = re.compile(r"[a-z][a-z0-9_]{0,39}")
@@ -44,6 +44,6 @@ def chosen_fields(fields: list[str], known: tuple[str, ...], what: str) -> tuple
     for name in fields:
         if name not in known:
             raise InvalidArgument(
-                f"fields: unknown {what} {name!r}; known: {', '.join(known)}", field="fields"
+                f"fields: unknown {what} {echo(name)}; known: {', '.join(known)}", field="fields"
             )
     return tuple(fields) or known

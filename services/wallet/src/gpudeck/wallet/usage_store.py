@@ -16,7 +16,7 @@ from typing import Any
 
 from psycopg import AsyncConnection
 
-from gpudeck.kit.errors import Conflict, NotFound
+from gpudeck.kit.errors import Conflict, NotFound, echo
 from gpudeck.wallet.ledger import Kind, TransferRequest
 from gpudeck.wallet.ledger_store import LedgerStore
 from gpudeck.wallet.usage import (
@@ -161,7 +161,7 @@ class UsageStore:
         assert first is not None
         if not first.event.same_as(event):
             raise Conflict(
-                f"event_id {event.event_id!r} was already used by another request",
+                f"event_id {echo(event.event_id)} was already used by another request",
                 field="event_id",
                 reason="IDEMPOTENCY_KEY_REUSED",
             )
