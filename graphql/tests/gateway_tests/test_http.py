@@ -114,6 +114,15 @@ async def test_a_body_that_is_not_json_is_a_graphql_error_too(gateway) -> None:
     assert error["extensions"]["code"] == "BAD_REQUEST"
 
 
+async def test_a_body_too_large_is_a_graphql_error_too(gateway) -> None:
+    query = 'mutation { createProject(organizationId: "x", name: "%s") { id } }' % ("x" * 1_100_000)
+    resp = await gateway.post("/graphql", json={"query": query})
+    assert resp.status == 413
+    [error] = (await resp.json())["errors"]
+    assert error["extensions"]["code"] == "REQUEST_TOO_LARGE"
+    assert "larger than" in error["message"]
+
+
 async def test_too_deep_a_query_is_refused(gateway) -> None:
     # The schema is still shallow, so the deep fields do not exist either: both rules object.
     levels = MAX_DEPTH + 1

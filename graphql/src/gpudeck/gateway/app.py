@@ -20,7 +20,7 @@ from gpudeck.gateway.config import Settings
 from gpudeck.gateway.live import LiveEvents
 from gpudeck.gateway.metrics import handle_metrics
 from gpudeck.gateway.schema import build_schema
-from gpudeck.gateway.view import GatewayView
+from gpudeck.gateway.view import MAX_BODY_BYTES, GatewayView
 
 BACKENDS = web.AppKey("backends", Backends)
 VIEW = web.AppKey("view", GatewayView)
@@ -46,7 +46,7 @@ def make_app(settings: Settings, *, backends: Backends | None = None) -> web.App
     auth = Authenticator(backends, admin_token=settings.admin_token)
     live = LiveEvents(settings.events) if settings.events is not None else None
     view = GatewayView(build_schema(), backends, auth, live)
-    app = web.Application()
+    app = web.Application(client_max_size=MAX_BODY_BYTES)
     app[BACKENDS] = backends
     app[VIEW] = view
     if live is not None:

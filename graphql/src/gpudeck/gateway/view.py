@@ -41,6 +41,8 @@ HEARTBEAT = 30.0  # seconds between websocket pings; no pong within half of it c
 CLOSE_TIMEOUT = 2.0  # seconds a websocket gets to close at shutdown before it is cut
 CONNECTION_INIT_TIMEOUT = timedelta(seconds=10)
 MAX_SUBSCRIPTIONS_PER_CONNECTION = 50
+# The largest request body the gateway reads (aiohttp's default): larger is REQUEST_TOO_LARGE.
+MAX_BODY_BYTES = 1024 * 1024
 
 
 class GatewayView(GraphQLView[Context, None]):
@@ -114,6 +116,12 @@ class GatewayView(GraphQLView[Context, None]):
             except HTTPException as exc:  # no GraphQL request at all: still a GraphQL error
                 error = {"message": exc.reason, "extensions": {"code": BAD_REQUEST}}
                 return web.json_response({"errors": [error]}, status=exc.status_code)
+            except web.HTTPRequestEntityTooLarge as exc:  # aiohttp's client_max_size
+                error = {
+                    "message": f"the request body is larger than {MAX_BODY_BYTES} bytes",
+                    "extensions": {"code": "REQUEST_TOO_LARGE"},
+                }
+                return web.json_response({"errors": [error]}, status=exc.status)
         gauge = WEBSOCKETS.labels(await self.pick_websocket_subprotocol(request) or "none")
         gauge.inc()
         try:
