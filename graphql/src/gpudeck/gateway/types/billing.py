@@ -62,8 +62,9 @@ class PeriodTotal:
 
 @strawberry.type(
     description=(
-        "Spending: this billing period (calendar month) so far, the last 7 days against the "
-        "7 before, the last 30 days, and the last calendar month against the one before."
+        "Spending: this billing period (calendar month) so far, the last 7 days (UTC days, "
+        "today so far included) against the 7 full days before, the last 30 days, and the last "
+        "calendar month against the one before."
     )
 )
 class Expenditure:

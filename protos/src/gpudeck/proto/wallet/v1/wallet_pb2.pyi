@@ -1181,7 +1181,9 @@ class Expenditure(_message.Message):
         """this calendar month so far"""
 
     @_builtins.property
-    def last_7_days(self) -> Global___PeriodTotal: ...
+    def last_7_days(self) -> Global___PeriodTotal:
+        """Today so far and the 6 UTC days before, vs the 7 full days before those."""
+
     @_builtins.property
     def last_30_days(self) -> _money_pb2.Money: ...
     @_builtins.property
