@@ -31,13 +31,19 @@ async def announced_at(pool: AsyncConnectionPool, org: uuid.UUID) -> float:
     return float(row[0])
 
 
+async def topped_up(pool: AsyncConnectionPool, new_org: NewOrg) -> tuple[Wallet, uuid.UUID]:
+    """A wallet process's parts and an organization it has just topped up (and noted)."""
+    wallet = Wallet(pool)
+    org = await new_org()
+    async with pool.connection() as conn:
+        await wallet.ledger.post_one(conn, TransferRequest("t", org, Kind.TOPUP, 5))
+    return wallet, org
+
+
 async def test_a_transfer_notes_its_wallet_and_the_next_round_announces_it(
     wallet_pool: AsyncConnectionPool, new_org: NewOrg
 ) -> None:
-    wallet = Wallet(wallet_pool)
-    org = await new_org()
-    async with wallet_pool.connection() as conn:
-        await wallet.ledger.post_one(conn, TransferRequest("t", org, Kind.TOPUP, 5))
+    wallet, org = await topped_up(wallet_pool, new_org)
     assert wallet.ledger.changed == {org}
     before = await announced_at(wallet_pool, org)
     assert await announce_balances(wallet) == 1  # only the noted wallet is looked at
@@ -140,10 +146,7 @@ async def test_a_sweep_that_waited_for_a_wallet_stamps_when_it_announced(
 ) -> None:
     """The sweep checks levels under the wallets' locks first, and may wait there: stamped with
     its transaction's start, the next change could be announced again within the second."""
-    wallet = Wallet(wallet_pool)
-    org = await new_org()
-    async with wallet_pool.connection() as conn:
-        await wallet.ledger.post_one(conn, TransferRequest("t", org, Kind.TOPUP, 5))
+    wallet, org = await topped_up(wallet_pool, new_org)
     async with wallet_pool.connection() as holder:
         async with holder.transaction():
             await holder.execute(
@@ -160,10 +163,7 @@ async def test_a_sweep_that_waited_for_a_wallet_stamps_when_it_announced(
 async def test_a_level_moved_by_settings_is_noted_for_the_live_view(
     wallet_pool: AsyncConnectionPool, new_org: NewOrg
 ) -> None:
-    wallet = Wallet(wallet_pool)
-    org = await new_org()
-    async with wallet_pool.connection() as conn:
-        await wallet.ledger.post_one(conn, TransferRequest("t", org, Kind.TOPUP, 5))
+    wallet, org = await topped_up(wallet_pool, new_org)
     wallet.ledger.take_changed()
     async with wallet_pool.connection() as conn, conn.transaction():
         await ThresholdStore(wallet.ledger).set_thresholds(conn, org, Thresholds(warning_amount=10))
