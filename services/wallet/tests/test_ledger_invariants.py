@@ -9,6 +9,7 @@ import sys
 import uuid
 from collections.abc import Awaitable, Callable
 
+import grpc
 import pytest
 import workload
 from processes import TOKEN, start_wallet, wait_serving, wallet_env
@@ -117,12 +118,46 @@ async def assert_nothing_else_written(
         assert (await cur.fetchone()) == (len(record.holds),)
 
 
+async def assert_lost_calls_are_whole_or_absent(
+    pool: AsyncConnectionPool, stub: WalletServiceStub, record: workload.Record
+) -> None:
+    """A transfer whose answer the kill lost is in the ledger whole (its kind and amount, its
+    postings: the audit checks they balance) or not at all; its retry answers with the
+    transaction the ledger has, or posts it now, once."""
+    assert record.lost, "the kill cut no transfer mid-call"
+    kinds = {pb.TOPUP: "topup", pb.CHARGE: "charge"}
+    for req in record.lost:
+        async with pool.connection() as conn:
+            cur = await conn.execute(
+                "SELECT t.id::text, t.kind, t.amount, count(p.id) FROM transactions t"
+                " LEFT JOIN postings p ON p.transaction_id = t.id"
+                " WHERE t.organization_id = %s AND t.idempotency_key = %s GROUP BY t.id",
+                (uuid.UUID(req.organization_id), req.idempotency_key),
+            )
+            rows = await cur.fetchall()
+        assert len(rows) <= 1, rows
+        try:
+            retried = await stub.Transfer(req, timeout=10)
+        except grpc.aio.AioRpcError as exc:  # refused now (funds): then it was never written
+            assert not rows and exc.code() == grpc.StatusCode.FAILED_PRECONDITION, exc
+            continue
+        if rows:
+            [(tx_id, kind, amount, postings)] = rows
+            assert (kind, amount) == (kinds[req.kind], req.amount.amount) and postings >= 2
+            assert retried.id == tx_id  # the first write, answered again
+    async with pool.connection() as conn:
+        assert await audit.check(conn) == []
+
+
 def assert_workload_was_clean(record: workload.Record) -> None:
     assert record.violations == [], "\n".join(record.violations[:20])
     assert record.reused_keys_refused > 0, "no key was reused with another payload"
     assert record.concurrent_keys, "no concurrent copies of a transfer were acknowledged"
     assert record.concurrent_holds > 0, "no concurrent copies of a hold were acknowledged"
     assert record.captures and record.voids, "no capture or no void was acknowledged"
+    assert any(tx for _, tx in record.captures.values()), "no capture charged anything"
+    charges = sum(1 for kind, _ in record.payloads.values() if kind == pb.CHARGE)
+    assert charges >= 20, f"only {charges} charges were acknowledged"
     assert record.samples >= 20, f"the wallets were sampled only {record.samples} times"
 
 
@@ -174,10 +209,11 @@ async def test_kill_9_mid_workload_loses_no_acknowledged_call(
             load = asyncio.ensure_future(
                 workload.run(stub, orgs, clients=20, ops=60, pool=wallet_pool, record=record)
             )
-            for _ in range(100):  # kill it once every kind of call has been acknowledged
+            for _ in range(200):  # kill it once every kind of call has been acknowledged
                 if record.captures and record.voids and len(record.transactions) >= 50:
                     break
                 await asyncio.sleep(0.05)
+            assert record.captures and record.voids and len(record.transactions) >= 50
             assert not load.done(), "the workload ended before the kill"
             proc.send_signal(signal.SIGKILL)
             proc.wait()
@@ -191,6 +227,7 @@ async def test_kill_9_mid_workload_loses_no_acknowledged_call(
             await asyncio.sleep(1.5)
             await assert_books_sound(wallet_pool, orgs)
             await assert_acknowledged_are_recorded(wallet_pool, record)
+            await assert_lost_calls_are_whole_or_absent(wallet_pool, stub, record)
     finally:
         proc.terminate()
         proc.wait(10)

@@ -79,10 +79,12 @@ async def edge_events(events_config: EventsConfig) -> AsyncIterator[Events]:
     await nc.close()
 
 
-async def transfer(stub: WalletServiceStub, org: uuid.UUID, kind: int, amount: int) -> None:
+async def transfer(
+    stub: WalletServiceStub, org: uuid.UUID, kind: int, amount: int, key: str = ""
+) -> None:
     await stub.Transfer(
         pb.TransferRequest(
-            idempotency_key=uuid.uuid4().hex,
+            idempotency_key=key or uuid.uuid4().hex,
             organization_id=str(org),
             kind=kind,  # type: ignore[arg-type]
             amount=Money(amount=amount),
@@ -110,7 +112,8 @@ async def test_each_crossing_emits_one_event_per_edge(
     await transfer(wallet_stub, org, pb.TOPUP, 100 * USD)
     saved = await set_thresholds(wallet_stub, org, 50 * USD, 20 * USD)
     assert (saved.warning_amount, saved.critical_amount, saved.level) == (50 * USD, 20 * USD, "ok")
-    await transfer(wallet_stub, org, pb.CHARGE, 60 * USD)  # 40: warning
+    await transfer(wallet_stub, org, pb.CHARGE, 60 * USD, key="cross")  # 40: warning
+    await transfer(wallet_stub, org, pb.CHARGE, 60 * USD, key="cross")  # a retry: no event
     await transfer(wallet_stub, org, pb.CHARGE, 5 * USD)  # 35: still warning, no event
     await transfer(wallet_stub, org, pb.CHARGE, 1 * USD)  # 34: still warning
     # New thresholds move the level themselves: 34 ≥ 30 recovers, 34 < 40 is critical.

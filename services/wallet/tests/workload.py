@@ -48,6 +48,9 @@ class Record:
     violations: list[str] = field(default_factory=list)
     errors: dict[str, int] = field(default_factory=dict)
     calls: int = 0
+    # Transfers whose answer the transport lost (the wallet killed mid-call): each must be in
+    # the ledger whole or not at all, and its retry must answer as the ledger says.
+    lost: list[pb.TransferRequest] = field(default_factory=list)
 
     def error(self, exc: grpc.aio.AioRpcError) -> None:
         name = exc.code().name
@@ -157,7 +160,7 @@ async def client(
                     idempotency_key=uuid.uuid4().hex, organization_id=org, kind=pb.TOPUP,
                     amount=Money(amount=rng.randint(1, 20) * USD),
                 )  # fmt: skip
-                tx = await stub.Transfer(req, timeout=10)
+                tx = await transfer(stub, record, req)
                 sent.append(req)
                 record.transfer_acknowledged(req, tx.id)
             elif choice < 0.44:
@@ -165,7 +168,7 @@ async def client(
                     idempotency_key=uuid.uuid4().hex, organization_id=org, kind=pb.CHARGE,
                     amount=Money(amount=rng.randint(1, 15) * USD), resource_type="pod",
                 )  # fmt: skip
-                tx = await stub.Transfer(req, timeout=10)
+                tx = await transfer(stub, record, req)
                 sent.append(req)
                 record.transfer_acknowledged(req, tx.id)
             elif choice < 0.50:
@@ -211,6 +214,16 @@ async def client(
             if exc.code() in TRANSPORT:
                 answered -= 1
                 await asyncio.sleep(0.05)
+
+
+async def transfer(stub: WalletServiceStub, record: Record, req: pb.TransferRequest) -> Any:
+    """`req` sent; one whose answer the transport lost is noted in `record.lost`."""
+    try:
+        return await stub.Transfer(req, timeout=10)
+    except grpc.aio.AioRpcError as exc:
+        if exc.code() in TRANSPORT:
+            record.lost.append(req)
+        raise
 
 
 async def reuse_key(stub: WalletServiceStub, record: Record, req: pb.TransferRequest) -> None:

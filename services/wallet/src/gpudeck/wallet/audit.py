@@ -48,6 +48,15 @@ CHECKS = {
         WHERE kind = 'charge' AND idempotency_key LIKE 'hold:%:capture'
         GROUP BY reference HAVING count(*) > 1
     """,
+    "a hold's charge is its one capture": """
+        SELECT t.id::text FROM transactions t
+        JOIN holds h ON t.idempotency_key = 'hold:' || h.id || ':capture'
+        WHERE h.status <> 'captured' OR h.transaction_id IS DISTINCT FROM t.id
+    """,
+    "a transaction has postings": """
+        SELECT t.id::text FROM transactions t
+        WHERE NOT EXISTS (SELECT 1 FROM postings p WHERE p.transaction_id = t.id)
+    """,
     "a captured hold has its charge, no more than it held": """
         SELECT h.id::text FROM holds h LEFT JOIN transactions t ON t.id = h.transaction_id
         WHERE h.status = 'captured' AND h.captured > 0
