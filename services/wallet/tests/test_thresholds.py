@@ -422,3 +422,16 @@ async def test_a_level_check_lost_after_the_commit_is_made_good(
         wallet.ledger = ledger
         await announce_balances(wallet, sweep=True)
     assert await state() == ("warning", 1)
+
+
+async def test_concurrent_charges_crossing_at_once_emit_one_event(
+    wallet_stub: WalletServiceStub, new_org: NewOrg, edge_events: Events
+) -> None:
+    """Eight charges at once take the wallet from 100 to 20 through the warning line (50) and
+    the critical one (30): one event per edge crossed, never a repeat. Charges posted together
+    (group commit) move the level once, ok → critical, which is one edge."""
+    org = await new_org("USD")
+    await transfer(wallet_stub, org, pb.TOPUP, 100 * USD)
+    await set_thresholds(wallet_stub, org, 50 * USD, 30 * USD)
+    await asyncio.gather(*(transfer(wallet_stub, org, pb.CHARGE, 10 * USD) for _ in range(8)))
+    assert await edge_events(org, 1) in (["warning", "critical"], ["critical"])
