@@ -23,7 +23,8 @@ OptionalKey = Annotated[
     strawberry.argument(
         description=(
             "Optional. A retry by the same caller with this key returns the first answer and "
-            "changes nothing; the same key with other arguments is a CONFLICT."
+            "changes nothing; the same key with other arguments, in another mutation or from "
+            "another caller in the organization, is a CONFLICT."
         )
     ),
 ]
