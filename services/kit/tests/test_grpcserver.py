@@ -29,13 +29,14 @@ def _raising(kind: str) -> Any:
             "invalid": errors.InvalidArgument("amount must be positive", field="amount"),
             "state": errors.FailedPrecondition("hold is already captured"),
             "huge": errors.InvalidArgument("theme is not one of light, dark: " + "x" * 20_000),
+            "huge_cjk": errors.InvalidArgument("theme is not one of light, dark: " + "中" * 6_000),
         }[kind]
 
     return grpc.unary_unary_rpc_method_handler(behave)
 
 
 def _add_test_service(_servicer: object, server: grpc.aio.Server) -> None:
-    kinds = ["not_found", "invalid", "state", "crash", "slow", "huge"]
+    kinds = ["not_found", "invalid", "state", "crash", "slow", "huge", "huge_cjk"]
     handlers = {k: _raising(k) for k in kinds}
     server.add_generic_rpc_handlers(
         (grpc.method_handlers_generic_handler("test.Faults", handlers),)
@@ -134,6 +135,13 @@ async def test_a_huge_message_is_cut_short_not_lost(server: KitServer) -> None:
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert details.startswith("theme is not one of") and len(details) <= 2000
     assert details.endswith("(20033 characters)")
+    # Counted in bytes: 6,000 characters of three bytes each went past the limit as well.
+    async with channel(target(server), TOKEN) as ch:
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await ch.unary_unary("/test.Faults/huge_cjk")(b"")
+    details = err.value.details() or ""
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert len(details.encode()) <= 2000 and details.endswith("(6033 characters)")
 
 
 async def test_a_call_past_its_deadline_fails_with_deadline_exceeded(server: KitServer) -> None:

@@ -295,13 +295,16 @@ class KitServer:
         await self.server.stop(max(deadline - time.monotonic(), 0.1))
 
 
-# gRPC sends a status message as metadata: past 8 KiB a client may drop it (past 16 KiB it
-# must), and the call then fails as RESOURCE_EXHAUSTED with no word of the real error.
-MAX_MESSAGE = 2000
+# gRPC sends a status message as metadata, percent-encoded (a byte outside ASCII takes three):
+# past 8 KiB a client may drop it (past 16 KiB it must), and the call then fails as
+# RESOURCE_EXHAUSTED with no word of the real error. 2,000 UTF-8 bytes stay under 6 KiB.
+MAX_MESSAGE_BYTES = 2000
 
 
 def _fits(message: str) -> str:
-    """`message`, cut short to MAX_MESSAGE characters (one echoing a huge input, say)."""
-    if len(message) <= MAX_MESSAGE:
+    """`message`, cut short to MAX_MESSAGE_BYTES of UTF-8 (one echoing a huge input, say)."""
+    data = message.encode()
+    if len(data) <= MAX_MESSAGE_BYTES:
         return message
-    return message[: MAX_MESSAGE - 30] + f"… ({len(message)} characters)"
+    kept = data[: MAX_MESSAGE_BYTES - 40].decode(errors="ignore")
+    return f"{kept}… ({len(message)} characters)"

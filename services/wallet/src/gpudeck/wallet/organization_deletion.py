@@ -38,7 +38,10 @@ async def delete_organization(
     confirm_name: str,
     actor: str = "",
 ) -> Organization:
-    """Delete `org` in the caller's transaction; the organization as it was."""
+    """Delete `org` in the caller's transaction; the organization as it was. Locks the wallet,
+    then the organization: the order of every path that takes both."""
+    now = await db_now(conn)
+    locked = await lock_wallets(conn, [org], now)
     await accounts.lock_organization(conn, org)
     organization = await accounts.get_organization(conn, org)
     if confirm_name.strip() != organization.name:
@@ -46,8 +49,7 @@ async def delete_organization(
             "confirm_name must be the organization's name, to confirm the deletion",
             field="confirm_name",
         )
-    now = await db_now(conn)
-    wallet = (await lock_wallets(conn, [org], now))[org].wallet
+    wallet = locked[org].wallet
     cur = await conn.execute(
         "SELECT count(*) FROM meters WHERE organization_id = %s AND closed_at IS NULL", (org,)
     )

@@ -68,7 +68,8 @@ async def expire_credits(wallet: Wallet, *, limit: int = 1000) -> int:
 # transaction may have waited for wallet locks (the sweep's level check) since it began.
 DUE = "w.change_seq > a.announced_seq AND a.announced_at <= clock_timestamp() - interval '1 second'"
 # Stamps and returns them. It locks only the announcement rows (another announcer skips those),
-# never the wallet rows writers hold: what is announced is what is committed.
+# never the wallet rows writers hold: what is announced is what is committed. (The sweep's level
+# check locks the wallets no writer holds, skipping the others.)
 ANNOUNCE = (
     "WITH due AS ("
     " SELECT w.organization_id, w.currency, w.balance, w.held_balance, w.run_rate, w.level,"
@@ -110,8 +111,15 @@ async def announce_balances(
                 # has its edge found here, before it is announced.
                 cur = await conn.execute(SWEPT.format(where=DUE), (limit,))
                 swept = [row[0] for row in await cur.fetchall()]
-                if swept:
-                    await wallet.ledger.refresh_levels(conn, swept)
+                if swept:  # not waiting for busy ones: their writer checks their level
+                    cur = await conn.execute(
+                        "SELECT organization_id FROM wallets WHERE organization_id = ANY(%s)"
+                        " ORDER BY organization_id FOR UPDATE SKIP LOCKED",
+                        (swept,),
+                    )
+                    unheld = [row[0] for row in await cur.fetchall()]
+                    if unheld:
+                        await wallet.ledger.refresh_levels(conn, unheld)
                 cur = await conn.execute(ANNOUNCE.format(where=DUE), (limit,))
             else:
                 cur = await conn.execute(
