@@ -4,6 +4,7 @@ bad argument; amounts with their currency."""
 
 from __future__ import annotations
 
+import uuid
 from typing import Any
 
 import psycopg
@@ -79,6 +80,14 @@ async def test_service_refusals_name_the_graphql_argument(gql, new_org) -> None:
     error = await gql.error(
         'query($id: ID!) { organization(id: $id) { transactions(before: "junk") { id } } }',
         {"id": org.id},
+        token=org.token,
+    )
+    assert_names(error, "BAD_USER_INPUT", "before", "before")
+    # A cursor of another organization (or none ever given) is bad input too, not NOT_FOUND.
+    error = await gql.error(
+        "query($id: ID!, $before: ID!) { organization(id: $id) { transactions(before: $before)"
+        " { id } } }",
+        {"id": org.id, "before": str(uuid.uuid4())},
         token=org.token,
     )
     assert_names(error, "BAD_USER_INPUT", "before", "before")

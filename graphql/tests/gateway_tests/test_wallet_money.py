@@ -648,6 +648,7 @@ async def test_an_invoice_as_a_pdf_with_the_same_authorization(
 
     anonymous = await wallet_gateway.get(url)
     assert anonymous.status == 401
+    assert anonymous.headers["Cache-Control"] == "private, no-store"  # never a shared answer
     assert (await anonymous.json())["error"]["code"] == "UNAUTHENTICATED"
     elsewhere = await wallet_gateway.get(url, headers={"Authorization": f"Bearer {other.token}"})
     assert elsewhere.status == 404
@@ -803,3 +804,36 @@ async def test_the_auto_top_up_rule_is_set_and_its_pending_request_shown(gql, ne
         token=org.token,
     )
     assert error["extensions"] == {"code": "BAD_USER_INPUT", "field": "below"}
+
+
+async def test_a_saved_display_currency_with_no_rate_shows_the_wallets_own(
+    gql, new_org, database_url
+) -> None:
+    """A saved preference for a currency no rate converts to hid the whole organization (a
+    member's card too) behind FAILED_PRECONDITION; it falls back to the wallet's currency. An
+    asked displayCurrency still says the rate is missing."""
+    org = await new_org()
+    await gql.data(
+        "mutation($org: ID!) { updatePreferences(organizationId: $org,"
+        ' displayCurrency: "INR") { displayCurrency } }',
+        {"org": org.id},
+        token=org.token,
+    )
+    with psycopg.connect(database_url, autocommit=True) as conn:  # no rate in effect for now
+        conn.execute("UPDATE wallet.exchange_rates SET as_of = as_of + interval '100 years'")
+    try:
+        shown = await gql.data(
+            "query($id: ID!) { organization(id: $id) { name wallet { balance { currency } } } }",
+            {"id": org.id},
+            token=org.token,
+        )
+        asked = await gql.error(
+            'query($id: ID!) { organization(id: $id, displayCurrency: "INR") { name } }',
+            {"id": org.id},
+            token=org.token,
+        )
+    finally:
+        with psycopg.connect(database_url, autocommit=True) as conn:
+            conn.execute("UPDATE wallet.exchange_rates SET as_of = as_of - interval '100 years'")
+    assert shown["organization"]["wallet"]["balance"]["currency"] == "USD"
+    assert asked["extensions"]["code"] == "FAILED_PRECONDITION"

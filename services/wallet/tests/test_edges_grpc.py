@@ -978,9 +978,9 @@ async def test_list_transactions_refuses_what_it_cannot_answer(
         (pb.ListTransactionsRequest(organization_id=str(org), kinds=[99]), "INVALID_ARGUMENT",
          "kinds"),
         (pb.ListTransactionsRequest(organization_id=str(org), before_id=str(uuid.uuid4())),
-         "NOT_FOUND", "before_id"),
+         "INVALID_ARGUMENT", "before_id"),
         (pb.ListTransactionsRequest(organization_id=str(org), before_id=foreign.id),
-         "NOT_FOUND", "before_id"),
+         "INVALID_ARGUMENT", "before_id"),
     ):  # fmt: skip
         err = await refused(wallet_stub.ListTransactions(request, timeout=5))
         assert err.code().name == code, err.details()

@@ -45,7 +45,9 @@ HTTP_STATUS = {
 
 def _error(code: str, message: str) -> web.Response:
     status = HTTP_STATUS.get(code, 500)
-    headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
+    headers = {"Cache-Control": "private, no-store"}  # one caller's answer, never shared
+    if status == 401:
+        headers["WWW-Authenticate"] = "Bearer"
     return web.json_response(
         {"error": {"code": code, "message": message}}, status=status, headers=headers
     )

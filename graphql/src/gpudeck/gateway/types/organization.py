@@ -354,19 +354,27 @@ async def resolve_organization(
     display = await accounts.display_for(info, str(id), display_currency)
     if display in ("", found.currency):
         return Organization.from_pb(found, "")
-    await _rate_exists(info, str(id), display)
+    missing = await _rate_missing(info, str(id), display)
+    if missing is not None:
+        if display_currency is None:  # a saved preference: the wallet's own currency instead
+            return Organization.from_pb(found, "")
+        raise from_rpc(missing) from missing
     return Organization.from_pb(found, display)
 
 
-async def _rate_exists(info: Info, organization_id: str, display: str) -> None:
-    """One error at `organization` when no exchange rate converts its amounts to `display`,
-    rather than one per amount. Asks for the summary in `display` (the `wallet` field reuses
-    it); any other failure is left to the fields that need it."""
+async def _rate_missing(
+    info: Info, organization_id: str, display: str
+) -> grpc.aio.AioRpcError | None:
+    """The wallet's EXCHANGE_RATE_MISSING when no rate converts the organization's amounts to
+    `display` (one error at `organization` for an asked displayCurrency, rather than one per
+    amount), else None. Asks for the summary in `display` (the `wallet` field reuses it); any
+    other failure is left to the fields that need it."""
     try:
         await info.context.loaders.summary.load((organization_id, display))
     except grpc.aio.AioRpcError as error:
         if rpc_details(error).get("reason") == "EXCHANGE_RATE_MISSING":
-            raise from_rpc(error) from error
+            return error
+    return None
 
 
 @strawberry.type
@@ -376,7 +384,8 @@ class Query:
         description=(
             "The caller's organization (another id is NOT_FOUND). With `displayCurrency` (INR or "
             "USD) every amount is converted; without it, amounts are shown in the caller's "
-            "preferred display currency (preferences), by default the wallet's."
+            "preferred display currency (preferences) when a rate converts to it, else in the "
+            "wallet's."
         ),
         extensions=require(Member("id")),
     )

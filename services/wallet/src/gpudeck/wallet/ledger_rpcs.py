@@ -111,8 +111,11 @@ class LedgerRpcs:
                     "SELECT 1 FROM transactions WHERE id = %s AND organization_id = %s",
                     (before, org),
                 )
-                if await cur.fetchone() is None:
-                    raise NotFound(f"transaction {before} not found", field="before_id")
+                if await cur.fetchone() is None:  # a cursor this listing never gave
+                    raise InvalidArgument(
+                        f"before_id {before} is no transaction of this organization",
+                        field="before_id",
+                    )
             cur = await conn.execute(
                 "SELECT id FROM transactions WHERE organization_id = %s"
                 " AND (%s::uuid IS NULL OR id < %s) AND (cardinality(%s::text[]) = 0 OR kind = ANY(%s))"
