@@ -20,8 +20,9 @@ from gpudeck.proto.common.v1 import money_pb2
 MICRO = 1_000_000
 # The largest amount one call may move (the wallet's limit): 1e9 units.
 MAX_AMOUNT = 10**15
-# What a Money's int64 `amount` holds (the wallet's bound: symmetric, as it checks).
-INT64_MAX = 2**63 - 1
+# What an int64 holds: a Money's `amount`, a Long. Money is checked symmetrically, as the
+# wallet checks it.
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 # The currencies wallets hold and amounts can be shown in (the wallet's CURRENCIES).
 CURRENCIES = ("INR", "USD")
 # ASCII digits only: str.isdigit-style matching would take "١٢" or "５" as numbers.

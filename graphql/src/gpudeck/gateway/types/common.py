@@ -11,7 +11,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from graphql import EnumValueNode, IntValueNode, StringValueNode, ValueNode
 
 from gpudeck.gateway.errors import BAD_USER_INPUT, GatewayError
-from gpudeck.gateway.money import check_currency, convert, format_micro
+from gpudeck.gateway.money import INT64_MAX, INT64_MIN, check_currency, convert, format_micro
 from gpudeck.kit.errors import echo
 from gpudeck.proto.common.v1 import money_pb2
 
@@ -111,9 +111,6 @@ ROLE_SCALAR = strawberry.scalar(
     parse_value=_parse_role,
     parse_literal=_parse_role_literal,
 )
-
-
-INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 
 
 def parse_long(value: object) -> int:

@@ -191,22 +191,14 @@ class MeterStore:
             if delta > 0:
                 lines[(org, project)].append(SpendLine(rtype, delta, rid, project))
         requests = [
-            TransferRequest(
-                key=f"usage:{now.isoformat()}:{org}"
-                + (f":{project}" if project else "")
-                + (f":{part}" if part else ""),
-                organization_id=org,
-                kind=Kind.USAGE,
-                amount=sum(line.amount for line in group),
-                description="Metered usage",
-                project_id=project,
-                lines=tuple(group),
-                allow_overdraft=True,
-                record_key=False,
-                actor="system",
-            )
+            request
             for (org, project), org_lines in sorted(lines.items(), key=_by_org_and_project)
-            for part, group in enumerate(in_transfers(org_lines))
+            for request in _metered(
+                f"usage:{now.isoformat()}:{org}" + (f":{project}" if project else ""),
+                org,
+                org_lines,
+                project_id=project,
+            )
         ]
         outcomes = await self.ledger.post_transfers(conn, requests, now=now)
         for request, outcome in zip(requests, outcomes, strict=True):
@@ -232,23 +224,17 @@ class MeterStore:
         )
         line = SpendLine(meter.resource_type, abs(delta), meter.resource_id, meter.project_id)
         key = f"meter:{meter.id}:{meter.segment_started_at.isoformat()}:{at.isoformat()}"
-        requests = [
-            TransferRequest(
-                key=key + (f":{part}" if part else ""),
-                organization_id=meter.organization_id,
-                kind=Kind.USAGE if delta > 0 else Kind.REFUND,
-                amount=sum(part_line.amount for part_line in group),
-                description="Metered usage" if delta > 0 else "Metered usage correction",
-                project_id=meter.project_id,
-                resource_type=meter.resource_type,
-                resource_id=meter.resource_id,
-                lines=tuple(group),
-                allow_overdraft=True,
-                record_key=False,
-                actor=actor.get() or "system",  # who closed it or changed its rate
-            )
-            for part, group in enumerate(in_transfers([line]))
-        ]
+        requests = _metered(
+            key,
+            meter.organization_id,
+            [line],
+            kind=Kind.USAGE if delta > 0 else Kind.REFUND,
+            description="Metered usage" if delta > 0 else "Metered usage correction",
+            actor=actor.get() or "system",  # who closed it or changed its rate
+            project_id=meter.project_id,
+            resource_type=meter.resource_type,
+            resource_id=meter.resource_id,
+        )
         for outcome in await self.ledger.post_transfers(conn, requests, now=now):
             if outcome.error is not None:
                 raise outcome.error
@@ -327,6 +313,35 @@ class BillingRefused(Exception):
     def __init__(self, organization_id: uuid.UUID, error: Exception) -> None:
         super().__init__(f"organization {organization_id}: {error}")
         self.organization_id = organization_id
+
+
+def _metered(
+    key: str,
+    organization_id: uuid.UUID,
+    lines: list[SpendLine],
+    *,
+    kind: Kind = Kind.USAGE,
+    description: str = "Metered usage",
+    actor: str = "system",
+    **fields: Any,
+) -> list[TransferRequest]:
+    """What meters owe (`lines`) as the wallet's own transfers, in parts no larger than one
+    transfer moves (`in_transfers`), keyed `key`, `key:1`, …; metered usage may overdraw."""
+    return [
+        TransferRequest(
+            key=key + (f":{part}" if part else ""),
+            organization_id=organization_id,
+            kind=kind,
+            amount=sum(line.amount for line in group),
+            description=description,
+            lines=tuple(group),
+            allow_overdraft=True,
+            record_key=False,
+            actor=actor,
+            **fields,
+        )
+        for part, group in enumerate(in_transfers(lines))
+    ]
 
 
 def _by_org_and_project(item: tuple[tuple[uuid.UUID, uuid.UUID | None], Any]) -> tuple[str, str]:

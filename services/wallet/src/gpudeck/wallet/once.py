@@ -40,14 +40,17 @@ async def once(
         return await act()
     organization = scope.removeprefix("org:") if scope.startswith("org:") else ""
     mine = f"{scope}:{actor.get()}"
-    # Serializes the calls with this key in the scope; in an organization's, with its money
-    # calls too, which hold its wallet row while they look at its keys (lock order: the
-    # wallet, then the organization, as everywhere).
-    await conn.execute("SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))", (f"{scope} {key}",))
+    # Serializes the calls with this key in the scope. In an organization's, its wallet row
+    # does, with its money calls too, which hold it while they look at its keys (lock order:
+    # the wallet, then the organization, as everywhere); elsewhere, a lock on the key.
     if organization:
         await conn.execute(
             "SELECT 1 FROM wallets WHERE organization_id = %s FOR UPDATE",
             (uuid.UUID(organization),),
+        )
+    else:
+        await conn.execute(
+            "SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))", (f"{scope} {key}",)
         )
     payload = type(request)()
     payload.CopyFrom(request)

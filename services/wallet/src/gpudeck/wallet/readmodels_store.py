@@ -32,7 +32,7 @@ from gpudeck.wallet.rates import (
 Conn = AsyncConnection[Any]
 
 WALLET = """
-SELECT w.organization_id, w.currency, w.balance, w.credits, w.held_balance, w.run_rate, w.level,
+SELECT w.organization_id, w.currency, w.balance, w.credits, w.held_balance, w.run_rate,
        now(), m.types, m.rates, coalesce(t.warning_amount, 0), coalesce(t.critical_amount, 0),
        coalesce(t.warning_hours, 0), coalesce(t.critical_hours, 0)
 FROM wallets w
@@ -89,7 +89,7 @@ async def wallet(
     row = await cur.fetchone()
     if row is None:
         raise NotFound(f"organization {organization_id} not found", field="organization_id")
-    org, currency, balance, credits, held, rate, _stored, now, types, rates, *limits = row
+    org, currency, balance, credits, held, rate, now, types, rates, *limits = row
     level = level_for(balance, rate, Thresholds(*limits), depletion_seconds)
     state = rm.WalletState(org, currency, balance, credits, held, rate, level)
     return state, now, dict(zip(types or (), rates or (), strict=True))

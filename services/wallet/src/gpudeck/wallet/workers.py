@@ -65,7 +65,7 @@ async def expire_credits(wallet: Wallet, *, limit: int = 1000) -> int:
 
 # The wallets due for a wallet.balance.changed: moved since their last one (migration 014's
 # change counter), which was a second ago or more. The clock, not now(): an announcing
-# transaction may have waited for wallet locks (the sweep's level check) since it began.
+# transaction may have spent a while on the sweep's level check since it began.
 DUE = "w.change_seq > a.announced_seq AND a.announced_at <= clock_timestamp() - interval '1 second'"
 # Stamps and returns them. It locks only the announcement rows (another announcer skips those),
 # never the wallet rows writers hold: what is announced is what is committed. (The sweep's level
@@ -82,9 +82,11 @@ ANNOUNCE = (
     " SELECT organization_id, currency, balance, held_balance, run_rate, level"
     " FROM due JOIN stamped USING (organization_id)"
 )
-SWEPT = (
+# The due wallets no writer holds, locked for the sweep's level check (busy ones are skipped:
+# their writer checks their level).
+UNHELD = (
     "SELECT w.organization_id FROM wallets w JOIN wallet_announcements a USING (organization_id)"
-    " WHERE {where} ORDER BY w.organization_id LIMIT %s"
+    " WHERE {where} ORDER BY w.organization_id LIMIT %s FOR UPDATE OF w SKIP LOCKED"
 )
 SWEEP_INTERVAL = 30.0  # seconds between scans of every wallet
 ANNOUNCE_BATCH = 500  # wallets per announcing transaction
@@ -109,17 +111,10 @@ async def announce_balances(
             if sweep:
                 # A change whose level check was lost (a crash right after a fast-path commit)
                 # has its edge found here, before it is announced.
-                cur = await conn.execute(SWEPT.format(where=DUE), (limit,))
-                swept = [row[0] for row in await cur.fetchall()]
-                if swept:  # not waiting for busy ones: their writer checks their level
-                    cur = await conn.execute(
-                        "SELECT organization_id FROM wallets WHERE organization_id = ANY(%s)"
-                        " ORDER BY organization_id FOR UPDATE SKIP LOCKED",
-                        (swept,),
-                    )
-                    unheld = [row[0] for row in await cur.fetchall()]
-                    if unheld:
-                        await wallet.ledger.refresh_levels(conn, unheld)
+                cur = await conn.execute(UNHELD.format(where=DUE), (limit,))
+                unheld = [row[0] for row in await cur.fetchall()]
+                if unheld:
+                    await wallet.ledger.refresh_levels(conn, unheld)
                 cur = await conn.execute(ANNOUNCE.format(where=DUE), (limit,))
             else:
                 cur = await conn.execute(
