@@ -7,15 +7,12 @@ alternate bare/kit so machine noise hits both alike. Goal: kit ≥ 0.8 × bare.
 from __future__ import annotations
 
 import asyncio
-import socket
 import statistics
-import subprocess
-import sys
 import time
 
 import grpc
 
-from bench.grpc_server import TOKEN
+from bench.grpc_server import TOKEN, server_process
 from gpudeck.kit.grpcclient import channel
 from gpudeck.proto.kit.v1 import diagnostics_pb2, diagnostics_pb2_grpc
 
@@ -23,23 +20,6 @@ CONCURRENCY = 32
 ROUND_SECONDS = 3.0
 ROUNDS = 5
 GOAL = 0.8
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def start(kind: str) -> tuple[subprocess.Popen[str], int]:
-    port = free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "bench.grpc_server", kind, str(port)],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
-    return proc, port
 
 
 async def measure(ch: grpc.aio.Channel, seconds: float) -> float:
@@ -60,12 +40,10 @@ async def measure(ch: grpc.aio.Channel, seconds: float) -> float:
 
 
 async def run() -> None:
-    bare, bare_port = start("bare")
-    kit, kit_port = start("kit")
-    try:
+    with server_process("bare") as bare, server_process("kit") as kit:
         # Same client side for both: the kit's channel (token + deadline) to each server.
-        bare_ch = channel(f"127.0.0.1:{bare_port}", TOKEN)
-        kit_ch = channel(f"127.0.0.1:{kit_port}", TOKEN)
+        bare_ch = channel(bare, TOKEN)
+        kit_ch = channel(kit, TOKEN)
         await measure(bare_ch, 0.5)  # warm up both
         await measure(kit_ch, 0.5)
         ratios, bare_rates, kit_rates = [], [], []
@@ -77,10 +55,6 @@ async def run() -> None:
             ratios.append(k / b)
         await bare_ch.close()
         await kit_ch.close()
-    finally:
-        for proc in (bare, kit):
-            proc.terminate()
-            proc.wait()
     ratio = statistics.median(ratios)
     print(f"bare grpc.aio server : {statistics.median(bare_rates):8.0f} calls/s")
     print(f"kit server           : {statistics.median(kit_rates):8.0f} calls/s")
