@@ -16,11 +16,14 @@ transfers through both paths and compare them (tests/test_fast_batch_parity.py).
 from __future__ import annotations
 
 import uuid
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any
 
+import psycopg
 from google.protobuf.timestamp_pb2 import Timestamp
 from psycopg import AsyncConnection
+from psycopg.pq import TransactionStatus
 
 from gpudeck.kit.errors import DomainError, NotFound
 from gpudeck.wallet import events
@@ -102,33 +105,35 @@ async def post_fast(
         )
         for r, tx_id, event_id in zip(chosen, ids, events.random_ids(len(chosen)), strict=True)
     ]
-    cur = await conn.cursor(binary=True).execute(
-        POST_BATCH,
-        (
-            ids,
-            [slot[r.organization_id] for r in chosen],
-            orgs,
-            [r.kind.value for r in chosen],
-            [r.amount for r in chosen],
-            [r.currency for r in chosen],
-            [r.description for r in chosen],
-            [r.project_id for r in chosen],
-            [r.resource_type for r in chosen],
-            [r.resource_id for r in chosen],
-            [r.reference for r in chosen],
-            [r.key for r in chosen],
-            [r.fingerprint for r in chosen],
-            [r.actor for r in chosen],
-            [e.id for e in built],
-            [e.type for e in built],
-            [e.SerializeToString() for e in built],
-            store.outbox_channel,
-            # Top-ups of organizations not KYC-verified go to the general path (the function
-            # reads who is verified under the wallets' locks), which applies their limit.
-            store.policy.kyc_limits.any(),
-        ),
+    params = (
+        ids,
+        [slot[r.organization_id] for r in chosen],
+        orgs,
+        [r.kind.value for r in chosen],
+        [r.amount for r in chosen],
+        [r.currency for r in chosen],
+        [r.description for r in chosen],
+        [r.project_id for r in chosen],
+        [r.resource_type for r in chosen],
+        [r.resource_id for r in chosen],
+        [r.reference for r in chosen],
+        [r.key for r in chosen],
+        [r.fingerprint for r in chosen],
+        [r.actor for r in chosen],
+        [e.id for e in built],
+        [e.type for e in built],
+        [e.SerializeToString() for e in built],
+        store.outbox_channel,
+        # Top-ups of organizations not KYC-verified go to the general path (the function
+        # reads who is verified under the wallets' locks), which applies their limit.
+        store.policy.kyc_limits.any(),
     )
-    row = await cur.fetchone()
+    try:
+        async with _undoable(conn):
+            cur = await conn.cursor(binary=True).execute(POST_BATCH, params)
+            row = await cur.fetchone()
+    except psycopg.errors.NumericValueOutOfRange:  # a balance past a bigint: the planner
+        return sorted(valid)  # refuses that item alone (the statement wrote nothing)
     assert row is not None
     (created_at, statuses, found_ids, afters, cash_befores, plat_befores, plat_slots, plat_codes,
      cash_codes, org_currencies, balances, rates, levels, wa, ca, wh, ch, below) = row  # fmt: skip
@@ -181,6 +186,17 @@ async def post_fast(
         async with conn.transaction():  # a savepoint in the caller's, or its own
             await store.refresh_levels(conn, moved, created_at, actors=actors)
     return sorted(deferred.union(rest))
+
+
+@asynccontextmanager
+async def _undoable(conn: Conn) -> AsyncIterator[None]:
+    """Within a transaction, a savepoint: a statement that fails must not spoil the caller's.
+    Outside one the statement is its own transaction, and undoes itself."""
+    if conn.info.transaction_status == TransactionStatus.INTRANS:
+        async with conn.transaction():
+            yield
+    else:
+        yield
 
 
 def _refusal(

@@ -52,12 +52,7 @@ async def post_one(store: LedgerStore, conn: Conn, request: TransferRequest) -> 
         or request.lines
         or (request.currency and request.currency != currency and request.kind is Kind.TOPUP)
     ):
-        async with conn.transaction():
-            [outcome] = await store.post_transfers(conn, [request])
-        if outcome.error is not None:
-            raise outcome.error
-        assert outcome.transaction is not None
-        return outcome.transaction
+        return await _post_general(store, conn, request)
     tx_id = uuid7()
     stamp = Timestamp()
     stamp.GetCurrentTime()
@@ -75,6 +70,8 @@ async def post_one(store: LedgerStore, conn: Conn, request: TransferRequest) -> 
                 store.outbox_channel, store.policy.kyc_limits.of(currency),
             ),
         )  # fmt: skip
+    except psycopg.errors.NumericValueOutOfRange:  # a balance past a bigint: the planner
+        return await _post_general(store, conn, request)  # says which (the statement undid all)
     except psycopg.errors.RaiseException as exc:
         earlier = await _earlier(store, conn, request)
         if earlier is not None:  # refused now (say KYC was revoked), accepted the first time
@@ -101,6 +98,16 @@ async def post_one(store: LedgerStore, conn: Conn, request: TransferRequest) -> 
         PostingView(c, a, b, f) for c, a, b, f in zip(codes, amounts, befores, afters, strict=True)
     )
     return posted_in_wallet_currency(request, tx_id, currency, balance, created_at, postings)
+
+
+async def _post_general(store: LedgerStore, conn: Conn, request: TransferRequest) -> Transaction:
+    """Post through the general path (`LedgerStore.post_transfers`); raises the refusal."""
+    async with conn.transaction():
+        [outcome] = await store.post_transfers(conn, [request], fast_path=False)
+    if outcome.error is not None:
+        raise outcome.error
+    assert outcome.transaction is not None
+    return outcome.transaction
 
 
 async def _earlier(store: LedgerStore, conn: Conn, request: TransferRequest) -> Transaction | None:

@@ -54,6 +54,19 @@ class InsufficientFunds(FailedPrecondition):
         super().__init__(message, field="amount", reason="INSUFFICIENT_FUNDS")
 
 
+# The most a ledger account's balance (a bigint) holds either way.
+BALANCE_LIMIT = 2**63 - 1
+
+
+def past_balance_limit(amount: int, currency: str) -> FailedPrecondition:
+    return FailedPrecondition(
+        f"amount {format_micro(amount)} {currency} would take a balance past the most a ledger"
+        f" account holds ({format_micro(BALANCE_LIMIT)} {currency})",
+        field="amount",
+        reason="BALANCE_LIMIT",
+    )
+
+
 def kyc_required(message: str) -> FailedPrecondition:
     return FailedPrecondition(message, field="amount", reason="KYC_REQUIRED")
 
@@ -323,8 +336,14 @@ class Book:
             check_kyc_room(self.kyc_limits.of(wallet.currency), wallet, amount)
         other = self.platform[platform_pool(request.kind, wallet.currency)]
         legs = self._legs(request, wallet, amount)
+        total = sum([delta for _, delta in legs])
+        after = [acct.balance + delta for acct, delta in legs]
+        if any(
+            abs(b) > BALANCE_LIMIT for b in (*after, other.balance - total, wallet.balance + total)
+        ):
+            raise past_balance_limit(amount, wallet.currency)
         postings = [_move(acct, delta) for acct, delta in legs]
-        postings.append(_move(other, -sum([delta for _, delta in legs])))
+        postings.append(_move(other, -total))
         for acct, delta in legs:
             wallet.balance += delta
             if acct.kind == "credit":
