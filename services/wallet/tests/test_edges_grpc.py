@@ -1154,3 +1154,25 @@ async def test_a_threshold_crossed_in_a_group_names_its_own_caller(
     found = await wallet_events(events_config, b, has_types("wallet.balance.warning"))
     [event] = of_type(found, "wallet.balance.warning")
     assert event.actor == "user:b"
+
+
+async def test_a_batch_whose_answer_a_client_cannot_take_posts_nothing(
+    wallet_stub: WalletServiceStub, new_org: NewOrg
+) -> None:
+    """An answer past gRPC's default 4 MiB fails at the client after the server committed: the
+    caller would never learn what was posted (a retry replays the same answer). The batch is
+    refused before its commit instead, naming `transfers`."""
+    org = await new_org()
+    long = pb.TransferBatchRequest(
+        transfers=[transfer(org, pb.TOPUP, 1_000, description="d" * 1000) for _ in range(3600)]
+    )
+    assert long.ByteSize() < 4 * 1024 * 1024  # the request itself is taken
+    err = await refused(wallet_stub.TransferBatch(long, timeout=60))
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "transfers" in (err.details() or "") and "nothing was posted" in (err.details() or "")
+    assert (await summary(wallet_stub, org)).balance.amount == 0
+    assert await transactions_of(wallet_stub, org) == []
+    del long.transfers[1800:]  # half of it fits
+    answer = await wallet_stub.TransferBatch(long, timeout=60)
+    assert [r.error_code for r in answer.results] == [""] * 1800
+    assert (await summary(wallet_stub, org)).balance.amount == 1800 * 1_000

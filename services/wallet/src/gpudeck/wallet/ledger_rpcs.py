@@ -19,6 +19,7 @@ from gpudeck.wallet.readmodels import check_limit
 
 Ctx = grpc.aio.ServicerContext[Any, Any]
 MAX_BATCH = 10_000
+MAX_ANSWER_BYTES = 4 * 1024 * 1024  # gRPC's default grpc.max_receive_message_length
 
 
 def transfer_request(m: pb.TransferRequest, ids: convert.IdCache | None = None) -> TransferRequest:
@@ -70,22 +71,17 @@ class LedgerRpcs:
                 errors[i] = exc
         async with self.wallet.pool.connection() as conn, conn.transaction():
             outcomes = await self.wallet.ledger.post_transfers(conn, [t for _, t in parsed])
-        done: dict[int, Outcome] = {
-            i: outcome for (i, _), outcome in zip(parsed, outcomes, strict=True)
-        }
-        response = pb.TransferBatchResponse()
-        add = response.results.add
-        for i in range(len(request.transfers)):
-            error = errors.get(i)
-            outcome = done.get(i)
-            if outcome is not None:
-                error = outcome.error
-            if error is not None:
-                add(error_code=error.code, error_message=error.message)
-            else:
-                assert outcome is not None and outcome.transaction is not None
-                convert.fill_transaction(
-                    add().transaction, outcome.transaction, postings=request.include_postings
+            done = {i: outcome for (i, _), outcome in zip(parsed, outcomes, strict=True)}
+            response = _batch_answer(request, errors, done)
+            # Checked before the commit: a caller that cannot take the answer would never learn
+            # what was posted (its retry replays the same answer), so nothing is.
+            size = response.ByteSize()
+            if size > MAX_ANSWER_BYTES:
+                raise InvalidArgument(
+                    f"the answer to these {len(request.transfers)} transfers would be {size:,}"
+                    f" bytes, more than the {MAX_ANSWER_BYTES:,} a gRPC client takes by default:"
+                    " send fewer per batch (nothing was posted)",
+                    field="transfers",
                 )
         return response
 
@@ -243,3 +239,24 @@ def _meter_id(value: str) -> str:
 
 
 __all__: list[Any] = ["LedgerRpcs"]
+
+
+def _batch_answer(
+    request: pb.TransferBatchRequest, errors: dict[int, DomainError], done: dict[int, Outcome]
+) -> pb.TransferBatchResponse:
+    """A result per item of `request`, in order: its refusal, or its transaction."""
+    response = pb.TransferBatchResponse()
+    add = response.results.add
+    for i in range(len(request.transfers)):
+        error = errors.get(i)
+        outcome = done.get(i)
+        if outcome is not None:
+            error = outcome.error
+        if error is not None:
+            add(error_code=error.code, error_message=error.message)
+        else:
+            assert outcome is not None and outcome.transaction is not None
+            convert.fill_transaction(
+                add().transaction, outcome.transaction, postings=request.include_postings
+            )
+    return response

@@ -227,7 +227,9 @@ class WalletServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def TransferBatch(self, request, context):
-        """Many transfers, one commit, a result per item (an item may fail while others succeed).
+        """Many transfers (at most 10,000), one commit, a result per item (an item may fail while
+        others succeed). A batch whose answer would pass 4 MiB (what a gRPC client takes by
+        default) is refused as INVALID_ARGUMENT before anything is posted: send fewer per batch.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

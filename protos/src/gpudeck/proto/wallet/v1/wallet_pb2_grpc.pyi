@@ -39,7 +39,10 @@ class WalletServiceStub:
     Transfer: _grpc.UnaryUnaryMultiCallable[_wallet_pb2.TransferRequest, _wallet_pb2.Transaction]
     """Ledger"""
     TransferBatch: _grpc.UnaryUnaryMultiCallable[_wallet_pb2.TransferBatchRequest, _wallet_pb2.TransferBatchResponse]
-    """Many transfers, one commit, a result per item (an item may fail while others succeed)."""
+    """Many transfers (at most 10,000), one commit, a result per item (an item may fail while
+    others succeed). A batch whose answer would pass 4 MiB (what a gRPC client takes by
+    default) is refused as INVALID_ARGUMENT before anything is posted: send fewer per batch.
+    """
     ListTransactions: _grpc.UnaryUnaryMultiCallable[_wallet_pb2.ListTransactionsRequest, _wallet_pb2.ListTransactionsResponse]
     GetTransaction: _grpc.UnaryUnaryMultiCallable[_wallet_pb2.GetTransactionRequest, _wallet_pb2.Transaction]
     """One transaction of an organization, with its postings."""
@@ -93,7 +96,10 @@ class WalletServiceAsyncStub(WalletServiceStub):
     Transfer: _aio.UnaryUnaryMultiCallable[_wallet_pb2.TransferRequest, _wallet_pb2.Transaction]  # type: ignore[assignment]
     """Ledger"""
     TransferBatch: _aio.UnaryUnaryMultiCallable[_wallet_pb2.TransferBatchRequest, _wallet_pb2.TransferBatchResponse]  # type: ignore[assignment]
-    """Many transfers, one commit, a result per item (an item may fail while others succeed)."""
+    """Many transfers (at most 10,000), one commit, a result per item (an item may fail while
+    others succeed). A batch whose answer would pass 4 MiB (what a gRPC client takes by
+    default) is refused as INVALID_ARGUMENT before anything is posted: send fewer per batch.
+    """
     ListTransactions: _aio.UnaryUnaryMultiCallable[_wallet_pb2.ListTransactionsRequest, _wallet_pb2.ListTransactionsResponse]  # type: ignore[assignment]
     GetTransaction: _aio.UnaryUnaryMultiCallable[_wallet_pb2.GetTransactionRequest, _wallet_pb2.Transaction]  # type: ignore[assignment]
     """One transaction of an organization, with its postings."""
@@ -156,7 +162,10 @@ class WalletServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _wallet_pb2.TransferBatchRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_wallet_pb2.TransferBatchResponse, _abc.Awaitable[_wallet_pb2.TransferBatchResponse]]:
-        """Many transfers, one commit, a result per item (an item may fail while others succeed)."""
+        """Many transfers (at most 10,000), one commit, a result per item (an item may fail while
+        others succeed). A batch whose answer would pass 4 MiB (what a gRPC client takes by
+        default) is refused as INVALID_ARGUMENT before anything is posted: send fewer per batch.
+        """
 
     @_abc_1.abstractmethod
     def ListTransactions(
