@@ -74,6 +74,18 @@ def test_a_newer_rate_of_the_other_direction_wins_over_an_old_direct_one() -> No
     assert c.apply(8300 * UNIT) == 100 * UNIT
 
 
+def test_a_top_up_amount_is_the_payment_times_the_rate_it_records() -> None:
+    """Displays divide exactly by an inverse rate; a top-up multiplies by the factor its
+    transaction records, so the record reproduces the amount."""
+    inverse = conversion("INR", "USD", {("USD", "INR"): stored("USD", "INR", "83", 1)})
+    paid = 100_000_000 * UNIT
+    assert inverse.factor == Decimal("0.012048192771")
+    assert inverse.apply(paid) == 1_204_819_277_108  # 1e14 / 83, to the micro-unit
+    assert inverse.apply_factor(paid) == 1_204_819_277_100 == paid * inverse.factor
+    direct = conversion("USD", "INR", {("USD", "INR"): stored("USD", "INR", "83.25", 1)})
+    assert direct.apply_factor(12_500_000) == direct.apply(12_500_000) == 1_040_625_000
+
+
 def test_the_same_currency_converts_nothing() -> None:
     c = conversion("USD", "USD", {})
     assert c == Conversion("USD", "USD") and not c.converts
@@ -317,8 +329,8 @@ async def test_a_rate_dated_in_the_future_waits_for_its_time(
 async def test_a_top_up_converts_at_the_newest_rate_of_either_direction(
     wallet_stub: WalletServiceStub, wallet_pool: AsyncConnectionPool, new_org: NewOrg
 ) -> None:
-    """A year-old INR → USD rate does not beat today's USD → INR one; the amount is divided by it
-    exactly, as a display would, and the transaction records the rate it used."""
+    """A year-old INR → USD rate does not beat today's USD → INR one; the transaction records the
+    rate it used (the inverse, to 12 places), and payment × that rate is its amount."""
     await clear_rates(wallet_pool)
     await set_rate(wallet_stub, "INR", "USD", "0.01", datetime.now(UTC) - timedelta(days=365))
     await set_rate(wallet_stub, "USD", "INR", "83")
@@ -330,8 +342,9 @@ async def test_a_top_up_converts_at_the_newest_rate_of_either_direction(
         ),
         timeout=5,
     )
-    assert topped.amount.amount == 1_204_819_277_108  # 1e8 / 83 = 1,204,819.277108 43…
+    # 1 / 83 = 0.012048192771 08…, recorded to 12 places; the amount is payment × that.
     assert topped.exchange_rate == "0.012048192771"
+    assert topped.amount.amount == 1_204_819_277_100
     shown = await wallet_stub.GetWalletSummary(
         pb.GetWalletSummaryRequest(organization_id=str(org), display_currency="INR"), timeout=5
     )

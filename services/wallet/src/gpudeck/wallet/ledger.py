@@ -404,7 +404,7 @@ class Book:
                 field="currency",
                 reason="EXCHANGE_RATE_MISSING",
             )
-        converted = rate.apply(request.amount)
+        converted = rate.apply_factor(request.amount)  # what payment × the recorded rate gives
         if converted <= 0:
             raise InvalidArgument("amount converts to nothing at the current rate", field="amount")
         if converted > MAX_AMOUNT:

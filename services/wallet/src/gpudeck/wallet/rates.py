@@ -5,8 +5,10 @@ has come, in either direction, the newest wins (a rate dated in the future is sc
 applies from then on); at the same `as_of`, the one stored last. Converting base → quote
 multiplies by the rate; with a quote → base rate, the amount is divided by it instead
 (`Conversion.inverse`). Either way the result is rounded half away from zero to the micro-unit,
-once per amount. Top-ups in another currency convert the same way. The platform has no internet: rates come from
-admins (SetExchangeRate) or from a `RateProvider` a deployment plugs in.
+once per amount. A top-up in another currency multiplies by the rate its transaction records
+(`Conversion.factor`: an inverse rate's inverse, rounded to 12 places), so payment × recorded
+rate gives its amount. The platform has no internet: rates come from admins (SetExchangeRate)
+or from a `RateProvider` a deployment plugs in.
 """
 
 from __future__ import annotations
@@ -91,6 +93,14 @@ class Conversion:
             ctx.prec = 60
             value = Decimal(amount) / self.rate.rate if self.inverse else amount * self.rate.rate
             return int(value.quantize(Decimal(1), rounding=ROUND_HALF_UP))
+
+    def apply_factor(self, amount: int) -> int:
+        """`amount` × `factor` (the rate as a transaction records it), rounded half up."""
+        if self.rate is None:
+            return amount
+        with localcontext() as ctx:
+            ctx.prec = 60
+            return int((amount * self.factor).quantize(Decimal(1), rounding=ROUND_HALF_UP))
 
 
 def conversion(
