@@ -124,6 +124,9 @@ class StaticRates:
     async def fetch(self, pairs: Sequence[Pair]) -> Sequence[NewRate]:
         return [NewRate(b, q, Decimal(self.rates[(b, q)])) for b, q in pairs]
 
+    def stored(self) -> None:
+        pass
+
 
 async def test_a_provider_s_rates_are_stored_with_its_name(
     wallet_pool: AsyncConnectionPool,

@@ -17,9 +17,13 @@ from pathlib import Path
 import psycopg
 import pytest
 from processes import start_wallet, wait_serving, wallet_env
+from psycopg_pool import AsyncConnectionPool
 
 from gpudeck.kit.config import EventsConfig
+from gpudeck.wallet.deps import Wallet
 from gpudeck.wallet.rates_file import FileRateProvider, RatesFileError, parse
+from gpudeck.wallet.readmodels_store import import_rates
+from gpudeck.wallet.workers import import_provider_rates
 
 NOW = datetime(2026, 1, 1, tzinfo=UTC)
 
@@ -56,13 +60,41 @@ async def test_the_provider_quotes_a_file_once_per_change(tmp_path: Path) -> Non
     path.write_text('{"rates": {"USD/INR": "80", "INR/USD": "0.0125"}}')
     provider = FileRateProvider(path)
     assert [(r.base, r.quote) for r in await provider.fetch([("USD", "INR")])] == [("USD", "INR")]
+    provider.stored()
     assert await provider.fetch([]) == []  # unchanged
     path.write_text('{"rates": {"USD/INR": "81"}}')
     os.utime(path, (time.time() + 5, time.time() + 5))
     assert [r.rate for r in await provider.fetch([])] == [Decimal("81")]
+    # Not stored (say its transaction failed): the same version is quoted again next time.
+    assert [r.rate for r in await provider.fetch([])] == [Decimal("81")]
+    provider.stored()
+    assert await provider.fetch([]) == []
     path.unlink()
     with pytest.raises(RatesFileError, match="cannot read"):
         await provider.fetch([])
+
+
+async def test_a_version_is_quoted_again_until_its_import_commits(
+    tmp_path: Path, wallet_pool: AsyncConnectionPool
+) -> None:
+    """An import whose transaction fails leaves the version to the next check; one that commits
+    is not imported twice."""
+    path = tmp_path / "rates.json"
+    path.write_text(json.dumps({"as_of": "2001-02-03T04:05:06Z", "rates": {"USD/INR": "66.6"}}))
+    provider = FileRateProvider(path)
+    with pytest.raises(psycopg.errors.QueryCanceled):  # the database fails the import
+        async with wallet_pool.connection() as conn, conn.transaction():
+            assert len(await import_rates(conn, provider, [])) == 1
+            await conn.execute("SET LOCAL statement_timeout = 1")
+            await conn.execute("SELECT pg_sleep(1)")
+    assert await import_provider_rates(Wallet(wallet_pool), provider) == 1
+    assert await import_provider_rates(Wallet(wallet_pool), provider) == 0
+    async with wallet_pool.connection() as conn:
+        cur = await conn.execute(
+            "DELETE FROM exchange_rates WHERE source = 'file:rates.json' AND rate = 66.6"
+            " RETURNING id"
+        )
+        assert len(await cur.fetchall()) == 1  # stored once
 
 
 async def test_the_running_wallet_imports_the_file(

@@ -60,6 +60,9 @@ class RateProvider(Protocol):
 
     async def fetch(self, pairs: Sequence[Pair]) -> Sequence[NewRate]: ...
 
+    def stored(self) -> None:
+        """Called once what the last fetch returned is committed."""
+
 
 @dataclass(frozen=True)
 class Conversion:

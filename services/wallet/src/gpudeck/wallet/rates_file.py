@@ -32,21 +32,29 @@ class FileRateProvider:
     def __init__(self, path: Path) -> None:
         self.path = path
         self.name = f"file:{path.name}"
-        self._read_stamp: float | None = None  # mtime of the version last imported
+        self._stored_stamp: float | None = None  # mtime of the version last stored
+        self._fetched_stamp: float | None = None  # mtime of the version last read
 
     async def fetch(self, pairs: Sequence[Pair]) -> Sequence[NewRate]:
-        """The file's rates for `pairs` (all of them when empty); nothing when it is unchanged
-        since the last fetch. Raises RatesFileError for a file that is not as documented."""
+        """The file's rates for `pairs` (all of them when empty); nothing when the version
+        stored last (`stored`) is still the file's. Raises RatesFileError for a file that is
+        not as documented."""
         try:
             stamp = self.path.stat().st_mtime
         except OSError as exc:
             raise RatesFileError(f"cannot read {self.path}: {exc.strerror}") from None
-        if stamp == self._read_stamp:
+        if stamp == self._stored_stamp:
             return []
         rates = parse(self.path.read_text(), default_as_of=datetime.fromtimestamp(stamp, UTC))
-        self._read_stamp = stamp
+        self._fetched_stamp = stamp
         wanted = set(pairs)
         return [r for r in rates if not wanted or (r.base, r.quote) in wanted]
+
+    def stored(self) -> None:
+        """What the last fetch returned is committed: until the file changes, fetch returns
+        nothing. (A fetch whose rates were not stored, say the transaction failed, is read
+        again next time.)"""
+        self._stored_stamp = self._fetched_stamp
 
 
 def parse(text: str, *, default_as_of: datetime) -> list[NewRate]:

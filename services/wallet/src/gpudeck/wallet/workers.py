@@ -208,7 +208,9 @@ async def import_provider_rates(wallet: Wallet, provider: RateProvider) -> int:
     before stay in use). How many were stored."""
     try:
         async with wallet.pool.connection() as conn, conn.transaction():
-            return len(await import_rates(conn, provider, []))
+            stored = await import_rates(conn, provider, [])
+        provider.stored()
+        return len(stored)
     except RatesFileError as exc:
         log.warning(
             "exchange rates not imported", extra={"source": provider.name, "error": str(exc)}
