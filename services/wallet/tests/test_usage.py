@@ -66,6 +66,8 @@ def event(**kw: object) -> UsageEvent:
         ({"unit_price": -1}, "unit_price"),
         ({"latency_ms": -5}, "latency_ms"),
         ({"quantity": 1e15, "unit_price": 10**15}, "unit_price"),
+        # A tiny cost at a price no display currency could show (it failed the usage card).
+        ({"quantity": 0.000001, "unit_price": 2**62}, "unit_price"),
     ],
 )
 def test_bad_events_name_the_field(kw: dict[str, object], field: str) -> None:

@@ -189,7 +189,7 @@ def usage_record(r: UsageRecord, d: Display) -> pb.UsageRecord:
         latency_ms=e.latency_ms,
         at=timestamp(r.at),
         transaction_id=str(r.transaction_id or ""),
-        unit_price=d.conversion.apply(e.unit_price),  # in the currency of `cost`
+        unit_price=d.money(e.unit_price).amount,  # in the currency of `cost`
     )
 
 

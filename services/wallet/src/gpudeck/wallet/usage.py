@@ -95,6 +95,11 @@ def validate(event: UsageEvent) -> UsageEvent:
         raise InvalidArgument("quantity is too large", field="quantity")
     if event.unit_price < 0:
         raise InvalidArgument(f"unit_price must be ≥ 0, got {event.unit_price}", field="unit_price")
+    if event.unit_price > MAX_AMOUNT:  # a price a display currency can still show
+        raise InvalidArgument(
+            f"unit_price is too large: at most {MAX_AMOUNT} micro-units per 1,000,000 units",
+            field="unit_price",
+        )
     if event.latency_ms < 0:
         raise InvalidArgument("latency_ms must be ≥ 0", field="latency_ms")
     if len(event.dimensions) > MAX_DIMENSIONS:
