@@ -13,6 +13,7 @@ from decimal import Decimal
 from typing import Any
 
 import aiohttp
+import psycopg
 import pytest
 from aiohttp import WSMsgType
 
@@ -515,3 +516,27 @@ async def test_last_used_at_is_set_once_the_token_is_used(gql, new_org) -> None:
     used_at = datetime.fromisoformat(seen["lastUsedAt"])
     assert used_at >= datetime.fromisoformat(seen["createdAt"])
     assert abs((used_at - started).total_seconds()) < 5, (used_at, started)
+
+
+async def test_a_saved_display_currency_with_no_rate_streams_the_wallets_own(
+    gql, new_org, wallet_gateway, database_url
+) -> None:
+    """As `organization` does, walletUpdated shows the wallet's currency when the caller's saved
+    preference has no rate (it failed with FAILED_PRECONDITION, the query worked)."""
+    org = await new_org()
+    await gql.data(TOP_UP, {"org": org.id, "amount": "3", "key": "pref-money"}, token=org.token)
+    await gql.data(
+        'mutation($org: ID!) { updatePreferences(organizationId: $org, displayCurrency: "INR")'
+        " { displayCurrency } }",
+        {"org": org.id},
+        token=org.token,
+    )
+    with psycopg.connect(database_url, autocommit=True) as conn:  # no rate in effect for now
+        conn.execute("UPDATE wallet.exchange_rates SET as_of = as_of + interval '100 years'")
+    try:
+        ws, first = await watch(wallet_gateway, org)
+        await ws.close()
+    finally:
+        with psycopg.connect(database_url, autocommit=True) as conn:
+            conn.execute("UPDATE wallet.exchange_rates SET as_of = as_of - interval '100 years'")
+    assert first["balance"]["amount"] == "3.000000"  # USD: 3 USD in INR would be ~250

@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 from datetime import datetime
 
-import grpc
 import strawberry
 
 from gpudeck.gateway.auth import OrganizationRole
@@ -23,7 +22,6 @@ from gpudeck.gateway.errors import (
     Arguments,
     GatewayError,
     from_rpc,
-    rpc_details,
 )
 from gpudeck.gateway.money import parse_currency
 from gpudeck.gateway.permissions import (
@@ -354,27 +352,12 @@ async def resolve_organization(
     display = await accounts.display_for(info, str(id), display_currency)
     if display in ("", found.currency):
         return Organization.from_pb(found, "")
-    missing = await _rate_missing(info, str(id), display)
+    missing = await wallets.rate_missing(info, str(id), display)
     if missing is not None:
         if display_currency is None:  # a saved preference: the wallet's own currency instead
             return Organization.from_pb(found, "")
         raise from_rpc(missing) from missing
     return Organization.from_pb(found, display)
-
-
-async def _rate_missing(
-    info: Info, organization_id: str, display: str
-) -> grpc.aio.AioRpcError | None:
-    """The wallet's EXCHANGE_RATE_MISSING when no rate converts the organization's amounts to
-    `display` (one error at `organization` for an asked displayCurrency, rather than one per
-    amount), else None. Asks for the summary in `display` (the `wallet` field reuses it); any
-    other failure is left to the fields that need it."""
-    try:
-        await info.context.loaders.summary.load((organization_id, display))
-    except grpc.aio.AioRpcError as error:
-        if rpc_details(error).get("reason") == "EXCHANGE_RATE_MISSING":
-            return error
-    return None
 
 
 @strawberry.type

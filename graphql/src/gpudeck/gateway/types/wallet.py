@@ -16,7 +16,7 @@ import grpc
 import strawberry
 
 from gpudeck.gateway.context import Info
-from gpudeck.gateway.errors import BAD_USER_INPUT, Arguments, GatewayError
+from gpudeck.gateway.errors import BAD_USER_INPUT, Arguments, GatewayError, rpc_details
 from gpudeck.gateway.ids import canonical_id
 from gpudeck.gateway.live import Watch
 from gpudeck.gateway.money import parse_amount, parse_currency
@@ -490,7 +490,24 @@ async def resolve_wallet_updated(
     of a subscription's root field are not made canonical by `CanonicalIds`: done here.)"""
     org = canonical_id(str(organization_id))
     display = await accounts.display_for(info, org, display_currency)
+    if display and display_currency is None and await rate_missing(info, org, display) is not None:
+        display = ""  # a saved preference no rate converts to: the wallet's own, as `organization`
     return wallet_updates(info, org, display)
+
+
+async def rate_missing(
+    info: Info, organization_id: str, display: str
+) -> grpc.aio.AioRpcError | None:
+    """The wallet's EXCHANGE_RATE_MISSING when no rate converts the organization's amounts to
+    `display` (one error at `organization` for an asked displayCurrency, rather than one per
+    amount), else None. Asks for the summary in `display` (the `wallet` field reuses it); any
+    other failure is left to the fields that need it."""
+    try:
+        await info.context.loaders.summary.load((organization_id, display))
+    except grpc.aio.AioRpcError as error:
+        if rpc_details(error).get("reason") == "EXCHANGE_RATE_MISSING":
+            return error
+    return None
 
 
 async def wallet_updates(info: Info, org: str, display: str) -> AsyncGenerator[Wallet, None]:
