@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import asyncio
+from datetime import date, timedelta
 from pathlib import Path
 
 import pytest
@@ -62,3 +63,20 @@ async def test_a_failing_migration_leaves_nothing_applied(
 async def test_unreachable_database_names_the_cause() -> None:
     with pytest.raises(DatabaseUnavailable, match=r"127\.0\.0\.1"):
         await open_pool("postgresql://postgres@127.0.0.1:1/none", timeout=2)
+
+
+async def test_times_come_back_in_utc_whatever_the_client_s_time_zone(
+    database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The services print times as UTC (an invoice's dates): a session in another time zone
+    (PGTZ here; a server's own setting alike) dated a 01:30 UTC invoice the day before."""
+    monkeypatch.setenv("PGTZ", "America/New_York")
+    pool = await open_pool(database_url, min_size=1, max_size=1)
+    try:
+        async with pool.connection() as conn:
+            cur = await conn.execute("SELECT '2025-07-01 01:30:00+00'::timestamptz")
+            row = await cur.fetchone()
+    finally:
+        await pool.close()
+    assert row is not None
+    assert row[0].utcoffset() == timedelta(0) and row[0].date() == date(2025, 7, 1)

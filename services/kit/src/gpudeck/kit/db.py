@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import logging
 from pathlib import Path
+from typing import Any
 
 import psycopg
 from psycopg import sql
@@ -47,6 +48,7 @@ async def open_pool(
         name=name,
         timeout=timeout,
         kwargs=kwargs,
+        configure=_in_utc,
     )
     try:
         await pool.open(wait=True, timeout=timeout)
@@ -55,6 +57,12 @@ async def open_pool(
         reason = await _why_unreachable(url) or str(exc)
         raise DatabaseUnavailable(reason) from None
     return pool
+
+
+async def _in_utc(conn: psycopg.AsyncConnection[Any]) -> None:
+    """Times come back in UTC whatever the server's or the client's (PGTZ) time zone: the
+    services read and print them as UTC (invoice dates, days of spend)."""
+    await conn.execute("SET TIME ZONE 'UTC'")
 
 
 async def _why_unreachable(url: str) -> str | None:
