@@ -6,10 +6,13 @@ from __future__ import annotations
 import uuid
 from collections.abc import Awaitable, Callable
 from datetime import datetime, timedelta
+from typing import Any
 
+import pytest
 from psycopg_pool import AsyncConnectionPool
 
 from gpudeck.kit.events import parse_event
+from gpudeck.wallet import workers
 from gpudeck.wallet.deps import Wallet
 from gpudeck.wallet.ledger import Kind, TransferRequest
 from gpudeck.wallet.ledger_store import LedgerStore, db_now
@@ -116,7 +119,30 @@ async def test_the_monthly_loop_renews_every_organization_due(
         "standard",
     )
     again = await renew_plans(Wallet(wallet_pool), now=later)
-    assert again == {"renewed": 0, "downgraded": 0}
+    assert again == {"renewed": 0, "downgraded": 0, "failed": 0}
+
+
+async def test_the_monthly_loop_goes_past_a_page_and_past_a_failure(
+    wallet_pool: AsyncConnectionPool, new_org: NewOrg, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """It renewed the first 500 due and stopped until the next hour; and one renewal that
+    failed stopped the rest (and that hour's invoices)."""
+    orgs = sorted([await on_premium(wallet_pool, new_org, 500 * USD) for _ in range(3)])
+    later = await next_month(wallet_pool)
+    monkeypatch.setattr(workers, "RENEWAL_PAGE", 1)
+    renew = PlanStore.renew
+
+    async def failing_for_the_first(self: PlanStore, conn: Any, org: uuid.UUID, now: Any) -> str:
+        if org == orgs[0]:
+            raise RuntimeError("a renewal that fails")
+        return await renew(self, conn, org, now)
+
+    monkeypatch.setattr(PlanStore, "renew", failing_for_the_first)
+    done = await renew_plans(Wallet(wallet_pool), now=later)
+    assert done["failed"] == 1 and done["renewed"] >= 2
+    async with wallet_pool.connection() as conn:
+        due = await STORE.due_renewals(conn, later, limit=10_000)
+    assert orgs[0] in due and orgs[1] not in due and orgs[2] not in due
 
 
 async def test_a_downgrade_pays_the_lower_plan_from_the_next_month_not_this_one(

@@ -127,9 +127,12 @@ class PlanStore:
         await idempotency.remember(conn, scope, request.key, fingerprint, status.to_json())
         return status
 
-    async def due_renewals(self, conn: Conn, now: datetime, *, limit: int = 500) -> list[uuid.UUID]:
+    async def due_renewals(
+        self, conn: Conn, now: datetime, *, after: uuid.UUID | None = None, limit: int = 500
+    ) -> list[uuid.UUID]:
         """Organizations on a paid plan that paid for no plan in the month of `now` (one that
-        moved down from a plan it paid for this month pays the lower one from the next)."""
+        moved down from a plan it paid for this month pays the lower one from the next), in id
+        order, the first `limit` of those past `after`."""
         month = billing_month(now)
         cur = await conn.execute(
             "SELECT o.id FROM organizations o"
@@ -140,8 +143,9 @@ class PlanStore:
             "       ELSE p.monthly_fee_usd + p.credits_usd END > 0"
             "   AND NOT EXISTS (SELECT 1 FROM transactions t WHERE t.organization_id = o.id"
             "       AND t.idempotency_key = ANY(%s))"
+            "   AND o.id > coalesce(%s, '00000000-0000-0000-0000-000000000000'::uuid)"
             " ORDER BY o.id LIMIT %s",
-            (await self._month_keys(conn, month), limit),
+            (await self._month_keys(conn, month), after, limit),
         )
         return [row[0] for row in await cur.fetchall()]
 

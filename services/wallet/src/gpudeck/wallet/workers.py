@@ -25,6 +25,7 @@ from gpudeck.wallet.readmodels_store import import_rates
 from gpudeck.wallet.thresholds_store import ThresholdStore
 
 log = logging.getLogger(__name__)
+RENEWAL_PAGE = 500  # organizations read at a time by renew_plans
 
 
 async def expire_holds(wallet: Wallet) -> int:
@@ -189,18 +190,29 @@ async def settle_invoices(wallet: Wallet) -> int:
 
 async def renew_plans(wallet: Wallet, *, now: datetime | None = None) -> dict[str, int]:
     """Renew every paid plan not yet paid for this month, one organization per transaction (so
-    every replica may run it every hour: the ledger keys make a second run a no-op)."""
+    every replica may run it every hour: the ledger keys make a second run a no-op). One that
+    fails is logged and left for the next run; the others are renewed."""
     store = PlanStore(wallet.ledger)
     async with wallet.pool.connection() as conn:
         now = now or await db_now(conn)
-        due = await store.due_renewals(conn, now)
-    done: dict[str, int] = {"renewed": 0, "downgraded": 0}
-    for org in due:
-        async with wallet.pool.connection() as conn, conn.transaction():
-            result = await store.renew(conn, org, now)
-        if result:
-            done[result] += 1
-    return done
+    done: dict[str, int] = {"renewed": 0, "downgraded": 0, "failed": 0}
+    after = None
+    while True:
+        async with wallet.pool.connection() as conn:
+            due = await store.due_renewals(conn, now, after=after, limit=RENEWAL_PAGE)
+        if not due:
+            return done
+        for org in due:
+            try:
+                async with wallet.pool.connection() as conn, conn.transaction():
+                    result = await store.renew(conn, org, now)
+            except Exception:
+                log.exception("plan not renewed", extra={"organization_id": str(org)})
+                done["failed"] += 1
+                continue
+            if result:
+                done[result] += 1
+        after = due[-1]
 
 
 async def import_provider_rates(wallet: Wallet, provider: RateProvider) -> int:
