@@ -23,6 +23,9 @@ from gpudeck.proto.events.v1.envelope_pb2 import Event
 from gpudeck.proto.wallet.v1 import events_pb2
 from gpudeck.proto.wallet.v1 import wallet_pb2 as pb
 from gpudeck.proto.wallet.v1.wallet_pb2_grpc import WalletServiceStub
+from gpudeck.wallet.ledger import Kind, TransferRequest
+from gpudeck.wallet.ledger_store import LedgerStore
+from gpudeck.wallet.plans_store import PURCHASE_SOURCE, PlanStore
 
 NewOrg = Callable[..., Awaitable[uuid.UUID]]
 USD = 1_000_000
@@ -328,6 +331,29 @@ async def test_added_credits_may_expire(wallet_stub: WalletServiceStub, new_org:
         add_credits(org, 3 * USD, expires_at=soon), timeout=TIMEOUT
     )
     assert added.available_credits.amount == 3 * USD
+
+
+async def test_credits_past_their_expiry_are_not_in_a_purchase_s_answer(
+    wallet_pool: AsyncConnectionPool, new_org: NewOrg
+) -> None:
+    """Before the sweep moves them out, expired credits count no more in AddCredits' (stored)
+    answer, as in GetPlan; they did, and every retry repeated it."""
+    org = await new_org()
+    store = PlanStore(LedgerStore())
+    soon = datetime.now(UTC) + timedelta(days=1)
+    buy = TransferRequest("old", org, Kind.CREDIT_GRANT, 50 * USD, credit_expires_at=soon,
+                          credit_source=PURCHASE_SOURCE)  # fmt: skip
+    async with wallet_pool.connection() as conn, conn.transaction():
+        await store.add_credits(conn, buy)
+        # Past its expiry now, and not swept (the sweep sees no uncommitted change).
+        await conn.execute(
+            "UPDATE ledger_accounts SET expires_at = now() - interval '1 second'"
+            " WHERE organization_id = %s AND kind = 'credit'",
+            (org,),
+        )
+        more = TransferRequest("new", org, Kind.CREDIT_GRANT, USD, credit_source=PURCHASE_SOURCE)
+        _, available = await store.add_credits(conn, more)
+    assert available == USD
 
 
 @pytest.mark.parametrize(

@@ -284,8 +284,13 @@ async def _organization(conn: Conn, organization_id: uuid.UUID) -> tuple[str, st
 
 
 async def _credits(conn: Conn, organization_id: uuid.UUID) -> int:
+    """The credits available now: as `credit_grants` sums them (past their expiry they count no
+    more, swept or not yet)."""
     cur = await conn.execute(
-        "SELECT credits FROM wallets WHERE organization_id = %s", (organization_id,)
+        "SELECT coalesce(sum(balance), 0) FROM ledger_accounts"
+        " WHERE organization_id = %s AND kind = 'credit' AND balance > 0"
+        " AND (expires_at IS NULL OR expires_at > now())",
+        (organization_id,),
     )
     row = await cur.fetchone()
     return int(row[0]) if row else 0
