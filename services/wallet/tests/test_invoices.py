@@ -75,7 +75,14 @@ def test_a_period_that_has_not_ended_cannot_be_invoiced(text: str) -> None:
 
 def test_the_next_invoice_is_on_the_first_day_of_next_month() -> None:
     assert next_invoice_date(NOW) == date(2025, 8, 1)
-    assert next_invoice_date(date(2025, 12, 31)) == date(2026, 1, 1)
+    assert next_invoice_date(datetime(2025, 12, 31, 23, 59, tzinfo=UTC)) == date(2026, 1, 1)
+
+
+def test_until_the_month_just_ended_is_invoiced_the_next_invoice_is_today() -> None:
+    """From midnight until the month has settled, its invoice is still to come: today, not a
+    month away (it said the 1st of the next month)."""
+    assert next_invoice_date(datetime(2027, 1, 1, 0, 30, tzinfo=UTC)) == date(2027, 1, 1)
+    assert next_invoice_date(datetime(2027, 1, 1, 1, 0, tzinfo=UTC)) == date(2027, 2, 1)
 
 
 def test_lines_come_one_per_resource_type_in_a_fixed_order_and_sum_to_the_total() -> None:

@@ -16,7 +16,7 @@ from gpudeck.proto.wallet.v1 import wallet_pb2 as pb
 from gpudeck.proto.wallet.v1.account_pb2_grpc import AccountServiceStub
 from gpudeck.proto.wallet.v1.wallet_pb2_grpc import WalletServiceStub
 from gpudeck.wallet.deps import Wallet
-from gpudeck.wallet.invoices import Period
+from gpudeck.wallet.invoices import Period, next_invoice_date
 from gpudeck.wallet.workers import issue_last_month_invoices
 
 NewOrg = Callable[..., Awaitable[uuid.UUID]]
@@ -150,7 +150,7 @@ async def test_past_invoices_newest_first_with_the_next_invoice_date(
     )
     assert [i.period for i in listed.invoices] == ["2024-03", "2024-02", "2024-01"]
     assert [i.total.amount for i in listed.invoices] == [3 * USD, 2 * USD, USD]
-    assert listed.next_invoice_date == Period.of(datetime.now(UTC)).end.isoformat()
+    assert listed.next_invoice_date == next_invoice_date(datetime.now(UTC)).isoformat()
     two = await wallet_stub.ListInvoices(
         pb.ListInvoicesRequest(organization_id=str(org), limit=2), timeout=TIMEOUT
     )

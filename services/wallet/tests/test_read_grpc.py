@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Awaitable, Callable
-from datetime import date, timedelta
+from datetime import UTC, date, datetime, timedelta
 
 import grpc
 import pytest
@@ -15,6 +15,7 @@ from psycopg_pool import AsyncConnectionPool
 from gpudeck.proto.common.v1.money_pb2 import Money
 from gpudeck.proto.wallet.v1 import wallet_pb2 as pb
 from gpudeck.proto.wallet.v1.wallet_pb2_grpc import WalletServiceStub
+from gpudeck.wallet.invoices import next_invoice_date
 from gpudeck.wallet.readmodels import month_start
 
 NewOrg = Callable[..., Awaitable[uuid.UUID]]
@@ -166,7 +167,7 @@ async def test_expenditure_and_trend_are_exact(
     assert e.last_month.change_percent == pytest.approx(
         (e.last_month.total.amount - previous) * 100 / previous
     )
-    assert e.next_invoice_date == month_start(d, 1).isoformat()
+    assert e.next_invoice_date == next_invoice_date(datetime.now(UTC)).isoformat()
 
     trend = await wallet_stub.GetSpendingTrend(
         pb.GetSpendingTrendRequest(organization_id=str(org), days=7), timeout=5

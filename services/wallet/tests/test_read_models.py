@@ -73,7 +73,7 @@ def test_expenditure_sums_each_period_at_a_month_boundary() -> None:
         DayAmount(date(2026, 1, 1), "pod", 1000),  # the month before
         DayAmount(date(2025, 12, 31), "pod", 99999),  # in no period
     ]
-    e = rm.expenditure(Periods.ending(today).totals(rows), today)
+    e = rm.expenditure(Periods.ending(today).totals(rows), today, date(2026, 4, 1))
     assert e.current_period == 15
     assert e.last_7_days == rm.PeriodTotal(35, (35 - 40) * 100 / 40)
     assert e.last_30_days == 175
@@ -83,7 +83,9 @@ def test_expenditure_sums_each_period_at_a_month_boundary() -> None:
 
 def test_expenditure_without_history_has_no_change() -> None:
     today = date(2026, 5, 20)
-    e = rm.expenditure(Periods.ending(today).totals([DayAmount(today, "pod", 7)]), today)
+    e = rm.expenditure(
+        Periods.ending(today).totals([DayAmount(today, "pod", 7)]), today, date(2026, 6, 1)
+    )
     assert e.last_7_days == rm.PeriodTotal(7, None)
     assert e.last_month == rm.PeriodTotal(0, None)
 

@@ -111,9 +111,11 @@ def billable_period(text: str, now: datetime, *, field: str = "period") -> Perio
     return period
 
 
-def next_invoice_date(now: datetime | date) -> date:
-    """When the next invoice is made: the first day of the month after `now` (UTC)."""
-    return Period.of(now).end
+def next_invoice_date(now: datetime) -> date:
+    """When the next invoice is made: the first day (UTC) of the month after the one not yet
+    invoiced. From midnight on the 1st until the month has settled (SETTLING), that is today:
+    the month just ended is still to be invoiced."""
+    return Period.of(now - SETTLING).end
 
 
 def describe(resource_type: str) -> str:

@@ -13,6 +13,7 @@ from gpudeck.wallet import readmodels as rm
 from gpudeck.wallet import readmodels_store as store
 from gpudeck.wallet.alerts import Thresholds
 from gpudeck.wallet.deps import Wallet
+from gpudeck.wallet.invoices import next_invoice_date
 from gpudeck.wallet.once import once
 from gpudeck.wallet.rates import Conversion, NewRate, parse_rate
 from gpudeck.wallet.read_convert import Display
@@ -53,10 +54,12 @@ class ReadRpcs:
     ) -> pb.Expenditure:
         org = convert.parse_id(request.organization_id, "organization_id")
         async with self.wallet.pool.connection() as conn:
-            currency, today = await store.currency_and_today(conn, org)
+            currency, now = await store.currency_and_now(conn, org)
+            today = store.utc_day(now)
             totals = await store.period_totals(conn, org, rm.Periods.ending(today))
             display = Display(await store.conversion_to(conn, currency, request.display_currency))
-        return read_convert.expenditure(rm.expenditure(totals, today), display)
+        spent = rm.expenditure(totals, today, next_invoice_date(now))
+        return read_convert.expenditure(spent, display)
 
     async def GetSpendingTrend(
         self, request: pb.GetSpendingTrendRequest, context: Ctx

@@ -121,7 +121,7 @@ class Expenditure:
     next_invoice_date: date
 
 
-def expenditure(totals: Mapping[str, int], today: date) -> Expenditure:
+def expenditure(totals: Mapping[str, int], today: date, next_invoice: date) -> Expenditure:
     """The expenditure card from what each of `Periods.ending(today).named()` spent."""
     return Expenditure(
         current_period=totals["current_month"],
@@ -133,7 +133,7 @@ def expenditure(totals: Mapping[str, int], today: date) -> Expenditure:
         last_month=PeriodTotal(
             totals["last_month"], change_percent(totals["last_month"], totals["month_before"])
         ),
-        next_invoice_date=month_start(today, 1),
+        next_invoice_date=next_invoice,
     )
 
 

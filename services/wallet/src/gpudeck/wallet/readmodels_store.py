@@ -95,15 +95,21 @@ async def wallet(
     return state, now, dict(zip(types or (), rates or (), strict=True))
 
 
-async def currency_and_today(conn: Conn, organization_id: uuid.UUID) -> tuple[str, date]:
-    """The wallet currency and today's date (UTC) by the database's clock."""
+async def currency_and_now(conn: Conn, organization_id: uuid.UUID) -> tuple[str, datetime]:
+    """The wallet currency and the database's clock."""
     cur = await conn.execute(
         "SELECT currency, now() FROM wallets WHERE organization_id = %s", (organization_id,)
     )
     row = await cur.fetchone()
     if row is None:
         raise NotFound(f"organization {organization_id} not found", field="organization_id")
-    return row[0], utc_day(row[1])
+    return row[0], row[1]
+
+
+async def currency_and_today(conn: Conn, organization_id: uuid.UUID) -> tuple[str, date]:
+    """The wallet currency and today's date (UTC) by the database's clock."""
+    currency, now = await currency_and_now(conn, organization_id)
+    return currency, utc_day(now)
 
 
 async def daily(
