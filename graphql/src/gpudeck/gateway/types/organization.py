@@ -3,8 +3,8 @@ plan, usage, projects, members, tokens, preferences), each resolved by its domai
 `organization(id, displayCurrency)` and `createOrganization`.
 
 Fields of billing data need the owner, admin or billing role; the rest any member. With
-`displayCurrency` every amount below is shown in that currency, and `conversion` fields say
-which exchange rate was used.
+`displayCurrency` the amounts of the cards (wallet, spending, billing, plan, usage) are shown in
+that currency, and each card's `conversion` says which exchange rate it used.
 """
 
 from __future__ import annotations
@@ -282,8 +282,10 @@ class Organization:
     conversion = strawberry.field(
         resolver=resolve_conversion,
         description=(
-            "The exchange rate amounts are converted with for `displayCurrency` (null when "
-            "shown in the wallet currency)."
+            "The exchange rate the wallet card is converted with for `displayCurrency` (null "
+            "when shown in the wallet currency). Each card reads the newest rate when it is "
+            "read and names it in its own `conversion`: they differ only when a rate is set, "
+            "or a scheduled one comes due, between their reads."
         ),
         extensions=require(BillingReader()),
     )
