@@ -146,3 +146,19 @@ async def test_shutdown_cuts_a_websocket_that_does_not_close(
     gateway.websockets = dict(zip(sockets, requests, strict=True))  # type: ignore[assignment]
     await asyncio.wait_for(gateway.close_websockets(), timeout=5)  # all at once, not one by one
     assert all(r.transport.aborted for r in requests)
+
+
+def test_an_organization_no_longer_watched_leaves_nothing_behind(live: LiveEvents) -> None:
+    """Its wake count was kept for good (one entry per organization ever watched); watched
+    again, its generation is a new one, so no read begun before is shared with it."""
+    seen = set()
+    for n in range(3):
+        org = f"org-{n}"
+        with live.watching(org):
+            seen.add(live.generation(org))
+            live._wake(org)
+            seen.add(live.generation(org))
+    with live.watching("org-0"):
+        seen.add(live.generation("org-0"))
+    assert len(seen) == 7
+    assert live._wakes == {} and live.watchers == 0

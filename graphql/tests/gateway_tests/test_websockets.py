@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from datetime import timedelta
 from typing import Any
 
 import aiohttp
 import pytest
 from aiohttp import WSMsgType
+
+from gpudeck.gateway import websockets
 
 TRANSPORT_WS = "graphql-transport-ws"
 LEGACY_WS = "graphql-ws"
@@ -162,3 +165,35 @@ async def test_shutdown_closes_open_websockets_with_going_away(fleet, start_gate
         await asyncio.wait_for(closing, timeout=5)
     finally:
         await session.close()
+
+
+async def test_a_legacy_socket_that_never_initialises_is_closed(
+    gateway, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """graphql-transport-ws closes a socket with no connection_init in time (4408); the legacy
+    graphql-ws kept it open for as long as its client answered pings."""
+    monkeypatch.setattr(websockets, "CONNECTION_INIT_TIMEOUT", timedelta(seconds=0.5))
+    async with gateway.ws_connect("/graphql", protocols=[LEGACY_WS]) as ws:
+        msg = await asyncio.wait_for(ws.receive(), timeout=5)
+        assert msg.type == WSMsgType.CLOSE and msg.data == 4408, msg
+
+
+@pytest.mark.parametrize("protocol", [TRANSPORT_WS, LEGACY_WS])
+async def test_an_operation_past_the_limit_is_rate_limited(gateway, protocol: str) -> None:
+    """Past MAX_OPERATIONS at once on one socket, an operation is an error with a code (it had
+    none); the socket and the others go on."""
+    start = "subscribe" if protocol == TRANSPORT_WS else "start"
+    quiet = "subscription { health(intervalSeconds: 300) { service } }"
+    async with gateway.ws_connect("/graphql", protocols=[protocol]) as ws:
+        await ws.send_json({"type": "connection_init", "payload": {}})
+        assert (await receive(ws))["type"] == "connection_ack"
+        for n in range(websockets.MAX_OPERATIONS + 1):
+            await ws.send_json({"id": str(n), "type": start, "payload": {"query": quiet}})
+        while True:
+            message = await receive(ws, skip=("ping", "ka", "next", "data"))
+            if message["type"] == "error":
+                break
+        assert message["id"] == str(websockets.MAX_OPERATIONS)
+        [error] = message["payload"] if protocol == TRANSPORT_WS else [message["payload"]]
+        assert error["extensions"] == {"code": "RATE_LIMITED"}
+        assert f"at most {websockets.MAX_OPERATIONS}" in error["message"]

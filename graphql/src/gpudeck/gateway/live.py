@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 from collections.abc import Awaitable, Callable, Hashable, Iterator
 from typing import Any, TypeVar
@@ -78,9 +79,12 @@ class LiveEvents:
         self._task: asyncio.Task[None] | None = None
         self._subscribed = asyncio.Event()
         self._watchers: dict[str, set[Watch]] = {}
-        # Wakes so far, of all organizations and of each: a read keyed by them began after them.
+        # Wakes so far, of all organizations; and of each watched one, the number of its last
+        # wake (or of its first watcher), drawn from one sequence so it never repeats, even for
+        # an organization watched again: a read keyed by them began after them.
         self._wakes_of_all = 0
-        self._wakes: dict[str, int] = {}
+        self._wakes: dict[str, int] = {}  # only of organizations watched now
+        self._sequence = itertools.count(1)
         self._reads: dict[Hashable, asyncio.Future[Any]] = {}
 
     @property
@@ -121,6 +125,8 @@ class LiveEvents:
     def watching(self, organization_id: str) -> Iterator[Watch]:
         """A Watch woken on every change of `organization_id`'s wallet, while in the block."""
         watch = Watch(organization_id)
+        if organization_id not in self._watchers:
+            self._wakes[organization_id] = next(self._sequence)
         self._watchers.setdefault(organization_id, set()).add(watch)
         try:
             yield watch
@@ -130,6 +136,7 @@ class LiveEvents:
                 watches.discard(watch)
                 if not watches:
                     del self._watchers[organization_id]
+                    self._wakes.pop(organization_id, None)
 
     @property
     def watchers(self) -> int:
@@ -165,7 +172,7 @@ class LiveEvents:
         if organization_id is None:
             self._wakes_of_all += 1
         elif organization_id in self._watchers:  # counted for those watched only
-            self._wakes[organization_id] = self._wakes.get(organization_id, 0) + 1
+            self._wakes[organization_id] = next(self._sequence)
         groups = (
             self._watchers.values()
             if organization_id is None

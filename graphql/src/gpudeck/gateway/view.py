@@ -7,7 +7,8 @@ open one (Strawberry's default). A connection_init with a token that is not vali
 `Authorization` that is not `Bearer <token>`, is refused (graphql-transport-ws: 4403, graphql-ws:
 connection_error); one with no token is accepted, for `health`. The server pings
 every websocket (HEARTBEAT) and closes one that stops answering, so a vanished client does not
-hold its subscriptions.
+hold its subscriptions; one that sends no connection_init within 10 s is closed (4408), and an
+operation past 50 at once on one socket is an error with code RATE_LIMITED (websockets.py).
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ import asyncio
 import contextlib
 import logging
 import weakref
-from datetime import timedelta
 from typing import Any
 
 from aiohttp import WSCloseCode, web
@@ -33,19 +33,21 @@ from gpudeck.gateway.context import Context
 from gpudeck.gateway.errors import BAD_REQUEST, UNAUTHENTICATED, GatewayError
 from gpudeck.gateway.live import LiveEvents
 from gpudeck.gateway.metrics import WEBSOCKETS
+from gpudeck.gateway.websockets import CONNECTION_INIT_TIMEOUT, LegacyWSHandler, TransportWSHandler
 
 log = logging.getLogger(__name__)
 
 KEEP_ALIVE_INTERVAL = 10.0
 HEARTBEAT = 30.0  # seconds between websocket pings; no pong within half of it closes the socket
 CLOSE_TIMEOUT = 2.0  # seconds a websocket gets to close at shutdown before it is cut
-CONNECTION_INIT_TIMEOUT = timedelta(seconds=10)
-MAX_SUBSCRIPTIONS_PER_CONNECTION = 50
 # The largest request body the gateway reads (aiohttp's default): larger is REQUEST_TOO_LARGE.
 MAX_BODY_BYTES = 1024 * 1024
 
 
 class GatewayView(GraphQLView[Context, None]):
+    graphql_transport_ws_handler_class = TransportWSHandler
+    graphql_ws_handler_class = LegacyWSHandler
+
     def __init__(
         self,
         schema: BaseSchema,
@@ -60,7 +62,8 @@ class GatewayView(GraphQLView[Context, None]):
             keep_alive_interval=KEEP_ALIVE_INTERVAL,
             subscription_protocols=(GRAPHQL_TRANSPORT_WS_PROTOCOL, GRAPHQL_WS_PROTOCOL),
             connection_init_wait_timeout=CONNECTION_INIT_TIMEOUT,
-            max_subscriptions_per_connection=MAX_SUBSCRIPTIONS_PER_CONNECTION,
+            # Counted by the handlers (websockets.py), which answer with an error code.
+            max_subscriptions_per_connection=None,
         )
         self.backends = backends
         self.auth = auth
