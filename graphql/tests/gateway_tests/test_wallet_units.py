@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
+from typing import Any
+
 import pytest
 
-from gpudeck.gateway.auth import bearer, token_from
+from gpudeck.gateway.auth import Authenticator, Identity, _Entry, bearer, token_from
 from gpudeck.gateway.config import Settings
 from gpudeck.gateway.errors import GatewayError, camel
 from gpudeck.gateway.money import MAX_AMOUNT, convert, format_micro, parse_amount
@@ -168,3 +171,39 @@ def test_a_long_takes_whole_numbers_of_64_bits_only() -> None:
     for bad in (2**63, "5", 5.0, True):
         with pytest.raises(GatewayError):
             parse_long(bad)
+
+
+class SlowWallet(Authenticator):
+    """An Authenticator whose wallet answers when told to (the wallet is not what is tested)."""
+
+    def __init__(self) -> None:
+        super().__init__(backends=None)  # type: ignore[arg-type]
+        self.asked = 0
+        self.answer = asyncio.Event()
+
+    async def _ask(self, token: str) -> Any:
+        self.asked += 1
+        await self.answer.wait()
+        identity = Identity("tok-1", "org-1", "owner", "user-1", "a@b.c", ())
+        return _Entry(self.clock() + 60, identity=identity)
+
+
+async def test_a_lookup_under_way_when_its_token_is_forgotten_is_not_kept() -> None:
+    """A revocation here ends the token's use at once: a lookup begun before it read the token
+    still valid, and its answer was cached for the next seconds."""
+    auth = SlowWallet()
+    before = asyncio.create_task(auth.authenticate("secret"))
+    await asyncio.sleep(0.01)
+    assert auth.asked == 1
+    auth.forget("tok-1")  # revoked while the lookup is under way
+    after = asyncio.create_task(auth.authenticate("secret"))
+    await asyncio.sleep(0.01)
+    assert auth.asked == 2  # the call after it asked again, not joined the stale lookup
+    auth.answer.set()
+    await before
+    await after
+    await auth.authenticate("secret")
+    assert auth.asked == 2  # the second lookup's answer (begun after) is kept
+    auth.forget("tok-1")
+    await auth.authenticate("secret")
+    assert auth.asked == 3

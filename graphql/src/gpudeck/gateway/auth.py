@@ -155,6 +155,7 @@ class Authenticator:
         self._entries: dict[bytes, _Entry] = {}
         self._token_keys: dict[str, bytes] = {}
         self._pending: dict[bytes, asyncio.Task[_Entry]] = {}
+        self._forgets = 0  # forget() calls so far: a lookup begun before one is not kept
 
     async def authenticate(self, token: str | None) -> Identity:
         """The identity of `token`; GatewayError(UNAUTHENTICATED) when it has none."""
@@ -176,10 +177,14 @@ class Authenticator:
         return entry.identity
 
     def forget(self, token_id: str) -> None:
-        """Drop what is cached for the token `token_id` (e.g. it was just revoked here)."""
+        """Drop what is cached for the token `token_id` (e.g. it was just revoked here). A
+        lookup already under way may have read it still valid: its answer goes to those waiting
+        for it but is not kept, and later callers ask again."""
         key = self._token_keys.pop(token_id, None)
         if key is not None:
             self._entries.pop(key, None)
+        self._forgets += 1
+        self._pending.clear()
 
     async def _lookup(self, key: bytes, token: str) -> _Entry:
         """One call to the wallet per token at a time, in a task of its own, so a caller that
@@ -188,12 +193,14 @@ class Authenticator:
         if task is None:
             task = asyncio.create_task(self._ask(token))
             self._pending[key] = task
-            task.add_done_callback(lambda done: self._settle(key, done))
+            begun = self._forgets
+            task.add_done_callback(lambda done: self._settle(key, done, begun))
         return await asyncio.shield(task)
 
-    def _settle(self, key: bytes, task: asyncio.Task[_Entry]) -> None:
-        self._pending.pop(key, None)
-        if not task.cancelled() and task.exception() is None:
+    def _settle(self, key: bytes, task: asyncio.Task[_Entry], begun: int) -> None:
+        if self._pending.get(key) is task:
+            del self._pending[key]
+        if begun == self._forgets and not task.cancelled() and task.exception() is None:
             self._store(key, task.result())
 
     async def _ask(self, token: str) -> _Entry:
