@@ -368,9 +368,10 @@ class Query:
         resolver=resolve_organization,
         description=(
             "The caller's organization (another id is NOT_FOUND). With `displayCurrency` (INR or "
-            "USD) every amount is converted; without it, amounts are shown in the caller's "
-            "preferred display currency (preferences) when a rate converts to it, else in the "
-            "wallet's."
+            "USD) the cards' amounts (wallet, spending, billing, plan, usage) are converted; "
+            "without it, they are shown in the caller's preferred display currency "
+            "(preferences) when a rate converts to it, else in the wallet's. Transactions, "
+            "holds, thresholds, auto top-up and invoices stay in the wallet currency."
         ),
         extensions=require(Member("id")),
     )

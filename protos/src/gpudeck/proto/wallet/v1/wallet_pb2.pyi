@@ -1175,7 +1175,7 @@ class Expenditure(_message.Message):
     CONVERSION_FIELD_NUMBER: _builtins.int
     NEXT_INVOICE_DATE_FIELD_NUMBER: _builtins.int
     next_invoice_date: _builtins.str
-    """YYYY-MM-DD"""
+    """YYYY-MM-DD: as ListInvoicesResponse.next_invoice_date"""
     @_builtins.property
     def current_period(self) -> _money_pb2.Money:
         """this calendar month so far"""
@@ -2359,7 +2359,10 @@ class ListInvoicesResponse(_message.Message):
     INVOICES_FIELD_NUMBER: _builtins.int
     NEXT_INVOICE_DATE_FIELD_NUMBER: _builtins.int
     next_invoice_date: _builtins.str
-    """ListInvoices: YYYY-MM-DD, the first day of next month (UTC)"""
+    """ListInvoices: YYYY-MM-DD (UTC), the 1st of the month after the last one not yet invoiced:
+    today from midnight on the 1st until the month just ended has settled (an hour), else the
+    1st of next month.
+    """
     @_builtins.property
     def invoices(self) -> _containers.RepeatedCompositeFieldContainer[Global___Invoice]:
         """newest period first"""
