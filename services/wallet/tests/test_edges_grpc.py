@@ -1169,7 +1169,9 @@ async def test_a_batch_whose_answer_a_client_cannot_take_posts_nothing(
     assert long.ByteSize() < 4 * 1024 * 1024  # the request itself is taken
     err = await refused(wallet_stub.TransferBatch(long, timeout=60))
     assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert "transfers" in (err.details() or "") and "nothing was posted" in (err.details() or "")
+    assert "transfers" in (err.details() or "") and "this call posted nothing" in (
+        err.details() or ""
+    )
     assert (await summary(wallet_stub, org)).balance.amount == 0
     assert await transactions_of(wallet_stub, org) == []
     del long.transfers[1800:]  # half of it fits

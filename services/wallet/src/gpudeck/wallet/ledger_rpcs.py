@@ -80,7 +80,7 @@ class LedgerRpcs:
                 raise InvalidArgument(
                     f"the answer to these {len(request.transfers)} transfers would be {size:,}"
                     f" bytes, more than the {MAX_ANSWER_BYTES:,} a gRPC client takes by default:"
-                    " send fewer per batch (nothing was posted)",
+                    " send fewer per batch (this call posted nothing)",
                     field="transfers",
                 )
         return response
