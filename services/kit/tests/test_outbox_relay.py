@@ -296,9 +296,12 @@ async def test_relay_started_while_nats_is_down_publishes_once_nats_is_up(
         await relays(bus, poll_interval=0.1)
         sent = [event(schema, str(i)) for i in range(5)]
         await commit(pool, schema, *sent)
-        await asyncio.sleep(1.2)  # long enough for the relay to report its backlog
+        # The relay reports its backlog (within a second; polled: under load it takes longer,
+        # and another relay of this test process may report its own in between).
+        await eventually(
+            lambda: REGISTRY.get_sample_value("gpudeck_outbox_pending_events") == 5, seconds=10
+        )
         assert await outbox_rows(pool, schema) == 5
-        assert REGISTRY.get_sample_value("gpudeck_outbox_pending_events") == 5
 
         await asyncio.to_thread(server.start)
         assert await bus.wait_connected(5)
