@@ -10,6 +10,7 @@ from types import SimpleNamespace
 from typing import Any
 
 import grpc
+import nats
 import pytest
 
 from gpudeck.gateway import view
@@ -162,3 +163,26 @@ def test_an_organization_no_longer_watched_leaves_nothing_behind(live: LiveEvent
         seen.add(live.generation("org-0"))
     assert len(seen) == 7
     assert live._wakes == {} and live.watchers == 0
+
+
+async def test_a_subscription_to_live_events_that_fails_is_tried_again(
+    events_config: EventsConfig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """NATS refusing the subscription once (say, a permission not yet granted) ended the listener
+    silently, and every live view polled every 5 s for good."""
+    failures = [RuntimeError("no permission yet")]
+    subscribe = nats.aio.client.Client.subscribe
+
+    async def flaky(self: nats.aio.client.Client, subject: str, **kwargs: Any) -> Any:
+        if subject == live.subject and failures:
+            raise failures.pop()
+        return await subscribe(self, subject, **kwargs)
+
+    monkeypatch.setattr(nats.aio.client.Client, "subscribe", flaky)
+    live = LiveEvents(events_config, reconnect_wait=0.1)
+    await live.start()
+    try:
+        assert await live.wait_connected(5)
+        assert failures == []
+    finally:
+        await live.close()

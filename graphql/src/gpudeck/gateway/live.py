@@ -194,8 +194,16 @@ class LiveEvents:
     async def _listen(self) -> None:
         """Subscribe once connected; after every reconnection wake the watchers, since events
         may have been missed meanwhile (they re-read, then wait again)."""
-        await self.bus.wait_connected(None)
-        await self.bus.nc.subscribe(self.subject, cb=self._on_message)
+        while True:
+            await self.bus.wait_connected(None)
+            try:
+                await self.bus.nc.subscribe(self.subject, cb=self._on_message)
+                break
+            except Exception as exc:  # say so, and try again: else views poll for good
+                log.warning(
+                    "cannot subscribe to live events; trying again", extra={"error": repr(exc)}
+                )
+                await asyncio.sleep(self.reconnect_wait)
         self._subscribed.set()
         log.info("listening for live events", extra={"subject": self.subject})
         self._wake()
