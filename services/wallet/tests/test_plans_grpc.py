@@ -157,6 +157,24 @@ async def test_an_upgrade_charges_the_fee_and_grants_the_credits(
     assert (got.plan.code, got.available_credits.amount) == ("premium", 60 * USD)
 
 
+async def test_a_plan_renews_today_while_this_month_is_not_paid_yet(
+    wallet_stub: WalletServiceStub, wallet_pool: AsyncConnectionPool, new_org: NewOrg
+) -> None:
+    """After midnight on the 1st the hourly loop has still to renew the plan: it renews today
+    (it said the 1st of next month); once paid, the 1st of next month."""
+    org = await new_org()
+    async with wallet_pool.connection() as conn:  # on Premium, paid in an earlier month
+        await conn.execute("UPDATE organizations SET plan_code = 'premium' WHERE id = %s", (org,))
+    today = datetime.now(UTC).date()
+    got = await wallet_stub.GetPlan(pb.GetPlanRequest(organization_id=str(org)), timeout=TIMEOUT)
+    assert got.renews_on == today.isoformat()
+    await top_up(wallet_stub, org, 1000 * USD)
+    await change(wallet_stub, org, "enterprise")  # paid this month now
+    got = await wallet_stub.GetPlan(pb.GetPlanRequest(organization_id=str(org)), timeout=TIMEOUT)
+    next_month = (today.replace(day=1) + timedelta(days=32)).replace(day=1)
+    assert got.renews_on == next_month.isoformat()
+
+
 async def test_a_retry_with_the_same_key_returns_the_first_answer(
     wallet_stub: WalletServiceStub, new_org: NewOrg
 ) -> None:

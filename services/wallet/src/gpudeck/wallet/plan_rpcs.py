@@ -60,6 +60,7 @@ class PlanRpcs:
             current = await self._plans.status(conn, org)
             grants = await self._plans.credit_grants(conn, org)
             now = await db_now(conn)
+            paid = current.plan.paid and await self._plans.paid_this_month(conn, org, now)
         status = _status(current)
         currency = status.available_credits.currency
         # What the grants hold now: credits past their expiry count no more, swept or not yet.
@@ -73,8 +74,9 @@ class PlanRpcs:
             )
             for g in grants
         )
-        if current.plan.paid:
-            status.renews_on = next_month_start(now.astimezone(UTC).date()).isoformat()
+        if current.plan.paid:  # today while this month's renewal is still due (after midnight)
+            today = now.astimezone(UTC).date()
+            status.renews_on = (next_month_start(today) if paid else today).isoformat()
         return status
 
     async def ChangePlan(self, request: pb.ChangePlanRequest, context: Ctx) -> pb.PlanStatus:

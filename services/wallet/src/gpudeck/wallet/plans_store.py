@@ -268,6 +268,18 @@ class PlanStore:
         )
         return await cur.fetchone() is not None
 
+    async def paid_this_month(self, conn: Conn, organization_id: uuid.UUID, now: datetime) -> bool:
+        """Whether the organization paid for a plan in the month of `now` (else its renewal is
+        due: the hourly loop charges it)."""
+        keys = await self._month_keys(conn, billing_month(now))
+        cur = await conn.execute(
+            "SELECT EXISTS (SELECT 1 FROM transactions WHERE organization_id = %s"
+            " AND idempotency_key = ANY(%s))",
+            (organization_id, keys),
+        )
+        row = await cur.fetchone()
+        return bool(row and row[0])
+
     async def _month_keys(self, conn: Conn, month: str) -> list[str]:
         """The ledger keys of every plan's fee and credits for `month`."""
         cur = await conn.execute("SELECT code FROM plans ORDER BY code")
