@@ -15,6 +15,7 @@ from psycopg_pool import AsyncConnectionPool
 
 from gpudeck.kit.config import EventsConfig
 from gpudeck.kit.errors import Conflict
+from gpudeck.kit.events import parse_event
 from gpudeck.kit.grpcclient import channel
 from gpudeck.proto.common.v1.money_pb2 import Money
 from gpudeck.proto.wallet.v1 import account_pb2
@@ -23,7 +24,8 @@ from gpudeck.proto.wallet.v1.account_pb2_grpc import AccountServiceStub
 from gpudeck.proto.wallet.v1.wallet_pb2_grpc import WalletServiceStub
 from gpudeck.wallet import audit
 from gpudeck.wallet.deps import Wallet
-from gpudeck.wallet.ledger import SpendLine
+from gpudeck.wallet.ledger import Kind, SpendLine, TransferRequest
+from gpudeck.wallet.ledger_store import db_now
 from gpudeck.wallet.metering import MeterRequest, in_transfers, owed
 
 NewOrg = Callable[..., Awaitable[uuid.UUID]]
@@ -326,3 +328,47 @@ async def test_a_rate_change_is_one_request_per_key(
             )
         )
     assert err.value.code() == grpc.StatusCode.ABORTED
+
+
+@pytest.mark.parametrize("change", ["cut", "close"])
+async def test_cutting_or_closing_a_meter_announces_no_depletion_that_never_was(
+    wallet_pool: AsyncConnectionPool, new_org: NewOrg, change: str
+) -> None:
+    """The settling charge was checked at the old run rate: cutting a $360/h meter to $36/h
+    (or closing it) on $1.20 announced `depleted` (compute pauses on it), then `recovered`."""
+    wallet = Wallet(wallet_pool)
+    org = await new_org()
+    async with wallet_pool.connection() as conn, conn.transaction():
+        [topped] = await wallet.ledger.post_transfers(
+            conn, [TransferRequest(uuid.uuid4().hex, org, Kind.TOPUP, 1_200_000)]
+        )
+        assert topped.error is None
+    async with wallet_pool.connection() as conn, conn.transaction():  # one transaction: the
+        now = await db_now(conn)  # outbox is read before the relay takes it
+        await wallet.meters.open(
+            conn, MeterRequest(f"pod:{uuid.uuid4()}", org, "pod-1", "pod", 360_000_000,
+                               at=now - timedelta(seconds=5)),
+        )  # fmt: skip
+        [meter_id] = [
+            row[0]
+            for row in await (
+                await conn.execute("SELECT id FROM meters WHERE organization_id = %s", (org,))
+            ).fetchall()
+        ]
+        # $0.50 owed: $0.70 left, 7 s at $360/h (under the 10 s of depletion), 70 s at $36/h.
+        if change == "cut":
+            await wallet.meters.update_rate(conn, meter_id, 36_000_000, None, "cut")
+        else:
+            await wallet.meters.close(conn, meter_id)
+        cur = await conn.execute(
+            "SELECT data FROM outbox WHERE type LIKE 'wallet.balance.%%'"
+            " AND type <> 'wallet.balance.changed'"
+        )
+        found = [parse_event(bytes(row[0])) for row in await cur.fetchall()]
+        edges = [e.type for e in found if e.organization_id == str(org)]
+        cur = await conn.execute(
+            "SELECT balance, level FROM wallets WHERE organization_id = %s", (org,)
+        )
+        state = await cur.fetchone()
+    assert state == (700_000, "ok")
+    assert edges == []

@@ -151,13 +151,15 @@ class MeterStore:
         if meter.hourly_rate == hourly_rate:
             return meter
         at = _in_segment(at, now, meter.segment_started_at)
+        # The run rate first: the settling charge's level check is of the wallet as it is after
+        # the change (at the old rate, a cut could announce a depletion that never was).
+        await self._add_run_rate(conn, meter.organization_id, hourly_rate - meter.hourly_rate, now)
         await self._settle(conn, meter, at, now)
         await conn.execute(
             "UPDATE meters SET hourly_rate = %s, segment_started_at = %s, segment_charged = 0,"
             " billed_until = %s WHERE id = %s",
             (hourly_rate, at, at, meter_id),
         )
-        await self._add_run_rate(conn, meter.organization_id, hourly_rate - meter.hourly_rate, now)
         updated = await self.get(conn, meter_id)
         await self.outbox.add(conn, self._event("wallet.meter.updated", updated))
         await self.ledger.refresh_levels(conn, [meter.organization_id], now)
@@ -169,11 +171,11 @@ class MeterStore:
         if meter.closed_at is not None:
             return meter
         at = _in_segment(at, now, meter.segment_started_at)
-        await self._settle(conn, meter, at, now)
+        await self._add_run_rate(conn, meter.organization_id, -meter.hourly_rate, now)  # first:
+        await self._settle(conn, meter, at, now)  # see _change_rate
         await conn.execute(
             "UPDATE meters SET closed_at = %s, billed_until = %s WHERE id = %s", (at, at, meter_id)
         )
-        await self._add_run_rate(conn, meter.organization_id, -meter.hourly_rate, now)
         closed = await self.get(conn, meter_id)
         await self.outbox.add(conn, self._event("wallet.meter.closed", closed))
         await self.ledger.refresh_levels(conn, [meter.organization_id], now)
