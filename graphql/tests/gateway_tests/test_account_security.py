@@ -266,6 +266,10 @@ async def test_retried_member_and_project_changes_answer_as_the_first_time(gql, 
     theirs = {"org": other.id, "id": kept["createProject"]["id"], "key": "x"}
     error = await gql.error(KEYED_DELETE_PROJECT, theirs, token=other.token)
     assert error["extensions"]["code"] == "NOT_FOUND"
+    # With a key the project's organization used: still NOT_FOUND (it was CONFLICT, telling
+    # the caller the project exists and which keys its organization used).
+    used = await gql.error(KEYED_DELETE_PROJECT, {**theirs, "key": "delete-1"}, token=other.token)
+    assert used["extensions"]["code"] == "NOT_FOUND"
     projects = await gql.data("query($id: ID!) { organization(id: $id) { projects { name } } }",
                               {"id": org.id}, token=org.token)  # fmt: skip
     assert {"name": "kept"} in projects["organization"]["projects"]

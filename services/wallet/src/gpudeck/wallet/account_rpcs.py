@@ -303,14 +303,15 @@ class AccountServicer(account_pb2_grpc.AccountServiceServicer):
         owner = convert.optional_id(request.organization_id, "organization_id")
 
         async def delete() -> pb.Project:
-            if owner is not None:
-                found = await self.accounts.get_project(conn, project_id)
-                if found.organization_id != owner:
-                    raise NotFound(f"project {project_id} not found", field="project_id")
             return project(await self.accounts.delete_project(conn, project_id))
 
         async with self.wallet.pool.connection() as conn, conn.transaction():
-            scope = await self._project_scope(conn, project_id)
+            # Another organization's project is NOT_FOUND before its keys are looked at (or its
+            # wallet locked): a key taken there must not tell the caller the project exists.
+            found = await self.accounts.get_project(conn, project_id, deleted=True)
+            if owner is not None and found.organization_id != owner:
+                raise NotFound(f"project {project_id} not found", field="project_id")
+            scope = f"org:{found.organization_id}"
             deleted = await once(conn, scope, request, pb.Project, delete)
         self.wallet.ledger.projects.deleted(project_id)  # this process stops trusting it at once
         return deleted
