@@ -7,7 +7,9 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
+import psycopg
 import pytest
+from psycopg.conninfo import make_conninfo
 from psycopg_pool import AsyncConnectionPool
 
 import gpudeck.wallet
@@ -33,6 +35,28 @@ async def wallet_pool(database_url: str) -> AsyncIterator[AsyncConnectionPool]:
     await migrate(pool, "wallet", MIGRATIONS)
     yield pool
     await pool.close()
+
+
+@pytest.fixture(scope="module")
+async def own_wallet_pool(
+    pg_server_url: str, run_id: str, request: pytest.FixtureRequest
+) -> AsyncIterator[AsyncConnectionPool]:
+    """A database of the test module's own, with the wallet schema: for tests that change what
+    the run's other tests rely on (the demo organization, balances set by hand)."""
+    name = f"gpudeck_test_{run_id}_{request.module.__name__.rsplit('.', 1)[-1]}"[:63]
+    with psycopg.connect(pg_server_url, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    pool = await open_pool(
+        make_conninfo(pg_server_url, dbname=name), min_size=1, max_size=8, schema="wallet"
+    )
+    try:
+        await migrate(pool, "wallet", KIT_MIGRATIONS, table="kit_migrations")
+        await migrate(pool, "wallet", MIGRATIONS)
+        yield pool
+    finally:
+        await pool.close()
+        with psycopg.connect(pg_server_url, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 @pytest.fixture

@@ -12,19 +12,14 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 
-import psycopg
 import pytest
-from psycopg.conninfo import make_conninfo
 from psycopg_pool import AsyncConnectionPool
 
-from gpudeck.kit.db import migrate, open_pool
 from gpudeck.kit.errors import FailedPrecondition
-from gpudeck.kit.runtime import KIT_MIGRATIONS
 from gpudeck.wallet.deps import Wallet as Deps
 from gpudeck.wallet.ledger import BALANCE_LIMIT, Account, Book, Kind, TransferRequest, Wallet
-from gpudeck.wallet.service import SPEC
 
 USD = 1_000_000
 NewOrg = Callable[..., Awaitable[uuid.UUID]]
@@ -61,22 +56,9 @@ def test_the_planner_refuses_a_balance_past_the_limit_and_moves_nothing(
 
 
 @pytest.fixture(scope="module")
-async def wallet_pool(pg_server_url: str, run_id: str) -> AsyncIterator[AsyncConnectionPool]:
+def wallet_pool(own_wallet_pool: AsyncConnectionPool) -> AsyncConnectionPool:
     """This module's own database (overrides the run's `wallet_pool`, so `new_org` uses it)."""
-    name = f"gpudeck_test_{run_id}_limit"
-    with psycopg.connect(pg_server_url, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    pool = await open_pool(
-        make_conninfo(pg_server_url, dbname=name), min_size=1, max_size=8, schema="wallet"
-    )
-    try:
-        await migrate(pool, "wallet", KIT_MIGRATIONS, table="kit_migrations")
-        await migrate(pool, "wallet", SPEC.migrations)
-        yield pool
-    finally:
-        await pool.close()
-        with psycopg.connect(pg_server_url, autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    return own_wallet_pool
 
 
 async def _near_the_limit(pool: AsyncConnectionPool, new_org: NewOrg, room: int) -> uuid.UUID:

@@ -7,6 +7,7 @@ replicas starting together seed once; every start may run it.
 from __future__ import annotations
 
 import hashlib
+import logging
 import uuid
 
 from psycopg_pool import AsyncConnectionPool
@@ -23,6 +24,7 @@ DEMO_EMAIL = "demo@gpudeck.local"
 DEMO_TOPUP = 100_000_000
 DEMO_CREDITS = 25_000_000
 DEMO_USD_INR = "84.0"
+log = logging.getLogger(__name__)
 SEED_LOCK = int.from_bytes(hashlib.sha256(b"gpudeck.wallet.demo").digest()[:8], "big", signed=True)
 
 
@@ -32,6 +34,16 @@ async def seed(pool: AsyncConnectionPool, *, bootstrap_token: str | None) -> Non
     accounts = AccountStore(ledger.outbox)
     async with pool.connection() as conn, conn.transaction():
         await conn.execute("SELECT pg_advisory_xact_lock(%s)", (SEED_LOCK,))
+        cur = await conn.execute(
+            "SELECT 1 FROM organizations WHERE id = %s AND deleted_at IS NOT NULL",
+            (DEMO_ORGANIZATION_ID,),
+        )
+        if await cur.fetchone() is not None:  # its id stays taken: start without it
+            log.warning(
+                "the demo organization was deleted: not seeded again, and the bootstrap token"
+                " (which belonged to it) does not work; use another organization's token"
+            )
+            return
         if await accounts.find_organization(conn, DEMO_ORGANIZATION_ID) is None:
             demo = NewOrganization(
                 name="Demo Organization",
