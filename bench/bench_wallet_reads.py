@@ -198,10 +198,11 @@ GROUP BY 1, 2
 """
 USAGE_HOURLY = """
 INSERT INTO usage_hourly (organization_id, hour, meter, model, provider, region, api, calls,
-                          errors, quantity, cost, latency_ms_sum)
+                          errors, quantity, cost, latency_ms_sum, latency_calls)
 SELECT organization_id, date_trunc('hour', at), meter, dimensions->>'model',
        dimensions->>'provider', dimensions->>'region', dimensions->>'api', count(*),
-       count(*) FILTER (WHERE NOT success), sum(quantity), sum(cost), sum(latency_ms)
+       count(*) FILTER (WHERE NOT success), sum(quantity), sum(cost), sum(latency_ms),
+       count(*) FILTER (WHERE latency_ms > 0)
 FROM usage_events WHERE organization_id = %(org)s
 GROUP BY 1, 2, 3, 4, 5, 6, 7
 """

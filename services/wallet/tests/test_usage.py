@@ -98,8 +98,11 @@ def test_hourly_counts_cover_48_hours_with_zeros() -> None:
 
 def test_success_rate_and_latency_without_calls_are_unset() -> None:
     assert Calls().success_rate is None and Calls().average_latency_ms is None
-    assert Calls(4, 1, 400).success_rate == 0.75
-    assert Calls(4, 1, 400).average_latency_ms == 100.0
+    assert Calls(4, 1, 400, 4).success_rate == 0.75
+    assert Calls(4, 1, 400, 4).average_latency_ms == 100.0
+    # Over the calls that measured a latency only: 0 ms is "not measured" (a per-token meter).
+    assert Calls(4, 1, 400, 2).average_latency_ms == 200.0
+    assert Calls(4, 1, 0, 0).average_latency_ms is None
 
 
 def test_breakdown_splits_combinations_per_dimension() -> None:
@@ -291,6 +294,9 @@ async def test_usage_analytics(
             (hour - timedelta(hours=30), "model-c", 20.0, 6, 6),  # 48 h, not 24 h
             (hour - timedelta(days=10), "model-c", 9000.0, 1, 0),  # 30 days
             (hour - timedelta(days=40), "model-d", 99999.0, 1, 0),  # all time only
+            # Dated ahead (clocks differ): it counted in today's and the last 24 hours' figures
+            # before its day and hour came.
+            (hour + timedelta(days=1), "model-e", 77.0, 5, 0),
         ]:
             await conn.execute(
                 "INSERT INTO usage_hourly (organization_id, hour, meter, model, provider, calls,"
@@ -304,6 +310,7 @@ async def test_usage_analytics(
     )
     today = {(u.value, u.quantity, u.cost.amount, u.calls, u.errors) for u in a.today_by_model}
     assert {("model-a", 1500.0, 3000, 2, 0), ("model-b", 2000.0, 4000, 1, 1)} <= today
+    assert "model-e" not in {u.value for u in a.today_by_model}
     if (hour - timedelta(hours=5)).date() == now.date():
         assert a.today_quantity == 3510.0
     else:
@@ -314,7 +321,8 @@ async def test_usage_analytics(
     ]
     assert a.calls_24h == 3 + 4
     assert a.success_rate_24h == pytest.approx((7 - 2) / 7)
-    assert a.average_latency_ms_24h == pytest.approx(600 / 7)
+    # Over the three that measured one (it counted all seven, the others as 0 ms).
+    assert a.average_latency_ms_24h == pytest.approx(600 / 3)
     assert len(a.hourly_48h) == 48
     by_hour = {h.hour: (h.success, h.errors) for h in a.hourly_48h}
     iso = lambda t: t.isoformat().replace("+00:00", "Z")  # noqa: E731

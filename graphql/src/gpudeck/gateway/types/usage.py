@@ -100,9 +100,16 @@ class Usage:
     top_models: list[DimensionUsage] = strawberry.field(
         description="The top models by quantity over the last 30 days."
     )
-    calls_24h: Long
-    success_rate_24h: float | None
-    average_latency_ms_24h: float | None
+    calls_24h: Long = strawberry.field(
+        description="Calls in the last 24 hours: the hour in progress and the 23 before it."
+    )
+    success_rate_24h: float | None = strawberry.field(
+        description="0 to 1, over the same calls; null without any."
+    )
+    average_latency_ms_24h: float | None = strawberry.field(
+        description="Over the same calls that measured a latency (latencyMs above 0); null "
+        "without any."
+    )
     hourly_48h: list[HourCount]
     all_time: list[DimensionUsage]
     recent: list[UsageRecord]

@@ -182,11 +182,13 @@ class HourCount:
 
 @dataclass(frozen=True)
 class Calls:
-    """Calls in a window: how many, how many failed, their summed latency."""
+    """Calls in a window: how many, how many failed, the summed latency of those that measured
+    one (latency_ms > 0: 0 means not measured, e.g. a per-token meter), and how many did."""
 
     calls: int = 0
     errors: int = 0
     latency_ms_sum: int = 0
+    latency_calls: int = 0
 
     @property
     def success_rate(self) -> float | None:
@@ -195,7 +197,8 @@ class Calls:
 
     @property
     def average_latency_ms(self) -> float | None:
-        return self.latency_ms_sum / self.calls if self.calls else None
+        """Over the calls that measured a latency; None without any."""
+        return self.latency_ms_sum / self.latency_calls if self.latency_calls else None
 
 
 def hourly(counts: Mapping[datetime, tuple[int, int]], now: datetime) -> list[HourCount]:

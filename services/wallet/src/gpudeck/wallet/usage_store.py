@@ -51,30 +51,35 @@ RETURNING event_id
 """
 ROLL_UP = """
 INSERT INTO usage_hourly AS u (organization_id, hour, meter, model, provider, region, api,
-                               calls, errors, quantity, cost, latency_ms_sum)
-VALUES (%s, %s, %s, %s, %s, %s, %s, 1, %s, %s, %s, %s)
+                               calls, errors, quantity, cost, latency_ms_sum, latency_calls)
+VALUES (%s, %s, %s, %s, %s, %s, %s, 1, %s, %s, %s, %s, %s)
 ON CONFLICT (organization_id, hour, meter, model, provider, region, api) DO UPDATE
 SET calls = u.calls + 1, errors = u.errors + excluded.errors,
     quantity = u.quantity + excluded.quantity, cost = u.cost + excluded.cost,
-    latency_ms_sum = u.latency_ms_sum + excluded.latency_ms_sum
+    latency_ms_sum = u.latency_ms_sum + excluded.latency_ms_sum,
+    latency_calls = u.latency_calls + excluded.latency_calls
 """
 # Per meter and model over 30 days, with today's part: the widgets from one pass over the daily
-# rollup (at most 30 rows per model and meter).
+# rollup (at most 30 rows per model and meter). Events dated a little ahead (clocks differ; see
+# usage.validate) count when their day, or hour, comes.
 MODELS = """
 SELECT meter, model,
-       coalesce(sum(quantity) FILTER (WHERE day >= %(today)s), 0),
-       coalesce(sum(cost) FILTER (WHERE day >= %(today)s), 0)::bigint,
-       coalesce(sum(calls) FILTER (WHERE day >= %(today)s), 0)::bigint,
-       coalesce(sum(errors) FILTER (WHERE day >= %(today)s), 0)::bigint,
+       coalesce(sum(quantity) FILTER (WHERE day = %(today)s), 0),
+       coalesce(sum(cost) FILTER (WHERE day = %(today)s), 0)::bigint,
+       coalesce(sum(calls) FILTER (WHERE day = %(today)s), 0)::bigint,
+       coalesce(sum(errors) FILTER (WHERE day = %(today)s), 0)::bigint,
        sum(quantity), sum(cost)::bigint, sum(calls)::bigint, sum(errors)::bigint
 FROM usage_daily
-WHERE organization_id = %(org)s AND day >= %(since)s AND (%(meter)s = '' OR meter = %(meter)s)
+WHERE organization_id = %(org)s AND day BETWEEN %(since)s AND %(today)s
+  AND (%(meter)s = '' OR meter = %(meter)s)
 GROUP BY meter, model
 """
 HOURS = """
-SELECT hour, sum(calls)::bigint, sum(errors)::bigint, sum(latency_ms_sum)::bigint
+SELECT hour, sum(calls)::bigint, sum(errors)::bigint, sum(latency_ms_sum)::bigint,
+       sum(latency_calls)::bigint
 FROM usage_hourly
-WHERE organization_id = %(org)s AND hour >= %(since)s AND (%(meter)s = '' OR meter = %(meter)s)
+WHERE organization_id = %(org)s AND hour BETWEEN %(since)s AND %(last_hour)s
+  AND (%(meter)s = '' OR meter = %(meter)s)
 GROUP BY hour
 """
 # Per dimension and value: one row each per meter in the all-time totals.
@@ -150,7 +155,8 @@ class UsageStore:
         await conn.execute(
             ROLL_UP,
             (event.organization_id, hour_start(at), event.meter, *event.rollup_dimensions(),
-             0 if event.success else 1, event.quantity, cost, event.latency_ms),
+             0 if event.success else 1, event.quantity, cost, event.latency_ms,
+             1 if event.latency_ms > 0 else 0),
         )  # fmt: skip
         record = await self.get(conn, event.event_id)
         assert record is not None
@@ -244,16 +250,18 @@ async def _models(
 async def _hours(
     conn: Conn, args: Args, now: datetime
 ) -> tuple[dict[datetime, tuple[int, int]], Calls]:
-    """Calls and errors per hour over 48 hours, and the calls of the last 24 of them."""
+    """Calls and errors per hour over 48 hours, and the calls of the last 24 of them (the hour
+    in progress and the 23 before it)."""
     last_hour = hour_start(now)
-    cur = await conn.execute(HOURS, {**args, "since": last_hour - timedelta(hours=HOURS_SHOWN - 1)})
+    since = last_hour - timedelta(hours=HOURS_SHOWN - 1)
+    cur = await conn.execute(HOURS, {**args, "since": since, "last_hour": last_hour})
     counts: dict[datetime, tuple[int, int]] = {}
-    calls, errors, latency = 0, 0, 0
-    for hour, n, e, lat in await cur.fetchall():
+    calls, errors, latency, timed = 0, 0, 0, 0
+    for hour, n, e, lat, t in await cur.fetchall():
         counts[hour] = (n, e)
         if hour > last_hour - timedelta(hours=24):
-            calls, errors, latency = calls + n, errors + e, latency + lat
-    return counts, Calls(calls, errors, latency)
+            calls, errors, latency, timed = calls + n, errors + e, latency + lat, timed + t
+    return counts, Calls(calls, errors, latency, timed)
 
 
 async def _all_time(conn: Conn, args: Args) -> tuple[DimensionUsage, ...]:

@@ -857,6 +857,7 @@ class RecordUsageRequest(_message.Message):
     """micro-units per 1,000,000 units of quantity"""
     success: _builtins.bool
     latency_ms: _builtins.int
+    """0: not measured (left out of average latencies)"""
     @_builtins.property
     def dimensions(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
         """model, provider, region, api …"""
@@ -1595,9 +1596,11 @@ class UsageAnalytics(_message.Message):
     today_quantity: _builtins.float
     """every meter's quantity added up: ask for one meter for one unit"""
     calls_24h: _builtins.int
+    """The last 24 hours: the hour in progress and the 23 before it (hourly rollups)."""
     success_rate_24h: _builtins.float
     """0..1; unset with no calls"""
     average_latency_ms_24h: _builtins.float
+    """Over the calls that measured a latency (latency_ms > 0); unset without any."""
     @_builtins.property
     def today_cost(self) -> _money_pb2.Money: ...
     @_builtins.property
