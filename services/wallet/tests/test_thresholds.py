@@ -367,13 +367,17 @@ class LosingStore(LedgerStore):
         await super().refresh_levels(conn, organization_ids, now, **kw)
 
 
-@pytest.mark.parametrize("found_by", ["the retry", "a grouped retry", "the sweep"])
+@pytest.mark.parametrize(
+    "found_by", ["the retry", "a grouped retry", "the sweep", "the sweep, after a round"]
+)
 async def test_a_level_check_lost_after_the_commit_is_made_good(
     wallet_pool: AsyncConnectionPool, new_org: Callable[..., Awaitable[uuid.UUID]], found_by: str
 ) -> None:
     """The fast path commits a transfer, then checks the wallet's level (edge events, auto
     top-up) in a second step. Lost, that step used to be lost for good: a retry was a replay,
-    and nothing else looked again. Now the retry does, and so does the announcer's sweep."""
+    and nothing else looked again. Now the retry does, and so does the announcer's sweep, even
+    after the announcer's rounds went on meanwhile (they announced the wallet unchecked, and
+    the sweep passed it by)."""
     ledger = LosingStore()
     thresholds = ThresholdStore(ledger)
     org = await new_org()
@@ -382,6 +386,7 @@ async def test_a_level_check_lost_after_the_commit_is_made_good(
     async with wallet_pool.connection() as conn, conn.transaction():
         await thresholds.set_thresholds(conn, org, Thresholds(warning_amount=50 * USD))
         await thresholds.set_auto_topup(conn, org, enabled=True, below=50 * USD, amount=10 * USD)
+    ledger.take_changed()  # the set-up's changes announced, as the announcer's rounds do
     ledger.armed = True
     charge = TransferRequest("c1", org, Kind.CHARGE, 60 * USD, resource_type="pod")
 
@@ -409,17 +414,24 @@ async def test_a_level_check_lost_after_the_commit_is_made_good(
         return row[0], row[1]
 
     assert await state() == ("ok", 0)  # committed, but its edge not seen
-    if found_by != "the sweep":
+    if not found_by.startswith("the sweep"):
         await post()
     else:
-        async with wallet_pool.connection() as conn:
-            await conn.execute(
-                "UPDATE wallet_announcements SET announced_at = now() - interval '2 seconds'"
-                " WHERE organization_id = %s",
-                (org,),
-            )
+
+        async def due_now() -> None:
+            async with wallet_pool.connection() as conn:
+                await conn.execute(
+                    "UPDATE wallet_announcements SET announced_at = now() - interval '2 seconds'"
+                    " WHERE organization_id = %s",
+                    (org,),
+                )
+
         wallet = Wallet(wallet_pool)
         wallet.ledger = ledger
+        if found_by == "the sweep, after a round":  # the process lives on: rounds go on
+            await due_now()
+            await announce_balances(wallet)
+        await due_now()
         await announce_balances(wallet, sweep=True)
     assert await state() == ("warning", 1)
 

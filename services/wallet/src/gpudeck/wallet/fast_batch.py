@@ -164,7 +164,6 @@ async def post_fast(
         else:
             error = _refusal(status, request, org_currencies[k], afters[n])
             outcomes[i] = Outcome(error=error)
-    store.mark_changed(orgs[k] for k in touched)
     if replays:
         stored = await store.load_transactions(conn, list(replays.values()))
         for i, tx_id in replays.items():
@@ -185,6 +184,7 @@ async def post_fast(
         actors = {requests[i].organization_id: requests[i].actor for i in fast}  # the last
         async with conn.transaction():  # a savepoint in the caller's, or its own
             await store.refresh_levels(conn, moved, created_at, actors=actors)
+    store.mark_changed(orgs[k] for k in touched)  # once their levels are checked: see post_one
     return sorted(deferred.union(rest))
 
 

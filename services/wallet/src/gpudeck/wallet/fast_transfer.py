@@ -88,12 +88,14 @@ async def post_one(store: LedgerStore, conn: Conn, request: TransferRequest) -> 
         async with conn.transaction():
             await store.refresh_levels(conn, [request.organization_id], actors=by)
         return (await store.load_transactions(conn, [tx_id]))[tx_id]
-    store.mark_changed([request.organization_id])
     thresholds = Thresholds(wa, ca, wh, ch)
     new_level = level_for(balance, rate, thresholds, store.policy.depletion_seconds)
     if new_level != level or (below and balance < below):
         async with conn.transaction():
             await store.refresh_levels(conn, [request.organization_id], created_at, actors=by)
+    # Noted for the announcer once its level is checked: a check lost after the commit (the
+    # connection dropped) leaves the wallet to the sweep, which checks it before announcing.
+    store.mark_changed([request.organization_id])
     postings = tuple(
         PostingView(c, a, b, f) for c, a, b, f in zip(codes, amounts, befores, afters, strict=True)
     )
