@@ -21,6 +21,7 @@ from test_edges_grpc import usage_request, wallet_events
 from gpudeck.kit.config import EventsConfig
 from gpudeck.kit.events import parse_event
 from gpudeck.proto.common.v1.money_pb2 import Money
+from gpudeck.proto.wallet.v1 import events_pb2
 from gpudeck.proto.wallet.v1 import wallet_pb2 as pb
 from gpudeck.proto.wallet.v1.wallet_pb2_grpc import WalletServiceStub
 from gpudeck.wallet.alerts import Thresholds
@@ -252,6 +253,51 @@ async def test_a_failed_top_up_adds_nothing_and_the_rule_may_fire_again(
     assert await balance(wallet_stub, org) == 3 * USD
     await transfer(wallet_stub, org, pb.CHARGE, 1 * USD)
     assert [s for _, s in await pending_ids(wallet_pool, org)] == ["failed", "pending"]
+
+
+async def test_an_expired_top_up_paid_late_cancels_the_one_requested_in_its_place(
+    wallet_stub: WalletServiceStub, wallet_pool: AsyncConnectionPool, new_org: NewOrg,
+    events_config: EventsConfig,
+) -> None:  # fmt: skip
+    """A payment slower than the timeout: the rule fired again, and both payments were credited
+    ($3 + $20 + $20 for one crossing of "below $5 add $20")."""
+    org = await new_org("USD")
+    await transfer(wallet_stub, org, pb.TOPUP, 3 * USD)
+    await wallet_stub.SetAutoTopUp(
+        pb.SetAutoTopUpRequest(organization_id=str(org), enabled=True, below=5 * USD,
+                               amount=20 * USD), timeout=5,
+    )  # fmt: skip
+    [(first, _)] = await pending_ids(wallet_pool, org)
+    async with wallet_pool.connection() as conn:  # no answer in time
+        await conn.execute(
+            "UPDATE pending_topups SET created_at = created_at - interval '2 hours'"
+            " WHERE organization_id = %s",
+            (org,),
+        )
+    deadline = time.monotonic() + 10  # the housekeeping loop expires it and asks again
+    while [s for _, s in await pending_ids(wallet_pool, org)] != ["expired", "pending"]:
+        assert time.monotonic() < deadline, await pending_ids(wallet_pool, org)
+        await asyncio.sleep(0.1)
+    second = (await pending_ids(wallet_pool, org))[1][0]
+    paid = await wallet_stub.CompleteTopUp(
+        pb.CompleteTopUpRequest(pending_top_up_id=str(first), succeeded=True), timeout=5
+    )
+    assert paid.status == "completed"
+    assert [s for _, s in await pending_ids(wallet_pool, org)] == ["completed", "cancelled"]
+    assert await balance(wallet_stub, org) == 23 * USD
+    cancelled = await wallet_events(
+        events_config, org, lambda found: any(e.type.endswith("cancelled") for e in found)
+    )
+    [called_off] = [e for e in cancelled if e.type == "wallet.autotopup.cancelled"]
+    payload = events_pb2.AutoTopUpRequested()
+    assert called_off.payload.Unpack(payload) and payload.pending_top_up_id == str(second)
+    # Its payment taken all the same: credited (the customer paid), once.
+    for _ in range(2):
+        done = await wallet_stub.CompleteTopUp(
+            pb.CompleteTopUpRequest(pending_top_up_id=str(second), succeeded=True), timeout=5
+        )
+        assert done.status == "completed"
+    assert await balance(wallet_stub, org) == 43 * USD
 
 
 async def test_three_failed_top_ups_in_a_row_turn_the_rule_off_until_it_is_saved_again(

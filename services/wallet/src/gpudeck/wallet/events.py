@@ -203,6 +203,17 @@ def auto_topup_disabled(organization_id: uuid.UUID, reason: str, failures: int) 
     return _event("wallet.autotopup.disabled", payload, organization_id, actor="system")
 
 
+def auto_topup_cancelled(
+    organization_id: uuid.UUID, pending_id: uuid.UUID, amount: int, currency: str
+) -> Event:
+    """A requested top-up called off: the payment side should not take it (one it still
+    completes is credited)."""
+    payload = pb.AutoTopUpRequested(
+        pending_top_up_id=str(pending_id), amount=money(amount, currency)
+    )
+    return _event("wallet.autotopup.cancelled", payload, organization_id, actor="system")
+
+
 def auto_topup_requested(
     organization_id: uuid.UUID, pending_id: uuid.UUID, amount: int, currency: str
 ) -> Event:

@@ -160,9 +160,10 @@ class ThresholdStore:
         found = await cur.fetchone()
         assert found is not None
         pending = PendingTopUp(*found)
-        if pending.status == "expired" and not succeeded:
-            return pending  # it failed already, by timing out: nothing to add
-        if pending.status not in ("pending", "expired"):
+        late = pending.status in ("expired", "cancelled")  # a success is credited all the same
+        if late and not succeeded:
+            return pending  # it failed already, by timing out (or was called off): nothing to add
+        if pending.status not in ("pending", "expired", "cancelled"):
             if pending.status == ("completed" if succeeded else "failed"):
                 return pending
             raise FailedPrecondition(
@@ -204,9 +205,29 @@ class ThresholdStore:
             await conn.execute(
                 "UPDATE auto_topups SET failures = 0 WHERE organization_id = %s", (organization_id,)
             )
+            if pending.status == "expired":
+                await self._cancel_requested_since(conn, organization_id, now)
         elif pending.status == "pending":
             await self._count_failures(conn, [organization_id])
         return PendingTopUp(*done)
+
+    async def _cancel_requested_since(
+        self, conn: Conn, organization_id: uuid.UUID, now: datetime
+    ) -> None:
+        """An expired top-up succeeded after all: the request made in its place (the rule fired
+        again) is cancelled, and the payment side told, so one crossing adds its amount once."""
+        cur = await conn.execute(
+            "UPDATE pending_topups SET status = 'cancelled', resolved_at = %s"
+            " WHERE organization_id = %s AND status = 'pending' RETURNING id, amount, currency",
+            (now, organization_id),
+        )
+        await self.ledger.outbox.add_many(
+            conn,
+            [
+                events.auto_topup_cancelled(organization_id, pending_id, amount, currency)
+                for pending_id, amount, currency in await cur.fetchall()
+            ],
+        )
 
     async def fail_stale_topups(self, conn: Conn, older_than_seconds: float) -> int:
         """Expire the automatic top-ups still pending after `older_than_seconds` (the payment

@@ -199,7 +199,9 @@ Global___MeterChanged: _TypeAlias = MeterChanged  # noqa: Y015
 
 @_typing.final
 class AutoTopUpRequested(_message.Message):
-    """wallet.autotopup.requested"""
+    """wallet.autotopup.requested; also wallet.autotopup.cancelled: a request called off (an earlier
+    one, expired, succeeded after all): the payment side should not take it
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 

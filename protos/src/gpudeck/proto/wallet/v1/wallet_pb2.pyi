@@ -1991,8 +1991,9 @@ class PendingTopUp(_message.Message):
     id: _builtins.str
     organization_id: _builtins.str
     status: _builtins.str
-    """pending, completed, failed, or expired (no answer in time: counted as a failure, but a
-    success reported later is still credited).
+    """pending, completed, failed, expired (no answer in time: counted as a failure, but a
+    success reported later is still credited, and cancels the request made in its place), or
+    cancelled (so called off; a success reported for it all the same is credited).
     """
     transaction_id: _builtins.str
     @_builtins.property
