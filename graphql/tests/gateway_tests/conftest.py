@@ -11,11 +11,13 @@ organization and its owner token.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import psycopg
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 from grpc_health.v1 import health_pb2
@@ -256,3 +258,22 @@ class Gql:
 @pytest.fixture
 def gql(wallet_gateway: TestClient) -> Gql:
     return Gql(wallet_gateway)
+
+
+@pytest.fixture
+def no_rate_in_effect(database_url: str) -> Callable[[], contextlib.AbstractContextManager[None]]:
+    """A block in which no exchange rate is in effect (all dated a century ahead, then back)."""
+
+    @contextlib.contextmanager
+    def block() -> Iterator[None]:
+        with psycopg.connect(database_url, autocommit=True) as conn:
+            conn.execute("UPDATE wallet.exchange_rates SET as_of = as_of + interval '100 years'")
+        try:
+            yield
+        finally:
+            with psycopg.connect(database_url, autocommit=True) as conn:
+                conn.execute(
+                    "UPDATE wallet.exchange_rates SET as_of = as_of - interval '100 years'"
+                )
+
+    return block

@@ -13,7 +13,6 @@ from decimal import Decimal
 from typing import Any
 
 import aiohttp
-import psycopg
 import pytest
 from aiohttp import WSMsgType
 
@@ -519,7 +518,7 @@ async def test_last_used_at_is_set_once_the_token_is_used(gql, new_org) -> None:
 
 
 async def test_a_saved_display_currency_with_no_rate_streams_the_wallets_own(
-    gql, new_org, wallet_gateway, database_url
+    gql, new_org, wallet_gateway, no_rate_in_effect
 ) -> None:
     """As `organization` does, walletUpdated shows the wallet's currency when the caller's saved
     preference has no rate (it failed with FAILED_PRECONDITION, the query worked)."""
@@ -531,12 +530,7 @@ async def test_a_saved_display_currency_with_no_rate_streams_the_wallets_own(
         {"org": org.id},
         token=org.token,
     )
-    with psycopg.connect(database_url, autocommit=True) as conn:  # no rate in effect for now
-        conn.execute("UPDATE wallet.exchange_rates SET as_of = as_of + interval '100 years'")
-    try:
+    with no_rate_in_effect():
         ws, first = await watch(wallet_gateway, org)
         await ws.close()
-    finally:
-        with psycopg.connect(database_url, autocommit=True) as conn:
-            conn.execute("UPDATE wallet.exchange_rates SET as_of = as_of - interval '100 years'")
     assert first["balance"]["amount"] == "3.000000"  # USD: 3 USD in INR would be ~250

@@ -807,7 +807,7 @@ async def test_the_auto_top_up_rule_is_set_and_its_pending_request_shown(gql, ne
 
 
 async def test_a_saved_display_currency_with_no_rate_shows_the_wallets_own(
-    gql, new_org, database_url
+    gql, new_org, no_rate_in_effect
 ) -> None:
     """A saved preference for a currency no rate converts to hid the whole organization (a
     member's card too) behind FAILED_PRECONDITION; it falls back to the wallet's currency. An
@@ -819,9 +819,7 @@ async def test_a_saved_display_currency_with_no_rate_shows_the_wallets_own(
         {"org": org.id},
         token=org.token,
     )
-    with psycopg.connect(database_url, autocommit=True) as conn:  # no rate in effect for now
-        conn.execute("UPDATE wallet.exchange_rates SET as_of = as_of + interval '100 years'")
-    try:
+    with no_rate_in_effect():
         shown = await gql.data(
             "query($id: ID!) { organization(id: $id) { name wallet { balance { currency } } } }",
             {"id": org.id},
@@ -832,8 +830,5 @@ async def test_a_saved_display_currency_with_no_rate_shows_the_wallets_own(
             {"id": org.id},
             token=org.token,
         )
-    finally:
-        with psycopg.connect(database_url, autocommit=True) as conn:
-            conn.execute("UPDATE wallet.exchange_rates SET as_of = as_of - interval '100 years'")
     assert shown["organization"]["wallet"]["balance"]["currency"] == "USD"
     assert asked["extensions"]["code"] == "FAILED_PRECONDITION"
