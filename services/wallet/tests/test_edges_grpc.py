@@ -371,13 +371,14 @@ async def test_captures_above_the_hold_twice_or_after_a_void_are_refused(
     await top_up(wallet_stub, org, 10 * USD)
     hold = await wallet_stub.CreateHold(hold_request(org, 3 * USD), timeout=5)
 
-    err = await refused(
-        wallet_stub.CaptureHold(
-            pb.CaptureHoldRequest(idempotency_key="over", hold_id=hold.id, amount=3 * USD + 1)
+    for key, amount in (("over", 3 * USD + 1), ("nothing", 0)):  # 0 was "captured" as nothing
+        err = await refused(
+            wallet_stub.CaptureHold(
+                pb.CaptureHoldRequest(idempotency_key=key, hold_id=hold.id, amount=amount)
+            )
         )
-    )
-    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert trailer(err, "x-error-field") == "amount"
+        assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert trailer(err, "x-error-field") == "amount"
     still = await wallet_stub.GetHold(pb.GetHoldRequest(hold_id=hold.id))
     assert still.status == "open"
     assert (await summary(wallet_stub, org)).held_balance.amount == 3 * USD

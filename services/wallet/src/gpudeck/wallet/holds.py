@@ -127,12 +127,15 @@ def check_open(hold: Hold, now: datetime) -> None:
 
 
 def capture_amount(hold: Hold, amount: int | None, now: datetime) -> int:
-    """How much a capture takes: all when unset; never more than held, never negative."""
+    """How much a capture takes: all when unset; never more than held, never 0 or less."""
     check_open(hold, now)
     if amount is None:
         return hold.amount
-    if amount < 0:
-        raise InvalidArgument("amount must not be negative", field="amount")
+    if amount <= 0:  # a capture of nothing is a void (VoidHold)
+        raise InvalidArgument(
+            "amount must be positive (leave it out to capture all; VoidHold releases it all)",
+            field="amount",
+        )
     if amount > hold.amount:
         raise InvalidArgument(
             f"amount {format_micro(amount)} is more than the hold's {format_micro(hold.amount)}",

@@ -83,6 +83,10 @@ class HoldStore:
             return Hold.from_json(earlier)
         await self.ledger.projects.use(conn, request.organization_id, request.project_id)
         wallet = locked[request.organization_id].wallet
+        # Its holds past their time are no longer held (the sweep may not have come by yet).
+        wallet.held_balance -= sum(
+            h.amount for h in await self._expire(conn, [wallet.organization_id], now)
+        )
         spendable = wallet.spendable_at(now)
         if spendable < request.amount:
             raise short_of_funds(spendable, request.amount, wallet.currency)
@@ -181,6 +185,11 @@ class HoldStore:
             return 0
         now = await db_now(conn)
         await lock_wallets(conn, orgs, now)
+        return len(await self._expire(conn, orgs, now))
+
+    async def _expire(self, conn: Conn, orgs: list[uuid.UUID], now: datetime) -> list[Hold]:
+        """Expire these organizations' open holds past their time (the caller holds their
+        wallets); the holds expired."""
         cur = await conn.execute(
             "UPDATE holds h SET status = 'expired', resolved_at = %s"
             " FROM wallets w WHERE w.organization_id = h.organization_id"
@@ -194,7 +203,7 @@ class HoldStore:
             released[hold.organization_id] -= hold.amount
         await self._move_held(conn, released, now)
         await self.outbox.add_many(conn, [self._event("wallet.hold.expired", h) for h in expired])
-        return len(expired)
+        return expired
 
     async def _lock(self, conn: Conn, hold_id: uuid.UUID) -> Hold:
         """Lock the hold's wallet, then the hold; return it as it stands."""

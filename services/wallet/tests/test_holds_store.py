@@ -1,0 +1,47 @@
+"""Holds at the store, in a database of their own: no wallet service's sweep comes by here, so
+what a hold past its time does before the sweep is what is tested."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import Awaitable, Callable
+
+import pytest
+from psycopg_pool import AsyncConnectionPool
+
+from gpudeck.wallet.holds import HoldRequest
+from gpudeck.wallet.holds_store import HoldStore
+from gpudeck.wallet.ledger import Kind, TransferRequest
+from gpudeck.wallet.ledger_store import LedgerStore
+
+USD = 1_000_000
+NewOrg = Callable[..., Awaitable[uuid.UUID]]
+
+
+@pytest.fixture(scope="module")
+def wallet_pool(own_wallet_pool: AsyncConnectionPool) -> AsyncConnectionPool:
+    return own_wallet_pool  # so `new_org` makes its organizations here
+
+
+async def test_a_hold_past_its_time_holds_nothing_before_the_sweep(
+    wallet_pool: AsyncConnectionPool, new_org: NewOrg
+) -> None:
+    """It still counted as held until the sweep expired it: a new hold (or a charge) of the
+    money it had reserved was refused, though it could no longer be captured."""
+    ledger = LedgerStore()
+    holds = HoldStore(ledger)
+    org = await new_org()
+    async with wallet_pool.connection() as conn, conn.transaction():
+        await ledger.post_transfers(conn, [TransferRequest("cash", org, Kind.TOPUP, 10 * USD)])
+        first = await holds.create(conn, HoldRequest("h1", org, 10 * USD, timeout_seconds=1))
+    await asyncio.sleep(1.2)
+    async with wallet_pool.connection() as conn, conn.transaction():
+        second = await holds.create(conn, HoldRequest("h2", org, 10 * USD, timeout_seconds=60))
+    async with wallet_pool.connection() as conn:
+        assert (await holds.get(conn, first.id)).status == "expired"
+        cur = await conn.execute(
+            "SELECT held_balance FROM wallets WHERE organization_id = %s", (org,)
+        )
+        assert await cur.fetchone() == (10 * USD,)  # the second one only
+    assert second.status == "open"
