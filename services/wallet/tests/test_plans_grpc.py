@@ -414,6 +414,28 @@ async def test_credits_that_expired_already_are_refused(
     assert error_field(err.value) == "expires_at"
 
 
+async def test_a_purchase_retried_after_its_credits_expired_is_answered_not_refused(
+    wallet_stub: WalletServiceStub, new_org: NewOrg
+) -> None:
+    """The expiry was checked before the key: the retry of a purchase that went through, sent
+    after its credits expired, was refused, and the client could not tell it had been taken."""
+    org = await new_org()
+    soon = Timestamp()
+    soon.FromDatetime(datetime.now(UTC) + timedelta(seconds=1))
+    first = await wallet_stub.AddCredits(
+        add_credits(org, USD, key="brief", expires_at=soon), timeout=TIMEOUT
+    )
+    await asyncio.sleep(1.2)
+    again = await wallet_stub.AddCredits(
+        add_credits(org, USD, key="brief", expires_at=soon), timeout=TIMEOUT
+    )
+    assert again.transaction == first.transaction
+    with pytest.raises(grpc.aio.AioRpcError) as err:  # a new purchase with it is refused
+        await wallet_stub.AddCredits(add_credits(org, USD, expires_at=soon), timeout=TIMEOUT)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert error_field(err.value) == "expires_at"
+
+
 @pytest.mark.parametrize("seconds", [10**12, -(10**12)])
 async def test_an_expiry_no_date_holds_is_refused_naming_it(
     wallet_stub: WalletServiceStub, new_org: NewOrg, seconds: int

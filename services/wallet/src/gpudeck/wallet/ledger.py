@@ -229,12 +229,6 @@ def validate(request: TransferRequest) -> TransferRequest:
         raise InvalidArgument(
             "credit_source must be plan, promotion or purchase", field="credit_source"
         )
-    expiry = request.credit_expires_at
-    if request.kind is Kind.CREDIT_GRANT and expiry is not None and expiry <= datetime.now(UTC):
-        raise InvalidArgument(
-            f"credit_expires_at must be in the future, got {expiry.isoformat()}",
-            field="credit_expires_at",
-        )
     if request.lines and sum(line.amount for line in request.lines) != request.amount:
         raise InvalidArgument("lines must sum to the amount", field="lines")
     return request
@@ -329,6 +323,16 @@ class Book:
         if wallet is None:
             raise InvalidArgument(
                 f"organization {request.organization_id} has no wallet", field="organization_id"
+            )
+        expiry = request.credit_expires_at  # checked here, not in `validate`: a retry of a grant
+        if (  # that was taken before its expiry passed is answered, not refused
+            request.kind is Kind.CREDIT_GRANT
+            and expiry is not None
+            and expiry <= (self.now or datetime.now(UTC))
+        ):
+            raise InvalidArgument(
+                f"credit_expires_at must be in the future, got {expiry.isoformat()}",
+                field="credit_expires_at",
             )
         amount, payment, rate = self._wallet_amount(request, wallet)
         adding = adds_money(request)

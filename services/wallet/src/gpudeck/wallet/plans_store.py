@@ -181,9 +181,6 @@ class PlanStore:
         if request.kind is not Kind.CREDIT_GRANT or request.credit_source != PURCHASE_SOURCE:
             raise InvalidArgument("a purchase is a credit grant from purchase", field="kind")
         now = await db_now(conn)
-        expires = request.credit_expires_at
-        if expires is not None and expires <= now:  # AddCredits calls it expires_at
-            raise InvalidArgument("expires_at must be in the future", field="expires_at")
         validate(request)
         _, currency, _, _ = await _organization(conn, request.organization_id)
         if request.currency and request.currency != currency:
@@ -192,7 +189,14 @@ class PlanStore:
                 field="currency",
             )
         request = request.in_wallet_terms(currency)
-        [transaction] = await self._post(conn, [request], now)
+        try:  # a retry is answered even after its expiry passed: the ledger checks new ones
+            [transaction] = await self._post(conn, [request], now)
+        except InvalidArgument as exc:
+            if exc.field == "credit_expires_at":  # AddCredits calls it expires_at
+                raise InvalidArgument(
+                    "expires_at must be in the future", field="expires_at"
+                ) from None
+            raise
         # A retry answers as the first call did: the credits available then, not now. (The
         # post above locked the wallet, so a concurrent first call has committed its answer.)
         scope = str(request.organization_id)
