@@ -41,7 +41,7 @@ from gpudeck.cli.stack import (
     resolve,
 )
 from gpudeck.kit import logs
-from gpudeck.kit.config import ConfigError
+from gpudeck.kit.config import ConfigError, redact_url
 
 log = logging.getLogger("gpudeck.cli")
 
@@ -319,8 +319,9 @@ def print_banner(stack: Stack, env: Mapping[str, str], seconds: float, out: Text
     if stack.database_url is None:
         lines.append(f"  PostgreSQL         embedded, {database}")
     else:
-        lines.append(f"  PostgreSQL         {_without_password(database)}")
-    lines.append(f"  NATS JetStream     {'embedded, ' if stack.nats_url is None else ''}{nats}")
+        lines.append(f"  PostgreSQL         {redact_url(database)}")
+    embedded = "embedded, " if stack.nats_url is None else ""
+    lines.append(f"  NATS JetStream     {embedded}{redact_url(nats)}")
     if stack.database_url is None or stack.nats_url is None:
         lines += [
             "",
@@ -337,14 +338,6 @@ def print_banner(stack: Stack, env: Mapping[str, str], seconds: float, out: Text
         ]
     lines += ["", "Press Ctrl-C to stop."]
     print("\n".join(lines), file=out, flush=True)
-
-
-def _without_password(url: str) -> str:
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
-    return urlunsplit(parts._replace(netloc=netloc))
 
 
 @contextlib.contextmanager

@@ -11,7 +11,7 @@ import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from urllib.parse import urlsplit
+from urllib.parse import urlsplit, urlunsplit
 
 SERVICES = ("wallet", "compute", "storage", "activity", "node-agent")
 DEFAULT_GRPC_PORTS = {
@@ -67,17 +67,40 @@ def address(env: Mapping[str, str], name: str, default: str) -> str:
     return value
 
 
+_PASSWORD_PARAM = re.compile(r"(?i)(\bpassword=)[^&]*")
+
+
+def redact_url(url: str) -> str:
+    """`url` fit for logs and messages: a password (in the user part or a `password=`
+    parameter) and a NATS token (nats://TOKEN@host) shown as ***; each of comma-separated
+    servers alike."""
+    shown = []
+    for server in url.split(","):
+        try:
+            parts = urlsplit(server.strip())
+            host = parts.netloc.rsplit("@", 1)[-1]
+            if parts.password is not None:
+                parts = parts._replace(netloc=f"{parts.username}:***@{host}")
+            elif parts.username and parts.scheme in ("nats", "tls"):
+                parts = parts._replace(netloc=f"***@{host}")
+            server = urlunsplit(parts._replace(query=_PASSWORD_PARAM.sub(r"\1***", parts.query)))
+        except ValueError:  # malformed: show none of what could be in it
+            server = "<malformed URL>"
+        shown.append(server)
+    return ",".join(shown)
+
+
 def database_url(env: Mapping[str, str], name: str = "GPUDECK_DATABASE_URL") -> str:
     import psycopg
     from psycopg.conninfo import conninfo_to_dict
 
     value = require(env, name)
     if not value.startswith(("postgresql://", "postgres://")):
-        raise ConfigError(f"{name} must be a postgresql:// URL, got {value!r}")
+        raise ConfigError(f"{name} must be a postgresql:// URL, got {redact_url(value)!r}")
     try:
         urlsplit(value).port  # noqa: B018 - raises on a malformed port
     except ValueError:
-        raise ConfigError(f"{name} has a malformed host or port: {value!r}") from None
+        raise ConfigError(f"{name} has a malformed host or port") from None
     try:  # what libpq itself would refuse (percent-encoding, brackets, unknown parameters)
         params = conninfo_to_dict(value)
     except psycopg.Error as exc:
@@ -85,7 +108,7 @@ def database_url(env: Mapping[str, str], name: str = "GPUDECK_DATABASE_URL") -> 
         raise ConfigError(f"{name} is not a valid PostgreSQL URL: {reason}") from None
     if not params.get("dbname"):
         raise ConfigError(
-            f"{name} names no database (postgresql://user@host:port/dbname): {value!r}"
+            f"{name} names no database (postgresql://user@host:port/dbname): {redact_url(value)!r}"
         )
     return value
 
@@ -97,13 +120,13 @@ def nats_url(env: Mapping[str, str], name: str = "GPUDECK_NATS_URL") -> str:
             parts = urlsplit(server.strip())
             port = parts.port
         except ValueError:
-            raise ConfigError(f"{name} has a malformed host or port: {value!r}") from None
+            raise ConfigError(f"{name} has a malformed host or port") from None
         if (
             parts.scheme not in ("nats", "tls")
             or not parts.hostname
             or (port is None and ":" in (parts.netloc.rsplit("@", 1)[-1]))
         ):
-            raise ConfigError(f"{name} must be nats://host:port, got {value!r}")
+            raise ConfigError(f"{name} must be nats://host:port, got {redact_url(value)!r}")
     return value
 
 

@@ -20,7 +20,7 @@ from nats.js import JetStreamContext
 from nats.js.api import PubAck, StorageType, StreamConfig
 from nats.js.errors import NotFoundError
 
-from gpudeck.kit.config import EventsConfig
+from gpudeck.kit.config import EventsConfig, redact_url
 from gpudeck.kit.events.acks import Acks
 from gpudeck.kit.events.envelope import check_type
 from gpudeck.proto.events.v1.envelope_pb2 import Event
@@ -88,14 +88,14 @@ class EventBus:
     def nc(self) -> NATS:
         """The NATS client; `BusNotConnected` before the first connection."""
         if self._nc is None:
-            raise BusNotConnected(f"NATS at {self.config.nats_url} was never reached")
+            raise BusNotConnected(f"NATS at {redact_url(self.config.nats_url)} was never reached")
         return self._nc
 
     @property
     def js(self) -> JetStreamContext:
         """The JetStream context; `BusNotConnected` before the first connection."""
         if self._js is None:
-            raise BusNotConnected(f"NATS at {self.config.nats_url} was never reached")
+            raise BusNotConnected(f"NATS at {redact_url(self.config.nats_url)} was never reached")
         return self._js
 
     def subject_for(self, event_type: str) -> str:
@@ -114,7 +114,7 @@ class EventBus:
         if seconds > 0 and not await self.wait_connected(seconds):
             log.warning(
                 "NATS not reachable yet; connecting in the background",
-                extra={"nats_url": self.config.nats_url},
+                extra={"nats_url": redact_url(self.config.nats_url)},
             )
 
     async def wait_connected(self, seconds: float | None = None) -> bool:
@@ -260,18 +260,22 @@ class EventBus:
             self._failures = 0
             self._generation += 1
             self._ready.set()
-            log.info("NATS connected", extra={"nats_url": self.config.nats_url})
+            log.info("NATS connected", extra={"nats_url": redact_url(self.config.nats_url)})
             return
 
     async def _on_error(self, exc: Exception) -> None:
         # While NATS is down every attempt fails the same way: say so once, then quietly.
         self._failures += 1
         level = logging.WARNING if self._failures == 1 else logging.DEBUG
-        log.log(level, "NATS error", extra={"error": repr(exc), "nats_url": self.config.nats_url})
+        log.log(
+            level,
+            "NATS error",
+            extra={"error": repr(exc), "nats_url": redact_url(self.config.nats_url)},
+        )
 
     async def _on_disconnected(self) -> None:
         if self._ready.is_set():
-            log.warning("NATS disconnected", extra={"nats_url": self.config.nats_url})
+            log.warning("NATS disconnected", extra={"nats_url": redact_url(self.config.nats_url)})
         self._ready.clear()
 
     async def _on_reconnected(self) -> None:
