@@ -12,11 +12,13 @@ import asyncio
 import logging
 import os
 import signal
+import sys
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
+import psycopg
 from psycopg_pool import AsyncConnectionPool
 
 from gpudeck.kit import logs, metrics
@@ -95,9 +97,13 @@ class RunningService:
             )
         except DatabaseUnavailable as exc:
             raise StartupError(f"GPUDECK_DATABASE_URL: cannot connect: {exc}") from None
-        await migrate(self.pool, cfg.schema, KIT_MIGRATIONS, table="kit_migrations")
-        if self.spec.migrations is not None:
-            await migrate(self.pool, cfg.schema, self.spec.migrations)
+        try:
+            await migrate(self.pool, cfg.schema, KIT_MIGRATIONS, table="kit_migrations")
+            if self.spec.migrations is not None:
+                await migrate(self.pool, cfg.schema, self.spec.migrations)
+        except psycopg.Error as exc:  # a read-only database, a role that may not create
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise StartupError(f"GPUDECK_DATABASE_URL: migrations failed: {reason}") from None
         self.bus = EventBus(cfg.events, client_name=cfg.service)
         await self.bus.start()
         self.relay = Relay(self.pool, cfg.schema, self.bus)
@@ -165,6 +171,9 @@ def run(spec: ServiceSpec, env: Mapping[str, str] | None = None) -> None:
         fail(str(exc))
     except KeyboardInterrupt:
         pass
+    except Exception:  # a bug: said in the JSON log, not as a bare traceback
+        log.exception("the service stopped on an unexpected error")
+        sys.exit(1)
 
 
 async def stop_workers(workers: Sequence[Worker], grace: float) -> None:
