@@ -1,15 +1,20 @@
-"""Starting the wallet on a database it cannot use is a configuration error: one line naming
-the setting, exit code 2 (it was a bare traceback and exit code 1)."""
+"""The wallet and its database: starting on one it cannot use is a configuration error (one
+line naming the setting, exit code 2; it was a bare traceback and exit code 1), and its gRPC
+health follows the database."""
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
 import sys
+import time
 import uuid
 from urllib.parse import urlsplit, urlunsplit
 
+import grpc
 import psycopg
-from processes import wallet_env
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from processes import start_wallet, wait_serving, wallet_env
 
 from gpudeck.kit.config import EventsConfig
 
@@ -38,3 +43,43 @@ def test_a_read_only_database_is_a_one_line_config_error(
     lines = [line for line in result.stderr.strip().splitlines() if not line.startswith("{")]
     assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
     assert "GPUDECK_DATABASE_URL" in lines[0] and "read-only" in lines[0], lines[0]
+
+
+async def test_health_follows_the_database(pg_server_url: str, events_config: EventsConfig) -> None:
+    """Health stayed SERVING with the database gone, so probes kept sending calls to a wallet
+    that could serve none. It turns NOT_SERVING within seconds, and SERVING again after."""
+    name = f"gpudeck_health_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(pg_server_url, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    env = wallet_env(urlunsplit(urlsplit(pg_server_url)._replace(path=f"/{name}")), events_config)
+    process = start_wallet(env)
+    address = env["GPUDECK_WALLET_LISTEN"]
+
+    def database(allow: bool) -> None:
+        with psycopg.connect(pg_server_url, autocommit=True) as conn:
+            conn.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS {str(allow).lower()}')
+            if not allow:
+                conn.execute(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s",
+                    (name,),
+                )
+
+    async def becomes(status: int) -> None:
+        async with grpc.aio.insecure_channel(address) as ch:
+            stub = health_pb2_grpc.HealthStub(ch)
+            deadline = time.monotonic() + 15
+            while (await stub.Check(health_pb2.HealthCheckRequest(), timeout=2)).status != status:
+                assert time.monotonic() < deadline, f"health never became {status}"
+                await asyncio.sleep(0.2)
+
+    try:
+        await wait_serving(address)
+        database(allow=False)
+        await becomes(health_pb2.HealthCheckResponse.NOT_SERVING)
+        database(allow=True)
+        await becomes(health_pb2.HealthCheckResponse.SERVING)
+    finally:
+        process.terminate()
+        process.wait(20)
+        with psycopg.connect(pg_server_url, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')

@@ -248,6 +248,8 @@ class KitServer:
         self.health = health.aio.HealthServicer()
         self.server: grpc.aio.Server | None = None
         self.port = 0
+        self.health_names: list[str] = []
+        self.stopping = False
 
     async def start(self) -> int:
         """Bind and start; return the port (useful when listening on port 0)."""
@@ -270,14 +272,24 @@ class KitServer:
             raise OSError(f"cannot listen on {self.listen}: address in use or not available")
         await server.start()
         self.server = server
-        for name in ["", *names]:
-            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        self.health_names = ["", *names]
+        await self.set_serving(True)
         return self.port
+
+    async def set_serving(self, serving: bool) -> None:
+        """Health of every service here SERVING or NOT_SERVING (say, its database is gone);
+        once stopping, it stays NOT_SERVING."""
+        if self.stopping:
+            return
+        status = health_pb2.HealthCheckResponse
+        for name in self.health_names:
+            await self.health.set(name, status.SERVING if serving else status.NOT_SERVING)
 
     async def stop(self, grace: float) -> None:
         """Health NOT_SERVING; refuse new calls as UNAVAILABLE (clients retry those, with the
         same idempotency keys) and let the calls in flight finish, up to `grace` seconds; then
         stop the server (what is still running after that is cancelled)."""
+        self.stopping = True
         await self.health.enter_graceful_shutdown()
         if self.server is None:
             return

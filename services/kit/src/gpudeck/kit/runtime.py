@@ -27,8 +27,11 @@ from gpudeck.kit.db import DatabaseUnavailable, migrate, open_pool
 from gpudeck.kit.events import EventBus, Relay
 from gpudeck.kit.grpcserver import KitServer, Registration
 from gpudeck.kit.startup import StartupError, fail
+from gpudeck.kit.workers import Periodic
 
 log = logging.getLogger(__name__)
+HEALTH_INTERVAL = 2.0  # seconds between checks of the database for gRPC health
+HEALTH_TIMEOUT = 1.0  # seconds the database has to answer one
 KIT_MIGRATIONS = Path(__file__).parent / "migrations"
 
 
@@ -87,6 +90,7 @@ class RunningService:
         self.server: KitServer | None = None
         self.workers: list[Worker] = []
         self.port = 0
+        self.healthy = True
 
     async def start(self) -> None:
         cfg = self.config
@@ -116,10 +120,27 @@ class RunningService:
             self.port = await self.server.start()
         except OSError as exc:
             raise StartupError(f"GPUDECK_{key}_LISTEN: {exc}") from None
-        for worker in parts.workers:
+        for worker in [*parts.workers, Periodic("health", HEALTH_INTERVAL, self._check_health)]:
             await worker.start()
             self.workers.append(worker)
         log.info("serving", extra={"listen": cfg.grpc_listen, "port": self.port})
+
+    async def _check_health(self) -> None:
+        """gRPC health follows the database: NOT_SERVING while it does not answer (a probe
+        or load balancer then sends the calls elsewhere), SERVING again once it does."""
+        assert self.pool is not None and self.server is not None
+        try:
+            async with self.pool.connection(timeout=HEALTH_TIMEOUT) as conn:
+                await asyncio.wait_for(conn.execute("SELECT 1"), HEALTH_TIMEOUT)
+            healthy = True
+        except Exception as exc:
+            healthy = False
+            if self.healthy:
+                log.warning("database unreachable: NOT_SERVING", extra={"error": repr(exc)})
+        if healthy and not self.healthy:
+            log.info("database reachable again: SERVING")
+        self.healthy = healthy
+        await self.server.set_serving(healthy)
 
     async def stop(self) -> None:
         """Health NOT_SERVING, stop taking calls and drain them, stop workers, close pools."""
