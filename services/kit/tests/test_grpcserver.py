@@ -163,9 +163,13 @@ async def test_graceful_stop_finishes_calls_in_flight_and_reports_not_serving() 
         in_flight = asyncio.ensure_future(ch.unary_unary("/test.Faults/slow")(b""))
         await asyncio.sleep(0.1)
         stopping = asyncio.ensure_future(srv.stop(5))
-        await asyncio.sleep(0.05)
-        status = await srv.health.Check(health_pb2.HealthCheckRequest(service=""), None)
+        for _ in range(40):  # at once, while the call runs (polled: a loaded machine is slow)
+            status = await srv.health.Check(health_pb2.HealthCheckRequest(service=""), None)
+            if status.status == health_pb2.HealthCheckResponse.NOT_SERVING:
+                break
+            await asyncio.sleep(0.005)
         assert status.status == health_pb2.HealthCheckResponse.NOT_SERVING
+        assert not in_flight.done()
         assert await in_flight == b"done"
         await stopping
 
