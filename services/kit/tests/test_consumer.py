@@ -322,6 +322,27 @@ async def test_consumer_recreates_its_jetstream_consumer_if_deleted(
     assert handled(schema, "duplicate") == 1
 
 
+async def test_a_consumer_made_again_does_not_redo_what_its_inbox_forgot(
+    pool: AsyncConnectionPool, schema: str, bus: EventBus, consumers: Start
+) -> None:
+    """Made again (its durable lost), a consumer started from the stream's beginning: an event
+    handled longer ago than the inbox keeps (its row pruned) took effect a second time. It now
+    starts from the oldest event the inbox still remembers."""
+    consumer = await consumers(recorder(schema), inbox_retention=1.0)
+    first, second = event(schema, "first"), event(schema, "second")
+    await bus.publish(first)
+    await eventually(lambda: has_effects(pool, schema, Counter([first.id])))
+    await asyncio.sleep(1.5)  # past the inbox's retention: its row goes
+    async with pool.connection() as conn:
+        await conn.execute(f"DELETE FROM {schema}.inbox WHERE consumer = %s", (consumer.durable,))
+
+    await bus.js.delete_consumer(bus.config.stream, consumer.durable)
+    await bus.publish(second)
+    await eventually(lambda: has_effects(pool, schema, Counter([first.id, second.id])))
+    await asyncio.sleep(0.5)  # room for a replay of the first to show
+    assert await effects(pool, schema) == Counter([first.id, second.id])
+
+
 async def test_stop_finishes_the_event_in_hand_and_leaves_the_rest(
     pool: AsyncConnectionPool, schema: str, bus: EventBus, consumers: Start
 ) -> None:

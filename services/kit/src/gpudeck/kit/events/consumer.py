@@ -36,6 +36,7 @@ import logging
 import re
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import psycopg
@@ -149,6 +150,9 @@ class Consumer:
         self._prune = sql.SQL(
             "DELETE FROM {} WHERE consumer = %s AND handled_at < now() - make_interval(secs => %s)"
         ).format(inbox)
+        self._seen = sql.SQL(
+            "INSERT INTO {} (name) VALUES (%s) ON CONFLICT DO NOTHING RETURNING name"
+        ).format(sql.Identifier(schema, "consumers"))
         self._bury_sql = sql.SQL(
             "INSERT INTO {} (consumer, subject, event_id, data, error, deliveries)"
             " VALUES (%s, %s, %s, %s, %s, %s)"
@@ -241,13 +245,39 @@ class Consumer:
     async def _subscribe(self, subject: str, name: str) -> Puller:
         js = self.bus.js
         stream = self.bus.config.stream
+        async with self.pool.connection() as conn:  # noted once, whoever made it
+            cur = await conn.execute(self._seen, (name,))
+            first_time = await cur.fetchone() is not None
+        try:
+            await js.consumer_info(stream, name)  # it exists: resume where it is
+        except NotFoundError:
+            await self._create(subject, name, first_time=first_time)
+        puller = Puller(self.bus.nc, stream, name)
+        await puller.open()
+        return puller
+
+    async def _create(self, subject: str, name: str, *, first_time: bool) -> None:
+        """Make the durable: from the start of the stream the first time; made again (it was
+        lost), from the oldest event the inbox still remembers, so that no event whose inbox
+        row was pruned takes effect twice (one older that was never handled is skipped: the
+        consumer was gone for longer than the retention)."""
+        js = self.bus.js
+        stream = self.bus.config.stream
+        since = None
+        if not first_time and self.inbox_retention:
+            since = datetime.now(UTC) - timedelta(seconds=self.inbox_retention)
+            log.warning(
+                "consumer made again: resuming from the inbox's retention, not the stream start",
+                extra={"consumer": name, "since": since.isoformat()},
+            )
         config = ConsumerConfig(
             name=name,
             durable_name=name,
             filter_subject=self.bus.subject_for(subject),
             ack_policy=AckPolicy.EXPLICIT,
             ack_wait=self.ack_wait,
-            deliver_policy=DeliverPolicy.ALL,
+            deliver_policy=DeliverPolicy.ALL if since is None else DeliverPolicy.BY_START_TIME,
+            opt_start_time=since,
         )
         try:
             await js.add_consumer(stream, config)
@@ -261,9 +291,6 @@ class Consumer:
                 "consumer exists with other settings; using them",
                 extra={"consumer": name, "error": repr(exc)},
             )
-        puller = Puller(self.bus.nc, stream, name)
-        await puller.open()
-        return puller
 
     def _fetch(self, sub: Puller) -> asyncio.Future[list[Msg]]:
         return asyncio.ensure_future(sub.fetch(self.batch, self.fetch_timeout))
