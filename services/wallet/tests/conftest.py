@@ -7,12 +7,9 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
-import psycopg
 import pytest
-from psycopg.conninfo import make_conninfo
 from psycopg_pool import AsyncConnectionPool
 
-import gpudeck.wallet
 from gpudeck.kit.config import EventsConfig, ServiceConfig
 from gpudeck.kit.db import migrate, open_pool
 from gpudeck.kit.grpcclient import channel
@@ -21,9 +18,11 @@ from gpudeck.proto.wallet.v1 import account_pb2_grpc, wallet_pb2_grpc
 from gpudeck.wallet.ledger_store import open_wallet
 from gpudeck.wallet.service import SPEC
 
-# The helpers beside the tests (processes.py, workload.py) import as top-level modules.
+# The helpers beside the tests (processes.py, workload.py, databases.py) import as top-level
+# modules.
 sys.path.insert(0, str(Path(__file__).parent))
-MIGRATIONS = Path(gpudeck.wallet.__file__).parent / "migrations"
+from databases import MIGRATIONS, wallet_database  # importable only from here on
+
 NewOrg = Callable[..., Awaitable[uuid.UUID]]
 TOKEN = "wallet-test-token"
 
@@ -44,19 +43,8 @@ async def own_wallet_pool(
     """A database of the test module's own, with the wallet schema: for tests that change what
     the run's other tests rely on (the demo organization, balances set by hand)."""
     name = f"gpudeck_test_{run_id}_{request.module.__name__.rsplit('.', 1)[-1]}"[:63]
-    with psycopg.connect(pg_server_url, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    pool = await open_pool(
-        make_conninfo(pg_server_url, dbname=name), min_size=1, max_size=8, schema="wallet"
-    )
-    try:
-        await migrate(pool, "wallet", KIT_MIGRATIONS, table="kit_migrations")
-        await migrate(pool, "wallet", MIGRATIONS)
+    async with wallet_database(pg_server_url, name) as (_, pool):
         yield pool
-    finally:
-        await pool.close()
-        with psycopg.connect(pg_server_url, autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 @pytest.fixture

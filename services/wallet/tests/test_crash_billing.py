@@ -15,19 +15,15 @@ import subprocess
 import uuid
 from collections.abc import AsyncIterator
 from datetime import datetime, timedelta
-from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
 
 import psycopg
 import pytest
+from databases import wallet_database
 from processes import TOKEN, start_wallet, wait_serving, wallet_env
 from psycopg_pool import AsyncConnectionPool
 
-import gpudeck.wallet
 from gpudeck.kit.config import EventsConfig
-from gpudeck.kit.db import migrate, open_pool
 from gpudeck.kit.grpcclient import channel
-from gpudeck.kit.runtime import KIT_MIGRATIONS
 from gpudeck.proto.common.v1.money_pb2 import Money
 from gpudeck.proto.wallet.v1 import wallet_pb2 as pb
 from gpudeck.proto.wallet.v1.wallet_pb2_grpc import WalletServiceStub
@@ -36,7 +32,6 @@ from gpudeck.wallet.ledger_store import open_wallet
 from gpudeck.wallet.metering_store import BILLING_LOCK
 
 pytestmark = pytest.mark.slow
-MIGRATIONS = Path(gpudeck.wallet.__file__).parent / "migrations"
 TOPUP = 1_000_000_000
 INTERVAL = "0.2"  # seconds between billing ticks of the processes started here
 
@@ -45,18 +40,8 @@ INTERVAL = "0.2"  # seconds between billing ticks of the processes started here
 async def own_db(pg_server_url: str, run_id: str) -> AsyncIterator[tuple[str, AsyncConnectionPool]]:
     """A fresh, migrated wallet database for one test: its URL and a pool on it."""
     name = f"gpudeck_test_{run_id}_{uuid.uuid4().hex[:8]}"
-    with psycopg.connect(pg_server_url, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    url = urlunsplit(urlsplit(pg_server_url)._replace(path=f"/{name}"))
-    pool = await open_pool(url, min_size=1, max_size=4, schema="wallet")
-    try:
-        await migrate(pool, "wallet", KIT_MIGRATIONS, table="kit_migrations")
-        await migrate(pool, "wallet", MIGRATIONS)
+    async with wallet_database(pg_server_url, name, max_size=4) as (url, pool):
         yield url, pool
-    finally:
-        await pool.close()
-        with psycopg.connect(pg_server_url, autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 async def make_org(pool: AsyncConnectionPool) -> uuid.UUID:

@@ -9,10 +9,10 @@ import subprocess
 import sys
 import time
 import uuid
-from urllib.parse import urlsplit, urlunsplit
 
 import grpc
 import psycopg
+from databases import fresh_database
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from processes import start_wallet, wait_serving, wallet_env
 
@@ -23,11 +23,9 @@ def test_a_read_only_database_is_a_one_line_config_error(
     pg_server_url: str, events_config: EventsConfig
 ) -> None:
     name = f"gpudeck_readonly_{uuid.uuid4().hex[:8]}"
-    with psycopg.connect(pg_server_url, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-        conn.execute(f'ALTER DATABASE "{name}" SET default_transaction_read_only = on')
-    try:
-        url = urlunsplit(urlsplit(pg_server_url)._replace(path=f"/{name}"))
+    with fresh_database(pg_server_url, name) as url:
+        with psycopg.connect(pg_server_url, autocommit=True) as conn:
+            conn.execute(f'ALTER DATABASE "{name}" SET default_transaction_read_only = on')
         result = subprocess.run(
             [sys.executable, "-m", "gpudeck.wallet"],
             env=wallet_env(url, events_config),
@@ -35,9 +33,6 @@ def test_a_read_only_database_is_a_one_line_config_error(
             text=True,
             timeout=60,
         )
-    finally:
-        with psycopg.connect(pg_server_url, autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
     assert result.returncode == 2, result.stderr
     # One plain line (the service's JSON log lines aside, e.g. its "stopped").
     lines = [line for line in result.stderr.strip().splitlines() if not line.startswith("{")]
@@ -49,11 +44,6 @@ async def test_health_follows_the_database(pg_server_url: str, events_config: Ev
     """Health stayed SERVING with the database gone, so probes kept sending calls to a wallet
     that could serve none. It turns NOT_SERVING within seconds, and SERVING again after."""
     name = f"gpudeck_health_{uuid.uuid4().hex[:8]}"
-    with psycopg.connect(pg_server_url, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    env = wallet_env(urlunsplit(urlsplit(pg_server_url)._replace(path=f"/{name}")), events_config)
-    process = start_wallet(env)
-    address = env["GPUDECK_WALLET_LISTEN"]
 
     def database(allow: bool) -> None:
         with psycopg.connect(pg_server_url, autocommit=True) as conn:
@@ -64,7 +54,7 @@ async def test_health_follows_the_database(pg_server_url: str, events_config: Ev
                     (name,),
                 )
 
-    async def becomes(status: int) -> None:
+    async def becomes(address: str, status: int) -> None:
         async with grpc.aio.insecure_channel(address) as ch:
             stub = health_pb2_grpc.HealthStub(ch)
             deadline = time.monotonic() + 15
@@ -72,14 +62,16 @@ async def test_health_follows_the_database(pg_server_url: str, events_config: Ev
                 assert time.monotonic() < deadline, f"health never became {status}"
                 await asyncio.sleep(0.2)
 
-    try:
-        await wait_serving(address)
-        database(allow=False)
-        await becomes(health_pb2.HealthCheckResponse.NOT_SERVING)
-        database(allow=True)
-        await becomes(health_pb2.HealthCheckResponse.SERVING)
-    finally:
-        process.terminate()
-        process.wait(20)
-        with psycopg.connect(pg_server_url, autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    with fresh_database(pg_server_url, name) as url:
+        env = wallet_env(url, events_config)
+        address = env["GPUDECK_WALLET_LISTEN"]
+        process = start_wallet(env)
+        try:
+            await wait_serving(address)
+            database(allow=False)
+            await becomes(address, health_pb2.HealthCheckResponse.NOT_SERVING)
+            database(allow=True)
+            await becomes(address, health_pb2.HealthCheckResponse.SERVING)
+        finally:
+            process.terminate()
+            process.wait(20)

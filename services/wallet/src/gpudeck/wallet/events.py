@@ -203,21 +203,12 @@ def auto_topup_disabled(organization_id: uuid.UUID, reason: str, failures: int) 
     return _event("wallet.autotopup.disabled", payload, organization_id, actor="system")
 
 
-def auto_topup_cancelled(
-    organization_id: uuid.UUID, pending_id: uuid.UUID, amount: int, currency: str
+def auto_topup(
+    event_type: str, organization_id: uuid.UUID, pending_id: uuid.UUID, amount: int, currency: str
 ) -> Event:
-    """A requested top-up called off: the payment side should not take it (one it still
-    completes is credited)."""
+    """wallet.autotopup.requested, or .cancelled: a request called off (the payment side
+    should not take it; one it still completes is credited)."""
     payload = pb.AutoTopUpRequested(
         pending_top_up_id=str(pending_id), amount=money(amount, currency)
     )
-    return _event("wallet.autotopup.cancelled", payload, organization_id, actor="system")
-
-
-def auto_topup_requested(
-    organization_id: uuid.UUID, pending_id: uuid.UUID, amount: int, currency: str
-) -> Event:
-    payload = pb.AutoTopUpRequested(
-        pending_top_up_id=str(pending_id), amount=money(amount, currency)
-    )
-    return _event("wallet.autotopup.requested", payload, organization_id, actor="system")
+    return _event(event_type, payload, organization_id, actor="system")

@@ -508,8 +508,12 @@ class LedgerStore:
         )
         if await cur.fetchone() is not None:
             batch.events.append(
-                events.auto_topup_requested(
-                    lw.wallet.organization_id, pending_id, lw.auto_topup_amount, lw.wallet.currency
+                events.auto_topup(
+                    "wallet.autotopup.requested",
+                    lw.wallet.organization_id,
+                    pending_id,
+                    lw.auto_topup_amount,
+                    lw.wallet.currency,
                 )
             )
 

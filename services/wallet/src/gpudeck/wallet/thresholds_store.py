@@ -224,7 +224,9 @@ class ThresholdStore:
         await self.ledger.outbox.add_many(
             conn,
             [
-                events.auto_topup_cancelled(organization_id, pending_id, amount, currency)
+                events.auto_topup(
+                    "wallet.autotopup.cancelled", organization_id, pending_id, amount, currency
+                )
                 for pending_id, amount, currency in await cur.fetchall()
             ],
         )
