@@ -90,3 +90,41 @@ async def test_a_refused_credit_grant_leaves_its_key_usable(
         )
         rows = {row[0]: row[1:] for row in await cur.fetchall()}
     assert rows == {org: (5_000_000, 5_000_000), other: (999, 0)}
+
+
+async def test_two_organizations_granting_under_one_key_keep_their_own_credits(
+    wallet_pool: AsyncConnectionPool, new_org: NewOrg
+) -> None:
+    """Keys are each organization's own: two grants under "welcome" in one batch (or one group
+    of concurrent calls) both went to the account opened last, the other wallet's credits with
+    no account behind them."""
+    from gpudeck.wallet.audit import check
+
+    store = LedgerStore()
+    a, b, c, d = [await new_org() for _ in range(4)]
+    await post(
+        wallet_pool,
+        TransferRequest("welcome", a, Kind.CREDIT_GRANT, 5_000_000),
+        TransferRequest("welcome", b, Kind.CREDIT_GRANT, 7_000_000),
+    )
+    async with wallet_pool.connection() as conn:
+        await store.post_independent(
+            conn,
+            [
+                TransferRequest("welcome", c, Kind.CREDIT_GRANT, 1_000_000),
+                TransferRequest("welcome", d, Kind.CREDIT_GRANT, 2_000_000),
+            ],
+        )
+        cur = await conn.execute(
+            "SELECT organization_id, sum(balance) FROM ledger_accounts"
+            " WHERE organization_id = ANY(%s) AND kind = 'credit' GROUP BY 1",
+            ([a, b, c, d],),
+        )
+        credit_accounts = dict(await cur.fetchall())
+        assert await check(conn) == []
+    assert credit_accounts == {a: 5_000_000, b: 7_000_000, c: 1_000_000, d: 2_000_000}
+    [spent] = await post(wallet_pool, TransferRequest("spend", a, Kind.CHARGE, 5_000_000))
+    assert spent.transaction is not None
+    assert [p.account for p in spent.transaction.postings if p.amount < 0] == [
+        f"org:{a}:credit:welcome"
+    ]

@@ -307,8 +307,9 @@ class Book:
     platform: dict[str, Account]
     # (payment currency, wallet currency) → rate, for top-ups across currencies.
     rates: dict[tuple[str, str], Conversion] = field(default_factory=dict)  # payment → wallet
-    # Credit accounts made for this batch's CREDIT_GRANTs, by idempotency key.
-    new_credit_accounts: dict[str, Account] = field(default_factory=dict)
+    # Credit accounts made for this batch's CREDIT_GRANTs, by organization and idempotency key
+    # (keys are each organization's own: two may grant under the same one).
+    new_credit_accounts: dict[tuple[uuid.UUID, str], Account] = field(default_factory=dict)
     # Credits expiring at or before `now` are not spent (the sweeper moves them out).
     now: datetime | None = None
     # What organizations not KYC-verified may add in all, by wallet currency.
@@ -429,7 +430,7 @@ class Book:
         if kind in (Kind.TOPUP, Kind.ADJUSTMENT):
             return [(wallet.cash, amount)]
         if kind is Kind.CREDIT_GRANT:
-            account = self.new_credit_accounts[request.key]
+            account = self.new_credit_accounts[request.organization_id, request.key]
             wallet.credits.append(account)
             wallet.credits.sort(key=_expiry_order)
             return [(account, amount)]

@@ -403,7 +403,7 @@ class LedgerStore:
         by_code = {code: acct_id for acct_id, code in await cur.fetchall()}
         for g in grants:
             code = f"org:{g.organization_id}:credit:{g.key}"
-            book.new_credit_accounts[g.key] = Account(
+            book.new_credit_accounts[g.organization_id, g.key] = Account(
                 by_code[code], 0, "credit", g.credit_expires_at, code
             )
 
