@@ -45,3 +45,37 @@ async def test_a_hold_past_its_time_holds_nothing_before_the_sweep(
         )
         assert await cur.fetchone() == (10 * USD,)  # the second one only
     assert second.status == "open"
+
+
+async def test_only_credits_that_outlive_a_hold_back_it(
+    wallet_pool: AsyncConnectionPool, new_org: NewOrg
+) -> None:
+    """A hold backed by credits that expire before it does: the sweep took them away while it
+    was open, leaving spendable below zero and its capture overdrawing cash."""
+    from datetime import UTC, datetime, timedelta
+
+    from gpudeck.wallet.ledger import InsufficientFunds
+
+    ledger = LedgerStore()
+    holds = HoldStore(ledger)
+    org = await new_org()
+    soon, later = datetime.now(UTC) + timedelta(minutes=5), datetime.now(UTC) + timedelta(days=1)
+    async with wallet_pool.connection() as conn, conn.transaction():
+        await ledger.post_transfers(
+            conn,
+            [
+                TransferRequest("soon", org, Kind.CREDIT_GRANT, 4 * USD, credit_expires_at=soon),
+                TransferRequest("later", org, Kind.CREDIT_GRANT, 3 * USD, credit_expires_at=later),
+                TransferRequest("cash", org, Kind.TOPUP, 2 * USD),
+            ],
+        )
+    async with wallet_pool.connection() as conn, conn.transaction():
+        with pytest.raises(InsufficientFunds, match="credits expiring before"):
+            await holds.create(conn, HoldRequest("long", org, 6 * USD, timeout_seconds=3600))
+        # Within the short credits' lifetime every credit counts.
+        short = await holds.create(conn, HoldRequest("short", org, 9 * USD, timeout_seconds=60))
+    assert short.status == "open"
+    async with wallet_pool.connection() as conn, conn.transaction():
+        await holds.void(conn, short.id, "void-short")
+        held = await holds.create(conn, HoldRequest("long-2", org, 5 * USD, timeout_seconds=3600))
+    assert held.amount == 5 * USD  # cash 2 + the credits that last the day 3

@@ -87,9 +87,15 @@ class HoldStore:
         wallet.held_balance -= sum(
             h.amount for h in await self._expire(conn, [wallet.organization_id], now)
         )
-        spendable = wallet.spendable_at(now)
+        expires_at = now + timedelta(seconds=request.timeout_seconds)
+        # Only credits that outlive the hold back it: the sweep takes the others away while it
+        # is still open, and spendable would go below zero.
+        spendable = wallet.spendable_at(expires_at)
         if spendable < request.amount:
-            raise short_of_funds(spendable, request.amount, wallet.currency)
+            expiring = spendable != wallet.spendable_at(now)
+            raise short_of_funds(
+                spendable, request.amount, wallet.currency, until=expires_at if expiring else None
+            )
         hold = Hold(
             id=uuid7(),
             organization_id=request.organization_id,
@@ -102,7 +108,7 @@ class HoldStore:
             resource_type=request.resource_type,
             resource_id=request.resource_id,
             created_at=now,
-            expires_at=now + timedelta(seconds=request.timeout_seconds),
+            expires_at=expires_at,
             resolved_at=None,
         )
         await conn.execute(

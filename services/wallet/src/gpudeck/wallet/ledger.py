@@ -106,10 +106,14 @@ def no_kyc_room(limit: int, added: int, currency: str) -> FailedPrecondition:
     )
 
 
-def short_of_funds(spendable: int, amount: int, currency: str) -> InsufficientFunds:
-    """The refusal of a charge of `amount` when only `spendable` is left."""
+def short_of_funds(
+    spendable: int, amount: int, currency: str, *, until: datetime | None = None
+) -> InsufficientFunds:
+    """The refusal of a charge (or hold) of `amount` when only `spendable` is left (`until`: the
+    hold's end, when credits expiring before it are not counted)."""
+    counted = f" (credits expiring before {until.isoformat()} not counted)" if until else ""
     return InsufficientFunds(
-        f"insufficient funds: spendable {format_micro(spendable)} {currency}"
+        f"insufficient funds: spendable {format_micro(spendable)} {currency}{counted}"
         f" < amount {format_micro(amount)} {currency}"
     )
 

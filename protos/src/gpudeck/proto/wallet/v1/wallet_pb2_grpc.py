@@ -250,6 +250,8 @@ class WalletServiceServicer:
 
     def CreateHold(self, request, context):
         """Holds: funds reserved for pending operations; each resolves exactly once.
+        A hold is refused (FAILED_PRECONDITION) when spendable is short; only credits that outlive
+        the hold (expire after its timeout) count towards it.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

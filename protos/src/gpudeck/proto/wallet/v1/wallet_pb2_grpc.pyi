@@ -47,7 +47,10 @@ class WalletServiceStub:
     GetTransaction: _grpc.UnaryUnaryMultiCallable[_wallet_pb2.GetTransactionRequest, _wallet_pb2.Transaction]
     """One transaction of an organization, with its postings."""
     CreateHold: _grpc.UnaryUnaryMultiCallable[_wallet_pb2.CreateHoldRequest, _wallet_pb2.Hold]
-    """Holds: funds reserved for pending operations; each resolves exactly once."""
+    """Holds: funds reserved for pending operations; each resolves exactly once.
+    A hold is refused (FAILED_PRECONDITION) when spendable is short; only credits that outlive
+    the hold (expire after its timeout) count towards it.
+    """
     CaptureHold: _grpc.UnaryUnaryMultiCallable[_wallet_pb2.CaptureHoldRequest, _wallet_pb2.CaptureHoldResponse]
     VoidHold: _grpc.UnaryUnaryMultiCallable[_wallet_pb2.VoidHoldRequest, _wallet_pb2.Hold]
     GetHold: _grpc.UnaryUnaryMultiCallable[_wallet_pb2.GetHoldRequest, _wallet_pb2.Hold]
@@ -104,7 +107,10 @@ class WalletServiceAsyncStub(WalletServiceStub):
     GetTransaction: _aio.UnaryUnaryMultiCallable[_wallet_pb2.GetTransactionRequest, _wallet_pb2.Transaction]  # type: ignore[assignment]
     """One transaction of an organization, with its postings."""
     CreateHold: _aio.UnaryUnaryMultiCallable[_wallet_pb2.CreateHoldRequest, _wallet_pb2.Hold]  # type: ignore[assignment]
-    """Holds: funds reserved for pending operations; each resolves exactly once."""
+    """Holds: funds reserved for pending operations; each resolves exactly once.
+    A hold is refused (FAILED_PRECONDITION) when spendable is short; only credits that outlive
+    the hold (expire after its timeout) count towards it.
+    """
     CaptureHold: _aio.UnaryUnaryMultiCallable[_wallet_pb2.CaptureHoldRequest, _wallet_pb2.CaptureHoldResponse]  # type: ignore[assignment]
     VoidHold: _aio.UnaryUnaryMultiCallable[_wallet_pb2.VoidHoldRequest, _wallet_pb2.Hold]  # type: ignore[assignment]
     GetHold: _aio.UnaryUnaryMultiCallable[_wallet_pb2.GetHoldRequest, _wallet_pb2.Hold]  # type: ignore[assignment]
@@ -188,7 +194,10 @@ class WalletServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _wallet_pb2.CreateHoldRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_wallet_pb2.Hold, _abc.Awaitable[_wallet_pb2.Hold]]:
-        """Holds: funds reserved for pending operations; each resolves exactly once."""
+        """Holds: funds reserved for pending operations; each resolves exactly once.
+        A hold is refused (FAILED_PRECONDITION) when spendable is short; only credits that outlive
+        the hold (expire after its timeout) count towards it.
+        """
 
     @_abc_1.abstractmethod
     def CaptureHold(
