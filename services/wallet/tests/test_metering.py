@@ -372,3 +372,31 @@ async def test_cutting_or_closing_a_meter_announces_no_depletion_that_never_was(
         state = await cur.fetchone()
     assert state == (700_000, "ok")
     assert edges == []
+
+
+async def test_settling_one_segment_twice_at_one_time_is_two_transfers(
+    wallet_pool: AsyncConnectionPool, new_org: NewOrg
+) -> None:
+    """Rate changes (and a close) all dated T, with billing ticks between them: each settles a
+    segment that starts at T up to T, and they shared one internal key. The second one failed
+    on the key's unique index, as INTERNAL, on every retry: the meter could not be closed."""
+    from gpudeck.wallet.metering_store import bill_open_meters
+
+    wallet = Wallet(wallet_pool)
+    org = await new_org()
+    async with wallet_pool.connection() as conn:
+        now = await db_now(conn)
+    at = now - timedelta(minutes=10)
+    meter_id = f"pod:{uuid.uuid4()}"
+    async with wallet_pool.connection() as conn, conn.transaction():
+        request = MeterRequest(meter_id, org, "pod-1", "pod", 3_600_000, at=at)
+        await wallet.meters.open(conn, request)
+    for n, rate in enumerate((7_200_000, 10_800_000)):
+        await bill_open_meters(wallet_pool, wallet.meters)
+        async with wallet_pool.connection() as conn, conn.transaction():
+            await wallet.meters.update_rate(conn, meter_id, rate, at, f"rate-{n}")
+    await bill_open_meters(wallet_pool, wallet.meters)
+    async with wallet_pool.connection() as conn, conn.transaction():
+        closed = await wallet.meters.close(conn, meter_id, at)
+        assert await audit.check(conn) == []
+    assert closed.closed_at == at and closed.total_charged == 0  # it never ran past T

@@ -225,7 +225,10 @@ class MeterStore:
             (delta, delta, meter.id),
         )
         line = SpendLine(meter.resource_type, abs(delta), meter.resource_id, meter.project_id)
+        # Settled when: a segment that starts at T may be settled to T more than once (rate
+        # changes dated T with ticks between them). The calls' own keys make them idempotent.
         key = f"meter:{meter.id}:{meter.segment_started_at.isoformat()}:{at.isoformat()}"
+        key += f"@{now.isoformat()}"
         requests = _metered(
             key,
             meter.organization_id,
