@@ -300,3 +300,77 @@ async def test_an_expiry_no_timestamp_holds_is_bad_input(gql, new_org) -> None:
         "BAD_USER_INPUT",
         "expiresAt",
     )
+
+
+async def test_a_retry_after_the_owner_token_was_revoked_shows_nothing_of_the_organization(
+    gql, new_org
+) -> None:
+    """A member token of A made organization B; B's owner revoked the token it got. Replaying
+    the creation still lent the member token owner rights over B in the payload: B's wallet,
+    billing and tokens, for good (keys are never pruned)."""
+    org = await new_org()
+    member = (await make_token(gql, org, "MEMBER"))["token"]
+    key = f"revoked-{uuid.uuid4().hex[:8]}"
+    first = (await gql.data(CREATE_ORG_CARD, {"key": key}, token=member))["createOrganization"]
+    owner_token_id = first["ownerApiToken"]["id"]
+    await gql.data(
+        "mutation($id: ID!) { revokeApiToken(id: $id) { id } }",
+        {"id": owner_token_id},
+        token=first["ownerToken"],
+    )
+    body = await gql(CREATE_ORG_CARD, {"key": key}, token=member)
+    assert body["data"] == {
+        "createOrganization": {"organization": None, "ownerToken": None, "ownerApiToken": None}
+    }
+    refusals = sorted((e["path"][-1], e["extensions"]["code"]) for e in body["errors"])
+    assert refusals == [("organization", "NOT_FOUND"), ("ownerApiToken", "NOT_FOUND")]
+
+
+async def test_a_demoted_owner_cannot_undo_it_while_its_token_is_remembered(
+    gql, new_org, wallet_stubs
+) -> None:
+    """The gateway keeps identities a few seconds. A demoted (or removed) owner's token, used
+    at once, promoted its user back to owner (or invited it back) and minted a new owner token:
+    the demotion was undone for good. The wallet refuses it (a demotion through another gateway
+    replica); this gateway also forgets the tokens of a member it removed."""
+    from gpudeck.proto.wallet.v1 import account_pb2
+
+    org = await new_org()
+    for n, undo in enumerate(("demote", "remove")):
+        email = f"{undo}-{uuid.uuid4().hex[:8]}@example.com"
+        invited = await gql.data(
+            INVITE, {"org": org.id, "email": email, "role": "OWNER"}, token=org.token
+        )
+        user = invited["inviteMember"]["user"]["id"]
+        made = await wallet_stubs.accounts.CreateApiToken(
+            account_pb2.CreateApiTokenRequest(
+                organization_id=org.id, name=f"v{n}", role="owner", created_by=user
+            )
+        )
+        assert (await gql.data("{ viewer { role } }", token=made.token))["viewer"]["role"]
+        if undo == "demote":  # by another gateway replica: this one still knows the token
+            await wallet_stubs.accounts.SetMemberRole(
+                account_pb2.SetMemberRoleRequest(
+                    organization_id=org.id, user_id=user, role="viewer"
+                )
+            )
+            back = await gql(
+                SET_ROLE, {"org": org.id, "user": user, "role": "OWNER"}, token=made.token
+            )
+        else:  # through this gateway, which forgets the token at once
+            await gql.data(REMOVE, {"org": org.id, "user": user}, token=org.token)
+            back = await gql(
+                INVITE, {"org": org.id, "email": email, "role": "OWNER"}, token=made.token
+            )
+        assert back["errors"][0]["extensions"]["code"] == "UNAUTHENTICATED", back
+        minted = await gql(
+            MAKE_TOKEN, {"org": org.id, "name": "keep", "role": "OWNER"}, token=made.token
+        )
+        assert minted["errors"][0]["extensions"]["code"] == "UNAUTHENTICATED", minted
+    members = await gql.data(
+        "query($id: ID!) { organization(id: $id) { members { user { email } role } } }",
+        {"id": org.id},
+        token=org.token,
+    )
+    roles = {m["user"]["email"]: m["role"] for m in members["organization"]["members"]}
+    assert sorted(roles.values()) == ["owner", "viewer"], roles

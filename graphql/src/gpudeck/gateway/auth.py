@@ -133,7 +133,7 @@ class Authenticator:
 
     A known token is kept TTL_SECONDS (never past its own expiry); an unknown, revoked or
     expired one NEGATIVE_TTL_SECONDS. `forget(token_id)` drops a token at once (this gateway
-    revoked it). Failures of the wallet itself are not cached.
+    revoked it), `forget_members` a member's or an organization's tokens. Failures of the wallet itself are not cached.
     """
 
     def __init__(
@@ -183,6 +183,22 @@ class Authenticator:
         key = self._token_keys.pop(token_id, None)
         if key is not None:
             self._entries.pop(key, None)
+        self._forgets += 1
+        self._pending.clear()
+
+    def forget_members(self, organization_id: str, user_id: str = "") -> None:
+        """Drop what is cached for the tokens of `organization_id` (of `user_id` only, when
+        given): this gateway changed their role, removed them, or deleted the organization,
+        which revokes such tokens."""
+        for key, entry in list(self._entries.items()):
+            identity = entry.identity
+            if (
+                identity is not None
+                and identity.organization_id == organization_id
+                and (not user_id or identity.user_id == user_id)
+            ):
+                del self._entries[key]
+                self._token_keys.pop(identity.token_id, None)
         self._forgets += 1
         self._pending.clear()
 

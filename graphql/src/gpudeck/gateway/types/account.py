@@ -361,7 +361,7 @@ async def resolve_delete_organization(
         idempotency_key=idempotency_key or "",
     )
     await c.accounts.DeleteOrganization(request, metadata=c.metadata)
-    info.context.auth.forget(identity.token_id)  # its other tokens fail within the cache's life
+    info.context.auth.forget_members(str(id))  # it revoked them all
     if info.context.live is not None:
         info.context.live.wake(identity.organization_id)
     return True
@@ -400,7 +400,10 @@ async def resolve_set_member_role(
         role=str(role),
         idempotency_key=idempotency_key or "",
     )
-    return OrganizationMember.from_pb(await c.accounts.SetMemberRole(request, metadata=c.metadata))
+    member = await c.accounts.SetMemberRole(request, metadata=c.metadata)
+    # Their tokens that now outrank them were revoked (the others' role stands as it was).
+    info.context.auth.forget_members(str(organization_id), member.user.id)
+    return OrganizationMember.from_pb(member)
 
 
 async def resolve_remove_member(
@@ -416,6 +419,7 @@ async def resolve_remove_member(
         idempotency_key=idempotency_key or "",
     )
     await c.accounts.RemoveMember(request, metadata=c.metadata)
+    info.context.auth.forget_members(str(organization_id), str(user_id))  # it revoked them
     return True
 
 

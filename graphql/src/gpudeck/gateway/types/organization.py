@@ -10,7 +10,8 @@ that currency, and each card's `conversion` says which exchange rate it used.
 from __future__ import annotations
 
 import dataclasses
-from datetime import datetime
+from datetime import UTC, datetime
+from typing import Annotated
 
 import strawberry
 
@@ -377,8 +378,32 @@ class Query:
     )
 
 
+def _live(created: account_pb2.CreateOrganizationResponse) -> bool:
+    """Whether the owner token of a created organization may still act (a first answer's
+    always may; a retry's may have been revoked or expired since)."""
+    if created.owner_token:
+        return True
+    token = created.owner_api_token
+    if not created.HasField("owner_api_token") or token.HasField("revoked_at"):
+        return False
+    return not token.HasField("expires_at") or token.expires_at.ToDatetime(UTC) > datetime.now(UTC)
+
+
+CreateOrganizationKey = Annotated[
+    str | None,
+    strawberry.argument(
+        description=(
+            "Optional. A retry by the same token with this key returns the first organization "
+            "(without `ownerToken`) and creates nothing; the same key with another name or "
+            "currency is a CONFLICT. These keys are the token's own, apart from the keys of "
+            "mutations in an organization."
+        )
+    ),
+]
+
+
 async def resolve_create_organization(
-    info: Info, name: str, currency: str, idempotency_key: OptionalKey = None
+    info: Info, name: str, currency: str, idempotency_key: CreateOrganizationKey = None
 ) -> CreateOrganizationPayload:
     identity = await info.context.identity()
     if not identity.user_id:
@@ -399,9 +424,10 @@ async def resolve_create_organization(
         request.owner_token_expires_at.FromDatetime(identity.expires_at)
     created = await c.accounts.CreateOrganization(request, metadata=c.metadata)
     new = created.organization
-    # The caller's user owns it: its payload (only) shows it. Otherwise (a retry after the user
-    # left) the payload's fields are NOT_FOUND to the caller's own token.
-    if new.owner.id == identity.user_id:
+    # The caller's user owns it: its payload (only) shows it, as its owner token would. Otherwise
+    # (a retry after the user left, or after that token was revoked or expired) the payload's
+    # fields are NOT_FOUND to the caller's own token.
+    if new.owner.id == identity.user_id and _live(created):
         info.context.grant(
             dataclasses.replace(
                 identity,

@@ -20,6 +20,7 @@ from gpudeck.wallet.accounts import (
 )
 from gpudeck.wallet.accounts_store import AccountStore, CreatedOrganization, NewOrganization
 from gpudeck.wallet.deps import Wallet
+from gpudeck.wallet.live_actor import require_live_actor
 from gpudeck.wallet.once import once
 from gpudeck.wallet.organization_deletion import delete_organization
 from gpudeck.wallet.organizations_store import Conn
@@ -159,6 +160,7 @@ class AccountServicer(account_pb2_grpc.AccountServiceServicer):
             owner_token_expires_at=convert.optional_time(request, "owner_token_expires_at"),
         )
         async with self.wallet.pool.connection() as conn, conn.transaction():
+            await require_live_actor(conn)
             return created(await self.accounts.create_organization(conn, new))
 
     async def GetOrganization(

@@ -15,6 +15,7 @@ from psycopg import AsyncConnection
 
 from gpudeck.kit.logs import actor
 from gpudeck.wallet import idempotency
+from gpudeck.wallet.live_actor import require_live_actor
 from gpudeck.wallet.text import check_text
 
 Answer = TypeVar("Answer", bound=Message)
@@ -34,24 +35,27 @@ async def once(
     is one request in its organization whatever the call and whoever sends it: another request
     with it (the request's type is part of its fingerprint), a transfer's, a hold's or a plan
     change's key too, is ABORTED; only its sender gets the first answer back. The field
-    `secret` of the answer is not kept (a retry gets it empty)."""
+    `secret` of the answer is not kept (a retry gets it empty). A token that calls must still be
+    valid (live_actor), replays included."""
     key = check_text(request.idempotency_key, "idempotency_key")
-    if not key:
-        return await act()
     organization = scope.removeprefix("org:") if scope.startswith("org:") else ""
     mine = f"{scope}:{actor.get()}"
     # Serializes the calls with this key in the scope. In an organization's, its wallet row
     # does, with its money calls too, which hold it while they look at its keys (lock order:
-    # the wallet, then the organization, as everywhere); elsewhere, a lock on the key.
+    # the wallet, then the organization, as everywhere); elsewhere, a lock on the key. The
+    # wallet row also orders the call after any revocation of its token (they take it too).
     if organization:
         await conn.execute(
             "SELECT 1 FROM wallets WHERE organization_id = %s FOR UPDATE",
             (uuid.UUID(organization),),
         )
-    else:
+    elif key:
         await conn.execute(
             "SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))", (f"{scope} {key}",)
         )
+    await require_live_actor(conn)
+    if not key:
+        return await act()
     payload = type(request)()
     payload.CopyFrom(request)
     payload.idempotency_key = ""
