@@ -300,3 +300,33 @@ async def test_a_huge_bad_value_is_named_without_being_sent_back_whole(
     error = await gql.error(mutation % org.id, {"v": "U" * 20_000}, token=org.token)
     assert error["extensions"].get("field") == field, error
     assert "20000 characters" in error["message"] and len(error["message"]) < 300, error
+
+
+async def test_text_that_is_no_text_is_bad_input_naming_its_argument(gql, new_org) -> None:
+    """A lone UTF-16 surrogate (a string cut inside an emoji, as JSON.stringify sends it) cannot
+    be encoded for the services, and a NUL cannot be stored or compared by PostgreSQL: both
+    failed as INTERNAL."""
+    org = await new_org()
+    top_up = """mutation($org: ID!, $key: String!) {
+      topUpWallet(organizationId: $org, amount: "1", currency: "USD", idempotencyKey: $key) {
+        wallet { balance { amount } }
+      }
+    }"""
+    error = await gql.error(top_up, {"org": org.id, "key": "half \ud83d"}, token=org.token)
+    assert_names(error, "BAD_USER_INPUT", "idempotencyKey", "idempotencyKey", "surrogate")
+    error = await gql.error(PREFERENCES, {"org": org.id, "theme": "\udfff"}, token=org.token)
+    assert_names(error, "BAD_USER_INPUT", "theme", "theme")
+    read = "query($id: ID!, $s: String!) { organization(id: $id) { %s } }"
+    for body, field in (
+        ("usage(meter: $s) { todayQuantity }", "meter"),
+        ("resourceCosts(resourceIds: [$s]) { resources { resourceId } }", "resourceIds"),
+    ):
+        for bad in ("a\x00b", "a\ud800b"):
+            error = await gql.error(read % body, {"id": org.id, "s": bad}, token=org.token)
+            assert_names(error, "BAD_USER_INPUT", field, field)
+    wallet = await gql.data(
+        "query($id: ID!) { organization(id: $id) { wallet { balance { amount } } } }",
+        {"id": org.id},
+        token=org.token,
+    )
+    assert wallet["organization"]["wallet"]["balance"]["amount"] == "0.000000"  # nothing moved

@@ -31,6 +31,7 @@ from gpudeck.gateway.context import PerOperation
 from gpudeck.gateway.ids import CanonicalIds
 from gpudeck.gateway.introspection import IntrospectionNeedsToken
 from gpudeck.gateway.metrics import OperationMetrics
+from gpudeck.gateway.text import WellFormedText
 from gpudeck.gateway.types import account, billing, health, organization, rates, wallet
 from gpudeck.gateway.types.common import LONG_SCALAR, ROLE_SCALAR, Long, Role
 
@@ -101,6 +102,7 @@ def build_schema() -> strawberry.Schema:
         IntrospectionNeedsToken,
         OperationMetrics,
         CanonicalIds,
+        WellFormedText,
     ]
     return GatewaySchema(
         query=Query,

@@ -17,6 +17,7 @@ from gpudeck.wallet.invoices import next_invoice_date
 from gpudeck.wallet.once import once
 from gpudeck.wallet.rates import Conversion, NewRate, parse_rate
 from gpudeck.wallet.read_convert import Display
+from gpudeck.wallet.text import check_text
 from gpudeck.wallet.thresholds_store import ThresholdStore
 from gpudeck.wallet.usage import UsageEvent, check_recent, check_top
 from gpudeck.wallet.usage_store import UsageStore
@@ -91,6 +92,8 @@ class ReadRpcs:
             raise InvalidArgument(
                 f"at most {MAX_RESOURCE_IDS} resource_ids per call", field="resource_ids"
             )
+        for resource_id in request.resource_ids:  # what they were charged for is text too
+            check_text(resource_id, "resource_ids")
         limit = rm.check_limit(request.limit) if not request.resource_ids else MAX_RESOURCE_IDS
         async with self.wallet.pool.connection() as conn:
             currency, _ = await store.currency_and_today(conn, org)
@@ -103,6 +106,7 @@ class ReadRpcs:
     ) -> pb.UsageAnalytics:
         org = convert.parse_id(request.organization_id, "organization_id")
         top, recent = check_top(request.top), check_recent(request.recent)
+        check_text(request.meter, "meter", max_length=100)
         async with self.wallet.pool.connection() as conn:
             currency, analytics = await self._usage.analytics(
                 conn, org, top=top, recent=recent, meter=request.meter
