@@ -25,6 +25,8 @@ from gpudeck.proto.common.v1 import money_pb2
         (".5", 500_000),
         ("3.", 3_000_000),
         ("1000000000", MAX_AMOUNT),
+        ("0" * 16 + "1", 1_000_000),  # leading zeros are no size ("too large" before)
+        ("00000000000000000.000001", 1),
     ],
 )
 def test_amounts_parse_to_micro_units(text: str, micro: int) -> None:
@@ -40,6 +42,7 @@ def test_amounts_parse_to_micro_units(text: str, micro: int) -> None:
         ("1e3", "decimal number"),
         ("1000000000.000001", "too large"),
         ("9" * 40, "too large"),
+        ("0" * 40 + "1" * 11, "too large"),
         ("", "decimal number"),
         ("\u0661\u0662", "decimal number"),  # Arabic-Indic digits
         ("\uff15", "decimal number"),  # fullwidth 5

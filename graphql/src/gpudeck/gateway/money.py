@@ -48,7 +48,8 @@ def parse_amount(text: str, *, field: str = "amount", allow_zero: bool = False) 
         if value.startswith("-") and _DECIMAL.match(value[1:]):
             raise _bad(field, f"{field} must be positive, got {echo(text)}")
         raise _bad(field, f'{field} must be a decimal number like "12.50", got {echo(text)}')
-    whole, fraction = match.group(1) or "0", match.group(2) or match.group(3) or ""
+    whole = (match.group(1) or "0").lstrip("0") or "0"  # "0005" is 5, not "too large"
+    fraction = match.group(2) or match.group(3) or ""
     if len(fraction) > 6:
         raise _bad(field, f"{field} has more than 6 decimal places: {echo(text)}")
     if len(whole) > 16:
