@@ -400,3 +400,36 @@ async def test_settling_one_segment_twice_at_one_time_is_two_transfers(
         closed = await wallet.meters.close(conn, meter_id, at)
         assert await audit.check(conn) == []
     assert closed.closed_at == at and closed.total_charged == 0  # it never ran past T
+
+
+async def test_a_project_cannot_be_deleted_while_a_meter_opens_in_it(
+    wallet_pool: AsyncConnectionPool, new_org: NewOrg
+) -> None:
+    """The open holds the wallet row; the deletion locked only the organization's, so its "no
+    open meters" check ran beside the open and both committed: a billed resource in a deleted
+    project."""
+    from gpudeck.kit.errors import FailedPrecondition
+    from gpudeck.wallet.accounts_store import AccountStore
+
+    wallet = Wallet(wallet_pool)
+    accounts = AccountStore(wallet.ledger.outbox)
+    org = await new_org()
+    async with wallet_pool.connection() as conn, conn.transaction():
+        await accounts.create_project(conn, org, "other")  # not the last one
+        project = await accounts.create_project(conn, org, "busy")
+    async with wallet_pool.connection() as opening:
+        async with opening.transaction():
+            meter_id = f"pod:{uuid.uuid4()}"
+            request = MeterRequest(meter_id, org, "pod-1", "pod", 3_600_000, project.id)
+            await wallet.meters.open(opening, request)
+
+            async def delete() -> object:
+                async with wallet_pool.connection() as conn, conn.transaction():
+                    return await accounts.delete_project(conn, project.id)
+
+            deleting = asyncio.create_task(delete())
+            await asyncio.sleep(0.3)
+            assert not deleting.done()  # it waits for the open
+        with pytest.raises(FailedPrecondition) as refused:
+            await deleting
+    assert refused.value.reason == "PROJECT_IN_USE"

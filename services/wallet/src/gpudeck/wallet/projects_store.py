@@ -124,6 +124,12 @@ class ProjectStore(OrganizationStore):
     async def delete_project(self, conn: Conn, project_id: uuid.UUID) -> Project:
         """Soft-delete a project that is not its organization's last and meters nothing."""
         project = await self.get_project(conn, project_id)
+        # The wallet row first (lock order: the wallet, then the organization): a meter being
+        # opened in the project holds it, and the check below must see that meter.
+        await conn.execute(
+            "SELECT 1 FROM wallets WHERE organization_id = %s FOR UPDATE",
+            (project.organization_id,),
+        )
         await self.lock_organization(conn, project.organization_id)
         cur = await conn.execute(
             "SELECT (SELECT count(*) FROM projects WHERE organization_id = %s"
