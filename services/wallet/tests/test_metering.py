@@ -433,3 +433,35 @@ async def test_a_project_cannot_be_deleted_while_a_meter_opens_in_it(
         with pytest.raises(FailedPrecondition) as refused:
             await deleting
     assert refused.value.reason == "PROJECT_IN_USE"
+
+
+async def test_an_organizations_meters_add_up_to_no_more_than_one_meter_may(
+    wallet_pool: AsyncConnectionPool, new_org: NewOrg
+) -> None:
+    """Thirteen meters at the most one may charge made a run rate whose month (× 720 h) passed
+    a bigint: every wallet card failed, blaming a display currency no one asked for."""
+    from gpudeck.kit.errors import FailedPrecondition
+    from gpudeck.wallet.money import MAX_AMOUNT
+    from gpudeck.wallet.readmodels import RunRate
+
+    wallet = Wallet(wallet_pool)
+    org = await new_org()
+    half = MAX_AMOUNT // 2
+    async with wallet_pool.connection() as conn, conn.transaction():
+        for n in range(2):
+            await wallet.meters.open(conn, MeterRequest(f"big:{org}:{n}", org, "r", "pod", half))
+    with pytest.raises(FailedPrecondition) as refused:
+        async with wallet_pool.connection() as conn, conn.transaction():
+            await wallet.meters.open(conn, MeterRequest(f"big:{org}:2", org, "r", "pod", 2))
+    assert (refused.value.field, refused.value.reason) == ("hourly_rate", "RUN_RATE_LIMIT")
+    with pytest.raises(FailedPrecondition):
+        async with wallet_pool.connection() as conn, conn.transaction():
+            await wallet.meters.update_rate(conn, f"big:{org}:1", half + 2, None, "raise")
+    async with wallet_pool.connection() as conn:
+        cur = await conn.execute(
+            "SELECT w.run_rate, (SELECT count(*) FROM meters m WHERE m.organization_id = %s)"
+            " FROM wallets w WHERE w.organization_id = %s",
+            (org, org),
+        )
+        assert await cur.fetchone() == (2 * half, 2)  # nothing of the refused calls stayed
+    assert RunRate(2 * half).per_month < 2**63  # the month at the most still an amount

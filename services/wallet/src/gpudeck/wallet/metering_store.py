@@ -27,6 +27,7 @@ from gpudeck.wallet.metering import (
     owed,
     rate_change_fingerprint,
 )
+from gpudeck.wallet.money import MAX_AMOUNT, format_micro
 
 Conn = AsyncConnection[Any]
 COLUMNS = (
@@ -248,11 +249,21 @@ class MeterStore:
         self, conn: Conn, organization_id: uuid.UUID, delta: int, now: datetime
     ) -> None:
         self.ledger.mark_changed([organization_id])
-        await conn.execute(
+        cur = await conn.execute(
             "UPDATE wallets SET run_rate = run_rate + %s, changed_at = %s, updated_at = %s"
-            " WHERE organization_id = %s",
+            " WHERE organization_id = %s RETURNING run_rate",
             (delta, now, now, organization_id),
         )
+        row = await cur.fetchone()
+        # The sum of its meters may not pass what one meter may: its projections (× 720 h for
+        # a month) must stay amounts, or the wallet card could no longer be shown.
+        if delta > 0 and row is not None and row[0] > MAX_AMOUNT:
+            raise FailedPrecondition(
+                f"organization {organization_id} would run at {format_micro(row[0])} per hour,"
+                f" more than the {format_micro(MAX_AMOUNT)} its meters may add up to",
+                field="hourly_rate",
+                reason="RUN_RATE_LIMIT",
+            )
 
     @staticmethod
     def _event(event_type: str, meter: Meter) -> Any:

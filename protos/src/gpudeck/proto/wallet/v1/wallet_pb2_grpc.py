@@ -286,6 +286,8 @@ class WalletServiceServicer:
         """Metering: per-second billing of running resources. Rounded down per rate segment: by time t
         a segment started at s owes floor(hourly_rate × µs(t − s) / 3,600,000,000) micro-units, and
         each billing tick charges the difference, so ticks and restarts add no rounding error.
+        A meter's hourly_rate is at most 1e15 micro-units, and so is the sum of an organization's
+        open meters: an open or a rate change past it is FAILED_PRECONDITION (RUN_RATE_LIMIT).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -60,6 +60,8 @@ class WalletServiceStub:
     """Metering: per-second billing of running resources. Rounded down per rate segment: by time t
     a segment started at s owes floor(hourly_rate × µs(t − s) / 3,600,000,000) micro-units, and
     each billing tick charges the difference, so ticks and restarts add no rounding error.
+    A meter's hourly_rate is at most 1e15 micro-units, and so is the sum of an organization's
+    open meters: an open or a rate change past it is FAILED_PRECONDITION (RUN_RATE_LIMIT).
     """
     UpdateMeterRate: _grpc.UnaryUnaryMultiCallable[_wallet_pb2.UpdateMeterRateRequest, _wallet_pb2.Meter]
     CloseMeter: _grpc.UnaryUnaryMultiCallable[_wallet_pb2.CloseMeterRequest, _wallet_pb2.Meter]
@@ -120,6 +122,8 @@ class WalletServiceAsyncStub(WalletServiceStub):
     """Metering: per-second billing of running resources. Rounded down per rate segment: by time t
     a segment started at s owes floor(hourly_rate × µs(t − s) / 3,600,000,000) micro-units, and
     each billing tick charges the difference, so ticks and restarts add no rounding error.
+    A meter's hourly_rate is at most 1e15 micro-units, and so is the sum of an organization's
+    open meters: an open or a rate change past it is FAILED_PRECONDITION (RUN_RATE_LIMIT).
     """
     UpdateMeterRate: _aio.UnaryUnaryMultiCallable[_wallet_pb2.UpdateMeterRateRequest, _wallet_pb2.Meter]  # type: ignore[assignment]
     CloseMeter: _aio.UnaryUnaryMultiCallable[_wallet_pb2.CloseMeterRequest, _wallet_pb2.Meter]  # type: ignore[assignment]
@@ -237,6 +241,8 @@ class WalletServiceServicer(metaclass=_abc_1.ABCMeta):
         """Metering: per-second billing of running resources. Rounded down per rate segment: by time t
         a segment started at s owes floor(hourly_rate × µs(t − s) / 3,600,000,000) micro-units, and
         each billing tick charges the difference, so ticks and restarts add no rounding error.
+        A meter's hourly_rate is at most 1e15 micro-units, and so is the sum of an organization's
+        open meters: an open or a rate change past it is FAILED_PRECONDITION (RUN_RATE_LIMIT).
         """
 
     @_abc_1.abstractmethod
