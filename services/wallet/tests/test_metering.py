@@ -465,3 +465,27 @@ async def test_an_organizations_meters_add_up_to_no_more_than_one_meter_may(
         )
         assert await cur.fetchone() == (2 * half, 2)  # nothing of the refused calls stayed
     assert RunRate(2 * half).per_month < 2**63  # the month at the most still an amount
+
+
+async def test_a_retried_open_answers_after_its_project_was_deleted(
+    wallet_pool: AsyncConnectionPool, new_org: NewOrg
+) -> None:
+    """The project was checked before the meter was looked up: a retry of an open whose meter
+    had been closed and its project deleted since was NOT_FOUND instead of its answer."""
+    from gpudeck.wallet.accounts_store import AccountStore
+
+    wallet = Wallet(wallet_pool)
+    accounts = AccountStore(wallet.ledger.outbox)
+    org = await new_org()
+    async with wallet_pool.connection() as conn, conn.transaction():
+        await accounts.create_project(conn, org, "stays")
+        project = await accounts.create_project(conn, org, "goes")
+        request = MeterRequest(f"pod:{uuid.uuid4()}", org, "pod-1", "pod", 3_600_000, project.id)
+        first = await wallet.meters.open(conn, request)
+    async with wallet_pool.connection() as conn, conn.transaction():
+        closed = await wallet.meters.close(conn, first.id)
+        await accounts.delete_project(conn, project.id)
+    restarted = Wallet(wallet_pool)  # knows nothing of the project from before
+    async with wallet_pool.connection() as conn, conn.transaction():
+        again = await restarted.meters.open(conn, request)
+    assert again == closed

@@ -101,10 +101,12 @@ class MeterStore:
             raise NotFound(
                 f"organization {request.organization_id} not found", field="organization_id"
             )
+        # A retry: the same request answers as the first time, even once its time is long
+        # past or its project deleted (the meter was opened when both were fine).
+        opened = await self._find(conn, request.meter_id)
+        if opened is not None:
+            return _replayed(opened, request)
         if at < now - MAX_BACKDATE:  # an unset time (1970) would bill decades at once
-            opened = await self._find(conn, request.meter_id)
-            if opened is not None:  # a retry of an open made in time: still the same request
-                return _replayed(opened, request)
             raise InvalidArgument(
                 f"at {at.isoformat()} is more than {MAX_BACKDATE.days * 24} h ago: a meter opens"
                 " when its resource starts costing, at most that long before now",
