@@ -418,8 +418,12 @@ async def test_amounts_in_a_display_currency_say_which_rate(gql, new_org, wallet
         expenditure { currentPeriod { currency } conversion { rate } }
         plan { monthlyFee { currency } availableCredits { amount currency } }
         billing { currentMonthTotal { currency } conversion { rate } }
+        availablePlans { code monthlyFee { currency } conversion { rate } }
     } }"""
     shown = (await gql.data(query, {"id": inr.id}, token=inr.token))["organization"]
+    for option in shown["availablePlans"]:  # the catalog's fees, converted, say at what rate
+        assert option["monthlyFee"]["currency"] == "USD", option
+        assert option["conversion"] == {"rate": "83.25"}, option
     assert shown["conversion"] == {"base": "USD", "quote": "INR", "rate": "83.25"}
     expected = _converted("1000", "83.25", divide=True)
     assert shown["wallet"]["balance"] == {"amount": expected, "currency": "USD"}
@@ -433,6 +437,12 @@ async def test_amounts_in_a_display_currency_say_which_rate(gql, new_org, wallet
 
     same = await gql.data(WALLET, {"id": usd.id, "display": "USD"}, token=usd.token)
     assert same["organization"]["wallet"]["conversion"] is None
+    plans = await gql.data(
+        "query($id: ID!) { organization(id: $id) { availablePlans { conversion { rate } } } }",
+        {"id": usd.id},
+        token=usd.token,
+    )
+    assert {p["conversion"] is None for p in plans["organization"]["availablePlans"]} == {True}
 
 
 async def test_a_converted_trend_and_breakdown_say_which_rate(gql, new_org, wallet_stubs) -> None:

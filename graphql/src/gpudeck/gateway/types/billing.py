@@ -312,6 +312,9 @@ class PlanOption:
     name: str
     monthly_fee: Money
     included_credits: Money
+    conversion: Conversion | None = strawberry.field(
+        description="The exchange rate its amounts were converted at; null when not converted."
+    )
 
     @classmethod
     def from_pb(cls, m: wallet_pb2.Plan, conversion: money_pb2.Conversion | None) -> PlanOption:
@@ -320,6 +323,7 @@ class PlanOption:
             name=m.name,
             monthly_fee=Money.from_pb(m.monthly_fee, conversion),
             included_credits=Money.from_pb(m.included_credits, conversion),
+            conversion=Conversion.from_pb(conversion) if conversion is not None else None,
         )
 
 
