@@ -21,6 +21,7 @@ import pytest
 from gpudeck.cli.embedded import free_port
 from gpudeck.cli.procs import as_json_line
 from gpudeck.cli.stack import UsageError, kept_secret, resolve
+from gpudeck.kit.config import EventsConfig
 
 CLI = [sys.executable, "-m", "gpudeck.cli.main"]
 
@@ -70,6 +71,13 @@ def test_flag_beats_environment_beats_default() -> None:
     assert settings["GPUDECK_STORAGE_LISTEN"] == "127.0.0.1:50053"
     assert settings["GPUDECK_NODE_AGENT_METRICS_LISTEN"] == "127.0.0.1:9105"
     assert settings["GPUDECK_GATEWAY_LISTEN"] == "127.0.0.1:8080"
+
+
+def test_a_child_gets_both_of_its_shutdown_phases_before_it_is_killed() -> None:
+    """A service drains its calls for up to the grace, then stops its workers, pool and NATS
+    for up to the grace again: the launcher killed it after grace + 5 s, mid-shutdown."""
+    assert resolve({}, {"GPUDECK_SHUTDOWN_GRACE": "10"}).grace >= 2 * 10
+    assert resolve({}, {"GPUDECK_SHUTDOWN_GRACE": "4"}).grace >= 2 * 4
 
 
 def test_any_free_port_is_chosen_before_start() -> None:
@@ -284,6 +292,10 @@ def test_numbers_that_are_not_finite_or_sane_are_named(name: str, value: str) ->
         ("GPUDECK_INVOICE_FONT", "/nonexistent/font.ttf"),
         ("GPUDECK_ADMIN_TOKEN", "short"),
         ("GPUDECK_DB_POOL_SIZE", "nan"),
+        ("GPUDECK_DEMO", "maybe"),
+        ("GPUDECK_BOOTSTRAP_TOKEN", "secret"),  # without --demo: no demo organization to own
+        ("GPUDECK_KYC_TOPUP_LIMIT", "USD:0.0000001"),
+        ("GPUDECK_GATEWAY_HEALTH_TIMEOUT", "1e12"),  # a gRPC deadline that overflows
     ],
 )
 def test_up_names_a_bad_service_setting_before_starting_anything(
@@ -308,3 +320,52 @@ def test_a_font_file_that_is_not_a_font_is_named(tmp_path: Path) -> None:
 def test_a_nats_port_in_other_digits_is_named(tmp_path: Path) -> None:
     result = run_cli("up", "--data-dir", str(tmp_path), env=clean_env(GPUDECK_NATS_PORT="²"))
     assert_one_line_error(result, "GPUDECK_NATS_PORT")
+
+
+@pytest.mark.parametrize("value", ["nan", "-1", "0", "inf", "soon"])
+def test_a_startup_timeout_that_is_no_time_is_named(tmp_path: Path, value: str) -> None:
+    """It started the embedded servers, then gave up "after nans" with exit code 1."""
+    result = run_cli("up", "--data-dir", str(tmp_path), "--startup-timeout", value, env=clean_env())
+    assert_one_line_error(result, "--startup-timeout")
+    assert not any(tmp_path.iterdir())
+
+
+def test_a_nats_url_naming_several_servers_is_checked_as_the_services_use_it(
+    nats_url: str,
+) -> None:
+    """deploy/README documents "nats://a:4222,nats://b:4222"; `up` passed it whole to
+    nats.connect and refused it (exit 2) though every service connects with it."""
+    import asyncio
+
+    from gpudeck.cli.up import check_nats
+
+    asyncio.run(check_nats(f"{nats_url}, {nats_url}"))
+    with pytest.raises(UsageError, match="cannot connect"):
+        asyncio.run(check_nats("nats://127.0.0.1:1,nats://127.0.0.1:2"))
+
+
+def test_a_service_port_in_use_is_one_line_naming_it(
+    database_url: str, events_config: EventsConfig
+) -> None:
+    """gRPC's C core printed its own raw line ("E1207 … add_port.cc … Failed to add port")
+    before ours, after the service had connected to its database and NATS."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        env = clean_env(
+            GPUDECK_SERVICE_TOKEN="t" * 24,
+            GPUDECK_DATABASE_URL=database_url,
+            GPUDECK_NATS_URL=events_config.nats_url,
+            GPUDECK_EVENTS_STREAM=events_config.stream,
+            GPUDECK_EVENTS_PREFIX=events_config.subject_prefix,
+            GPUDECK_COMPUTE_LISTEN=f"127.0.0.1:{port}",
+            GPUDECK_COMPUTE_METRICS_LISTEN=f"127.0.0.1:{free_port()}",
+        )
+        result = run_cli("serve", "compute", env=env)
+    assert result.returncode == 2, result.stderr
+    # One plain line (the service's own JSON log lines aside, e.g. its "stopped").
+    lines = [line for line in result.stderr.splitlines() if not line.startswith("{")]
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    assert f"GPUDECK_COMPUTE_LISTEN=127.0.0.1:{port}" in lines[0] and "in use" in lines[0]
+    assert "migrations applied" not in result.stderr  # refused before it connected anywhere

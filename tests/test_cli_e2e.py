@@ -249,3 +249,71 @@ def wait_serving(address: str, process: subprocess.Popen[bytes], timeout: float 
                     return
             except grpc.RpcError:
                 time.sleep(0.2)
+
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+
+
+def readme_examples() -> list[str]:
+    """The shell commands of README's "Try it" (its indented blocks up to the next paragraph
+    about the bootstrap token), as a newcomer would paste them."""
+    text = README.read_text().split("Try it:", 1)[1].split("`GPUDECK_BOOTSTRAP_TOKEN=<value>`")[0]
+    blocks, current = [], []
+    for line in text.splitlines():
+        if line.startswith("    "):
+            current.append(line[4:])
+        elif current and line.strip():
+            blocks.append("\n".join(current))
+            current = []
+    if current:
+        blocks.append("\n".join(current))
+    # From each block its curl command (the first one also starts the stack, done here).
+    return [b[b.index("curl") :] for b in blocks if "curl" in b]
+
+
+def test_the_readme_examples_work_as_written(
+    tmp_path: Path, pg_server_url: str, run_id: str, events_config: EventsConfig
+) -> None:
+    """README's "Try it" top-up was sent with raw newlines inside its JSON: the gateway
+    answered "Unable to parse request body as JSON" to a newcomer's first mutation."""
+    import psycopg
+
+    name = f"gpudeck_readme_{run_id}"
+    with psycopg.connect(pg_server_url, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    database = pg_server_url.rsplit("/", 1)[0] + f"/{name}"
+    env = clean_env(
+        GPUDECK_DATABASE_URL=database,
+        GPUDECK_NATS_URL=events_config.nats_url,
+        GPUDECK_EVENTS_STREAM=f"README_{run_id}",
+        GPUDECK_EVENTS_PREFIX=f"readme{run_id}",
+        GPUDECK_BOOTSTRAP_TOKEN="demo-secret",
+    )
+    launcher = Launcher(tmp_path, env, "--demo")
+    try:
+        launcher.wait_up()
+        viewer_example, top_up_example = readme_examples()
+
+        def run(example: str) -> Any:
+            command = example.replace("localhost:8080", launcher.gateway)
+            done = subprocess.run(
+                ["bash", "-c", command], capture_output=True, text=True, timeout=30
+            )
+            assert done.returncode == 0, done.stderr
+            return json.loads(done.stdout)
+
+        viewer = run(viewer_example)
+        assert "errors" not in viewer, viewer
+        [org] = viewer["data"]["viewer"]["organizations"]
+        assert org["role"] == "owner"
+        first = run(top_up_example.replace("<id from viewer>", org["id"]))
+        assert "errors" not in first, first
+        wallet = first["data"]["topUpWallet"]["wallet"]
+        assert wallet["balance"]["currency"] == "USD"
+        again = run(top_up_example.replace("<id from viewer>", org["id"]))
+        assert again == first  # a retry with the same key: the first answer
+    finally:
+        code = launcher.stop()
+        with psycopg.connect(pg_server_url, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    assert code == 0, launcher.log_tail()

@@ -51,6 +51,8 @@ def test_zero_is_no_limit() -> None:
         ("-1", "must be at least 0"),
         ("USD:5,", "'' is not CURRENCY:AMOUNT"),
         ("USD:", "'USD:' is not CURRENCY:AMOUNT"),
+        ("USD:0.0000001", "more than 6 decimal places"),  # was 0: no limit at all
+        ("99999999999999", "too large"),
     ],
 )
 def test_a_bad_limit_is_a_configuration_error_naming_the_variable(value: str, says: str) -> None:
@@ -58,3 +60,9 @@ def test_a_bad_limit_is_a_configuration_error_naming_the_variable(value: str, sa
         parsed(value)
     assert "GPUDECK_KYC_TOPUP_LIMIT=" in str(err.value)
     assert says in str(err.value)
+
+
+def test_a_limit_is_exact_to_the_micro_unit() -> None:
+    """Read as a float, large limits lost micro-units (12345678901.234567 → …568)."""
+    assert parsed("USD:12345678901.234567").of("USD") == 12_345_678_901_234_567
+    assert parsed("999999999999.999999").of("INR") == 999_999_999_999_999_999

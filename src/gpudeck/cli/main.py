@@ -6,6 +6,7 @@ Bad input prints one line naming the flag or environment variable and exits with
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 from collections.abc import Sequence
@@ -26,6 +27,17 @@ class Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         print(f"{self.prog}: {message} (see {self.prog} --help)", file=sys.stderr)
         raise SystemExit(EXIT_USAGE)
+
+
+def _seconds(text: str) -> float:
+    """A positive, finite number of seconds (argparse names the flag when this refuses)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive number of seconds")
+    return value
 
 
 def build_parser() -> Parser:
@@ -62,7 +74,7 @@ def build_parser() -> Parser:
         )
     up.add_argument(
         "--startup-timeout",
-        type=float,
+        type=_seconds,
         default=120.0,
         metavar="SECONDS",
         help="give up if not all healthy by then (default 120)",

@@ -180,7 +180,9 @@ def resolve(
         nats_url=nats,
         nats_port=int(port_raw) if port_raw else DEFAULT_NATS_PORT,
         nats_port_fixed=bool(port_raw),
-        grace=grace + 5.0,  # the children drain for `grace` themselves; allow them that first
+        # A child drains its calls for up to `grace`, then stops its workers, pool and NATS for
+        # up to `grace` again (deploy/README.md): allow it both, and a margin, before SIGKILL.
+        grace=2 * grace + 5.0,
     )
 
 

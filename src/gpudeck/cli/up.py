@@ -41,7 +41,7 @@ from gpudeck.cli.stack import (
     resolve,
 )
 from gpudeck.kit import logs
-from gpudeck.kit.config import ConfigError, redact_url
+from gpudeck.kit.config import ConfigError, nats_servers, redact_url
 
 log = logging.getLogger("gpudeck.cli")
 
@@ -62,7 +62,7 @@ class UpOptions:
     startup_timeout: float = 120.0
 
 
-def check_settings(env: Mapping[str, str]) -> None:
+def check_settings(env: Mapping[str, str], *, demo: bool = False) -> None:
     """Each part's own settings, checked before anything starts: a bad one is one line naming
     it (UsageError), not a child's log line after the others started. What `up` provides
     itself (the URLs, the service token) stands in for what is not set yet."""
@@ -76,6 +76,8 @@ def check_settings(env: Mapping[str, str]) -> None:
         "GPUDECK_SERVICE_TOKEN": "set-by-up",
     }
     given = {**filled, **{k: v for k, v in env.items() if v.strip() or k not in filled}}
+    if demo:
+        given["GPUDECK_DEMO"] = "1"
     try:
         ServiceConfig.from_env("wallet", given)
         WalletSettings.from_env(given)
@@ -91,7 +93,7 @@ def up(options: UpOptions, env: Mapping[str, str]) -> int:
     level = env.get("GPUDECK_LOG_LEVEL", "").strip().upper() or "INFO"
     if level not in LOG_LEVELS:
         raise UsageError(f"GPUDECK_LOG_LEVEL={level!r} is not DEBUG, INFO, WARNING or ERROR")
-    check_settings(env)
+    check_settings(env, demo=options.demo)
     check_ports(stack)
     secrets = {"GPUDECK_SERVICE_TOKEN": SERVICE_TOKEN_FILE}
     if options.demo:  # the demo organization's owner token, so the API is usable at once
@@ -217,7 +219,7 @@ async def check_nats(url: str, name: str = "GPUDECK_NATS_URL") -> None:
         async with asyncio.timeout(15):
             # nats-py retries forever with allow_reconnect=False; one quick retry ends it
             nc = await nats.connect(
-                url,
+                nats_servers(url),
                 connect_timeout=3,
                 max_reconnect_attempts=1,
                 reconnect_time_wait=0.1,

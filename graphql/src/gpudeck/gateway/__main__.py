@@ -10,7 +10,6 @@ import asyncio
 import logging
 import os
 import signal
-import socket
 from collections.abc import Mapping
 
 from aiohttp import web
@@ -19,7 +18,7 @@ from gpudeck.gateway.app import make_app
 from gpudeck.gateway.config import Settings
 from gpudeck.kit import logs
 from gpudeck.kit.config import ConfigError, parse_address
-from gpudeck.kit.startup import StartupError, fail
+from gpudeck.kit.startup import StartupError, check_free, fail
 
 log = logging.getLogger("gpudeck.gateway")
 
@@ -32,7 +31,7 @@ async def serve(settings: Settings) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     host, port = parse_address("GPUDECK_GATEWAY_LISTEN", settings.listen)
-    _check_free(host, port, settings.listen)  # before the app's start-up connects anywhere
+    check_free("GPUDECK_GATEWAY_LISTEN", host, port)  # before the app's start-up connects
     runner = web.AppRunner(
         make_app(settings), shutdown_timeout=settings.shutdown_grace, access_log=None
     )
@@ -52,21 +51,6 @@ async def serve(settings: Settings) -> None:
     finally:
         await runner.cleanup()
         log.info("stopped")
-
-
-def _check_free(host: str, port: int, listen: str) -> None:
-    """Fail now, with one line, if the listen address cannot be bound."""
-    if port == 0:
-        return
-    try:
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-        with socket.socket(infos[0][0], socket.SOCK_STREAM) as probe:
-            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            probe.bind(infos[0][4])
-    except OSError as exc:
-        errno = exc.errno or 0
-        reason = os.strerror(errno).lower() if errno > 0 else exc.strerror or str(exc)
-        raise StartupError(f"GPUDECK_GATEWAY_LISTEN={listen}: {reason}") from None
 
 
 def main(env: Mapping[str, str] | None = None) -> None:

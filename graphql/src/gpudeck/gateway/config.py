@@ -53,7 +53,9 @@ class Settings:
             listen=address(env, "GPUDECK_GATEWAY_LISTEN", DEFAULT_LISTEN),
             service_addresses=service_addresses(env),
             service_token=require(env, "GPUDECK_SERVICE_TOKEN"),
-            health_timeout=number(env, "GPUDECK_GATEWAY_HEALTH_TIMEOUT", 1.0, minimum=0.05),
+            health_timeout=number(  # a gRPC deadline: past ~9e9 s it overflows
+                env, "GPUDECK_GATEWAY_HEALTH_TIMEOUT", 1.0, minimum=0.05, maximum=3600
+            ),
             shutdown_grace=number(env, "GPUDECK_SHUTDOWN_GRACE", 10.0),
             log_level=log_level(env),
             admin_token=_admin_token(env),

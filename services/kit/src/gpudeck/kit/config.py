@@ -130,6 +130,12 @@ def nats_url(env: Mapping[str, str], name: str = "GPUDECK_NATS_URL") -> str:
     return value
 
 
+def nats_servers(url: str) -> list[str]:
+    """The servers of a GPUDECK_NATS_URL ("nats://a:4222,nats://b:4222"), as nats.connect
+    takes them."""
+    return [server.strip() for server in url.split(",") if server.strip()]
+
+
 def name_setting(env: Mapping[str, str], name: str, default: str) -> str:
     value = env.get(name, "").strip() or default
     if not _NAME.match(value):

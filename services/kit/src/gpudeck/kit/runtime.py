@@ -22,11 +22,11 @@ import psycopg
 from psycopg_pool import AsyncConnectionPool
 
 from gpudeck.kit import logs, metrics
-from gpudeck.kit.config import ConfigError, ServiceConfig, env_key
+from gpudeck.kit.config import ConfigError, ServiceConfig, env_key, parse_address
 from gpudeck.kit.db import DatabaseUnavailable, migrate, open_pool
 from gpudeck.kit.events import EventBus, Relay
 from gpudeck.kit.grpcserver import KitServer, Registration
-from gpudeck.kit.startup import StartupError, fail
+from gpudeck.kit.startup import StartupError, check_free, fail
 from gpudeck.kit.workers import Periodic
 
 log = logging.getLogger(__name__)
@@ -95,6 +95,9 @@ class RunningService:
     async def start(self) -> None:
         cfg = self.config
         key = env_key(cfg.service)
+        check_free(
+            f"GPUDECK_{key}_LISTEN", *parse_address(f"GPUDECK_{key}_LISTEN", cfg.grpc_listen)
+        )
         try:
             self.pool = await open_pool(
                 cfg.database_url, name=cfg.service, max_size=cfg.db_pool_size, schema=cfg.schema

@@ -15,10 +15,10 @@ from gpudeck.wallet.settings import WalletSettings
 
 
 async def build(ctx: ServiceContext) -> ServiceParts:
-    wallet = Wallet(ctx.pool, WalletSettings.from_env(ctx.env))
-    token = ctx.env.get("GPUDECK_BOOTSTRAP_TOKEN", "").strip() or None
-    if ctx.env.get("GPUDECK_DEMO", "") in ("1", "true", "yes") or token:
-        await demo.seed(ctx.pool, bootstrap_token=token)
+    settings = WalletSettings.from_env(ctx.env)
+    wallet = Wallet(ctx.pool, settings)
+    if settings.demo:
+        await demo.seed(ctx.pool, bootstrap_token=settings.bootstrap_token or None)
     registrations = [
         Registration(
             account_pb2_grpc.add_AccountServiceServicer_to_server,

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
+from decimal import Decimal, InvalidOperation
 
 from gpudeck.kit.config import ConfigError, number
 from gpudeck.wallet.ledger import KycLimits
@@ -14,6 +15,8 @@ from gpudeck.wallet.pdf import check_font
 
 DEFAULT_KYC_LIMITS = KycLimits({"USD": 500_000_000, "INR": 40_000_000_000})
 KYC_LIMIT = "GPUDECK_KYC_TOPUP_LIMIT"
+INT64_MAX = 2**63 - 1
+MAX_TOKEN_LENGTH = 512  # what the gateway takes in `Authorization: Bearer …`
 
 
 @dataclass(frozen=True)
@@ -34,6 +37,10 @@ class WalletSettings:
     # A Unicode TrueType font for invoice text outside Latin-1 [GPUDECK_INVOICE_FONT]; by
     # default DejaVu Sans when the system has it (Debian: fonts-dejavu-core); "" for none.
     invoice_font: str = ""
+    # Seed the demo organization at start [GPUDECK_DEMO: 1/true/yes; `gpudeck up --demo`], with
+    # this owner token [GPUDECK_BOOTSTRAP_TOKEN: only with GPUDECK_DEMO].
+    demo: bool = False
+    bootstrap_token: str = ""
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ) -> WalletSettings:
@@ -49,7 +56,38 @@ class WalletSettings:
             rates_interval=number(env, "GPUDECK_RATES_INTERVAL", cls.rates_interval, minimum=1),
             invoice_font=_invoice_font(env),
             kyc_limits=kyc_limits(env),
+            demo=_demo(env),
+            bootstrap_token=_bootstrap_token(env),
         )
+
+
+DEMO_ON, DEMO_OFF = ("1", "true", "yes"), ("", "0", "false", "no")
+
+
+def _demo(env: Mapping[str, str]) -> bool:
+    raw = env.get("GPUDECK_DEMO", "").strip().lower()
+    if raw not in DEMO_ON + DEMO_OFF:
+        raise ConfigError(f"GPUDECK_DEMO={raw!r} is not 1, true, yes (seed) or 0, false, no")
+    return raw in DEMO_ON
+
+
+def _bootstrap_token(env: Mapping[str, str]) -> str:
+    """The demo owner's token: never without GPUDECK_DEMO (a token left in a production
+    Secret must not make a KYC-verified organization with a known owner token)."""
+    token = env.get("GPUDECK_BOOTSTRAP_TOKEN", "").strip()
+    if not token:
+        return ""
+    if not _demo(env):
+        raise ConfigError(
+            "GPUDECK_BOOTSTRAP_TOKEN is the demo organization's owner token: set GPUDECK_DEMO=1"
+            " with it (gpudeck up --demo), or unset it"
+        )
+    if len(token) > MAX_TOKEN_LENGTH or not token.isprintable() or " " in token:
+        raise ConfigError(
+            f"GPUDECK_BOOTSTRAP_TOKEN must be at most {MAX_TOKEN_LENGTH} printable characters"
+            " without spaces"
+        )
+    return token
 
 
 DEFAULT_INVOICE_FONT = "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf"
@@ -99,5 +137,19 @@ def kyc_limits(env: Mapping[str, str]) -> KycLimits:
 
 
 def _micro(amount: str) -> int:
-    """A limit in whole units (`number`'s checks) as micro-units."""
-    return round(number({KYC_LIMIT: amount}, KYC_LIMIT, 0) * 1_000_000)
+    """A limit in whole units, a decimal string, as micro-units, exactly (a float made 1e-7 a
+    limit of 0, which is no limit at all, and rounded large ones)."""
+    try:
+        value = Decimal(amount)
+    except InvalidOperation:
+        raise ConfigError(f"{KYC_LIMIT}={amount!r} is not a number") from None
+    if not value.is_finite():
+        raise ConfigError(f"{KYC_LIMIT}={amount!r} is not a finite number")
+    if value < 0:
+        raise ConfigError(f"{KYC_LIMIT}={amount!r} must be at least 0")
+    micro = value.scaleb(6)
+    if micro != micro.to_integral_value():
+        raise ConfigError(f"{KYC_LIMIT}={amount!r} has more than 6 decimal places")
+    if micro > INT64_MAX:
+        raise ConfigError(f"{KYC_LIMIT}={amount!r} is too large")
+    return int(micro)

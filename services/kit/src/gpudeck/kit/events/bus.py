@@ -20,7 +20,7 @@ from nats.js import JetStreamContext
 from nats.js.api import PubAck, StorageType, StreamConfig
 from nats.js.errors import NotFoundError
 
-from gpudeck.kit.config import EventsConfig, redact_url
+from gpudeck.kit.config import EventsConfig, nats_servers, redact_url
 from gpudeck.kit.events.acks import Acks
 from gpudeck.kit.events.envelope import check_type
 from gpudeck.proto.events.v1.envelope_pb2 import Event
@@ -231,7 +231,7 @@ class EventBus:
         while self._nc is None:
             try:
                 self._nc = await nats.connect(
-                    self.config.nats_url.split(","),
+                    nats_servers(self.config.nats_url),
                     name=self.client_name,
                     connect_timeout=self.connect_timeout,
                     reconnect_time_wait=self.reconnect_wait,
