@@ -292,3 +292,39 @@ async def test_a_refund_follows_commit_order_not_id_order(service: Service) -> N
     await transfer(wallet_stub, org, pb.REFUND, 10)
     assert await accounts(wallet_pool, org) == {"cash": 100, "credit": 0}
     assert await books_balance(wallet_pool)
+
+
+async def test_a_refund_naming_its_charge_lowers_that_resources_spending(service: Service) -> None:
+    """The proto's `reference` may name the refunded transaction; such a refund with no resource
+    of its own lowered "other" (spending by type: pod 10, other −4) and no resource's cost."""
+    wallet_stub, wallet_pool, new_org = service
+    org = await new_org()
+    await transfer(wallet_stub, org, pb.TOPUP, 100_000_000)
+    charge = await transfer(
+        wallet_stub, org, pb.CHARGE, 10_000_000, resource_type="pod", resource_id="pod-1"
+    )
+    key = uuid.uuid4().hex
+    refund = pb.TransferRequest(
+        idempotency_key=key, organization_id=str(org), kind=pb.REFUND,
+        amount=Money(amount=4_000_000), reference=charge.id,
+    )  # fmt: skip
+    first = await wallet_stub.Transfer(refund)
+    assert await wallet_stub.Transfer(refund) == first  # the same request: its first answer
+    # One that names no charge of this organization (another's, or none) counts as before.
+    other = await new_org()
+    await transfer(wallet_stub, other, pb.TOPUP, 100_000_000)
+    await transfer(wallet_stub, other, pb.REFUND, 1_000_000, reference=charge.id)
+    async with wallet_pool.connection() as conn:
+        cur = await conn.execute(
+            "SELECT organization_id, resource_type, sum(amount)::bigint FROM daily_spend"
+            " WHERE organization_id = ANY(%s) GROUP BY 1, 2",
+            ([org, other],),
+        )
+        spending = {(o, t): a for o, t, a in await cur.fetchall()}
+        cur = await conn.execute(
+            "SELECT total FROM resource_costs WHERE organization_id = %s AND resource_id = 'pod-1'",
+            (org,),
+        )
+        cost = await cur.fetchone()
+    assert spending == {(org, "pod"): 6_000_000, (other, "other"): -1_000_000}
+    assert cost == (6_000_000,)

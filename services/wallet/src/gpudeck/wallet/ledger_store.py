@@ -52,7 +52,7 @@ from gpudeck.wallet.project_owners import ProjectOwners
 from gpudeck.wallet.project_owners import not_found as project_not_found
 from gpudeck.wallet.rates import conversion
 from gpudeck.wallet.readmodels_store import LATEST_RATES, rate_row
-from gpudeck.wallet.refunds_store import load_spending
+from gpudeck.wallet.refunds_store import attribute_refunds, load_spending
 
 Conn = AsyncConnection[Any]
 
@@ -230,7 +230,7 @@ class LedgerStore:
         Round trips: one to lock and load the wallets, one (pipelined) for earlier keys and the
         platform accounts, one (pipelined, or COPY for large batches) to write everything.
         """
-        requests = await self._in_wallet_terms(conn, requests)
+        requests = await attribute_refunds(conn, await self._in_wallet_terms(conn, requests))
         # Callers' transfers need live projects; the wallet's own (which pass `now`) settle what
         # was started before a project was deleted.
         outcomes, valid = await _validated(conn, self.projects, requests, live=now is None)

@@ -11,11 +11,12 @@ from __future__ import annotations
 import uuid
 from collections import defaultdict
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any
 
 from psycopg import AsyncConnection
 
-from gpudeck.wallet.ledger import Account, Book, Kind, TransferRequest
+from gpudeck.wallet.ledger import Account, Book, Kind, SpendLine, TransferRequest
 from gpudeck.wallet.refunds import Leg, unspend
 
 Conn = AsyncConnection[Any]
@@ -37,10 +38,50 @@ WHERE t.organization_id = %s AND t.kind IN ('charge', 'usage', 'refund')
 ORDER BY t.id DESC, p.id DESC
 LIMIT %s
 """
+# The charges refunds name as their `reference`, with the one resource each paid for.
+NAMED_CHARGES = """
+SELECT t.organization_id, t.id, t.resource_type, t.resource_id, t.project_id
+FROM transactions t
+WHERE t.id = ANY(%s) AND t.organization_id = ANY(%s) AND t.kind IN ('charge', 'usage')
+  AND t.resource_type <> ''
+"""
 SPENT_GRANTS = (
     "SELECT id, balance, kind, expires_at, code FROM ledger_accounts"
     " WHERE id = ANY(%s) AND kind = 'credit' ORDER BY id FOR UPDATE"
 )
+
+
+async def attribute_refunds(
+    conn: Conn, requests: Sequence[TransferRequest]
+) -> Sequence[TransferRequest]:
+    """`requests`, with each refund that names one of its organization's charges (`reference`:
+    the refunded transaction) and no resource of its own counted against that charge's resource
+    in the rollups (spending by resource type, cost per resource); it counted as "other". The
+    request's fields stay as sent (its fingerprint too: a retry sends the same)."""
+    named: dict[int, tuple[uuid.UUID, uuid.UUID]] = {}
+    for i, r in enumerate(requests):
+        if r.kind is Kind.REFUND and r.reference and not (r.resource_type or r.resource_id):
+            if not r.lines:
+                try:
+                    named[i] = (r.organization_id, uuid.UUID(r.reference))
+                except ValueError:
+                    pass
+    if not named:
+        return requests
+    cur = await conn.execute(
+        NAMED_CHARGES,
+        (sorted({tx for _, tx in named.values()}), sorted({org for org, _ in named.values()})),
+    )
+    charges = {
+        (org, tx): (rtype, rid, project) for org, tx, rtype, rid, project in await cur.fetchall()
+    }
+    attributed = list(requests)
+    for i, key in named.items():
+        if key in charges:
+            rtype, rid, project = charges[key]
+            r = requests[i]
+            attributed[i] = replace(r, lines=(SpendLine(rtype, r.amount, rid, project),))
+    return attributed
 
 
 async def load_spending(conn: Conn, book: Book, requests: Sequence[TransferRequest]) -> None:

@@ -94,7 +94,10 @@ class TransferRequest(_message.Message):
     credit_source: _builtins.str
     """CREDIT_GRANT: plan, promotion, purchase"""
     reference: _builtins.str
-    """e.g. a payment id, or the refunded transaction"""
+    """e.g. a payment id, or the refunded transaction: a REFUND naming one of its organization's
+    charges (its id) and no resource_type/resource_id of its own is counted against that
+    charge's resource in spending by type and cost per resource.
+    """
     @_builtins.property
     def amount(self) -> _money_pb2.Money:
         """For TOPUP the payment currency (INR or USD); otherwise the wallet currency (or empty)."""
