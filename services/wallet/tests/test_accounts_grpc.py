@@ -785,3 +785,49 @@ async def test_a_hostile_value_is_named_in_a_short_message(
     err = await refused(attempt())
     assert (err.code(), field_of(err)) == (grpc.StatusCode.INVALID_ARGUMENT, field)
     assert len(err.details() or "") < 500
+
+
+async def test_a_revoked_token_moves_no_money_and_changes_nothing(
+    account_stub: Stub, wallet_stub: WalletServiceStub
+) -> None:
+    """The gateway keeps a token's identity a few seconds: the wallet took account changes and
+    money calls sent for a token already revoked (`x-actor`), e.g. a demoted owner's."""
+    org = (await new_org(account_stub)).organization
+    made = await account_stub.CreateApiToken(
+        pb.CreateApiTokenRequest(organization_id=org.id, name="billing", role="billing")
+    )
+    as_token = (("x-actor", f"token:{made.api_token.id}"),)
+
+    def top_up(key: str) -> Awaitable[Any]:
+        request = wpb.TransferRequest(
+            idempotency_key=key, organization_id=org.id, kind=wpb.TOPUP,
+            amount=Money(amount=1_000_000),
+        )  # fmt: skip
+        return wallet_stub.Transfer(request, metadata=as_token)
+
+    await top_up("while-live")  # a live token acts
+    await account_stub.RevokeApiToken(
+        pb.RevokeApiTokenRequest(organization_id=org.id, api_token_id=made.api_token.id)
+    )
+    calls = {
+        "Transfer": top_up("after-revoke"),
+        "CreateHold": wallet_stub.CreateHold(
+            wpb.CreateHoldRequest(idempotency_key="h", organization_id=org.id, amount=1),
+            metadata=as_token,
+        ),
+        "ChangePlan": wallet_stub.ChangePlan(
+            wpb.ChangePlanRequest(organization_id=org.id, plan_code="premium", idempotency_key="p"),
+            metadata=as_token,
+        ),
+        "CreateProject": account_stub.CreateProject(
+            pb.CreateProjectRequest(organization_id=org.id, name="late"), metadata=as_token
+        ),
+    }
+    for name, call in calls.items():
+        err = await refused(call)
+        assert err.code() == grpc.StatusCode.UNAUTHENTICATED, (name, err.details())
+        assert "revoked or has expired" in (err.details() or ""), name
+    summary = await wallet_stub.GetWalletSummary(
+        wpb.GetWalletSummaryRequest(organization_id=org.id)
+    )
+    assert summary.balance.amount == 1_000_000  # only the call made while it was live

@@ -489,3 +489,22 @@ async def test_a_retried_open_answers_after_its_project_was_deleted(
     async with wallet_pool.connection() as conn, conn.transaction():
         again = await restarted.meters.open(conn, request)
     assert again == closed
+
+
+async def test_a_meter_with_the_longest_id_can_change_rate_and_close(
+    wallet_pool: AsyncConnectionPool, new_org: NewOrg
+) -> None:
+    """Its settling key (id and times) passed the 300 characters a key may have: a rate change
+    or close of a meter with a 200-character id was refused on every retry, and it billed on."""
+    wallet = Wallet(wallet_pool)
+    org = await new_org()
+    meter_id = ("m" + uuid.uuid4().hex) * 7
+    meter_id = meter_id[:200]
+    async with wallet_pool.connection() as conn, conn.transaction():
+        at = await db_now(conn) - timedelta(minutes=5)
+        await wallet.meters.open(conn, MeterRequest(meter_id, org, "r", "pod", 3_600_000, at=at))
+    async with wallet_pool.connection() as conn, conn.transaction():
+        await wallet.meters.update_rate(conn, meter_id, 7_200_000, at + timedelta(minutes=1), "k")
+    async with wallet_pool.connection() as conn, conn.transaction():
+        closed = await wallet.meters.close(conn, meter_id, at + timedelta(minutes=2))
+    assert closed.closed_at is not None and closed.total_charged == 60_000 + 120_000

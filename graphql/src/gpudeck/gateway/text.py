@@ -3,7 +3,9 @@
 JSON may carry a lone UTF-16 surrogate (`"\\ud800"`: what `JSON.stringify` sends for a string
 cut in the middle of an emoji). Python keeps it in a `str`, but protobuf cannot encode it, so a
 resolver failed with INTERNAL before calling anything. `WellFormedText` refuses such an
-argument first, as BAD_USER_INPUT naming it, for every field (input objects and lists too).
+argument first, as BAD_USER_INPUT naming it, for every field of queries and mutations (lists
+too). graphql-core runs no extension on a subscription's root field: its arguments are IDs and
+currency codes, which their own checks refuse.
 """
 
 from __future__ import annotations

@@ -35,4 +35,5 @@ def check_free(name: str, host: str, port: int) -> None:
     except OSError as exc:
         errno = exc.errno or 0  # a bind error's errno; a lookup error's is negative
         reason = os.strerror(errno).lower() if errno > 0 else exc.strerror or str(exc)
-        raise StartupError(f"{name}={host}:{port}: {reason}") from None
+        shown = f"[{host}]" if ":" in host else host  # as it was written: [::1]:50051
+        raise StartupError(f"{name}={shown}:{port}: {reason}") from None

@@ -14,6 +14,7 @@ from gpudeck.wallet.deps import Wallet
 from gpudeck.wallet.fast_transfer import currency_of
 from gpudeck.wallet.holds import HoldRequest
 from gpudeck.wallet.ledger import Outcome, TransferRequest, check_client_key
+from gpudeck.wallet.live_actor import require_live_actor, require_live_caller
 from gpudeck.wallet.metering import MeterRequest
 from gpudeck.wallet.readmodels import check_limit
 
@@ -54,6 +55,7 @@ class LedgerRpcs:
 
     async def Transfer(self, request: pb.TransferRequest, context: Ctx) -> pb.Transaction:
         transfer = transfer_request(request)
+        await require_live_caller(self.wallet.pool)
         return convert.transaction(await self.wallet.transfers.post(transfer))
 
     async def TransferBatch(
@@ -70,6 +72,7 @@ class LedgerRpcs:
             except InvalidArgument as exc:
                 errors[i] = exc
         async with self.wallet.pool.connection() as conn, conn.transaction():
+            await require_live_actor(conn)
             outcomes = await self.wallet.ledger.post_transfers(conn, [t for _, t in parsed])
             done = {i: outcome for (i, _), outcome in zip(parsed, outcomes, strict=True)}
             response = _batch_answer(request, errors, done)
@@ -149,6 +152,7 @@ class LedgerRpcs:
             resource_id=request.resource_id,
         )
         async with self.wallet.pool.connection() as conn, conn.transaction():
+            await require_live_actor(conn)
             hold = await self.wallet.holds.create(conn, hold_request)
         return convert.hold(hold)
 
@@ -159,6 +163,7 @@ class LedgerRpcs:
         _require_key(request.idempotency_key)
         amount = request.amount if request.HasField("amount") else None
         async with self.wallet.pool.connection() as conn, conn.transaction():
+            await require_live_actor(conn)
             hold, tx = await self.wallet.holds.capture(
                 conn, hold_id, amount, request.idempotency_key, actor=actor.get()
             )
@@ -171,6 +176,7 @@ class LedgerRpcs:
         hold_id = convert.parse_id(request.hold_id, "hold_id")
         _require_key(request.idempotency_key)
         async with self.wallet.pool.connection() as conn, conn.transaction():
+            await require_live_actor(conn)
             hold = await self.wallet.holds.void(conn, hold_id, request.idempotency_key)
         return convert.hold(hold)
 

@@ -3,8 +3,9 @@
 The gateway keeps a token's identity a few seconds (graphql: auth.TTL_SECONDS), so a token
 revoked or expired a moment ago may still reach the wallet. For reads that window is harmless;
 for account changes it is not: a member demoted (their tokens revoked) could use it to promote
-themselves back, or mint a new token, for good. The check runs under the organization's wallet
-lock, which revocations take too, so a call ordered after a revocation sees it.
+themselves back, or mint a new token, for good; and a revoked billing token should move no
+money. Account changes check under the organization's wallet lock (`once`), which revocations
+take too, so a call ordered after a revocation sees it; money calls check as they begin.
 """
 
 from __future__ import annotations
@@ -13,20 +14,35 @@ import uuid
 from typing import Any
 
 from psycopg import AsyncConnection
+from psycopg_pool import AsyncConnectionPool
 
 from gpudeck.kit.errors import Unauthenticated
 from gpudeck.kit.logs import actor
 
 
+def _token_id() -> uuid.UUID | None:
+    """The API token the caller (`x-actor`) is, if it names one."""
+    who = actor.get()
+    if not who.startswith("token:"):
+        return None
+    try:
+        return uuid.UUID(who.removeprefix("token:"))
+    except ValueError:
+        return None
+
+
+async def require_live_caller(pool: AsyncConnectionPool[Any]) -> None:
+    """`require_live_actor` on a connection of its own, taken only when the caller is a token."""
+    if _token_id() is not None:
+        async with pool.connection() as conn:
+            await require_live_actor(conn)
+
+
 async def require_live_actor(conn: AsyncConnection[Any]) -> None:
     """Refuse (UNAUTHENTICATED) when the caller (`x-actor`) is an API token that is revoked or
     past its expiry. Other callers (services, operators, actors that name no token of ours) pass."""
-    who = actor.get()
-    if not who.startswith("token:"):
-        return
-    try:
-        token_id = uuid.UUID(who.removeprefix("token:"))
-    except ValueError:
+    token_id = _token_id()
+    if token_id is None:
         return
     cur = await conn.execute(
         "SELECT revoked_at IS NULL AND (expires_at IS NULL OR expires_at > now())"

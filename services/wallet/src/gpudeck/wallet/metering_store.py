@@ -228,10 +228,10 @@ class MeterStore:
             (delta, delta, meter.id),
         )
         line = SpendLine(meter.resource_type, abs(delta), meter.resource_id, meter.project_id)
-        # Settled when: a segment that starts at T may be settled to T more than once (rate
-        # changes dated T with ticks between them). The calls' own keys make them idempotent.
-        key = f"meter:{meter.id}:{meter.segment_started_at.isoformat()}:{at.isoformat()}"
-        key += f"@{now.isoformat()}"
+        # Settled to `at` when (`now`): a segment that starts at T may be settled to T more than
+        # once (rate changes dated T with ticks between them); the calls' own keys make them
+        # idempotent. At most 6 + 200 + 1 + 32 + 1 + 32 characters, within a key's 300.
+        key = f"meter:{meter.id}:{at.isoformat()}@{now.isoformat()}"
         requests = _metered(
             key,
             meter.organization_id,

@@ -21,6 +21,7 @@ from gpudeck.wallet.invoices import Invoice, billable_period, next_invoice_date
 from gpudeck.wallet.invoices_store import InvoiceStore
 from gpudeck.wallet.ledger import Kind, TransferRequest, check_client_key
 from gpudeck.wallet.ledger_store import db_now
+from gpudeck.wallet.live_actor import require_live_actor
 from gpudeck.wallet.plans import ChangePlanRequest, Plan, PlanStatus, next_month_start
 from gpudeck.wallet.plans_store import PURCHASE_SOURCE, PlanStore
 
@@ -87,6 +88,7 @@ class PlanRpcs:
             actor=actor.get(),
         ).validate()
         async with self.wallet.pool.connection() as conn, conn.transaction():
+            await require_live_actor(conn)
             status = await self._plans.change(conn, change)
         return _status(status, change=True)
 
@@ -108,6 +110,7 @@ class PlanRpcs:
             actor=actor.get(),
         )
         async with self.wallet.pool.connection() as conn, conn.transaction():
+            await require_live_actor(conn)
             tx, available = await self._plans.add_credits(conn, purchase)
         return pb.AddCreditsResponse(
             transaction=convert.transaction(tx),
