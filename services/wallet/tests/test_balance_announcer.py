@@ -48,6 +48,8 @@ async def test_a_transfer_notes_its_wallet_and_the_next_round_announces_it(
     before = await announced_at(wallet_pool, org)
     assert await announce_balances(wallet) == 1  # only the noted wallet is looked at
     assert await announced_at(wallet_pool, org) > before
+    assert wallet.ledger.changed == {org}  # looked at once more (a writer may still commit)
+    assert await announce_balances(wallet) == 0  # nothing new: dropped
     assert wallet.ledger.changed == set()
     assert await announce_balances(wallet) == 0  # nothing noted: no query at all
 
@@ -162,3 +164,34 @@ async def test_a_level_moved_by_settings_is_noted_for_the_live_view(
     async with wallet_pool.connection() as conn, conn.transaction():
         await ThresholdStore(wallet.ledger).set_thresholds(conn, org, Thresholds(warning_amount=10))
     assert org in wallet.ledger.take_changed()  # announced next round, not at the next sweep
+
+
+async def test_a_change_in_flight_during_an_announcement_is_announced_by_the_next_rounds(
+    wallet_pool: AsyncConnectionPool, new_org: NewOrg
+) -> None:
+    """The general path notes a wallet before its commit. A round that ran before that commit
+    announced the wallet's previous state and dropped the note: the change waited for the
+    30-second sweep, and live views showed the old balance meanwhile."""
+    wallet = Wallet(wallet_pool)
+    org = await new_org()
+    async with wallet_pool.connection() as conn, conn.transaction():
+        request = TransferRequest("first", org, Kind.TOPUP, 5_000_000)
+        await wallet.ledger.post_transfers(conn, [request], fast_path=False)
+    async with wallet_pool.connection() as writer, writer.transaction():
+        request = TransferRequest("second", org, Kind.TOPUP, 7_000_000)
+        await wallet.ledger.post_transfers(writer, [request], fast_path=False)
+        assert await announce_balances(wallet) == 1  # what is committed: the first top-up
+    rounds = 0
+    for _ in range(12):  # the announcer's rounds, every 0.25 s, for up to 3 s
+        await asyncio.sleep(0.25)
+        rounds += await announce_balances(wallet)
+        if rounds:
+            break
+    assert rounds == 1
+    async with wallet_pool.connection() as conn:
+        cur = await conn.execute(
+            "SELECT w.change_seq = a.announced_seq FROM wallets w"
+            " JOIN wallet_announcements a USING (organization_id) WHERE organization_id = %s",
+            (org,),
+        )
+        assert await cur.fetchone() == (True,)  # the second top-up announced too

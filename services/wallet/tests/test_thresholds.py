@@ -493,3 +493,38 @@ async def test_concurrent_charges_crossing_at_once_emit_one_event(
     await set_thresholds(wallet_stub, org, 50 * USD, 30 * USD)
     await asyncio.gather(*(transfer(wallet_stub, org, pb.CHARGE, 10 * USD) for _ in range(8)))
     assert await edge_events(org, 1) in (["warning", "critical"], ["critical"])
+
+
+@pytest.mark.parametrize("fast_path", [True, False])
+async def test_a_crossing_in_a_group_names_the_caller_that_crossed(
+    wallet_pool: AsyncConnectionPool, new_org: NewOrg, fast_path: bool
+) -> None:
+    """Twenty callers' charges to one wallet posted together (group commit): the warning edge
+    named the group's last caller for that wallet, not the one whose charge crossed the line."""
+    ledger = LedgerStore()
+    org = await new_org()
+    async with wallet_pool.connection() as conn, conn.transaction():
+        await ledger.post_transfers(conn, [TransferRequest("t", org, Kind.TOPUP, 60 * USD)])
+        await ThresholdStore(ledger).set_thresholds(conn, org, Thresholds(warning_amount=50 * USD))
+    charges = [
+        TransferRequest(f"c{n}", org, Kind.CHARGE, USD, actor=f"user:caller{n}") for n in range(20)
+    ]  # the eleventh (caller10) leaves 49, under the line
+    async with wallet_pool.connection() as conn, conn.transaction(force_rollback=True):
+        outcomes = await ledger.post_transfers(conn, charges, fast_path=fast_path)
+        assert all(o.error is None for o in outcomes)
+        cur = await conn.execute("SELECT data FROM outbox WHERE type = 'wallet.balance.warning'")
+        edges = [parse_event(bytes(data)) for (data,) in await cur.fetchall()]
+    assert [e.actor for e in edges if e.organization_id == str(org)] == ["user:caller10"]
+
+
+def test_the_crosser_is_the_one_from_whom_the_level_stays() -> None:
+    from gpudeck.wallet.alerts import crossed_by
+
+    def level(balance: int) -> str:
+        return "ok" if balance >= 50 else "warning"
+
+    # Down through the line, back over it, and down again: the last crossing counts.
+    moves = [(60, "a"), (49, "b"), (55, "c"), (48, "d"), (40, "e")]
+    assert crossed_by(moves, level) == "d"
+    assert crossed_by([(49, "only")], level) == "only"
+    assert crossed_by([], level) == ""

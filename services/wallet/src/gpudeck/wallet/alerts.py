@@ -7,6 +7,7 @@ emitted only when the level changes (edges, not levels): wallet.balance.warning,
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 SERVICE_STATUS = {
@@ -57,3 +58,19 @@ def edge_event(previous: str, current: str) -> str | None:
     if previous == current:
         return None
     return "wallet.balance.recovered" if current == "ok" else f"wallet.balance.{current}"
+
+
+def crossed_by(moves: Sequence[tuple[int, str]], level_of: Callable[[int], str]) -> str:
+    """Who moved a wallet to the level it ends at, of its `moves` in order (balance after,
+    who): the one from whose move on the level stays the final one ("" for no moves). Several
+    callers' transfers to one wallet may commit together; the edge names the one that crossed."""
+    who = ""
+    final = None
+    for balance, mover in reversed(moves):
+        level = level_of(balance)
+        if final is None:
+            final = level
+        elif level != final:
+            break
+        who = mover
+    return who

@@ -15,6 +15,7 @@ transfers through both paths and compare them (tests/test_fast_batch_parity.py).
 
 from __future__ import annotations
 
+import functools
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
@@ -27,7 +28,7 @@ from psycopg.pq import TransactionStatus
 
 from gpudeck.kit.errors import DomainError, NotFound
 from gpudeck.wallet import events
-from gpudeck.wallet.alerts import Thresholds, level_for
+from gpudeck.wallet.alerts import Thresholds, crossed_by, level_for
 from gpudeck.wallet.fast_transfer import FAST_KINDS
 from gpudeck.wallet.idempotency import key_reused
 from gpudeck.wallet.ids import uuid7
@@ -168,20 +169,28 @@ async def post_fast(
         stored = await store.load_transactions(conn, list(replays.values()))
         for i, tx_id in replays.items():
             outcomes[i] = Outcome(transaction=stored[tx_id])
+
+    def level_of(k: int, balance: int) -> str:
+        thresholds = Thresholds(wa[k], ca[k], wh[k], ch[k])
+        return level_for(balance, rates[k], thresholds, store.policy.depletion_seconds)
+
+    crossing = {k for k in touched if level_of(k, balances[k]) != levels[k]}
     moved = [
-        orgs[k]
-        for k in sorted(touched)
-        if level_for(
-            balances[k], rates[k], Thresholds(wa[k], ca[k], wh[k], ch[k]),
-            store.policy.depletion_seconds,
-        ) != levels[k]
-        or (below[k] and balances[k] < below[k])
-    ]  # fmt: skip
+        orgs[k] for k in sorted(touched) if k in crossing or (below[k] and balances[k] < below[k])
+    ]
     # A replay's first call may have lost its level check (run after its commit when the batch
     # is its own transaction): check its wallet again (no event if the level stands).
     moved = sorted({*moved, *(requests[i].organization_id for i in replays)})
     if moved:
-        actors = {requests[i].organization_id: requests[i].actor for i in fast}  # the last
+        # Who moved each wallet: the last caller, or of a level crossed, the one that crossed.
+        actors = {requests[i].organization_id: requests[i].actor for i in fast}
+        moves: dict[int, list[tuple[int, str]]] = {k: [] for k in crossing}
+        for n, i in enumerate(fast):
+            k = slot[requests[i].organization_id] - 1
+            if k in moves and statuses[n] == "OK":
+                moves[k].append((afters[n], requests[i].actor))
+        for k, mine in moves.items():
+            actors[orgs[k]] = crossed_by(mine, functools.partial(level_of, k))
         async with conn.transaction():  # a savepoint in the caller's, or its own
             await store.refresh_levels(conn, moved, created_at, actors=actors)
     store.mark_changed(orgs[k] for k in touched)  # once their levels are checked: see post_one

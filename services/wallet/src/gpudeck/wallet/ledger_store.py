@@ -21,7 +21,7 @@ from gpudeck.kit.errors import DomainError, NotFound
 from gpudeck.kit.events import Outbox
 from gpudeck.kit.events.outbox import channel as outbox_channel
 from gpudeck.wallet import events, fast_batch, fast_transfer
-from gpudeck.wallet.alerts import Thresholds, edge_event, level_for
+from gpudeck.wallet.alerts import Thresholds, crossed_by, edge_event, level_for
 from gpudeck.wallet.idempotency import key_reused
 from gpudeck.wallet.ids import uuid7
 from gpudeck.wallet.ledger import (
@@ -416,8 +416,9 @@ class LedgerStore:
             batch.events.extend(events.transactions_posted(planned, batch.now))
         touched = sorted({p.request.organization_id for p in planned})
         self.mark_changed(touched)
-        actors = {p.request.organization_id: p.request.actor for p in planned}  # the last
-        await self.settle_levels(conn, [locked[o] for o in touched], batch, actors)
+        await self.settle_levels(
+            conn, [locked[o] for o in touched], batch, self._crossers(planned, locked)
+        )
         if not planned:
             await self.outbox.add_many(conn, batch.events)
             return
@@ -433,6 +434,30 @@ class LedgerStore:
             await update_balances(conn, planned, book, batch.now)
             await roll_up(conn, planned, batch.now)
             await self.outbox.add_many(conn, batch.events)
+
+    def _crossers(
+        self, planned: Sequence[PlannedTransaction], locked: Mapping[uuid.UUID, LockedWallet]
+    ) -> dict[uuid.UUID, str]:
+        """Who moved each wallet (`settle_levels`' actors): of a wallet whose level changes, the
+        transfer that crossed into its new level; of the others, the last one."""
+        moves: dict[uuid.UUID, list[tuple[int, str]]] = {}
+        for p in planned:
+            moves.setdefault(p.request.organization_id, []).append(
+                (p.balance_after, p.request.actor)
+            )
+        actors = {org: mine[-1][1] for org, mine in moves.items()}
+        for org, mine in moves.items():
+            lw = locked[org]
+            w = lw.wallet
+
+            def level_of(balance: int, lw: LockedWallet = lw) -> str:
+                return level_for(
+                    balance, lw.wallet.run_rate, lw.thresholds, self.policy.depletion_seconds
+                )
+
+            if level_of(w.balance) != w.level:
+                actors[org] = crossed_by(mine, level_of)
+        return actors
 
     async def settle_levels(
         self,

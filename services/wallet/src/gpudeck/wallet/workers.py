@@ -103,7 +103,8 @@ async def announce_balances(
     key, so the cost follows the changes, not the number of wallets. A `sweep` scans them all
     instead: it finds what another replica's notes or a crashed process's lost (the loop
     sweeps at start and every SWEEP_INTERVAL seconds). Wallets changed again within the second,
-    or held by a writer just now, are noted again for the next round."""
+    or held by a writer just now, are noted again for the next round, and so is each one
+    announced (a writer that noted it may commit after the announcement)."""
     changed = [] if sweep else wallet.ledger.take_changed()
     if not sweep and not changed:
         return 0
@@ -144,6 +145,10 @@ async def announce_balances(
                     conn, covered, moved_since_issue=True
                 )
             announced = {row[0] for row in rows}
+            # The general path, holds and meters note a wallet before their commit: one may
+            # still be writing what this round could not see. Each announced wallet is looked
+            # at once more next round (as `rest` is), so that change is not left to the sweep.
+            wallet.ledger.mark_changed(o for o in changed if o in announced)
             rest = [o for o in changed if o not in announced]
             if rest:  # not due yet, or a writer holds them (its change may not be committed)
                 cur = await conn.execute(
