@@ -269,10 +269,19 @@ async def test_a_keyed_exchange_rate_is_stored_once(
     )
     first = await stubs.wallet.SetExchangeRate(request)
     assert await stubs.wallet.SetExchangeRate(request) == first
+    # The pair spelled otherwise is the same request; another pair is another (it set both).
+    spelled = wpb.SetExchangeRateRequest()
+    spelled.CopyFrom(request)
+    spelled.base, spelled.quote = "usd", " inr"
+    assert await stubs.wallet.SetExchangeRate(spelled) == first
     request.rate = "48.5"
-    with pytest.raises(grpc.aio.AioRpcError) as err:
-        await stubs.wallet.SetExchangeRate(request)
-    assert err.value.code() == grpc.StatusCode.ABORTED
+    inverse = wpb.SetExchangeRateRequest()
+    inverse.CopyFrom(request)
+    inverse.base, inverse.quote, inverse.rate = "INR", "USD", "0.02"
+    for other in (request, inverse):
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await stubs.wallet.SetExchangeRate(other)
+        assert err.value.code() == grpc.StatusCode.ABORTED
     async with wallet_pool.connection() as conn:
         cur = await conn.execute(
             "SELECT count(*) FROM exchange_rates WHERE as_of = %s", (as_of.ToDatetime(UTC),)

@@ -151,9 +151,13 @@ class ReadRpcs:
         async def add() -> pb.ExchangeRate:
             return read_convert.exchange_rate(await store.add_rate(conn, new))
 
-        scope = f"rate:{new.base}:{new.quote}"
+        # One scope for every pair (a key is one request, whichever pair it names), and the
+        # pair as stored (a retry may spell "usd"): used twice, a key set two rates.
+        sent = pb.SetExchangeRateRequest()
+        sent.CopyFrom(request)
+        sent.base, sent.quote = sent.base.strip().upper(), sent.quote.strip().upper()
         async with self.wallet.pool.connection() as conn, conn.transaction():
-            return await once(conn, scope, request, pb.ExchangeRate, add)
+            return await once(conn, "rates", sent, pb.ExchangeRate, add)
 
     async def ListExchangeRates(
         self, request: pb.ListExchangeRatesRequest, context: Ctx
