@@ -3,6 +3,7 @@ leaving no process behind — on the test servers and on embedded ones."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -316,4 +317,15 @@ def test_the_readme_examples_work_as_written(
         code = launcher.stop()
         with psycopg.connect(pg_server_url, autocommit=True) as conn:
             conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        asyncio.run(delete_stream(events_config.nats_url, env["GPUDECK_EVENTS_STREAM"]))
     assert code == 0, launcher.log_tail()
+
+
+async def delete_stream(nats_url: str, stream: str) -> None:
+    import nats
+
+    nc = await nats.connect(nats_url, connect_timeout=2, max_reconnect_attempts=0)
+    try:
+        await nc.jetstream().delete_stream(stream)
+    finally:
+        await nc.close()

@@ -87,6 +87,11 @@ async def test_wallet_updated_pushes_the_new_balance_after_a_top_up(
 
 
 async def test_other_organizations_changes_are_not_pushed(gql, new_org, wallet_gateway) -> None:
+    """Nor do they wake this subscription (a woken one re-reads its own wallet and, finding it
+    unchanged, pushes nothing: so the wakes themselves are counted)."""
+    from gpudeck.gateway.app import LIVE
+
+    live = wallet_gateway.server.app[LIVE]
     mine, theirs = await new_org(), await new_org()
     ws = await connect(wallet_gateway, {"authorization": f"Bearer {mine.token}"})
     try:
@@ -94,12 +99,17 @@ async def test_other_organizations_changes_are_not_pushed(gql, new_org, wallet_g
         assert (await receive(ws))["payload"]["data"]["walletUpdated"]["balance"]["amount"] == (
             "0.000000"
         )
+        woken = live.generation(mine.id)
         await gql.data(TOP_UP, {"org": theirs.id, "amount": "5", "key": "x"}, token=theirs.token)
         try:
             extra = await receive(ws, timeout=2.5)
         except TimeoutError:
             extra = None
         assert extra is None, extra
+        assert live.generation(mine.id) == woken  # their wallet.balance.changed woke not mine
+        await gql.data(TOP_UP, {"org": mine.id, "amount": "1", "key": "y"}, token=mine.token)
+        await receive(ws)  # while mine does
+        assert live.generation(mine.id) != woken
     finally:
         await ws.close()
 

@@ -79,3 +79,25 @@ async def test_only_credits_that_outlive_a_hold_back_it(
         await holds.void(conn, short.id, "void-short")
         held = await holds.create(conn, HoldRequest("long-2", org, 5 * USD, timeout_seconds=3600))
     assert held.amount == 5 * USD  # cash 2 + the credits that last the day 3
+
+
+async def test_the_audit_finds_a_hold_resolved_twice(
+    wallet_pool: AsyncConnectionPool, new_org: NewOrg
+) -> None:
+    """Its check that a hold is captured at most once could never fire (the capture's key is
+    unique): it now finds a hold captured and then voided or expired."""
+    from gpudeck.wallet import audit
+
+    ledger = LedgerStore()
+    holds = HoldStore(ledger)
+    org = await new_org()
+    async with wallet_pool.connection() as conn, conn.transaction():
+        await ledger.post_transfers(conn, [TransferRequest("cash", org, Kind.TOPUP, 10 * USD)])
+        hold = await holds.create(conn, HoldRequest("twice", org, 4 * USD))
+        await holds.capture(conn, hold.id, 3 * USD, "capture-it")
+    async with wallet_pool.connection() as conn:
+        assert await audit.check(conn) == []
+        async with conn.transaction(force_rollback=True):
+            await conn.execute("UPDATE holds SET status = 'voided' WHERE id = %s", (hold.id,))
+            problems = await audit.check(conn)
+    assert any(p.startswith("a hold resolves once") and str(hold.id) in p for p in problems)

@@ -43,10 +43,11 @@ CHECKS = {
           ON h.organization_id = w.organization_id
         WHERE w.held_balance <> coalesce(h.held, 0)
     """,
-    "a hold is captured at most once": """
-        SELECT reference FROM transactions
-        WHERE kind = 'charge' AND idempotency_key LIKE 'hold:%:capture'
-        GROUP BY reference HAVING count(*) > 1
+    "a hold resolves once: one voided or expired has no capture": """
+        SELECT h.id::text FROM holds h
+        WHERE h.status IN ('voided', 'expired') AND (h.captured <> 0 OR h.transaction_id IS NOT NULL
+           OR EXISTS (SELECT 1 FROM transactions t WHERE t.organization_id = h.organization_id
+                      AND t.idempotency_key = 'hold:' || h.id || ':capture'))
     """,
     "a hold's charge is its one capture": """
         SELECT t.id::text FROM transactions t
