@@ -61,13 +61,15 @@ async def edge_events(events_config: EventsConfig) -> AsyncIterator[Events]:
                     msgs = await sub.fetch(200, timeout=0.25)
                 except (TimeoutError, nats.errors.TimeoutError):
                     msgs = []
+                before = len(found)
                 for msg in msgs:
                     event = parse_event(msg.data)
                     kind = event.type.removeprefix("wallet.balance.")
                     if event.organization_id == str(org) and kind in EDGES:
                         found.append(kind)
                 if len(found) >= expected:
-                    quiet_until = quiet_until or time.monotonic() + 0.5
+                    if len(found) > before or not quiet_until:  # quiet since the last one
+                        quiet_until = time.monotonic() + 0.5
                     if time.monotonic() >= quiet_until:
                         break
         finally:
