@@ -183,3 +183,53 @@ async def test_a_role_may_be_written_as_a_string_or_a_bare_word(gql, new_org) ->
         token=org.token,
     )
     assert "role must be one of" in bad["errors"][0]["message"]
+
+
+METERS = """query($id: ID!, $open: Boolean) { organization(id: $id) {
+  serviceStatus
+  meters(openOnly: $open) { id resourceId resourceType hourlyRate { amount currency }
+                            totalCharged { amount } closedAt }
+} }"""
+
+
+async def test_every_member_sees_the_service_status_and_billing_roles_the_meters(
+    gql, new_org, wallet_stubs
+) -> None:
+    """A member running pods needs to know they are paused (a banner), without the amounts;
+    a console's pod list shows what each running resource costs an hour."""
+    from gpudeck.proto.wallet.v1 import wallet_pb2
+
+    org = await new_org()  # an empty wallet: resources running on it are paused
+    for n, rate in enumerate((1_500_000, 2_000_000, 3_000_000)):
+        await wallet_stubs.wallet.OpenMeter(
+            wallet_pb2.OpenMeterRequest(
+                meter_id=f"pod:{org.id}:{n}", organization_id=org.id, resource_id=f"pod-{n}",
+                resource_type="pod", hourly_rate=rate,
+            )
+        )  # fmt: skip
+    await wallet_stubs.wallet.CloseMeter(wallet_pb2.CloseMeterRequest(meter_id=f"pod:{org.id}:0"))
+    owner = await gql.data(METERS, {"id": org.id}, token=org.token)
+    running = owner["organization"]["meters"]
+    assert [(m["resourceId"], m["hourlyRate"]) for m in running] == [
+        ("pod-2", {"amount": "3.000000", "currency": "USD"}),
+        ("pod-1", {"amount": "2.000000", "currency": "USD"}),
+    ]
+    everything = await gql.data(METERS, {"id": org.id, "open": False}, token=org.token)
+    assert len(everything["organization"]["meters"]) == 3
+    assert owner["organization"]["serviceStatus"] == "paused"
+    for role in ("MEMBER", "VIEWER"):
+        token = (await token_for(gql, org, role))["token"]
+        body = await gql(METERS, {"id": org.id}, token=token)
+        assert (
+            body["data"]["organization"]["serviceStatus"]
+            == (owner["organization"]["serviceStatus"])
+        )
+        assert code(body) == "FORBIDDEN"
+        assert body["errors"][0]["path"] == ["organization", "meters"]
+    error = await gql.error(
+        "query($id: ID!) { organization(id: $id) { meters(first: 0) { id } } }",
+        {"id": org.id},
+        token=org.token,
+    )
+    assert error["extensions"]["code"] == "BAD_USER_INPUT"
+    assert error["extensions"]["field"] == "first"

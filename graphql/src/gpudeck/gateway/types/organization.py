@@ -121,6 +121,16 @@ async def resolve_holds(
     return await wallets.list_holds(info, root.organization_id, first)
 
 
+async def resolve_meters(
+    root: Organization, info: Info, first: int | None = 100, open_only: bool = True
+) -> list[wallets.Meter] | None:
+    return await wallets.list_meters(info, root.organization_id, first, open_only)
+
+
+async def resolve_service_status(root: Organization, info: Info) -> str | None:
+    return await wallets.load_service_status(info, root.organization_id)
+
+
 async def resolve_auto_top_up(root: Organization, info: Info) -> wallets.AutoTopUp | None:
     return await wallets.load_auto_topup(info, root.organization_id)
 
@@ -268,6 +278,15 @@ class Organization:
         extensions=[*require(BillingReader()), Arguments(limit="first")],
     )
 
+    meters = strawberry.field(
+        resolver=resolve_meters,
+        description=(
+            "What each resource costs: its meter, newest first; the running ones only unless "
+            "`openOnly` is false; `first` at most 1000 (default 100)."
+        ),
+        extensions=[*require(BillingReader()), Arguments(limit="first")],
+    )
+
     auto_top_up = strawberry.field(
         resolver=resolve_auto_top_up,
         description="The auto top-up rule and the request it is waiting on, if any.",
@@ -292,6 +311,15 @@ class Organization:
     )
 
     # ------------------------------------------------------------------ every member
+
+    service_status = strawberry.field(
+        resolver=resolve_service_status,
+        description=(
+            "available, warning, critical or paused: the wallet card's service status without "
+            "its amounts, for every member (e.g. a banner when running resources are paused)."
+        ),
+        extensions=require(Member()),
+    )
 
     projects = strawberry.field(
         resolver=resolve_projects,

@@ -234,6 +234,61 @@ class Hold:
         )
 
 
+MAX_METERS = 1000
+
+
+@strawberry.type(
+    description=(
+        "What a resource costs while it runs (a pod, a volume, a bucket): its meter, billed "
+        "per second at `hourlyRate`, in the wallet currency."
+    )
+)
+class Meter:
+    id: strawberry.ID
+    resource_id: str
+    resource_type: str
+    project_id: strawberry.ID | None
+    hourly_rate: Money
+    total_charged: Money = strawberry.field(description="Everything it was charged so far.")
+    opened_at: datetime | None
+    closed_at: datetime | None = strawberry.field(description="null: still running")
+    billed_until: datetime | None
+
+    @classmethod
+    def from_pb(cls, m: wallet_pb2.Meter) -> Meter:
+        return cls(
+            id=strawberry.ID(m.id),
+            resource_id=m.resource_id,
+            resource_type=m.resource_type,
+            project_id=strawberry.ID(m.project_id) if m.project_id else None,
+            hourly_rate=Money.from_pb(money_pb2.Money(amount=m.hourly_rate, currency=m.currency)),
+            total_charged=Money.from_pb(
+                money_pb2.Money(amount=m.total_charged, currency=m.currency)
+            ),
+            opened_at=when(m.opened_at, m.HasField("opened_at")),
+            closed_at=when(m.closed_at, m.HasField("closed_at")),
+            billed_until=when(m.billed_until, m.HasField("billed_until")),
+        )
+
+
+async def list_meters(
+    info: Info, organization_id: str, first: int | None, open_only: bool
+) -> list[Meter]:
+    c = info.context.wallet
+    request = wallet_pb2.ListMetersRequest(
+        organization_id=organization_id,
+        open_only=open_only,
+        limit=check_first(first, maximum=MAX_METERS) or 100,
+    )
+    answer = await c.wallet.ListMeters(request, metadata=c.metadata)
+    return [Meter.from_pb(m) for m in answer.meters]
+
+
+async def load_service_status(info: Info, organization_id: str) -> str:
+    """The wallet card's service status alone (no amounts)."""
+    return (await info.context.loaders.summary.load((organization_id, ""))).service_status
+
+
 async def list_holds(info: Info, organization_id: str, first: int | None) -> list[Hold]:
     c = info.context.wallet
     request = wallet_pb2.ListHoldsRequest(

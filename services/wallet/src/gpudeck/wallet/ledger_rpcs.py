@@ -226,9 +226,19 @@ class LedgerRpcs:
         self, request: pb.ListMetersRequest, context: Ctx
     ) -> pb.ListMetersResponse:
         org = convert.parse_id(request.organization_id, "organization_id")
+        if not 0 <= request.limit <= MAX_METERS:
+            raise InvalidArgument(
+                f"limit must be between 1 and {MAX_METERS} (0: all), got {request.limit}",
+                field="limit",
+            )
         async with self.wallet.pool.connection() as conn:
-            meters = await self.wallet.meters.list(conn, org, open_only=request.open_only)
+            meters = await self.wallet.meters.list(
+                conn, org, open_only=request.open_only, limit=request.limit or None
+            )
         return pb.ListMetersResponse(meters=[convert.meter(m) for m in meters])
+
+
+MAX_METERS = 1000  # per ListMeters page
 
 
 def _require_key(key: str) -> str:

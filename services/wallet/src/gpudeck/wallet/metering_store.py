@@ -82,12 +82,15 @@ class MeterStore:
         except NotFound:
             return None
 
-    async def list(self, conn: Conn, organization_id: uuid.UUID, *, open_only: bool) -> list[Meter]:
+    async def list(
+        self, conn: Conn, organization_id: uuid.UUID, *, open_only: bool, limit: int | None = None
+    ) -> list[Meter]:
+        """The organization's meters (only the open ones), newest first; `limit`: that many."""
         cur = await conn.execute(
             f"SELECT {COLUMNS} FROM meters m JOIN wallets w USING (organization_id)"
             " WHERE m.organization_id = %s AND (NOT %s OR m.closed_at IS NULL)"
-            " ORDER BY m.opened_at DESC",
-            (organization_id, open_only),
+            " ORDER BY m.opened_at DESC, m.id LIMIT %s",
+            (organization_id, open_only, limit),
         )
         return [Meter(*row) for row in await cur.fetchall()]
 
