@@ -191,7 +191,9 @@ class MeterStore:
         """Charge these organizations' open meters up to now; return the amount charged."""
         now = await db_now(conn)
         await lock_wallets(conn, organization_ids, now)
-        cur = await conn.execute(TICK, {"now": now, "orgs": list(organization_ids)})
+        cur = await conn.cursor(binary=True).execute(
+            TICK, {"now": now, "orgs": list(organization_ids)}
+        )
         # One charge per organization and project (its event names the project, for the
         # audit log), its lines per meter (for the rollups).
         lines: dict[tuple[uuid.UUID, uuid.UUID | None], list[SpendLine]] = defaultdict(list)
