@@ -251,3 +251,103 @@ async def test_a_ticks_charge_names_the_project_and_a_close_its_caller(
     ticked = {(p, a) for k, p, a in rows if k == "usage"}
     assert ticked == {(project, "system"), (None, "system")}  # one charge per project
     assert ("refund", project, "user:closer") in rows  # the close gave back 10 s
+
+
+async def test_a_tick_posts_alike_by_the_set_based_path_and_the_general_one(
+    own_wallet_pool: AsyncConnectionPool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The tick's charges of one resource (organizations without credits) go through the
+    set-based fast path; those of several resources, or of organizations with credits, through
+    the general one. Both must leave the same ledger: the same transactions (kind, amount,
+    resource), postings, balances and rollups, and credits spent before cash."""
+    from gpudeck.wallet import fast_batch
+    from gpudeck.wallet.ledger import Kind, TransferRequest
+    from gpudeck.wallet.ledger_store import open_wallet
+
+    pool = own_wallet_pool
+    set_based: list[int] = []  # how many of the tick's charges the fast path posted
+    post_fast = fast_batch.post_fast
+
+    async def counted(store: Any, conn: Any, requests: Any, valid: Any, outcomes: Any) -> Any:
+        left = await post_fast(store, conn, requests, valid, outcomes)
+        set_based.append(sum(1 for i in valid if i not in left and requests[i].kind is Kind.USAGE))
+        return left
+
+    monkeypatch.setattr(fast_batch, "post_fast", counted)
+
+    async def books(fast: bool) -> list[Any]:
+        wallet = Wallet(pool)
+        if not fast:  # the same tick, every charge through the general path
+            post = wallet.ledger.post_transfers
+
+            async def general(*args: Any, **kwargs: Any) -> Any:
+                return await post(*args, **{**kwargs, "fast_path": False})
+
+            wallet.ledger.post_transfers = general  # type: ignore[method-assign]
+        orgs = [uuid.uuid4() for _ in range(3)]  # one meter; two meters; one meter and credits
+        async with pool.connection() as conn, conn.transaction():
+            user = uuid.uuid4()
+            await conn.execute("INSERT INTO users (id, email) VALUES (%s, %s)", (user, f"{user}@t"))
+            for org in orgs:
+                await conn.execute(
+                    "INSERT INTO organizations (id, name, owner_user_id, currency, kyc_status)"
+                    " VALUES (%s, 'tick', %s, 'USD', 'verified')",
+                    (org, user),
+                )
+                await open_wallet(conn, org, "USD")
+            await wallet.ledger.post_transfers(
+                conn,
+                [
+                    TransferRequest("cash", orgs[0], Kind.TOPUP, 50_000_000),
+                    TransferRequest("credits", orgs[2], Kind.CREDIT_GRANT, 1_000_000),
+                ],
+            )
+        at = datetime.now(UTC) - timedelta(seconds=30)
+        async with pool.connection() as conn, conn.transaction():
+            for n, (org, resource) in enumerate(
+                [(orgs[0], "a"), (orgs[1], "b"), (orgs[1], "c"), (orgs[2], "d")]
+            ):
+                request = MeterRequest(f"tick:{org}:{n}", org, resource, "pod", RATE, at=at)
+                await wallet.meters.open(conn, request)
+        await bill_open_meters(pool, wallet.meters)
+        async with pool.connection() as conn:
+            cur = await conn.execute(
+                "SELECT o.n, t.kind, t.resource_type, t.resource_id, t.amount = ("
+                "   SELECT sum(m.total_charged) FROM meters m WHERE m.organization_id = t.organization_id),"
+                "  (SELECT array_agg(a.kind || ':' || p.amount ORDER BY p.amount) FROM postings p"
+                "   JOIN ledger_accounts a ON a.id = p.account_id WHERE p.transaction_id = t.id"
+                "   AND a.organization_id IS NOT NULL),"
+                "  (SELECT array_agg(d.resource_type || ':' || d.amount ORDER BY d.resource_type)"
+                "   FROM daily_spend d WHERE d.organization_id = t.organization_id),"
+                "  (SELECT array_agg(c.resource_id || ':' || c.total ORDER BY c.resource_id)"
+                "   FROM resource_costs c WHERE c.organization_id = t.organization_id),"
+                "  w.credits, w.balance + (SELECT sum(m.total_charged) FROM meters m"
+                "   WHERE m.organization_id = t.organization_id)"
+                " FROM transactions t JOIN wallets w USING (organization_id)"
+                " JOIN unnest(%s::uuid[]) WITH ORDINALITY AS o (id, n) ON o.id = t.organization_id"
+                " WHERE t.kind = 'usage' ORDER BY o.n",
+                (orgs,),
+            )
+            found = await cur.fetchall()
+            assert await audit.check(conn) == []
+        return found
+
+    fast = await books(fast=True)
+    assert sum(set_based) == 1  # the one-resource charge of the organization without credits
+    general = await books(fast=False)
+    assert [row[:4] for row in fast] == [
+        (1, "usage", "pod", "a"), (2, "usage", "", ""), (3, "usage", "pod", "d")
+    ]  # fmt: skip
+
+    # The amounts differ with the seconds each ran; what they are made of may not.
+    def shape(rows: list[Any]) -> list[Any]:
+        return [
+            (n, kind, rtype, rid, whole, [p.split(":")[0] for p in postings],
+             [d.split(":")[0] for d in spend], [c.split(":")[0] for c in costs], before)
+            for n, kind, rtype, rid, whole, postings, spend, costs, _credits, before in rows
+        ]  # fmt: skip
+
+    assert shape(fast) == shape(general)
+    assert all(row[4] for row in fast)  # each charge is what its meters were charged
+    assert shape(fast)[2][5] == ["credit"] and 0 < fast[2][8] < 1_000_000  # credits, not cash
+    assert fast[0][9] == 50_000_000 and fast[2][9] == 1_000_000  # balance + charged = funded

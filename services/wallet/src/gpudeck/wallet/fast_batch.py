@@ -34,6 +34,7 @@ from gpudeck.wallet.idempotency import key_reused
 from gpudeck.wallet.ids import uuid7
 from gpudeck.wallet.ledger import (
     SPENDING,
+    Kind,
     Outcome,
     PostingView,
     TransferRequest,
@@ -56,12 +57,15 @@ SELECT * FROM post_transfer_batch(
 
 
 def fits(request: TransferRequest, currency: str | None) -> bool:
-    """Whether a transfer may take the fast path (`currency`: its wallet's, if known)."""
+    """Whether a transfer may take the fast path (`currency`: its wallet's, if known): callers'
+    keyed transfers that may not overdraw, and the wallet's own metered usage of one resource
+    (usage is never refused for funds; unkeyed, it records no fingerprint)."""
+    metered = request.kind is Kind.USAGE
     return (
         request.kind in FAST_KINDS
         and not request.lines
-        and request.record_key
-        and not request.allow_overdraft
+        and (request.record_key or metered)
+        and (not request.allow_overdraft or metered)
         and (not request.currency or currency is None or request.currency == currency)
     )
 
@@ -119,7 +123,7 @@ async def post_fast(
         [r.resource_id for r in chosen],
         [r.reference for r in chosen],
         [r.key for r in chosen],
-        [r.fingerprint for r in chosen],
+        [r.fingerprint if r.record_key else None for r in chosen],
         [r.actor for r in chosen],
         [e.id for e in built],
         [e.type for e in built],

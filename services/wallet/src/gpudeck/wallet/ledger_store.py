@@ -222,12 +222,15 @@ class LedgerStore:
         *,
         now: datetime | None = None,
         fast_path: bool = True,
+        now_is_transaction_time: bool = False,
     ) -> list[Outcome]:
         """Post `requests` in order within the caller's transaction; a result per request.
 
         The common transfers go first through the set-based fast path (`fast_batch`: one
         statement for all of them) unless `fast_path` is off or `now` is given (internal callers
-        that post at their own time). The rest are planned with `ledger.Book` and written here.
+        that post at their own time), but for a `now` that is the transaction's own `now()`
+        (`now_is_transaction_time`: the billing tick). The rest are planned with `ledger.Book`
+        and written here.
         Round trips: one to lock and load the wallets, one (pipelined) for earlier keys and the
         platform accounts, one (pipelined, or COPY for large batches) to write everything.
         """
@@ -235,7 +238,7 @@ class LedgerStore:
         # Callers' transfers need live projects; the wallet's own (which pass `now`) settle what
         # was started before a project was deleted.
         outcomes, valid = await _validated(conn, self.projects, requests, live=now is None)
-        if fast_path and now is None and valid:
+        if fast_path and (now is None or now_is_transaction_time) and valid:
             valid = await fast_batch.post_fast(self, conn, requests, valid, outcomes)
             if not valid:
                 return _answered(outcomes)

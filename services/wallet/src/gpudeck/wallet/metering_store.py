@@ -54,6 +54,9 @@ FROM due
 WHERE m.id = due.id
 RETURNING m.organization_id, m.project_id, m.resource_type, m.resource_id, due.delta
 """
+LOCK_ONLY = (
+    "SELECT 1 FROM wallets WHERE organization_id = ANY(%s) ORDER BY organization_id FOR UPDATE"
+)
 log = logging.getLogger(__name__)
 BILLING_LOCK = int.from_bytes(
     hashlib.sha256(b"gpudeck.wallet.billing").digest()[:8], "big", signed=True
@@ -190,7 +193,9 @@ class MeterStore:
     async def bill(self, conn: Conn, organization_ids: Sequence[uuid.UUID]) -> int:
         """Charge these organizations' open meters up to now; return the amount charged."""
         now = await db_now(conn)
-        await lock_wallets(conn, organization_ids, now)
+        # Their wallets locked first (the lock order: wallet, then meters); what the ledger
+        # needs of them it reads itself.
+        await conn.cursor(binary=True).execute(LOCK_ONLY, (sorted(organization_ids),))
         cur = await conn.cursor(binary=True).execute(
             TICK, {"now": now, "orgs": list(organization_ids)}
         )
@@ -200,17 +205,22 @@ class MeterStore:
         for org, project, rtype, rid, delta in await cur.fetchall():
             if delta > 0:
                 lines[(org, project)].append(SpendLine(rtype, delta, rid, project))
+        stamp = now.isoformat()
         requests = [
             request
             for (org, project), org_lines in sorted(lines.items(), key=_by_org_and_project)
             for request in _metered(
-                f"usage:{now.isoformat()}:{org}" + (f":{project}" if project else ""),
+                f"usage:{stamp}:{org}" + (f":{project}" if project else ""),
                 org,
                 org_lines,
                 project_id=project,
             )
         ]
-        outcomes = await self.ledger.post_transfers(conn, requests, now=now)
+        # `now` is this transaction's own: the set-based fast path may post them (one
+        # statement for the organizations without credits whose charge is one resource's).
+        outcomes = await self.ledger.post_transfers(
+            conn, requests, now=now, now_is_transaction_time=True
+        )
         for request, outcome in zip(requests, outcomes, strict=True):
             if outcome.error is not None:
                 raise BillingRefused(request.organization_id, outcome.error)
@@ -349,22 +359,32 @@ def _metered(
     **fields: Any,
 ) -> list[TransferRequest]:
     """What meters owe (`lines`) as the wallet's own transfers, in parts no larger than one
-    transfer moves (`in_transfers`), keyed `key`, `key:1`, …; metered usage may overdraw."""
-    return [
-        TransferRequest(
-            key=key + (f":{part}" if part else ""),
-            organization_id=organization_id,
-            kind=kind,
-            amount=sum(line.amount for line in group),
-            description=description,
-            lines=tuple(group),
-            allow_overdraft=True,
-            record_key=False,
-            actor=actor,
-            **fields,
+    transfer moves (`in_transfers`), keyed `key`, `key:1`, …; metered usage may overdraw.
+    A part for one resource names it as a transfer does rather than as a line (so the fast
+    path, which takes no lines, may post it), unless `fields` name the resource already."""
+    requests = []
+    for part, group in enumerate(in_transfers(lines)):
+        amount = sum(line.amount for line in group)
+        named: dict[str, Any] = {}
+        if len(group) == 1 and "resource_type" not in fields:
+            named = {"resource_type": group[0].resource_type, "resource_id": group[0].resource_id}
+            group = []
+        requests.append(
+            TransferRequest(
+                key=key + (f":{part}" if part else ""),
+                organization_id=organization_id,
+                kind=kind,
+                amount=amount,
+                description=description,
+                lines=tuple(group),
+                allow_overdraft=True,
+                record_key=False,
+                actor=actor,
+                **named,
+                **fields,
+            )
         )
-        for part, group in enumerate(in_transfers(lines))
-    ]
+    return requests
 
 
 def _by_org_and_project(item: tuple[tuple[uuid.UUID, uuid.UUID | None], Any]) -> tuple[str, str]:
