@@ -46,7 +46,7 @@ async def scratch_database(prefix: str) -> AsyncIterator[str]:
 
 
 async def wallet_pool(url: str) -> AsyncConnectionPool:
-    pool = await open_pool(url, min_size=1, max_size=4, schema="wallet")
+    pool = await open_pool(url, min_size=1, max_size=8, schema="wallet")  # as the service
     await migrate(pool, "wallet", KIT_MIGRATIONS, table="kit_migrations")
     await migrate(pool, "wallet", MIGRATIONS)
     return pool

@@ -351,3 +351,52 @@ async def test_a_tick_posts_alike_by_the_set_based_path_and_the_general_one(
     assert all(row[4] for row in fast)  # each charge is what its meters were charged
     assert shape(fast)[2][5] == ["credit"] and 0 < fast[2][8] < 1_000_000  # credits, not cash
     assert fast[0][9] == 50_000_000 and fast[2][9] == 1_000_000  # balance + charged = funded
+
+
+async def test_a_tick_of_many_chunks_bills_them_two_at_a_time_and_all_of_them(
+    own_wallet_pool: AsyncConnectionPool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Chunks hold disjoint organizations and are billed two at a time on connections of their
+    own: every meter is charged its seconds once, and the books balance."""
+    from gpudeck.wallet import metering_store
+    from gpudeck.wallet.ledger_store import open_wallet
+
+    pool = own_wallet_pool
+    assert pool.max_size >= metering_store.MIN_POOL_FOR_WRITERS
+    wallet = Wallet(pool)
+    orgs = []
+    async with pool.connection() as conn, conn.transaction():
+        user = uuid.uuid4()
+        await conn.execute("INSERT INTO users (id, email) VALUES (%s, %s)", (user, f"{user}@t"))
+    for _ in range(7):
+        org = uuid.uuid4()
+        async with pool.connection() as conn, conn.transaction():
+            await conn.execute(
+                "INSERT INTO organizations (id, name, owner_user_id, currency, kyc_status)"
+                " VALUES (%s, 'chunks', %s, 'USD', 'verified')",
+                (org, user),
+            )
+            await open_wallet(conn, org, "USD")
+        orgs.append(org)
+    meters = [await open_meter(wallet, org, seconds_ago=20) for org in orgs]
+    at_once, most = 0, 0
+    bill_chunk = metering_store.bill_chunk
+
+    async def counted(conn: Any, store: Any, part: Any) -> int:
+        nonlocal at_once, most
+        at_once += 1
+        most = max(most, at_once)
+        try:
+            await asyncio.sleep(0.05)  # long enough for a second chunk to start meanwhile
+            return await bill_chunk(conn, store, part)
+        finally:
+            at_once -= 1
+
+    monkeypatch.setattr(metering_store, "bill_chunk", counted)
+    await bill_open_meters(pool, wallet.meters, chunk=2)  # four chunks
+    assert most == metering_store.TICK_WRITERS
+    for meter_id in meters:
+        total, elapsed = await charged(pool, meter_id)
+        assert total == RATE * (elapsed // timedelta(microseconds=1)) // 3_600_000_000 > 0
+    async with pool.connection() as conn:
+        assert await audit.check(conn) == []

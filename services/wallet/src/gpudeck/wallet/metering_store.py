@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
 import uuid
@@ -54,6 +55,8 @@ FROM due
 WHERE m.id = due.id
 RETURNING m.organization_id, m.project_id, m.resource_type, m.resource_id, due.delta
 """
+TICK_WRITERS = 2  # chunks of a tick billed at once, by a pool of at least
+MIN_POOL_FOR_WRITERS = 6
 LOCK_ONLY = (
     "SELECT 1 FROM wallets WHERE organization_id = ANY(%s) ORDER BY organization_id FOR UPDATE"
 )
@@ -314,10 +317,19 @@ async def bill_open_meters(
                 "SELECT DISTINCT organization_id FROM meters WHERE closed_at IS NULL ORDER BY 1"
             )
             orgs = [r[0] for r in await cur.fetchall()]
-            total = 0
-            for start in range(0, len(orgs), chunk):
-                total += await bill_chunk(conn, store, orgs[start : start + chunk])
-            return total
+            parts = [orgs[start : start + chunk] for start in range(0, len(orgs), chunk)]
+            if len(parts) == 1 or pool.max_size < MIN_POOL_FOR_WRITERS:
+                return sum([await bill_chunk(conn, store, part) for part in parts])
+            # Chunks hold disjoint organizations: two at a time, so one is prepared (Python)
+            # while the other is written (PostgreSQL), each on its own connection (a pool this
+            # large keeps others for the calls meanwhile).
+            writers = asyncio.Semaphore(TICK_WRITERS)
+
+            async def bill_part(part: list[uuid.UUID]) -> int:
+                async with writers, pool.connection() as writer:
+                    return await bill_chunk(writer, store, part)
+
+            return sum(await asyncio.gather(*(bill_part(p) for p in parts)))
         finally:
             await conn.execute("SELECT pg_advisory_unlock(%s)", (BILLING_LOCK,))
 
