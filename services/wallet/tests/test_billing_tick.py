@@ -384,6 +384,8 @@ async def test_a_tick_of_many_chunks_bills_them_two_at_a_time_and_all_of_them(
 
     async def counted(conn: Any, store: Any, part: Any) -> int:
         nonlocal at_once, most
+        if store is not wallet.meters:  # the session's own wallet bills meanwhile
+            return await bill_chunk(conn, store, part)
         at_once += 1
         most = max(most, at_once)
         try:
