@@ -269,11 +269,18 @@ async def test_a_tick_posts_alike_by_the_set_based_path_and_the_general_one(
     post_fast = fast_batch.post_fast
 
     ours: list[Any] = []  # this test's ledgers (the session's wallet posts meanwhile)
+    our_orgs: set[uuid.UUID] = set()
 
-    async def counted(store: Any, conn: Any, requests: Any, valid: Any, outcomes: Any) -> Any:
-        left = await post_fast(store, conn, requests, valid, outcomes)
+    async def counted(
+        store: Any, conn: Any, requests: Any, valid: Any, outcomes: Any, *rest: Any
+    ) -> Any:
+        left = await post_fast(store, conn, requests, valid, outcomes, *rest)
         if store in ours:
-            usage = [i for i in valid if i not in left and requests[i].kind is Kind.USAGE]
+            usage = [
+                i for i in valid
+                if i not in left and requests[i].kind is Kind.USAGE
+                and requests[i].organization_id in our_orgs
+            ]  # fmt: skip
             set_based.append(len(usage))
         return left
 
@@ -290,6 +297,7 @@ async def test_a_tick_posts_alike_by_the_set_based_path_and_the_general_one(
 
             wallet.ledger.post_transfers = general  # type: ignore[method-assign]
         orgs = [uuid.uuid4() for _ in range(3)]  # one meter; two meters; one meter and credits
+        our_orgs.update(orgs)
         async with pool.connection() as conn, conn.transaction():
             user = uuid.uuid4()
             await conn.execute("INSERT INTO users (id, email) VALUES (%s, %s)", (user, f"{user}@t"))
@@ -339,6 +347,16 @@ async def test_a_tick_posts_alike_by_the_set_based_path_and_the_general_one(
 
     fast = await books(fast=True)
     assert sum(set_based) == 1  # the one-resource charge of the organization without credits
+    async with pool.connection() as conn:  # its event is dated as its row (no relay here)
+        cur = await conn.execute(
+            "SELECT o.data, t.created_at FROM outbox o JOIN transactions t"
+            " ON o.type = 'wallet.charge.posted' AND t.kind = 'usage' AND t.resource_id = 'a'"
+        )
+        rows = await cur.fetchall()
+    from gpudeck.kit.events import parse_event
+
+    dated = {parse_event(bytes(data)).time.ToDatetime(UTC): created for data, created in rows}
+    assert any(when == created for when, created in dated.items()), dated
     general = await books(fast=False)
     assert [row[:4] for row in fast] == [
         (1, "usage", "pod", "a"), (2, "usage", "", ""), (3, "usage", "pod", "d")
@@ -407,3 +425,56 @@ async def test_a_tick_of_many_chunks_bills_them_two_at_a_time_and_all_of_them(
         assert total == RATE * (elapsed // timedelta(microseconds=1)) // 3_600_000_000 > 0
     async with pool.connection() as conn:
         assert await audit.check(conn) == []
+
+
+async def test_a_chunk_that_fails_ends_the_tick_only_once_every_chunk_has_ended(
+    own_wallet_pool: AsyncConnectionPool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A failing chunk ended the tick (and let the billing lock go) while the others still
+    billed, unlocked: another replica could take the lock and bill beside them."""
+    from gpudeck.wallet import metering_store
+
+    pool = own_wallet_pool
+    wallet = Wallet(pool)
+    for org in await plain_orgs(pool, 6):
+        await open_meter(wallet, org, seconds_ago=5)
+    running: set[int] = set()
+    started = 0
+    bill_chunk = metering_store.bill_chunk
+
+    async def chunk(conn: Any, store: Any, part: Any) -> int:
+        nonlocal started
+        if store is not wallet.meters:  # the session's own wallet bills meanwhile
+            return await bill_chunk(conn, store, part)
+        n, started = started, started + 1
+        running.add(n)
+        try:
+            if n == 0:
+                raise ConnectionError("the chunk's connection was lost")
+            await asyncio.sleep(0.3)
+            return await bill_chunk(conn, store, part)
+        finally:
+            running.discard(n)
+
+    monkeypatch.setattr(metering_store, "bill_chunk", chunk)
+    with pytest.raises(ConnectionError):
+        await bill_open_meters(pool, wallet.meters, chunk=2)  # three chunks or more
+    assert started >= 3 and running == set()  # none still billing once the lock is let go
+
+
+async def plain_orgs(pool: AsyncConnectionPool, count: int) -> list[uuid.UUID]:
+    """`count` organizations with empty wallets, made with plain SQL."""
+    from gpudeck.wallet.ledger_store import open_wallet
+
+    orgs = [uuid.uuid4() for _ in range(count)]
+    async with pool.connection() as conn, conn.transaction():
+        user = uuid.uuid4()
+        await conn.execute("INSERT INTO users (id, email) VALUES (%s, %s)", (user, f"{user}@t"))
+        for org in orgs:
+            await conn.execute(
+                "INSERT INTO organizations (id, name, owner_user_id, currency, kyc_status)"
+                " VALUES (%s, 'tick', %s, 'USD', 'verified')",
+                (org, user),
+            )
+            await open_wallet(conn, org, "USD")
+    return orgs

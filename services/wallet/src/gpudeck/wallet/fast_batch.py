@@ -19,6 +19,7 @@ import functools
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
+from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 import psycopg
@@ -76,9 +77,11 @@ async def post_fast(
     requests: Sequence[TransferRequest],
     valid: list[int],
     outcomes: list[Outcome | None],
+    now: datetime | None = None,
 ) -> list[int]:
     """Post what fits of `requests[i] for i in valid` set-based, filling `outcomes`; return the
-    indexes left for the general path, in order."""
+    indexes left for the general path, in order. `now`: the transaction's own time, when the
+    caller knows it (its events are dated with it, as the ledger's rows are)."""
     currencies = await store.wallet_currencies(conn, {requests[i].organization_id for i in valid})
     unfit = {
         requests[i].organization_id
@@ -101,7 +104,10 @@ async def post_fast(
     orgs = sorted({requests[i].organization_id for i in fast})
     slot = {org: n for n, org in enumerate(orgs, start=1)}
     stamp = Timestamp()
-    stamp.GetCurrentTime()
+    if now is not None:
+        stamp.FromDatetime(now)
+    else:
+        stamp.GetCurrentTime()
     chosen = [requests[i] for i in fast]
     ids = [uuid7() for _ in chosen]
     built = [

@@ -239,7 +239,7 @@ class LedgerStore:
         # was started before a project was deleted.
         outcomes, valid = await _validated(conn, self.projects, requests, live=now is None)
         if fast_path and (now is None or now_is_transaction_time) and valid:
-            valid = await fast_batch.post_fast(self, conn, requests, valid, outcomes)
+            valid = await fast_batch.post_fast(self, conn, requests, valid, outcomes, now)
             if not valid:
                 return _answered(outcomes)
         batch = Batch(now or await db_now(conn))

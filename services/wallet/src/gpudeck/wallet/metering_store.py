@@ -329,7 +329,13 @@ async def bill_open_meters(
                 async with writers, pool.connection() as writer:
                     return await bill_chunk(writer, store, part)
 
-            return sum(await asyncio.gather(*(bill_part(p) for p in parts)))
+            # Every chunk ends before the billing lock is let go (one that failed does not
+            # leave the others billing after it, unlocked); then the first failure is raised.
+            results = await asyncio.gather(*(bill_part(p) for p in parts), return_exceptions=True)
+            for result in results:
+                if isinstance(result, BaseException):
+                    raise result
+            return sum(r for r in results if isinstance(r, int))
         finally:
             await conn.execute("SELECT pg_advisory_unlock(%s)", (BILLING_LOCK,))
 
