@@ -262,7 +262,6 @@ async def test_a_tick_posts_alike_by_the_set_based_path_and_the_general_one(
     resource), postings, balances and rollups, and credits spent before cash."""
     from gpudeck.wallet import fast_batch
     from gpudeck.wallet.ledger import Kind, TransferRequest
-    from gpudeck.wallet.ledger_store import open_wallet
 
     pool = own_wallet_pool
     set_based: list[int] = []  # how many of the tick's charges the fast path posted
@@ -296,18 +295,9 @@ async def test_a_tick_posts_alike_by_the_set_based_path_and_the_general_one(
                 return await post(*args, **{**kwargs, "fast_path": False})
 
             wallet.ledger.post_transfers = general  # type: ignore[method-assign]
-        orgs = [uuid.uuid4() for _ in range(3)]  # one meter; two meters; one meter and credits
+        orgs = await plain_orgs(pool, 3)  # one meter; two meters; one meter and credits
         our_orgs.update(orgs)
         async with pool.connection() as conn, conn.transaction():
-            user = uuid.uuid4()
-            await conn.execute("INSERT INTO users (id, email) VALUES (%s, %s)", (user, f"{user}@t"))
-            for org in orgs:
-                await conn.execute(
-                    "INSERT INTO organizations (id, name, owner_user_id, currency, kyc_status)"
-                    " VALUES (%s, 'tick', %s, 'USD', 'verified')",
-                    (org, user),
-                )
-                await open_wallet(conn, org, "USD")
             await wallet.ledger.post_transfers(
                 conn,
                 [
@@ -382,26 +372,11 @@ async def test_a_tick_of_many_chunks_bills_them_two_at_a_time_and_all_of_them(
     """Chunks hold disjoint organizations and are billed two at a time on connections of their
     own: every meter is charged its seconds once, and the books balance."""
     from gpudeck.wallet import metering_store
-    from gpudeck.wallet.ledger_store import open_wallet
 
     pool = own_wallet_pool
     assert pool.max_size >= metering_store.MIN_POOL_FOR_WRITERS
     wallet = Wallet(pool)
-    orgs = []
-    async with pool.connection() as conn, conn.transaction():
-        user = uuid.uuid4()
-        await conn.execute("INSERT INTO users (id, email) VALUES (%s, %s)", (user, f"{user}@t"))
-    for _ in range(7):
-        org = uuid.uuid4()
-        async with pool.connection() as conn, conn.transaction():
-            await conn.execute(
-                "INSERT INTO organizations (id, name, owner_user_id, currency, kyc_status)"
-                " VALUES (%s, 'chunks', %s, 'USD', 'verified')",
-                (org, user),
-            )
-            await open_wallet(conn, org, "USD")
-        orgs.append(org)
-    meters = [await open_meter(wallet, org, seconds_ago=20) for org in orgs]
+    meters = [await open_meter(wallet, org, seconds_ago=20) for org in await plain_orgs(pool, 7)]
     at_once, most = 0, 0
     bill_chunk = metering_store.bill_chunk
 
