@@ -313,3 +313,33 @@ async def test_thresholds_left_out_of_fields_keep_their_values(stubs: Stubs) -> 
         await w.SetThresholds(wpb.SetThresholdsRequest(organization_id=org, fields=["warning"]))
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "fields" in (err.value.details() or "")
+
+
+async def test_a_rate_answered_under_the_old_per_pair_keys_is_answered_again_not_stored_again(
+    stubs: Stubs, wallet_pool: AsyncConnectionPool
+) -> None:
+    """Rate keys were kept per pair as sent; a retry after the change looked in the new scope
+    only and stored the rate a second time, dated now: it could outdate a newer rate."""
+    from gpudeck.wallet import read_convert
+    from gpudeck.wallet import readmodels_store as store
+    from gpudeck.wallet.once import once
+    from gpudeck.wallet.rates import NewRate, parse_rate
+
+    as_of = Timestamp()
+    as_of.FromDatetime(datetime(2001, 3, 4, 5, 6, 7, tzinfo=UTC))
+    request = wpb.SetExchangeRateRequest(
+        base="usd", quote="inr", rate="47.5", as_of=as_of, idempotency_key=uuid.uuid4().hex
+    )
+    async with wallet_pool.connection() as conn, conn.transaction():  # as the old code kept it
+        new = NewRate("USD", "INR", parse_rate("47.5"), as_of.ToDatetime(UTC), "test")
+
+        async def add() -> wpb.ExchangeRate:
+            return read_convert.exchange_rate(await store.add_rate(conn, new))
+
+        first = await once(conn, "rate:usd:inr", request, wpb.ExchangeRate, add)
+    assert await stubs.wallet.SetExchangeRate(request) == first
+    async with wallet_pool.connection() as conn:
+        cur = await conn.execute(
+            "SELECT count(*) FROM exchange_rates WHERE as_of = %s", (as_of.ToDatetime(UTC),)
+        )
+        assert await cur.fetchone() == (1,)

@@ -56,11 +56,7 @@ async def once(
     await require_live_actor(conn)
     if not key:
         return await act()
-    payload = type(request)()
-    payload.CopyFrom(request)
-    payload.idempotency_key = ""
-    call = payload.DESCRIPTOR.full_name.encode()
-    digest = hashlib.sha256(call + b"\0" + payload.SerializeToString(deterministic=True)).digest()
+    digest = _digest(request)
     earlier = await idempotency.recall(conn, mine, key, digest)
     if earlier is not None:
         return answer_type.FromString(base64.b64decode(earlier["answer"]))
@@ -76,3 +72,25 @@ async def once(
     if organization:  # the money calls see it taken (their keys live in this scope)
         await idempotency.take(conn, uuid.UUID(organization), key, digest)
     return answer
+
+
+async def earlier_answer(
+    conn: AsyncConnection[Any], scope: str, request: Any, answer_type: type[Answer]
+) -> Answer | None:
+    """The answer `once` kept for `request` (by this caller, its key) in `scope`, if any: for
+    a call whose scope changed, so a retry of a request answered under the old one still gets
+    that answer. ABORTED if the key was used there for another request."""
+    key = request.idempotency_key
+    if not key:
+        return None
+    earlier = await idempotency.recall(conn, f"{scope}:{actor.get()}", key, _digest(request))
+    return answer_type.FromString(base64.b64decode(earlier["answer"])) if earlier else None
+
+
+def _digest(request: Any) -> bytes:
+    """What identifies a request's payload: its call and fields, its key left out."""
+    payload = type(request)()
+    payload.CopyFrom(request)
+    payload.idempotency_key = ""
+    call = payload.DESCRIPTOR.full_name.encode()
+    return hashlib.sha256(call + b"\0" + payload.SerializeToString(deterministic=True)).digest()

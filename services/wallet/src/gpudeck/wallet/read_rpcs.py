@@ -14,7 +14,7 @@ from gpudeck.wallet import readmodels_store as store
 from gpudeck.wallet.alerts import Thresholds
 from gpudeck.wallet.deps import Wallet
 from gpudeck.wallet.invoices import next_invoice_date
-from gpudeck.wallet.once import once
+from gpudeck.wallet.once import earlier_answer, once
 from gpudeck.wallet.rates import Conversion, NewRate, parse_rate
 from gpudeck.wallet.read_convert import Display
 from gpudeck.wallet.text import check_text
@@ -157,6 +157,17 @@ class ReadRpcs:
         sent.CopyFrom(request)
         sent.base, sent.quote = sent.base.strip().upper(), sent.quote.strip().upper()
         async with self.wallet.pool.connection() as conn, conn.transaction():
+            # Keys were kept per pair as sent until 2026-12: a retry of a request answered then
+            # gets that answer, not a second rate dated now (it could outdate a newer one).
+            if request.idempotency_key:
+                await conn.execute(
+                    "SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))",
+                    (f"rates {request.idempotency_key}",),
+                )
+                legacy = f"rate:{request.base}:{request.quote}"
+                earlier = await earlier_answer(conn, legacy, request, pb.ExchangeRate)
+                if earlier is not None:
+                    return earlier
             return await once(conn, "rates", sent, pb.ExchangeRate, add)
 
     async def ListExchangeRates(
