@@ -8,6 +8,7 @@ makes a batch of a thousand transfers cost little more than one.
 
 from __future__ import annotations
 
+import functools
 import uuid
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
@@ -453,12 +454,12 @@ class LedgerStore:
         for org, mine in moves.items():
             lw = locked[org]
             w = lw.wallet
-
-            def level_of(balance: int, lw: LockedWallet = lw) -> str:
-                return level_for(
-                    balance, lw.wallet.run_rate, lw.thresholds, self.policy.depletion_seconds
-                )
-
+            level_of = functools.partial(
+                level_for,
+                run_rate=w.run_rate,
+                thresholds=lw.thresholds,
+                depletion_seconds=self.policy.depletion_seconds,
+            )
             if level_of(w.balance) != w.level:
                 actors[org] = crossed_by(mine, level_of)
         return actors

@@ -29,6 +29,7 @@ from gpudeck.wallet.metering import (
     rate_change_fingerprint,
 )
 from gpudeck.wallet.money import MAX_AMOUNT, format_micro
+from gpudeck.wallet.organizations_store import lock_wallet_rows
 
 Conn = AsyncConnection[Any]
 COLUMNS = (
@@ -57,9 +58,6 @@ RETURNING m.organization_id, m.project_id, m.resource_type, m.resource_id, due.d
 """
 TICK_WRITERS = 2  # chunks of a tick billed at once, by a pool of at least
 MIN_POOL_FOR_WRITERS = 6
-LOCK_ONLY = (
-    "SELECT 1 FROM wallets WHERE organization_id = ANY(%s) ORDER BY organization_id FOR UPDATE"
-)
 log = logging.getLogger(__name__)
 BILLING_LOCK = int.from_bytes(
     hashlib.sha256(b"gpudeck.wallet.billing").digest()[:8], "big", signed=True
@@ -198,7 +196,7 @@ class MeterStore:
         now = await db_now(conn)
         # Their wallets locked first (the lock order: wallet, then meters); what the ledger
         # needs of them it reads itself.
-        await conn.cursor(binary=True).execute(LOCK_ONLY, (sorted(organization_ids),))
+        await lock_wallet_rows(conn, organization_ids)
         cur = await conn.cursor(binary=True).execute(
             TICK, {"now": now, "orgs": list(organization_ids)}
         )

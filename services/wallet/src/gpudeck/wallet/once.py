@@ -16,6 +16,7 @@ from psycopg import AsyncConnection
 from gpudeck.kit.logs import actor
 from gpudeck.wallet import idempotency
 from gpudeck.wallet.live_actor import require_live_actor
+from gpudeck.wallet.organizations_store import lock_wallet_rows
 from gpudeck.wallet.text import check_text
 
 Answer = TypeVar("Answer", bound=Message)
@@ -45,10 +46,7 @@ async def once(
     # the wallet, then the organization, as everywhere); elsewhere, a lock on the key. The
     # wallet row also orders the call after any revocation of its token (they take it too).
     if organization:
-        await conn.execute(
-            "SELECT 1 FROM wallets WHERE organization_id = %s FOR UPDATE",
-            (uuid.UUID(organization),),
-        )
+        await lock_wallet_rows(conn, [uuid.UUID(organization)])
     elif key:
         await conn.execute(
             "SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))", (f"{scope} {key}",)

@@ -17,7 +17,7 @@ from gpudeck.proto.events.v1.envelope_pb2 import Event
 from gpudeck.wallet import events
 from gpudeck.wallet.accounts import Project, check_name
 from gpudeck.wallet.ids import uuid7
-from gpudeck.wallet.organizations_store import Conn, OrganizationStore
+from gpudeck.wallet.organizations_store import Conn, OrganizationStore, lock_wallet_rows
 
 PROJECT_COLUMNS = "id, organization_id, name, created_at, last_used_at, deleted_at"
 PROJECT = f"SELECT {PROJECT_COLUMNS} FROM projects"
@@ -126,10 +126,7 @@ class ProjectStore(OrganizationStore):
         project = await self.get_project(conn, project_id)
         # The wallet row first (lock order: the wallet, then the organization): a meter being
         # opened in the project holds it, and the check below must see that meter.
-        await conn.execute(
-            "SELECT 1 FROM wallets WHERE organization_id = %s FOR UPDATE",
-            (project.organization_id,),
-        )
+        await lock_wallet_rows(conn, [project.organization_id])
         await self.lock_organization(conn, project.organization_id)
         cur = await conn.execute(
             "SELECT (SELECT count(*) FROM projects WHERE organization_id = %s"
