@@ -102,6 +102,22 @@ async def test_unknown_currency_and_organization(
     assert err.value.code() == grpc.StatusCode.NOT_FOUND
 
 
+async def test_a_currency_is_read_as_every_currency_input_is(
+    wallet_stub: WalletServiceStub, new_org: NewOrg
+) -> None:
+    """Blanks around the code and lower case are the code (they were used as sent: the wallet's
+    own currency was refused for want of a rate from "USD " to USD); blanks alone are no code."""
+    org = await new_org("USD")
+    top = await wallet_stub.Transfer(transfer(org, pb.TOPUP, 5 * USD, currency=" usd "))
+    assert top.balance_after.amount == 5 * USD
+    charge = await wallet_stub.Transfer(transfer(org, pb.CHARGE, USD, currency="USD "))
+    assert charge.balance_after.amount == 4 * USD
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await wallet_stub.Transfer(transfer(org, pb.TOPUP, USD, currency="  "))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "currency" in (err.value.details() or "")
+
+
 async def test_credits_are_spent_before_cash(
     wallet_stub: WalletServiceStub, new_org: NewOrg
 ) -> None:

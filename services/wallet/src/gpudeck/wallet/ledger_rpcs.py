@@ -38,7 +38,8 @@ def transfer_request(m: pb.TransferRequest, ids: convert.IdCache | None = None) 
         organization_id=ids.parse(m.organization_id, "organization_id"),
         kind=kind,
         amount=amount.amount,
-        currency=amount.currency.upper(),
+        # as every currency input is read (blanks alone stay, to be refused as no currency)
+        currency=amount.currency.strip().upper() or amount.currency,
         description=m.description,
         project_id=ids.optional(m.project_id, "project_id"),
         resource_type=m.resource_type,

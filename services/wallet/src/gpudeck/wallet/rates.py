@@ -88,14 +88,21 @@ class Conversion:
             ctx.prec = 50
             return (1 / self.rate.rate).quantize(Decimal(1).scaleb(-RATE_PLACES), ROUND_HALF_UP)
 
+    def exact(self, amount: int) -> Decimal:
+        """`amount` micro-units of `source` in micro-units of `target`, unrounded."""
+        if self.rate is None:
+            return Decimal(amount)
+        with localcontext() as ctx:
+            ctx.prec = 60
+            return Decimal(amount) / self.rate.rate if self.inverse else amount * self.rate.rate
+
     def apply(self, amount: int) -> int:
         """`amount` micro-units of `source` in micro-units of `target`, rounded half up."""
         if self.rate is None:
             return amount
         with localcontext() as ctx:
             ctx.prec = 60
-            value = Decimal(amount) / self.rate.rate if self.inverse else amount * self.rate.rate
-            return int(value.quantize(Decimal(1), rounding=ROUND_HALF_UP))
+            return int(self.exact(amount).quantize(Decimal(1), rounding=ROUND_HALF_UP))
 
     def apply_factor(self, amount: int) -> int:
         """`amount` × `factor` (the rate as a transaction records it), rounded half up."""

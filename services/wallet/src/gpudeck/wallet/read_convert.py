@@ -6,6 +6,7 @@ currency with the stored rate it names.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
 
@@ -50,7 +51,10 @@ class Display:
     def money(self, amount: int) -> Money:
         """`amount` shown; FailedPrecondition naming the display currency when the rate makes it
         more than a Money can hold (a rate far off, or a huge balance)."""
-        shown = self.conversion.apply(amount)
+        return self.shown(self.conversion.apply(amount))
+
+    def shown(self, shown: int) -> Money:
+        """An amount already in the display currency, checked as `money` checks it."""
         if not -INT64_MAX <= shown <= INT64_MAX:
             c = self.conversion
             rate = format_rate(c.rate.rate) if c.rate is not None else "1"
@@ -62,8 +66,31 @@ class Display:
             )
         return Money(amount=shown, currency=self.conversion.target)
 
-    def by_type(self, parts: tuple[tuple[str, int], ...]) -> list[pb.AmountByType]:
-        return [pb.AmountByType(resource_type=t, amount=self.money(a)) for t, a in parts]
+    def split(self, total: int, parts: Sequence[int]) -> tuple[Money, list[Money]]:
+        """`total` and its `parts` shown so that, when the parts add up to the total, the shown
+        parts add up to the shown total too: each is rounded, then the micro-units the rounding
+        lost or invented go to the parts it moved most (largest remainders). Parts that do not
+        add up to the total (a breakdown of some of it) are rounded each on its own."""
+        shown_total = self.conversion.apply(total)
+        shown = [self.conversion.apply(p) for p in parts]
+        gap = shown_total - sum(shown)
+        if gap and sum(parts) == total:
+            # rounding error of each part: exact − shown; give +1 to the largest, −1 to the least
+            errors = [self.conversion.exact(p) - s for p, s in zip(parts, shown, strict=True)]
+            order = sorted(range(len(shown)), key=lambda i: errors[i], reverse=gap > 0)
+            for i in order[: abs(gap)]:
+                shown[i] += 1 if gap > 0 else -1
+        return self.shown(shown_total), [self.shown(s) for s in shown]
+
+    def by_type(
+        self, total: int, parts: tuple[tuple[str, int], ...]
+    ) -> tuple[Money, list[pb.AmountByType]]:
+        """A total and its breakdown by resource type, shown so that they add up (`split`)."""
+        shown_total, shown = self.split(total, [a for _, a in parts])
+        return shown_total, [
+            pb.AmountByType(resource_type=t, amount=m)
+            for (t, _), m in zip(parts, shown, strict=True)
+        ]
 
     def conversion_pb(self) -> ConversionPb | None:
         """The stored rate used, or None when nothing was converted."""
@@ -90,15 +117,7 @@ def summary(s: rm.Summary, d: Display) -> pb.WalletSummary:
         # balance − held as shown, so the converted card adds up too
         spendable=Money(amount=balance.amount - held.amount, currency=d.currency),
         credits=d.money(st.credits),
-        run_rate=pb.RunRate(
-            per_hour=d.money(s.run_rate.per_hour),
-            per_day=d.money(s.run_rate.per_day),
-            per_month=d.money(s.run_rate.per_month),
-            by_resource_type=[
-                pb.RunRateByType(resource_type=t, per_hour=d.money(rate))
-                for t, rate in s.run_rate.by_resource_type
-            ],
-        ),
+        run_rate=run_rate(s.run_rate, d),
         service_status=s.service_status,
         conversion=d.conversion_pb(),
         wallet_currency=st.currency,
@@ -106,6 +125,21 @@ def summary(s: rm.Summary, d: Display) -> pb.WalletSummary:
     if s.hours_remaining is not None:
         message.hours_remaining = s.hours_remaining
     return message
+
+
+def run_rate(r: rm.RunRate, d: Display) -> pb.RunRate:
+    """The hourly rate shown, its projections from the rate as shown (× 24, × 720, as in the
+    wallet currency), and its breakdown adding up to it (`Display.split`)."""
+    per_hour, by_type = d.split(r.per_hour, [rate for _, rate in r.by_resource_type])
+    return pb.RunRate(
+        per_hour=per_hour,
+        per_day=d.shown(per_hour.amount * rm.HOURS_PER_DAY),
+        per_month=d.shown(per_hour.amount * rm.HOURS_PER_MONTH),
+        by_resource_type=[
+            pb.RunRateByType(resource_type=t, per_hour=m)
+            for (t, _), m in zip(r.by_resource_type, by_type, strict=True)
+        ],
+    )
 
 
 def period_total(p: rm.PeriodTotal, d: Display) -> pb.PeriodTotal:
@@ -127,17 +161,11 @@ def expenditure(e: rm.Expenditure, d: Display) -> pb.Expenditure:
 
 
 def trend(days: list[rm.Spend], d: Display) -> pb.SpendingTrend:
-    return pb.SpendingTrend(
-        days=[
-            pb.DaySpend(
-                date=day.start.isoformat(),
-                total=d.money(day.total),
-                by_resource_type=d.by_type(day.by_resource_type),
-            )
-            for day in days
-        ],
-        conversion=d.conversion_pb(),
-    )
+    def day_spend(day: rm.Spend) -> pb.DaySpend:
+        total, by_type = d.by_type(day.total, day.by_resource_type)
+        return pb.DaySpend(date=day.start.isoformat(), total=total, by_resource_type=by_type)
+
+    return pb.SpendingTrend(days=[day_spend(day) for day in days], conversion=d.conversion_pb())
 
 
 def month_label(start: date) -> str:
@@ -145,16 +173,12 @@ def month_label(start: date) -> str:
 
 
 def monthly(months: list[rm.Spend], d: Display) -> pb.MonthlyBreakdown:
+    def month_spend(m: rm.Spend) -> pb.MonthSpend:
+        total, by_type = d.by_type(m.total, m.by_resource_type)
+        return pb.MonthSpend(month=month_label(m.start), total=total, by_resource_type=by_type)
+
     return pb.MonthlyBreakdown(
-        months=[
-            pb.MonthSpend(
-                month=month_label(m.start),
-                total=d.money(m.total),
-                by_resource_type=d.by_type(m.by_resource_type),
-            )
-            for m in months
-        ],
-        conversion=d.conversion_pb(),
+        months=[month_spend(m) for m in months], conversion=d.conversion_pb()
     )
 
 
@@ -193,23 +217,34 @@ def usage_record(r: UsageRecord, d: Display) -> pb.UsageRecord:
     )
 
 
-def dimension_usage(u: DimensionUsage, d: Display) -> pb.DimensionUsage:
+def dimension_usage(u: DimensionUsage, d: Display, cost: Money | None = None) -> pb.DimensionUsage:
+    """`cost`: its cost as shown, when shown as part of a total (`Display.split`)."""
     return pb.DimensionUsage(
         dimension=u.dimension,
         value=u.value,
         quantity=u.quantity,
-        cost=d.money(u.cost),
+        cost=cost or d.money(u.cost),
         calls=u.calls,
         errors=u.errors,
     )
 
 
+def today_parts(
+    total: int, parts: tuple[DimensionUsage, ...], d: Display
+) -> tuple[Money, list[pb.DimensionUsage]]:
+    """Today's cost and a breakdown of it, shown so that they add up when all of it is there."""
+    shown_total, costs = d.split(total, [u.cost for u in parts])
+    return shown_total, [dimension_usage(u, d, c) for u, c in zip(parts, costs, strict=True)]
+
+
 def analytics(a: Analytics, d: Display) -> pb.UsageAnalytics:
+    today_cost, by_model = today_parts(a.today_cost, a.today_by_model, d)
+    by_meter = today_parts(a.today_cost, a.today_by_meter, d)[1]
     message = pb.UsageAnalytics(
         today_quantity=a.today_quantity,
-        today_cost=d.money(a.today_cost),
-        today_by_model=[dimension_usage(u, d) for u in a.today_by_model],
-        today_by_meter=[dimension_usage(u, d) for u in a.today_by_meter],
+        today_cost=today_cost,
+        today_by_model=by_model,
+        today_by_meter=by_meter,
         top_models_30_days=[dimension_usage(u, d) for u in a.top_models_30_days],
         calls_24h=a.last_24h.calls,
         hourly_48h=[
