@@ -272,6 +272,7 @@ def test_data_folder_in_use_is_refused(tmp_path: Path) -> None:
         ("GPUDECK_AUTO_TOPUP_TIMEOUT", "nan"),
         ("GPUDECK_SHUTDOWN_GRACE", "-inf"),
         ("GPUDECK_DEPLETION_SECONDS", "1e400"),
+        ("GPUDECK_KYC_TOPUP_LIMIT", "1e999999"),  # was a traceback: the decimal context overflowed
         ("GPUDECK_AUTO_TOPUP_TIMEOUT", "1e12"),  # past what a database interval holds
         ("GPUDECK_WALLET_LISTEN", "127.0.0.1:²"),  # a digit to str.isdigit, not to int()
         ("GPUDECK_WALLET_METRICS_LISTEN", "127.0.0.1:٣"),
@@ -296,6 +297,9 @@ def test_numbers_that_are_not_finite_or_sane_are_named(name: str, value: str) ->
         ("GPUDECK_BOOTSTRAP_TOKEN", "secret"),  # without --demo: no demo organization to own
         ("GPUDECK_KYC_TOPUP_LIMIT", "USD:0.0000001"),
         ("GPUDECK_GATEWAY_HEALTH_TIMEOUT", "1e12"),  # a gRPC deadline that overflows
+        ("GPUDECK_SERVICE_TOKEN", "a\tb"),  # the stack came up, and every call failed
+        ("GPUDECK_SERVICE_TOKEN", "tök"),  # no gRPC metadata carries it
+        ("GPUDECK_ADMIN_TOKEN", "ö" * 24),
     ],
 )
 def test_up_names_a_bad_service_setting_before_starting_anything(

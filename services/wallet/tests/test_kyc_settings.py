@@ -53,6 +53,9 @@ def test_zero_is_no_limit() -> None:
         ("USD:", "'USD:' is not CURRENCY:AMOUNT"),
         ("USD:0.0000001", "more than 6 decimal places"),  # was 0: no limit at all
         ("99999999999999", "too large"),
+        ("USD:1e999999", "too large"),  # was a traceback (the decimal context overflowed)
+        ("1e-2000000", "more than 6 decimal places"),  # underflowed to 0: no limit at all
+        ("1." + "0" * 40 + "1", "more than 6 decimal places"),  # rounded to 1 in 28 digits
     ],
 )
 def test_a_bad_limit_is_a_configuration_error_naming_the_variable(value: str, says: str) -> None:

@@ -26,6 +26,7 @@ import grpc
 
 from gpudeck.gateway.backends import Backends
 from gpudeck.gateway.errors import UNAUTHENTICATED, UNAVAILABLE, GatewayError, rpc_details
+from gpudeck.kit.config import MAX_TOKEN_LENGTH
 from gpudeck.proto.wallet.v1 import account_pb2, account_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -35,7 +36,6 @@ RANK = {role: len(ROLES) - i for i, role in enumerate(ROLES)}  # owner 5 … vie
 TTL_SECONDS = 4.0
 NEGATIVE_TTL_SECONDS = 1.0
 MAX_ENTRIES = 10_000
-MAX_TOKEN_LENGTH = 512
 AUTH_TIMEOUT = 2.0
 WALLET = "wallet"
 

@@ -24,9 +24,10 @@ from gpudeck.kit.config import (
     ConfigError,
     EventsConfig,
     address,
+    check_token,
     log_level,
     number,
-    require,
+    required_token,
     service_addresses,
 )
 
@@ -52,7 +53,7 @@ class Settings:
         return cls(
             listen=address(env, "GPUDECK_GATEWAY_LISTEN", DEFAULT_LISTEN),
             service_addresses=service_addresses(env),
-            service_token=require(env, "GPUDECK_SERVICE_TOKEN"),
+            service_token=required_token(env, "GPUDECK_SERVICE_TOKEN"),
             health_timeout=number(  # a gRPC deadline: past ~9e9 s it overflows
                 env, "GPUDECK_GATEWAY_HEALTH_TIMEOUT", 1.0, minimum=0.05, maximum=3600
             ),
@@ -72,4 +73,4 @@ def _admin_token(env: Mapping[str, str]) -> str:
     token = env.get("GPUDECK_ADMIN_TOKEN", "").strip()
     if token and len(token) < MIN_ADMIN_TOKEN:
         raise ConfigError(f"GPUDECK_ADMIN_TOKEN must be at least {MIN_ADMIN_TOKEN} characters")
-    return token
+    return check_token("GPUDECK_ADMIN_TOKEN", token)

@@ -48,6 +48,24 @@ def require(env: Mapping[str, str], name: str) -> str:
     return value
 
 
+MAX_TOKEN_LENGTH = 512  # what the gateway takes in `Authorization: Bearer …`
+
+
+def check_token(name: str, value: str) -> str:
+    """A token sent in an `Authorization` header: visible ASCII, no spaces (gRPC metadata and
+    HTTP headers carry nothing else: a "tök" was accepted, and every call then failed)."""
+    if len(value) > MAX_TOKEN_LENGTH or not all("!" <= c <= "~" for c in value):
+        raise ConfigError(
+            f"{name} must be at most {MAX_TOKEN_LENGTH} visible ASCII characters without spaces"
+            " (it is sent in an Authorization header)"
+        )
+    return value
+
+
+def required_token(env: Mapping[str, str], name: str) -> str:
+    return check_token(name, require(env, name))
+
+
 def parse_address(name: str, value: str) -> tuple[str, int]:
     """`host:port` (port 0 means any free port) → (host, port)."""
     host, sep, port = value.rpartition(":")
@@ -226,7 +244,7 @@ class ServiceConfig:
             metrics_listen=address(
                 env, f"GPUDECK_{key}_METRICS_LISTEN", f"127.0.0.1:{DEFAULT_METRICS_PORTS[service]}"
             ),
-            service_token=require(env, "GPUDECK_SERVICE_TOKEN"),
+            service_token=required_token(env, "GPUDECK_SERVICE_TOKEN"),
             log_level=log_level(env),
             shutdown_grace=number(env, "GPUDECK_SHUTDOWN_GRACE", 10.0),
             db_pool_size=int(number(env, "GPUDECK_DB_POOL_SIZE", 8, minimum=2, maximum=1000)),

@@ -6,9 +6,9 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
-from decimal import Decimal, InvalidOperation
+from decimal import Decimal, InvalidOperation, localcontext
 
-from gpudeck.kit.config import ConfigError, number
+from gpudeck.kit.config import ConfigError, check_token, number
 from gpudeck.wallet.ledger import KycLimits
 from gpudeck.wallet.money import CURRENCIES
 from gpudeck.wallet.pdf import check_font
@@ -16,7 +16,6 @@ from gpudeck.wallet.pdf import check_font
 DEFAULT_KYC_LIMITS = KycLimits({"USD": 500_000_000, "INR": 40_000_000_000})
 KYC_LIMIT = "GPUDECK_KYC_TOPUP_LIMIT"
 INT64_MAX = 2**63 - 1
-MAX_TOKEN_LENGTH = 512  # what the gateway takes in `Authorization: Bearer …`
 
 
 @dataclass(frozen=True)
@@ -82,12 +81,7 @@ def _bootstrap_token(env: Mapping[str, str]) -> str:
             "GPUDECK_BOOTSTRAP_TOKEN is the demo organization's owner token: set GPUDECK_DEMO=1"
             " with it (gpudeck up --demo), or unset it"
         )
-    if len(token) > MAX_TOKEN_LENGTH or not token.isprintable() or " " in token:
-        raise ConfigError(
-            f"GPUDECK_BOOTSTRAP_TOKEN must be at most {MAX_TOKEN_LENGTH} printable characters"
-            " without spaces"
-        )
-    return token
+    return check_token("GPUDECK_BOOTSTRAP_TOKEN", token)
 
 
 DEFAULT_INVOICE_FONT = "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf"
@@ -147,8 +141,17 @@ def _micro(amount: str) -> int:
         raise ConfigError(f"{KYC_LIMIT}={amount!r} is not a finite number")
     if value < 0:
         raise ConfigError(f"{KYC_LIMIT}={amount!r} must be at least 0")
-    micro = value.scaleb(6)
-    if micro != micro.to_integral_value():
+    # Bounded before any arithmetic (1e999999 overflowed the decimal context, 1e-2000000
+    # underflowed to 0: no limit), then scaled exactly, however many digits it has.
+    if value.adjusted() > 18:
+        raise ConfigError(f"{KYC_LIMIT}={amount!r} is too large")
+    if value and value.adjusted() < -6:
+        raise ConfigError(f"{KYC_LIMIT}={amount!r} has more than 6 decimal places")
+    with localcontext() as ctx:
+        ctx.prec = len(value.as_tuple().digits) + 30
+        micro = value.scaleb(6)
+        fractional = micro != micro.to_integral_value()
+    if fractional:
         raise ConfigError(f"{KYC_LIMIT}={amount!r} has more than 6 decimal places")
     if micro > INT64_MAX:
         raise ConfigError(f"{KYC_LIMIT}={amount!r} is too large")
