@@ -328,3 +328,44 @@ async def test_a_refund_naming_its_charge_lowers_that_resources_spending(service
         cost = await cur.fetchone()
     assert spending == {(org, "pod"): 6_000_000, (other, "other"): -1_000_000}
     assert cost == (6_000_000,)
+
+
+async def test_a_refund_gives_a_resource_back_at_most_what_its_charge_cost(
+    service: Service,
+) -> None:
+    """Past what its charge has left (after earlier refunds naming it, in this batch or before),
+    a refund is counted as one naming nothing: the resource's cost went below zero."""
+    wallet_stub, wallet_pool, new_org = service
+    org = await new_org()
+    await transfer(wallet_stub, org, pb.TOPUP, 100_000_000)
+    charge = await transfer(
+        wallet_stub, org, pb.CHARGE, 10_000_000, resource_type="pod", resource_id="pod-1"
+    )
+    await transfer(wallet_stub, org, pb.REFUND, 4_000_000, reference=charge.id)
+
+    def refund(amount: int) -> pb.TransferRequest:
+        return pb.TransferRequest(
+            idempotency_key=uuid.uuid4().hex, organization_id=str(org), kind=pb.REFUND,
+            amount=Money(amount=amount), reference=charge.id,
+        )  # fmt: skip
+
+    batch = await wallet_stub.TransferBatch(
+        pb.TransferBatchRequest(transfers=[refund(5_000_000), refund(3_000_000)])
+    )
+    assert not any(r.error_code for r in batch.results)
+    async with wallet_pool.connection() as conn:
+        cur = await conn.execute(
+            "SELECT resource_type, sum(amount)::bigint FROM daily_spend"
+            " WHERE organization_id = %s GROUP BY 1",
+            (org,),
+        )
+        spending = dict(await cur.fetchall())
+        cur = await conn.execute(
+            "SELECT total FROM resource_costs WHERE organization_id = %s AND resource_id = 'pod-1'",
+            (org,),
+        )
+        cost = await cur.fetchone()
+    # 10 charged; 4, then 5 and 1 of the 3 given back to the pod; 2 more to nothing in particular
+    assert spending == {"pod": 0, "other": -2_000_000}
+    assert cost == (0,)
+    assert await books_balance(wallet_pool)

@@ -38,9 +38,13 @@ WHERE t.organization_id = %s AND t.kind IN ('charge', 'usage', 'refund')
 ORDER BY t.id DESC, p.id DESC
 LIMIT %s
 """
-# The charges refunds name as their `reference`, with the one resource each paid for.
+# The charges refunds name as their `reference`, with the one resource each paid for and how
+# much of it earlier refunds naming it gave back (the wallets are locked: none commits meanwhile).
 NAMED_CHARGES = """
-SELECT t.organization_id, t.id, t.resource_type, t.resource_id, t.project_id
+SELECT t.organization_id, t.id, t.resource_type, t.resource_id, t.project_id,
+       t.amount - coalesce((SELECT sum(r.amount) FROM transactions r
+                            WHERE r.organization_id = t.organization_id AND r.kind = 'refund'
+                              AND r.reference = t.id::text), 0)
 FROM transactions t
 WHERE t.id = ANY(%s) AND t.organization_id = ANY(%s) AND t.kind IN ('charge', 'usage')
   AND t.resource_type <> ''
@@ -72,15 +76,21 @@ async def attribute_refunds(
         NAMED_CHARGES,
         (sorted({tx for _, tx in named.values()}), sorted({org for org, _ in named.values()})),
     )
-    charges = {
-        (org, tx): (rtype, rid, project) for org, tx, rtype, rid, project in await cur.fetchall()
-    }
+    charges = {(org, tx): rest for org, tx, *rest in await cur.fetchall()}
     attributed = list(requests)
     for i, key in named.items():
         if key in charges:
-            rtype, rid, project = charges[key]
+            rtype, rid, project, unrefunded = charges[key]
             r = requests[i]
-            attributed[i] = replace(r, lines=(SpendLine(rtype, r.amount, rid, project),))
+            # At most what the charge has left to give back is its resource's; the rest of a
+            # larger refund is counted as any refund naming nothing (its resource's cost would
+            # go below zero). Refunds in one batch naming one charge share what it has left.
+            part = max(0, min(r.amount, unrefunded))
+            charges[key][3] = unrefunded - part
+            lines = [SpendLine(rtype, part, rid, project)] if part else []
+            if part < r.amount:
+                lines.append(SpendLine("other", r.amount - part))
+            attributed[i] = replace(r, lines=tuple(lines))
     return attributed
 
 
