@@ -5,13 +5,15 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
+import psycopg
+import psycopg_pool
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from gpudeck.kit import errors
 from gpudeck.kit.grpcclient import channel
-from gpudeck.kit.grpcserver import KitServer, Registration
+from gpudeck.kit.grpcserver import UNAVAILABLE_MESSAGE, KitServer, Registration
 from gpudeck.proto.kit.v1 import diagnostics_pb2, diagnostics_pb2_grpc
 
 TOKEN = "s3cret"
@@ -24,6 +26,10 @@ def _raising(kind: str) -> Any:
             return b"done"
         if kind == "crash":
             raise RuntimeError("boom")
+        if kind == "db_down":  # what psycopg raises: the pool timed out, the server went away
+            raise psycopg_pool.PoolTimeout("couldn't get a connection after 30.00 sec")
+        if kind == "deadlock":
+            raise psycopg.errors.DeadlockDetected("deadlock detected")
         raise {
             "not_found": errors.NotFound("organization 'x' not found"),
             "invalid": errors.InvalidArgument("amount must be positive", field="amount"),
@@ -36,7 +42,17 @@ def _raising(kind: str) -> Any:
 
 
 def _add_test_service(_servicer: object, server: grpc.aio.Server) -> None:
-    kinds = ["not_found", "invalid", "state", "crash", "slow", "huge", "huge_cjk"]
+    kinds = [
+        "not_found",
+        "invalid",
+        "state",
+        "crash",
+        "slow",
+        "huge",
+        "huge_cjk",
+        "db_down",
+        "deadlock",
+    ]
     handlers = {k: _raising(k) for k in kinds}
     server.add_generic_rpc_handlers(
         (grpc.method_handlers_generic_handler("test.Faults", handlers),)
@@ -113,6 +129,9 @@ async def test_a_request_id_is_made_when_none_is_sent(server: KitServer) -> None
         ("invalid", grpc.StatusCode.INVALID_ARGUMENT, "amount must be positive"),
         ("state", grpc.StatusCode.FAILED_PRECONDITION, "hold is already captured"),
         ("crash", grpc.StatusCode.INTERNAL, "internal error"),
+        # retryable, not a bug: they were INTERNAL "internal error"
+        ("db_down", grpc.StatusCode.UNAVAILABLE, UNAVAILABLE_MESSAGE),
+        ("deadlock", grpc.StatusCode.UNAVAILABLE, UNAVAILABLE_MESSAGE),
     ],
 )
 async def test_domain_errors_map_to_status_codes(

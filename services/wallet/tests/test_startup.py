@@ -14,9 +14,12 @@ import grpc
 import psycopg
 from databases import fresh_database
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from processes import start_wallet, wait_serving, wallet_env
+from processes import TOKEN, start_wallet, wait_serving, wallet_env
 
 from gpudeck.kit.config import EventsConfig
+from gpudeck.kit.grpcclient import channel
+from gpudeck.proto.wallet.v1 import wallet_pb2 as pb
+from gpudeck.proto.wallet.v1.wallet_pb2_grpc import WalletServiceStub
 
 
 def test_a_read_only_database_is_a_one_line_config_error(
@@ -72,6 +75,48 @@ async def test_health_follows_the_database(pg_server_url: str, events_config: Ev
             await becomes(address, health_pb2.HealthCheckResponse.NOT_SERVING)
             database(allow=True)
             await becomes(address, health_pb2.HealthCheckResponse.SERVING)
+        finally:
+            process.terminate()
+            process.wait(20)
+
+
+async def test_health_stays_serving_while_slow_calls_hold_every_pooled_connection(
+    pg_server_url: str, events_config: EventsConfig
+) -> None:
+    """The health check borrowed a pooled connection: with every one held by calls waiting on a
+    lock, it got none, and a replica whose database was fine went NOT_SERVING (out of the load
+    balancer, every replica alike under the same load). It has a connection of its own."""
+    name = f"gpudeck_busy_{uuid.uuid4().hex[:8]}"
+    with fresh_database(pg_server_url, name) as url:
+        env = wallet_env(url, events_config, GPUDECK_DB_POOL_SIZE="2")
+        address = env["GPUDECK_WALLET_LISTEN"]
+        process = start_wallet(env)
+        try:
+            await wait_serving(address)
+            async with await psycopg.AsyncConnection.connect(url) as locker:
+                await locker.execute("LOCK TABLE wallet.wallets IN ACCESS EXCLUSIVE MODE")
+                async with channel(address, TOKEN) as ch:
+                    wallet = WalletServiceStub(ch)
+                    waiting = [
+                        asyncio.ensure_future(
+                            wallet.GetWalletSummary(
+                                pb.GetWalletSummaryRequest(organization_id=str(uuid.uuid4())),
+                                timeout=12,
+                            )
+                        )
+                        for _ in range(6)
+                    ]
+                    health = health_pb2_grpc.HealthStub(ch)
+                    seen = set()
+                    deadline = time.monotonic() + 6  # 3 health checks
+                    while time.monotonic() < deadline:
+                        reply = await health.Check(health_pb2.HealthCheckRequest(), timeout=2)
+                        seen.add(reply.status)
+                        await asyncio.sleep(0.25)
+                    assert not any(w.done() for w in waiting)  # they held the pool throughout
+                    await locker.rollback()
+                    await asyncio.gather(*waiting, return_exceptions=True)
+            assert seen == {health_pb2.HealthCheckResponse.SERVING}
         finally:
             process.terminate()
             process.wait(20)

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import grpc
+import psycopg
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
@@ -41,6 +42,11 @@ STATUS = {
 }
 VERSION = "0.1.0"
 QUIET = 0.2  # seconds without a new call before a draining server stops
+
+UNAVAILABLE_MESSAGE = (
+    "the database is unavailable or busy: retry the call with the same idempotency key (if"
+    " it was applied after all, the retry gets its answer)"
+)
 
 
 @dataclass(frozen=True)
@@ -148,6 +154,13 @@ class KitInterceptor(grpc.aio.ServerInterceptor):
                 if code == "OK":
                     code = ctx.code().name if ctx.code() else "UNKNOWN"
                 raise
+            except psycopg.OperationalError as exc:
+                # The database down, its pool exhausted, a deadlock or a statement timeout: a
+                # retry may succeed (a bug it is not). A commit lost in flight may have landed:
+                # mutating calls are keyed, so the retry finds it.
+                code = "UNAVAILABLE"
+                log.warning("database unavailable in %s: %r", method, exc)
+                await ctx.abort(grpc.StatusCode.UNAVAILABLE, UNAVAILABLE_MESSAGE)
             except Exception:
                 code = "INTERNAL"
                 log.exception("unhandled error in %s", method)

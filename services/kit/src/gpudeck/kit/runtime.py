@@ -9,6 +9,7 @@ the setting and exit with code 2, without a traceback.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import signal
@@ -16,7 +17,7 @@ import sys
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import psycopg
 from psycopg_pool import AsyncConnectionPool
@@ -32,6 +33,7 @@ from gpudeck.kit.workers import Periodic
 log = logging.getLogger(__name__)
 HEALTH_INTERVAL = 2.0  # seconds between checks of the database for gRPC health
 HEALTH_TIMEOUT = 1.0  # seconds the database has to answer one
+PROBE_CONNECT_TIMEOUT = 5.0  # seconds to open the health check's connection (a refusal is quick)
 KIT_MIGRATIONS = Path(__file__).parent / "migrations"
 
 
@@ -91,6 +93,7 @@ class RunningService:
         self.workers: list[Worker] = []
         self.port = 0
         self.healthy = True
+        self.probe: psycopg.AsyncConnection[Any] | None = None  # the health check's own
 
     async def start(self) -> None:
         cfg = self.config
@@ -131,19 +134,37 @@ class RunningService:
     async def _check_health(self) -> None:
         """gRPC health follows the database: NOT_SERVING while it does not answer (a probe
         or load balancer then sends the calls elsewhere), SERVING again once it does."""
-        assert self.pool is not None and self.server is not None
+        assert self.server is not None
+        # On a connection of its own: one borrowed from the pool was none to be had while slow
+        # calls held them all, and a replica with a healthy database left the load balancer.
         try:
-            async with self.pool.connection(timeout=HEALTH_TIMEOUT) as conn:
-                await asyncio.wait_for(conn.execute("SELECT 1"), HEALTH_TIMEOUT)
+            probe = self.probe
+            if probe is None or probe.closed:
+                probe = await asyncio.wait_for(
+                    psycopg.AsyncConnection.connect(
+                        self.config.database_url, autocommit=True, application_name="health"
+                    ),
+                    PROBE_CONNECT_TIMEOUT,
+                )
+                self.probe = probe
+            assert probe is not None
+            await asyncio.wait_for(probe.execute("SELECT 1"), HEALTH_TIMEOUT)
             healthy = True
         except Exception as exc:
             healthy = False
+            await self._close_probe()
             if self.healthy:
                 log.warning("database unreachable: NOT_SERVING", extra={"error": repr(exc)})
         if healthy and not self.healthy:
             log.info("database reachable again: SERVING")
         self.healthy = healthy
         await self.server.set_serving(healthy)
+
+    async def _close_probe(self) -> None:
+        probe, self.probe = self.probe, None
+        if probe is not None:
+            with contextlib.suppress(Exception):
+                await probe.close()
 
     async def stop(self) -> None:
         """Health NOT_SERVING, stop taking calls and drain them, stop workers, close pools."""
@@ -155,6 +176,7 @@ class RunningService:
             await self.relay.stop()
         if self.bus is not None:
             await self.bus.close()
+        await self._close_probe()
         if self.pool is not None:
             await self.pool.close()
         log.info("stopped")

@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 
 # Long enough to cover a relay retrying a batch after a lost acknowledgement.
 DUPLICATE_WINDOW = 120.0
+CLOSE_TIMEOUT = 2.0  # seconds to flush and close at shutdown
 MSG_ID = "Nats-Msg-Id"  # JetStream drops a message whose id it saw within the duplicate window
 
 
@@ -125,8 +126,10 @@ class EventBus:
             await asyncio.wait_for(self._ready.wait(), seconds)
         return self.connected
 
-    async def close(self) -> None:
-        """Stop connecting, flush what was published and close the connection."""
+    async def close(self, timeout: float = CLOSE_TIMEOUT) -> None:
+        """Stop connecting, flush what was published and close the connection, giving up after
+        `timeout` seconds (a server that is connected but does not answer held a shutdown for
+        20 s, past the grace it has: what was not acknowledged is still in the outbox)."""
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -134,13 +137,21 @@ class EventBus:
         nc, self._nc, self._js, self._acks = self._nc, None, None, None
         if nc is None or nc.is_closed:
             return
-        try:
-            if nc.is_connected:
-                await nc.drain()
-            else:
-                await nc.close()
-        except Exception as exc:  # closing must not fail a shutdown
-            log.debug("closing NATS failed", extra={"error": repr(exc)})
+        # Not wait_for: it waits for the cancelled call to end, and nats-py's drain, cancelled,
+        # goes on closing (with a flush of its own that waits 10 s for an answer).
+        closing = asyncio.ensure_future(nc.drain() if nc.is_connected else nc.close())
+        done, _ = await asyncio.wait({closing}, timeout=timeout)
+        if not done:
+            # Cancelled, drain goes on to flush (a PING that waits 10 s for its PONG): cancel
+            # that too. The socket goes with the process, which is on its way out.
+            for _ in range(3):
+                closing.cancel()
+                done, _ = await asyncio.wait({closing}, timeout=0.2)
+                if done:
+                    break
+            log.warning("NATS did not answer in time: closed without flushing")
+        elif closing.exception() is not None:  # closing must not fail a shutdown
+            log.warning("closing NATS failed", extra={"error": repr(closing.exception())})
 
     async def ensure_stream(self) -> None:
         """Create the stream, or widen an existing one to our subjects and duplicate window."""
@@ -254,7 +265,17 @@ class EventBus:
             try:
                 await self.ensure_stream()
             except Exception as exc:
-                log.warning("cannot ensure the stream", extra={"error": repr(exc)})
+                # Say why (a BadRequestError() alone did not: e.g. "subjects overlap with an
+                # existing stream") and which: events wait in the outbox until it is fixed.
+                log.error(
+                    "cannot ensure the stream",
+                    extra={
+                        "error": repr(exc),
+                        "reason": getattr(exc, "description", None) or str(exc),
+                        "stream": self.config.stream,
+                        "subjects": f"{self.config.subject_prefix}.>",
+                    },
+                )
                 await asyncio.sleep(self.reconnect_wait)
                 continue
             self._failures = 0
