@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime
 
@@ -64,11 +65,12 @@ def merge_thresholds(current: Thresholds, wanted: Thresholds, fields: list[str])
     """`current` with the `fields` of `wanted` (all when empty), checked."""
     names = chosen_fields(fields, THRESHOLD_FIELDS, "threshold")
     chosen = {name: getattr(wanted, name) for name in names}
-    return check_thresholds(replace(current, **chosen))
+    return check_thresholds(replace(current, **chosen), changed=names)
 
 
-def check_thresholds(t: Thresholds) -> Thresholds:
-    """Amounts and hours ≥ 0 (0: unset); a critical limit no looser than the warning one."""
+def check_thresholds(t: Thresholds, changed: Sequence[str] = THRESHOLD_FIELDS) -> Thresholds:
+    """Amounts and hours ≥ 0 (0: unset); a critical limit no looser than the warning one. A pair
+    out of order is named by the one of them `changed` (the caller sent), the critical first."""
     for name in ("warning_amount", "critical_amount"):
         value = getattr(t, name)
         if not 0 <= value <= MAX_AMOUNT:
@@ -77,14 +79,12 @@ def check_thresholds(t: Thresholds) -> Thresholds:
         value = getattr(t, name)
         if not math.isfinite(value) or not 0 <= value <= MAX_HOURS:
             raise InvalidArgument(f"{name} must be between 0 and {MAX_HOURS}", field=name)
-    if t.warning_amount and t.critical_amount > t.warning_amount:
-        raise InvalidArgument(
-            "critical_amount must not exceed warning_amount", field="critical_amount"
-        )
-    if t.warning_hours and t.critical_hours > t.warning_hours:
-        raise InvalidArgument(
-            "critical_hours must not exceed warning_hours", field="critical_hours"
-        )
+    for kind in ("amount", "hours"):
+        warning, critical = f"warning_{kind}", f"critical_{kind}"
+        if getattr(t, warning) and getattr(t, critical) > getattr(t, warning):
+            if critical in changed or warning not in changed:
+                raise InvalidArgument(f"{critical} must not exceed {warning}", field=critical)
+            raise InvalidArgument(f"{warning} must not be below {critical}", field=warning)
     return t
 
 
