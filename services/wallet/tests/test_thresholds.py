@@ -356,6 +356,53 @@ async def test_three_failed_top_ups_in_a_row_turn_the_rule_off_until_it_is_saved
     assert (await rule()).enabled
 
 
+async def test_a_rule_turned_off_by_an_expiry_is_on_again_when_that_top_up_is_paid_late(
+    wallet_stub: WalletServiceStub, wallet_pool: AsyncConnectionPool, new_org: NewOrg
+) -> None:
+    """Two declined and one timed out turn the rule off; the late one paid after all leaves two
+    failures, not three in a row. The rule stayed off (saying three had failed) and never fired
+    again."""
+    org = await new_org("USD")
+    await transfer(wallet_stub, org, pb.TOPUP, 3 * USD)
+    save = pb.SetAutoTopUpRequest(
+        organization_id=str(org), enabled=True, below=5 * USD, amount=20 * USD
+    )
+
+    async def rule() -> pb.AutoTopUp:
+        return await wallet_stub.GetAutoTopUp(pb.GetAutoTopUpRequest(organization_id=str(org)))
+
+    await wallet_stub.SetAutoTopUp(save, timeout=5)
+    for _ in range(2):
+        pending = (await rule()).pending
+        await wallet_stub.CompleteTopUp(
+            pb.CompleteTopUpRequest(pending_top_up_id=pending.id, succeeded=False), timeout=5
+        )
+        await transfer(wallet_stub, org, pb.CHARGE, USD // 10)  # still below: asks again
+    third = (await rule()).pending.id
+    async with wallet_pool.connection() as conn:
+        await conn.execute(
+            "UPDATE pending_topups SET created_at = now() - interval '2 hours' WHERE id = %s",
+            (uuid.UUID(third),),
+        )
+    deadline = time.monotonic() + 10
+    while (await rule()).enabled:
+        assert time.monotonic() < deadline, "the rule was not turned off"
+        await asyncio.sleep(0.1)
+    paid = await wallet_stub.CompleteTopUp(
+        pb.CompleteTopUpRequest(pending_top_up_id=third, succeeded=True), timeout=5
+    )
+    assert paid.status == "completed"
+    back = await rule()
+    assert back.enabled and back.disabled_reason == ""
+    await transfer(wallet_stub, org, pb.CHARGE, 20 * USD)  # 22.8 − 20 = 2.8 < 5: it fires
+    assert (await rule()).pending.status == "pending"
+    # A rule its owner turned off stays off, whatever is paid late.
+    off = await wallet_stub.SetAutoTopUp(
+        pb.SetAutoTopUpRequest(organization_id=str(org), enabled=False), timeout=5
+    )
+    assert not off.enabled
+
+
 async def test_an_unknown_pending_top_up_is_not_found(wallet_stub: WalletServiceStub) -> None:
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await wallet_stub.CompleteTopUp(

@@ -202,14 +202,42 @@ class ThresholdStore:
         done = await cur.fetchone()
         assert done is not None
         if succeeded:
-            await conn.execute(
-                "UPDATE auto_topups SET failures = 0 WHERE organization_id = %s", (organization_id,)
-            )
+            await self._count_success(conn, pending)
             if pending.status == "expired":
                 await self._cancel_requested_since(conn, organization_id, now)
         elif pending.status == "pending":
             await self._count_failures(conn, [organization_id])
         return PendingTopUp(*done)
+
+    async def _count_success(self, conn: Conn, pending: PendingTopUp) -> None:
+        """A top-up paid: the failures in a row are those requested after it (none, unless it
+        is paid late: its expiry counted as one). A rule that its expiry turned off, and that
+        no longer has MAX_AUTO_TOPUP_FAILURES in a row without it, is on again (it stayed off,
+        saying three had failed, with two)."""
+        await conn.execute(
+            """
+            WITH later AS (
+                SELECT count(*) AS n FROM pending_topups
+                WHERE organization_id = %(org)s AND created_at > %(at)s
+                  AND status IN ('failed', 'expired')
+            ), counted AS (
+                SELECT a.organization_id, least(a.failures, later.n) AS failures,
+                       NOT a.enabled AND a.disabled_reason = %(reason)s
+                           AND least(a.failures, later.n) < %(max)s AS back_on
+                FROM auto_topups a, later WHERE a.organization_id = %(org)s
+            )
+            UPDATE auto_topups a SET failures = c.failures,
+                enabled = a.enabled OR c.back_on,
+                disabled_reason = CASE WHEN c.back_on THEN '' ELSE a.disabled_reason END
+            FROM counted c WHERE a.organization_id = c.organization_id
+            """,
+            {
+                "org": pending.organization_id,
+                "at": pending.created_at,
+                "reason": give_up_reason(),
+                "max": MAX_AUTO_TOPUP_FAILURES,
+            },
+        )
 
     async def _cancel_requested_since(
         self, conn: Conn, organization_id: uuid.UUID, now: datetime
