@@ -1026,6 +1026,35 @@ async def test_money_calls_refuse_a_project_deleted_a_moment_ago(
         assert trailer(err, "x-error-field") == "project_id"
 
 
+async def test_a_meter_waiting_for_a_project_deletion_is_refused_once_it_is_deleted(
+    wallet_stub: WalletServiceStub, account_stub: AccountServiceStub, new_org: NewOrg,
+    wallet_pool: AsyncConnectionPool,
+) -> None:  # fmt: skip
+    """The open waits for the wallet lock the deletion holds; it then checked the project on
+    the answer this process had cached a moment before ("live"), and opened a billed meter in
+    a deleted project. Both calls succeeded."""
+    org = await new_org()
+    await new_project(account_stub, org, "kept")
+    project = await new_project(account_stub, org, "going")
+    await top_up(wallet_stub, org, 10 * USD)
+    warm = await wallet_stub.OpenMeter(meter_request(org, project_id=project), timeout=5)
+    await wallet_stub.CloseMeter(pb.CloseMeterRequest(meter_id=warm.id), timeout=5)  # cached live
+    async with wallet_pool.connection() as holder, holder.transaction():  # both queue behind it
+        await holder.execute("SELECT 1 FROM wallets WHERE organization_id = %s FOR UPDATE", (org,))
+        deletion = asyncio.ensure_future(
+            account_stub.DeleteProject(account_pb2.DeleteProjectRequest(project_id=project))
+        )
+        await asyncio.sleep(0.5)  # the deletion waits first, then the open
+        opening = asyncio.ensure_future(
+            wallet_stub.OpenMeter(meter_request(org, project_id=project), timeout=10)
+        )
+        await asyncio.sleep(0.5)
+        assert not deletion.done() and not opening.done()
+    await deletion
+    err = await refused(opening)
+    assert (err.code(), trailer(err, "x-error-field")) == (grpc.StatusCode.NOT_FOUND, "project_id")
+
+
 async def test_deleting_a_project_says_why_it_cannot(
     wallet_stub: WalletServiceStub, account_stub: AccountServiceStub, new_org: NewOrg
 ) -> None:

@@ -307,16 +307,17 @@ class AccountServicer(account_pb2_grpc.AccountServiceServicer):
         async def delete() -> pb.Project:
             return project(await self.accounts.delete_project(conn, project_id))
 
-        async with self.wallet.pool.connection() as conn, conn.transaction():
-            # Another organization's project is NOT_FOUND before its keys are looked at (or its
-            # wallet locked): a key taken there must not tell the caller the project exists.
-            found = await self.accounts.get_project(conn, project_id, deleted=True)
-            if owner is not None and found.organization_id != owner:
-                raise NotFound(f"project {project_id} not found", field="project_id")
-            scope = f"org:{found.organization_id}"
-            deleted = await once(conn, scope, request, pb.Project, delete)
-        self.wallet.ledger.projects.deleted(project_id)  # this process stops trusting it at once
-        return deleted
+        # This process asks the database whether it is live until it is done, then trusts it
+        # no more (a meter waiting for the wallet lock the deletion holds opened in it).
+        with self.wallet.ledger.projects.deleting(project_id):
+            async with self.wallet.pool.connection() as conn, conn.transaction():
+                # Another organization's project is NOT_FOUND before its keys are looked at (or
+                # its wallet locked): a key taken there must not tell the caller it exists.
+                found = await self.accounts.get_project(conn, project_id, deleted=True)
+                if owner is not None and found.organization_id != owner:
+                    raise NotFound(f"project {project_id} not found", field="project_id")
+                scope = f"org:{found.organization_id}"
+                return await once(conn, scope, request, pb.Project, delete)
 
     # ------------------------------------------------------------------ API tokens
 

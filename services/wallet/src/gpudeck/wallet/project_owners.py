@@ -6,7 +6,8 @@ booked to a project the caller cannot see. The wallet's own postings (a hold's c
 ticks) only need the organization's project, deleted or not: what was started before a project
 was deleted is still settled. A project never moves between organizations and a deletion is
 final, so those answers are cached; that a project is live is trusted for LIVE_SECONDS (a
-deletion through this process is seen at once, one through another replica within that time).
+deletion through this process is seen at once, even by a call that waited for it: `deleting`;
+one through another replica within that time).
 
 Using a project for a resource (a meter opened, usage recorded, a hold taken) also makes it
 "recently used": its `last_used_at` moves, at most once a minute per project and process.
@@ -14,9 +15,10 @@ Using a project for a resource (a meter opened, usage recorded, a hold taken) al
 
 from __future__ import annotations
 
+import contextlib
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 from psycopg import AsyncConnection
@@ -34,6 +36,7 @@ class ProjectOwners:
         self._owner: dict[uuid.UUID, uuid.UUID] = {}
         self._live_until: dict[uuid.UUID, float] = {}
         self._deleted: set[uuid.UUID] = set()
+        self._deleting: dict[uuid.UUID, int] = {}  # deletions under way in this process
         self._touched: dict[uuid.UUID, float] = {}
 
     async def unknown(
@@ -51,7 +54,11 @@ class ProjectOwners:
             project
             for _, project in named
             if project not in self._owner
-            or (live and project not in self._deleted and self._live_until.get(project, 0) < now)
+            or (
+                live
+                and project not in self._deleted
+                and (self._live_until.get(project, 0) < now or project in self._deleting)
+            )
         }
         if missing:
             cur = await conn.execute(
@@ -74,6 +81,20 @@ class ProjectOwners:
             for org, project in named
             if self._owner.get(project) != org or (live and project in self._deleted)
         }
+
+    @contextlib.contextmanager
+    def deleting(self, project_id: uuid.UUID) -> Iterator[None]:
+        """Around a deletion's transaction: while it runs, that the project is live is asked of
+        the database, not the cache (a meter opened in it once the deletion let the wallet go
+        was let through on a cached answer, in this very process); once it is done, `deleted`."""
+        self._deleting[project_id] = self._deleting.get(project_id, 0) + 1
+        try:
+            yield
+            self.deleted(project_id)
+        finally:
+            left = self._deleting.pop(project_id) - 1
+            if left:
+                self._deleting[project_id] = left
 
     def deleted(self, project_id: uuid.UUID) -> None:
         """A project was just deleted: money calls naming it are refused from now on."""
