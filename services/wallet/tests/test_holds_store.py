@@ -81,6 +81,44 @@ async def test_only_credits_that_outlive_a_hold_back_it(
     assert held.amount == 5 * USD  # cash 2 + the credits that last the day 3
 
 
+async def test_holds_fit_whichever_is_taken_first(
+    wallet_pool: AsyncConnectionPool, new_org: NewOrg
+) -> None:
+    """Cash 100 and credits 100 expiring in 30 min back a 10-minute hold of 100 (the credits)
+    and an hour's hold of 100 (the cash), in either order. Short first, the long one was
+    refused: every open hold and the credits expiring before it were both taken off."""
+    from datetime import UTC, datetime, timedelta
+
+    from gpudeck.wallet.ledger import InsufficientFunds
+
+    ledger = LedgerStore()
+    holds = HoldStore(ledger)
+    expires = datetime.now(UTC) + timedelta(minutes=30)
+    for order in (("long", "short"), ("short", "long")):
+        org = await new_org()
+        async with wallet_pool.connection() as conn, conn.transaction():
+            await ledger.post_transfers(
+                conn,
+                [
+                    TransferRequest("cash", org, Kind.TOPUP, 100 * USD),
+                    TransferRequest(
+                        "promo", org, Kind.CREDIT_GRANT, 100 * USD, credit_expires_at=expires
+                    ),
+                ],
+            )
+        seconds = {"short": 600, "long": 3600}
+        async with wallet_pool.connection() as conn, conn.transaction():
+            for name in order:
+                hold = await holds.create(
+                    conn, HoldRequest(name, org, 100 * USD, timeout_seconds=seconds[name])
+                )
+                assert hold.status == "open", order
+        # Nothing more fits: not even 1 µ for 10 minutes (all 200 are held).
+        async with wallet_pool.connection() as conn, conn.transaction():
+            with pytest.raises(InsufficientFunds):
+                await holds.create(conn, HoldRequest("more", org, 1, timeout_seconds=600))
+
+
 async def test_the_audit_finds_a_hold_resolved_twice(
     wallet_pool: AsyncConnectionPool, new_org: NewOrg
 ) -> None:

@@ -10,12 +10,17 @@ from __future__ import annotations
 import hashlib
 import json
 import uuid
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from datetime import datetime
+from typing import TYPE_CHECKING
 
 from gpudeck.kit.errors import FailedPrecondition, InvalidArgument
 from gpudeck.wallet.money import check_amount, format_micro
 from gpudeck.wallet.text import check_label, check_text
+
+if TYPE_CHECKING:
+    from gpudeck.wallet.ledger import Wallet
 
 MAX_TIMEOUT_SECONDS = 30 * 24 * 3600
 DEFAULT_TIMEOUT_SECONDS = 15 * 60
@@ -142,3 +147,31 @@ def capture_amount(hold: Hold, amount: int | None, now: datetime) -> int:
             field="amount",
         )
     return amount
+
+
+def room_for_hold(
+    wallet: Wallet, open_holds: Sequence[tuple[int, datetime]], ends: datetime, now: datetime
+) -> tuple[int, datetime | None]:
+    """How much a new hold ending at `ends` may reserve, and the time whose expiring credits
+    made it less than spendable (None when none did).
+
+    Money backs a hold only if it outlives it: cash does, a credit expiring at or before the
+    hold's end does not (the sweep takes it while the hold is open). The holds fit when, for
+    every time t a hold ends, the holds still open at t (ending at or after it) are no more
+    than cash and the credits outliving t: the holds ending later can use fewer credits, so
+    those are the only checks needed (Hall's condition for nested sets). A new hold adds itself
+    to the checks at the times up to its end; the least room among them is its room. Counting
+    every open hold against the credits outliving the new one refused a long hold that the
+    cash backed, when a shorter one taken first was backed by credits.
+    """
+    live = [c for c in wallet.credits if not (c.expires_at and c.expires_at <= now)]
+    usable = wallet.balance - (
+        sum(c.balance for c in wallet.credits) - sum(c.balance for c in live)
+    )
+    room, short_at = usable - sum(a for a, _ in open_holds), None  # spendable, unexpired
+    for t in sorted({ends, *(e for _, e in open_holds if e <= ends)}):
+        expiring = sum(c.balance for c in live if c.expires_at and c.expires_at <= t)
+        at_t = usable - expiring - sum(a for a, e in open_holds if e >= t)
+        if at_t < room:
+            room, short_at = at_t, t
+    return room, short_at

@@ -17,6 +17,7 @@ from gpudeck.wallet.holds import (
     capture_amount,
     capture_fingerprint,
     check_open,
+    room_for_hold,
     void_fingerprint,
 )
 from gpudeck.wallet.ids import uuid7
@@ -88,14 +89,19 @@ class HoldStore:
             h.amount for h in await self._expire(conn, [wallet.organization_id], now)
         )
         expires_at = now + timedelta(seconds=request.timeout_seconds)
-        # Only credits that outlive the hold back it: the sweep takes the others away while it
-        # is still open, and spendable would go below zero.
-        spendable = wallet.spendable_at(expires_at)
-        if spendable < request.amount:
-            expiring = spendable != wallet.spendable_at(now)
-            raise short_of_funds(
-                spendable, request.amount, wallet.currency, until=expires_at if expiring else None
+        # Only credits that outlive a hold back it: the sweep takes the others away while it
+        # is still open, and spendable would go below zero (room_for_hold).
+        others: list[tuple[int, datetime]] = []
+        if wallet.held_balance:
+            cur = await conn.execute(
+                "SELECT amount, expires_at FROM holds"
+                " WHERE organization_id = %s AND status = 'open' AND expires_at > %s",
+                (wallet.organization_id, now),
             )
+            others = [(amount, ends) for amount, ends in await cur.fetchall()]
+        room, short_at = room_for_hold(wallet, others, expires_at, now)
+        if room < request.amount:
+            raise short_of_funds(room, request.amount, wallet.currency, until=short_at)
         hold = Hold(
             id=uuid7(),
             organization_id=request.organization_id,
