@@ -302,25 +302,38 @@ async def test_an_expired_top_up_paid_late_cancels_the_one_requested_in_its_plac
     assert await balance(wallet_stub, org) == 43 * USD
 
 
+def below_5_add_20(org: uuid.UUID) -> pb.SetAutoTopUpRequest:
+    return pb.SetAutoTopUpRequest(
+        organization_id=str(org), enabled=True, below=5 * USD, amount=20 * USD
+    )
+
+
+async def rule_of(stub: WalletServiceStub, org: uuid.UUID) -> pb.AutoTopUp:
+    return await stub.GetAutoTopUp(pb.GetAutoTopUpRequest(organization_id=str(org)))
+
+
+async def decline_pending(stub: WalletServiceStub, org: uuid.UUID) -> None:
+    """The payment side declines the rule's pending top-up."""
+    pending = (await rule_of(stub, org)).pending
+    assert pending.status == "pending"
+    await stub.CompleteTopUp(
+        pb.CompleteTopUpRequest(pending_top_up_id=pending.id, succeeded=False), timeout=5
+    )
+
+
 async def test_three_failed_top_ups_in_a_row_turn_the_rule_off_until_it_is_saved_again(
     wallet_stub: WalletServiceStub, wallet_pool: AsyncConnectionPool, new_org: NewOrg,
     events_config: EventsConfig,
 ) -> None:  # fmt: skip
     org = await new_org("USD")
     await transfer(wallet_stub, org, pb.TOPUP, 3 * USD)
-    save = pb.SetAutoTopUpRequest(
-        organization_id=str(org), enabled=True, below=5 * USD, amount=20 * USD
-    )
+    save = below_5_add_20(org)
 
     async def rule() -> pb.AutoTopUp:
-        return await wallet_stub.GetAutoTopUp(pb.GetAutoTopUpRequest(organization_id=str(org)))
+        return await rule_of(wallet_stub, org)
 
     async def decline() -> None:
-        pending = (await rule()).pending
-        assert pending.status == "pending"
-        await wallet_stub.CompleteTopUp(
-            pb.CompleteTopUpRequest(pending_top_up_id=pending.id, succeeded=False), timeout=5
-        )
+        await decline_pending(wallet_stub, org)
 
     await wallet_stub.SetAutoTopUp(save, timeout=5)  # below already: the first request
     await decline()
@@ -364,19 +377,13 @@ async def test_a_rule_turned_off_by_an_expiry_is_on_again_when_that_top_up_is_pa
     again."""
     org = await new_org("USD")
     await transfer(wallet_stub, org, pb.TOPUP, 3 * USD)
-    save = pb.SetAutoTopUpRequest(
-        organization_id=str(org), enabled=True, below=5 * USD, amount=20 * USD
-    )
 
     async def rule() -> pb.AutoTopUp:
-        return await wallet_stub.GetAutoTopUp(pb.GetAutoTopUpRequest(organization_id=str(org)))
+        return await rule_of(wallet_stub, org)
 
-    await wallet_stub.SetAutoTopUp(save, timeout=5)
+    await wallet_stub.SetAutoTopUp(below_5_add_20(org), timeout=5)
     for _ in range(2):
-        pending = (await rule()).pending
-        await wallet_stub.CompleteTopUp(
-            pb.CompleteTopUpRequest(pending_top_up_id=pending.id, succeeded=False), timeout=5
-        )
+        await decline_pending(wallet_stub, org)
         await transfer(wallet_stub, org, pb.CHARGE, USD // 10)  # still below: asks again
     third = (await rule()).pending.id
     async with wallet_pool.connection() as conn:
