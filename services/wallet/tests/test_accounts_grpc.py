@@ -233,6 +233,60 @@ async def test_the_last_owner_can_be_neither_removed_nor_demoted(account_stub: S
         assert "last owner" in (err.details() or "")
 
 
+async def test_a_token_manages_members_as_its_role_allows_them_as_they_are_now(
+    account_stub: Stub,
+) -> None:
+    """The wallet checks the calling token's role against the member's role as it is under the
+    organization's lock. Only the gateway checked, on a list read earlier in the operation: an
+    admin's removeMember of a member promoted to owner meanwhile went through."""
+    org = (await new_org(account_stub)).organization
+    made = await account_stub.CreateApiToken(
+        pb.CreateApiTokenRequest(organization_id=org.id, name="ops", role="admin")
+    )
+    as_admin = (("x-actor", f"token:{made.api_token.id}"),)
+    x = await invite(account_stub, org.id, "member")
+    promoted = await account_stub.SetMemberRole(
+        pb.SetMemberRoleRequest(organization_id=org.id, user_id=x.user.id, role="billing"),
+        metadata=as_admin,
+    )
+    assert promoted.role == "billing"  # within the admin's reach
+    await account_stub.SetMemberRole(  # the owner makes x an owner (no token: trusted)
+        pb.SetMemberRoleRequest(organization_id=org.id, user_id=x.user.id, role="owner")
+    )
+    for call in (
+        account_stub.RemoveMember(
+            pb.RemoveMemberRequest(organization_id=org.id, user_id=x.user.id), metadata=as_admin
+        ),
+        account_stub.SetMemberRole(
+            pb.SetMemberRoleRequest(organization_id=org.id, user_id=x.user.id, role="viewer"),
+            metadata=as_admin,
+        ),
+        account_stub.SetMemberRole(  # handing out a role above its own
+            pb.SetMemberRoleRequest(
+                organization_id=org.id,
+                user_id=(await invite(account_stub, org.id, "member")).user.id,
+                role="owner",
+            ),
+            metadata=as_admin,
+        ),
+    ):
+        err = await refused(call)
+        assert err.code() == grpc.StatusCode.PERMISSION_DENIED, err.details()
+    members = await account_stub.ListMembers(pb.ListMembersRequest(organization_id=org.id))
+    assert {m.user.id: m.role for m in members.members}[x.user.id] == "owner"
+    # A member's token manages no one.
+    member_token = await account_stub.CreateApiToken(
+        pb.CreateApiTokenRequest(organization_id=org.id, name="dev", role="member")
+    )
+    err = await refused(
+        account_stub.RemoveMember(
+            pb.RemoveMemberRequest(organization_id=org.id, user_id=x.user.id),
+            metadata=(("x-actor", f"token:{member_token.api_token.id}"),),
+        )
+    )
+    assert err.code() == grpc.StatusCode.PERMISSION_DENIED
+
+
 async def test_with_a_second_owner_the_first_may_step_down(account_stub: Stub) -> None:
     org = (await new_org(account_stub)).organization
     second = await invite(account_stub, org.id, "owner")

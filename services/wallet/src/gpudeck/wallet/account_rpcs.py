@@ -20,7 +20,7 @@ from gpudeck.wallet.accounts import (
 )
 from gpudeck.wallet.accounts_store import AccountStore, CreatedOrganization, NewOrganization
 from gpudeck.wallet.deps import Wallet
-from gpudeck.wallet.live_actor import require_live_actor
+from gpudeck.wallet.live_actor import caller_token_role, require_live_actor
 from gpudeck.wallet.once import once
 from gpudeck.wallet.organization_deletion import delete_organization
 from gpudeck.wallet.organizations_store import Conn
@@ -237,7 +237,10 @@ class AccountServicer(account_pb2_grpc.AccountServiceServicer):
         user_id = convert.parse_id(request.user_id, "user_id")
 
         async def set_role() -> pb.Member:
-            return member(await self.accounts.set_member_role(conn, org, user_id, request.role))
+            by = await caller_token_role(conn, org)
+            return member(
+                await self.accounts.set_member_role(conn, org, user_id, request.role, by=by)
+            )
 
         async with self.wallet.pool.connection() as conn, conn.transaction():
             return await once(conn, f"org:{org}", request, pb.Member, set_role)
@@ -249,7 +252,9 @@ class AccountServicer(account_pb2_grpc.AccountServiceServicer):
         user_id = convert.parse_id(request.user_id, "user_id")
 
         async def remove() -> pb.RemoveMemberResponse:
-            await self.accounts.remove_member(conn, org, user_id)
+            await self.accounts.remove_member(
+                conn, org, user_id, by=await caller_token_role(conn, org)
+            )
             return pb.RemoveMemberResponse()
 
         async with self.wallet.pool.connection() as conn, conn.transaction():

@@ -86,6 +86,20 @@ def check_grant(granter: str, role: str, *, field: str = "role") -> None:
         )
 
 
+def check_manage_member(manager: str, current: str, new: str | None = None) -> None:
+    """PermissionDenied unless someone with role `manager` may change (to `new`) or, with `new`
+    None, remove a member whose role is `current`: an owner or admin, never above their own
+    role, and never handing out one above it."""
+    if not can_manage_members(manager):
+        raise PermissionDenied(f"a {manager} may not manage members", field="user_id")
+    if outranks(current, manager):
+        raise PermissionDenied(
+            f"a {manager} may not change a member whose role is {current}", field="user_id"
+        )
+    if new is not None:
+        check_grant(manager, new)
+
+
 # ---------------------------------------------------------------------------------- inputs
 
 

@@ -28,6 +28,7 @@ from gpudeck.wallet.accounts import (
     User,
     check_email,
     check_expiry,
+    check_manage_member,
     check_name,
     check_preference_update,
     check_role,
@@ -243,13 +244,16 @@ class AccountStore(ProjectStore, TokenStore):
         return Member(org, user, role, row[0])
 
     async def set_member_role(
-        self, conn: Conn, org: uuid.UUID, user_id: uuid.UUID, role: str
+        self, conn: Conn, org: uuid.UUID, user_id: uuid.UUID, role: str, *, by: str | None = None
     ) -> Member:
         """Change a member's role. The last owner cannot step down; tokens the member made that
-        now outrank them are revoked."""
+        now outrank them are revoked. `by`: the caller's role, checked against the member's
+        role as it is now (under the organization's lock), None for a trusted caller."""
         role = check_role(role)
         _, recorded_owner = await self.lock_organization(conn, org)
         member = await self._member(conn, org, user_id)
+        if by is not None:
+            check_manage_member(by, member.role, role)
         if member.role == role:
             return member
         if member.role == "owner":
@@ -266,10 +270,15 @@ class AccountStore(ProjectStore, TokenStore):
         await self._revoke_tokens_of(conn, org, user_id, above=role)
         return Member(org, member.user, role, member.joined_at)
 
-    async def remove_member(self, conn: Conn, org: uuid.UUID, user_id: uuid.UUID) -> Member:
-        """Remove a member and revoke the tokens they made here; the last owner stays."""
+    async def remove_member(
+        self, conn: Conn, org: uuid.UUID, user_id: uuid.UUID, *, by: str | None = None
+    ) -> Member:
+        """Remove a member and revoke the tokens they made here; the last owner stays. `by`: as
+        for `set_member_role`."""
         _, recorded_owner = await self.lock_organization(conn, org)
         member = await self._member(conn, org, user_id)
+        if by is not None:
+            check_manage_member(by, member.role)
         if member.role == "owner":
             await self._keep_an_owner(conn, org, "remove")
         await conn.execute(

@@ -16,7 +16,7 @@ from typing import Any
 from psycopg import AsyncConnection
 from psycopg_pool import AsyncConnectionPool
 
-from gpudeck.kit.errors import Unauthenticated
+from gpudeck.kit.errors import PermissionDenied, Unauthenticated
 from gpudeck.kit.logs import actor
 
 
@@ -54,3 +54,24 @@ async def require_live_actor(conn: AsyncConnection[Any]) -> None:
         raise Unauthenticated(
             f"the calling token {token_id} was revoked or has expired", field="x-actor"
         )
+
+
+async def caller_token_role(conn: AsyncConnection[Any], organization_id: uuid.UUID) -> str | None:
+    """The role of the calling API token (`x-actor`), which must be one of `organization_id`'s;
+    None when the caller is no token of ours (a service, an operator), who is trusted. Read in
+    the call's transaction, after its locks: what the gateway checked a moment before may have
+    changed (a member promoted meanwhile), this may not."""
+    token_id = _token_id()
+    if token_id is None:
+        return None
+    cur = await conn.execute(
+        "SELECT organization_id, role FROM api_tokens WHERE id = %s", (token_id,)
+    )
+    row = await cur.fetchone()
+    if row is None:
+        return None
+    if row[0] != organization_id:
+        raise PermissionDenied(
+            f"the calling token {token_id} acts in another organization", field="x-actor"
+        )
+    return str(row[1])
