@@ -1122,6 +1122,39 @@ async def test_an_organization_waiting_for_a_top_up_payment_is_not_deleted(
     await account_stub.DeleteOrganization(delete)
 
 
+async def test_a_top_up_paid_after_its_organization_was_deleted_is_to_be_refunded(
+    wallet_stub: WalletServiceStub, account_stub: AccountServiceStub, new_org: NewOrg,
+    wallet_pool: AsyncConnectionPool,
+) -> None:  # fmt: skip
+    """A timed-out top-up may still be paid (and is credited), but its organization could be
+    deleted meanwhile: the payment was NOT_FOUND, as if never asked for, and went nowhere."""
+    org = await new_org(name="Late Co")
+    rule = await wallet_stub.SetAutoTopUp(
+        pb.SetAutoTopUpRequest(organization_id=str(org), enabled=True, below=USD, amount=5 * USD),
+        timeout=5,
+    )
+    await wallet_stub.SetAutoTopUp(
+        pb.SetAutoTopUpRequest(organization_id=str(org), enabled=False, below=USD, amount=5 * USD)
+    )
+    async with wallet_pool.connection() as conn:  # timed out (as the housekeeping does it)
+        await conn.execute(
+            "UPDATE pending_topups SET status = 'expired', resolved_at = now() WHERE id = %s",
+            (uuid.UUID(rule.pending.id),),
+        )
+    await account_stub.DeleteOrganization(
+        account_pb2.DeleteOrganizationRequest(organization_id=str(org), confirm_name="Late Co")
+    )
+    paid = pb.CompleteTopUpRequest(pending_top_up_id=rule.pending.id, succeeded=True)
+    err = await refused(wallet_stub.CompleteTopUp(paid, timeout=5))
+    assert err.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert trailer(err, "x-error-reason") == "ORGANIZATION_DELETED"
+    assert "refund" in (err.details() or "")
+    declined = await wallet_stub.CompleteTopUp(
+        pb.CompleteTopUpRequest(pending_top_up_id=rule.pending.id, succeeded=False), timeout=5
+    )
+    assert declined.status == "expired"  # nothing to do
+
+
 async def test_a_batch_lists_in_the_order_it_was_booked(
     wallet_stub: WalletServiceStub, new_org: NewOrg
 ) -> None:

@@ -153,7 +153,10 @@ class ThresholdStore:
         if row is None:
             raise NotFound(f"pending top-up {pending_id} not found", field="pending_top_up_id")
         organization_id = row[0]
-        now = await self._lock(conn, organization_id)
+        try:
+            now = await self._lock(conn, organization_id)
+        except NotFound:
+            return await self._after_deletion(conn, pending_id, succeeded)
         cur = await conn.execute(
             f"SELECT {PENDING_COLUMNS} FROM pending_topups WHERE id = %s FOR UPDATE", (pending_id,)
         )
@@ -208,6 +211,28 @@ class ThresholdStore:
         elif pending.status == "pending":
             await self._count_failures(conn, [organization_id])
         return PendingTopUp(*done)
+
+    async def _after_deletion(
+        self, conn: Conn, pending_id: uuid.UUID, succeeded: bool
+    ) -> PendingTopUp:
+        """The organization is gone (deleted once no top-up was pending: this one had expired or
+        been called off). A failure changes nothing; a payment taken after all cannot be
+        credited, and the payment side is told to give it back (it was NOT_FOUND, as if the
+        top-up had never been asked for, and the customer's money went nowhere)."""
+        cur = await conn.execute(
+            f"SELECT {PENDING_COLUMNS} FROM pending_topups WHERE id = %s", (pending_id,)
+        )
+        found = await cur.fetchone()
+        assert found is not None
+        pending = PendingTopUp(*found)
+        if not succeeded or pending.status in ("completed", "failed"):
+            return pending
+        raise FailedPrecondition(
+            f"organization {pending.organization_id} was deleted after top-up {pending_id}"
+            " timed out: its payment cannot be credited; refund it",
+            field="pending_top_up_id",
+            reason="ORGANIZATION_DELETED",
+        )
 
     async def _count_success(self, conn: Conn, pending: PendingTopUp) -> None:
         """A top-up paid: the failures in a row are those requested after it (none, unless it
