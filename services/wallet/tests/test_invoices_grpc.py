@@ -362,3 +362,38 @@ async def test_the_invoicing_loop_issues_last_months_invoices_once(
             "SELECT period, total FROM invoices WHERE organization_id = %s", (org,)
         )
         assert await cur.fetchall() == [(last_month_day.strftime("%Y-%m"), 7000000)]
+
+
+async def test_a_deleted_organizations_last_month_is_invoiced_and_settled(
+    wallet_stub: WalletServiceStub, account_stub: AccountServiceStub, new_org: NewOrg,
+    wallet_pool: AsyncConnectionPool, spend: Spend,
+) -> None:  # fmt: skip
+    """Its wallet row goes with it: invoices joined it, so the month it was deleted in was
+    never invoiced, and its open invoices stayed open for good."""
+    from gpudeck.wallet.workers import settle_invoices
+
+    org = await new_org(name="Gone Co", currency="INR")
+    await spend(org, date(2004, 4, 20), "pod", 3 * USD)
+    [april] = await generate(wallet_stub, "2004-04", org)
+    assert april.status == "open"
+    await account_stub.DeleteOrganization(
+        apb.DeleteOrganizationRequest(organization_id=str(org), confirm_name="Gone Co")
+    )
+    async with wallet_pool.connection() as conn:  # as if it was deleted on 2004-05-09
+        await conn.execute(
+            "UPDATE organizations SET deleted_at = '2004-05-09' WHERE id = %s", (org,)
+        )
+    await spend(org, date(2004, 5, 8), "vm", 2 * USD)  # spent before it was deleted
+    by_org = {i.organization_id: i for i in await generate(wallet_stub, "2004-05")}
+    assert (by_org[str(org)].total.amount, by_org[str(org)].total.currency) == (2 * USD, "INR")
+    with pytest.raises(grpc.aio.AioRpcError) as err:  # a month after it: nothing to bill
+        await generate(wallet_stub, "2004-06", org)
+    assert (
+        err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and error_field(err.value) == "period"
+    )
+    await settle_invoices(Wallet(wallet_pool))  # deleted with its cash at 0: all paid
+    async with wallet_pool.connection() as conn:
+        cur = await conn.execute(
+            "SELECT period, status FROM invoices WHERE organization_id = %s ORDER BY period", (org,)
+        )
+        assert await cur.fetchall() == [("2004-04", "paid"), ("2004-05", "paid")]

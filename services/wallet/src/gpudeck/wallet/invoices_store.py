@@ -77,9 +77,9 @@ class InvoiceStore:
     ) -> list[Invoice]:
         """Issue the invoices of `period`: for `organization_id` (even with nothing spent), or
         for every organization that spent in it. Returns them all, new and earlier ones."""
-        created = None
+        created = deleted = None
         if organization_id is not None:
-            created = await _organization_created(conn, organization_id)
+            created, deleted = await _organization_lifetime(conn, organization_id)
         now = await db_now(conn)
         cur = await conn.execute(
             SPEND, (period.start, period.end, organization_id, organization_id)
@@ -93,12 +93,22 @@ class InvoiceStore:
                 f" ({created.date().isoformat()})",
                 field="period",
             )
+        if deleted is not None and period > Period.of(deleted) and not spend:
+            raise InvalidArgument(
+                f"period {period} began after organization {organization_id} was deleted"
+                f" ({deleted.date().isoformat()})",
+                field="period",
+            )
         orgs = sorted({organization_id} if organization_id else set(spend))
         if not orgs:
             return []
+        # A deleted organization has no wallet row left, but its last month is still billed:
+        # its currency is its cash account's.
         cur = await conn.execute(
-            "SELECT o.id, o.name, w.currency FROM organizations o"
-            " JOIN wallets w ON w.organization_id = o.id WHERE o.id = ANY(%s)",
+            "SELECT o.id, o.name, coalesce(w.currency, (SELECT a.currency FROM ledger_accounts a"
+            "  WHERE a.organization_id = o.id AND a.kind = 'cash' LIMIT 1))"
+            " FROM organizations o LEFT JOIN wallets w ON w.organization_id = o.id"
+            " WHERE o.id = ANY(%s)",
             (orgs,),
         )
         drafts = [
@@ -138,7 +148,7 @@ class InvoiceStore:
         self, conn: Conn, organization_id: uuid.UUID, *, limit: int
     ) -> list[Invoice]:
         """The organization's invoices, the newest period first."""
-        await _organization_created(conn, organization_id)  # NotFound for an unknown one
+        await _organization_lifetime(conn, organization_id)  # NotFound for an unknown one
         cur = await conn.execute(
             f"{SELECT} WHERE i.organization_id = %s ORDER BY i.period DESC LIMIT %s",
             (organization_id, limit),
@@ -178,10 +188,12 @@ class InvoiceStore:
         a top-up does; the balance announcer settles these within a second of it)."""
         cur = await conn.execute(
             "UPDATE invoices SET status = %s, paid_at = now() WHERE id IN ("
-            " SELECT i.id FROM invoices i JOIN wallets w ON w.organization_id = i.organization_id"
-            " WHERE i.status = %s AND w.balance - w.credits >= 0"
+            " SELECT i.id FROM invoices i LEFT JOIN wallets w"
+            "  ON w.organization_id = i.organization_id"
+            # no wallet: the organization was deleted, which it could be only with its cash at 0
+            " WHERE i.status = %s AND (w.organization_id IS NULL OR w.balance - w.credits >= 0)"
             " AND (%s::uuid[] IS NULL OR i.organization_id = ANY(%s))"
-            " AND (NOT %s OR w.changed_at > i.issued_at)"
+            " AND (NOT %s OR w.organization_id IS NULL OR w.changed_at > i.issued_at)"
             " ORDER BY i.id LIMIT %s FOR UPDATE OF i SKIP LOCKED) RETURNING id",
             (PAID, OPEN, organization_ids, organization_ids, moved_since_issue, limit),
         )
@@ -212,12 +224,14 @@ class InvoiceStore:
         return paid
 
 
-async def _organization_created(conn: Conn, organization_id: uuid.UUID) -> datetime:
+async def _organization_lifetime(
+    conn: Conn, organization_id: uuid.UUID
+) -> tuple[datetime, datetime | None]:
+    """When the organization was created, and deleted (None while it lives)."""
     cur = await conn.execute(
-        "SELECT created_at FROM organizations WHERE id = %s", (organization_id,)
+        "SELECT created_at, deleted_at FROM organizations WHERE id = %s", (organization_id,)
     )
     row = await cur.fetchone()
     if row is None:
         raise NotFound(f"organization {organization_id} not found", field="organization_id")
-    created: datetime = row[0]
-    return created
+    return row[0], row[1]
