@@ -26,6 +26,7 @@ from gpudeck.wallet.accounts import (
     check_name,
     check_preference_update,
     check_role,
+    name_key,
     new_secret,
     outranks,
     token_digest,
@@ -78,6 +79,31 @@ def test_bad_names_are_refused(name: str) -> None:
 def test_names_are_trimmed_and_may_be_100_characters() -> None:
     assert check_name("  Acme  ") == "Acme"
     assert check_name("x" * 100) == "x" * 100
+
+
+@pytest.mark.parametrize(
+    ("name", "says"),
+    [
+        ("\u200b", "invisible"),  # a zero-width space was a name
+        ("\ufeff", "invisible"),
+        ("\u202egnp.exe", "text-direction"),  # shown as "exe.png"
+        ("a\u2066b", "text-direction"),
+        ("\u2800", "visible"),  # a blank Braille pattern
+        ("\u3164", "visible"),  # a Hangul filler
+        ("\u0301", "visible"),  # a combining mark alone
+    ],
+)
+def test_names_that_show_nothing_or_turn_text_around_are_refused(name: str, says: str) -> None:
+    with pytest.raises(InvalidArgument) as err:
+        check_name(name)
+    assert err.value.field == "name" and says in err.value.message
+
+
+def test_a_name_typed_two_ways_is_one_name() -> None:
+    assert check_name("cafe\u0301") == check_name("caf\u00e9") == "caf\u00e9"
+    assert check_name("क्\u200dष") == "क्\u200dष"  # a joiner a script needs stays
+    assert name_key("Prod") == name_key("PROD") == name_key("Ｐｒｏｄ")
+    assert name_key("prod") != name_key("prod-2")
 
 
 @pytest.mark.parametrize("email", ["", "plain", "a@b", "a @b.com", "@b.com", "a@b.", "a@.com"])

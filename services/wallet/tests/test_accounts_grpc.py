@@ -441,6 +441,33 @@ async def test_create_project_is_idempotent_by_key_and_names_are_unique(account_
     assert err.code() == grpc.StatusCode.ABORTED
 
 
+async def test_project_names_differing_only_in_case_or_width_are_one_name(
+    account_stub: Stub,
+) -> None:
+    """ "Prod", "prod", "PROD" and "Ｐｒｏｄ" were four projects of one organization."""
+    org = (await new_org(account_stub)).organization.id
+    prod = await account_stub.CreateProject(
+        pb.CreateProjectRequest(organization_id=org, name="Prod")
+    )
+    for name in ("prod", "PROD", "Ｐｒｏｄ", " prod "):
+        err = await refused(
+            account_stub.CreateProject(pb.CreateProjectRequest(organization_id=org, name=name))
+        )
+        assert (err.code(), reason_of(err)) == (grpc.StatusCode.ALREADY_EXISTS, "NAME_TAKEN")
+        assert "'Prod'" in (err.details() or "")  # the name it clashes with
+    staging = await account_stub.CreateProject(
+        pb.CreateProjectRequest(organization_id=org, name="staging")
+    )
+    err = await refused(
+        account_stub.RenameProject(pb.RenameProjectRequest(project_id=staging.id, name="PROD"))
+    )
+    assert reason_of(err) == "NAME_TAKEN"
+    renamed = await account_stub.RenameProject(  # its own name in another case: fine
+        pb.RenameProjectRequest(project_id=prod.id, name="PROD")
+    )
+    assert renamed.name == "PROD"
+
+
 async def test_a_deleted_project_is_gone_but_the_last_one_stays(account_stub: Stub) -> None:
     org = (await new_org(account_stub)).organization.id
     [default] = (

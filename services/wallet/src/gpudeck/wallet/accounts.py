@@ -12,6 +12,7 @@ import hashlib
 import json
 import re
 import secrets
+import unicodedata
 import uuid
 from dataclasses import dataclass
 from datetime import datetime
@@ -104,15 +105,37 @@ def check_manage_member(manager: str, current: str, new: str | None = None) -> N
 
 
 def check_name(name: str, *, field: str = "name") -> str:
-    """A display name: trimmed, 1 to 100 characters, no control characters."""
-    value = name.strip()
+    """A display name: trimmed, in NFC (a "café" typed two ways is one name), 1 to 100
+    characters, no control characters, no invisible or text-direction characters (zero-width
+    joiners aside, which scripts need), and something to see ("\u200b" was a name)."""
+    value = unicodedata.normalize("NFC", name.strip())
     if not value:
         raise InvalidArgument(f"{field} must not be empty", field=field)
     if len(value) > MAX_NAME:
         raise InvalidArgument(f"{field} is longer than {MAX_NAME} characters", field=field)
     if _CONTROL.search(value):
         raise InvalidArgument(f"{field} contains control characters", field=field)
+    if any(unicodedata.category(c) == "Cf" and c not in _JOINERS for c in value):
+        raise InvalidArgument(
+            f"{field} contains invisible or text-direction characters", field=field
+        )
+    if not any(_visible(c) for c in value):
+        raise InvalidArgument(f"{field} must have a visible character", field=field)
     return value
+
+
+def name_key(name: str) -> str:
+    """What two names are the same by, to a reader: case and width aside ("Prod", "PROD" and
+    "Ｐｒｏｄ" are one)."""
+    return unicodedata.normalize("NFKC", name).casefold()
+
+
+_JOINERS = "\u200c\u200d"  # zero-width non-joiner and joiner: Indic scripts, emoji sequences
+_BLANKS = "\u115f\u1160\u2800\u3164\uffa0"  # letters and symbols that show nothing
+
+
+def _visible(c: str) -> bool:
+    return unicodedata.category(c)[0] in "LNPS" and c not in _BLANKS
 
 
 def check_user_name(name: str, *, field: str = "name") -> str:

@@ -15,7 +15,7 @@ import psycopg
 from gpudeck.kit.errors import AlreadyExists, FailedPrecondition, NotFound, echo
 from gpudeck.proto.events.v1.envelope_pb2 import Event
 from gpudeck.wallet import events
-from gpudeck.wallet.accounts import Project, check_name
+from gpudeck.wallet.accounts import Project, check_name, name_key
 from gpudeck.wallet.ids import uuid7
 from gpudeck.wallet.organizations_store import Conn, OrganizationStore, lock_wallet_rows
 
@@ -37,9 +37,28 @@ class ProjectStore(OrganizationStore):
         await self.outbox.add(conn, self._project_event("account.project.created", project))
         return project
 
+    async def _check_name_free(
+        self, conn: Conn, org: uuid.UUID, name: str, renamed: uuid.UUID | None = None
+    ) -> None:
+        """AlreadyExists if another live project of the (locked) organization has this name to
+        a reader (`name_key`: "prod" and "Prod" were two projects)."""
+        cur = await conn.execute(
+            "SELECT id, name FROM projects WHERE organization_id = %s AND deleted_at IS NULL",
+            (org,),
+        )
+        key = name_key(name)
+        for project_id, taken in await cur.fetchall():
+            if project_id != renamed and name_key(taken) == key:
+                raise AlreadyExists(
+                    f"organization {org} already has a project named {echo(taken)}",
+                    field="name",
+                    reason="NAME_TAKEN",
+                )
+
     async def _insert_project(
         self, conn: Conn, org: uuid.UUID, name: str, project_id: uuid.UUID | None
     ) -> Project:
+        await self._check_name_free(conn, org, name)
         cur = await conn.execute(
             "INSERT INTO projects (id, organization_id, name) VALUES (%s, %s, %s)"
             " ON CONFLICT (organization_id, name) WHERE deleted_at IS NULL DO NOTHING"
@@ -101,6 +120,7 @@ class ProjectStore(OrganizationStore):
         await self.lock_organization(conn, project.organization_id)
         if name == project.name:
             return project
+        await self._check_name_free(conn, project.organization_id, name, renamed=project_id)
         try:
             async with conn.transaction():
                 cur = await conn.execute(
