@@ -100,6 +100,34 @@ async def test_a_refused_change_writes_no_event(wallet_pool: AsyncConnectionPool
         assert len(await outbox_events(conn, org)) == before
 
 
+async def test_an_organization_event_for_each_change_of_it_and_none_without(
+    wallet_pool: AsyncConnectionPool,
+) -> None:
+    """A rename to the same name wrote account.organization.updated (a live view redrew for
+    nothing); the owner changing (the recorded owner stepping down) wrote none."""
+    store = AccountStore(Outbox("wallet"))
+    with pytest.raises(RolledBack):
+        async with wallet_pool.connection() as conn, conn.transaction():
+            made = await store.create_organization(
+                conn, NewOrganization("Same", "USD", owner_email=f"{uuid.uuid4()}@ex.com")
+            )
+            org, first = made.organization.id, made.organization.owner.id
+            second = await store.invite_member(conn, org, f"{uuid.uuid4()}@ex.com", "owner")
+            before = len(await outbox_events(conn, org))
+            await store.update_organization(conn, org, name="Same")
+            assert len(await outbox_events(conn, org)) == before
+            await store.set_member_role(conn, org, first, "admin")
+            changed = (await outbox_events(conn, org))[before:]
+            assert sorted(e.type for e in changed) == [
+                "account.member.updated",
+                "account.organization.updated",  # its owner
+                "account.token.deleted",  # the owner token, above an admin
+            ]
+            now = await store.get_organization(conn, org)
+            assert now.owner.id == second.user.id
+            raise RolledBack
+
+
 async def test_account_events_reach_the_stream_with_the_callers_actor(
     account_stub: AccountServiceStub, wallet_service: RunningService
 ) -> None:

@@ -313,13 +313,20 @@ class AccountStore(ProjectStore, TokenStore):
             )
 
     async def _reassign_owner(self, conn: Conn, org: uuid.UUID, leaving: uuid.UUID) -> None:
-        """organizations.owner_user_id follows the longest-standing remaining owner."""
-        await conn.execute(
+        """organizations.owner_user_id follows the longest-standing remaining owner, with its
+        account.organization.updated (the organization's owner is part of it)."""
+        cur = await conn.execute(
             "UPDATE organizations SET owner_user_id = ("
             " SELECT user_id FROM memberships WHERE organization_id = %s AND role = 'owner'"
-            " AND user_id <> %s ORDER BY created_at, user_id LIMIT 1) WHERE id = %s",
+            " AND user_id <> %s ORDER BY created_at, user_id LIMIT 1) WHERE id = %s"
+            " RETURNING name",
             (org, leaving, org),
         )
+        row = await cur.fetchone()
+        if row is not None:
+            await self.outbox.add(
+                conn, self._organization_event("account.organization.updated", org, row[0])
+            )
 
     @staticmethod
     def _member_event(event_type: str, org: uuid.UUID, user: User, role: str) -> Event:

@@ -82,10 +82,14 @@ class OrganizationStore:
     async def update_organization(self, conn: Conn, org: uuid.UUID, *, name: str) -> Organization:
         name = check_name(name)
         await self.lock_organization(conn, org)
-        await conn.execute("UPDATE organizations SET name = %s WHERE id = %s", (name, org))
-        await self.outbox.add(
-            conn, self._organization_event("account.organization.updated", org, name)
+        cur = await conn.execute(
+            "UPDATE organizations SET name = %s WHERE id = %s AND name <> %s RETURNING id",
+            (name, org, name),
         )
+        if await cur.fetchone() is not None:  # a name unchanged changes nothing: no event
+            await self.outbox.add(
+                conn, self._organization_event("account.organization.updated", org, name)
+            )
         return await self.get_organization(conn, org)
 
     async def set_kyc_status(self, conn: Conn, org: uuid.UUID, status: str) -> Organization:
