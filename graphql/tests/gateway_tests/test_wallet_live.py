@@ -221,6 +221,48 @@ async def test_a_token_revoked_through_the_gateway_ends_its_subscription_at_once
         await ws.close()
 
 
+async def test_a_member_removed_or_demoted_through_the_gateway_is_unsubscribed_at_once(
+    gql, new_org, wallet_gateway, wallet_stubs
+) -> None:
+    """removeMember and setMemberRole revoke the member's tokens, but left their subscriptions
+    watching until the next check (4.5 s here); revokeApiToken ends them at once."""
+    import uuid
+
+    org = await new_org()
+    for change in ("remove", "demote"):
+        invited = await gql.data(
+            "mutation($org: ID!, $email: String!) { inviteMember(organizationId: $org,"
+            " email: $email, role: BILLING) { user { id } } }",
+            {"org": org.id, "email": f"{uuid.uuid4().hex[:10]}@example.com"},
+            token=org.token,
+        )
+        user = invited["inviteMember"]["user"]["id"]
+        made = await wallet_stubs.accounts.CreateApiToken(
+            account_pb2.CreateApiTokenRequest(
+                organization_id=org.id, name="theirs", role="billing", created_by=user
+            )
+        )
+        ws = await connect(wallet_gateway, {"Authorization": f"Bearer {made.token}"})
+        try:
+            await subscribe(ws, org.id)
+            assert (await receive(ws))["type"] == "next"
+            if change == "remove":
+                mutation = "removeMember(organizationId: $org, userId: $user)"
+            else:
+                mutation = (
+                    "setMemberRole(organizationId: $org, userId: $user, role: MEMBER) { role }"
+                )
+            await gql.data(
+                f"mutation($org: ID!, $user: ID!) {{ {mutation} }}",
+                {"org": org.id, "user": user},
+                token=org.token,
+            )
+            reply = await receive(ws, timeout=2)
+            assert reply["payload"]["errors"][0]["extensions"]["code"] == "UNAUTHENTICATED", change
+        finally:
+            await ws.close()
+
+
 async def test_the_live_summary_in_a_display_currency(
     gql, new_org, wallet_gateway, wallet_stubs
 ) -> None:

@@ -402,8 +402,17 @@ async def resolve_set_member_role(
     )
     member = await c.accounts.SetMemberRole(request, metadata=c.metadata)
     # Their tokens that now outrank them were revoked (the others' role stands as it was).
-    info.context.auth.forget_members(str(organization_id), member.user.id)
+    _member_changed(info, str(organization_id), member.user.id)
     return OrganizationMember.from_pb(member)
+
+
+def _member_changed(info: Info, organization_id: str, user_id: str) -> None:
+    """A member's role changed or they left (the wallet revoked tokens): forget what this
+    gateway knew of them, and have the organization's subscriptions check their token now (as
+    for revokeApiToken: one of those tokens watched on for seconds)."""
+    info.context.auth.forget_members(organization_id, user_id)
+    if info.context.live is not None:
+        info.context.live.wake(organization_id)
 
 
 async def resolve_remove_member(
@@ -419,7 +428,7 @@ async def resolve_remove_member(
         idempotency_key=idempotency_key or "",
     )
     await c.accounts.RemoveMember(request, metadata=c.metadata)
-    info.context.auth.forget_members(str(organization_id), str(user_id))  # it revoked them
+    _member_changed(info, str(organization_id), str(user_id))  # it revoked their tokens
     return True
 
 
