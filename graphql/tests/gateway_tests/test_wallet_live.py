@@ -340,3 +340,42 @@ async def test_an_organization_id_spelled_otherwise_is_watched_all_the_same(
         assert pushed["payload"]["data"]["walletUpdated"]["balance"]["amount"] == "2.000000"
     finally:
         await ws.close()
+
+
+async def test_a_second_connection_init_on_graphql_ws_is_checked_as_the_first(
+    new_org, wallet_gateway
+) -> None:
+    """The legacy protocol takes another connection_init: an invalid token in it was
+    acknowledged (the first one's identity stood), and one without a token kept acting as it."""
+    org = await new_org()
+
+    async def answer(ws: aiohttp.ClientWebSocketResponse) -> Any:
+        reply = await receive(ws)
+        while reply["type"] == "ka":  # graphql-ws's keep-alive
+            reply = await receive(ws)
+        return reply
+
+    async with wallet_gateway.ws_connect("/graphql", protocols=["graphql-ws"]) as ws:
+        await ws.send_json(
+            {"type": "connection_init", "payload": {"Authorization": f"Bearer {org.token}"}}
+        )
+        assert (await answer(ws))["type"] == "connection_ack"
+        await ws.send_json(
+            {"type": "connection_init", "payload": {"Authorization": "Bearer not-a-valid-token"}}
+        )
+        assert (await answer(ws))["type"] == "connection_error"
+    async with wallet_gateway.ws_connect("/graphql", protocols=["graphql-ws"]) as ws:
+        await ws.send_json(
+            {"type": "connection_init", "payload": {"Authorization": f"Bearer {org.token}"}}
+        )
+        assert (await answer(ws))["type"] == "connection_ack"
+        await ws.send_json({"type": "connection_init", "payload": {}})  # no token now
+        assert (await answer(ws))["type"] == "connection_ack"
+        await ws.send_json(
+            {"id": "w", "type": "start", "payload": {"query": WATCH, "variables": {"org": org.id}}}
+        )
+        reply = await answer(ws)
+        assert (reply["type"], reply["payload"]["extensions"]["code"]) == (
+            "error",
+            "UNAUTHENTICATED",
+        )

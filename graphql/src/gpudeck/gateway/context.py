@@ -89,6 +89,10 @@ class Context:
         hand the caller an owner's powers its token never had."""
         self._grants[(root_key(info.path), identity.organization_id)] = identity
 
+    def forget_identity(self) -> None:
+        """Who the caller is, to be asked again (a new connection_init brings a new token)."""
+        self._identity = None
+
     async def reauthenticate(self) -> Identity:
         """The caller again, through the authenticator's short cache: for long subscriptions,
         so a revoked token stops them within seconds."""

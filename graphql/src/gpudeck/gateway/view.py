@@ -101,7 +101,10 @@ class GatewayView(GraphQLView[Context, None]):
         """Refuse a connection_init whose token is not valid (none is fine: `health`). An
         `Authorization` that is not `Bearer <token>`, in the payload or (without one there) in
         the handshake's header, is refused the same way: reading the token raises
-        UNAUTHENTICATED, which must not escape as a crash of the socket."""
+        UNAUTHENTICATED, which must not escape as a crash of the socket. The legacy graphql-ws
+        protocol takes a second connection_init: it is checked as the first was (the identity
+        of the first stood, and an invalid token was acknowledged)."""
+        context.forget_identity()
         try:
             if context.token:
                 await context.identity()
