@@ -379,3 +379,27 @@ async def test_a_second_connection_init_on_graphql_ws_is_checked_as_the_first(
             "error",
             "UNAUTHENTICATED",
         )
+
+
+async def test_a_query_over_graphql_ws_is_a_bad_request_not_an_internal_error(
+    new_org, wallet_gateway, caplog
+) -> None:
+    """The legacy protocol runs subscriptions only: a query was INTERNAL, logged as a bug."""
+    import logging
+
+    org = await new_org()
+    async with wallet_gateway.ws_connect("/graphql", protocols=["graphql-ws"]) as ws:
+        await ws.send_json(
+            {"type": "connection_init", "payload": {"Authorization": f"Bearer {org.token}"}}
+        )
+        query = "query($org: ID!) { organization(id: $org) { name } }"
+        await ws.send_json(
+            {"id": "q", "type": "start", "payload": {"query": query, "variables": {"org": org.id}}}
+        )
+        reply = await receive(ws)
+        while reply["type"] in ("ka", "connection_ack"):
+            reply = await receive(ws)
+    errors = reply["payload"]["errors"] if "errors" in reply["payload"] else [reply["payload"]]
+    assert errors[0]["extensions"]["code"] == "BAD_REQUEST", reply
+    assert "graphql-transport-ws" in errors[0]["message"]
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]

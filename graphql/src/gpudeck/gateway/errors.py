@@ -52,6 +52,7 @@ from graphql.language import (
 )
 from graphql.language.visitor import BREAK, visit
 from strawberry.extensions.field_extension import FieldExtension
+from strawberry.schema.exceptions import InvalidOperationTypeError
 
 from gpudeck.kit.errors import DomainError
 
@@ -196,6 +197,9 @@ def classify(error: GraphQLError) -> tuple[str, str]:
     if isinstance(original, DomainError):
         domain_code = CODES.get(original.code)
         return (domain_code, original.message) if domain_code else (INTERNAL, INTERNAL_MESSAGE)
+    if isinstance(original, InvalidOperationTypeError):  # a query over legacy graphql-ws: the
+        # client's request, not a bug (it was INTERNAL, logged with a traceback)
+        return BAD_REQUEST, f"{error.message} here: send it over HTTP or graphql-transport-ws"
     if original is None or isinstance(original, GraphQLError):
         if isinstance(existing, str):
             return existing, error.message
