@@ -323,7 +323,7 @@ class Organization:
 
     projects = strawberry.field(
         resolver=resolve_projects,
-        description="Projects, most recently used first.",
+        description="Projects, most recently used first (a use counts within seconds).",
         extensions=require(Member()),
     )
 

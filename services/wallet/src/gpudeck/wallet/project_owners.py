@@ -10,7 +10,8 @@ deletion through this process is seen at once, even by a call that waited for it
 one through another replica within that time).
 
 Using a project for a resource (a meter opened, usage recorded, a hold taken) also makes it
-"recently used": its `last_used_at` moves, at most once a minute per project and process.
+"recently used": its `last_used_at` moves, at most every TOUCH_EVERY seconds per project and
+process (once a minute left "recent projects" out of order for as long).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from psycopg import AsyncConnection
 from gpudeck.kit.errors import NotFound
 
 Conn = AsyncConnection[Any]
-TOUCH_EVERY = 60.0  # seconds between two writes of one project's last_used_at
+TOUCH_EVERY = 5.0  # seconds between two writes of one project's last_used_at (the recent order)
 LIVE_SECONDS = 5.0  # how long a project seen live is taken to be live without asking again
 CACHE_LIMIT = 100_000
 
