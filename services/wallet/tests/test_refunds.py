@@ -369,3 +369,65 @@ async def test_a_refund_gives_a_resource_back_at_most_what_its_charge_cost(
     assert spending == {"pod": 0, "other": -2_000_000}
     assert cost == (0,)
     assert await books_balance(wallet_pool)
+
+
+async def test_refunds_of_one_charge_at_once_give_its_resource_back_once(
+    service: Service,
+) -> None:
+    """What the charge had left was read before the wallet was locked: two refunds sent at once
+    each gave the resource back all of it, and its cost went below zero."""
+    wallet_stub, wallet_pool, new_org = service
+    org = await new_org()
+    await transfer(wallet_stub, org, pb.TOPUP, 100_000_000)
+    charge = await transfer(
+        wallet_stub, org, pb.CHARGE, 10_000_000, resource_type="pod", resource_id="pod-1"
+    )
+    refund = [
+        pb.TransferRequest(
+            idempotency_key=uuid.uuid4().hex, organization_id=str(org), kind=pb.REFUND,
+            amount=Money(amount=10_000_000), reference=charge.id,
+        )
+        for _ in range(2)
+    ]  # fmt: skip
+    async with wallet_pool.connection() as holder, holder.transaction():  # both wait here
+        await holder.execute("SELECT 1 FROM wallets WHERE organization_id = %s FOR UPDATE", (org,))
+        sent = [
+            asyncio.ensure_future(wallet_stub.TransferBatch(pb.TransferBatchRequest(transfers=[r])))
+            for r in refund
+        ]
+        await asyncio.sleep(0.5)
+    for reply in await asyncio.gather(*sent):
+        assert not reply.results[0].error_code
+    async with wallet_pool.connection() as conn:
+        cur = await conn.execute(
+            "SELECT resource_type, sum(amount)::bigint FROM daily_spend"
+            " WHERE organization_id = %s GROUP BY 1",
+            (org,),
+        )
+        assert dict(await cur.fetchall()) == {"pod": 0, "other": -10_000_000}
+
+
+async def test_a_refund_past_its_charge_in_a_batch_with_a_charge_posts(service: Service) -> None:
+    """What the charge had left came back from SQL as a Decimal: beside another spending item,
+    the batch's rollups mixed it with integers and the whole batch failed as INTERNAL."""
+    wallet_stub, _, new_org = service
+    org = await new_org()
+    await transfer(wallet_stub, org, pb.TOPUP, 100_000_000)
+    charge = await transfer(
+        wallet_stub, org, pb.CHARGE, 10_000_000, resource_type="pod", resource_id="pod-1"
+    )
+    reply = await wallet_stub.TransferBatch(
+        pb.TransferBatchRequest(
+            transfers=[
+                pb.TransferRequest(
+                    idempotency_key=uuid.uuid4().hex, organization_id=str(org), kind=pb.REFUND,
+                    amount=Money(amount=15_000_000), reference=charge.id,
+                ),
+                pb.TransferRequest(
+                    idempotency_key=uuid.uuid4().hex, organization_id=str(org), kind=pb.CHARGE,
+                    amount=Money(amount=1_000_000), resource_type="vm", resource_id="vm-1",
+                ),
+            ]
+        )
+    )  # fmt: skip
+    assert [r.error_code for r in reply.results] == ["", ""]

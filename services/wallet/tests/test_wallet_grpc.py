@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import Awaitable, Callable
 
@@ -273,3 +274,29 @@ async def test_the_open_holds_are_listed_newest_first(
         with pytest.raises(grpc.aio.AioRpcError) as err:
             await wallet_stub.ListHolds(request)
         assert err.value.code() == code
+
+
+async def test_batches_splitting_organizations_the_other_way_round_do_not_deadlock(
+    wallet_stub: WalletServiceStub, new_org: NewOrg
+) -> None:
+    """A batch's fast path locked its organizations, the general path the others after it: two
+    batches split the other way round locked in opposite orders, and deadlocked (failing as
+    UNAVAILABLE, with the single calls waiting on those wallets)."""
+    a, b = await new_org(), await new_org()
+
+    def batch(top_up: uuid.UUID, grant: uuid.UUID) -> pb.TransferBatchRequest:
+        return pb.TransferBatchRequest(
+            transfers=[
+                transfer(top_up, pb.TOPUP, USD),
+                transfer(grant, pb.CREDIT_GRANT, USD, credit_source="promotion"),
+            ]
+        )
+
+    replies = await asyncio.gather(
+        *(wallet_stub.TransferBatch(batch(*pair), timeout=30)
+          for _ in range(25) for pair in ((a, b), (b, a))),
+        return_exceptions=True,
+    )  # fmt: skip
+    failed = [r for r in replies if isinstance(r, BaseException)]
+    assert not failed, failed[0]
+    assert all(not r.error_code for reply in replies for r in reply.results)  # type: ignore[union-attr]

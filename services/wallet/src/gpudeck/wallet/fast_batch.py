@@ -42,6 +42,7 @@ from gpudeck.wallet.ledger import (
     posted_in_wallet_currency,
     short_of_funds,
 )
+from gpudeck.wallet.organizations_store import lock_wallet_rows
 
 if TYPE_CHECKING:
     from gpudeck.wallet.ledger_store import LedgerStore
@@ -101,6 +102,11 @@ async def post_fast(
     rest = [i for i in valid if requests[i].organization_id in unfit]
     if not fast:
         return rest
+    if rest and conn.info.transaction_status == TransactionStatus.INTRANS:
+        # The statement locks the fast organizations, the general path the rest after it: two
+        # batches split the other way round locked in opposite orders and deadlocked. All of
+        # them first, in order, as everywhere.
+        await lock_wallet_rows(conn, list({requests[i].organization_id for i in valid}))
     orgs = sorted({requests[i].organization_id for i in fast})
     slot = {org: n for n, org in enumerate(orgs, start=1)}
     stamp = Timestamp()

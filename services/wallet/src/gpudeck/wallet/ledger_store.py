@@ -235,7 +235,7 @@ class LedgerStore:
         Round trips: one to lock and load the wallets, one (pipelined) for earlier keys and the
         platform accounts, one (pipelined, or COPY for large batches) to write everything.
         """
-        requests = await attribute_refunds(conn, await self._in_wallet_terms(conn, requests))
+        requests = await self._in_wallet_terms(conn, requests)
         # Callers' transfers need live projects; the wallet's own (which pass `now`) settle what
         # was started before a project was deleted.
         outcomes, valid = await _validated(conn, self.projects, requests, live=now is None)
@@ -252,6 +252,9 @@ class LedgerStore:
                     error=NotFound(f"organization {org} not found", field="organization_id")
                 )
         valid = [i for i in valid if outcomes[i] is None]
+        # Under the wallets' locks: what a named charge has left to give back is read when no
+        # other refund of it can commit (two at once each gave back all of it).
+        requests = await attribute_refunds(conn, requests)
         book = Book(
             wallets={org: lw.wallet for org, lw in locked.items()},
             platform={},

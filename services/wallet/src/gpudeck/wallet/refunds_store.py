@@ -42,9 +42,9 @@ LIMIT %s
 # much of it earlier refunds naming it gave back (the wallets are locked: none commits meanwhile).
 NAMED_CHARGES = """
 SELECT t.organization_id, t.id, t.resource_type, t.resource_id, t.project_id,
-       t.amount - coalesce((SELECT sum(r.amount) FROM transactions r
-                            WHERE r.organization_id = t.organization_id AND r.kind = 'refund'
-                              AND r.reference = t.id::text), 0)
+       (t.amount - coalesce((SELECT sum(r.amount) FROM transactions r
+                             WHERE r.organization_id = t.organization_id AND r.kind = 'refund'
+                               AND r.reference = t.id::text), 0))::bigint
 FROM transactions t
 WHERE t.id = ANY(%s) AND t.organization_id = ANY(%s) AND t.kind IN ('charge', 'usage')
   AND t.resource_type <> ''
