@@ -47,6 +47,38 @@ async def test_a_hold_past_its_time_holds_nothing_before_the_sweep(
     assert second.status == "open"
 
 
+async def test_a_hold_past_its_time_holds_nothing_for_charges_or_the_card_either(
+    wallet_pool: AsyncConnectionPool, new_org: NewOrg
+) -> None:
+    """Until the sweep expired it, a charge of the money it had reserved was refused on every
+    path (and the card showed it held), though it could no longer be captured."""
+    from gpudeck.wallet import readmodels_store
+
+    ledger = LedgerStore()
+    holds = HoldStore(ledger)
+    org = await new_org()
+    async with wallet_pool.connection() as conn, conn.transaction():
+        await ledger.post_transfers(conn, [TransferRequest("cash", org, Kind.TOPUP, 10 * USD)])
+        await holds.create(conn, HoldRequest("h", org, 10 * USD, timeout_seconds=1))
+    await asyncio.sleep(1.2)
+    async with wallet_pool.connection() as conn:
+        state, _, _ = await readmodels_store.wallet(conn, org, 10)
+        assert (state.balance, state.held_balance) == (10 * USD, 0)
+        assert type(state.held_balance) is int
+        posted = []
+        for path, fast in (("batch", True), ("general", False)):
+            async with conn.transaction():
+                [outcome] = await ledger.post_transfers(
+                    conn, [TransferRequest(path, org, Kind.CHARGE, 2 * USD)], fast_path=fast
+                )
+            assert outcome.error is None, (path, outcome.error)
+            posted.append(path)
+        single = await ledger.post_one(conn, TransferRequest("single", org, Kind.CHARGE, 2 * USD))
+        assert single.balance_after == 4 * USD
+        cur = await conn.execute("SELECT status FROM holds WHERE organization_id = %s", (org,))
+        assert await cur.fetchall() == [("open",)]  # no sweep came by: it is still "open"
+
+
 async def test_only_credits_that_outlive_a_hold_back_it(
     wallet_pool: AsyncConnectionPool, new_org: NewOrg
 ) -> None:

@@ -76,7 +76,12 @@ async def post_one(store: LedgerStore, conn: Conn, request: TransferRequest) -> 
         earlier = await _earlier(store, conn, request)
         if earlier is not None:  # refused now (say KYC was revoked), accepted the first time
             return earlier
-        raise refusal(exc, currency) from None
+        error = refusal(exc, currency)
+        if isinstance(error, InsufficientFunds) and await _holds_past_their_time(
+            conn, request.organization_id
+        ):  # the statement counted them as held: the general path does not (DUE_HOLDS)
+            return await _post_general(store, conn, request)
+        raise error from None
     row = await cur.fetchone()
     assert row is not None
     (tx_id, replayed, created_at, currency, balance, _credits, _held, rate, level,
@@ -110,6 +115,17 @@ async def _post_general(store: LedgerStore, conn: Conn, request: TransferRequest
         raise outcome.error
     assert outcome.transaction is not None
     return outcome.transaction
+
+
+async def _holds_past_their_time(conn: Conn, organization_id: uuid.UUID) -> bool:
+    """Whether the organization has open holds the sweep is yet to expire."""
+    cur = await conn.execute(
+        "SELECT EXISTS (SELECT 1 FROM holds WHERE organization_id = %s AND status = 'open'"
+        " AND expires_at <= now())",
+        (organization_id,),
+    )
+    row = await cur.fetchone()
+    return bool(row and row[0])
 
 
 async def _earlier(store: LedgerStore, conn: Conn, request: TransferRequest) -> Transaction | None:

@@ -83,11 +83,8 @@ class HoldStore:
         if earlier is not None:
             return Hold.from_json(earlier)
         await self.ledger.projects.use(conn, request.organization_id, request.project_id)
-        wallet = locked[request.organization_id].wallet
-        # Its holds past their time are no longer held (the sweep may not have come by yet).
-        wallet.held_balance -= sum(
-            h.amount for h in await self._expire(conn, [wallet.organization_id], now)
-        )
+        wallet = locked[request.organization_id].wallet  # its holds past their time left out
+        await self._expire(conn, [wallet.organization_id], now)  # (the sweep's work, done now)
         expires_at = now + timedelta(seconds=request.timeout_seconds)
         # Only credits that outlive a hold back it: the sweep takes the others away while it
         # is still open, and spendable would go below zero (room_for_hold).

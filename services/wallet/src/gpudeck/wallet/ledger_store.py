@@ -95,6 +95,15 @@ WHERE w.organization_id = ANY(%s)
 ORDER BY w.organization_id, a.id
 FOR UPDATE OF w, a
 """
+# What a wallet holds now is its open holds but those past their time, which the sweep expires
+# within a second or so: till then they held money nothing could capture any more, and a charge
+# of it was refused. Under the wallets' locks, DUE_HOLDS is a statement of its own after the
+# lock, whose snapshot sees what the sweep committed while we waited (the locking statement's
+# would subtract those holds twice). Reads: readmodels_store.HELD_NOW.
+DUE_HOLDS = """
+SELECT organization_id, sum(amount)::bigint FROM holds
+WHERE organization_id = ANY(%s) AND status = 'open' AND expires_at <= %s GROUP BY 1
+"""
 # One shard of a platform pool that no other transaction holds; when all are held, any one.
 TAKE_PLATFORM = """
 SELECT id, code, balance FROM ledger_accounts WHERE kind = 'platform' AND platform_pool = %s
@@ -154,6 +163,11 @@ async def lock_wallets(
             lw.wallet.credits.append(account)
     for lw in locked.values():
         lw.wallet.credits.sort(key=lambda a: (a.expires_at is None, a.expires_at or now, a.id))
+    holding = [org for org, lw in locked.items() if lw.wallet.held_balance > 0]
+    if holding:  # their holds past their time hold nothing
+        cur = await conn.execute(DUE_HOLDS, (holding, now))
+        for org, due in await cur.fetchall():
+            locked[org].wallet.held_balance -= due
     unverified = [org for org, lw in locked.items() if not lw.wallet.kyc_verified]
     if unverified:
         # What they added, read now the wallets are locked (a statement of its own: the locking

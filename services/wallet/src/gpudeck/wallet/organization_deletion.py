@@ -56,11 +56,17 @@ async def delete_organization(
     running = (await cur.fetchone() or (0,))[0]
     if running:
         raise _refused(org, f"still runs {running} metered resource(s); stop them first")
-    if wallet.held_balance:
+    cur = await conn.execute(  # past their time too: the sweep is yet to expire those
+        "SELECT coalesce(sum(amount), 0)::bigint FROM holds"
+        " WHERE organization_id = %s AND status = 'open'",
+        (org,),
+    )
+    held = (await cur.fetchone() or (0,))[0]
+    if held:
         raise _refused(
             org,
-            f"has {format_micro(wallet.held_balance)} {wallet.currency} in open holds;"
-            " capture or void them first",
+            f"has {format_micro(held)} {wallet.currency} in open holds; capture or void them"
+            " first (one past its time is expired within seconds)",
         )
     cur = await conn.execute(
         "SELECT count(*) FROM pending_topups WHERE organization_id = %s AND status = 'pending'",

@@ -31,8 +31,14 @@ from gpudeck.wallet.rates import (
 
 Conn = AsyncConnection[Any]
 
-WALLET = """
-SELECT w.organization_id, w.currency, w.balance, w.credits, w.held_balance, w.run_rate,
+# What the wallet holds now: its open holds but those past their time, which the sweep is yet
+# to expire (see ledger_store.DUE_HOLDS), read in one snapshot with the wallet row.
+HELD_NOW = """w.held_balance - CASE WHEN w.held_balance > 0 THEN (
+    SELECT coalesce(sum(h.amount), 0)::bigint FROM holds h
+    WHERE h.organization_id = w.organization_id AND h.status = 'open' AND h.expires_at <= now()
+) ELSE 0 END"""
+WALLET = f"""
+SELECT w.organization_id, w.currency, w.balance, w.credits, {HELD_NOW}, w.run_rate,
        now(), m.types, m.rates, coalesce(t.warning_amount, 0), coalesce(t.critical_amount, 0),
        coalesce(t.warning_hours, 0), coalesce(t.critical_hours, 0)
 FROM wallets w
