@@ -368,6 +368,19 @@ async def test_a_refund_gives_a_resource_back_at_most_what_its_charge_cost(
     # 10 charged; 4, then 5 and 1 of the 3 given back to the pod; 2 more to nothing in particular
     assert spending == {"pod": 0, "other": -2_000_000}
     assert cost == (0,)
+    # The id spelled otherwise names nothing: earlier refunds are found by the reference as
+    # stored, so such a one was capped by nothing (the cost went below zero again).
+    other = await transfer(
+        wallet_stub, org, pb.CHARGE, 10_000_000, resource_type="pod", resource_id="pod-2"
+    )
+    for _ in range(2):
+        await transfer(wallet_stub, org, pb.REFUND, 10_000_000, reference=other.id.upper())
+    async with wallet_pool.connection() as conn:
+        cur = await conn.execute(
+            "SELECT total FROM resource_costs WHERE organization_id = %s AND resource_id = 'pod-2'",
+            (org,),
+        )
+        assert await cur.fetchone() == (10_000_000,)
     assert await books_balance(wallet_pool)
 
 

@@ -44,7 +44,7 @@ NAMED_CHARGES = """
 SELECT t.organization_id, t.id, t.resource_type, t.resource_id, t.project_id,
        (t.amount - coalesce((SELECT sum(r.amount) FROM transactions r
                              WHERE r.organization_id = t.organization_id AND r.kind = 'refund'
-                               AND r.reference = t.id::text), 0))::bigint
+                               AND r.reference <> '' AND r.reference = t.id::text), 0))::bigint
 FROM transactions t
 WHERE t.id = ANY(%s) AND t.organization_id = ANY(%s) AND t.kind IN ('charge', 'usage')
   AND t.resource_type <> ''
@@ -67,9 +67,13 @@ async def attribute_refunds(
         if r.kind is Kind.REFUND and r.reference and not (r.resource_type or r.resource_id):
             if not r.lines:
                 try:
-                    named[i] = (r.organization_id, uuid.UUID(r.reference))
+                    charge = uuid.UUID(r.reference)
                 except ValueError:
-                    pass
+                    continue
+                # Only as the wallet writes ids: what earlier refunds gave back is found by the
+                # reference as stored (another spelling of the id was capped by nothing).
+                if str(charge) == r.reference:
+                    named[i] = (r.organization_id, charge)
     if not named:
         return requests
     cur = await conn.execute(
