@@ -164,14 +164,30 @@ def room_for_hold(
     every open hold against the credits outliving the new one refused a long hold that the
     cash backed, when a shorter one taken first was backed by credits.
     """
-    live = [c for c in wallet.credits if not (c.expires_at and c.expires_at <= now)]
-    usable = wallet.balance - (
-        sum(c.balance for c in wallet.credits) - sum(c.balance for c in live)
+    expired = sum(c.balance for c in wallet.credits if c.expires_at and c.expires_at <= now)
+    usable = wallet.balance - expired
+    held = sum(a for a, _ in open_holds)
+    room, short_at = usable - held, None  # spendable, expired credits aside
+    # Only credits expiring by its end can fall short; without any, spendable is the room.
+    # Else one pass over the times in order (a wallet may have thousands of open holds).
+    expiring = sorted(
+        (c.expires_at, c.balance)
+        for c in wallet.credits
+        if c.expires_at and now < c.expires_at <= ends
     )
-    room, short_at = usable - sum(a for a, _ in open_holds), None  # spendable, unexpired
-    for t in sorted({ends, *(e for _, e in open_holds if e <= ends)}):
-        expiring = sum(c.balance for c in live if c.expires_at and c.expires_at <= t)
-        at_t = usable - expiring - sum(a for a, e in open_holds if e >= t)
+    if not expiring:
+        return room, short_at
+    by_end = sorted((e, a) for a, e in open_holds if e <= ends)
+    gone = ended = 0  # credits expired by t; holds ended before t
+    c = h = 0
+    for t in sorted({ends, *(e for e, _ in by_end)}):
+        while c < len(expiring) and expiring[c][0] <= t:
+            gone += expiring[c][1]
+            c += 1
+        while h < len(by_end) and by_end[h][0] < t:
+            ended += by_end[h][1]
+            h += 1
+        at_t = usable - gone - (held - ended)
         if at_t < room:
             room, short_at = at_t, t
     return room, short_at
