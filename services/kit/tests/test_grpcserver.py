@@ -200,3 +200,40 @@ async def test_listening_on_a_taken_port_raises_oserror(server: KitServer) -> No
     other = KitServer("compute", target(server), token=TOKEN)
     with pytest.raises(OSError, match="cannot listen"):
         await other.start()
+
+
+def test_tokens_are_what_headers_carry_and_no_more_is_asked() -> None:
+    """Printable ASCII only ("tök" passed and every call failed); but spaces inside and long
+    service tokens travel in gRPC metadata, and worked before the check: still accepted."""
+    from gpudeck.kit.config import ConfigError, ServiceConfig
+
+    def config(token: str) -> ServiceConfig:
+        env = {
+            "GPUDECK_DATABASE_URL": "postgresql://localhost/x",
+            "GPUDECK_NATS_URL": "nats://127.0.0.1:4222",
+            "GPUDECK_SERVICE_TOKEN": token,
+        }
+        return ServiceConfig.from_env("wallet", env)
+
+    assert config("my service token").service_token == "my service token"
+    assert config("x" * 600).service_token == "x" * 600
+    for bad in ("tök", "a\tb"):
+        with pytest.raises(ConfigError, match="GPUDECK_SERVICE_TOKEN must be printable ASCII"):
+            config(bad)
+
+
+async def test_a_service_token_with_spaces_is_carried() -> None:
+    srv = KitServer(
+        "wallet",
+        "127.0.0.1:0",
+        token="my service token",
+        registrations=[Registration(_add_test_service, None, "test.Faults")],
+    )
+    await srv.start()
+    try:
+        async with channel(target(srv), "my service token") as ch:
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await ch.unary_unary("/test.Faults/not_found")(b"")
+        assert err.value.code() == grpc.StatusCode.NOT_FOUND  # authenticated: the handler ran
+    finally:
+        await srv.stop(0)

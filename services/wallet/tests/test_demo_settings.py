@@ -30,10 +30,10 @@ def test_a_bootstrap_token_without_the_demo_is_a_configuration_error() -> None:
     ("env", "says"),
     [
         ({"GPUDECK_DEMO": "maybe"}, "GPUDECK_DEMO='maybe' is not 1, true, yes"),
-        ({"GPUDECK_DEMO": "1", "GPUDECK_BOOTSTRAP_TOKEN": "x\x01y"}, "visible ASCII"),
+        ({"GPUDECK_DEMO": "1", "GPUDECK_BOOTSTRAP_TOKEN": "x\x01y"}, "printable ASCII"),
         ({"GPUDECK_DEMO": "1", "GPUDECK_BOOTSTRAP_TOKEN": "a b"}, "without spaces"),
         # no header carries it: every call with it failed
-        ({"GPUDECK_DEMO": "1", "GPUDECK_BOOTSTRAP_TOKEN": "tök"}, "visible ASCII"),
+        ({"GPUDECK_DEMO": "1", "GPUDECK_BOOTSTRAP_TOKEN": "tök"}, "printable ASCII"),
         ({"GPUDECK_DEMO": "1", "GPUDECK_BOOTSTRAP_TOKEN": "x" * 513}, "at most 512"),
     ],
 )

@@ -51,19 +51,23 @@ def require(env: Mapping[str, str], name: str) -> str:
 MAX_TOKEN_LENGTH = 512  # what the gateway takes in `Authorization: Bearer …`
 
 
-def check_token(name: str, value: str) -> str:
-    """A token sent in an `Authorization` header: visible ASCII, no spaces (gRPC metadata and
-    HTTP headers carry nothing else: a "tök" was accepted, and every call then failed)."""
-    if len(value) > MAX_TOKEN_LENGTH or not all("!" <= c <= "~" for c in value):
-        raise ConfigError(
-            f"{name} must be at most {MAX_TOKEN_LENGTH} visible ASCII characters without spaces"
-            " (it is sent in an Authorization header)"
-        )
+def check_token(
+    name: str, value: str, *, spaces: bool = True, max_length: int | None = MAX_TOKEN_LENGTH
+) -> str:
+    """A token sent in gRPC metadata or an `Authorization` header: printable ASCII, which is all
+    they carry (a "tök" was accepted, and every call then failed), spaces inside only if
+    `spaces`, and at most `max_length` characters (None: no limit, as in gRPC metadata)."""
+    low = " " if spaces else "!"
+    if not all(low <= c <= "~" for c in value):
+        kind = "printable ASCII" if spaces else "printable ASCII without spaces"
+        raise ConfigError(f"{name} must be {kind} (it is sent in a request header)")
+    if max_length is not None and len(value) > max_length:
+        raise ConfigError(f"{name} must be at most {max_length} characters")
     return value
 
 
-def required_token(env: Mapping[str, str], name: str) -> str:
-    return check_token(name, require(env, name))
+def required_token(env: Mapping[str, str], name: str, *, max_length: int | None = None) -> str:
+    return check_token(name, require(env, name), max_length=max_length)
 
 
 def parse_address(name: str, value: str) -> tuple[str, int]:

@@ -81,7 +81,7 @@ def _bootstrap_token(env: Mapping[str, str]) -> str:
             "GPUDECK_BOOTSTRAP_TOKEN is the demo organization's owner token: set GPUDECK_DEMO=1"
             " with it (gpudeck up --demo), or unset it"
         )
-    return check_token("GPUDECK_BOOTSTRAP_TOKEN", token)
+    return check_token("GPUDECK_BOOTSTRAP_TOKEN", token, spaces=False)
 
 
 DEFAULT_INVOICE_FONT = "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf"
