@@ -99,11 +99,26 @@ def test_names_that_show_nothing_or_turn_text_around_are_refused(name: str, says
     assert err.value.field == "name" and says in err.value.message
 
 
+@pytest.mark.parametrize(
+    "name",
+    [
+        "Team \U0001f3f4\U000e0067\U000e0062\U000e0073\U000e0063\U000e0074\U000e007f",  # a flag
+        "\u0600١٩٨٠ مشروع",  # an Arabic number sign
+        "\u070fܐܒ",  # a Syriac abbreviation mark
+        "Donau\u00addampf",  # a soft hyphen
+    ],
+)
+def test_names_scripts_and_flags_need_are_kept(name: str) -> None:
+    assert check_name(name) == name
+
+
 def test_a_name_typed_two_ways_is_one_name() -> None:
     assert check_name("cafe\u0301") == check_name("caf\u00e9") == "caf\u00e9"
     assert check_name("क्\u200dष") == "क्\u200dष"  # a joiner a script needs stays
     assert name_key("Prod") == name_key("PROD") == name_key("Ｐｒｏｄ")
     assert name_key("prod") != name_key("prod-2")
+    assert name_key("GPU x²") != name_key("GPU x2")  # not the same to a reader
+    assert name_key("Phase Ⅳ") != name_key("Phase IV")
 
 
 @pytest.mark.parametrize("email", ["", "plain", "a@b", "a @b.com", "@b.com", "a@b.", "a@.com"])

@@ -38,6 +38,7 @@ def test_a_limit_per_currency_and_none_for_a_currency_not_named() -> None:
 def test_zero_is_no_limit() -> None:
     assert not parsed("0").any()
     assert not parsed("USD:0,INR:0").any()
+    assert not parsed("0E+19").any()  # 0 however it is written
     assert parsed("USD:0,INR:5").any()
 
 

@@ -381,6 +381,14 @@ async def test_a_wrong_confirmation_name_is_refused_and_changes_nothing(
     assert who.organization_id == org
 
 
+async def test_the_name_typed_as_at_creation_confirms_the_deletion(account_stub: Accounts) -> None:
+    """Names are kept in NFC: "Café" typed with a combining accent no longer matched."""
+    created = await make_org(account_stub, name="Cafe\u0301 Ops")
+    assert created.organization.name == "Caf\u00e9 Ops"
+    gone = await delete(account_stub, created.organization.id, "Cafe\u0301 Ops")
+    assert gone.name == "Caf\u00e9 Ops"
+
+
 async def test_deletion_is_refused_while_a_meter_runs_and_accepted_once_it_is_closed(
     account_stub: Accounts, wallet_stub: Wallet, wallet_pool: AsyncConnectionPool
 ) -> None:

@@ -106,8 +106,8 @@ def check_manage_member(manager: str, current: str, new: str | None = None) -> N
 
 def check_name(name: str, *, field: str = "name") -> str:
     """A display name: trimmed, in NFC (a "café" typed two ways is one name), 1 to 100
-    characters, no control characters, no invisible or text-direction characters (zero-width
-    joiners aside, which scripts need), and something to see ("\u200b" was a name)."""
+    characters, no control characters, no text-direction controls or zero-width spaces
+    (_HIDDEN), and something to see (a zero-width space alone was a name)."""
     value = unicodedata.normalize("NFC", name.strip())
     if not value:
         raise InvalidArgument(f"{field} must not be empty", field=field)
@@ -115,7 +115,7 @@ def check_name(name: str, *, field: str = "name") -> str:
         raise InvalidArgument(f"{field} is longer than {MAX_NAME} characters", field=field)
     if _CONTROL.search(value):
         raise InvalidArgument(f"{field} contains control characters", field=field)
-    if any(unicodedata.category(c) == "Cf" and c not in _JOINERS for c in value):
+    if any(c in _HIDDEN for c in value):
         raise InvalidArgument(
             f"{field} contains invisible or text-direction characters", field=field
         )
@@ -126,12 +126,18 @@ def check_name(name: str, *, field: str = "name") -> str:
 
 def name_key(name: str) -> str:
     """What two names are the same by, to a reader: case and width aside ("Prod", "PROD" and
-    "Ｐｒｏｄ" are one)."""
-    return unicodedata.normalize("NFKC", name).casefold()
+    "Ｐｒｏｄ" are one; "x²" and "x2" are not)."""
+    folded = unicodedata.normalize("NFC", name).casefold()
+    return "".join(_NARROW.get(c, c) for c in folded)
 
 
-_JOINERS = "\u200c\u200d"  # zero-width non-joiner and joiner: Indic scripts, emoji sequences
+# Text-direction controls (a "\u202egnp.exe" reads "exe.png") and characters of no width that
+# no script needs (joiners, tag sequences of flags and Arabic number signs are kept).
+_HIDDEN = frozenset(
+    "\u061c\u200b\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2060\u2066\u2067\u2068\u2069\ufeff"
+)
 _BLANKS = "\u115f\u1160\u2800\u3164\uffa0"  # letters and symbols that show nothing
+_NARROW = {chr(0xFF01 + i): chr(0x21 + i) for i in range(94)} | {"\u3000": " "}  # full width
 
 
 def _visible(c: str) -> bool:

@@ -14,6 +14,7 @@ transactions, invoices and audit events are kept.
 
 from __future__ import annotations
 
+import unicodedata
 import uuid
 from typing import Any
 
@@ -44,7 +45,7 @@ async def delete_organization(
     locked = await lock_wallets(conn, [org], now)
     await accounts.lock_organization(conn, org)
     organization = await accounts.get_organization(conn, org)
-    if confirm_name.strip() != organization.name:
+    if unicodedata.normalize("NFC", confirm_name.strip()) != organization.name:  # as stored
         raise InvalidArgument(
             "confirm_name must be the organization's name, to confirm the deletion",
             field="confirm_name",

@@ -143,7 +143,7 @@ def _micro(amount: str) -> int:
         raise ConfigError(f"{KYC_LIMIT}={amount!r} must be at least 0")
     # Bounded before any arithmetic (1e999999 overflowed the decimal context, 1e-2000000
     # underflowed to 0: no limit), then scaled exactly, however many digits it has.
-    if value.adjusted() > 18:
+    if value and value.adjusted() > 18:  # ("0E+19" is 0)
         raise ConfigError(f"{KYC_LIMIT}={amount!r} is too large")
     if value and value.adjusted() < -6:
         raise ConfigError(f"{KYC_LIMIT}={amount!r} has more than 6 decimal places")
