@@ -220,6 +220,8 @@ def test_tokens_are_what_headers_carry_and_no_more_is_asked() -> None:
     for bad in ("tök", "a\tb"):
         with pytest.raises(ConfigError, match="GPUDECK_SERVICE_TOKEN must be printable ASCII"):
             config(bad)
+    with pytest.raises(ConfigError, match="at most 8192"):  # past gRPC's metadata: every call
+        config("x" * 20_000)  # failed RESOURCE_EXHAUSTED
 
 
 async def test_a_service_token_with_spaces_is_carried() -> None:

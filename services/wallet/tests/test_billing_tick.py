@@ -271,9 +271,9 @@ async def test_a_tick_posts_alike_by_the_set_based_path_and_the_general_one(
     our_orgs: set[uuid.UUID] = set()
 
     async def counted(
-        store: Any, conn: Any, requests: Any, valid: Any, outcomes: Any, *rest: Any
+        store: Any, conn: Any, requests: Any, valid: Any, outcomes: Any, *rest: Any, **kw: Any
     ) -> Any:
-        left = await post_fast(store, conn, requests, valid, outcomes, *rest)
+        left = await post_fast(store, conn, requests, valid, outcomes, *rest, **kw)
         if store in ours:
             usage = [
                 i for i in valid

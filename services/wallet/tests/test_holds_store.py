@@ -10,6 +10,7 @@ from collections.abc import Awaitable, Callable
 import pytest
 from psycopg_pool import AsyncConnectionPool
 
+from gpudeck.wallet import audit
 from gpudeck.wallet.holds import HoldRequest
 from gpudeck.wallet.holds_store import HoldStore
 from gpudeck.wallet.ledger import Kind, TransferRequest
@@ -76,7 +77,46 @@ async def test_a_hold_past_its_time_holds_nothing_for_charges_or_the_card_either
         single = await ledger.post_one(conn, TransferRequest("single", org, Kind.CHARGE, 2 * USD))
         assert single.balance_after == 4 * USD
         cur = await conn.execute("SELECT status FROM holds WHERE organization_id = %s", (org,))
-        assert await cur.fetchall() == [("open",)]  # no sweep came by: it is still "open"
+        assert await cur.fetchall() == [("expired",)]  # by the first charge: no sweep came by
+        assert await audit.check(conn) == []
+
+
+async def test_a_capture_waiting_with_an_older_clock_finds_the_hold_expired_not_spent(
+    wallet_pool: AsyncConnectionPool, new_org: NewOrg
+) -> None:
+    """A capture whose transaction began before the hold's time waits for the wallet while a
+    charge spends the money the hold no longer holds. Left open (only left out of the held
+    balance), the hold was then captured as well, and spendable went below zero."""
+    from gpudeck.kit.errors import FailedPrecondition
+    from gpudeck.wallet.ledger_store import db_now
+
+    ledger = LedgerStore()
+    holds = HoldStore(ledger)
+    org = await new_org()
+    async with wallet_pool.connection() as conn, conn.transaction():
+        await ledger.post_transfers(conn, [TransferRequest("cash", org, Kind.TOPUP, 10 * USD)])
+        hold = await holds.create(conn, HoldRequest("h", org, 10 * USD, timeout_seconds=1))
+    async with wallet_pool.connection() as capturing, capturing.transaction():
+        await db_now(capturing)  # its clock: before the hold's time
+        await asyncio.sleep(1.2)
+        async with wallet_pool.connection() as charging:
+            async with charging.transaction():
+                [charged] = await ledger.post_transfers(
+                    charging, [TransferRequest("spend", org, Kind.CHARGE, 10 * USD)],
+                    fast_path=False,
+                )  # fmt: skip
+                assert charged.error is None
+                capture = asyncio.ensure_future(holds.capture(capturing, hold.id, None, "cap"))
+                await asyncio.sleep(0.3)
+                assert not capture.done()  # waiting for the wallet
+        with pytest.raises(FailedPrecondition):
+            await capture
+    async with wallet_pool.connection() as conn:
+        cur = await conn.execute(
+            "SELECT balance, held_balance FROM wallets WHERE organization_id = %s", (org,)
+        )
+        assert await cur.fetchone() == (0, 0)
+        assert await audit.check(conn) == []
 
 
 async def test_only_credits_that_outlive_a_hold_back_it(

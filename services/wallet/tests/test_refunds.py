@@ -444,3 +444,35 @@ async def test_a_refund_past_its_charge_in_a_batch_with_a_charge_posts(service: 
         )
     )  # fmt: skip
     assert [r.error_code for r in reply.results] == ["", ""]
+
+
+async def test_a_replayed_refund_takes_no_share_of_its_charge(service: Service) -> None:
+    """A retry of a refund already posted (or one repeated in the batch) posts nothing, but it
+    took its share of what the charge had left: the next refund's went to "other"."""
+    wallet_stub, wallet_pool, new_org = service
+    org = await new_org()
+    await transfer(wallet_stub, org, pb.TOPUP, 100_000_000)
+    charge = await transfer(
+        wallet_stub, org, pb.CHARGE, 10_000_000, resource_type="pod", resource_id="pod-1"
+    )
+
+    def refund(amount: int, key: str) -> pb.TransferRequest:
+        return pb.TransferRequest(
+            idempotency_key=key, organization_id=str(org), kind=pb.REFUND,
+            amount=Money(amount=amount), reference=charge.id,
+        )  # fmt: skip
+
+    first = refund(4_000_000, "r1")
+    await wallet_stub.Transfer(first)
+    second = refund(6_000_000, "r2")
+    reply = await wallet_stub.TransferBatch(
+        pb.TransferBatchRequest(transfers=[first, second, second])
+    )
+    assert [r.error_code for r in reply.results] == ["", "", ""]
+    async with wallet_pool.connection() as conn:
+        cur = await conn.execute(
+            "SELECT resource_type, sum(amount)::bigint FROM daily_spend"
+            " WHERE organization_id = %s GROUP BY 1",
+            (org,),
+        )
+        assert dict(await cur.fetchall()) == {"pod": 0}

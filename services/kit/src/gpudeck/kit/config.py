@@ -52,21 +52,26 @@ MAX_TOKEN_LENGTH = 512  # what the gateway takes in `Authorization: Bearer …`
 
 
 def check_token(
-    name: str, value: str, *, spaces: bool = True, max_length: int | None = MAX_TOKEN_LENGTH
+    name: str, value: str, *, spaces: bool = True, max_length: int = MAX_TOKEN_LENGTH
 ) -> str:
     """A token sent in gRPC metadata or an `Authorization` header: printable ASCII, which is all
     they carry (a "tök" was accepted, and every call then failed), spaces inside only if
-    `spaces`, and at most `max_length` characters (None: no limit, as in gRPC metadata)."""
+    `spaces`, and at most `max_length` characters."""
     low = " " if spaces else "!"
     if not all(low <= c <= "~" for c in value):
         kind = "printable ASCII" if spaces else "printable ASCII without spaces"
         raise ConfigError(f"{name} must be {kind} (it is sent in a request header)")
-    if max_length is not None and len(value) > max_length:
+    if len(value) > max_length:
         raise ConfigError(f"{name} must be at most {max_length} characters")
     return value
 
 
-def required_token(env: Mapping[str, str], name: str, *, max_length: int | None = None) -> str:
+MAX_SERVICE_TOKEN_LENGTH = 8192  # gRPC takes 16 KiB of metadata in all: a longer one failed
+
+
+def required_token(
+    env: Mapping[str, str], name: str, *, max_length: int = MAX_SERVICE_TOKEN_LENGTH
+) -> str:
     return check_token(name, require(env, name), max_length=max_length)
 
 

@@ -79,10 +79,13 @@ async def post_fast(
     valid: list[int],
     outcomes: list[Outcome | None],
     now: datetime | None = None,
+    *,
+    wallets_locked: bool = False,
 ) -> list[int]:
     """Post what fits of `requests[i] for i in valid` set-based, filling `outcomes`; return the
     indexes left for the general path, in order. `now`: the transaction's own time, when the
-    caller knows it (its events are dated with it, as the ledger's rows are)."""
+    caller knows it (its events are dated with it, as the ledger's rows are). `wallets_locked`:
+    the caller's transaction holds every one of their wallets already."""
     currencies = await store.wallet_currencies(conn, {requests[i].organization_id for i in valid})
     unfit = {
         requests[i].organization_id
@@ -102,7 +105,7 @@ async def post_fast(
     rest = [i for i in valid if requests[i].organization_id in unfit]
     if not fast:
         return rest
-    if rest and conn.info.transaction_status == TransactionStatus.INTRANS:
+    if rest and not wallets_locked and conn.info.transaction_status == TransactionStatus.INTRANS:
         # The statement locks the fast organizations, the general path the rest after it: two
         # batches split the other way round locked in opposite orders and deadlocked. All of
         # them first, in order, as everywhere.

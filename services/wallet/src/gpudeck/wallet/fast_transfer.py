@@ -79,7 +79,7 @@ async def post_one(store: LedgerStore, conn: Conn, request: TransferRequest) -> 
         error = refusal(exc, currency)
         if isinstance(error, InsufficientFunds) and await _holds_past_their_time(
             conn, request.organization_id
-        ):  # the statement counted them as held: the general path does not (DUE_HOLDS)
+        ):  # the statement counted them as held: the general path expires them first
             return await _post_general(store, conn, request)
         raise error from None
     row = await cur.fetchone()

@@ -40,6 +40,7 @@ class HoldStore:
     def __init__(self, ledger: LedgerStore) -> None:
         self.ledger = ledger
         self.outbox = ledger.outbox
+        ledger.expire_holds = self._expire_amounts  # its transfers expire holds past their time
 
     async def get(self, conn: Conn, hold_id: uuid.UUID, *, lock: bool = False) -> Hold:
         cur = await conn.execute(
@@ -83,8 +84,11 @@ class HoldStore:
         if earlier is not None:
             return Hold.from_json(earlier)
         await self.ledger.projects.use(conn, request.organization_id, request.project_id)
-        wallet = locked[request.organization_id].wallet  # its holds past their time left out
-        await self._expire(conn, [wallet.organization_id], now)  # (the sweep's work, done now)
+        wallet = locked[request.organization_id].wallet
+        # Its holds past their time are no longer held (the sweep may not have come by yet).
+        wallet.held_balance -= sum(
+            h.amount for h in await self._expire(conn, [wallet.organization_id], now)
+        )
         expires_at = now + timedelta(seconds=request.timeout_seconds)
         # Only credits that outlive a hold back it: the sweep takes the others away while it
         # is still open, and spendable would go below zero (room_for_hold).
@@ -213,6 +217,11 @@ class HoldStore:
         await self._move_held(conn, released, now)
         await self.outbox.add_many(conn, [self._event("wallet.hold.expired", h) for h in expired])
         return expired
+
+    async def _expire_amounts(
+        self, conn: Conn, orgs: list[uuid.UUID], now: datetime
+    ) -> list[tuple[uuid.UUID, int]]:
+        return [(h.organization_id, h.amount) for h in await self._expire(conn, orgs, now)]
 
     async def _lock(self, conn: Conn, hold_id: uuid.UUID) -> Hold:
         """Lock the hold's wallet, then the hold; return it as it stands."""

@@ -11,7 +11,7 @@ from __future__ import annotations
 import functools
 import uuid
 from collections import defaultdict
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -95,15 +95,6 @@ WHERE w.organization_id = ANY(%s)
 ORDER BY w.organization_id, a.id
 FOR UPDATE OF w, a
 """
-# What a wallet holds now is its open holds but those past their time, which the sweep expires
-# within a second or so: till then they held money nothing could capture any more, and a charge
-# of it was refused. Under the wallets' locks, DUE_HOLDS is a statement of its own after the
-# lock, whose snapshot sees what the sweep committed while we waited (the locking statement's
-# would subtract those holds twice). Reads: readmodels_store.HELD_NOW.
-DUE_HOLDS = """
-SELECT organization_id, sum(amount)::bigint FROM holds
-WHERE organization_id = ANY(%s) AND status = 'open' AND expires_at <= %s GROUP BY 1
-"""
 # One shard of a platform pool that no other transaction holds; when all are held, any one.
 TAKE_PLATFORM = """
 SELECT id, code, balance FROM ledger_accounts WHERE kind = 'platform' AND platform_pool = %s
@@ -163,11 +154,6 @@ async def lock_wallets(
             lw.wallet.credits.append(account)
     for lw in locked.values():
         lw.wallet.credits.sort(key=lambda a: (a.expires_at is None, a.expires_at or now, a.id))
-    holding = [org for org, lw in locked.items() if lw.wallet.held_balance > 0]
-    if holding:  # their holds past their time hold nothing
-        cur = await conn.execute(DUE_HOLDS, (holding, now))
-        for org, due in await cur.fetchall():
-            locked[org].wallet.held_balance -= due
     unverified = [org for org, lw in locked.items() if not lw.wallet.kyc_verified]
     if unverified:
         # What they added, read now the wallets are locked (a statement of its own: the locking
@@ -178,6 +164,10 @@ async def lock_wallets(
         for org, added in await cur.fetchall():
             locked[org].wallet.added = added
     return locked
+
+
+# (conn, organizations whose wallets the caller holds, now) → (organization, amount) expired
+ExpireHolds = Callable[[Conn, list[uuid.UUID], datetime], Awaitable[list[tuple[uuid.UUID, int]]]]
 
 
 class LedgerStore:
@@ -191,6 +181,9 @@ class LedgerStore:
         self.projects = ProjectOwners()
         # Wallets this process changed and has not announced yet (see workers.announce_balances).
         self.changed: set[uuid.UUID] = set()
+        # Expires holds past their time under the wallets' locks: set by the HoldStore over
+        # this ledger (the ledger knows no holds' rows or events). See `post_transfers`.
+        self.expire_holds: ExpireHolds | None = None
 
     async def wallet_currencies(
         self, conn: Conn, organization_ids: set[uuid.UUID]
@@ -238,13 +231,15 @@ class LedgerStore:
         now: datetime | None = None,
         fast_path: bool = True,
         now_is_transaction_time: bool = False,
+        wallets_locked: bool = False,
     ) -> list[Outcome]:
         """Post `requests` in order within the caller's transaction; a result per request.
 
         The common transfers go first through the set-based fast path (`fast_batch`: one
         statement for all of them) unless `fast_path` is off or `now` is given (internal callers
         that post at their own time), but for a `now` that is the transaction's own `now()`
-        (`now_is_transaction_time`: the billing tick). The rest are planned with `ledger.Book`
+        (`now_is_transaction_time`: the billing tick, which has its wallets locked already:
+        `wallets_locked`). The rest are planned with `ledger.Book`
         and written here.
         Round trips: one to lock and load the wallets, one (pipelined) for earlier keys and the
         platform accounts, one (pipelined, or COPY for large batches) to write everything.
@@ -254,7 +249,9 @@ class LedgerStore:
         # was started before a project was deleted.
         outcomes, valid = await _validated(conn, self.projects, requests, live=now is None)
         if fast_path and (now is None or now_is_transaction_time) and valid:
-            valid = await fast_batch.post_fast(self, conn, requests, valid, outcomes, now)
+            valid = await fast_batch.post_fast(
+                self, conn, requests, valid, outcomes, now, wallets_locked=wallets_locked
+            )
             if not valid:
                 return _answered(outcomes)
         batch = Batch(now or await db_now(conn))
@@ -266,9 +263,7 @@ class LedgerStore:
                     error=NotFound(f"organization {org} not found", field="organization_id")
                 )
         valid = [i for i in valid if outcomes[i] is None]
-        # Under the wallets' locks: what a named charge has left to give back is read when no
-        # other refund of it can commit (two at once each gave back all of it).
-        requests = await attribute_refunds(conn, requests)
+        await self._expire_holds(conn, locked, batch.now)
         book = Book(
             wallets={org: lw.wallet for org, lw in locked.items()},
             platform={},
@@ -276,6 +271,9 @@ class LedgerStore:
             kyc_limits=self.policy.kyc_limits,
         )
         to_plan, replays, same_as = await self._read_around(conn, requests, valid, outcomes, book)
+        # Under the wallets' locks (two refunds at once each gave back all of a charge), and
+        # only what is to be posted (a replay or a repeat in the batch took a share of it).
+        requests = await attribute_refunds(conn, requests, to_plan)
         await load_spending(conn, book, [requests[i] for i in to_plan])
         planned_at: dict[int, PlannedTransaction] = {}
         for i in to_plan:
@@ -293,6 +291,19 @@ class LedgerStore:
         for i, first in same_as.items():
             outcomes[i] = outcomes[first]
         return _answered(outcomes)
+
+    async def _expire_holds(
+        self, conn: Conn, locked: Mapping[uuid.UUID, LockedWallet], now: datetime
+    ) -> None:
+        """Expire the locked wallets' holds past their time, the sweep's work done now: until
+        it came by (a second or so), they held money nothing could capture any more, and a
+        charge of it was refused. Expired here, in this transaction, not just left out: a
+        capture waiting for the lock with an older clock finds it expired, not still open
+        with its money spent."""
+        holding = [org for org, lw in locked.items() if lw.wallet.held_balance > 0]
+        if holding and self.expire_holds is not None:
+            for org, amount in await self.expire_holds(conn, holding, now):
+                locked[org].wallet.held_balance -= amount
 
     async def post_independent(
         self, conn: Conn, requests: Sequence[TransferRequest]

@@ -220,7 +220,7 @@ class MeterStore:
         # `now` is this transaction's own: the set-based fast path may post them (one
         # statement for the organizations without credits whose charge is one resource's).
         outcomes = await self.ledger.post_transfers(
-            conn, requests, now=now, now_is_transaction_time=True
+            conn, requests, now=now, now_is_transaction_time=True, wallets_locked=True
         )
         for request, outcome in zip(requests, outcomes, strict=True):
             if outcome.error is not None:

@@ -56,14 +56,16 @@ SPENT_GRANTS = (
 
 
 async def attribute_refunds(
-    conn: Conn, requests: Sequence[TransferRequest]
+    conn: Conn, requests: Sequence[TransferRequest], indexes: Sequence[int]
 ) -> Sequence[TransferRequest]:
     """`requests`, with each refund that names one of its organization's charges (`reference`:
     the refunded transaction) and no resource of its own counted against that charge's resource
     in the rollups (spending by resource type, cost per resource); it counted as "other". The
-    request's fields stay as sent (its fingerprint too: a retry sends the same)."""
+    request's fields stay as sent (its fingerprint too: a retry sends the same). Only the
+    `requests[i] for i in indexes` are looked at: those to be posted, in order."""
     named: dict[int, tuple[uuid.UUID, uuid.UUID]] = {}
-    for i, r in enumerate(requests):
+    for i in indexes:
+        r = requests[i]
         if r.kind is Kind.REFUND and r.reference and not (r.resource_type or r.resource_id):
             if not r.lines:
                 try:
