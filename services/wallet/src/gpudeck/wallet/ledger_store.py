@@ -263,7 +263,7 @@ class LedgerStore:
                     error=NotFound(f"organization {org} not found", field="organization_id")
                 )
         valid = [i for i in valid if outcomes[i] is None]
-        await self._expire_holds(conn, locked, batch.now)
+        await self._expire_holds(conn, locked)
         book = Book(
             wallets={org: lw.wallet for org, lw in locked.items()},
             platform={},
@@ -292,9 +292,7 @@ class LedgerStore:
             outcomes[i] = outcomes[first]
         return _answered(outcomes)
 
-    async def _expire_holds(
-        self, conn: Conn, locked: Mapping[uuid.UUID, LockedWallet], now: datetime
-    ) -> None:
+    async def _expire_holds(self, conn: Conn, locked: Mapping[uuid.UUID, LockedWallet]) -> None:
         """Expire the locked wallets' holds past their time, the sweep's work done now: until
         it came by (a second or so), they held money nothing could capture any more, and a
         charge of it was refused. Expired here, in this transaction, not just left out: a
@@ -302,6 +300,9 @@ class LedgerStore:
         with its money spent."""
         holding = [org for org, lw in locked.items() if lw.wallet.held_balance > 0]
         if holding and self.expire_holds is not None:
+            # By the transaction's clock, not the batch's (an internal post may be dated
+            # otherwise: a hold is not due before its time).
+            now = await db_now(conn)
             for org, amount in await self.expire_holds(conn, holding, now):
                 locked[org].wallet.held_balance -= amount
 
