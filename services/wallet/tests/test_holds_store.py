@@ -211,3 +211,48 @@ async def test_the_audit_finds_a_hold_resolved_twice(
             await conn.execute("UPDATE holds SET status = 'voided' WHERE id = %s", (hold.id,))
             problems = await audit.check(conn)
     assert any(p.startswith("a hold resolves once") and str(hold.id) in p for p in problems)
+
+
+async def test_a_hold_met_past_its_time_expires_as_the_wallets_act_and_frees_a_deletion(
+    wallet_pool: AsyncConnectionPool, new_org: NewOrg
+) -> None:
+    """Expired by whoever's transfer met it, its event carried that caller as its actor (an
+    expiry at its time is the wallet's own); and a deletion was refused over it, told to
+    capture or void a hold neither could touch any more."""
+    from gpudeck.kit.events import Outbox, parse_event
+    from gpudeck.kit.logs import actor
+    from gpudeck.wallet.accounts_store import AccountStore
+    from gpudeck.wallet.organization_deletion import delete_organization
+
+    ledger = LedgerStore()
+    holds = HoldStore(ledger)
+    org, other = await new_org(name="Gone"), await new_org()
+    async with wallet_pool.connection() as conn, conn.transaction():
+        await ledger.post_transfers(  # credits only: its cash stays 0, as a deletion needs
+            conn, [TransferRequest("promo", org, Kind.CREDIT_GRANT, USD, credit_source="promotion")]
+        )
+        await ledger.post_transfers(conn, [TransferRequest("cash", other, Kind.TOPUP, USD)])
+        for o in (org, other):
+            await holds.create(conn, HoldRequest("h", o, USD, timeout_seconds=1))
+    await asyncio.sleep(1.2)
+    token = actor.set("user:alice")
+    try:
+        async with wallet_pool.connection() as conn, conn.transaction():
+            [done] = await ledger.post_transfers(
+                conn, [TransferRequest("spend", other, Kind.CHARGE, USD)], fast_path=False
+            )
+            assert done.error is None
+    finally:
+        actor.reset(token)
+    async with wallet_pool.connection() as conn:
+        cur = await conn.execute("SELECT data FROM outbox ORDER BY id")
+        expired = [
+            e for e in (parse_event(bytes(row[0])) for row in await cur.fetchall())
+            if e.type == "wallet.hold.expired" and e.organization_id == str(other)
+        ]  # fmt: skip
+        assert [e.actor for e in expired] == ["system"]
+    async with wallet_pool.connection() as conn, conn.transaction():
+        gone = await delete_organization(
+            AccountStore(Outbox("wallet")), ledger, conn, org, confirm_name="Gone"
+        )
+    assert gone.id == org

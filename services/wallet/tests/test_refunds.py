@@ -476,3 +476,32 @@ async def test_a_replayed_refund_takes_no_share_of_its_charge(service: Service) 
             (org,),
         )
         assert dict(await cur.fetchall()) == {"pod": 0}
+
+
+async def test_a_refused_refund_takes_no_share_of_its_charge(service: Service) -> None:
+    """A refund refused in the batch (a currency not the wallet's) took its share all the same:
+    the next one, posted, went to "other"."""
+    wallet_stub, wallet_pool, new_org = service
+    org = await new_org("USD")
+    await transfer(wallet_stub, org, pb.TOPUP, 100_000_000)
+    charge = await transfer(
+        wallet_stub, org, pb.CHARGE, 10_000_000, resource_type="pod", resource_id="pod-1"
+    )
+
+    def refund(currency: str) -> pb.TransferRequest:
+        return pb.TransferRequest(
+            idempotency_key=uuid.uuid4().hex, organization_id=str(org), kind=pb.REFUND,
+            amount=Money(amount=10_000_000, currency=currency), reference=charge.id,
+        )  # fmt: skip
+
+    reply = await wallet_stub.TransferBatch(
+        pb.TransferBatchRequest(transfers=[refund("INR"), refund("USD")])
+    )
+    assert [bool(r.error_code) for r in reply.results] == [True, False]
+    async with wallet_pool.connection() as conn:
+        cur = await conn.execute(
+            "SELECT resource_type, sum(amount)::bigint FROM daily_spend"
+            " WHERE organization_id = %s GROUP BY 1",
+            (org,),
+        )
+        assert dict(await cur.fetchall()) == {"pod": 0}

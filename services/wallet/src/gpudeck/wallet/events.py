@@ -152,14 +152,17 @@ def hold_changed(
     captured: int,
     currency: str,
     project_id: uuid.UUID | None = None,
+    *,
+    actor: str = "",
 ) -> Event:
+    """`actor` "": the caller (an expiry at its time is the wallet's own: "system")."""
     payload = pb.HoldChanged(
         hold_id=str(hold_id),
         status=status,
         amount=money(amount, currency),
         captured=money(captured, currency),
     )
-    return _event(event_type, payload, organization_id, project_id=project_id)
+    return _event(event_type, payload, organization_id, project_id=project_id, actor=actor)
 
 
 def account_changed(

@@ -215,7 +215,10 @@ class HoldStore:
         for hold in expired:
             released[hold.organization_id] -= hold.amount
         await self._move_held(conn, released, now)
-        await self.outbox.add_many(conn, [self._event("wallet.hold.expired", h) for h in expired])
+        # The wallet's own act, whoever's call met the hold past its time.
+        await self.outbox.add_many(
+            conn, [self._event("wallet.hold.expired", h, actor="system") for h in expired]
+        )
         return expired
 
     async def _expire_amounts(
@@ -264,7 +267,7 @@ class HoldStore:
         return resolved
 
     @staticmethod
-    def _event(event_type: str, hold: Hold) -> Any:
+    def _event(event_type: str, hold: Hold, *, actor: str = "") -> Any:
         return events.hold_changed(
             event_type,
             hold.organization_id,
@@ -274,4 +277,5 @@ class HoldStore:
             hold.captured,
             hold.currency,
             hold.project_id,
+            actor=actor,
         )

@@ -53,7 +53,7 @@ from gpudeck.wallet.project_owners import ProjectOwners
 from gpudeck.wallet.project_owners import not_found as project_not_found
 from gpudeck.wallet.rates import conversion
 from gpudeck.wallet.readmodels_store import LATEST_RATES, rate_row
-from gpudeck.wallet.refunds_store import attribute_refunds, load_spending
+from gpudeck.wallet.refunds_store import load_spending, refund_shares
 
 Conn = AsyncConnection[Any]
 
@@ -271,16 +271,19 @@ class LedgerStore:
             kyc_limits=self.policy.kyc_limits,
         )
         to_plan, replays, same_as = await self._read_around(conn, requests, valid, outcomes, book)
-        # Under the wallets' locks (two refunds at once each gave back all of a charge), and
-        # only what is to be posted (a replay or a repeat in the batch took a share of it).
-        requests = await attribute_refunds(conn, requests, to_plan)
+        # Under the wallets' locks (two refunds at once each gave back all of a charge), taken
+        # only by what is posted (a replay, a repeat or a refusal took a share of it).
+        shares = await refund_shares(conn, requests, to_plan)
         await load_spending(conn, book, [requests[i] for i in to_plan])
         planned_at: dict[int, PlannedTransaction] = {}
         for i in to_plan:
+            request = shares.attributed(i, requests[i])
             try:
-                planned_at[i] = book.apply(requests[i], uuid7())
+                planned_at[i] = book.apply(request, uuid7())
             except DomainError as exc:
                 outcomes[i] = Outcome(error=exc)
+            else:
+                shares.taken(i, request)
         batch.planned = list(planned_at.values())
         await self.write(conn, batch, book, locked)
         stored = await self.load_transactions(conn, list(replays.values()))

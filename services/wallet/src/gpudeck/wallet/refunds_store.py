@@ -55,14 +55,48 @@ SPENT_GRANTS = (
 )
 
 
-async def attribute_refunds(
+class RefundShares:
+    """What each charge that refunds name has left to give back to its resource, taken as those
+    refunds are posted (a refused one takes nothing). See `refund_shares`."""
+
+    def __init__(
+        self,
+        named: dict[int, tuple[uuid.UUID, uuid.UUID]],
+        charges: dict[tuple[uuid.UUID, uuid.UUID], list[Any]],
+    ) -> None:
+        self.named = named
+        self.charges = charges
+
+    def attributed(self, i: int, r: TransferRequest) -> TransferRequest:
+        """`r` (`requests[i]`), counted against its charge's resource in the rollups for at most
+        what the charge has left; the rest of a larger refund as any refund naming nothing
+        ("other": its resource's cost would go below zero). The request's fields stay as sent
+        (its fingerprint too: a retry sends the same)."""
+        key = self.named.get(i)
+        if key is None or key not in self.charges:
+            return r
+        rtype, rid, project, unrefunded = self.charges[key]
+        part = max(0, min(r.amount, unrefunded))
+        lines = [SpendLine(rtype, part, rid, project)] if part else []
+        if part < r.amount:
+            lines.append(SpendLine("other", r.amount - part))
+        return replace(r, lines=tuple(lines))
+
+    def taken(self, i: int, r: TransferRequest) -> None:
+        """`r` was posted as `attributed` made it: its charge has its part less left."""
+        key = self.named.get(i)
+        if key is not None and key in self.charges:
+            self.charges[key][3] -= max(0, min(r.amount, self.charges[key][3]))
+
+
+async def refund_shares(
     conn: Conn, requests: Sequence[TransferRequest], indexes: Sequence[int]
-) -> Sequence[TransferRequest]:
-    """`requests`, with each refund that names one of its organization's charges (`reference`:
-    the refunded transaction) and no resource of its own counted against that charge's resource
-    in the rollups (spending by resource type, cost per resource); it counted as "other". The
-    request's fields stay as sent (its fingerprint too: a retry sends the same). Only the
-    `requests[i] for i in indexes` are looked at: those to be posted, in order."""
+) -> RefundShares:
+    """The shares of the refunds among `requests[i] for i in indexes` (those to be posted, in
+    order) that name one of their organization's charges (`reference`: the refunded
+    transaction, as the wallet writes its ids) and no resource of their own: such a refund lowers
+    that charge's resource in spending by type and cost per resource (it counted as "other").
+    Read under the wallets' locks, so no other refund of these charges commits meanwhile."""
     named: dict[int, tuple[uuid.UUID, uuid.UUID]] = {}
     for i in indexes:
         r = requests[i]
@@ -77,27 +111,12 @@ async def attribute_refunds(
                 if str(charge) == r.reference:
                     named[i] = (r.organization_id, charge)
     if not named:
-        return requests
+        return RefundShares({}, {})
     cur = await conn.execute(
         NAMED_CHARGES,
         (sorted({tx for _, tx in named.values()}), sorted({org for org, _ in named.values()})),
     )
-    charges = {(org, tx): rest for org, tx, *rest in await cur.fetchall()}
-    attributed = list(requests)
-    for i, key in named.items():
-        if key in charges:
-            rtype, rid, project, unrefunded = charges[key]
-            r = requests[i]
-            # At most what the charge has left to give back is its resource's; the rest of a
-            # larger refund is counted as any refund naming nothing (its resource's cost would
-            # go below zero). Refunds in one batch naming one charge share what it has left.
-            part = max(0, min(r.amount, unrefunded))
-            charges[key][3] = unrefunded - part
-            lines = [SpendLine(rtype, part, rid, project)] if part else []
-            if part < r.amount:
-                lines.append(SpendLine("other", r.amount - part))
-            attributed[i] = replace(r, lines=tuple(lines))
-    return attributed
+    return RefundShares(named, {(org, tx): rest for org, tx, *rest in await cur.fetchall()})
 
 
 async def load_spending(conn: Conn, book: Book, requests: Sequence[TransferRequest]) -> None:
