@@ -842,3 +842,36 @@ async def test_a_saved_display_currency_with_no_rate_shows_the_wallets_own(
         )
     assert shown["organization"]["wallet"]["balance"]["currency"] == "USD"
     assert asked["extensions"]["code"] == "FAILED_PRECONDITION"
+
+
+def test_converted_parts_add_up_to_their_converted_total() -> None:
+    """The plan card's grants were converted each on its own: three ₹100 grants shown in USD
+    made 1.204819 × 3 = 3.614457 against credits available of 3.614458."""
+    from gpudeck.gateway.money import convert, convert_parts
+
+    rate = money_pb2.Conversion(base="USD", quote="INR", rate="83")
+    grant = money_pb2.Money(amount=100_000_000, currency="INR")
+    total = money_pb2.Money(amount=300_000_000, currency="INR")
+    shown_total, shown = convert_parts(total, [grant] * 3, rate)
+    assert shown_total == convert(total, rate)
+    assert sum(m.amount for m in shown) == shown_total.amount == 3_614_458
+    assert sorted(m.amount for m in shown) == [1_204_819, 1_204_819, 1_204_820]
+    # Parts that are not all of it are each converted alone; no conversion changes nothing.
+    _, alone = convert_parts(total, [grant], rate)
+    assert alone == [convert(grant, rate)]
+    assert convert_parts(total, [grant] * 3, None) == (total, [grant] * 3)
+
+
+def test_the_plan_cards_grants_add_up_in_a_display_currency() -> None:
+    from gpudeck.gateway.types.billing import Plan
+
+    rate = money_pb2.Conversion(base="USD", quote="INR", rate="83")
+    grant = money_pb2.Money(amount=100_000_000, currency="INR")
+    status = wallet_pb2.PlanStatus(
+        available_credits=money_pb2.Money(amount=300_000_000, currency="INR"),
+        credit_grants=[wallet_pb2.CreditGrant(available=grant, source="purchase")] * 3,
+    )
+    plan = Plan.from_pb(status, rate)
+    total = Decimal(plan.available_credits.amount)
+    assert sum(Decimal(g.available.amount) for g in plan.credit_grants) == total
+    assert plan.available_credits.currency == "USD"

@@ -389,6 +389,19 @@ async def test_the_name_typed_as_at_creation_confirms_the_deletion(account_stub:
     assert gone.name == "Caf\u00e9 Ops"
 
 
+async def test_a_name_stored_before_names_were_nfc_still_confirms_its_deletion(
+    account_stub: Accounts, wallet_pool: AsyncConnectionPool
+) -> None:
+    created = await make_org(account_stub, name="Old Name")
+    async with wallet_pool.connection() as conn:  # as an older version stored it: as typed
+        await conn.execute(
+            "UPDATE organizations SET name = %s WHERE id = %s",
+            ("Cafe\u0301", uuid.UUID(created.organization.id)),
+        )
+    gone = await delete(account_stub, created.organization.id, "Caf\u00e9")
+    assert gone.id == created.organization.id
+
+
 async def test_deletion_is_refused_while_a_meter_runs_and_accepted_once_it_is_closed(
     account_stub: Accounts, wallet_stub: Wallet, wallet_pool: AsyncConnectionPool
 ) -> None:

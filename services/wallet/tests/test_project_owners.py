@@ -50,3 +50,32 @@ async def test_a_deletion_that_fails_leaves_the_project_live() -> None:
     with pytest.raises(RuntimeError), owners.deleting(PROJECT):
         raise RuntimeError("PROJECT_IN_USE")
     assert await owners.unknown(conn, [(ORG, PROJECT)]) == set()
+
+
+class Touches(Projects):
+    """The projects table, counting the writes of last_used_at."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.touched: list[Any] = []
+
+    async def execute(self, sql: str, params: Any) -> Touches:
+        if sql.startswith("UPDATE projects SET last_used_at"):
+            self.touched.append(params[0])
+        return self
+
+    async def fetchall(self) -> list[tuple[uuid.UUID, uuid.UUID, bool]]:
+        return [(p, ORG, False) for p in (PROJECT, OTHER)]
+
+
+OTHER = uuid.uuid4()
+
+
+async def test_a_use_that_changes_the_recent_order_is_written_at_once() -> None:
+    """Writes are throttled, but a use of A after B was dropped too: A, B, A within seconds
+    left B the most recently used for good."""
+    owners, table = ProjectOwners(), Touches()
+    conn: Any = table
+    for project in (PROJECT, PROJECT, OTHER, OTHER, PROJECT):
+        await owners.use(conn, ORG, project)
+    assert table.touched == [PROJECT, OTHER, PROJECT]  # the repeats throttled, the turns not

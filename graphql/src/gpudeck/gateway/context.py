@@ -37,6 +37,7 @@ class Context:
     auth: Authenticator
     live: LiveEvents | None = None
     connection_params: dict[str, Any] | None = None  # a websocket's connection_init payload
+    connection_acknowledged: bool = False  # a websocket's connection_init was taken
     _identity: Identity | None = field(default=None, repr=False)
     # Identities the operation gained in other organizations (createOrganization's new one),
     # by (root field's response key, organization id): see `grant`.

@@ -11,6 +11,7 @@ amount a Money cannot hold after conversion is refused as the wallet refuses it
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from decimal import ROUND_HALF_UP, Decimal, localcontext
 
 from gpudeck.gateway.errors import BAD_USER_INPUT, FAILED_PRECONDITION, GatewayError
@@ -83,21 +84,64 @@ def convert(amount: money_pb2.Money, conversion: money_pb2.Conversion | None) ->
     conversion does not start from the amount's currency). FAILED_PRECONDITION naming
     displayCurrency when the result is more than a Money holds (a rate far off): the wallet's
     own answer to the same amount, where an unchecked one would fail as INTERNAL."""
-    if conversion is None or not conversion.rate:
+    exact = _exact(amount, conversion)
+    if exact is None or conversion is None:
         return amount
+    value, target = exact
+    with localcontext() as ctx:
+        ctx.prec = 60
+        micro = int(value.quantize(Decimal(1), rounding=ROUND_HALF_UP))
+    return _checked(micro, amount.currency, target, conversion)
+
+
+def convert_parts(
+    total: money_pb2.Money,
+    parts: Sequence[money_pb2.Money],
+    conversion: money_pb2.Conversion | None,
+) -> tuple[money_pb2.Money, list[money_pb2.Money]]:
+    """`total` and its `parts` converted so that, when the parts add up to the total, the
+    converted parts add up to the converted total too (the wallet's `Display.split`: each
+    rounded, then the micro-units the rounding lost or invented go to the parts it moved most).
+    Each converted on its own, a card's lines missed its total by a micro-unit or two."""
+    shown_total = convert(total, conversion)
+    shown = [convert(p, conversion) for p in parts]
+    gap = shown_total.amount - sum(m.amount for m in shown)
+    if not gap or sum(p.amount for p in parts) != total.amount or conversion is None:
+        return shown_total, shown
+    errors = []
+    for p, m in zip(parts, shown, strict=True):
+        exact = _exact(p, conversion)
+        errors.append(exact[0] - m.amount if exact is not None else Decimal(0))
+    order = sorted(range(len(shown)), key=lambda i: errors[i], reverse=gap > 0)
+    for i in order[: abs(gap)]:
+        micro = shown[i].amount + (1 if gap > 0 else -1)
+        shown[i] = _checked(micro, parts[i].currency, shown[i].currency, conversion)
+    return shown_total, shown
+
+
+def _exact(
+    amount: money_pb2.Money, conversion: money_pb2.Conversion | None
+) -> tuple[Decimal, str] | None:
+    """`amount` in the other currency of `conversion`, unrounded, and that currency (None when
+    nothing is converted)."""
+    if conversion is None or not conversion.rate:
+        return None
     rate = Decimal(conversion.rate)
     with localcontext() as ctx:
         ctx.prec = 60
         if amount.currency == conversion.base:
-            value, target = Decimal(amount.amount) * rate, conversion.quote
-        elif amount.currency == conversion.quote:
-            value, target = Decimal(amount.amount) / rate, conversion.base
-        else:
-            return amount
-        micro = int(value.quantize(Decimal(1), rounding=ROUND_HALF_UP))
+            return Decimal(amount.amount) * rate, conversion.quote
+        if amount.currency == conversion.quote:
+            return Decimal(amount.amount) / rate, conversion.base
+    return None
+
+
+def _checked(
+    micro: int, source: str, target: str, conversion: money_pb2.Conversion
+) -> money_pb2.Money:
     if not -INT64_MAX <= micro <= INT64_MAX:
         raise GatewayError(
-            f"an amount of {amount.currency} is too large to show in {target} at the exchange"
+            f"an amount of {source} is too large to show in {target} at the exchange"
             f" rate {conversion.rate}: check the rate, or leave displayCurrency out",
             code=FAILED_PRECONDITION,
             field="displayCurrency",

@@ -101,9 +101,12 @@ class GatewayView(GraphQLView[Context, None]):
         """Refuse a connection_init whose token is not valid (none is fine: `health`). An
         `Authorization` that is not `Bearer <token>`, in the payload or (without one there) in
         the handshake's header, is refused the same way: reading the token raises
-        UNAUTHENTICATED, which must not escape as a crash of the socket. The legacy graphql-ws
-        protocol takes a second connection_init: it is checked as the first was (the identity
-        of the first stood, and an invalid token was acknowledged)."""
+        UNAUTHENTICATED, which must not escape as a crash of the socket. One connection_init
+        per connection, on graphql-ws too (as graphql-transport-ws has it): the legacy handler
+        took more, each with a keep-alive task of its own, and an invalid token in the second
+        was acknowledged (the first one's identity stood)."""
+        if context.connection_acknowledged:
+            raise ConnectionRejectionError({"message": "one connection_init per connection"})
         context.forget_identity()
         try:
             if context.token:
@@ -113,6 +116,7 @@ class GatewayView(GraphQLView[Context, None]):
                 raise ConnectionRejectionError({"message": str(exc)}) from None
         except Exception as exc:  # the wallet unreachable: each operation will say so
             log.info("token not checked at connection_init", extra={"error": repr(exc)})
+        context.connection_acknowledged = True
         return await super().on_ws_connect(context)
 
     async def __call__(self, request: web.Request) -> web.StreamResponse:

@@ -11,7 +11,7 @@ import strawberry
 
 from gpudeck.gateway.context import Info
 from gpudeck.gateway.errors import Arguments
-from gpudeck.gateway.money import parse_amount
+from gpudeck.gateway.money import convert_parts, parse_amount
 from gpudeck.gateway.permissions import BillingWriter, require
 from gpudeck.gateway.types.common import (
     Conversion,
@@ -335,11 +335,10 @@ class CreditGrant:
     granted_at: datetime | None
 
     @classmethod
-    def from_pb(
-        cls, m: wallet_pb2.CreditGrant, conversion: money_pb2.Conversion | None
-    ) -> CreditGrant:
+    def from_pb(cls, m: wallet_pb2.CreditGrant, available: money_pb2.Money) -> CreditGrant:
+        """`available`: `m.available` as shown (see Plan.from_pb)."""
         return cls(
-            available=Money.from_pb(m.available, conversion),
+            available=Money.from_pb(available),
             source=m.source,
             expires_at=when(m.expires_at, m.HasField("expires_at")),
             granted_at=when(m.granted_at, m.HasField("granted_at")),
@@ -365,13 +364,20 @@ class Plan:
 
     @classmethod
     def from_pb(cls, m: wallet_pb2.PlanStatus, conversion: money_pb2.Conversion | None) -> Plan:
+        # The grants add up to the credits available when converted too (convert_parts).
+        available, grants = convert_parts(
+            m.available_credits, [g.available for g in m.credit_grants], conversion
+        )
         return cls(
             code=m.plan.code,
             name=m.plan.name,
             monthly_fee=Money.from_pb(m.plan.monthly_fee, conversion),
             included_credits=Money.from_pb(m.plan.included_credits, conversion),
-            available_credits=Money.from_pb(m.available_credits, conversion),
-            credit_grants=[CreditGrant.from_pb(g, conversion) for g in m.credit_grants],
+            available_credits=Money.from_pb(available),
+            credit_grants=[
+                CreditGrant.from_pb(g, shown)
+                for g, shown in zip(m.credit_grants, grants, strict=True)
+            ],
             renews_on=_date(m.renews_on),
             conversion=Conversion.from_pb(conversion) if conversion is not None else None,
         )

@@ -91,11 +91,12 @@ def check_manage_member(manager: str, current: str, new: str | None = None) -> N
     """PermissionDenied unless someone with role `manager` may change (to `new`) or, with `new`
     None, remove a member whose role is `current`: an owner or admin, never above their own
     role, and never handing out one above it."""
+    who = f"{'an' if manager[0] in 'aeiou' else 'a'} {manager}"
     if not can_manage_members(manager):
-        raise PermissionDenied(f"a {manager} may not manage members", field="user_id")
+        raise PermissionDenied(f"{who} may not manage members", field="user_id")
     if outranks(current, manager):
         raise PermissionDenied(
-            f"a {manager} may not change a member whose role is {current}", field="user_id"
+            f"{who} may not change a member whose role is {current}", field="user_id"
         )
     if new is not None:
         check_grant(manager, new)

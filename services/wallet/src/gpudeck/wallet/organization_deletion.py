@@ -14,6 +14,7 @@ transactions, invoices and audit events are kept.
 
 from __future__ import annotations
 
+import functools
 import unicodedata
 import uuid
 from typing import Any
@@ -45,7 +46,8 @@ async def delete_organization(
     locked = await lock_wallets(conn, [org], now)
     await accounts.lock_organization(conn, org)
     organization = await accounts.get_organization(conn, org)
-    if unicodedata.normalize("NFC", confirm_name.strip()) != organization.name:  # as stored
+    nfc = functools.partial(unicodedata.normalize, "NFC")  # names stored before NFC too
+    if nfc(confirm_name.strip()) != nfc(organization.name):
         raise InvalidArgument(
             "confirm_name must be the organization's name, to confirm the deletion",
             field="confirm_name",

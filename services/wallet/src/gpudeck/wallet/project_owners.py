@@ -10,8 +10,8 @@ deletion through this process is seen at once, even by a call that waited for it
 one through another replica within that time).
 
 Using a project for a resource (a meter opened, usage recorded, a hold taken) also makes it
-"recently used": its `last_used_at` moves, at most every TOUCH_EVERY seconds per project and
-process (once a minute left "recent projects" out of order for as long).
+"recently used": its `last_used_at` moves at once when that changes its organization's order,
+else at most every TOUCH_EVERY seconds per project and process.
 """
 
 from __future__ import annotations
@@ -39,6 +39,7 @@ class ProjectOwners:
         self._deleted: set[uuid.UUID] = set()
         self._deleting: dict[uuid.UUID, int] = {}  # deletions under way in this process
         self._touched: dict[uuid.UUID, float] = {}
+        self._latest: dict[uuid.UUID, uuid.UUID] = {}  # organization → its project used last here
 
     async def unknown(
         self,
@@ -117,11 +118,16 @@ class ProjectOwners:
         if project_id is None:
             return
         now = time.monotonic()
-        if now - self._touched.get(project_id, -TOUCH_EVERY) < TOUCH_EVERY:
+        # Throttled only while it stays its organization's latest use here: a use that changes
+        # the order is written at once (A, B, A again within seconds left B first for good).
+        latest = self._latest.get(organization_id) == project_id
+        if latest and now - self._touched.get(project_id, -TOUCH_EVERY) < TOUCH_EVERY:
             return
         if len(self._touched) > CACHE_LIMIT:
             self._touched.clear()
+            self._latest.clear()
         self._touched[project_id] = now
+        self._latest[organization_id] = project_id
         await conn.execute(
             "UPDATE projects SET last_used_at = now() WHERE id = %s AND last_used_at < now()",
             (project_id,),
