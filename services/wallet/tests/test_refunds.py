@@ -355,18 +355,12 @@ async def test_a_refund_gives_a_resource_back_at_most_what_its_charge_cost(
     assert not any(r.error_code for r in batch.results)
     async with wallet_pool.connection() as conn:
         cur = await conn.execute(
-            "SELECT resource_type, sum(amount)::bigint FROM daily_spend"
-            " WHERE organization_id = %s GROUP BY 1",
-            (org,),
-        )
-        spending = dict(await cur.fetchall())
-        cur = await conn.execute(
             "SELECT total FROM resource_costs WHERE organization_id = %s AND resource_id = 'pod-1'",
             (org,),
         )
         cost = await cur.fetchone()
     # 10 charged; 4, then 5 and 1 of the 3 given back to the pod; 2 more to nothing in particular
-    assert spending == {"pod": 0, "other": -2_000_000}
+    assert await spending(wallet_pool, org) == {"pod": 0, "other": -2_000_000}
     assert cost == (0,)
     # The id spelled otherwise names nothing: earlier refunds are found by the reference as
     # stored, so such a one was capped by nothing (the cost went below zero again).
@@ -411,13 +405,7 @@ async def test_refunds_of_one_charge_at_once_give_its_resource_back_once(
         await asyncio.sleep(0.5)
     for reply in await asyncio.gather(*sent):
         assert not reply.results[0].error_code
-    async with wallet_pool.connection() as conn:
-        cur = await conn.execute(
-            "SELECT resource_type, sum(amount)::bigint FROM daily_spend"
-            " WHERE organization_id = %s GROUP BY 1",
-            (org,),
-        )
-        assert dict(await cur.fetchall()) == {"pod": 0, "other": -10_000_000}
+    assert await spending(wallet_pool, org) == {"pod": 0, "other": -10_000_000}
 
 
 async def test_a_refund_past_its_charge_in_a_batch_with_a_charge_posts(service: Service) -> None:
@@ -469,13 +457,7 @@ async def test_a_replayed_refund_takes_no_share_of_its_charge(service: Service) 
         pb.TransferBatchRequest(transfers=[first, second, second])
     )
     assert [r.error_code for r in reply.results] == ["", "", ""]
-    async with wallet_pool.connection() as conn:
-        cur = await conn.execute(
-            "SELECT resource_type, sum(amount)::bigint FROM daily_spend"
-            " WHERE organization_id = %s GROUP BY 1",
-            (org,),
-        )
-        assert dict(await cur.fetchall()) == {"pod": 0}
+    assert await spending(wallet_pool, org) == {"pod": 0}
 
 
 async def test_a_refused_refund_takes_no_share_of_its_charge(service: Service) -> None:
@@ -498,10 +480,15 @@ async def test_a_refused_refund_takes_no_share_of_its_charge(service: Service) -
         pb.TransferBatchRequest(transfers=[refund("INR"), refund("USD")])
     )
     assert [bool(r.error_code) for r in reply.results] == [True, False]
-    async with wallet_pool.connection() as conn:
+    assert await spending(wallet_pool, org) == {"pod": 0}
+
+
+async def spending(pool: AsyncConnectionPool, org: uuid.UUID) -> dict[str, int]:
+    """The organization's spending by resource type, all days together (the rollup)."""
+    async with pool.connection() as conn:
         cur = await conn.execute(
             "SELECT resource_type, sum(amount)::bigint FROM daily_spend"
             " WHERE organization_id = %s GROUP BY 1",
             (org,),
         )
-        assert dict(await cur.fetchall()) == {"pod": 0}
+        return dict(await cur.fetchall())
