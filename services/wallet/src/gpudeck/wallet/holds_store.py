@@ -84,11 +84,8 @@ class HoldStore:
         if earlier is not None:
             return Hold.from_json(earlier)
         await self.ledger.projects.use(conn, request.organization_id, request.project_id)
+        await self.ledger.expire_due_holds(conn, locked)  # the sweep may not have come by yet
         wallet = locked[request.organization_id].wallet
-        # Its holds past their time are no longer held (the sweep may not have come by yet).
-        wallet.held_balance -= sum(
-            h.amount for h in await self._expire(conn, [wallet.organization_id], now)
-        )
         expires_at = now + timedelta(seconds=request.timeout_seconds)
         # Only credits that outlive a hold back it: the sweep takes the others away while it
         # is still open, and spendable would go below zero (room_for_hold).

@@ -263,7 +263,7 @@ class LedgerStore:
                     error=NotFound(f"organization {org} not found", field="organization_id")
                 )
         valid = [i for i in valid if outcomes[i] is None]
-        await self._expire_holds(conn, locked)
+        await self.expire_due_holds(conn, locked)
         book = Book(
             wallets={org: lw.wallet for org, lw in locked.items()},
             platform={},
@@ -295,8 +295,10 @@ class LedgerStore:
             outcomes[i] = outcomes[first]
         return _answered(outcomes)
 
-    async def _expire_holds(self, conn: Conn, locked: Mapping[uuid.UUID, LockedWallet]) -> None:
-        """Expire the locked wallets' holds past their time, the sweep's work done now: until
+    async def expire_due_holds(self, conn: Conn, locked: Mapping[uuid.UUID, LockedWallet]) -> None:
+        """Expire the locked wallets' holds past their time, the sweep's work done now, and take
+        them off the wallets' held balance as loaded (what every path that meets them under the
+        wallets' locks does: transfers, new holds, deletions). Until
         it came by (a second or so), they held money nothing could capture any more, and a
         charge of it was refused. Expired here, in this transaction, not just left out: a
         capture waiting for the lock with an older clock finds it expired, not still open

@@ -59,18 +59,12 @@ async def delete_organization(
     running = (await cur.fetchone() or (0,))[0]
     if running:
         raise _refused(org, f"still runs {running} metered resource(s); stop them first")
-    if ledger.expire_holds is not None:  # those past their time hold nothing: expired now
-        await ledger.expire_holds(conn, [org], now)
-    cur = await conn.execute(
-        "SELECT coalesce(sum(amount), 0)::bigint FROM holds"
-        " WHERE organization_id = %s AND status = 'open'",
-        (org,),
-    )
-    held = (await cur.fetchone() or (0,))[0]
-    if held:
+    await ledger.expire_due_holds(conn, locked)  # those past their time hold nothing
+    if wallet.held_balance:
         raise _refused(
             org,
-            f"has {format_micro(held)} {wallet.currency} in open holds; capture or void them first",
+            f"has {format_micro(wallet.held_balance)} {wallet.currency} in open holds;"
+            " capture or void them first",
         )
     cur = await conn.execute(
         "SELECT count(*) FROM pending_topups WHERE organization_id = %s AND status = 'pending'",

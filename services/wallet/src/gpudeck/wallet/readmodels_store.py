@@ -32,7 +32,7 @@ from gpudeck.wallet.rates import (
 Conn = AsyncConnection[Any]
 
 # What the wallet holds now: its open holds but those past their time, which the sweep (or the
-# next transfer: LedgerStore._expire_holds) is yet to expire, read in one snapshot with the
+# next transfer: LedgerStore.expire_due_holds) is yet to expire, read in one snapshot with the
 # wallet row.
 HELD_NOW = """w.held_balance - CASE WHEN w.held_balance > 0 THEN (
     SELECT coalesce(sum(h.amount), 0)::bigint FROM holds h

@@ -1,7 +1,7 @@
 -- post_transfer_batch (017's wrapper, replaced): also leaves to the general path the items of
 -- organizations holding money in holds past their time, which the sweep is yet to expire (the
 -- batch body counts every open hold as held; the general path expires them first, under the
--- same locks: LedgerStore._expire_holds). Read after the lock, in a statement of its own: what a
+-- same locks: LedgerStore.expire_due_holds). Read after the lock, in a statement of its own: what a
 -- sweep committed while the batch waited is seen.
 CREATE OR REPLACE FUNCTION post_transfer_batch(
     p_ids uuid[], p_idx int[], p_orgs uuid[], p_kinds text[], p_amounts bigint[],
