@@ -195,3 +195,28 @@ async def test_a_change_in_flight_during_an_announcement_is_announced_by_the_nex
             (org,),
         )
         assert await cur.fetchone() == (True,)  # the second top-up announced too
+
+
+async def test_a_hold_past_its_time_is_announced_as_holding_nothing(
+    wallet_pool: AsyncConnectionPool, new_org: NewOrg
+) -> None:
+    """The live view's wallet.balance.changed counted it held until the sweep expired it,
+    while the card (and a charge of that money) already did not."""
+    from gpudeck.kit.events import parse_event, unpack
+    from gpudeck.proto.wallet.v1 import events_pb2 as pb
+    from gpudeck.wallet.holds import HoldRequest
+
+    wallet, org = await topped_up(wallet_pool, new_org)
+    async with wallet_pool.connection() as conn, conn.transaction():
+        await wallet.holds.create(conn, HoldRequest("h", org, 5, timeout_seconds=1))
+    await asyncio.sleep(1.2)
+    wallet.ledger.mark_changed([org])
+    assert await announce_balances(wallet) == 1
+    async with wallet_pool.connection() as conn:
+        cur = await conn.execute("SELECT data FROM outbox ORDER BY id DESC LIMIT 20")
+        [last] = [
+            e for e in (parse_event(bytes(row[0])) for row in await cur.fetchall())
+            if e.type == "wallet.balance.changed" and e.organization_id == str(org)
+        ][:1]  # fmt: skip
+    payload = unpack(last, pb.BalanceChanged)
+    assert (payload.held_balance.amount, payload.spendable.amount) == (0, 5)

@@ -21,7 +21,7 @@ from gpudeck.wallet.metering_store import bill_open_meters
 from gpudeck.wallet.plans_store import PlanStore
 from gpudeck.wallet.rates import RateProvider
 from gpudeck.wallet.rates_file import FileRateProvider, RatesFileError
-from gpudeck.wallet.readmodels_store import import_rates
+from gpudeck.wallet.readmodels_store import HELD_NOW, import_rates
 from gpudeck.wallet.thresholds_store import ThresholdStore
 
 log = logging.getLogger(__name__)
@@ -70,11 +70,12 @@ async def expire_credits(wallet: Wallet, *, limit: int = 1000) -> int:
 DUE = "w.change_seq > a.announced_seq AND a.announced_at <= clock_timestamp() - interval '1 second'"
 # Stamps and returns them. It locks only the announcement rows (another announcer skips those),
 # never the wallet rows writers hold: what is announced is what is committed. (The sweep's level
-# check locks the wallets no writer holds, skipping the others.)
+# check locks the wallets no writer holds, skipping the others.) Held as the card reads it: holds
+# past their time, which the sweep is yet to expire, hold nothing.
 ANNOUNCE = (
     "WITH due AS ("
-    " SELECT w.organization_id, w.currency, w.balance, w.held_balance, w.run_rate, w.level,"
-    "  w.change_seq"
+    f" SELECT w.organization_id, w.currency, w.balance, {HELD_NOW} AS held_balance, w.run_rate,"
+    "  w.level, w.change_seq"
     " FROM wallets w JOIN wallet_announcements a USING (organization_id) WHERE {where}"
     " ORDER BY w.organization_id LIMIT %s FOR UPDATE OF a SKIP LOCKED),"
     " stamped AS (UPDATE wallet_announcements a"
