@@ -15,7 +15,9 @@ from psycopg_pool import AsyncConnectionPool
 
 from gpudeck.kit.errors import InvalidArgument
 from gpudeck.proto.common.v1.money_pb2 import Money
+from gpudeck.proto.wallet.v1 import account_pb2 as apb
 from gpudeck.proto.wallet.v1 import wallet_pb2 as pb
+from gpudeck.proto.wallet.v1.account_pb2_grpc import AccountServiceStub
 from gpudeck.proto.wallet.v1.wallet_pb2_grpc import WalletServiceStub
 from gpudeck.wallet.usage import (
     Calls,
@@ -221,15 +223,72 @@ async def test_concurrent_retries_of_one_event_charge_it_once(
     assert await count(wallet_pool, sql, org) == 1
 
 
-async def test_an_event_id_of_another_organization_is_refused(
+async def test_an_event_id_is_its_organizations_own(
     wallet_stub: WalletServiceStub, new_org: NewOrg
 ) -> None:
+    """Ids were unique across tenants: one tenant's "req-1" refused another's event (ABORTED),
+    which went unbilled, and told it the id was in use somewhere."""
     a, b = await new_org("USD"), await new_org("USD")
-    await record(wallet_stub, a, f"shared-{a}")
-    with pytest.raises(grpc.aio.AioRpcError) as err:
-        await record(wallet_stub, b, f"shared-{a}")
+    first = await record(wallet_stub, a, "req-1")
+    other = await record(wallet_stub, b, "req-1", quantity=500.0)
+    assert other.organization_id == str(b) and other.transaction_id != first.transaction_id
+    assert (await balance(wallet_stub, a), await balance(wallet_stub, b)) == (-2000, -1000)
+    assert await record(wallet_stub, a, "req-1") == first  # each its own replay
+    assert await record(wallet_stub, b, "req-1", quantity=500.0) == other
+    with pytest.raises(grpc.aio.AioRpcError) as err:  # and its own refusal
+        await record(wallet_stub, b, "req-1")
     assert err.value.code() == grpc.StatusCode.ABORTED
-    assert await balance(wallet_stub, b) == 0
+
+
+async def test_a_retry_answers_as_the_first_call_once_its_project_is_deleted(
+    wallet_stub: WalletServiceStub, account_stub: AccountServiceStub, new_org: NewOrg
+) -> None:
+    """A caller whose first call timed out was told NOT_FOUND, as if nothing was charged."""
+    org = await new_org("USD")
+    for name in ("kept", "gone"):  # an organization keeps one project at least
+        project = await account_stub.CreateProject(
+            apb.CreateProjectRequest(organization_id=str(org), name=name), timeout=5
+        )
+    first = await record(wallet_stub, org, "in-gone", project_id=project.id)
+    await account_stub.DeleteProject(apb.DeleteProjectRequest(project_id=project.id), timeout=5)
+    assert await record(wallet_stub, org, "in-gone", project_id=project.id) == first
+    with pytest.raises(grpc.aio.AioRpcError) as err:  # a new event there is still refused
+        await record(wallet_stub, org, "new-in-gone", project_id=project.id)
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+    assert await balance(wallet_stub, org) == -2000  # the first only
+
+
+async def test_an_event_that_does_not_say_whether_it_succeeded_did(
+    wallet_stub: WalletServiceStub, new_org: NewOrg
+) -> None:
+    """proto3's default (false) counted it failed: a per-token meter that never sets it drove
+    the success rate to 0 %."""
+    org = await new_org("USD")
+    fields = {"event_id": "tok", "organization_id": str(org), "meter": "tokens", "quantity": 1.0}
+    unsaid = await wallet_stub.RecordUsage(pb.RecordUsageRequest(**fields), timeout=5)  # type: ignore[arg-type]
+    failed = await record(wallet_stub, org, "err", success=False)
+    assert (unsaid.success, failed.success) == (True, False)
+    usage = await wallet_stub.GetUsageAnalytics(
+        pb.GetUsageAnalyticsRequest(organization_id=str(org)), timeout=5
+    )
+    assert (usage.calls_24h, usage.success_rate_24h) == (2, 0.5)
+
+
+async def test_quantities_are_summed_exactly(
+    wallet_stub: WalletServiceStub, new_org: NewOrg
+) -> None:
+    """Summed as binary floating point, ten events of 0.1 showed 0.9999999999999999."""
+    org = await new_org("USD")
+    for _ in range(10):
+        await record(wallet_stub, org, quantity=0.1, dimensions={"model": "m"})
+    usage = await wallet_stub.GetUsageAnalytics(
+        pb.GetUsageAnalyticsRequest(organization_id=str(org)), timeout=5
+    )
+    assert usage.today_quantity == 1.0
+    assert [u.quantity for u in usage.today_by_model] == [1.0]
+    assert [u.quantity for u in usage.top_models_30_days] == [1.0]
+    assert [u.quantity for u in usage.all_time] == [1.0]
+    assert [r.quantity for r in usage.recent] == [0.1] * 10
 
 
 async def test_a_free_event_is_recorded_without_a_charge(

@@ -9,7 +9,9 @@ import pytest
 from psycopg_pool import AsyncConnectionPool
 
 from gpudeck.proto.common.v1.money_pb2 import Money
+from gpudeck.proto.wallet.v1 import account_pb2 as apb
 from gpudeck.proto.wallet.v1 import wallet_pb2 as pb
+from gpudeck.proto.wallet.v1.account_pb2_grpc import AccountServiceStub
 from gpudeck.proto.wallet.v1.wallet_pb2_grpc import WalletServiceStub
 
 NewOrg = Callable[..., Awaitable[uuid.UUID]]
@@ -300,3 +302,40 @@ async def test_batches_splitting_organizations_the_other_way_round_do_not_deadlo
     failed = [r for r in replies if isinstance(r, BaseException)]
     assert not failed, failed[0]
     assert all(not r.error_code for reply in replies for r in reply.results)  # type: ignore[union-attr]
+
+
+async def test_a_retry_answers_as_the_first_call_once_its_project_is_deleted(
+    wallet_stub: WalletServiceStub, account_stub: AccountServiceStub, new_org: NewOrg
+) -> None:
+    """A caller whose first call timed out was told NOT_FOUND, as if nothing had been posted."""
+    org = await new_org()
+    for name in ("kept", "gone"):  # an organization keeps one project at least
+        project = await account_stub.CreateProject(
+            apb.CreateProjectRequest(organization_id=str(org), name=name)
+        )
+    in_gone = {"project_id": project.id, "resource_type": "pod"}
+    top = await wallet_stub.Transfer(transfer(org, pb.TOPUP, 10 * USD, key="top", **in_gone))
+    batched = transfer(org, pb.CHARGE, 3 * USD, key="batched", **in_gone)
+    [first] = (
+        await wallet_stub.TransferBatch(pb.TransferBatchRequest(transfers=[batched]))
+    ).results
+    await account_stub.DeleteProject(apb.DeleteProjectRequest(project_id=project.id))
+
+    assert (
+        await wallet_stub.Transfer(transfer(org, pb.TOPUP, 10 * USD, key="top", **in_gone)) == top
+    )
+    again = (await wallet_stub.TransferBatch(pb.TransferBatchRequest(transfers=[batched]))).results
+    assert [r.transaction.id for r in again] == [first.transaction.id]
+    with pytest.raises(grpc.aio.AioRpcError) as err:  # another payload: the key's reuse
+        await wallet_stub.Transfer(transfer(org, pb.TOPUP, 11 * USD, key="top", **in_gone))
+    assert err.value.code() == grpc.StatusCode.ABORTED
+    with pytest.raises(grpc.aio.AioRpcError) as err:  # a new transfer there is still refused
+        await wallet_stub.Transfer(transfer(org, pb.CHARGE, USD, key="new", **in_gone))
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+    new = transfer(org, pb.CHARGE, USD, key="new-batched", **in_gone)
+    [refused] = (await wallet_stub.TransferBatch(pb.TransferBatchRequest(transfers=[new]))).results
+    assert refused.error_code == "NOT_FOUND"
+    summary = await wallet_stub.GetWalletSummary(
+        pb.GetWalletSummaryRequest(organization_id=str(org))
+    )
+    assert summary.balance.amount == 7 * USD

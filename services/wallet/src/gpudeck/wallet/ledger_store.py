@@ -332,7 +332,9 @@ class LedgerStore:
 
     async def post_one(self, conn: Conn, request: TransferRequest) -> Transaction:
         """Post one transfer in one statement; see gpudeck.wallet.fast_transfer."""
-        await self.projects.check(conn, request.organization_id, request.project_id)
+        if await self.projects.unknown(conn, [(request.organization_id, request.project_id)]):
+            if not await retries(conn, self.projects, [request]):
+                raise project_not_found(request.project_id)
         return await fast_transfer.post_one(self, conn, request)
 
     async def _read_around(
@@ -622,12 +624,37 @@ async def _validated(
     named = [(r.organization_id, r.project_id) for r in requests if r.project_id is not None]
     if named:
         unknown = await projects.unknown(conn, named, live=live)
-        for i in [
+        refused = [
             i for i in valid if (requests[i].organization_id, requests[i].project_id) in unknown
-        ]:
-            outcomes[i] = Outcome(error=project_not_found(requests[i].project_id))
-            valid.remove(i)
+        ]
+        retried = await retries(conn, projects, [requests[i] for i in refused]) if live else set()
+        for n, i in enumerate(refused):
+            if n not in retried:
+                outcomes[i] = Outcome(error=project_not_found(requests[i].project_id))
+                valid.remove(i)
     return outcomes, valid
+
+
+async def retries(
+    conn: Conn, projects: ProjectOwners, requests: Sequence[TransferRequest]
+) -> set[int]:
+    """Of callers' transfers naming a project that is not live, the indexes of those whose key
+    their organization used already, in a project of its own since deleted: a retry answers as
+    its first call did (a replay, or a refusal of the key's reuse), however late. It was told
+    NOT_FOUND, as if nothing had been posted."""
+    own = [
+        n
+        for n, r in enumerate(requests)
+        if r.record_key and r.project_id and projects.owner(r.project_id) == r.organization_id
+    ]
+    if not own:
+        return set()
+    cur = await conn.execute(
+        FIND_KEYS,
+        ([requests[n].organization_id for n in own], [requests[n].key for n in own]),
+    )
+    used = {(org, key) for org, key, *_ in await cur.fetchall()}
+    return {n for n in own if (requests[n].organization_id, requests[n].key) in used}
 
 
 def _answered(outcomes: list[Outcome | None]) -> list[Outcome]:

@@ -84,6 +84,10 @@ class ProjectOwners:
             if self._owner.get(project) != org or (live and project in self._deleted)
         }
 
+    def owner(self, project_id: uuid.UUID) -> uuid.UUID | None:
+        """The organization of a project `unknown` has seen (None: not seen, or no such one)."""
+        return self._owner.get(project_id)
+
     @contextlib.contextmanager
     def deleting(self, project_id: uuid.UUID) -> Iterator[None]:
         """Around a deletion's transaction: while it runs, that the project is live is asked of

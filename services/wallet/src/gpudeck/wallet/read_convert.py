@@ -222,7 +222,7 @@ def dimension_usage(u: DimensionUsage, d: Display, cost: Money | None = None) ->
     return pb.DimensionUsage(
         dimension=u.dimension,
         value=u.value,
-        quantity=u.quantity,
+        quantity=float(u.quantity),
         cost=cost or d.money(u.cost),
         calls=u.calls,
         errors=u.errors,
@@ -241,7 +241,7 @@ def analytics(a: Analytics, d: Display) -> pb.UsageAnalytics:
     today_cost, by_model = today_parts(a.today_cost, a.today_by_model, d)
     by_meter = today_parts(a.today_cost, a.today_by_meter, d)[1]
     message = pb.UsageAnalytics(
-        today_quantity=a.today_quantity,
+        today_quantity=float(a.today_quantity),
         today_cost=today_cost,
         today_by_model=by_model,
         today_by_meter=by_meter,

@@ -2,8 +2,9 @@
 
 An event counts `quantity` units of a meter ("tokens", "api_calls") at `unit_price` micro-units
 per 1,000,000 units: cost = quantity * unit_price / 1,000,000, rounded half away from zero to the
-micro-unit (the quantity is taken as the shortest decimal that prints it, 0.1 as 0.1). Events are
-de-duplicated by `event_id`. The dimensions model, provider, region and api are kept in the
+micro-unit (the quantity is taken as the shortest decimal that prints it, 0.1 as 0.1: `exact`;
+it is stored and summed so, and ten events of 0.1 sum to 1). Events are de-duplicated by
+`event_id` within their organization. The dimensions model, provider, region and api are kept in the
 hourly rollup, which feeds a daily one per model and all-time totals per dimension value (so the
 dashboard's cost does not grow with history); `resource_type` and `resource_id` say what the
 charge is for in the spending rollups (default "api").
@@ -33,11 +34,17 @@ DEFAULT_TOP, MAX_TOP = 5, 100
 DEFAULT_RECENT, MAX_RECENT = 50, 500
 
 
+def exact(quantity: float | Decimal) -> Decimal:
+    """A quantity as the shortest decimal that prints it (0.1 as 0.1): how it is priced, stored
+    and summed."""
+    return quantity if isinstance(quantity, Decimal) else Decimal(repr(quantity))
+
+
 def cost(quantity: float, unit_price: int) -> int:
     """quantity * unit_price / 1,000,000 in micro-units, rounded half away from zero."""
     with localcontext(prec=60):  # exact for every quantity and price taken (28 digits is not)
-        exact = Decimal(repr(quantity)) * unit_price / PRICE_UNITS
-        return int(exact.quantize(Decimal(1), rounding=ROUND_HALF_UP))
+        owed = exact(quantity) * unit_price / PRICE_UNITS
+        return int(owed.quantize(Decimal(1), rounding=ROUND_HALF_UP))
 
 
 @dataclass(frozen=True)
@@ -167,7 +174,7 @@ def day_start(at: datetime) -> datetime:
 class DimensionUsage:
     dimension: str  # model, provider, region, api (and meter, for today's usage per meter)
     value: str
-    quantity: float
+    quantity: Decimal  # summed exactly (`exact`)
     cost: int
     calls: int
     errors: int
@@ -216,7 +223,7 @@ def hourly(counts: Mapping[datetime, tuple[int, int]], now: datetime) -> list[Ho
 
 @dataclass(frozen=True)
 class Analytics:
-    today_quantity: float
+    today_quantity: Decimal
     today_cost: int
     today_by_model: tuple[DimensionUsage, ...]
     today_by_meter: tuple[DimensionUsage, ...]  # each meter counts in its own unit
@@ -234,7 +241,8 @@ def summed(rows: Iterable[DimensionUsage]) -> list[DimensionUsage]:
         key = (row.dimension, row.value)
         seen = totals.get(key)
         totals[key] = row if seen is None else DimensionUsage(
-            row.dimension, row.value, seen.quantity + row.quantity, seen.cost + row.cost,
+            row.dimension, row.value, exact(seen.quantity) + exact(row.quantity),
+            seen.cost + row.cost,
             seen.calls + row.calls, seen.errors + row.errors,
         )  # fmt: skip
     return list(totals.values())
@@ -251,13 +259,13 @@ def breakdown(
     """Usage per dimension and value from usage per combination of (model, provider, region,
     api) values; values that are not set are left out. Ordered by dimension, then largest
     quantity first."""
-    totals: dict[tuple[str, str], list[float]] = {}
+    totals: dict[tuple[str, str], list[Decimal]] = {}
     for values, usage in combinations:
         for dimension, value in zip(DIMENSIONS, values, strict=True):
             if not value:
                 continue
-            t = totals.setdefault((dimension, value), [0.0, 0, 0, 0])
-            t[0] += usage.quantity
+            t = totals.setdefault((dimension, value), [Decimal(0)] * 4)
+            t[0] += exact(usage.quantity)
             t[1] += usage.cost
             t[2] += usage.calls
             t[3] += usage.errors

@@ -12,6 +12,7 @@ import json
 import uuid
 from collections.abc import Sequence
 from datetime import datetime, timedelta
+from decimal import Decimal
 from typing import Any
 
 from psycopg import AsyncConnection
@@ -29,6 +30,7 @@ from gpudeck.wallet.usage import (
     by_quantity,
     day_start,
     event_time,
+    exact,
     hour_start,
     hourly,
     per_dimension,
@@ -46,7 +48,7 @@ INSERT_EVENT = """
 INSERT INTO usage_events (event_id, organization_id, project_id, meter, quantity, unit_price,
                           cost, dimensions, success, latency_ms, at)
 VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)
-ON CONFLICT (event_id) DO NOTHING
+ON CONFLICT (organization_id, event_id) DO NOTHING
 RETURNING event_id
 """
 ROLL_UP = """
@@ -104,8 +106,9 @@ def _record(row: Sequence[Any]) -> UsageRecord:
     (event_id, org, meter, quantity, unit_price, dimensions, project, success, latency, at,
      cost, currency, tx_id) = row  # fmt: skip
     event = UsageEvent(
-        event_id, org, meter, quantity, unit_price, dict(dimensions), project, success, latency, at
-    )
+        event_id, org, meter, float(quantity), unit_price, dict(dimensions), project, success,
+        latency, at,
+    )  # fmt: skip
     return UsageRecord(event, at, cost, currency, tx_id)
 
 
@@ -113,18 +116,21 @@ class UsageStore:
     def __init__(self, ledger: LedgerStore) -> None:
         self.ledger = ledger
 
-    async def get(self, conn: Conn, event_id: str) -> UsageRecord | None:
+    async def get(
+        self, conn: Conn, organization_id: uuid.UUID, event_id: str
+    ) -> UsageRecord | None:
         cur = await conn.execute(
             f"SELECT {EVENT_COLUMNS} FROM usage_events e JOIN wallets w USING (organization_id)"
-            " WHERE e.event_id = %s",
-            (event_id,),
+            " WHERE e.organization_id = %s AND e.event_id = %s",
+            (organization_id, event_id),
         )
         row = await cur.fetchone()
         return _record(row) if row is not None else None
 
     async def record(self, conn: Conn, event: UsageEvent, *, actor: str = "") -> UsageRecord:
-        """Record `event` and charge its cost, in the caller's transaction; an event id seen
-        before returns the first record and writes nothing."""
+        """Record `event` and charge its cost, in the caller's transaction; an event id its
+        organization used before returns the first record and writes nothing (even once its
+        project is deleted)."""
         validate(event)
         cur = await conn.execute(
             "SELECT now() FROM wallets WHERE organization_id = %s", (event.organization_id,)
@@ -135,35 +141,38 @@ class UsageStore:
                 f"organization {event.organization_id} not found", field="organization_id"
             )
         now: datetime = row[0]
-        await self.ledger.projects.use(conn, event.organization_id, event.project_id)
         at = event_time(event.at, now)
         cost = event.cost
         cur = await conn.execute(
             INSERT_EVENT,
-            (event.event_id, event.organization_id, event.project_id, event.meter, event.quantity,
-             event.unit_price, cost, json.dumps(dict(event.dimensions)), event.success,
-             event.latency_ms, at),
+            (event.event_id, event.organization_id, event.project_id, event.meter,
+             exact(event.quantity), event.unit_price, cost, json.dumps(dict(event.dimensions)),
+             event.success, event.latency_ms, at),
         )  # fmt: skip
         if await cur.fetchone() is None:
             return await self._first(conn, event)
+        # A new event's project must be live (a refusal undoes the insert with the caller's
+        # transaction); a retry's is not asked again: it answers as the first call did.
+        await self.ledger.projects.use(conn, event.organization_id, event.project_id)
         tx_id = await self._charge(conn, event, cost, now, actor) if cost > 0 else None
         if tx_id is not None:
             await conn.execute(
-                "UPDATE usage_events SET transaction_id = %s WHERE event_id = %s",
-                (tx_id, event.event_id),
+                "UPDATE usage_events SET transaction_id = %s"
+                " WHERE organization_id = %s AND event_id = %s",
+                (tx_id, event.organization_id, event.event_id),
             )
         await conn.execute(
             ROLL_UP,
             (event.organization_id, hour_start(at), event.meter, *event.rollup_dimensions(),
-             0 if event.success else 1, event.quantity, cost, event.latency_ms,
+             0 if event.success else 1, exact(event.quantity), cost, event.latency_ms,
              1 if event.latency_ms > 0 else 0),
         )  # fmt: skip
-        record = await self.get(conn, event.event_id)
+        record = await self.get(conn, event.organization_id, event.event_id)
         assert record is not None
         return record
 
     async def _first(self, conn: Conn, event: UsageEvent) -> UsageRecord:
-        first = await self.get(conn, event.event_id)
+        first = await self.get(conn, event.organization_id, event.event_id)
         assert first is not None
         if not first.event.same_as(event):
             raise Conflict(
@@ -227,12 +236,12 @@ Args = dict[str, Any]
 
 async def _models(
     conn: Conn, args: Args, now: datetime
-) -> tuple[float, int, list[DimensionUsage], list[DimensionUsage], list[DimensionUsage]]:
+) -> tuple[Decimal, int, list[DimensionUsage], list[DimensionUsage], list[DimensionUsage]]:
     """Today's quantity and cost; today's usage per model and per meter; the last 30 days' per
     model."""
     today = day_start(now).date()
     cur = await conn.execute(MODELS, {**args, "today": today, "since": today - timedelta(days=29)})
-    quantity, cost = 0.0, 0
+    quantity, cost = Decimal(0), 0
     by_model_today, by_meter_today, by_model_30_days = [], [], []
     for meter, model, tq, tc, tn, te, q, c, n, e in await cur.fetchall():
         quantity, cost = quantity + tq, cost + tc

@@ -854,15 +854,19 @@ class RecordUsageRequest(_message.Message):
     LATENCY_MS_FIELD_NUMBER: _builtins.int
     AT_FIELD_NUMBER: _builtins.int
     event_id: _builtins.str
-    """de-duplicates"""
+    """de-duplicates, within the organization"""
     organization_id: _builtins.str
     project_id: _builtins.str
     meter: _builtins.str
     """what is counted, e.g. "tokens", "api_calls" """
     quantity: _builtins.float
+    """Taken as the shortest decimal that prints it (0.1 as 0.1), and summed so."""
     unit_price: _builtins.int
-    """micro-units per 1,000,000 units of quantity"""
+    """Micro-units per 1,000,000 units of quantity; cost = quantity × unit_price / 1,000,000,
+    rounded half away from zero to the micro-unit.
+    """
     success: _builtins.bool
+    """whether the call succeeded; unset: it did"""
     latency_ms: _builtins.int
     """0: not measured (left out of average latencies)"""
     @_builtins.property
@@ -881,15 +885,17 @@ class RecordUsageRequest(_message.Message):
         quantity: _builtins.float = ...,
         unit_price: _builtins.int = ...,
         dimensions: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
-        success: _builtins.bool = ...,
+        success: _builtins.bool | None = ...,
         latency_ms: _builtins.int = ...,
         at: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["at", b"at"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_success", b"_success", "at", b"at", "success", b"success"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["at", b"at", "dimensions", b"dimensions", "event_id", b"event_id", "latency_ms", b"latency_ms", "meter", b"meter", "organization_id", b"organization_id", "project_id", b"project_id", "quantity", b"quantity", "success", b"success", "unit_price", b"unit_price"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_success", b"_success", "at", b"at", "dimensions", b"dimensions", "event_id", b"event_id", "latency_ms", b"latency_ms", "meter", b"meter", "organization_id", b"organization_id", "project_id", b"project_id", "quantity", b"quantity", "success", b"success", "unit_price", b"unit_price"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__success: _TypeAlias = _typing.Literal["success"]  # noqa: Y015
+    _WhichOneofArgType__success: _TypeAlias = _typing.Literal["_success", b"_success"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__success) -> _WhichOneofReturnType__success | None: ...
 
 Global___RecordUsageRequest: _TypeAlias = RecordUsageRequest  # noqa: Y015
 
