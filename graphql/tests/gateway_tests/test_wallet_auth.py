@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 
 from gpudeck.proto.wallet.v1 import account_pb2
@@ -231,3 +232,49 @@ async def test_a_gateway_the_wallet_does_not_trust_says_unavailable(
     )
     [error] = (await resp.json())["errors"]
     assert error["extensions"]["code"] == "UNAVAILABLE"
+
+
+async def test_a_token_that_is_not_text_is_unauthenticated_everywhere(
+    wallet_gateway, caplog
+) -> None:
+    """Bytes that are not UTF-8 reach the gateway as surrogates, which no hash takes: the query
+    was INTERNAL (a traceback per request, for anyone), the invoice a plain 500, and a socket
+    with such a token in its connection_init was acknowledged."""
+    import logging
+
+    from aiohttp import WSMsgType
+
+    async def raw(request: bytes) -> tuple[bytes, bytes]:  # a client may send any bytes
+        reader, writer = await asyncio.open_connection(
+            wallet_gateway.server.host, wallet_gateway.server.port
+        )
+        writer.write(request)
+        head = await reader.readuntil(b"\r\n\r\n")
+        length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+        body = await reader.readexactly(length)
+        writer.close()
+        return head.split(b"\r\n")[0], body
+
+    query = json.dumps({"query": VIEWER}).encode()
+    status, body = await raw(
+        b"POST /graphql HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer \xff\xfe\r\n"
+        b"Content-Type: application/json\r\nConnection: close\r\n"
+        b"Content-Length: %d\r\n\r\n%s" % (len(query), query)
+    )
+    [error] = json.loads(body)["errors"]
+    assert (error["extensions"]["code"], error["message"]) == ("UNAUTHENTICATED", "unknown token")
+    status, body = await raw(
+        b"GET /invoices/00000000-0000-4000-8000-000000000000.pdf HTTP/1.1\r\nHost: x\r\n"
+        b"Authorization: Bearer \xff\xfe\r\nConnection: close\r\n\r\n"
+    )
+    assert b" 401 " in status and json.loads(body)["error"]["code"] == "UNAUTHENTICATED"
+    payload = {"Authorization": "Bearer \ud800"}  # sent as JSON's "\ud800"
+    async with wallet_gateway.ws_connect("/graphql", protocols=["graphql-transport-ws"]) as ws:
+        await ws.send_json({"type": "connection_init", "payload": payload})
+        msg = await asyncio.wait_for(ws.receive(), timeout=5)
+        assert (msg.type, msg.data) == (WSMsgType.CLOSE, 4403)
+    async with wallet_gateway.ws_connect("/graphql", protocols=["graphql-ws"]) as ws:
+        await ws.send_json({"type": "connection_init", "payload": payload})
+        refused = await asyncio.wait_for(ws.receive_json(), timeout=5)
+        assert refused["type"] == "connection_error"
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]

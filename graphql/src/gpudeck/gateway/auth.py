@@ -164,7 +164,9 @@ class Authenticator:
                 "authentication required: send 'Authorization: Bearer <token>'",
                 code=UNAUTHENTICATED,
             )
-        if len(token) > MAX_TOKEN_LENGTH:
+        # Every token is printable ASCII; bytes that are not UTF-8 reach here as surrogates
+        # (which no hash takes: INTERNAL, and a socket acknowledged with one).
+        if len(token) > MAX_TOKEN_LENGTH or not (token.isascii() and token.isprintable()):
             raise GatewayError("unknown token", code=UNAUTHENTICATED)
         if self.admin_token and hmac.compare_digest(token.encode(), self.admin_token.encode()):
             return PLATFORM_ADMIN
