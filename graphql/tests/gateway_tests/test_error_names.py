@@ -257,6 +257,25 @@ async def test_a_value_of_the_wrong_type_names_its_argument(gql, new_org) -> Non
             {"k": ["TOPUP", "SUPERUSER"]},
             "kinds",
         ),
+        # A DateTime written in the query (Strawberry's refusal had no place: nothing named).
+        (
+            'mutation { createApiToken(organizationId: "%s", name: "x", role: ADMIN,'
+            ' expiresAt: "yesterday") { token } }',
+            {},
+            "expiresAt",
+        ),
+        (
+            'mutation { createApiToken(organizationId: "%s", name: "x", role: ADMIN,'
+            " expiresAt: 5) { token } }",
+            {},
+            "expiresAt",
+        ),
+        (
+            'mutation { createApiToken(organizationId: "%s", name: "x", role: ADMIN,'
+            " expiresAt: $e) { token } }".replace("mutation", "mutation($e: DateTime)"),
+            {"e": "tomorrow"},
+            "expiresAt",
+        ),
     ]
     for query, variables, argument in cases:
         for _ in range(2):  # the second answer comes from the validation cache: named once

@@ -96,6 +96,26 @@ async def test_a_syntax_error_is_a_parse_error(gateway) -> None:
     assert codes(body) == ["GRAPHQL_PARSE_FAILED"]
 
 
+async def test_a_document_of_several_operations_runs_only_the_one_named(gql, new_org) -> None:
+    """Without operationName the first one ran: a mutation nobody chose."""
+    org = await new_org()
+    two = "".join(
+        f'mutation {n} {{ createProject(organizationId: "{org.id}", name: "{n}") {{ name }} }}'
+        for n in ("A", "B")
+    )
+    error = await gql.error(two, token=org.token)
+    assert error["extensions"] == {"code": "BAD_REQUEST", "field": "operationName"}
+    assert "operationName" in error["message"]
+    body = await gql(two, token=org.token, operation_name="B")
+    assert body == {"data": {"createProject": {"name": "B"}}}
+    projects = await gql.data(
+        f'{{ organization(id: "{org.id}") {{ projects {{ name }} }} }}', token=org.token
+    )
+    assert "A" not in {p["name"] for p in projects["organization"]["projects"]}
+    one = "query Only { health { service } }"  # one operation needs no name
+    assert "errors" not in await gql(one, token=org.token)
+
+
 async def test_a_subscription_over_plain_http_is_refused(gateway) -> None:
     query = "subscription { health { service } }"
     resp = await gateway.post("/graphql", json={"query": query})

@@ -247,14 +247,17 @@ def _name_argument(error: GraphQLError, document: DocumentNode) -> None:
     a bad value) names the argument it was given for; once, as the same error may come from the
     validation cache."""
     extensions = error.extensions or {}
-    node = error.nodes[0] if error.nodes else None
-    if isinstance(node, VariableDefinitionNode):
-        node = node.variable
-    if "field" in extensions or not isinstance(node, ValueNode):
-        return
-    name = argument_of(document, node)
-    if name:
+    name = extensions.get("field")
+    if name is None:
+        node = error.nodes[0] if error.nodes else None
+        if isinstance(node, VariableDefinitionNode):
+            node = node.variable
+        name = argument_of(document, node) if isinstance(node, ValueNode) else None
+        if not name:
+            return
         error.extensions = {**extensions, "field": name}
+    # (A refusal of ours, a DateTime literal's, has its message set again on each pass.)
+    if not error.message.startswith(f"{name}: "):
         error.message = f"{name}: {error.message}"
 
 

@@ -7,6 +7,7 @@ tuples below.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from datetime import datetime
 from typing import Any
 
 import strawberry
@@ -31,9 +32,10 @@ from gpudeck.gateway.context import PerOperation
 from gpudeck.gateway.ids import CanonicalIds
 from gpudeck.gateway.introspection import IntrospectionNeedsToken
 from gpudeck.gateway.metrics import OperationMetrics
+from gpudeck.gateway.operation_choice import NamedOperation
 from gpudeck.gateway.text import WellFormedText
 from gpudeck.gateway.types import account, billing, health, organization, rates, wallet
-from gpudeck.gateway.types.common import LONG_SCALAR, ROLE_SCALAR, Long, Role
+from gpudeck.gateway.types.common import DATETIME_SCALAR, LONG_SCALAR, ROLE_SCALAR, Long, Role
 
 MAX_DEPTH = 10
 MAX_ALIASES = 30
@@ -99,6 +101,7 @@ def build_schema() -> strawberry.Schema:
         lambda: ParserCache(maxsize=CACHE_SIZE),
         _limits(),
         lambda: ValidationCache(maxsize=CACHE_SIZE),
+        NamedOperation,
         IntrospectionNeedsToken,
         OperationMetrics,
         CanonicalIds,
@@ -109,5 +112,7 @@ def build_schema() -> strawberry.Schema:
         mutation=Mutation,
         subscription=Subscription,
         extensions=extensions,
-        config=StrawberryConfig(scalar_map={Role: ROLE_SCALAR, Long: LONG_SCALAR}),
+        config=StrawberryConfig(
+            scalar_map={Role: ROLE_SCALAR, Long: LONG_SCALAR, datetime: DATETIME_SCALAR}
+        ),
     )

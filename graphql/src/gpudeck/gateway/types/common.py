@@ -8,9 +8,10 @@ from typing import Annotated, NewType
 
 import strawberry
 from google.protobuf.timestamp_pb2 import Timestamp
-from graphql import EnumValueNode, IntValueNode, StringValueNode, ValueNode
+from graphql import EnumValueNode, GraphQLError, IntValueNode, StringValueNode, ValueNode
+from strawberry.schema.types.base_scalars import DateTimeDefinition
 
-from gpudeck.gateway.errors import BAD_USER_INPUT, GatewayError
+from gpudeck.gateway.errors import BAD_USER_INPUT, VALIDATION_FAILED, GatewayError
 from gpudeck.gateway.money import INT64_MAX, INT64_MIN, check_currency, convert, format_micro
 from gpudeck.kit.errors import echo
 from gpudeck.proto.common.v1 import money_pb2
@@ -141,6 +142,28 @@ LONG_SCALAR = strawberry.scalar(
     serialize=int,
     parse_value=parse_long,
     parse_literal=parse_long_literal,
+)
+
+
+def _parse_datetime_literal(node: ValueNode, variables: dict[str, object] | None = None) -> object:
+    """A DateTime written in the query. Strawberry's parser refuses a bad one with an error that
+    carries no place in the document, so nothing named its argument (the same value in a
+    variable was named); refused with an exception of ours, it gets one (graphql-core places
+    the errors it did not make) and is named as every bad literal is (gpudeck.gateway.errors)."""
+    value = node.value if isinstance(node, StringValueNode) else None
+    try:
+        return DateTimeDefinition.parse_value(value)  # type: ignore[misc]
+    except GraphQLError as exc:
+        raise GatewayError(exc.message, code=VALIDATION_FAILED) from None
+
+
+# The schema maps datetime to this scalar (StrawberryConfig.scalar_map in gpudeck.gateway.schema).
+DATETIME_SCALAR = strawberry.scalar(
+    name="DateTime",
+    description=DateTimeDefinition.description,
+    serialize=datetime.isoformat,
+    parse_value=DateTimeDefinition.parse_value,
+    parse_literal=_parse_datetime_literal,
 )
 
 
