@@ -108,11 +108,14 @@ class Launcher:
         self._log.close()
         return code
 
-    def graphql(self, query: str) -> Any:
+    def graphql(self, query: str, token: str = "") -> Any:
+        headers = {"Content-Type": "application/json", "Accept": "application/json"}
+        if token:
+            headers["Authorization"] = f"Bearer {token}"
         request = urllib.request.Request(
             f"http://{self.gateway}/graphql",
             data=json.dumps({"query": query}).encode(),
-            headers={"Content-Type": "application/json", "Accept": "application/json"},
+            headers=headers,
         )
         with urllib.request.urlopen(request, timeout=10) as response:
             return json.loads(response.read())
@@ -313,6 +316,21 @@ def test_the_readme_examples_work_as_written(
         assert wallet["balance"]["currency"] == "USD"
         again = run(top_up_example.replace("<id from viewer>", org["id"]))
         assert again == first  # a retry with the same key: the first answer
+        assert any("Bearer demo-secret" in line for line in launcher.output)
+        # Revoked, as the README says to when done: the next start says it does not work (its
+        # banner printed it as the owner's working token).
+        me = launcher.graphql("{ viewer { tokenId } }", "demo-secret")["data"]["viewer"]
+        revoked = launcher.graphql(
+            f'mutation {{ revokeApiToken(id: "{me["tokenId"]}") {{ id }} }}', "demo-secret"
+        )
+        assert "errors" not in revoked, revoked
+        assert launcher.stop() == 0, launcher.log_tail()
+        (tmp_path / "again").mkdir()
+        launcher = Launcher(tmp_path / "again", env, "--demo")
+        launcher.wait_up()
+        banner = "".join(launcher.output)
+        assert "GPUDECK_BOOTSTRAP_TOKEN does not work" in banner
+        assert "Bearer demo-secret" not in banner
     finally:
         code = launcher.stop()
         with psycopg.connect(pg_server_url, autocommit=True) as conn:

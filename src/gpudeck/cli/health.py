@@ -79,3 +79,27 @@ async def wait_ready(parts: Iterable[Part], ready: set[str]) -> None:
     async with asyncio.TaskGroup() as group:
         for part in parts:
             group.create_task(one(part))
+
+
+async def token_works(address: str, token: str) -> bool | None:
+    """Whether `token` authenticates at the gateway on `address` (`{ viewer { id } }`); None
+    when the gateway gave no answer to go by."""
+    import aiohttp
+
+    try:
+        async with (
+            aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5 * PROBE_TIMEOUT)) as http,
+            http.post(
+                f"http://{address}/graphql",
+                json={"query": "{ viewer { id } }"},
+                headers={"Authorization": f"Bearer {token}"},
+            ) as response,
+        ):
+            body = await response.json()
+    except (OSError, TimeoutError, aiohttp.ClientError, ValueError):
+        return None
+    errors = body.get("errors") if isinstance(body, dict) else None
+    if not errors:
+        return True
+    codes = {(e.get("extensions") or {}).get("code") for e in errors if isinstance(e, dict)}
+    return False if "UNAUTHENTICATED" in codes else None

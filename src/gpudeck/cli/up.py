@@ -27,7 +27,7 @@ import psycopg
 from psycopg import sql
 
 from gpudeck.cli.embedded import EmbeddedNats, EmbeddedPostgres, free_port
-from gpudeck.cli.health import wait_ready
+from gpudeck.cli.health import token_works, wait_ready
 from gpudeck.cli.procs import Child, describe_exit, stop_all
 from gpudeck.cli.stack import (
     BOOTSTRAP_TOKEN_FILE,
@@ -277,7 +277,8 @@ async def _watch(
         await asyncio.wait(waiters, timeout=startup_timeout, return_when=asyncio.FIRST_COMPLETED)
         if healthy.done() and not death.done() and not stopping.done():
             healthy.result()
-            print_banner(stack, env, time.monotonic() - started, sys.stdout)
+            seconds = time.monotonic() - started
+            print_banner(stack, env, seconds, sys.stdout, bootstrap=await _bootstrap(stack, env))
             await asyncio.wait([death, stopping], return_when=asyncio.FIRST_COMPLETED)
     finally:
         for waiter in waiters:
@@ -302,8 +303,25 @@ async def _first_exit(children: list[Child]) -> Child:
     return by_task[done.pop()]
 
 
-def print_banner(stack: Stack, env: Mapping[str, str], seconds: float, out: TextIO) -> None:
-    """Where everything is, on stdout once all parts are healthy."""
+async def _bootstrap(stack: Stack, env: Mapping[str, str]) -> bool | None:
+    """Whether the demo's GPUDECK_BOOTSTRAP_TOKEN works (None: not set, or not known)."""
+    token = env.get("GPUDECK_BOOTSTRAP_TOKEN", "")
+    if env.get("GPUDECK_DEMO") != "1" or not token:
+        return None
+    gateway = next(p for p in stack.parts if p.name == GATEWAY)
+    return await token_works(gateway.listen.local, token)
+
+
+def print_banner(
+    stack: Stack,
+    env: Mapping[str, str],
+    seconds: float,
+    out: TextIO,
+    *,
+    bootstrap: bool | None = None,
+) -> None:
+    """Where everything is, on stdout once all parts are healthy; the demo's bootstrap token
+    unless it is known not to work (`bootstrap` False: revoked, say)."""
     gateway = next(p for p in stack.parts if p.name == GATEWAY)
     http = f"http://{gateway.listen.local}"
     lines = [
@@ -332,7 +350,14 @@ def print_banner(stack: Stack, env: Mapping[str, str], seconds: float, out: Text
             "`gpudeck up` again.",
         ]
     token = env.get("GPUDECK_BOOTSTRAP_TOKEN", "")
-    if env.get("GPUDECK_DEMO") == "1" and token:
+    if env.get("GPUDECK_DEMO") == "1" and token and bootstrap is False:
+        lines += [
+            "",
+            "GPUDECK_BOOTSTRAP_TOKEN does not work (revoked, its organization deleted, or the"
+            " demo user no longer an owner there): use a token of one of the organization's"
+            " owners.",
+        ]
+    elif env.get("GPUDECK_DEMO") == "1" and token:
         lines += [
             "",
             "Demo organization seeded; its owner's API token (GPUDECK_BOOTSTRAP_TOKEN):",

@@ -78,6 +78,17 @@ async def seed(pool: AsyncConnectionPool, *, bootstrap_token: str | None) -> Non
             (DEMO_USD_INR,),
         )
         if bootstrap_token and await accounts.find_token_by_secret(conn, bootstrap_token) is None:
+            cur = await conn.execute(
+                "SELECT role FROM memberships WHERE organization_id = %s AND user_id = %s",
+                (DEMO_ORGANIZATION_ID, DEMO_USER_ID),
+            )
+            if await cur.fetchone() != ("owner",):  # removed or demoted since: a token of
+                # theirs would act above them (refused: the wallet did not start at all)
+                log.warning(
+                    "the demo user is no longer an owner of the demo organization: the"
+                    " bootstrap token is not added; use a token of one of its owners"
+                )
+                return
             await accounts.create_token(
                 conn,
                 DEMO_ORGANIZATION_ID,
