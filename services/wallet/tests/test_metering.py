@@ -190,15 +190,21 @@ async def test_a_retry_that_changes_the_meter_is_refused_not_ignored(
         resource_type="pod", hourly_rate=3_600_000,
     )  # fmt: skip
     await wallet_stub.OpenMeter(request)
+    an_hour_ago = Timestamp()
+    an_hour_ago.FromDatetime(datetime.now(UTC) - timedelta(hours=1))
     for changed, says in (
         ({"hourly_rate": 7_200_000}, "hourly_rate"),
         ({"resource_id": "pod-2"}, "resource"),
         ({"project_id": project.id}, "project_id"),
+        ({"at": an_hour_ago}, "at"),  # was ignored: the meter billed from its first time
     ):
         retry = pb.OpenMeterRequest()
         retry.CopyFrom(request)
         for name, value in changed.items():
-            setattr(retry, name, value)
+            if isinstance(value, Timestamp):
+                getattr(retry, name).CopyFrom(value)
+            else:
+                setattr(retry, name, value)
         with pytest.raises(grpc.aio.AioRpcError) as err:
             await wallet_stub.OpenMeter(retry)
         assert err.value.code() == grpc.StatusCode.ABORTED, changed
@@ -215,6 +221,29 @@ async def test_a_retry_that_changes_the_meter_is_refused_not_ignored(
         )
     )
     assert (await wallet_stub.OpenMeter(request)).hourly_rate == 1_800_000
+
+
+async def test_a_close_retried_with_another_time_is_refused_not_ignored(
+    wallet_pool: AsyncConnectionPool, new_org: NewOrg
+) -> None:
+    """It answered with the first close, as if its time had been taken."""
+    wallet = Wallet(wallet_pool)
+    org = await new_org()
+    request = MeterRequest(
+        f"pod:{uuid.uuid4()}", org, "pod-1", "pod", 3_600_000,
+        at=datetime.now(UTC) - timedelta(minutes=10),
+    )  # fmt: skip
+    stopped = datetime.now(UTC) - timedelta(minutes=5)
+    async with wallet_pool.connection() as conn, conn.transaction():
+        await wallet.meters.open(conn, request)
+        closed = await wallet.meters.close(conn, request.meter_id, stopped)
+    for same in (stopped, None, datetime.now(UTC) + timedelta(minutes=1)):  # ahead: taken as now
+        async with wallet_pool.connection() as conn, conn.transaction():
+            assert await wallet.meters.close(conn, request.meter_id, same) == closed
+    with pytest.raises(Conflict) as err:
+        async with wallet_pool.connection() as conn, conn.transaction():
+            await wallet.meters.close(conn, request.meter_id, stopped - timedelta(seconds=1))
+    assert err.value.field == "at" and "was closed at" in str(err.value)
 
 
 @pytest.mark.parametrize("opened", [datetime(1970, 1, 1, tzinfo=UTC), "25h ago"])

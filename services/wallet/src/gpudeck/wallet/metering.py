@@ -104,9 +104,10 @@ class Meter:
         }
         return cls(**read)
 
-    def differs_from(self, request: MeterRequest) -> str:
+    def differs_from(self, request: MeterRequest, now: datetime) -> str:
         """What an OpenMeter retry changes about the meter it opened ("" when nothing): the
-        resource (organization, id, type), the project or the rate it opened with."""
+        resource (organization, id, type), the project, the rate it opened with, or the time
+        it says it opened at (one that is past by `now`: a time ahead was taken as now)."""
         if (self.organization_id, self.resource_id, self.resource_type) != (
             request.organization_id,
             request.resource_id,
@@ -117,6 +118,8 @@ class Meter:
             return "project_id"
         if self.opening_rate is not None and self.opening_rate != request.hourly_rate:
             return "hourly_rate"
+        if request.at is not None and request.at < now and request.at != self.opened_at:
+            return "at"
         return ""
 
 
