@@ -246,6 +246,24 @@ async def test_a_close_retried_with_another_time_is_refused_not_ignored(
     assert err.value.field == "at" and "was closed at" in str(err.value)
 
 
+async def test_a_retry_sent_with_a_time_ahead_of_the_clock_is_the_same_request_later(
+    wallet_pool: AsyncConnectionPool, new_org: NewOrg
+) -> None:
+    """A time ahead is taken as the clock's: once it has passed, the same request (a caller a
+    little ahead of the database, retrying after a timeout) must not read as another time."""
+    wallet = Wallet(wallet_pool)
+    org = await new_org()
+    ahead = datetime.now(UTC) + timedelta(seconds=1)
+    request = MeterRequest(f"pod:{uuid.uuid4()}", org, "pod-1", "pod", 3_600_000, at=ahead)
+    async with wallet_pool.connection() as conn, conn.transaction():
+        opened = await wallet.meters.open(conn, request)
+        closed = await wallet.meters.close(conn, request.meter_id, ahead)
+    await asyncio.sleep(1.2)
+    async with wallet_pool.connection() as conn, conn.transaction():
+        assert (await wallet.meters.open(conn, request)).opened_at == opened.opened_at
+        assert await wallet.meters.close(conn, request.meter_id, ahead) == closed
+
+
 @pytest.mark.parametrize("opened", [datetime(1970, 1, 1, tzinfo=UTC), "25h ago"])
 async def test_a_meter_cannot_open_long_ago(
     wallet_stub: WalletServiceStub, new_org: NewOrg, opened: datetime | str

@@ -258,22 +258,6 @@ async def test_a_retry_answers_as_the_first_call_once_its_project_is_deleted(
     assert await balance(wallet_stub, org) == -2000  # the first only
 
 
-async def test_an_event_that_does_not_say_whether_it_succeeded_did(
-    wallet_stub: WalletServiceStub, new_org: NewOrg
-) -> None:
-    """proto3's default (false) counted it failed: a per-token meter that never sets it drove
-    the success rate to 0 %."""
-    org = await new_org("USD")
-    fields = {"event_id": "tok", "organization_id": str(org), "meter": "tokens", "quantity": 1.0}
-    unsaid = await wallet_stub.RecordUsage(pb.RecordUsageRequest(**fields), timeout=5)  # type: ignore[arg-type]
-    failed = await record(wallet_stub, org, "err", success=False)
-    assert (unsaid.success, failed.success) == (True, False)
-    usage = await wallet_stub.GetUsageAnalytics(
-        pb.GetUsageAnalyticsRequest(organization_id=str(org)), timeout=5
-    )
-    assert (usage.calls_24h, usage.success_rate_24h) == (2, 0.5)
-
-
 async def test_quantities_are_summed_exactly(
     wallet_stub: WalletServiceStub, new_org: NewOrg
 ) -> None:

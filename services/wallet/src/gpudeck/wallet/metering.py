@@ -104,10 +104,11 @@ class Meter:
         }
         return cls(**read)
 
-    def differs_from(self, request: MeterRequest, now: datetime) -> str:
+    def differs_from(self, request: MeterRequest) -> str:
         """What an OpenMeter retry changes about the meter it opened ("" when nothing): the
         resource (organization, id, type), the project, the rate it opened with, or the time
-        it says it opened at (one that is past by `now`: a time ahead was taken as now)."""
+        it opened at, when the retry's is earlier (a later one may be the first call's own: a
+        time ahead of the clock was taken as the clock's)."""
         if (self.organization_id, self.resource_id, self.resource_type) != (
             request.organization_id,
             request.resource_id,
@@ -118,7 +119,7 @@ class Meter:
             return "project_id"
         if self.opening_rate is not None and self.opening_rate != request.hourly_rate:
             return "hourly_rate"
-        if request.at is not None and request.at < now and request.at != self.opened_at:
+        if request.at is not None and request.at < self.opened_at:
             return "at"
         return ""
 

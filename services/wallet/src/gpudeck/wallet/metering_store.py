@@ -112,7 +112,7 @@ class MeterStore:
         # past or its project deleted (the meter was opened when both were fine).
         opened = await self._find(conn, request.meter_id)
         if opened is not None:
-            return _replayed(opened, request, now)
+            return _replayed(opened, request)
         if at < now - MAX_BACKDATE:  # an unset time (1970) would bill decades at once
             raise InvalidArgument(
                 f"at {at.isoformat()} is more than {MAX_BACKDATE.days * 24} h ago: a meter opens"
@@ -131,7 +131,7 @@ class MeterStore:
         created = await cur.fetchone() is not None
         meter = await self.get(conn, request.meter_id)
         if not created:
-            return _replayed(meter, request, now)
+            return _replayed(meter, request)
         await self._add_run_rate(conn, meter.organization_id, meter.hourly_rate, now)
         await self.outbox.add(conn, self._event("wallet.meter.opened", meter))
         await self.ledger.refresh_levels(conn, [meter.organization_id], now)
@@ -177,11 +177,12 @@ class MeterStore:
 
     async def close(self, conn: Conn, meter_id: str, at: datetime | None = None) -> Meter:
         """Stop billing: charge up to `at` (refunding what ticks billed past it); idempotent: a
-        retry gets the closed meter, unless it names another time that is past (one ahead was
-        taken as now), which is refused, not ignored."""
+        retry gets the closed meter, unless it names an earlier time than it closed at, which
+        is refused, not ignored (a later one may be the first call's own: a time ahead of the
+        clock was taken as the clock's)."""
         meter, now = await self._lock(conn, meter_id)
         if meter.closed_at is not None:
-            if at is not None and at < now and at != meter.closed_at:
+            if at is not None and at < meter.closed_at:
                 raise Conflict(
                     f"meter {echo(meter_id)} was closed at {meter.closed_at.isoformat()}, not"
                     f" {at.isoformat()}: a retry must send the same request",
@@ -427,9 +428,9 @@ def _in_segment(at: datetime | None, now: datetime, start: datetime) -> datetime
     return _not_before(_not_after(at, now), start)
 
 
-def _replayed(meter: Meter, request: MeterRequest, now: datetime) -> Meter:
+def _replayed(meter: Meter, request: MeterRequest) -> Meter:
     """The meter an OpenMeter retry opened, or the refusal of a retry that changes it."""
-    other = meter.differs_from(request, now)
+    other = meter.differs_from(request)
     if other:
         raise Conflict(
             f"meter {echo(request.meter_id)} was opened with another {other}: a retry must"

@@ -125,7 +125,7 @@ class ReadRpcs:
             unit_price=request.unit_price,
             dimensions=dict(request.dimensions),
             project_id=convert.optional_id(request.project_id, "project_id"),
-            success=request.success if request.HasField("success") else True,
+            success=request.success,
             latency_ms=request.latency_ms,
             at=convert.optional_time(request, "at"),
         )

@@ -866,7 +866,9 @@ class RecordUsageRequest(_message.Message):
     rounded half away from zero to the micro-unit.
     """
     success: _builtins.bool
-    """whether the call succeeded; unset: it did"""
+    """Whether the call succeeded: set it for every call that did. Unset is proto3's false, a
+    failure (a client built before may send a failure so; it must stay one).
+    """
     latency_ms: _builtins.int
     """0: not measured (left out of average latencies)"""
     @_builtins.property
@@ -885,17 +887,15 @@ class RecordUsageRequest(_message.Message):
         quantity: _builtins.float = ...,
         unit_price: _builtins.int = ...,
         dimensions: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
-        success: _builtins.bool | None = ...,
+        success: _builtins.bool = ...,
         latency_ms: _builtins.int = ...,
         at: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_success", b"_success", "at", b"at", "success", b"success"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["at", b"at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_success", b"_success", "at", b"at", "dimensions", b"dimensions", "event_id", b"event_id", "latency_ms", b"latency_ms", "meter", b"meter", "organization_id", b"organization_id", "project_id", b"project_id", "quantity", b"quantity", "success", b"success", "unit_price", b"unit_price"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["at", b"at", "dimensions", b"dimensions", "event_id", b"event_id", "latency_ms", b"latency_ms", "meter", b"meter", "organization_id", b"organization_id", "project_id", b"project_id", "quantity", b"quantity", "success", b"success", "unit_price", b"unit_price"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType__success: _TypeAlias = _typing.Literal["success"]  # noqa: Y015
-    _WhichOneofArgType__success: _TypeAlias = _typing.Literal["_success", b"_success"]  # noqa: Y015
-    def WhichOneof(self, oneof_group: _WhichOneofArgType__success) -> _WhichOneofReturnType__success | None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___RecordUsageRequest: _TypeAlias = RecordUsageRequest  # noqa: Y015
 

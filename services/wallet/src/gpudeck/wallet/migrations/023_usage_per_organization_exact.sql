@@ -1,12 +1,14 @@
 -- Usage events: an event id is unique within its organization, as every idempotency key is (one
 -- tenant's id refused another's event, whose usage went unbilled). Quantities are kept and summed
 -- as exact decimals (the shortest decimal that prints each, as its cost is reckoned): summed as
--- double precision, ten events of 0.1 showed 0.9999999999999999. Existing sums become the
--- nearest 15-digit decimal, which undoes that drift.
+-- double precision, ten events of 0.1 showed 0.9999999999999999. An event's quantity becomes
+-- that shortest decimal (its text form: a retry is compared with it, and a cast keeps only 15
+-- digits); existing sums become the nearest 15-digit decimal, which undoes their drift.
+SET LOCAL extra_float_digits = 1;  -- the shortest exact text (the default; set whatever was)
 ALTER TABLE usage_events DROP CONSTRAINT usage_events_pkey,
     ADD PRIMARY KEY (organization_id, event_id);
 
-ALTER TABLE usage_events ALTER COLUMN quantity TYPE numeric;
+ALTER TABLE usage_events ALTER COLUMN quantity TYPE numeric USING quantity::text::numeric;
 ALTER TABLE usage_hourly ALTER COLUMN quantity TYPE numeric;
 ALTER TABLE usage_daily ALTER COLUMN quantity TYPE numeric;
 ALTER TABLE usage_totals ALTER COLUMN quantity TYPE numeric;
