@@ -89,3 +89,40 @@ def events_config(nats_url: str, run_id: str) -> Iterator[EventsConfig]:
 def unique() -> str:
     """A short unique name for one test's own schema, consumer or stream."""
     return "u" + uuid.uuid4().hex[:10]
+
+
+class FreezingProxy:
+    """A TCP proxy (to NATS, to PostgreSQL) that can stop passing bytes while keeping its
+    connections open: a frozen node, a half-open network path."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self.target = (host, port)
+        self.frozen = asyncio.Event()
+        self.server: asyncio.Server | None = None
+
+    async def start(self) -> int:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        return int(self.server.sockets[0].getsockname()[1])
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection(*self.target)
+
+        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+            while data := await src.read(65536):
+                if self.frozen.is_set():
+                    await asyncio.Event().wait()  # swallow it, answer nothing, never close
+                dst.write(data)
+                await dst.drain()
+
+        await asyncio.gather(
+            pipe(reader, up_writer), pipe(up_reader, writer), return_exceptions=True
+        )
+
+    async def stop(self) -> None:
+        assert self.server is not None
+        self.server.close()
+
+
+@pytest.fixture
+def freezing_proxy() -> type[FreezingProxy]:
+    return FreezingProxy

@@ -4,50 +4,22 @@ the launcher or Kubernetes killed it mid-shutdown."""
 
 from __future__ import annotations
 
-import asyncio
 import time
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 from gpudeck.kit.config import EventsConfig
 from gpudeck.kit.events import EventBus
 
-
-class FreezingProxy:
-    """A TCP proxy to NATS that can stop passing bytes while keeping its connections open."""
-
-    def __init__(self, host: str, port: int) -> None:
-        self.target = (host, port)
-        self.frozen = asyncio.Event()
-        self.server: asyncio.Server | None = None
-
-    async def start(self) -> int:
-        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
-        return int(self.server.sockets[0].getsockname()[1])
-
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        up_reader, up_writer = await asyncio.open_connection(*self.target)
-
-        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
-            while data := await src.read(65536):
-                if self.frozen.is_set():
-                    await asyncio.Event().wait()  # swallow it, answer nothing, never close
-                dst.write(data)
-                await dst.drain()
-
-        await asyncio.gather(
-            pipe(reader, up_writer), pipe(up_reader, writer), return_exceptions=True
-        )
-
-    async def stop(self) -> None:
-        assert self.server is not None
-        self.server.close()
+if TYPE_CHECKING:
+    from conftest import FreezingProxy
 
 
 async def test_closing_a_bus_whose_server_went_silent_is_bounded(
-    events_config: EventsConfig,
+    events_config: EventsConfig, freezing_proxy: type[FreezingProxy]
 ) -> None:
     target = urlsplit(events_config.nats_url)
-    proxy = FreezingProxy(target.hostname or "127.0.0.1", target.port or 4222)
+    proxy = freezing_proxy(target.hostname or "127.0.0.1", target.port or 4222)
     port = await proxy.start()
     config = EventsConfig(
         nats_url=f"nats://127.0.0.1:{port}",

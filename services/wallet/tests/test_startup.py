@@ -9,6 +9,8 @@ import subprocess
 import sys
 import time
 import uuid
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import grpc
 import psycopg
@@ -120,3 +122,42 @@ async def test_health_stays_serving_while_slow_calls_hold_every_pooled_connectio
         finally:
             process.terminate()
             process.wait(20)
+
+
+async def test_a_database_that_stops_answering_is_met_within_bounds(
+    pg_server_url: str, events_config: EventsConfig, freezing_proxy: Any
+) -> None:
+    """Connected but silent (a frozen node, a half-open path): health stayed SERVING 12 s while
+    the probe's cancellation waited on it, and a stop took 35 s with a 10 s grace, so the
+    launcher or Kubernetes killed the wallet mid-shutdown."""
+    name = f"gpudeck_frozen_{uuid.uuid4().hex[:8]}"
+    with fresh_database(pg_server_url, name) as url:
+        target = urlsplit(url)
+        proxy = freezing_proxy(target.hostname or "127.0.0.1", target.port or 5432)
+        port = await proxy.start()
+        through = urlunsplit(target._replace(netloc=f"{target.username}@127.0.0.1:{port}"))
+        env = wallet_env(through, events_config, GPUDECK_SHUTDOWN_GRACE="2")
+        address = env["GPUDECK_WALLET_LISTEN"]
+        process = start_wallet(env)
+        try:
+            await wait_serving(address)
+            proxy.frozen.set()
+            frozen = time.monotonic()
+            async with grpc.aio.insecure_channel(address) as ch:
+                stub = health_pb2_grpc.HealthStub(ch)
+                serving = health_pb2.HealthCheckResponse.SERVING
+                while (
+                    await stub.Check(health_pb2.HealthCheckRequest(), timeout=2)
+                ).status == serving:
+                    assert time.monotonic() - frozen < 8, "still SERVING"  # it took 12 s
+                    await asyncio.sleep(0.2)
+            process.terminate()
+            stopping = time.monotonic()
+            code = await asyncio.to_thread(process.wait, 30)
+            # Its grace (calls, then workers) and bounded waits for what the database holds.
+            assert time.monotonic() - stopping < 15 and code == 0
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.wait(10)
+            await proxy.stop()

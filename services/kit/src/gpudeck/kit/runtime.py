@@ -17,7 +17,7 @@ import sys
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import psycopg
 from psycopg_pool import AsyncConnectionPool
@@ -34,6 +34,8 @@ log = logging.getLogger(__name__)
 HEALTH_INTERVAL = 2.0  # seconds between checks of the database for gRPC health
 HEALTH_TIMEOUT = 1.0  # seconds the database has to answer one
 PROBE_CONNECT_TIMEOUT = 5.0  # seconds to open the health check's connection (a refusal is quick)
+T = TypeVar("T")
+CANCEL_WAIT = 2.0  # seconds shutdown waits for a cancelled task (one stuck on a silent database)
 KIT_MIGRATIONS = Path(__file__).parent / "migrations"
 
 
@@ -148,11 +150,15 @@ class RunningService:
                 )
                 self.probe = probe
             assert probe is not None
-            await asyncio.wait_for(probe.execute("SELECT 1"), HEALTH_TIMEOUT)
+            await answered_within(probe.execute("SELECT 1"), HEALTH_TIMEOUT)
             healthy = True
         except Exception as exc:
             healthy = False
-            await self._close_probe()
+            # Closed in the background: a connection to a database that does not answer may
+            # take seconds more to give up, and NOT_SERVING must not wait for it.
+            probe, self.probe = self.probe, None
+            if probe is not None:
+                in_background(probe.close())
             if self.healthy:
                 log.warning("database unreachable: NOT_SERVING", extra={"error": repr(exc)})
         if healthy and not self.healthy:
@@ -164,7 +170,7 @@ class RunningService:
         probe, self.probe = self.probe, None
         if probe is not None:
             with contextlib.suppress(Exception):
-                await probe.close()
+                await answered_within(probe.close(), CANCEL_WAIT)
 
     async def stop(self) -> None:
         """Health NOT_SERVING, stop taking calls and drain them, stop workers, close pools."""
@@ -178,7 +184,7 @@ class RunningService:
             await self.bus.close()
         await self._close_probe()
         if self.pool is not None:
-            await self.pool.close()
+            await self.pool.close(timeout=CANCEL_WAIT)
         log.info("stopped")
 
 
@@ -222,6 +228,31 @@ def run(spec: ServiceSpec, env: Mapping[str, str] | None = None) -> None:
         sys.exit(1)
 
 
+_background: set[asyncio.Future[Any]] = set()  # strong references to what runs on its own
+
+
+def in_background(awaitable: Awaitable[Any]) -> None:
+    """Let `awaitable` run to its end on its own, its outcome ignored."""
+    task = asyncio.ensure_future(awaitable)
+    _background.add(task)
+    task.add_done_callback(_background.discard)
+    task.add_done_callback(lambda t: t.cancelled() or t.exception())
+
+
+async def answered_within(awaitable: Awaitable[T], seconds: float) -> T:
+    """`awaitable`'s result, or TimeoutError after `seconds`, without waiting for it to give up:
+    psycopg's cancellation of a query to a database that does not answer blocks for seconds
+    more (asyncio.wait_for waits for it). It is cancelled, and left to end, in the
+    background."""
+    task = asyncio.ensure_future(awaitable)
+    done, _ = await asyncio.wait({task}, timeout=seconds)
+    if not done:
+        task.cancel()
+        in_background(task)
+        raise TimeoutError(f"no answer within {seconds:g} s")
+    return task.result()
+
+
 async def stop_workers(workers: Sequence[Worker], grace: float) -> None:
     """Stop `workers` together, each letting its running step finish, all within `grace`
     seconds (one after another, shutdown could take grace × their number); those still
@@ -232,8 +263,8 @@ async def stop_workers(workers: Sequence[Worker], grace: float) -> None:
     _, late = await asyncio.wait(stopping, timeout=grace)
     for task in late:
         task.cancel()
-    if late:
-        await asyncio.wait(late)
+    if late:  # a step stuck on a database that does not answer may not end even so
+        await asyncio.wait(late, timeout=CANCEL_WAIT)
     for task, worker in stopping.items():
         if task in late:
             log.warning(

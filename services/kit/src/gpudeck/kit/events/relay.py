@@ -47,6 +47,7 @@ from gpudeck.kit.events.outbox import channel, relay_lock_key
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 LINGER_POLL = 0.005  # how often the outbox is read while events flow
+STOP_WAIT = 2.0  # seconds `stop` waits for the relay to end once cancelled
 
 
 class Relay:
@@ -100,8 +101,11 @@ class Relay:
         if task is None:
             return
         task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+        # Bounded: a statement to a database that does not answer may not end even so (its
+        # connection is left to close on its own).
+        await asyncio.wait({task}, timeout=STOP_WAIT)
+        if task.done() and not task.cancelled() and task.exception() is not None:
+            log.warning("relay stopped on an error", extra={"error": repr(task.exception())})
         self.leading = False
 
     async def _run(self) -> None:
