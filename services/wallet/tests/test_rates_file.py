@@ -45,7 +45,8 @@ def test_a_rates_file_is_parsed_with_its_time_or_the_files() -> None:
         ('{"USD/INR": "83"}', "expected"),
         ('{"rates": {"USD/EUR": "1"}}', "USD/EUR"),
         ('{"rates": {"USD/INR": "-1"}}', "USD/INR"),
-        ('{"rates": {"USD/INR": "abc"}}', "USD/INR"),
+        ('{"rates": {"USD/INR": "abc"}}', "'abc' is not a number"),  # said ConversionSyntax
+        ("[" * 100_000, "nested too deep"),  # a RecursionError: a traceback every interval
         ('{"as_of": "yesterday", "rates": {}}', "as_of"),
         ('{"as_of": "2020-01-01T00:00:00", "rates": {}}', "time zone"),
     ],
@@ -70,6 +71,13 @@ async def test_the_provider_quotes_a_file_once_per_change(tmp_path: Path) -> Non
     provider.stored()
     assert await provider.fetch([]) == []
     path.unlink()
+    with pytest.raises(RatesFileError, match="cannot read"):
+        await provider.fetch([])
+    path.write_bytes(b"\xff\xfe{}")  # a UnicodeDecodeError: a traceback every interval
+    with pytest.raises(RatesFileError, match="not UTF-8"):
+        await provider.fetch([])
+    path.unlink()
+    path.mkdir()  # an OSError reading it (not its stat)
     with pytest.raises(RatesFileError, match="cannot read"):
         await provider.fetch([])
 

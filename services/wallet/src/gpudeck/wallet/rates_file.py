@@ -45,7 +45,13 @@ class FileRateProvider:
             raise RatesFileError(f"cannot read {self.path}: {exc.strerror}") from None
         if stamp == self._stored_stamp:
             return []
-        rates = parse(self.path.read_text(), default_as_of=datetime.fromtimestamp(stamp, UTC))
+        try:
+            text = self.path.read_text(encoding="utf-8")
+        except OSError as exc:
+            raise RatesFileError(f"cannot read {self.path}: {exc.strerror}") from None
+        except UnicodeDecodeError:
+            raise RatesFileError(f"{self.path} is not UTF-8 text") from None
+        rates = parse(text, default_as_of=datetime.fromtimestamp(stamp, UTC))
         self._fetched_stamp = stamp
         wanted = set(pairs)
         return [r for r in rates if not wanted or (r.base, r.quote) in wanted]
@@ -62,6 +68,8 @@ def parse(text: str, *, default_as_of: datetime) -> list[NewRate]:
         document = json.loads(text)
     except json.JSONDecodeError as exc:
         raise RatesFileError(f"not JSON: {exc}") from None
+    except RecursionError:  # "[[[[…": nested deeper than the parser goes
+        raise RatesFileError("not JSON as documented: nested too deep") from None
     if not isinstance(document, dict) or not isinstance(document.get("rates"), dict):
         raise RatesFileError('expected {"rates": {"USD/INR": "83.25", ...}}')
     as_of = default_as_of
@@ -76,7 +84,11 @@ def parse(text: str, *, default_as_of: datetime) -> list[NewRate]:
     for pair, value in document["rates"].items():
         base, _, quote = str(pair).partition("/")
         try:
-            rates.append(check_new_rate(NewRate(base, quote, Decimal(str(value)), as_of)))
+            rate = Decimal(str(value))
+        except ArithmeticError:
+            raise RatesFileError(f"rate {pair!r}: {value!r} is not a number") from None
+        try:
+            rates.append(check_new_rate(NewRate(base, quote, rate, as_of)))
         except (InvalidArgument, ArithmeticError) as exc:
             raise RatesFileError(f"rate {pair!r}: {exc}") from None
     return rates
