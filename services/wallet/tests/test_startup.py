@@ -161,3 +161,36 @@ async def test_a_database_that_stops_answering_is_met_within_bounds(
                 process.kill()
                 process.wait(10)
             await proxy.stop()
+
+
+async def test_a_stop_while_starting_is_heeded_at_once(
+    pg_server_url: str, events_config: EventsConfig
+) -> None:
+    """Waiting on another process's migrations (their lock held), a SIGTERM was ignored until
+    the start ended, here never, and nothing said why it waited: it was killed."""
+    from gpudeck.kit.db import _lock_key
+
+    name = f"gpudeck_waits_{uuid.uuid4().hex[:8]}"
+    with fresh_database(pg_server_url, name) as url:
+        async with await psycopg.AsyncConnection.connect(url) as holder:
+            await holder.execute("SELECT pg_advisory_lock(%s)", (_lock_key("wallet"),))
+            process = subprocess.Popen(
+                [sys.executable, "-m", "gpudeck.wallet"],
+                env=wallet_env(url, events_config),
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            try:
+                assert process.stderr is not None
+                line = await asyncio.to_thread(process.stderr.readline)
+                while "waiting for another process's migrations" not in line:
+                    assert line, "it never said why it waited"
+                    line = await asyncio.to_thread(process.stderr.readline)
+                process.terminate()
+                code = await asyncio.to_thread(process.wait, 20)
+            finally:
+                if process.poll() is None:
+                    process.kill()
+                    process.wait(10)
+    assert code == 0

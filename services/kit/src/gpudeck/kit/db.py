@@ -106,7 +106,10 @@ async def migrate(
     record = sql.Identifier(schema, table)
     applied: list[int] = []
     async with pool.connection() as conn, conn.transaction():
-        await conn.execute("SELECT pg_advisory_xact_lock(%s)", (_lock_key(schema),))
+        cur = await conn.execute("SELECT pg_try_advisory_xact_lock(%s)", (_lock_key(schema),))
+        if (await cur.fetchone()) != (True,):  # said, or a start waiting here looks hung
+            log.info("waiting for another process's migrations", extra={"schema": schema})
+            await conn.execute("SELECT pg_advisory_xact_lock(%s)", (_lock_key(schema),))
         await conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(ident))
         await conn.execute(
             sql.SQL(

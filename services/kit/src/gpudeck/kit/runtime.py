@@ -195,8 +195,18 @@ async def _serve(spec: ServiceSpec, config: ServiceConfig, env: Mapping[str, str
         loop.add_signal_handler(sig, stop.set)
     running = RunningService(spec, config, env)
     try:
-        await running.start()
-        await stop.wait()
+        # A stop while starting (a database slow to answer, another replica's migrations) is
+        # heeded at once: it waited for the start to end, or forever.
+        starting = asyncio.ensure_future(running.start())
+        stopping = asyncio.ensure_future(stop.wait())
+        await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        if not starting.done():
+            log.info("stopped while starting")
+            starting.cancel()
+            await asyncio.wait({starting}, timeout=CANCEL_WAIT)
+            return
+        starting.result()
+        await stopping
         log.info("shutting down")
     finally:
         await running.stop()
