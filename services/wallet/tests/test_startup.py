@@ -14,6 +14,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import grpc
 import psycopg
+import pytest
 from databases import fresh_database
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from processes import TOKEN, start_wallet, wait_serving, wallet_env
@@ -43,6 +44,31 @@ def test_a_read_only_database_is_a_one_line_config_error(
     lines = [line for line in result.stderr.strip().splitlines() if not line.startswith("{")]
     assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
     assert "GPUDECK_DATABASE_URL" in lines[0] and "read-only" in lines[0], lines[0]
+
+
+@pytest.mark.parametrize("wrong", ["database", "role"])
+def test_a_database_or_role_that_does_not_exist_is_one_line_at_once(
+    pg_server_url: str, events_config: EventsConfig, wrong: str
+) -> None:
+    """The pool retried what no retry mends for its whole timeout: 10 s and ten lines of
+    warnings before the one that said why."""
+    url = urlsplit(pg_server_url)
+    if wrong == "database":
+        url = url._replace(path=f"/gpudeck_missing_{uuid.uuid4().hex[:8]}")
+    else:
+        url = url._replace(netloc=f"nobody_{uuid.uuid4().hex[:8]}@{url.hostname}:{url.port}")
+    result = subprocess.run(
+        [sys.executable, "-m", "gpudeck.wallet"],
+        env=wallet_env(urlunsplit(url), events_config),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    plain = [line for line in lines if not line.startswith("{")]
+    assert len(plain) == 1 and "does not exist" in plain[0], result.stderr
+    assert not [line for line in lines if "psycopg.pool" in line], result.stderr
 
 
 async def test_health_follows_the_database(pg_server_url: str, events_config: EventsConfig) -> None:

@@ -37,6 +37,9 @@ async def open_pool(
     With `schema`, every connection's search_path starts with it, so a service's SQL names its
     own tables unqualified.
     """
+    refused = await _refused_for_good(url, timeout)
+    if refused:  # not worth the pool's retries (each a warning): one line, at once
+        raise DatabaseUnavailable(refused)
     kwargs: dict[str, object] = {"autocommit": True}
     if schema is not None:
         kwargs["options"] = f"-c search_path={schema},public"
@@ -63,6 +66,24 @@ async def _in_utc(conn: psycopg.AsyncConnection[Any]) -> None:
     """Times come back in UTC whatever the server's or the client's (PGTZ) time zone: the
     services read and print them as UTC (invoice dates, days of spend)."""
     await conn.execute("SET TIME ZONE 'UTC'")
+
+
+# A server that refuses a connection for now (starting, stopping, full) may take it later.
+PASSING = ("starting up", "shutting down", "in recovery", "too many")
+
+
+async def _refused_for_good(url: str, timeout: float) -> str | None:
+    """Why one connection to `url` failed in a way no retry mends (the server refused it: a
+    database or role that does not exist, a wrong password; or it never answered within
+    `timeout`), in one line; None if it connected, or may once the server is up."""
+    try:
+        conn = await psycopg.AsyncConnection.connect(url, connect_timeout=max(1, int(timeout)))
+    except psycopg.Error as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        refused = "FATAL:" in reason and not any(p in reason for p in PASSING)
+        return reason if refused or "timeout expired" in reason else None
+    await conn.close()
+    return None
 
 
 async def _why_unreachable(url: str) -> str | None:
