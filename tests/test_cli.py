@@ -20,7 +20,13 @@ import pytest
 
 from gpudeck.cli.embedded import free_port
 from gpudeck.cli.procs import as_json_line
-from gpudeck.cli.stack import UsageError, kept_secret, resolve
+from gpudeck.cli.stack import (
+    DEFAULT_NATS_PORT,
+    UsageError,
+    embedded_nats_port,
+    kept_secret,
+    resolve,
+)
 from gpudeck.kit.config import EventsConfig
 
 CLI = [sys.executable, "-m", "gpudeck.cli.main"]
@@ -96,6 +102,18 @@ def test_wildcard_host_is_called_on_loopback() -> None:
 def test_two_parts_on_one_port_are_refused() -> None:
     with pytest.raises(UsageError, match=re.escape("--compute-listen=127.0.0.1:50051")):
         resolve({"GPUDECK_COMPUTE_LISTEN": "127.0.0.1:50051"}, {})
+
+
+def test_the_embedded_nats_keeps_off_the_stacks_own_ports() -> None:
+    """Free when looked at, its default port went to NATS before the gateway bound it: the
+    gateway's start failed, blamed on the gateway's setting."""
+    on_default = {"GPUDECK_GATEWAY_LISTEN": f"127.0.0.1:{DEFAULT_NATS_PORT}"}
+    stack = resolve(on_default, {})
+    assert embedded_nats_port(stack) not in {listen.port for listen in stack.listens()}
+    asked = {"GPUDECK_NATS_PORT": str(DEFAULT_NATS_PORT)}
+    with pytest.raises(UsageError, match="GPUDECK_NATS_PORT=4250 is the same address as --gat"):
+        resolve(on_default, asked)
+    assert embedded_nats_port(resolve({}, asked)) == DEFAULT_NATS_PORT  # asked for: kept
 
 
 def test_service_token_is_made_once_private_and_reused(tmp_path: Path) -> None:

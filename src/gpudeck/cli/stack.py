@@ -173,6 +173,13 @@ def resolve(
     port_raw = env.get("GPUDECK_NATS_PORT", "").strip()
     if port_raw and not (ascii_digits(port_raw) and 0 < int(port_raw) <= 65535):
         raise UsageError(f"GPUDECK_NATS_PORT={port_raw!r} is not a port number (1-65535)")
+    if port_raw and nats is None:  # the embedded NATS listens on 127.0.0.1
+        for listen in listens.values():
+            if listen.port == int(port_raw) and listen.host in ("127.0.0.1", *WILDCARD):
+                raise UsageError(
+                    f"GPUDECK_NATS_PORT={port_raw} is the same address as"
+                    f" {listen.source}={listen.value}; give each its own port"
+                )
     return Stack(
         parts=tuple(parts),
         data_dir=Path(folder).expanduser().resolve(),
@@ -215,9 +222,24 @@ def _listen(
     return Listen(setting, source, bind_host, port)
 
 
+WILDCARD = ("", "0.0.0.0", "::")
+
+
 def _overlap(a: Listen, b: Listen) -> bool:
-    wildcard = ("", "0.0.0.0", "::")
-    return a.port == b.port and (a.host == b.host or a.host in wildcard or b.host in wildcard)
+    return a.port == b.port and (a.host == b.host or a.host in WILDCARD or b.host in WILDCARD)
+
+
+def embedded_nats_port(stack: Stack) -> int:
+    """The port of the embedded NATS: GPUDECK_NATS_PORT, else its default unless that is in
+    use or one of the stack's own (free when checked, NATS took it before the part bound it,
+    which then failed, blamed), else any free one none of them has."""
+    port = stack.nats_port
+    own = {listen.port for listen in stack.listens()}
+    if stack.nats_port_fixed or (port not in own and not bind_problem("127.0.0.1", port)):
+        return port
+    while port in own or bind_problem("127.0.0.1", port):
+        port = free_port()
+    return port
 
 
 def _refuse_shared_ports(listens: list[Listen]) -> None:

@@ -26,7 +26,7 @@ from urllib.parse import urlsplit, urlunsplit
 import psycopg
 from psycopg import sql
 
-from gpudeck.cli.embedded import EmbeddedNats, EmbeddedPostgres, free_port
+from gpudeck.cli.embedded import EmbeddedNats, EmbeddedPostgres
 from gpudeck.cli.health import token_works, wait_ready
 from gpudeck.cli.procs import Child, describe_exit, stop_all
 from gpudeck.cli.stack import (
@@ -37,6 +37,7 @@ from gpudeck.cli.stack import (
     UsageError,
     bind_problem,
     check_ports,
+    embedded_nats_port,
     kept_secret,
     resolve,
 )
@@ -159,11 +160,9 @@ class Backing:
             database_url = stack.database_url
             check_database(database_url)
         if stack.nats_url is None:
-            port = stack.nats_port
-            if bind_problem("127.0.0.1", port):
-                if stack.nats_port_fixed:
-                    raise UsageError(f"GPUDECK_NATS_PORT={port}: {bind_problem('127.0.0.1', port)}")
-                port = free_port()
+            port = embedded_nats_port(stack)
+            if stack.nats_port_fixed and bind_problem("127.0.0.1", port):
+                raise UsageError(f"GPUDECK_NATS_PORT={port}: {bind_problem('127.0.0.1', port)}")
             self.nats = EmbeddedNats(stack.data_dir / "nats", port=port)
             log.info(
                 "starting embedded NATS", extra={"data": str(self.nats.data_dir), "port": port}
