@@ -139,6 +139,22 @@ async def test_a_subscription_over_plain_http_is_refused(gateway) -> None:
     assert "subscriptions are not allowed" in error["message"]
 
 
+async def test_a_request_that_is_not_proper_http_is_no_error_of_ours(
+    gateway, caplog: pytest.LogCaptureFixture
+) -> None:
+    """aiohttp logged it at ERROR with a traceback: anyone could fill the error log."""
+    import logging
+
+    reader, writer = await asyncio.open_connection(gateway.server.host, gateway.server.port)
+    writer.write(b"POST /graphql HTTP/1.1\r\nHost: x\r\nContent-Length: abc\r\n\r\n")
+    status = await reader.readline()
+    writer.close()
+    assert b" 400 " in status
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
+    [said] = [r for r in caplog.records if r.name == "aiohttp.server"]
+    assert said.levelno == logging.INFO and "bad HTTP request" in said.getMessage()
+
+
 async def test_a_body_that_is_not_json_is_a_graphql_error_too(gateway) -> None:
     resp = await gateway.post(
         "/graphql", data=b"{not json", headers={"Content-Type": "application/json"}
