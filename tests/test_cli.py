@@ -391,3 +391,27 @@ def test_a_service_port_in_use_is_one_line_naming_it(
     assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
     assert f"GPUDECK_COMPUTE_LISTEN=127.0.0.1:{port}" in lines[0] and "in use" in lines[0]
     assert "migrations applied" not in result.stderr  # refused before it connected anywhere
+
+
+def test_a_stop_while_up_checks_its_servers_is_a_stop(tmp_path: Path, nats_url: str) -> None:
+    """SIGTERM while `up` waited on a database that does not answer exited 130 (as a Ctrl-C),
+    and earlier 143: a failure to whoever asked it to stop (systemd, say)."""
+    with socket.socket() as silent:  # takes connections (the kernel does), answers nothing
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        env = clean_env(
+            GPUDECK_DATABASE_URL=f"postgresql://postgres@127.0.0.1:{silent.getsockname()[1]}/x",
+            GPUDECK_NATS_URL=nats_url,
+        )
+        flags = ["--gateway-listen", f"127.0.0.1:{free_port()}", *free_listen_flags()]
+        process = subprocess.Popen(
+            [*CLI, "up", "--data-dir", str(tmp_path), *flags],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        time.sleep(1.5)  # in its check of the database (5 s to connect)
+        process.terminate()
+        _, stderr = process.communicate(timeout=30)
+    assert process.returncode == 0, stderr

@@ -8,12 +8,20 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import signal
 import sys
 from collections.abc import Sequence
+from types import FrameType
 from typing import NoReturn
 
 from gpudeck.cli.embedded import EmbeddedError
-from gpudeck.cli.stack import COMPONENTS, DEFAULT_DATA_DIR, UsageError, listen_settings
+from gpudeck.cli.stack import (
+    COMPONENTS,
+    DEFAULT_DATA_DIR,
+    StopRequested,
+    UsageError,
+    listen_settings,
+)
 from gpudeck.kit.config import ConfigError
 
 EXIT_FAILED = 1
@@ -109,7 +117,14 @@ def run(args: argparse.Namespace) -> int:
     return up(options, env)
 
 
+def _stopped(_sig: int, _frame: FrameType | None) -> None:
+    raise SystemExit(0)
+
+
 def main(argv: Sequence[str] | None = None) -> NoReturn:
+    # A stop asked for before `up` or a service sets its own handling is a stop, not a failure
+    # (it exited 143, or 130 while checking the servers).
+    signal.signal(signal.SIGTERM, _stopped)
     args = build_parser().parse_args(argv)
     try:
         code = run(args)
@@ -119,6 +134,8 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
     except EmbeddedError as exc:
         print(f"gpudeck: {exc}", file=sys.stderr, flush=True)
         code = EXIT_FAILED
+    except StopRequested:  # SIGTERM or SIGHUP while `up` starts its servers
+        code = 0
     except KeyboardInterrupt:
         code = EXIT_INTERRUPTED
     raise SystemExit(code)

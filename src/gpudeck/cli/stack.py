@@ -143,6 +143,11 @@ class Stack:
         return env
 
 
+class StopRequested(KeyboardInterrupt):
+    """SIGTERM or SIGHUP while `up` starts its servers: a stop asked for (exit 0), not a
+    Ctrl-C (130)."""
+
+
 def resolve(
     overrides: Mapping[str, str | None],
     env: Mapping[str, str],

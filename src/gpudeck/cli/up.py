@@ -34,6 +34,7 @@ from gpudeck.cli.stack import (
     GATEWAY,
     SERVICE_TOKEN_FILE,
     Stack,
+    StopRequested,
     UsageError,
     bind_problem,
     check_ports,
@@ -370,8 +371,8 @@ def print_banner(
 def _signals_interrupt() -> Iterator[None]:
     """While embedded servers start, SIGTERM and SIGHUP interrupt like Ctrl-C, so they stop."""
 
-    def interrupt(_sig: int, _frame: FrameType | None) -> None:
-        raise KeyboardInterrupt
+    def interrupt(sig: int, _frame: FrameType | None) -> None:
+        raise KeyboardInterrupt if sig == signal.SIGINT else StopRequested
 
     previous = {sig: signal.signal(sig, interrupt) for sig in STOP_SIGNALS}
     try:
