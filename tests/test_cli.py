@@ -81,9 +81,15 @@ def test_flag_beats_environment_beats_default() -> None:
 
 def test_a_child_gets_both_of_its_shutdown_phases_before_it_is_killed() -> None:
     """A service drains its calls for up to the grace, then stops its workers, pool and NATS
-    for up to the grace again: the launcher killed it after grace + 5 s, mid-shutdown."""
-    assert resolve({}, {"GPUDECK_SHUTDOWN_GRACE": "10"}).grace >= 2 * 10
-    assert resolve({}, {"GPUDECK_SHUTDOWN_GRACE": "4"}).grace >= 2 * 4
+    for up to the grace again: the launcher killed it after grace + 5 s, mid-shutdown. With a
+    silent database it also waits, bounded, for a cancelled worker, the relay and the pool
+    (killed at 2 × grace + 5 s)."""
+    from gpudeck.kit.events.relay import STOP_WAIT
+    from gpudeck.kit.runtime import CANCEL_WAIT
+
+    for grace in (10, 4):
+        stack = resolve({}, {"GPUDECK_SHUTDOWN_GRACE": str(grace)})
+        assert stack.grace > 2 * grace + 2 * CANCEL_WAIT + STOP_WAIT
 
 
 def test_any_free_port_is_chosen_before_start() -> None:
@@ -113,6 +119,8 @@ def test_the_embedded_nats_keeps_off_the_stacks_own_ports() -> None:
     asked = {"GPUDECK_NATS_PORT": str(DEFAULT_NATS_PORT)}
     with pytest.raises(UsageError, match="GPUDECK_NATS_PORT=4250 is the same address as --gat"):
         resolve(on_default, asked)
+    with pytest.raises(UsageError, match="is the same address as --gateway-listen=localhost"):
+        resolve({"GPUDECK_GATEWAY_LISTEN": f"localhost:{DEFAULT_NATS_PORT}"}, asked)
     assert embedded_nats_port(resolve({}, asked)) == DEFAULT_NATS_PORT  # asked for: kept
 
 

@@ -151,8 +151,28 @@ async def test_a_request_that_is_not_proper_http_is_no_error_of_ours(
     writer.close()
     assert b" 400 " in status
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
-    [said] = [r for r in caplog.records if r.name == "aiohttp.server"]
-    assert said.levelno == logging.INFO and "bad HTTP request" in said.getMessage()
+    said = [r for r in caplog.records if r.name == "aiohttp.server"]
+    assert said and all(r.levelno == logging.INFO for r in said), caplog.text
+    assert all("bad HTTP request" in r.getMessage() for r in said)
+
+
+def test_a_client_gone_mid_request_is_no_error_of_ours() -> None:
+    """Gone before its body came (a POST cut short), it was an ERROR with a traceback too."""
+    import logging
+    import sys
+
+    from gpudeck.gateway.app import ClientsBadHttp
+
+    try:
+        raise ConnectionResetError("Connection lost")
+    except ConnectionResetError:
+        record = logging.LogRecord(
+            "aiohttp.server", logging.ERROR, __file__, 1, "Error handling request from %s",
+            ("127.0.0.1",), sys.exc_info(),
+        )  # fmt: skip
+    assert ClientsBadHttp().filter(record)
+    assert (record.levelno, record.exc_info) == (logging.INFO, None)
+    assert record.getMessage() == "bad HTTP request: Connection lost"
 
 
 async def test_a_body_that_is_not_json_is_a_graphql_error_too(gateway) -> None:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from gpudeck.kit.db import DatabaseUnavailable, migrate, open_pool
+from gpudeck.kit.db import DatabaseUnavailable, migrate, open_pool, refused_for_good
 
 
 def write(folder: Path, name: str, text: str) -> None:
@@ -80,3 +80,25 @@ async def test_times_come_back_in_utc_whatever_the_client_s_time_zone(
         await pool.close()
     assert row is not None
     assert row[0].utcoffset() == timedelta(0) and row[0].date() == date(2025, 7, 1)
+
+
+@pytest.mark.parametrize(
+    ("reason", "for_good"),
+    [
+        ('connection failed: ... failed: FATAL:  database "x" does not exist', True),
+        ('connection failed: ... failed: FATAL:  role "x" does not exist', True),
+        ("connection failed: ... failed: FATAL:  password authentication failed", True),
+        ("connection failed: connection timeout expired", True),
+        ("connection failed: ... failed: Connection refused", False),
+        ("connection failed: ... failed: FATAL:  the database system is starting up", False),
+        ("connection failed: ... failed: FATAL:  sorry, too many clients already", False),
+        # A role that is no superuser, at the limit (it exited 2 where it waited for a slot)
+        (
+            "connection failed: ... failed: FATAL:  remaining connection slots are reserved for"
+            " non-replication superuser connections",
+            False,
+        ),
+    ],
+)
+def test_what_no_retry_mends_fails_at_once(reason: str, for_good: bool) -> None:
+    assert refused_for_good(reason) is for_good

@@ -47,6 +47,7 @@ def test_a_rates_file_is_parsed_with_its_time_or_the_files() -> None:
         ('{"rates": {"USD/INR": "-1"}}', "USD/INR"),
         ('{"rates": {"USD/INR": "abc"}}', "'abc' is not a number"),  # said ConversionSyntax
         ("[" * 100_000, "nested too deep"),  # a RecursionError: a traceback every interval
+        ('{"rates": {"USD/INR": ' + "9" * 5000 + "}}", "not JSON"),  # past 4,300 digits
         ('{"as_of": "yesterday", "rates": {}}', "as_of"),
         ('{"as_of": "2020-01-01T00:00:00", "rates": {}}', "time zone"),
     ],

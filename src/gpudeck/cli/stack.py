@@ -180,7 +180,7 @@ def resolve(
         raise UsageError(f"GPUDECK_NATS_PORT={port_raw!r} is not a port number (1-65535)")
     if port_raw and nats is None:  # the embedded NATS listens on 127.0.0.1
         for listen in listens.values():
-            if listen.port == int(port_raw) and listen.host in ("127.0.0.1", *WILDCARD):
+            if listen.port == int(port_raw) and listen.host in LOOPBACK_NAMES:
                 raise UsageError(
                     f"GPUDECK_NATS_PORT={port_raw} is the same address as"
                     f" {listen.source}={listen.value}; give each its own port"
@@ -193,8 +193,10 @@ def resolve(
         nats_port=int(port_raw) if port_raw else DEFAULT_NATS_PORT,
         nats_port_fixed=bool(port_raw),
         # A child drains its calls for up to `grace`, then stops its workers, pool and NATS for
-        # up to `grace` again (deploy/README.md): allow it both, and a margin, before SIGKILL.
-        grace=2 * grace + 5.0,
+        # up to `grace` again (deploy/README.md): allow it both, and a margin, before SIGKILL
+        # (the bounded waits for what a silent database holds: a cancelled worker, the relay,
+        # the pool; as deploy/README.md's 5 + 2 × grace + 10).
+        grace=2 * grace + 10.0,
     )
 
 
@@ -228,6 +230,7 @@ def _listen(
 
 
 WILDCARD = ("", "0.0.0.0", "::")
+LOOPBACK_NAMES = ("127.0.0.1", "localhost", *WILDCARD)  # hosts that take 127.0.0.1's port
 
 
 def _overlap(a: Listen, b: Listen) -> bool:

@@ -34,15 +34,17 @@ async def handle_healthz(_request: web.Request) -> web.Response:
 
 
 class ClientsBadHttp(logging.Filter):
-    """A request that is not HTTP as it should be (`Content-Length: abc`) is the client's
-    doing: aiohttp logged it at ERROR with a traceback, and anyone could fill the error log
-    with them. Said at INFO, in one line; aiohttp still answers it 400."""
+    """A request that is not HTTP as it should be (`Content-Length: abc`), or a client gone
+    before its body came, is the client's doing: aiohttp logged it at ERROR with a traceback,
+    and anyone could fill the error log with them. Said at INFO, in one line (aiohttp still
+    answers a bad request 400)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         error = record.exc_info[1] if record.exc_info else None
-        if isinstance(error, HttpProcessingError):
+        if isinstance(error, HttpProcessingError | ConnectionResetError):
+            said = error.message if isinstance(error, HttpProcessingError) else str(error)
             record.levelno, record.levelname = logging.INFO, "INFO"
-            record.msg, record.args = "bad HTTP request: %s", (error.message,)
+            record.msg, record.args = "bad HTTP request: %s", (said or type(error).__name__,)
             record.exc_info, record.exc_text = None, None
         return True
 

@@ -69,7 +69,15 @@ async def _in_utc(conn: psycopg.AsyncConnection[Any]) -> None:
 
 
 # A server that refuses a connection for now (starting, stopping, full) may take it later.
-PASSING = ("starting up", "shutting down", "in recovery", "too many")
+PASSING = ("starting up", "shutting down", "in recovery", "too many", "connection slots")
+
+
+def refused_for_good(reason: str) -> bool:
+    """Whether a connection failure (its first line) is one no retry mends: the server refused
+    it (a database or role that does not exist, a wrong password), not for now, or it never
+    answered."""
+    refused = "FATAL:" in reason and not any(p in reason for p in PASSING)
+    return refused or "timeout expired" in reason
 
 
 async def _refused_for_good(url: str, timeout: float) -> str | None:
@@ -80,8 +88,7 @@ async def _refused_for_good(url: str, timeout: float) -> str | None:
         conn = await psycopg.AsyncConnection.connect(url, connect_timeout=max(1, int(timeout)))
     except psycopg.Error as exc:
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        refused = "FATAL:" in reason and not any(p in reason for p in PASSING)
-        return reason if refused or "timeout expired" in reason else None
+        return reason if refused_for_good(reason) else None
     await conn.close()
     return None
 

@@ -9,7 +9,6 @@ the setting and exit with code 2, without a traceback.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import signal
@@ -154,11 +153,7 @@ class RunningService:
             healthy = True
         except Exception as exc:
             healthy = False
-            # Closed in the background: a connection to a database that does not answer may
-            # take seconds more to give up, and NOT_SERVING must not wait for it.
-            probe, self.probe = self.probe, None
-            if probe is not None:
-                in_background(probe.close())
+            self._close_probe()
             if self.healthy:
                 log.warning("database unreachable: NOT_SERVING", extra={"error": repr(exc)})
         if healthy and not self.healthy:
@@ -166,11 +161,12 @@ class RunningService:
         self.healthy = healthy
         await self.server.set_serving(healthy)
 
-    async def _close_probe(self) -> None:
+    def _close_probe(self) -> None:
+        """Closed in the background: a connection to a database that does not answer may take
+        seconds to give up, and neither NOT_SERVING nor a shutdown waits for it."""
         probe, self.probe = self.probe, None
         if probe is not None:
-            with contextlib.suppress(Exception):
-                await answered_within(probe.close(), CANCEL_WAIT)
+            in_background(probe.close())
 
     async def stop(self) -> None:
         """Health NOT_SERVING, stop taking calls and drain them, stop workers, close pools."""
@@ -182,7 +178,7 @@ class RunningService:
             await self.relay.stop()
         if self.bus is not None:
             await self.bus.close()
-        await self._close_probe()
+        self._close_probe()
         if self.pool is not None:
             await self.pool.close(timeout=CANCEL_WAIT)
         log.info("stopped")

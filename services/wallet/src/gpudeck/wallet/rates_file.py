@@ -66,7 +66,7 @@ class FileRateProvider:
 def parse(text: str, *, default_as_of: datetime) -> list[NewRate]:
     try:
         document = json.loads(text)
-    except json.JSONDecodeError as exc:
+    except ValueError as exc:  # JSONDecodeError, or a number past Python's 4,300 digits
         raise RatesFileError(f"not JSON: {exc}") from None
     except RecursionError:  # "[[[[…": nested deeper than the parser goes
         raise RatesFileError("not JSON as documented: nested too deep") from None
