@@ -92,6 +92,12 @@ async def test_times_come_back_in_utc_whatever_the_client_s_time_zone(
         ("connection failed: ... failed: Connection refused", False),
         ("connection failed: ... failed: FATAL:  the database system is starting up", False),
         ("connection failed: ... failed: FATAL:  sorry, too many clients already", False),
+        # A standby being promoted (hot_standby off), or not yet consistent
+        ("connection failed: ... FATAL:  the database system is not accepting connections", False),
+        (
+            "connection failed: ... FATAL:  the database system is not yet accepting connections",
+            False,
+        ),
         # A role that is no superuser, at the limit (it exited 2 where it waited for a slot)
         (
             "connection failed: ... failed: FATAL:  remaining connection slots are reserved for"

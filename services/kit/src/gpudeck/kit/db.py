@@ -68,8 +68,16 @@ async def _in_utc(conn: psycopg.AsyncConnection[Any]) -> None:
     await conn.execute("SET TIME ZONE 'UTC'")
 
 
-# A server that refuses a connection for now (starting, stopping, full) may take it later.
-PASSING = ("starting up", "shutting down", "in recovery", "too many", "connection slots")
+# A server that refuses a connection for now may take it later: starting, stopping, in
+# recovery or not accepting connections yet (a standby being promoted), full.
+PASSING = (
+    "starting up",
+    "shutting down",
+    "in recovery",
+    "accepting connections",
+    "too many",
+    "connection slots",
+)
 
 
 def refused_for_good(reason: str) -> bool:
