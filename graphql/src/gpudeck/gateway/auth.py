@@ -26,7 +26,7 @@ import grpc
 
 from gpudeck.gateway.backends import Backends
 from gpudeck.gateway.errors import UNAUTHENTICATED, UNAVAILABLE, GatewayError, rpc_details
-from gpudeck.kit.config import MAX_TOKEN_LENGTH
+from gpudeck.kit.config import MAX_TOKEN_LENGTH, printable_ascii
 from gpudeck.proto.wallet.v1 import account_pb2, account_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -166,7 +166,7 @@ class Authenticator:
             )
         # Every token is printable ASCII; bytes that are not UTF-8 reach here as surrogates
         # (which no hash takes: INTERNAL, and a socket acknowledged with one).
-        if len(token) > MAX_TOKEN_LENGTH or not (token.isascii() and token.isprintable()):
+        if len(token) > MAX_TOKEN_LENGTH or not printable_ascii(token):
             raise GatewayError("unknown token", code=UNAUTHENTICATED)
         if self.admin_token and hmac.compare_digest(token.encode(), self.admin_token.encode()):
             return PLATFORM_ADMIN

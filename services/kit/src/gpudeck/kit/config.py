@@ -51,14 +51,18 @@ def require(env: Mapping[str, str], name: str) -> str:
 MAX_TOKEN_LENGTH = 512  # what the gateway takes in `Authorization: Bearer …`
 
 
+def printable_ascii(value: str, *, spaces: bool = True) -> bool:
+    """Whether `value` is all a request header carries: printable ASCII (spaces if `spaces`)."""
+    return value.isascii() and value.isprintable() and (spaces or " " not in value)
+
+
 def check_token(
     name: str, value: str, *, spaces: bool = True, max_length: int = MAX_TOKEN_LENGTH
 ) -> str:
     """A token sent in gRPC metadata or an `Authorization` header: printable ASCII, which is all
     they carry (a "tök" was accepted, and every call then failed), spaces inside only if
     `spaces`, and at most `max_length` characters."""
-    low = " " if spaces else "!"
-    if not all(low <= c <= "~" for c in value):
+    if not printable_ascii(value, spaces=spaces):
         kind = "printable ASCII" if spaces else "printable ASCII without spaces"
         raise ConfigError(f"{name} must be {kind} (it is sent in a request header)")
     if len(value) > max_length:

@@ -37,9 +37,11 @@ async def open_pool(
     With `schema`, every connection's search_path starts with it, so a service's SQL names its
     own tables unqualified.
     """
-    refused = await _refused_for_good(url, timeout)
-    if refused:  # not worth the pool's retries (each a warning): one line, at once
-        raise DatabaseUnavailable(refused)
+    # One connection first: a failure no retry mends is one line at once, not the pool's
+    # retries (a warning each) for its whole timeout.
+    why = await _why_unreachable(url, timeout)
+    if why and refused_for_good(why):
+        raise DatabaseUnavailable(why)
     kwargs: dict[str, object] = {"autocommit": True}
     if schema is not None:
         kwargs["options"] = f"-c search_path={schema},public"
@@ -88,22 +90,10 @@ def refused_for_good(reason: str) -> bool:
     return refused or "timeout expired" in reason
 
 
-async def _refused_for_good(url: str, timeout: float) -> str | None:
-    """Why one connection to `url` failed in a way no retry mends (the server refused it: a
-    database or role that does not exist, a wrong password; or it never answered within
-    `timeout`), in one line; None if it connected, or may once the server is up."""
+async def _why_unreachable(url: str, timeout: float = 5.0) -> str | None:
+    """Why one connection to `url` failed, in one line; None if it connected."""
     try:
         conn = await psycopg.AsyncConnection.connect(url, connect_timeout=max(1, int(timeout)))
-    except psycopg.Error as exc:
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        return reason if refused_for_good(reason) else None
-    await conn.close()
-    return None
-
-
-async def _why_unreachable(url: str) -> str | None:
-    try:
-        conn = await psycopg.AsyncConnection.connect(url, connect_timeout=5)
     except psycopg.Error as exc:
         return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     await conn.close()

@@ -332,9 +332,8 @@ class LedgerStore:
 
     async def post_one(self, conn: Conn, request: TransferRequest) -> Transaction:
         """Post one transfer in one statement; see gpudeck.wallet.fast_transfer."""
-        if await self.projects.unknown(conn, [(request.organization_id, request.project_id)]):
-            if not await retries(conn, self.projects, [request]):
-                raise project_not_found(request.project_id)
+        if await _not_in_project(conn, self.projects, [request], live=True):
+            raise project_not_found(request.project_id)
         return await fast_transfer.post_one(self, conn, request)
 
     async def _read_around(
@@ -621,21 +620,28 @@ async def _validated(
             valid.append(i)
         except DomainError as exc:
             outcomes[i] = Outcome(error=exc)
-    named = [(r.organization_id, r.project_id) for r in requests if r.project_id is not None]
-    if named:
-        unknown = await projects.unknown(conn, named, live=live)
-        refused = [
-            i for i in valid if (requests[i].organization_id, requests[i].project_id) in unknown
-        ]
-        retried = await retries(conn, projects, [requests[i] for i in refused]) if live else set()
-        for n, i in enumerate(refused):
-            if n not in retried:
-                outcomes[i] = Outcome(error=project_not_found(requests[i].project_id))
-                valid.remove(i)
+    refused = await _not_in_project(conn, projects, [requests[i] for i in valid], live=live)
+    for i in [valid[n] for n in sorted(refused)]:
+        outcomes[i] = Outcome(error=project_not_found(requests[i].project_id))
+        valid.remove(i)
     return outcomes, valid
 
 
-async def retries(
+async def _not_in_project(
+    conn: Conn, projects: ProjectOwners, requests: Sequence[TransferRequest], *, live: bool
+) -> set[int]:
+    """The indexes of `requests` naming a project that is not one of their organization's
+    (with `live`, not a live one), but for callers' retries (`_retries`)."""
+    named = [(r.organization_id, r.project_id) for r in requests if r.project_id is not None]
+    if not named:
+        return set()
+    unknown = await projects.unknown(conn, named, live=live)
+    refused = [n for n, r in enumerate(requests) if (r.organization_id, r.project_id) in unknown]
+    retried = await _retries(conn, projects, [requests[n] for n in refused]) if live else set()
+    return {n for k, n in enumerate(refused) if k not in retried}
+
+
+async def _retries(
     conn: Conn, projects: ProjectOwners, requests: Sequence[TransferRequest]
 ) -> set[int]:
     """Of callers' transfers naming a project that is not live, the indexes of those whose key
